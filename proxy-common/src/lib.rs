@@ -1,0 +1,223 @@
+//! Types shared by the XDP program (`proxy-ebpf`) and the daemon (`proxy`).
+//!
+//! Everything here is `#[repr(C)]` and free of implicit padding, because the
+//! kernel and user space exchange these values as raw bytes through BPF maps.
+//! The `user` feature adds `aya::Pod` so the daemon can read and write them.
+#![no_std]
+
+/// Names of the maps, as the daemon finds (and pins) them.
+pub mod map {
+    /// `Array<FilterConfig>` with one element.
+    pub const CONFIG: &str = "EG_CONFIG";
+    /// `Array<u64>` bitmap of protected destination ports.
+    pub const PORTS: &str = "EG_PORTS";
+    /// `HashMap<Key<[u8; 4]>, Rule>`: IPv4 rules, exact match per prefix length.
+    pub const V4_RULES: &str = "EG_V4_RULES";
+    /// `LpmTrie<[u8; 4], Rule>`: the same IPv4 rules as a trie.
+    pub const V4_TRIE: &str = "EG_V4_TRIE";
+    /// `HashMap<Key<[u8; 16]>, Rule>`: IPv6 rules, exact match per prefix length.
+    pub const V6_RULES: &str = "EG_V6_RULES";
+    /// `LpmTrie<[u8; 16], Rule>`: the same IPv6 rules as a trie.
+    pub const V6_TRIE: &str = "EG_V6_TRIE";
+    /// `PerCpuArray<Counter>` indexed by [`crate::counter_index`].
+    pub const COUNTERS: &str = "EG_COUNTERS";
+    /// All maps the daemon pins, so that filtering survives a restart.
+    pub const PINNED: [&str; 7] = [CONFIG, PORTS, V4_RULES, V4_TRIE, V6_RULES, V6_TRIE, COUNTERS];
+}
+
+/// Name of the XDP program in the object file.
+pub const PROGRAM_NAME: &str = "edgegate";
+
+/// Words in the protected-port bitmap (65536 ports, 64 per word).
+pub const PORT_BITMAP_WORDS: u32 = 65536 / 64;
+
+/// VLAN tags (802.1Q, 802.1ad) the parser looks through.
+pub const MAX_VLAN_TAGS: usize = 2;
+
+/// IPv6 extension headers the parser walks before giving up on a packet.
+pub const MAX_IPV6_EXT_HEADERS: usize = 8;
+
+/// Which packets the allowlist applies to.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Only packets to protected ports (and non-first fragments, which carry no port).
+    Ports = 0,
+    /// Every inbound IP packet except neighbour discovery and replies to the
+    /// host's own connections (destination port in the ephemeral range).
+    Host = 1,
+}
+
+/// How the program finds the longest matching prefix for a family.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// One exact-match hash lookup per prefix length in use, longest first:
+    /// constant cost whatever the list size, cheapest when few lengths are used.
+    PerLength = 0,
+    /// One lookup in the kernel's LPM trie: cost grows with the list size, but
+    /// does not grow with the number of distinct prefix lengths.
+    Trie = 1,
+}
+
+/// Everything the program needs besides the rules; element 0 of [`map::CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FilterConfig {
+    /// A [`Scope`] as `u32`.
+    pub scope: u32,
+    /// First port of the local ephemeral range (host scope only).
+    pub ephemeral_first: u16,
+    /// Last port of the local ephemeral range, inclusive (host scope only).
+    pub ephemeral_last: u16,
+    /// A [`Lookup`] as `u32`, for IPv4.
+    pub v4_lookup: u32,
+    /// A [`Lookup`] as `u32`, for IPv6.
+    pub v6_lookup: u32,
+    /// Bit `n` is set when some IPv4 rule has prefix length `n` (0..=32).
+    pub v4_lengths: u64,
+    /// Bit `n % 64` of word `n / 64` is set when some IPv6 rule has prefix length `n` (0..=128).
+    pub v6_lengths: [u64; 3],
+}
+
+impl FilterConfig {
+    /// Nothing allowed, ports scope: what a freshly created map holds.
+    pub const EMPTY: Self = Self {
+        scope: Scope::Ports as u32,
+        ephemeral_first: 0,
+        ephemeral_last: 0,
+        v4_lookup: Lookup::PerLength as u32,
+        v6_lookup: Lookup::PerLength as u32,
+        v4_lengths: 0,
+        v6_lengths: [0; 3],
+    };
+}
+
+/// What a matching rule does.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Let the packet through.
+    Allow = 1,
+    /// Drop the packet, even if a shorter prefix allows it.
+    Deny = 2,
+}
+
+/// The value of a rule in the hash and trie maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// Packets that matched this rule; the program adds atomically.
+    pub hits: u64,
+    /// An [`Action`] as `u32`.
+    pub action: u32,
+    /// Explicit padding (always 0), so that the struct has no implicit padding.
+    pub padding: u32,
+}
+
+impl Rule {
+    /// A rule that has not matched anything yet.
+    pub const fn new(action: Action) -> Self {
+        Self { hits: 0, action: action as u32, padding: 0 }
+    }
+}
+
+/// Address family of a counted packet.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Ipv4 = 0,
+    Ipv6 = 1,
+    /// Not IP, or too short to tell.
+    Other = 2,
+}
+
+impl Family {
+    pub const ALL: [Self; 3] = [Self::Ipv4, Self::Ipv6, Self::Other];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Ipv4 => "ipv4",
+            Self::Ipv6 => "ipv6",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// Why the program passed or dropped a packet. The verdict follows from the reason.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// The longest matching rule allows the source.
+    Allowed = 0,
+    /// Not subject to the allowlist in this scope (unprotected port, or no port).
+    OutOfScope = 1,
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...).
+    NotIp = 2,
+    /// ICMPv6 neighbour discovery, which the host needs to be reachable at all.
+    NeighborDiscovery = 3,
+    /// Host scope: a reply to one of the host's own connections (ephemeral port).
+    EphemeralPort = 4,
+    /// The longest matching rule denies the source.
+    Denied = 5,
+    /// No rule matches the source.
+    Unlisted = 6,
+    /// A header is shorter than it claims, or the packet cannot be parsed.
+    Malformed = 7,
+}
+
+impl Reason {
+    pub const COUNT: usize = 8;
+    pub const ALL: [Self; Self::COUNT] = [
+        Self::Allowed,
+        Self::OutOfScope,
+        Self::NotIp,
+        Self::NeighborDiscovery,
+        Self::EphemeralPort,
+        Self::Denied,
+        Self::Unlisted,
+        Self::Malformed,
+    ];
+
+    pub const fn passes(self) -> bool {
+        (self as u32) < Self::Denied as u32
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::OutOfScope => "out_of_scope",
+            Self::NotIp => "not_ip",
+            Self::NeighborDiscovery => "neighbor_discovery",
+            Self::EphemeralPort => "ephemeral_port",
+            Self::Denied => "denied",
+            Self::Unlisted => "unlisted",
+            Self::Malformed => "malformed",
+        }
+    }
+}
+
+/// Packets and bytes counted for one (family, reason) pair on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Entries in [`map::COUNTERS`].
+pub const COUNTER_SLOTS: u32 = (Family::ALL.len() * Reason::COUNT) as u32;
+
+/// Index of the (family, reason) counter in [`map::COUNTERS`].
+pub const fn counter_index(family: Family, reason: Reason) -> u32 {
+    family as u32 * Reason::COUNT as u32 + reason as u32
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all three are `#[repr(C)]`, made only of integers, without
+    // implicit padding, and valid for any bit pattern.
+    unsafe impl aya::Pod for super::FilterConfig {}
+    unsafe impl aya::Pod for super::Rule {}
+    unsafe impl aya::Pod for super::Counter {}
+}

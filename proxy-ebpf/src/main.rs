@@ -1,0 +1,268 @@
+//! edgegate's XDP program.
+//!
+//! Parses Ethernet (and up to two VLAN tags), IPv4 or IPv6 (with options and
+//! extension headers) and the TCP/UDP/SCTP destination port; decides whether
+//! the packet is subject to the allowlist (see `Scope`); looks the source up
+//! with longest-prefix-match semantics; counts the outcome per CPU; and drops
+//! anything not allowed. The daemon owns every map; this program only reads
+//! them (and bumps counters).
+#![no_std]
+#![no_main]
+// The BPF target has no `Atomic*::fetch_add`; the intrinsic lowers to BPF's atomic add.
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "atomic_xadd is the only way to emit BPF_ATOMIC_ADD")]
+
+mod parse;
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::bpf_ktime_get_ns,
+    macros::{map, xdp},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    programs::XdpContext,
+};
+use aya_log_ebpf::warn;
+use parse::{Packet, Parsed, Source};
+use proxy_common::{
+    COUNTER_SLOTS, Counter, Family, FilterConfig, Lookup, PORT_BITMAP_WORDS, Reason, Rule, Scope,
+    counter_index,
+};
+
+/// Default capacity per family; the daemon sets the real one at load time.
+const DEFAULT_MAX_RULES: u32 = 1 << 18;
+/// Hash maps allocate entries on insert: capacity costs nothing until used.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+#[map(name = "EG_CONFIG")]
+static CONFIG: Array<FilterConfig> = Array::pinned(1, 0);
+
+#[map(name = "EG_PORTS")]
+static PORTS: Array<u64> = Array::pinned(PORT_BITMAP_WORDS, 0);
+
+#[map(name = "EG_V4_RULES")]
+static V4_RULES: HashMap<Key<[u8; 4]>, Rule> =
+    HashMap::pinned(DEFAULT_MAX_RULES, BPF_F_NO_PREALLOC);
+
+#[map(name = "EG_V4_TRIE")]
+static V4_TRIE: LpmTrie<[u8; 4], Rule> = LpmTrie::pinned(DEFAULT_MAX_RULES, 0);
+
+#[map(name = "EG_V6_RULES")]
+static V6_RULES: HashMap<Key<[u8; 16]>, Rule> =
+    HashMap::pinned(DEFAULT_MAX_RULES, BPF_F_NO_PREALLOC);
+
+#[map(name = "EG_V6_TRIE")]
+static V6_TRIE: LpmTrie<[u8; 16], Rule> = LpmTrie::pinned(DEFAULT_MAX_RULES, 0);
+
+#[map(name = "EG_COUNTERS")]
+static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+
+/// Per-CPU time of the last diagnostic log line, to rate-limit them.
+#[map(name = "EG_LOG_CLOCK")]
+static LOG_CLOCK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// At most one diagnostic line per CPU per this many nanoseconds.
+const LOG_INTERVAL_NS: u64 = 1_000_000_000;
+
+#[xdp]
+pub fn edgegate(ctx: XdpContext) -> u32 {
+    let packet = Packet::new(&ctx);
+    let (family, reason) = match CONFIG.get(0) {
+        Some(config) => classify(config, &packet),
+        // Element 0 of an array map always exists; fail closed regardless.
+        None => (Family::Other, Reason::Malformed),
+    };
+    count(family, reason, packet.len());
+    if reason == Reason::Malformed {
+        log_malformed(&ctx, family);
+    }
+    if reason.passes() {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    }
+}
+
+fn classify(config: &FilterConfig, packet: &Packet) -> (Family, Reason) {
+    let parsed = match parse::parse(packet) {
+        Ok(parsed) => parsed,
+        Err(family) => return (family, Reason::Malformed),
+    };
+    let Parsed::Ip {
+        source,
+        destination_port,
+        later_fragment,
+        neighbor_discovery,
+    } = parsed
+    else {
+        return (Family::Other, Reason::NotIp);
+    };
+    let family = source.family();
+    let protected = destination_port.is_some_and(is_protected);
+    let subject = if config.scope == Scope::Host as u32 {
+        if neighbor_discovery {
+            return (family, Reason::NeighborDiscovery);
+        }
+        match destination_port {
+            Some(port)
+                if !protected
+                    && port >= config.ephemeral_first
+                    && port <= config.ephemeral_last =>
+            {
+                return (family, Reason::EphemeralPort);
+            }
+            _ => true,
+        }
+    } else {
+        // A later fragment carries no port: it is subject to the list, so a
+        // fragmented packet can never smuggle data past it.
+        protected || later_fragment
+    };
+    if !subject {
+        return (family, Reason::OutOfScope);
+    }
+    let reason = match lookup(config, &source) {
+        Some(rule) => {
+            // SAFETY: `rule` points into a map value, valid for this program run;
+            // the counter is only ever updated atomically.
+            unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*rule).hits, 1) };
+            // SAFETY: as above; the daemon writes `action` only through map updates.
+            if unsafe { (*rule).action } == proxy_common::Action::Allow as u32 {
+                Reason::Allowed
+            } else {
+                Reason::Denied
+            }
+        }
+        None => Reason::Unlisted,
+    };
+    (family, reason)
+}
+
+fn is_protected(port: u16) -> bool {
+    let word = PORTS.get(u32::from(port) / 64).copied().unwrap_or(0);
+    word & (1 << (port % 64)) != 0
+}
+
+/// The longest-prefix rule matching `source`, if any.
+fn lookup(config: &FilterConfig, source: &Source) -> Option<*mut Rule> {
+    match *source {
+        Source::V4(addr) if config.v4_lookup == Lookup::Trie as u32 => {
+            trie_rule(V4_TRIE.get(Key::new(32, addr)))
+        }
+        Source::V4(addr) => lookup_v4_per_length(config.v4_lengths, u32::from_be_bytes(addr)),
+        Source::V6(addr) if config.v6_lookup == Lookup::Trie as u32 => {
+            trie_rule(V6_TRIE.get(Key::new(128, addr)))
+        }
+        Source::V6(addr) => lookup_v6_per_length(&config.v6_lengths, addr),
+    }
+}
+
+fn trie_rule(rule: Option<&Rule>) -> Option<*mut Rule> {
+    // The hit counter is bumped atomically through this pointer; the map value
+    // is writable memory even though the trie API hands out a shared reference.
+    rule.map(|rule| core::ptr::from_ref(rule).cast_mut())
+}
+
+/// Tries each prefix length in use, longest first: the first hit is the longest match.
+fn lookup_v4_per_length(mut lengths: u64, addr: u32) -> Option<*mut Rule> {
+    for _ in 0..=32 {
+        if lengths == 0 {
+            return None;
+        }
+        let len = 63 - lengths.leading_zeros();
+        lengths &= !(1 << len);
+        if len > 32 {
+            return None;
+        }
+        let masked = if len == 0 { 0 } else { addr & (u32::MAX << (32 - len)) };
+        if let Some(rule) = V4_RULES.get_ptr_mut(Key::new(len, masked.to_be_bytes())) {
+            return Some(rule);
+        }
+    }
+    None
+}
+
+/// As [`lookup_v4_per_length`], over 129 lengths kept in three words.
+fn lookup_v6_per_length(lengths: &[u64; 3], addr: [u8; 16]) -> Option<*mut Rule> {
+    let high = u64::from_be_bytes([
+        addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7],
+    ]);
+    let low = u64::from_be_bytes([
+        addr[8], addr[9], addr[10], addr[11], addr[12], addr[13], addr[14], addr[15],
+    ]);
+    let mut words = *lengths;
+    for _ in 0..=128 {
+        let (word, mut bits) = if words[2] != 0 {
+            (2, words[2])
+        } else if words[1] != 0 {
+            (1, words[1])
+        } else if words[0] != 0 {
+            (0, words[0])
+        } else {
+            return None;
+        };
+        let bit = 63 - bits.leading_zeros();
+        bits &= !(1 << bit);
+        words[word] = bits;
+        let len = word as u32 * 64 + bit;
+        if len > 128 {
+            return None;
+        }
+        let (masked_high, masked_low) = match len {
+            0 => (0, 0),
+            1..=64 => (high & (u64::MAX << (64 - len)), 0),
+            _ => (high, low & (u64::MAX << (128 - len))),
+        };
+        let mut key = [0u8; 16];
+        key[..8].copy_from_slice(&masked_high.to_be_bytes());
+        key[8..].copy_from_slice(&masked_low.to_be_bytes());
+        if let Some(rule) = V6_RULES.get_ptr_mut(Key::new(len, key)) {
+            return Some(rule);
+        }
+    }
+    None
+}
+
+fn count(family: Family, reason: Reason, bytes: usize) {
+    if let Some(counter) = COUNTERS.get_ptr_mut(counter_index(family, reason)) {
+        // SAFETY: a per-CPU slot: nothing else writes it while this program runs.
+        unsafe {
+            (*counter).packets += 1;
+            (*counter).bytes += bytes as u64;
+        }
+    }
+}
+
+/// Malformed packets are rare in normal traffic but can arrive in floods, so
+/// the log line is rate-limited per CPU and never costs more than a timestamp.
+fn log_malformed(ctx: &XdpContext, family: Family) {
+    let Some(last) = LOG_CLOCK.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: a per-CPU slot, as in `count`.
+    unsafe {
+        if now.wrapping_sub(*last) < LOG_INTERVAL_NS {
+            return;
+        }
+        *last = now;
+    }
+    warn!(
+        ctx,
+        "dropped malformed {} packet on ifindex {} (further ones counted, not logged, for 1s)",
+        family.name(),
+        ctx.ingress_ifindex()
+    );
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

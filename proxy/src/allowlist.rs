@@ -1,0 +1,431 @@
+//! The allowlist: its model, its text format, the changes the CLI makes to it,
+//! and its atomic persistence.
+//!
+//! Defined behaviour for the inputs people get wrong:
+//! - a bare address means a host route (`/32`, `/128`);
+//! - a CIDR with host bits set (`203.0.113.7/24`) is refused, naming the network
+//!   it probably meant: silently widening or narrowing a security rule is worse;
+//! - IPv4-mapped IPv6 (`::ffff:203.0.113.7`) is refused: such packets arrive as
+//!   IPv4 on the wire, so the entry would never match; the message names the IPv4 form;
+//! - the same CIDR twice with the same action collapses into one entry; with
+//!   both actions it is a conflict (a file) or must be removed first (the CLI);
+//! - overlapping entries are fine: the longest matching prefix decides.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    fs::{self, File},
+    io::{self, Write as _},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use ipnet::{IpNet, Ipv4Net};
+use serde::{Deserialize, Serialize};
+
+/// What an entry does to the sources it matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+impl Action {
+    pub fn to_kernel(self) -> proxy_common::Action {
+        match self {
+            Self::Allow => proxy_common::Action::Allow,
+            Self::Deny => proxy_common::Action::Deny,
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        })
+    }
+}
+
+/// One line of the list.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub cidr: IpNet,
+    pub action: Action,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+}
+
+/// Why a single CIDR argument or list entry is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    /// Neither `ADDRESS/PREFIX` nor a bare address.
+    #[error("`{input}` is not an IP address or CIDR (expected e.g. 203.0.113.0/24 or 2001:db8::/32)")]
+    Unparsable { input: String },
+    /// Bits beyond the prefix length are set, so the intent is ambiguous.
+    #[error("`{input}` has host bits set; the network is `{network}`")]
+    HostBitsSet { input: String, network: IpNet },
+    /// An IPv4-mapped IPv6 prefix, which no packet on the wire carries.
+    #[error(
+        "`{input}` is an IPv4-mapped IPv6 address, which never appears as a packet source; write {}",
+        ipv4.map_or_else(|| "the IPv4 CIDR instead".to_owned(), |n| format!("`{n}`"))
+    )]
+    Ipv4Mapped { input: String, ipv4: Option<Ipv4Net> },
+}
+
+/// Parses a CIDR or bare address as the list and the CLI accept it.
+pub fn parse_cidr(input: &str) -> Result<IpNet, CidrError> {
+    let cidr = match IpNet::from_str(input) {
+        Ok(cidr) => cidr,
+        Err(_) => IpAddr::from_str(input)
+            .map(IpNet::from)
+            .map_err(|_| CidrError::Unparsable { input: input.to_owned() })?,
+    };
+    if cidr.trunc() != cidr {
+        return Err(CidrError::HostBitsSet { input: input.to_owned(), network: cidr.trunc() });
+    }
+    if let IpNet::V6(v6) = cidr
+        && v6.prefix_len() >= 96
+        && v6.network().to_ipv4_mapped().is_some()
+    {
+        let ipv4 = v6
+            .network()
+            .to_ipv4_mapped()
+            .and_then(|addr| Ipv4Net::new(addr, v6.prefix_len() - 96).ok());
+        return Err(CidrError::Ipv4Mapped { input: input.to_owned(), ipv4 });
+    }
+    Ok(cidr)
+}
+
+/// Why a list text (a file, or `allow replace` input) is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("line {line}: {source}")]
+    Cidr {
+        line: usize,
+        #[source]
+        source: CidrError,
+    },
+    #[error("line {line}: expected `[allow|deny] CIDR [# comment]`, found `{text}`")]
+    Syntax { line: usize, text: String },
+    #[error("line {line}: {cidr} is listed as {action} here but as {other} on line {other_line}")]
+    Conflict { line: usize, cidr: IpNet, action: Action, other: Action, other_line: usize },
+}
+
+/// Why a change requested through the CLI is refused. Nothing changes when it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChangeError {
+    #[error("{cidr} is not on the list as {action}")]
+    NotListed { cidr: IpNet, action: Action },
+    #[error(
+        "{cidr} is already a {existing} entry; remove it first with `edgegate {existing} del {cidr}`"
+    )]
+    OtherAction { cidr: IpNet, existing: Action },
+}
+
+/// The whole list, ordered by network.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Allowlist {
+    entries: BTreeMap<IpNet, Entry>,
+}
+
+impl Allowlist {
+    pub fn from_entries(entries: impl IntoIterator<Item = Entry>) -> Self {
+        Self { entries: entries.into_iter().map(|e| (e.cidr, e)).collect() }
+    }
+
+    /// Parses the text format: one `[allow|deny] CIDR [# comment]` per line.
+    pub fn parse(text: &str) -> Result<Self, ParseError> {
+        let mut entries: BTreeMap<IpNet, (Entry, usize)> = BTreeMap::new();
+        for (index, raw) in text.lines().enumerate() {
+            let line = index + 1;
+            let (body, comment) = match raw.split_once('#') {
+                Some((body, comment)) => (body, Some(comment.trim()).filter(|c| !c.is_empty())),
+                None => (raw, None),
+            };
+            let words: Vec<&str> = body.split_whitespace().collect();
+            let (action, cidr) = match words.as_slice() {
+                [] => continue,
+                [cidr] => (Action::Allow, *cidr),
+                ["allow", cidr] => (Action::Allow, *cidr),
+                ["deny", cidr] => (Action::Deny, *cidr),
+                _ => return Err(ParseError::Syntax { line, text: raw.trim().to_owned() }),
+            };
+            let cidr = parse_cidr(cidr).map_err(|source| ParseError::Cidr { line, source })?;
+            if let Some((existing, other_line)) = entries.get(&cidr)
+                && existing.action != action
+            {
+                return Err(ParseError::Conflict {
+                    line,
+                    cidr,
+                    action,
+                    other: existing.action,
+                    other_line: *other_line,
+                });
+            }
+            let comment = comment.map(str::to_owned);
+            entries.insert(cidr, (Entry { cidr, action, comment }, line));
+        }
+        Ok(Self::from_entries(entries.into_values().map(|(entry, _)| entry)))
+    }
+
+    /// The text format, with a header saying who owns the file.
+    pub fn render(&self) -> String {
+        let mut text = String::from(
+            "# edgegate allowlist: written by the daemon; change it with `edgegate allow|deny ...`.\n\
+             # One entry per line: `CIDR` (allow) or `deny CIDR`, optional `# comment`.\n",
+        );
+        for entry in self.entries.values() {
+            let mut line = match entry.action {
+                Action::Allow => entry.cidr.to_string(),
+                Action::Deny => format!("deny {}", entry.cidr),
+            };
+            if let Some(comment) = &entry.comment {
+                line = format!("{line:<43} # {comment}");
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    }
+
+    pub fn entries(&self) -> impl ExactSizeIterator<Item = &Entry> {
+        self.entries.values()
+    }
+
+    pub fn get(&self, cidr: &IpNet) -> Option<&Entry> {
+        self.entries.get(cidr)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Entries per family: (IPv4, IPv6).
+    pub fn family_sizes(&self) -> (usize, usize) {
+        let v4 = self.entries.keys().filter(|c| matches!(c, IpNet::V4(_))).count();
+        (v4, self.len() - v4)
+    }
+
+    /// The list with `cidrs` added as `action`. Adding an existing entry again
+    /// updates its comment (when one is given); adding a CIDR that is listed
+    /// with the other action is refused.
+    pub fn with_added(
+        &self,
+        cidrs: &[IpNet],
+        action: Action,
+        comment: Option<&str>,
+    ) -> Result<Self, ChangeError> {
+        let mut next = self.clone();
+        for &cidr in cidrs {
+            match next.entries.get_mut(&cidr) {
+                Some(existing) if existing.action != action => {
+                    return Err(ChangeError::OtherAction { cidr, existing: existing.action });
+                }
+                Some(existing) => {
+                    if let Some(comment) = comment {
+                        existing.comment = Some(comment.to_owned());
+                    }
+                }
+                None => {
+                    let comment = comment.map(str::to_owned);
+                    next.entries.insert(cidr, Entry { cidr, action, comment });
+                }
+            }
+        }
+        Ok(next)
+    }
+
+    /// The list without `cidrs`, each of which must be listed as `action`.
+    pub fn with_removed(&self, cidrs: &[IpNet], action: Action) -> Result<Self, ChangeError> {
+        let mut next = self.clone();
+        for &cidr in cidrs {
+            match next.entries.get(&cidr) {
+                Some(existing) if existing.action == action => {
+                    next.entries.remove(&cidr);
+                }
+                _ => return Err(ChangeError::NotListed { cidr, action }),
+            }
+        }
+        Ok(next)
+    }
+
+    /// The longest matching entry's action for `addr`, or `None` if nothing matches.
+    pub fn verdict(&self, addr: IpAddr) -> Option<Action> {
+        let max_len = if addr.is_ipv4() { 32 } else { 128 };
+        (0..=max_len).rev().find_map(|len| {
+            let net = IpNet::new(addr, len).ok()?.trunc();
+            self.entries.get(&net).map(|e| e.action)
+        })
+    }
+}
+
+/// Why the list file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: ParseError,
+    },
+}
+
+/// Reads the list file; a missing file is an empty list.
+pub fn load(path: &Path) -> Result<Allowlist, StoreError> {
+    match fs::read_to_string(path) {
+        Ok(text) => Allowlist::parse(&text)
+            .map_err(|source| StoreError::Parse { path: path.to_owned(), source }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Allowlist::default()),
+        Err(source) => Err(StoreError::Io { op: "read", path: path.to_owned(), source }),
+    }
+}
+
+/// Replaces the list file atomically: after a crash, the file holds either
+/// the old list or the new one, never a mix or nothing.
+pub fn store(path: &Path, list: &Allowlist) -> Result<(), StoreError> {
+    let io_error = |op, path: &Path| {
+        let path = path.to_owned();
+        move |source| StoreError::Io { op, path, source }
+    };
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(io_error("create directory", dir))?;
+    let mut temp_name = path.file_name().unwrap_or_default().to_owned();
+    temp_name.push(".tmp");
+    let temp = dir.join(temp_name);
+    let mut file = File::create(&temp).map_err(io_error("create", &temp))?;
+    file.write_all(list.render().as_bytes()).map_err(io_error("write", &temp))?;
+    file.sync_all().map_err(io_error("sync", &temp))?;
+    fs::rename(&temp, path).map_err(io_error("rename into place", path))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_error("sync directory", dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn bare_addresses_are_host_routes() {
+        assert_eq!(parse_cidr("203.0.113.7"), Ok(net("203.0.113.7/32")));
+        assert_eq!(parse_cidr("2001:db8::1"), Ok(net("2001:db8::1/128")));
+    }
+
+    #[test]
+    fn host_bits_are_refused_naming_the_network() {
+        assert_eq!(
+            parse_cidr("203.0.113.7/24"),
+            Err(CidrError::HostBitsSet {
+                input: "203.0.113.7/24".into(),
+                network: net("203.0.113.0/24")
+            })
+        );
+    }
+
+    #[test]
+    fn ipv4_mapped_is_refused_naming_the_ipv4_form() {
+        let err = parse_cidr("::ffff:203.0.113.0/120").unwrap_err();
+        assert_eq!(
+            err,
+            CidrError::Ipv4Mapped {
+                input: "::ffff:203.0.113.0/120".into(),
+                ipv4: Some("203.0.113.0/24".parse().unwrap())
+            }
+        );
+        assert!(err.to_string().contains("`203.0.113.0/24`"));
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        for input in ["", "example.com", "203.0.113.0/33", "1.2.3.4/", "2001:db8::/129"] {
+            assert_eq!(
+                parse_cidr(input),
+                Err(CidrError::Unparsable { input: input.into() }),
+                "{input}"
+            );
+        }
+    }
+
+    #[test]
+    fn file_format_round_trips() {
+        let text = "# header\n203.0.113.0/24  # partner\n\ndeny 203.0.113.66/32\nallow 2001:db8::/32\n";
+        let list = Allowlist::parse(text).unwrap();
+        assert_eq!(list.len(), 3);
+        assert_eq!(list.get(&net("203.0.113.0/24")).unwrap().comment.as_deref(), Some("partner"));
+        assert_eq!(list.get(&net("203.0.113.66/32")).unwrap().action, Action::Deny);
+        assert_eq!(Allowlist::parse(&list.render()).unwrap(), list);
+    }
+
+    #[test]
+    fn file_errors_name_the_line() {
+        let err = Allowlist::parse("10.0.0.0/8\n\nallow 10.0.0.300/32\n").unwrap_err();
+        assert!(matches!(err, ParseError::Cidr { line: 3, .. }), "{err}");
+        let err = Allowlist::parse("permit 10.0.0.0/8\n").unwrap_err();
+        assert_eq!(err, ParseError::Syntax { line: 1, text: "permit 10.0.0.0/8".into() });
+        let err = Allowlist::parse("10.0.0.0/8\ndeny 10.0.0.0/8\n").unwrap_err();
+        assert!(matches!(err, ParseError::Conflict { line: 2, other_line: 1, .. }), "{err}");
+    }
+
+    #[test]
+    fn duplicates_with_the_same_action_collapse() {
+        let list = Allowlist::parse("10.0.0.0/8\n10.0.0.0/8 # again\n").unwrap();
+        assert_eq!(list.len(), 1);
+    }
+
+    #[test]
+    fn adding_over_the_other_action_is_refused() {
+        let list = Allowlist::parse("deny 10.0.0.1/32\n").unwrap();
+        assert_eq!(
+            list.with_added(&[net("10.0.0.1/32")], Action::Allow, None),
+            Err(ChangeError::OtherAction { cidr: net("10.0.0.1/32"), existing: Action::Deny })
+        );
+    }
+
+    #[test]
+    fn removing_what_is_not_listed_changes_nothing() {
+        let list = Allowlist::parse("10.0.0.0/8\n").unwrap();
+        let err = list.with_removed(&[net("10.0.0.0/8"), net("10.1.0.0/16")], Action::Allow);
+        assert_eq!(err, Err(ChangeError::NotListed { cidr: net("10.1.0.0/16"), action: Action::Allow }));
+        assert_eq!(
+            list.with_removed(&[net("10.0.0.0/8")], Action::Deny),
+            Err(ChangeError::NotListed { cidr: net("10.0.0.0/8"), action: Action::Deny })
+        );
+    }
+
+    #[test]
+    fn longest_prefix_decides() {
+        let list = Allowlist::parse("203.0.113.0/24\ndeny 203.0.113.64/26\n203.0.113.66/32\n").unwrap();
+        assert_eq!(list.verdict("203.0.113.1".parse().unwrap()), Some(Action::Allow));
+        assert_eq!(list.verdict("203.0.113.65".parse().unwrap()), Some(Action::Deny));
+        assert_eq!(list.verdict("203.0.113.66".parse().unwrap()), Some(Action::Allow));
+        assert_eq!(list.verdict("198.51.100.1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn store_replaces_the_file_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/allowlist");
+        assert!(load(&path).unwrap().is_empty(), "a missing file is an empty list");
+        let list = Allowlist::parse("10.0.0.0/8 # lab\n").unwrap();
+        store(&path, &list).unwrap();
+        assert_eq!(load(&path).unwrap(), list);
+        assert!(!dir.path().join("state/allowlist.tmp").exists());
+    }
+}

@@ -1,0 +1,172 @@
+//! `edgegate run`: loads the allowlist, sets up the filter, serves the control
+//! socket, and stops on a shutdown signal, leaving the filter pinned.
+//!
+//! Data flows one way: config → [`State`] (the list and the filter that
+//! enforces it) → XDP maps. The control socket only asks `State` for changes.
+
+use std::{future::Future, path::PathBuf, sync::Arc};
+
+use tokio::sync::Mutex;
+
+use crate::{
+    allowlist::{self, Allowlist, StoreError},
+    config::{Config, Scope},
+    control::{self, BindError, Request, Response, Status},
+    filter::{Filter, FilterError, FilterOptions},
+};
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Allowlist(#[from] StoreError),
+    #[error(transparent)]
+    Filter(#[from] FilterError),
+    #[error(transparent)]
+    Control(#[from] BindError),
+}
+
+/// The list and the filter that enforces it; changed only under a lock.
+pub struct State {
+    list: Allowlist,
+    list_path: PathBuf,
+    filter: Filter,
+    scope: Scope,
+}
+
+impl State {
+    /// Answers one control request. A change is validated whole, persisted,
+    /// applied to the maps and only then acknowledged; a refused change
+    /// leaves file and maps as they were.
+    pub fn handle(&mut self, request: Request) -> Response {
+        match request {
+            Request::Add { action, cidrs, comment } => {
+                let next = parse_all(&cidrs).and_then(|cidrs| {
+                    self.list.with_added(&cidrs, action, comment.as_deref()).map_err(|e| e.to_string())
+                });
+                self.change(next)
+            }
+            Request::Remove { action, cidrs } => {
+                let next = parse_all(&cidrs).and_then(|cidrs| {
+                    self.list.with_removed(&cidrs, action).map_err(|e| e.to_string())
+                });
+                self.change(next)
+            }
+            Request::Replace { text } => self.change(Allowlist::parse(&text).map_err(|e| e.to_string())),
+            Request::List => Response::List { entries: self.list.entries().cloned().collect() },
+            Request::Status { top_rules } => match self.status(top_rules) {
+                Ok(status) => Response::Status(Box::new(status)),
+                Err(e) => Response::Error { message: e.to_string() },
+            },
+        }
+    }
+
+    fn change(&mut self, next: Result<Allowlist, String>) -> Response {
+        let next = match next {
+            Ok(next) => next,
+            Err(message) => return Response::Error { message },
+        };
+        if let Err(e) = self.filter.check_capacity(&next) {
+            return Response::Error { message: e.to_string() };
+        }
+        if let Err(e) = allowlist::store(&self.list_path, &next) {
+            return Response::Error { message: format!("nothing changed: {e}") };
+        }
+        if let Err(e) = self.filter.apply(&next) {
+            // Put file and maps back to the list that was acknowledged last.
+            let rollback = allowlist::store(&self.list_path, &self.list)
+                .map_err(|e| e.to_string())
+                .and_then(|()| self.filter.apply(&self.list).map_err(|e| e.to_string()));
+            let message = match rollback {
+                Ok(()) => format!("nothing changed: {e}"),
+                Err(again) => format!("{e}; restoring the previous list also failed: {again}"),
+            };
+            tracing::error!("allowlist change failed: {message}");
+            return Response::Error { message };
+        }
+        let (mut added, mut updated) = (0, 0);
+        for entry in next.entries() {
+            match self.list.get(&entry.cidr) {
+                None => added += 1,
+                Some(old) if old != entry => updated += 1,
+                Some(_) => {}
+            }
+        }
+        let removed = self.list.entries().filter(|e| next.get(&e.cidr).is_none()).count();
+        tracing::info!(
+            "allowlist changed: {added} added, {removed} removed, {updated} updated, {} entries",
+            next.len()
+        );
+        self.list = next;
+        Response::Changed { added, removed, updated, entries: self.list.len() }
+    }
+
+    fn status(&self, top_rules: usize) -> Result<Status, FilterError> {
+        let (ipv4_entries, ipv6_entries) = self.list.family_sizes();
+        let (v4, v6) = self.filter.lookups();
+        Ok(Status {
+            interfaces: self.filter.attachments().to_vec(),
+            scope: format!("{:?}", self.scope).to_lowercase(),
+            allowlist: self.list_path.clone(),
+            ipv4_entries,
+            ipv6_entries,
+            ipv4_lookup: format!("{v4:?}"),
+            ipv6_lookup: format!("{v6:?}"),
+            capacity_per_family: self.filter.capacity(),
+            counters: self.filter.counters()?,
+            top_rules: self.filter.rule_hits(top_rules)?,
+        })
+    }
+}
+
+fn parse_all(cidrs: &[String]) -> Result<Vec<ipnet::IpNet>, String> {
+    cidrs.iter().map(|c| allowlist::parse_cidr(c).map_err(|e| e.to_string())).collect()
+}
+
+/// Runs the daemon until `shutdown` completes. The XDP program stays
+/// attached and pinned afterwards: stopping the daemon never opens the gate.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    let list_path = config.allowlist_path().to_owned();
+    let list = allowlist::load(&list_path)?;
+    if !list_path.exists() {
+        tracing::warn!(
+            "{} does not exist yet: protected traffic is dropped until `edgegate allow add`",
+            list_path.display()
+        );
+        allowlist::store(&list_path, &list)?;
+    }
+    let options = FilterOptions {
+        interfaces: config.filter.interfaces.clone(),
+        mode: config.filter.mode,
+        scope: config.filter.scope,
+        ports: config.filter.ports.clone(),
+        max_entries: config.filter.max_entries,
+        bpffs_dir: config.daemon.bpffs_dir.clone(),
+    };
+    let filter = Filter::load(&options, &list)?;
+    let listener = control::bind(&config.daemon.control_socket)?;
+    let (ipv4, ipv6) = list.family_sizes();
+    tracing::info!(
+        "filtering on {} ({ipv4} IPv4 and {ipv6} IPv6 entries from {}); control socket {}",
+        config.filter.interfaces.join(", "),
+        list_path.display(),
+        config.daemon.control_socket.display()
+    );
+    let state = Arc::new(Mutex::new(State {
+        list,
+        list_path,
+        filter,
+        scope: config.filter.scope,
+    }));
+
+    tokio::select! {
+        () = control::serve(listener, Arc::clone(&state)) => {}
+        () = shutdown => tracing::info!("shutting down; the XDP filter stays attached (pinned)"),
+    }
+    // Wait for a change in flight: it must finish (and be acknowledged) or not start.
+    let _state = state.lock().await;
+    if let Err(e) = std::fs::remove_file(&config.daemon.control_socket) {
+        tracing::warn!("cannot remove {}: {e}", config.daemon.control_socket.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,316 @@
+//! The `edgegate` command: the daemon (`run`) and the CLI that talks to it.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use edgegate::{
+    allowlist::{self, Action, Allowlist},
+    config::{Config, DEFAULT_BPFFS_DIR, DEFAULT_CONTROL_SOCKET, Overrides},
+    control::{self, ClientError, Request, Response, Status},
+    daemon, filter,
+};
+
+#[derive(Parser)]
+#[command(name = "edgegate", version, about = "XDP allowlist and mTLS gate for partner-facing backends")]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Global {
+    /// The daemon's control socket.
+    #[arg(long, global = true, env = "EDGEGATE_CONTROL_SOCKET")]
+    control_socket: Option<PathBuf>,
+    /// Where the daemon keeps state (the allowlist, unless the config names a file).
+    #[arg(long, global = true, env = "EDGEGATE_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// bpffs directory holding the pinned program links and maps.
+    #[arg(long, global = true, env = "EDGEGATE_BPFFS_DIR")]
+    bpffs_dir: Option<PathBuf>,
+}
+
+impl Global {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            control_socket: self.control_socket.clone(),
+            state_dir: self.state_dir.clone(),
+            bpffs_dir: self.bpffs_dir.clone(),
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.control_socket.clone().unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into())
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: attach the XDP filter and serve the control socket (root).
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Validate a config file and the allowlist it names; exit non-zero on error.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Change or show the allow entries.
+    Allow {
+        #[command(subcommand)]
+        command: AllowCommand,
+    },
+    /// Change the deny entries (exceptions inside allowed ranges).
+    Deny {
+        #[command(subcommand)]
+        command: DenyCommand,
+    },
+    /// Show interfaces, list sizes, counters and the busiest rules.
+    Status {
+        #[arg(long)]
+        json: bool,
+        /// How many of the busiest rules to show.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+    },
+    /// Remove the pinned XDP program from one or all interfaces (daemon stopped).
+    Detach {
+        #[arg(long)]
+        interface: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AllowCommand {
+    /// Allow sources (CIDRs or addresses).
+    Add {
+        #[arg(required = true)]
+        cidrs: Vec<String>,
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Remove allow entries.
+    Del {
+        #[arg(required = true)]
+        cidrs: Vec<String>,
+    },
+    /// Print the list (the file format, or JSON).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace the whole list with a file, without dropping sources both lists allow.
+    Replace {
+        #[arg(long)]
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DenyCommand {
+    /// Deny sources, even inside allowed ranges (the longest prefix wins).
+    Add {
+        #[arg(required = true)]
+        cidrs: Vec<String>,
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Remove deny entries.
+    Del {
+        #[arg(required = true)]
+        cidrs: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match execute(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgegate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(cli: Cli) -> anyhow::Result<()> {
+    let Cli { global, command } = cli;
+    match command {
+        Command::Run { config, log_format } => {
+            init_logging(log_format);
+            let config = Config::load(&config, &global.overrides())?;
+            let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
+            runtime.block_on(daemon::run(config, shutdown_signal()))?;
+            Ok(())
+        }
+        Command::Check { config } => {
+            let config = Config::load(&config, &global.overrides())?;
+            let list = allowlist::load(config.allowlist_path())?;
+            let (ipv4, ipv6) = list.family_sizes();
+            println!(
+                "config OK: {} interface(s), {ipv4} IPv4 and {ipv6} IPv6 entries in {}",
+                config.filter.interfaces.len(),
+                config.allowlist_path().display()
+            );
+            Ok(())
+        }
+        Command::Allow { command } => match command {
+            AllowCommand::Add { cidrs, comment } => {
+                change(&global, Request::Add { action: Action::Allow, cidrs, comment })
+            }
+            AllowCommand::Del { cidrs } => {
+                change(&global, Request::Remove { action: Action::Allow, cidrs })
+            }
+            AllowCommand::List { json } => list(&global, json),
+            AllowCommand::Replace { file } => {
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?;
+                // Check locally first so that errors name the file.
+                Allowlist::parse(&text).with_context(|| file.display().to_string())?;
+                change(&global, Request::Replace { text })
+            }
+        },
+        Command::Deny { command } => match command {
+            DenyCommand::Add { cidrs, comment } => {
+                change(&global, Request::Add { action: Action::Deny, cidrs, comment })
+            }
+            DenyCommand::Del { cidrs } => {
+                change(&global, Request::Remove { action: Action::Deny, cidrs })
+            }
+        },
+        Command::Status { json, top } => status(&global, json, top),
+        Command::Detach { interface } => detach(&global, interface.as_deref()),
+    }
+}
+
+fn call(global: &Global, request: &Request) -> anyhow::Result<Response> {
+    match control::call(&global.socket(), request)? {
+        Response::Error { message } => bail!("{message}"),
+        response => Ok(response),
+    }
+}
+
+fn change(global: &Global, request: Request) -> anyhow::Result<()> {
+    match call(global, &request)? {
+        Response::Changed { added, removed, updated, entries } => {
+            println!("ok: {added} added, {removed} removed, {updated} updated; {entries} entries in force");
+            Ok(())
+        }
+        other => bail!("unexpected answer from the daemon: {other:?}"),
+    }
+}
+
+fn list(global: &Global, json: bool) -> anyhow::Result<()> {
+    let Response::List { entries } = call(global, &Request::List)? else {
+        bail!("unexpected answer from the daemon");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+    } else {
+        print!("{}", Allowlist::from_entries(entries).render());
+    }
+    Ok(())
+}
+
+fn status(global: &Global, json: bool, top: usize) -> anyhow::Result<()> {
+    let Response::Status(status) = call(global, &Request::Status { top_rules: top })? else {
+        bail!("unexpected answer from the daemon");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print_status(&status);
+    }
+    Ok(())
+}
+
+fn print_status(status: &Status) {
+    println!("scope:      {}", status.scope);
+    for attachment in &status.interfaces {
+        let how = if attachment.adopted { ", taken over from a previous daemon" } else { "" };
+        println!("interface:  {} ({} mode{how})", attachment.interface, attachment.mode);
+    }
+    println!("allowlist:  {}", status.allowlist.display());
+    println!(
+        "entries:    {} IPv4 ({} lookup), {} IPv6 ({} lookup); capacity {} per family",
+        status.ipv4_entries,
+        status.ipv4_lookup,
+        status.ipv6_entries,
+        status.ipv6_lookup,
+        status.capacity_per_family
+    );
+    println!("\n{:<7} {:<7} {:<20} {:>14} {:>16}", "family", "verdict", "reason", "packets", "bytes");
+    for counter in status.counters.iter().filter(|c| c.packets > 0) {
+        println!(
+            "{:<7} {:<7} {:<20} {:>14} {:>16}",
+            counter.family, counter.verdict, counter.reason, counter.packets, counter.bytes
+        );
+    }
+    if !status.top_rules.is_empty() {
+        println!("\nbusiest rules:");
+        for rule in &status.top_rules {
+            println!("  {:<5} {:<43} {:>14} hits", rule.action, rule.cidr, rule.hits);
+        }
+    }
+}
+
+fn detach(global: &Global, interface: Option<&str>) -> anyhow::Result<()> {
+    // A running daemon holds the links open: unpinning would not detach them.
+    match control::call(&global.socket(), &Request::List) {
+        Err(ClientError::NotRunning { .. }) => {}
+        Ok(_) => bail!(
+            "the daemon is running (socket {}); stop it first (`systemctl stop edgegate`), \
+             then detach",
+            global.socket().display()
+        ),
+        Err(e) => return Err(e.into()),
+    }
+    let dir = global.bpffs_dir.clone().unwrap_or_else(|| DEFAULT_BPFFS_DIR.into());
+    let detached = filter::detach_pinned(&dir, interface)?;
+    if detached.interfaces.is_empty() && !detached.maps_removed {
+        match interface {
+            Some(name) => bail!("`{name}` has no edgegate XDP program pinned under {}", dir.display()),
+            None => println!("nothing pinned under {}", dir.display()),
+        }
+    }
+    for (name, mode) in &detached.interfaces {
+        println!("detached from {name} ({mode} mode)");
+    }
+    if detached.maps_removed {
+        println!("removed the pinned maps under {}", dir.display());
+    }
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_env("EDGEGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // `init` also routes the `log` crate (which aya-log uses for the XDP
+    // program's diagnostics) into tracing.
+    match format {
+        LogFormat::Text => fmt().with_env_filter(filter).with_target(false).init(),
+        LogFormat::Json => fmt().json().with_env_filter(filter).init(),
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a signal handler cannot fail");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
