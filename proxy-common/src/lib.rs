@@ -37,6 +37,11 @@ pub const MAX_VLAN_TAGS: usize = 2;
 /// IPv6 extension headers the parser walks before giving up on a packet.
 pub const MAX_IPV6_EXT_HEADERS: usize = 8;
 
+/// Per-length lookup is used only while a family has at most this many
+/// distinct prefix lengths; beyond it, one trie lookup is cheaper. It also
+/// bounds the program's lookup loop, which keeps verification cheap.
+pub const MAX_PER_LENGTH_LOOKUPS: u32 = 6;
+
 /// Which packets the allowlist applies to.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

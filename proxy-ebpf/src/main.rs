@@ -26,8 +26,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use parse::{Packet, Parsed, Source};
 use proxy_common::{
-    COUNTER_SLOTS, Counter, Family, FilterConfig, Lookup, PORT_BITMAP_WORDS, Reason, Rule, Scope,
-    counter_index,
+    COUNTER_SLOTS, Counter, Family, FilterConfig, Lookup, MAX_PER_LENGTH_LOOKUPS, PORT_BITMAP_WORDS, Reason,
+    Rule, Scope, counter_index,
 };
 
 /// Default capacity per family; the daemon sets the real one at load time.
@@ -164,9 +164,11 @@ fn trie_rule(rule: Option<&Rule>) -> Option<*mut Rule> {
     rule.map(|rule| core::ptr::from_ref(rule).cast_mut())
 }
 
-/// Tries each prefix length in use, longest first: the first hit is the longest match.
+/// Tries each prefix length in use, longest first: the first hit is the longest
+/// match. The daemon switches to the trie before more lengths are in use than
+/// the loop covers; were that ever violated, the source is unlisted (dropped).
 fn lookup_v4_per_length(mut lengths: u64, addr: u32) -> Option<*mut Rule> {
-    for _ in 0..=32 {
+    for _ in 0..MAX_PER_LENGTH_LOOKUPS {
         if lengths == 0 {
             return None;
         }
@@ -192,7 +194,7 @@ fn lookup_v6_per_length(lengths: &[u64; 3], addr: [u8; 16]) -> Option<*mut Rule>
         addr[8], addr[9], addr[10], addr[11], addr[12], addr[13], addr[14], addr[15],
     ]);
     let mut words = *lengths;
-    for _ in 0..=128 {
+    for _ in 0..MAX_PER_LENGTH_LOOKUPS {
         let (word, mut bits) = if words[2] != 0 {
             (2, words[2])
         } else if words[1] != 0 {

@@ -52,8 +52,12 @@ impl Packet {
     }
 
     /// `N` bytes at `offset`, or `None` if the packet ends before them.
+    ///
+    /// `N` is at least 2: the compiler turns a one-byte check into
+    /// `at >= end`, from which the verifier learns no readable range.
     #[inline(always)]
     fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        const { assert!(N >= 2, "read at least two bytes (see above)") };
         if offset > MAX_HEADER_OFFSET {
             return None;
         }
@@ -63,11 +67,6 @@ impl Packet {
         }
         // SAFETY: [at, at + N) lies within the packet, checked just above.
         Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) })
-    }
-
-    #[inline(always)]
-    fn u8_at(&self, offset: usize) -> Option<u8> {
-        self.bytes::<1>(offset).map(|[b]| b)
     }
 
     #[inline(always)]
@@ -132,8 +131,9 @@ fn parse_ipv4(packet: &Packet, offset: usize) -> Option<Parsed> {
     if version != 4 || header_len < IPV4_MIN_HEADER_LEN {
         return None;
     }
-    // Options: the whole header must be present even though only the fixed part is read.
-    packet.bytes::<1>(offset + header_len - 1)?;
+    // Options: the whole header must be present even though only the fixed
+    // part is read. Its length is a multiple of 4, so check its last 4 bytes.
+    packet.bytes::<4>(offset + header_len - 4)?;
     let fragment_offset = u16::from_be_bytes([header[6], header[7]]) & 0x1fff;
     let source = Source::V4([header[12], header[13], header[14], header[15]]);
     let later_fragment = fragment_offset != 0;
@@ -196,8 +196,9 @@ fn parse_ipv6(packet: &Packet, offset: usize) -> Option<Parsed> {
         // Longer chains than any real traffic uses: refuse rather than guess.
         return None;
     }
+    // An ICMPv6 header is at least type, code and checksum.
     let neighbor_discovery = next_header == PROTO_ICMPV6
-        && (ND_FIRST_TYPE..=ND_LAST_TYPE).contains(&packet.u8_at(offset)?);
+        && (ND_FIRST_TYPE..=ND_LAST_TYPE).contains(&packet.bytes::<4>(offset)?[0]);
     let destination_port = transport_port(packet, next_header, offset)?;
     Some(Parsed::Ip { source, destination_port, later_fragment, neighbor_discovery })
 }

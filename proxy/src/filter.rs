@@ -43,10 +43,6 @@ use crate::{
 pub static PROGRAM_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/edgegate.bpf.o"));
 
-/// Above this many distinct prefix lengths in a family, one trie lookup is
-/// cheaper than one hash lookup per length (measured by `cargo xtask bench xdp`).
-const MAX_LENGTHS_FOR_PER_LENGTH_LOOKUP: usize = 6;
-
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Why the filter could not be set up or changed.
@@ -522,7 +518,7 @@ fn lookup_config(rules: &BTreeMap<IpNet, Action>, base: KernelConfig) -> KernelC
         }
     }
     let choose = |distinct: u32| {
-        if distinct as usize > MAX_LENGTHS_FOR_PER_LENGTH_LOOKUP {
+        if distinct > proxy_common::MAX_PER_LENGTH_LOOKUPS {
             Lookup::Trie as u32
         } else {
             Lookup::PerLength as u32
