@@ -24,7 +24,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use aya_log_ebpf::warn;
-use parse::{Packet, Parsed, Source};
+use parse::{NeighborDiscovery, Packet, Parsed, Source};
 use proxy_common::{
     COUNTER_SLOTS, Counter, Family, FilterConfig, Lookup, MAX_PER_LENGTH_LOOKUPS, PORT_BITMAP_WORDS, Reason,
     Rule, Scope, counter_index,
@@ -101,8 +101,10 @@ fn classify(config: &FilterConfig, packet: &Packet) -> (Family, Reason) {
     let family = source.family();
     let protected = destination_port.is_some_and(is_protected);
     let subject = if config.scope == Scope::Host as u32 {
-        if neighbor_discovery {
-            return (family, Reason::NeighborDiscovery);
+        match neighbor_discovery {
+            NeighborDiscovery::Yes => return (family, Reason::NeighborDiscovery),
+            NeighborDiscovery::Truncated => return (family, Reason::Malformed),
+            NeighborDiscovery::No => {}
         }
         match destination_port {
             Some(port)

@@ -99,9 +99,18 @@ pub enum Parsed {
         destination_port: Option<u16>,
         /// A fragment other than the first: no transport header.
         later_fragment: bool,
-        /// ICMPv6 neighbour discovery.
-        neighbor_discovery: bool,
+        neighbor_discovery: NeighborDiscovery,
     },
+}
+
+/// Whether a packet is ICMPv6 neighbour discovery, which host scope lets through.
+#[derive(PartialEq, Eq)]
+pub enum NeighborDiscovery {
+    No,
+    Yes,
+    /// ICMPv6 too short to carry its type: malformed where it matters (host
+    /// scope), irrelevant where ICMPv6 is out of scope anyway (ports scope).
+    Truncated,
 }
 
 /// Parses the headers, or returns the family of a malformed packet.
@@ -142,7 +151,12 @@ fn parse_ipv4(packet: &Packet, offset: usize) -> Option<Parsed> {
     } else {
         transport_port(packet, header[9], offset + header_len)?
     };
-    Some(Parsed::Ip { source, destination_port, later_fragment, neighbor_discovery: false })
+    Some(Parsed::Ip {
+        source,
+        destination_port,
+        later_fragment,
+        neighbor_discovery: NeighborDiscovery::No,
+    })
 }
 
 #[inline(always)]
@@ -189,16 +203,25 @@ fn parse_ipv6(packet: &Packet, offset: usize) -> Option<Parsed> {
             source,
             destination_port: None,
             later_fragment,
-            neighbor_discovery: false,
+            neighbor_discovery: NeighborDiscovery::No,
         });
     }
     if is_extension_header(next_header) {
         // Longer chains than any real traffic uses: refuse rather than guess.
         return None;
     }
-    // An ICMPv6 header is at least type, code and checksum.
-    let neighbor_discovery = next_header == PROTO_ICMPV6
-        && (ND_FIRST_TYPE..=ND_LAST_TYPE).contains(&packet.bytes::<4>(offset)?[0]);
+    let neighbor_discovery = if next_header != PROTO_ICMPV6 {
+        NeighborDiscovery::No
+    } else {
+        // An ICMPv6 header is at least type, code and checksum.
+        match packet.bytes::<4>(offset) {
+            Some([kind, ..]) if (ND_FIRST_TYPE..=ND_LAST_TYPE).contains(&kind) => {
+                NeighborDiscovery::Yes
+            }
+            Some(_) => NeighborDiscovery::No,
+            None => NeighborDiscovery::Truncated,
+        }
+    };
     let destination_port = transport_port(packet, next_header, offset)?;
     Some(Parsed::Ip { source, destination_port, later_fragment, neighbor_discovery })
 }

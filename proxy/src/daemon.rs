@@ -40,23 +40,37 @@ impl State {
     /// leaves file and maps as they were.
     pub fn handle(&mut self, request: Request) -> Response {
         match request {
-            Request::Add { action, cidrs, comment } => {
+            Request::Add {
+                action,
+                cidrs,
+                comment,
+            } => {
                 let next = parse_all(&cidrs).and_then(|cidrs| {
-                    self.list.with_added(&cidrs, action, comment.as_deref()).map_err(|e| e.to_string())
+                    self.list
+                        .with_added(&cidrs, action, comment.as_deref())
+                        .map_err(|e| e.to_string())
                 });
                 self.change(next)
             }
             Request::Remove { action, cidrs } => {
                 let next = parse_all(&cidrs).and_then(|cidrs| {
-                    self.list.with_removed(&cidrs, action).map_err(|e| e.to_string())
+                    self.list
+                        .with_removed(&cidrs, action)
+                        .map_err(|e| e.to_string())
                 });
                 self.change(next)
             }
-            Request::Replace { text } => self.change(Allowlist::parse(&text).map_err(|e| e.to_string())),
-            Request::List => Response::List { entries: self.list.entries().cloned().collect() },
+            Request::Replace { text } => {
+                self.change(Allowlist::parse(&text).map_err(|e| e.to_string()))
+            }
+            Request::List => Response::List {
+                entries: self.list.entries().cloned().collect(),
+            },
             Request::Status { top_rules } => match self.status(top_rules) {
                 Ok(status) => Response::Status(Box::new(status)),
-                Err(e) => Response::Error { message: e.to_string() },
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
             },
         }
     }
@@ -67,10 +81,14 @@ impl State {
             Err(message) => return Response::Error { message },
         };
         if let Err(e) = self.filter.check_capacity(&next) {
-            return Response::Error { message: e.to_string() };
+            return Response::Error {
+                message: e.to_string(),
+            };
         }
         if let Err(e) = allowlist::store(&self.list_path, &next) {
-            return Response::Error { message: format!("nothing changed: {e}") };
+            return Response::Error {
+                message: format!("nothing changed: {e}"),
+            };
         }
         if let Err(e) = self.filter.apply(&next) {
             // Put file and maps back to the list that was acknowledged last.
@@ -92,13 +110,22 @@ impl State {
                 Some(_) => {}
             }
         }
-        let removed = self.list.entries().filter(|e| next.get(&e.cidr).is_none()).count();
+        let removed = self
+            .list
+            .entries()
+            .filter(|e| next.get(&e.cidr).is_none())
+            .count();
         tracing::info!(
             "allowlist changed: {added} added, {removed} removed, {updated} updated, {} entries",
             next.len()
         );
         self.list = next;
-        Response::Changed { added, removed, updated, entries: self.list.len() }
+        Response::Changed {
+            added,
+            removed,
+            updated,
+            entries: self.list.len(),
+        }
     }
 
     fn status(&self, top_rules: usize) -> Result<Status, FilterError> {
@@ -120,7 +147,10 @@ impl State {
 }
 
 fn parse_all(cidrs: &[String]) -> Result<Vec<ipnet::IpNet>, String> {
-    cidrs.iter().map(|c| allowlist::parse_cidr(c).map_err(|e| e.to_string())).collect()
+    cidrs
+        .iter()
+        .map(|c| allowlist::parse_cidr(c).map_err(|e| e.to_string()))
+        .collect()
 }
 
 /// Runs the daemon until `shutdown` completes. The XDP program stays
@@ -166,7 +196,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // Wait for a change in flight: it must finish (and be acknowledged) or not start.
     let _state = state.lock().await;
     if let Err(e) = std::fs::remove_file(&config.daemon.control_socket) {
-        tracing::warn!("cannot remove {}: {e}", config.daemon.control_socket.display());
+        tracing::warn!(
+            "cannot remove {}: {e}",
+            config.daemon.control_socket.display()
+        );
     }
     Ok(())
 }

@@ -92,7 +92,11 @@ pub enum FilterError {
          {capacity}; raise `filter.max_entries` (and run `edgegate detach` before restarting, so \
          the maps are recreated)"
     )]
-    Capacity { family: &'static str, needed: usize, capacity: u32 },
+    Capacity {
+        family: &'static str,
+        needed: usize,
+        capacity: u32,
+    },
 }
 
 /// The mode an interface's program actually runs in.
@@ -194,16 +198,23 @@ impl Filter {
             .iter()
             .map(|name| if_index(name).map(|index| (name.clone(), index)))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut filter = Self::open(options, list)?;
+        let links_dir = options.bpffs_dir.join("links");
+        create_dir(&links_dir)?;
+        for (name, index) in &if_indexes {
+            let attachment = attach(filter.program_mut(), &links_dir, name, *index, options.mode)?;
+            filter.attachments.push(attachment);
+        }
+        release_unconfigured_links(&links_dir, &options.interfaces)?;
+        Ok(filter)
+    }
+
+    /// Loads the program and fills its maps without attaching it anywhere:
+    /// what `load` does first, and what tests and benchmarks run packets through.
+    pub fn open(options: &FilterOptions, list: &Allowlist) -> Result<Self, FilterError> {
         prepare_bpffs(&options.bpffs_dir)?;
         let maps_dir = options.bpffs_dir.join("maps");
-        let links_dir = options.bpffs_dir.join("links");
-        for dir in [&maps_dir, &links_dir] {
-            fs::create_dir_all(dir).map_err(|source| FilterError::Io {
-                op: "create",
-                path: dir.clone(),
-                source,
-            })?;
-        }
+        create_dir(&maps_dir)?;
 
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
@@ -213,12 +224,12 @@ impl Filter {
             .map_max_entries(map::V6_TRIE, options.max_entries)
             .load(PROGRAM_OBJECT)
             .map_err(FilterError::Load)?;
-        if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf).map(spawn_log_forwarder) {
-            tracing::warn!("XDP program diagnostics will not be logged: {e}");
-        }
         let capacity = MapInfo::from_pin(maps_dir.join(map::V4_RULES))
             .map(|info| info.max_entries())
-            .map_err(|source| FilterError::Map { name: map::V4_RULES, source })?;
+            .map_err(|source| FilterError::Map {
+                name: map::V4_RULES,
+                source,
+            })?;
         if capacity != options.max_entries {
             tracing::warn!(
                 "the pinned rule maps hold {capacity} entries per family, not filter.max_entries = {}; \
@@ -252,20 +263,30 @@ impl Filter {
         filter.write_config()?;
         filter.write_ports(&options.ports)?;
         filter.apply(list)?;
+        filter.program_mut().load().map_err(FilterError::Verify)?;
+        // After loading: the loaded program holds its own reference to the log
+        // map, so the logger may be dropped when nobody forwards its records.
+        if let Err(e) = aya_log::EbpfLogger::init(&mut filter.ebpf).map(spawn_log_forwarder) {
+            tracing::warn!("XDP program diagnostics will not be logged: {e}");
+        }
+        Ok(filter)
+    }
 
-        let program: &mut Xdp = filter
-            .ebpf
+    /// The loaded XDP program.
+    pub fn program(&self) -> &Xdp {
+        self.ebpf
+            .program(proxy_common::PROGRAM_NAME)
+            .expect("the object defines the program")
+            .try_into()
+            .expect("the program is XDP")
+    }
+
+    fn program_mut(&mut self) -> &mut Xdp {
+        self.ebpf
             .program_mut(proxy_common::PROGRAM_NAME)
             .expect("the object defines the program")
             .try_into()
-            .expect("the program is XDP");
-        program.load().map_err(FilterError::Verify)?;
-        for (name, index) in &if_indexes {
-            let attachment = attach(program, &links_dir, name, *index, options.mode)?;
-            filter.attachments.push(attachment);
-        }
-        release_unconfigured_links(&links_dir, &options.interfaces)?;
-        Ok(filter)
+            .expect("the program is XDP")
     }
 
     pub fn attachments(&self) -> &[Attachment] {
@@ -287,16 +308,19 @@ impl Filter {
     /// lists until the end.
     pub fn apply(&mut self, list: &Allowlist) -> Result<(), FilterError> {
         self.check_capacity(list)?;
-        let desired: BTreeMap<IpNet, Action> =
-            list.entries().map(|e| (e.cidr, e.action)).collect();
+        let desired: BTreeMap<IpNet, Action> = list.entries().map(|e| (e.cidr, e.action)).collect();
 
         let mut upserts: Vec<(IpNet, Action)> = desired
             .iter()
             .filter(|(cidr, action)| self.installed.get(cidr) != Some(action))
             .map(|(cidr, action)| (*cidr, *action))
             .collect();
-        let mut removals: Vec<IpNet> =
-            self.installed.keys().filter(|c| !desired.contains_key(c)).copied().collect();
+        let mut removals: Vec<IpNet> = self
+            .installed
+            .keys()
+            .filter(|c| !desired.contains_key(c))
+            .copied()
+            .collect();
         if upserts.is_empty() && removals.is_empty() {
             return Ok(());
         }
@@ -322,7 +346,10 @@ impl Filter {
     /// Refuses, before touching any map, a list that would not fit while it replaces the current one.
     pub fn check_capacity(&self, list: &Allowlist) -> Result<(), FilterError> {
         for (family, is_family) in [
-            ("IPv4", (|c: &IpNet| matches!(c, IpNet::V4(_))) as fn(&IpNet) -> bool),
+            (
+                "IPv4",
+                (|c: &IpNet| matches!(c, IpNet::V4(_))) as fn(&IpNet) -> bool,
+            ),
             ("IPv6", |c: &IpNet| matches!(c, IpNet::V6(_))),
         ] {
             let kept = self.installed.keys().filter(|c| is_family(c)).count();
@@ -349,14 +376,22 @@ impl Filter {
                 self.v4_rules
                     .insert(key, rule, 0)
                     .map_err(map_error(map::V4_RULES))
-                    .and_then(|()| self.v4_trie.insert(&key, rule, 0).map_err(map_error(map::V4_TRIE)))
+                    .and_then(|()| {
+                        self.v4_trie
+                            .insert(&key, rule, 0)
+                            .map_err(map_error(map::V4_TRIE))
+                    })
             }
             IpNet::V6(net) => {
                 let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
                 self.v6_rules
                     .insert(key, rule, 0)
                     .map_err(map_error(map::V6_RULES))
-                    .and_then(|()| self.v6_trie.insert(&key, rule, 0).map_err(map_error(map::V6_TRIE)))
+                    .and_then(|()| {
+                        self.v6_trie
+                            .insert(&key, rule, 0)
+                            .map_err(map_error(map::V6_TRIE))
+                    })
             }
         };
         result
@@ -397,12 +432,16 @@ impl Filter {
     }
 
     fn write_config(&mut self) -> Result<(), FilterError> {
-        self.kernel_config.set(0, self.config, 0).map_err(map_error(map::CONFIG))
+        self.kernel_config
+            .set(0, self.config, 0)
+            .map_err(map_error(map::CONFIG))
     }
 
     fn write_ports(&mut self, ports: &BTreeSet<u16>) -> Result<(), FilterError> {
         let mut ports_map: Array<&mut MapData, u64> = Array::try_from(
-            self.ebpf.map_mut(map::PORTS).expect("the object defines the ports map"),
+            self.ebpf
+                .map_mut(map::PORTS)
+                .expect("the object defines the ports map"),
         )
         .map_err(map_error(map::PORTS))?;
         let mut words = [0u64; PORT_BITMAP_WORDS as usize];
@@ -410,7 +449,9 @@ impl Filter {
             words[usize::from(port / 64)] |= 1 << (port % 64);
         }
         for (index, word) in (0..).zip(words) {
-            ports_map.set(index, word, 0).map_err(map_error(map::PORTS))?;
+            ports_map
+                .set(index, word, 0)
+                .map_err(map_error(map::PORTS))?;
         }
         Ok(())
     }
@@ -473,16 +514,32 @@ impl Filter {
 
     /// The lookup strategy in force per family: (IPv4, IPv6).
     pub fn lookups(&self) -> (Lookup, Lookup) {
-        let lookup = |raw| if raw == Lookup::Trie as u32 { Lookup::Trie } else { Lookup::PerLength };
+        let lookup = |raw| {
+            if raw == Lookup::Trie as u32 {
+                Lookup::Trie
+            } else {
+                Lookup::PerLength
+            }
+        };
         (lookup(self.config.v4_lookup), lookup(self.config.v6_lookup))
     }
+}
+
+fn create_dir(dir: &Path) -> Result<(), FilterError> {
+    fs::create_dir_all(dir).map_err(|source| FilterError::Io {
+        op: "create",
+        path: dir.to_owned(),
+        source,
+    })
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, FilterError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
-    let map = ebpf.take_map(name).expect("the object defines every map in proxy_common::map");
+    let map = ebpf
+        .take_map(name)
+        .expect("the object defines every map in proxy_common::map");
     T::try_from(map).map_err(|source| FilterError::Map { name, source })
 }
 
@@ -499,7 +556,11 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 }
 
 fn action_of(rule: &Rule) -> Action {
-    if rule.action == proxy_common::Action::Allow as u32 { Action::Allow } else { Action::Deny }
+    if rule.action == proxy_common::Action::Allow as u32 {
+        Action::Allow
+    } else {
+        Action::Deny
+    }
 }
 
 fn cidr_of(addr: IpAddr, prefix_len: u32) -> Option<IpNet> {
@@ -534,7 +595,9 @@ fn lookup_config(rules: &BTreeMap<IpNet, Action>, base: KernelConfig) -> KernelC
 }
 
 fn if_index(name: &str) -> Result<u32, FilterError> {
-    let unknown = || FilterError::UnknownInterface { name: name.to_owned() };
+    let unknown = || FilterError::UnknownInterface {
+        name: name.to_owned(),
+    };
     let c_name = CString::new(name).map_err(|_| unknown())?;
     // SAFETY: `c_name` is a valid NUL-terminated string.
     match unsafe { libc::if_nametoindex(c_name.as_ptr()) } {
@@ -575,7 +638,9 @@ fn prepare_bpffs(dir: &Path) -> Result<(), FilterError> {
             return Ok(());
         }
     }
-    Err(FilterError::BpffsNotMounted { dir: dir.to_owned() })
+    Err(FilterError::BpffsNotMounted {
+        dir: dir.to_owned(),
+    })
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -618,16 +683,25 @@ fn attach(
                  `edgegate detach --interface {interface}` and restart to switch"
             );
         }
-        let adopt = |source| FilterError::Adopt { path: pin.clone(), source };
+        let adopt = |source| FilterError::Adopt {
+            path: pin.clone(),
+            source,
+        };
         let link = PinnedLink::from_pin(&pin).map_err(adopt)?;
         let link = XdpLink::try_from(FdLink::from(link)).map_err(adopt)?;
-        program.attach_to_link(link).map_err(|source| FilterError::Attach {
+        program
+            .attach_to_link(link)
+            .map_err(|source| FilterError::Attach {
+                interface: interface.to_owned(),
+                mode,
+                source,
+            })?;
+        tracing::info!("`{interface}`: took over the pinned {mode}-mode XDP link");
+        return Ok(Attachment {
             interface: interface.to_owned(),
             mode,
-            source,
-        })?;
-        tracing::info!("`{interface}`: took over the pinned {mode}-mode XDP link");
-        return Ok(Attachment { interface: interface.to_owned(), mode, adopted: true });
+            adopted: true,
+        });
     }
 
     let modes: &[AttachedMode] = match wanted {
@@ -639,13 +713,19 @@ fn attach(
     for &mode in modes {
         match program.attach_to_if_index(if_index, mode.xdp_mode()) {
             Ok(link_id) => {
-                let link = program.take_link(link_id).map_err(|source| FilterError::Attach {
-                    interface: interface.to_owned(),
-                    mode,
-                    source,
-                })?;
+                let link = program
+                    .take_link(link_id)
+                    .map_err(|source| FilterError::Attach {
+                        interface: interface.to_owned(),
+                        mode,
+                        source,
+                    })?;
                 let pin = links_dir.join(link_pin_name(mode, interface));
-                let pin_error = |source| FilterError::Io { op: "pin", path: pin.clone(), source };
+                let pin_error = |source| FilterError::Io {
+                    op: "pin",
+                    path: pin.clone(),
+                    source,
+                };
                 let fd_link = FdLink::try_from(link).map_err(|e| FilterError::Adopt {
                     path: pin.clone(),
                     source: e,
@@ -662,20 +742,30 @@ fn attach(
                     );
                 }
                 tracing::info!("`{interface}`: attached in {mode} mode");
-                return Ok(Attachment { interface: interface.to_owned(), mode, adopted: false });
+                return Ok(Attachment {
+                    interface: interface.to_owned(),
+                    mode,
+                    adopted: false,
+                });
             }
             Err(source) => last_error = Some((mode, source)),
         }
     }
     let (mode, source) = last_error.expect("at least one mode was tried");
-    Err(FilterError::Attach { interface: interface.to_owned(), mode, source })
+    Err(FilterError::Attach {
+        interface: interface.to_owned(),
+        mode,
+        source,
+    })
 }
 
 /// Detaches interfaces that an earlier daemon attached but the config no longer names.
 fn release_unconfigured_links(links_dir: &Path, configured: &[String]) -> Result<(), FilterError> {
     for (path, mode, interface) in pinned_links(links_dir)? {
         if !configured.contains(&interface) {
-            tracing::info!("`{interface}` is no longer configured: detaching its {mode}-mode XDP link");
+            tracing::info!(
+                "`{interface}` is no longer configured: detaching its {mode}-mode XDP link"
+            );
             remove_pin(&path)?;
         }
     }
@@ -687,7 +777,11 @@ fn pinned_links(links_dir: &Path) -> Result<Vec<(PathBuf, AttachedMode, String)>
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(source) => {
-            return Err(FilterError::Io { op: "list", path: links_dir.to_owned(), source });
+            return Err(FilterError::Io {
+                op: "list",
+                path: links_dir.to_owned(),
+                source,
+            });
         }
     };
     Ok(entries
@@ -740,7 +834,11 @@ pub fn detach_pinned(bpffs_dir: &Path, interface: Option<&str>) -> Result<Detach
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(source) => {
-                    return Err(FilterError::Io { op: "remove", path: dir.clone(), source });
+                    return Err(FilterError::Io {
+                        op: "remove",
+                        path: dir.clone(),
+                        source,
+                    });
                 }
             }
         }
@@ -785,7 +883,10 @@ mod tests {
         for name in ["eth0", "eth0.100", "a%b.c", "veth-x"] {
             let pin = link_pin_name(AttachedMode::Skb, name);
             assert!(!pin.contains('.'), "{pin}");
-            assert_eq!(parse_link_pin_name(&pin), Some((AttachedMode::Skb, name.to_owned())));
+            assert_eq!(
+                parse_link_pin_name(&pin),
+                Some((AttachedMode::Skb, name.to_owned()))
+            );
         }
     }
 
@@ -800,7 +901,12 @@ mod tests {
         assert_eq!(config.v4_lengths, (1 << 8) | (1 << 32));
 
         let many: BTreeMap<IpNet, Action> = (8..=30u8)
-            .map(|len| (IpNet::new("10.0.0.0".parse().unwrap(), len).unwrap(), Action::Allow))
+            .map(|len| {
+                (
+                    IpNet::new("10.0.0.0".parse().unwrap(), len).unwrap(),
+                    Action::Allow,
+                )
+            })
             .chain([("2001:db8::/128".parse().unwrap(), Action::Allow)])
             .collect();
         let config = lookup_config(&many, KernelConfig::EMPTY);

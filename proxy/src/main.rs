@@ -12,7 +12,11 @@ use edgegate::{
 };
 
 #[derive(Parser)]
-#[command(name = "edgegate", version, about = "XDP allowlist and mTLS gate for partner-facing backends")]
+#[command(
+    name = "edgegate",
+    version,
+    about = "XDP allowlist and mTLS gate for partner-facing backends"
+)]
 struct Cli {
     #[command(flatten)]
     global: Global,
@@ -43,7 +47,9 @@ impl Global {
     }
 
     fn socket(&self) -> PathBuf {
-        self.control_socket.clone().unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into())
+        self.control_socket
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into())
     }
 }
 
@@ -167,12 +173,21 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Allow { command } => match command {
-            AllowCommand::Add { cidrs, comment } => {
-                change(&global, Request::Add { action: Action::Allow, cidrs, comment })
-            }
-            AllowCommand::Del { cidrs } => {
-                change(&global, Request::Remove { action: Action::Allow, cidrs })
-            }
+            AllowCommand::Add { cidrs, comment } => change(
+                &global,
+                Request::Add {
+                    action: Action::Allow,
+                    cidrs,
+                    comment,
+                },
+            ),
+            AllowCommand::Del { cidrs } => change(
+                &global,
+                Request::Remove {
+                    action: Action::Allow,
+                    cidrs,
+                },
+            ),
             AllowCommand::List { json } => list(&global, json),
             AllowCommand::Replace { file } => {
                 let text = std::fs::read_to_string(&file)
@@ -183,12 +198,21 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             }
         },
         Command::Deny { command } => match command {
-            DenyCommand::Add { cidrs, comment } => {
-                change(&global, Request::Add { action: Action::Deny, cidrs, comment })
-            }
-            DenyCommand::Del { cidrs } => {
-                change(&global, Request::Remove { action: Action::Deny, cidrs })
-            }
+            DenyCommand::Add { cidrs, comment } => change(
+                &global,
+                Request::Add {
+                    action: Action::Deny,
+                    cidrs,
+                    comment,
+                },
+            ),
+            DenyCommand::Del { cidrs } => change(
+                &global,
+                Request::Remove {
+                    action: Action::Deny,
+                    cidrs,
+                },
+            ),
         },
         Command::Status { json, top } => status(&global, json, top),
         Command::Detach { interface } => detach(&global, interface.as_deref()),
@@ -204,8 +228,15 @@ fn call(global: &Global, request: &Request) -> anyhow::Result<Response> {
 
 fn change(global: &Global, request: Request) -> anyhow::Result<()> {
     match call(global, &request)? {
-        Response::Changed { added, removed, updated, entries } => {
-            println!("ok: {added} added, {removed} removed, {updated} updated; {entries} entries in force");
+        Response::Changed {
+            added,
+            removed,
+            updated,
+            entries,
+        } => {
+            println!(
+                "ok: {added} added, {removed} removed, {updated} updated; {entries} entries in force"
+            );
             Ok(())
         }
         other => bail!("unexpected answer from the daemon: {other:?}"),
@@ -239,8 +270,15 @@ fn status(global: &Global, json: bool, top: usize) -> anyhow::Result<()> {
 fn print_status(status: &Status) {
     println!("scope:      {}", status.scope);
     for attachment in &status.interfaces {
-        let how = if attachment.adopted { ", taken over from a previous daemon" } else { "" };
-        println!("interface:  {} ({} mode{how})", attachment.interface, attachment.mode);
+        let how = if attachment.adopted {
+            ", taken over from a previous daemon"
+        } else {
+            ""
+        };
+        println!(
+            "interface:  {} ({} mode{how})",
+            attachment.interface, attachment.mode
+        );
     }
     println!("allowlist:  {}", status.allowlist.display());
     println!(
@@ -251,7 +289,10 @@ fn print_status(status: &Status) {
         status.ipv6_lookup,
         status.capacity_per_family
     );
-    println!("\n{:<7} {:<7} {:<20} {:>14} {:>16}", "family", "verdict", "reason", "packets", "bytes");
+    println!(
+        "\n{:<7} {:<7} {:<20} {:>14} {:>16}",
+        "family", "verdict", "reason", "packets", "bytes"
+    );
     for counter in status.counters.iter().filter(|c| c.packets > 0) {
         println!(
             "{:<7} {:<7} {:<20} {:>14} {:>16}",
@@ -261,7 +302,10 @@ fn print_status(status: &Status) {
     if !status.top_rules.is_empty() {
         println!("\nbusiest rules:");
         for rule in &status.top_rules {
-            println!("  {:<5} {:<43} {:>14} hits", rule.action, rule.cidr, rule.hits);
+            println!(
+                "  {:<5} {:<43} {:>14} hits",
+                rule.action, rule.cidr, rule.hits
+            );
         }
     }
 }
@@ -277,11 +321,17 @@ fn detach(global: &Global, interface: Option<&str>) -> anyhow::Result<()> {
         ),
         Err(e) => return Err(e.into()),
     }
-    let dir = global.bpffs_dir.clone().unwrap_or_else(|| DEFAULT_BPFFS_DIR.into());
+    let dir = global
+        .bpffs_dir
+        .clone()
+        .unwrap_or_else(|| DEFAULT_BPFFS_DIR.into());
     let detached = filter::detach_pinned(&dir, interface)?;
     if detached.interfaces.is_empty() && !detached.maps_removed {
         match interface {
-            Some(name) => bail!("`{name}` has no edgegate XDP program pinned under {}", dir.display()),
+            Some(name) => bail!(
+                "`{name}` has no edgegate XDP program pinned under {}",
+                dir.display()
+            ),
             None => println!("nothing pinned under {}", dir.display()),
         }
     }
@@ -308,7 +358,8 @@ fn init_logging(format: LogFormat) {
 /// Completes on SIGTERM or SIGINT.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing a signal handler cannot fail");
+    let mut term =
+        signal(SignalKind::terminate()).expect("installing a signal handler cannot fail");
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}

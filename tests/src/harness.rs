@@ -1,0 +1,83 @@
+//! The real XDP program, loaded (not attached) with its maps pinned in a
+//! private bpffs directory, for BPF_PROG_TEST_RUN.
+
+use std::{collections::BTreeSet, path::PathBuf};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use edgegate::{
+    allowlist::Allowlist,
+    config::{AttachMode, Scope},
+    filter::{Filter, FilterOptions},
+};
+
+use crate::unique_name;
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
+pub struct XdpHarness {
+    pub filter: Filter,
+    options: FilterOptions,
+}
+
+impl XdpHarness {
+    /// Loads the program with `list` (the text format), `scope` and extra protected `ports`.
+    pub fn new(list: &str, scope: Scope, ports: &[u16]) -> Self {
+        Self::with_capacity(list, scope, ports, edgegate::config::DEFAULT_MAX_ENTRIES)
+    }
+
+    pub fn with_capacity(list: &str, scope: Scope, ports: &[u16], max_entries: u32) -> Self {
+        crate::require_root();
+        let options = FilterOptions {
+            interfaces: Vec::new(),
+            mode: AttachMode::Auto,
+            scope,
+            ports: ports.iter().copied().collect::<BTreeSet<u16>>(),
+            max_entries,
+            bpffs_dir: PathBuf::from("/sys/fs/bpf").join(unique_name("egxdp")),
+        };
+        let list = Allowlist::parse(list).expect("a valid test list");
+        let filter = Filter::open(&options, &list).expect("load the XDP program");
+        Self { filter, options }
+    }
+
+    /// A second, independent instance of the program sharing this one's
+    /// pinned maps: what a restarted daemon loads.
+    pub fn reopen(&self, list: &Allowlist) -> Filter {
+        Filter::open(&self.options, list).expect("reload the XDP program")
+    }
+
+    /// The program's verdict for one frame.
+    pub fn run(&self, frame: &[u8]) -> u32 {
+        run(&self.filter, frame)
+    }
+
+    /// Packets counted per (family, reason), in a fixed order.
+    pub fn counters(&self) -> Vec<((String, String), u64)> {
+        self.filter
+            .counters()
+            .expect("read counters")
+            .into_iter()
+            .map(|c| ((c.family, c.reason), c.packets))
+            .collect()
+    }
+}
+
+/// `filter`'s program verdict for one frame.
+pub fn run(filter: &Filter, frame: &[u8]) -> u32 {
+    let mut options = TestRunOptions::new();
+    options.data_in = Some(frame);
+    filter
+        .program()
+        .test_run(options)
+        .expect("BPF_PROG_TEST_RUN")
+        .return_value
+}
+
+impl Drop for XdpHarness {
+    fn drop(&mut self) {
+        if let Err(e) = edgegate::filter::detach_pinned(&self.options.bpffs_dir, None) {
+            eprintln!("cleanup of {}: {e}", self.options.bpffs_dir.display());
+        }
+    }
+}

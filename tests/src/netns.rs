@@ -1,0 +1,86 @@
+//! Network namespaces that delete themselves, and running code inside them.
+
+use std::{
+    fs::File,
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use nix::sched::{CloneFlags, setns};
+
+use crate::unique_name;
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Self {
+        let name = unique_name(prefix);
+        ip(&["netns", "add", &name]);
+        let netns = Self { name };
+        ip(&["-n", &netns.name, "link", "set", "lo", "up"]);
+        netns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Runs `f` on a thread that has entered this namespace.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let file = File::open(self.path()).expect("namespace file");
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
+                    f()
+                })
+                .join()
+                .expect("the thread in the namespace panicked")
+        })
+    }
+
+    /// `program` to be run inside this namespace. `nsenter`, not
+    /// `ip netns exec`: the latter remounts /sys, hiding the host's bpffs.
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net={}", self.path().display()))
+            .arg(program);
+        command
+    }
+
+    /// Runs `ip ARGS` in this namespace, panicking on failure.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace also deletes the interfaces inside it.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Runs `ip ARGS`, panicking with its message on failure.
+pub fn ip(args: &[&str]) {
+    let output = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        output.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -1,0 +1,346 @@
+//! A protected host and its clients in network namespaces, joined by veth
+//! pairs, with the real `edgegate` binary attached to the host's interfaces.
+//!
+//! ```text
+//!   client 0 ns            server ns (edgegate run, TCP server)
+//!   [c0] 10.X.0.2  <--veth-->  [s0] 10.X.0.1
+//!   client 1 ns
+//!   [c1] 10.X.1.2  <--veth-->  [s1] 10.X.1.1
+//! ```
+
+use std::{
+    io::Read as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use edgegate::control::{self, Request, Response, Status};
+
+use crate::{netns::Netns, unique_name};
+
+/// The port the testbed's TCP server listens on and the filter protects.
+pub const PROTECTED_PORT: u16 = 9443;
+/// A port the server also listens on that the filter does not protect.
+pub const OPEN_PORT: u16 = 9080;
+
+pub struct Client {
+    pub netns: Netns,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+}
+
+pub struct Testbed {
+    pub server: Netns,
+    pub server_ipv4: Vec<Ipv4Addr>,
+    pub server_ipv6: Vec<Ipv6Addr>,
+    pub clients: Vec<Client>,
+    pub interfaces: Vec<String>,
+    pub dir: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    daemon: Option<Child>,
+    servers: Vec<TcpServer>,
+}
+
+impl Testbed {
+    /// Namespaces, veths and a config; the daemon is not started yet.
+    pub fn new(clients: usize) -> Self {
+        crate::require_root();
+        let server = Netns::new("egs");
+        let subnet = u8::try_from(std::process::id() % 200).expect("< 200") + 20;
+        let dir = std::env::temp_dir().join(unique_name("edgegate-test-"));
+        std::fs::create_dir_all(&dir).expect("test dir");
+        let bpffs_dir = PathBuf::from("/sys/fs/bpf").join(unique_name("egtest"));
+        let mut testbed = Self {
+            server,
+            server_ipv4: Vec::new(),
+            server_ipv6: Vec::new(),
+            clients: Vec::new(),
+            interfaces: Vec::new(),
+            socket: dir.join("control.sock"),
+            config: dir.join("edgegate.toml"),
+            bpffs_dir,
+            dir,
+            daemon: None,
+            servers: Vec::new(),
+        };
+        for index in 0..clients {
+            let index = u8::try_from(index).expect("few clients");
+            let client = Netns::new("egc");
+            let server_if = unique_name("egs");
+            let client_if = unique_name("egc");
+            crate::netns::ip(&[
+                "link",
+                "add",
+                &server_if,
+                "netns",
+                testbed.server.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &client_if,
+                "netns",
+                client.name(),
+            ]);
+            let server_v4 = Ipv4Addr::new(10, subnet, index, 1);
+            let client_v4 = Ipv4Addr::new(10, subnet, index, 2);
+            let server_v6 =
+                Ipv6Addr::new(0xfd00, u16::from(subnet), u16::from(index), 0, 0, 0, 0, 1);
+            let client_v6 =
+                Ipv6Addr::new(0xfd00, u16::from(subnet), u16::from(index), 0, 0, 0, 0, 2);
+            for (ns, name, v4, v6) in [
+                (&testbed.server, &server_if, server_v4, server_v6),
+                (&client, &client_if, client_v4, client_v6),
+            ] {
+                ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", name]);
+                ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", name, "nodad"]);
+                ns.ip(&["link", "set", name, "up"]);
+            }
+            testbed.server_ipv4.push(server_v4);
+            testbed.server_ipv6.push(server_v6);
+            testbed.interfaces.push(server_if);
+            testbed.clients.push(Client {
+                netns: client,
+                ipv4: client_v4,
+                ipv6: client_v6,
+            });
+        }
+        testbed.write_config("");
+        let servers =
+            [PROTECTED_PORT, OPEN_PORT].map(|port| TcpServer::start(&testbed.server, port));
+        testbed.servers.extend(servers);
+        testbed
+    }
+
+    /// Writes the config; `extra_filter` is appended to its `[filter]` table.
+    pub fn write_config(&self, extra_filter: &str) {
+        let interfaces: Vec<String> = self.interfaces.iter().map(|i| format!("\"{i}\"")).collect();
+        let config = format!(
+            "[filter]\ninterfaces = [{}]\nports = [{PROTECTED_PORT}]\n{extra_filter}\n\n\
+             [daemon]\ncontrol_socket = \"{}\"\nstate_dir = \"{}\"\nbpffs_dir = \"{}\"\n",
+            interfaces.join(", "),
+            self.socket.display(),
+            self.dir.join("state").display(),
+            self.bpffs_dir.display(),
+        );
+        std::fs::write(&self.config, config).expect("write config");
+    }
+
+    pub fn allowlist_path(&self) -> PathBuf {
+        self.dir.join("state/allowlist")
+    }
+
+    /// Starts `edgegate run` in the server namespace and waits until its
+    /// control socket answers.
+    pub fn start_daemon(&mut self) {
+        assert!(self.daemon.is_none(), "the daemon is already running");
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .expect("daemon log");
+        let child = self
+            .server
+            .command(edgegate_binary().to_str().expect("UTF-8 path"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("start edgegate run");
+        self.daemon = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while control::call(&self.socket, &Request::List).is_err() {
+            if let Some(status) = self
+                .daemon
+                .as_mut()
+                .and_then(|d| d.try_wait().expect("wait"))
+            {
+                panic!("the daemon exited with {status}:\n{}", self.daemon_log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not start:\n{}",
+                self.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the daemon with SIGKILL, as a crash would, and reaps it.
+    pub fn kill_daemon(&mut self) {
+        let mut child = self.daemon.take().expect("the daemon is running");
+        child.kill().expect("kill the daemon");
+        child.wait().expect("reap the daemon");
+    }
+
+    /// Stops the daemon with SIGTERM and returns its exit status.
+    pub fn stop_daemon(&mut self) -> std::process::ExitStatus {
+        let mut child = self.daemon.take().expect("the daemon is running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("signal the daemon");
+        child.wait().expect("reap the daemon")
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Runs the `edgegate` CLI against this testbed's daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(edgegate_binary())
+            .arg("--control-socket")
+            .arg(&self.socket)
+            .arg("--bpffs-dir")
+            .arg(&self.bpffs_dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the edgegate CLI")
+    }
+
+    /// As [`Self::cli`], panicking with the CLI's message unless it succeeds.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let output = self.cli(args);
+        assert!(
+            output.status.success(),
+            "edgegate {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("UTF-8 output")
+    }
+
+    pub fn status(&self) -> Status {
+        match control::call(&self.socket, &Request::Status { top_rules: 10 }).expect("status") {
+            Response::Status(status) => *status,
+            other => panic!("unexpected answer: {other:?}"),
+        }
+    }
+
+    /// Packets counted for (family, reason) so far.
+    pub fn counted(&self, family: &str, reason: &str) -> u64 {
+        self.status()
+            .counters
+            .iter()
+            .find(|c| c.family == family && c.reason == reason)
+            .map_or(0, |c| c.packets)
+    }
+
+    /// Whether client `index` completes a TCP connection (and reads the
+    /// server's greeting) to `server` within `timeout`.
+    pub fn connects(&self, index: usize, server: IpAddr, port: u16, timeout: Duration) -> bool {
+        self.clients[index].netns.run(|| {
+            let Ok(mut stream) =
+                TcpStream::connect_timeout(&SocketAddr::new(server, port), timeout)
+            else {
+                return false;
+            };
+            stream.set_read_timeout(Some(timeout)).expect("set timeout");
+            let mut greeting = [0u8; 5];
+            stream.read_exact(&mut greeting).is_ok() && &greeting == b"hello"
+        })
+    }
+
+    /// The server's IPv4 address on client `index`'s link.
+    pub fn server_v4(&self, index: usize) -> IpAddr {
+        IpAddr::V4(self.server_ipv4[index])
+    }
+
+    pub fn server_v6(&self, index: usize) -> IpAddr {
+        IpAddr::V6(self.server_ipv6[index])
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.servers.clear();
+        // The daemon is gone, so removing the pins detaches the program.
+        if let Err(e) = edgegate::filter::detach_pinned(&self.bpffs_dir, None) {
+            eprintln!("cleanup of {}: {e}", self.bpffs_dir.display());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP server in a namespace that greets every connection with "hello".
+struct TcpServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TcpServer {
+    fn start(netns: &Netns, port: u16) -> Self {
+        let listener = netns.run(|| {
+            // Dual-stack: IPv4 clients arrive as IPv4-mapped addresses.
+            TcpListener::bind(("::", port)).expect("bind the test server")
+        });
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((mut stream, _)) => {
+                            let _ = std::io::Write::write_all(&mut stream, b"hello");
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            })
+        };
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The `edgegate` binary built next to the running executable
+/// (`target/<profile>/edgegate`, also from `target/<profile>/deps/`), or `$EDGEGATE_BIN`.
+pub fn edgegate_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("EDGEGATE_BIN") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let candidates = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("edgegate"));
+    candidates
+        .into_iter()
+        .find(|path: &PathBuf| path.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "no edgegate binary next to {}; build it (`cargo build -p edgegate`) or set EDGEGATE_BIN",
+                exe.display()
+            )
+        })
+}

@@ -1,0 +1,40 @@
+//! `cargo xtask bench <name>`: benchmarks, not tests. Each prints a table of
+//! medians with ratios against the references it ran in the same process.
+
+use crate::{exec, setup};
+
+#[derive(clap::Args)]
+pub struct Options {
+    #[arg(value_enum)]
+    name: Bench,
+    /// Arguments for the benchmark binary.
+    #[arg(last = true)]
+    args: Vec<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Bench {
+    /// ns/packet of the XDP program (BPF_PROG_TEST_RUN) against a DROP-only
+    /// baseline and a plain LPM-trie program, for list sizes up to 1M.
+    Xdp,
+}
+
+pub fn run(options: &Options) -> anyhow::Result<()> {
+    exec::require_root("cargo xtask bench")?;
+    setup::ensure()?;
+    let name = match options.name {
+        Bench::Xdp => "xdp",
+    };
+    exec::run(
+        exec::cargo()
+            .args([
+                "bench",
+                "--package",
+                "edgegate-tests",
+                "--bench",
+                name,
+                "--",
+            ])
+            .args(&options.args),
+    )
+}

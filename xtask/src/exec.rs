@@ -1,0 +1,49 @@
+//! Running commands, with errors that name the command.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Output},
+};
+
+use anyhow::{Context as _, bail};
+
+/// Runs `command` with inherited output; fails naming it unless it succeeds.
+pub fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Runs `command` and returns its output, whether or not it succeeded.
+pub fn output(command: &mut Command) -> anyhow::Result<Output> {
+    command
+        .output()
+        .with_context(|| format!("cannot run {command:?}"))
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is in the workspace")
+        .to_owned()
+}
+
+/// `cargo` as the one running xtask.
+pub fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+pub fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} needs root (XDP, bpffs, network namespaces); run it with `sudo -E`");
+    }
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! `cargo xtask test`: formatting, lints, then every test. The integration
+//! tests load XDP programs and build network namespaces, so this runs as root.
+
+use crate::{exec, setup};
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Skip `cargo fmt --check` and clippy.
+    #[arg(long)]
+    no_lint: bool,
+    /// Passed to the test binaries (e.g. a test name filter).
+    #[arg(last = true)]
+    test_args: Vec<String>,
+}
+
+pub fn run(options: &Options) -> anyhow::Result<()> {
+    exec::require_root("cargo xtask test")?;
+    setup::ensure()?;
+    if !options.no_lint {
+        exec::run(exec::cargo().args(["fmt", "--all", "--", "--check"]))?;
+        exec::run(exec::cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    // The end-to-end tests start the real binary; build it first.
+    exec::run(exec::cargo().args(["build", "--package", "edgegate", "--bins"]))?;
+    exec::run(
+        exec::cargo()
+            .args(["test", "--workspace", "--no-fail-fast", "--"])
+            .args(&options.test_args),
+    )
+}
