@@ -170,6 +170,12 @@ impl Allowlist {
             let words: Vec<&str> = body.split_whitespace().collect();
             let (action, cidr) = match words.as_slice() {
                 [] => continue,
+                ["allow" | "deny"] => {
+                    return Err(ParseError::Syntax {
+                        line,
+                        text: raw.trim().to_owned(),
+                    });
+                }
                 [cidr] => (Action::Allow, *cidr),
                 ["allow", cidr] => (Action::Allow, *cidr),
                 ["deny", cidr] => (Action::Deny, *cidr),

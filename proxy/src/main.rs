@@ -145,10 +145,25 @@ fn main() -> ExitCode {
     match execute(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("edgegate: {e:#}");
+            eprintln!("edgegate: {}", report(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, skipping causes that a message already quotes.
+fn report(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            if !message.is_empty() {
+                message.push_str(": ");
+            }
+            message.push_str(&text);
+        }
+    }
+    message
 }
 
 fn execute(cli: Cli) -> anyhow::Result<()> {

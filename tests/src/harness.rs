@@ -18,6 +18,19 @@ pub const XDP_PASS: u32 = 2;
 pub struct XdpHarness {
     pub filter: Filter,
     options: FilterOptions,
+    // Dropped after `filter`, whose file descriptors must close first.
+    _pins: PinDir,
+}
+
+/// Removes a bpffs pin directory on drop, also when loading failed.
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Err(e) = edgegate::filter::detach_pinned(&self.0, None) {
+            eprintln!("cleanup of {}: {e}", self.0.display());
+        }
+    }
 }
 
 impl XdpHarness {
@@ -36,9 +49,14 @@ impl XdpHarness {
             max_entries,
             bpffs_dir: PathBuf::from("/sys/fs/bpf").join(unique_name("egxdp")),
         };
+        let pins = PinDir(options.bpffs_dir.clone());
         let list = Allowlist::parse(list).expect("a valid test list");
         let filter = Filter::open(&options, &list).expect("load the XDP program");
-        Self { filter, options }
+        Self {
+            filter,
+            options,
+            _pins: pins,
+        }
     }
 
     /// A second, independent instance of the program sharing this one's
@@ -72,12 +90,4 @@ pub fn run(filter: &Filter, frame: &[u8]) -> u32 {
         .test_run(options)
         .expect("BPF_PROG_TEST_RUN")
         .return_value
-}
-
-impl Drop for XdpHarness {
-    fn drop(&mut self) {
-        if let Err(e) = edgegate::filter::detach_pinned(&self.options.bpffs_dir, None) {
-            eprintln!("cleanup of {}: {e}", self.options.bpffs_dir.display());
-        }
-    }
 }

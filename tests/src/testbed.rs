@@ -14,7 +14,7 @@ use std::{
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
@@ -46,7 +46,7 @@ pub struct Testbed {
     pub bpffs_dir: PathBuf,
     pub socket: PathBuf,
     pub config: PathBuf,
-    daemon: Option<Child>,
+    daemon: Mutex<Option<Child>>,
     servers: Vec<TcpServer>,
 }
 
@@ -69,7 +69,7 @@ impl Testbed {
             config: dir.join("edgegate.toml"),
             bpffs_dir,
             dir,
-            daemon: None,
+            daemon: Mutex::new(None),
             servers: Vec::new(),
         };
         for index in 0..clients {
@@ -141,8 +141,9 @@ impl Testbed {
 
     /// Starts `edgegate run` in the server namespace and waits until its
     /// control socket answers.
-    pub fn start_daemon(&mut self) {
-        assert!(self.daemon.is_none(), "the daemon is already running");
+    pub fn start_daemon(&self) {
+        let mut daemon = self.daemon.lock().expect("daemon lock");
+        assert!(daemon.is_none(), "the daemon is already running");
         let log = std::fs::File::options()
             .create(true)
             .append(true)
@@ -157,14 +158,10 @@ impl Testbed {
             .stderr(log)
             .spawn()
             .expect("start edgegate run");
-        self.daemon = Some(child);
+        let child = daemon.insert(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while control::call(&self.socket, &Request::List).is_err() {
-            if let Some(status) = self
-                .daemon
-                .as_mut()
-                .and_then(|d| d.try_wait().expect("wait"))
-            {
+            if let Some(status) = child.try_wait().expect("wait") {
                 panic!("the daemon exited with {status}:\n{}", self.daemon_log());
             }
             assert!(
@@ -177,21 +174,29 @@ impl Testbed {
     }
 
     /// Kills the daemon with SIGKILL, as a crash would, and reaps it.
-    pub fn kill_daemon(&mut self) {
-        let mut child = self.daemon.take().expect("the daemon is running");
+    pub fn kill_daemon(&self) {
+        let mut child = self.take_daemon();
         child.kill().expect("kill the daemon");
         child.wait().expect("reap the daemon");
     }
 
     /// Stops the daemon with SIGTERM and returns its exit status.
-    pub fn stop_daemon(&mut self) -> std::process::ExitStatus {
-        let mut child = self.daemon.take().expect("the daemon is running");
+    pub fn stop_daemon(&self) -> std::process::ExitStatus {
+        let mut child = self.take_daemon();
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")),
             nix::sys::signal::Signal::SIGTERM,
         )
         .expect("signal the daemon");
         child.wait().expect("reap the daemon")
+    }
+
+    fn take_daemon(&self) -> Child {
+        self.daemon
+            .lock()
+            .expect("daemon lock")
+            .take()
+            .expect("the daemon is running")
     }
 
     pub fn daemon_log(&self) -> String {
@@ -266,7 +271,8 @@ impl Testbed {
 
 impl Drop for Testbed {
     fn drop(&mut self) {
-        if let Some(mut child) = self.daemon.take() {
+        let daemon = self.daemon.get_mut().map_or(None, Option::take);
+        if let Some(mut child) = daemon {
             let _ = child.kill();
             let _ = child.wait();
         }

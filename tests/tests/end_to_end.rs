@@ -1,0 +1,428 @@
+//! The real `edgegate` binary attached to veth interfaces in network
+//! namespaces, driven through its CLI, with real TCP traffic.
+
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use edgegate_tests::testbed::{OPEN_PORT, PROTECTED_PORT, Testbed};
+
+/// Long enough for a SYN and its SYN-ACK on a veth; short enough that a
+/// dropped SYN (first retransmit after 1 s) is not retried.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Client 0 allowed (v4 and v6), client 1 not listed.
+fn testbed_with_client0_allowed() -> Testbed {
+    let testbed = Testbed::new(2);
+    let list = format!(
+        "{}/32\n{}/128\n",
+        testbed.clients[0].ipv4, testbed.clients[0].ipv6
+    );
+    std::fs::create_dir_all(testbed.allowlist_path().parent().expect("dir")).expect("state dir");
+    std::fs::write(testbed.allowlist_path(), list).expect("write allowlist");
+    testbed.start_daemon();
+    testbed
+}
+
+#[test]
+fn allowed_client_connects_and_unlisted_client_is_dropped_at_xdp() {
+    let testbed = testbed_with_client0_allowed();
+    assert!(testbed.connects(0, testbed.server_v4(0), PROTECTED_PORT, CONNECT_TIMEOUT));
+    assert!(testbed.connects(0, testbed.server_v6(0), PROTECTED_PORT, CONNECT_TIMEOUT));
+
+    let dropped_v4 = testbed.counted("ipv4", "unlisted");
+    let dropped_v6 = testbed.counted("ipv6", "unlisted");
+    assert!(!testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
+    assert!(!testbed.connects(1, testbed.server_v6(1), PROTECTED_PORT, CONNECT_TIMEOUT));
+    assert!(
+        testbed.counted("ipv4", "unlisted") > dropped_v4,
+        "the blocked SYN is counted"
+    );
+    assert!(
+        testbed.counted("ipv6", "unlisted") > dropped_v6,
+        "the blocked SYN is counted"
+    );
+
+    // Ports outside the protected set are not the filter's business.
+    assert!(testbed.connects(1, testbed.server_v4(1), OPEN_PORT, CONNECT_TIMEOUT));
+
+    let status = testbed.status();
+    assert_eq!(status.interfaces.len(), 2);
+    assert!(status.interfaces.iter().all(|a| !a.adopted));
+    assert_eq!((status.ipv4_entries, status.ipv6_entries), (1, 1));
+}
+
+#[test]
+fn allow_add_opens_within_100ms_and_allow_del_closes_again() {
+    let testbed = testbed_with_client0_allowed();
+    let client = testbed.clients[1].ipv4.to_string();
+    assert!(!testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
+
+    let start = Instant::now();
+    testbed.cli_ok(&["allow", "add", &client, "--comment", "late partner"]);
+    assert!(testbed.connects(
+        1,
+        testbed.server_v4(1),
+        PROTECTED_PORT,
+        Duration::from_millis(100)
+    ));
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed < Duration::from_millis(100),
+        "took {elapsed:?} from the CLI call to a connection"
+    );
+
+    let listed = testbed.cli_ok(&["allow", "list"]);
+    assert!(
+        listed.contains(&format!("{client}/32")) && listed.contains("# late partner"),
+        "{listed}"
+    );
+    let persisted = std::fs::read_to_string(testbed.allowlist_path()).expect("allowlist file");
+    assert!(
+        persisted.contains(&format!("{client}/32")),
+        "persisted before the ack: {persisted}"
+    );
+
+    testbed.cli_ok(&["allow", "del", &client]);
+    assert!(!testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
+    assert!(testbed.connects(0, testbed.server_v4(0), PROTECTED_PORT, CONNECT_TIMEOUT));
+}
+
+#[test]
+fn deny_inside_an_allowed_range_wins() {
+    let testbed = testbed_with_client0_allowed();
+    let range = format!("{}/24", testbed.server_ipv4[1]).replace(".1/24", ".0/24");
+    testbed.cli_ok(&["allow", "add", &range]);
+    assert!(testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
+    let client = testbed.clients[1].ipv4.to_string();
+    testbed.cli_ok(&["deny", "add", &client]);
+    let denied = testbed.counted("ipv4", "denied");
+    assert!(!testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
+    assert!(testbed.counted("ipv4", "denied") > denied);
+    testbed.cli_ok(&["deny", "del", &client]);
+    assert!(testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
+}
+
+#[test]
+fn filtering_survives_kill_9_and_a_restart_adopts_the_same_list() {
+    let testbed = testbed_with_client0_allowed();
+    testbed.cli_ok(&[
+        "deny",
+        "add",
+        "192.0.2.0/24",
+        "--comment",
+        "kept across restarts",
+    ]);
+    let before = testbed.cli_ok(&["allow", "list", "--json"]);
+
+    let stop = AtomicBool::new(false);
+    let leaked = std::thread::scope(|scope| {
+        // A blocked client knocking throughout the crash and the restart.
+        let prober = scope.spawn(|| {
+            let mut leaked = 0;
+            let mut attempts = 0;
+            while !stop.load(Ordering::Relaxed) || attempts < 5 {
+                let timeout = Duration::from_millis(50);
+                leaked +=
+                    u32::from(testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, timeout));
+                attempts += 1;
+            }
+            leaked
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        testbed.kill_daemon();
+        // The daemon is gone; the filter is not, and still lets client 0 in.
+        assert!(testbed.connects(0, testbed.server_v4(0), PROTECTED_PORT, CONNECT_TIMEOUT));
+        testbed.start_daemon();
+        std::thread::sleep(Duration::from_millis(100));
+        stop.store(true, Ordering::Relaxed);
+        prober.join().expect("prober")
+    });
+    assert_eq!(
+        leaked, 0,
+        "a blocked client got through during the crash or restart"
+    );
+
+    assert_eq!(
+        testbed.cli_ok(&["allow", "list", "--json"]),
+        before,
+        "the same list after restart"
+    );
+    let status = testbed.status();
+    assert!(
+        status.interfaces.iter().all(|a| a.adopted),
+        "{:?}",
+        status.interfaces
+    );
+    assert!(testbed.connects(0, testbed.server_v4(0), PROTECTED_PORT, CONNECT_TIMEOUT));
+    assert!(!testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
+}
+
+#[test]
+fn sigterm_leaves_the_filter_pinned_until_detach() {
+    let testbed = testbed_with_client0_allowed();
+    assert!(testbed.stop_daemon().success(), "{}", testbed.daemon_log());
+    assert!(
+        !testbed.socket.exists(),
+        "the control socket is removed on exit"
+    );
+    assert!(!testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
+    assert!(testbed.connects(0, testbed.server_v4(0), PROTECTED_PORT, CONNECT_TIMEOUT));
+
+    let output = testbed.cli_ok(&["detach"]);
+    for interface in &testbed.interfaces {
+        assert!(
+            output.contains(&format!("detached from {interface}")),
+            "{output}"
+        );
+    }
+    assert!(!testbed.bpffs_dir.exists(), "no pin left behind");
+    assert!(testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
+}
+
+#[test]
+fn detach_of_one_interface_keeps_the_others_filtered() {
+    let testbed = Testbed::new(2);
+    testbed.start_daemon();
+    assert!(testbed.stop_daemon().success());
+    let output = testbed.cli_ok(&["detach", "--interface", &testbed.interfaces[1]]);
+    assert!(output.contains(&testbed.interfaces[1]), "{output}");
+    assert!(testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
+    assert!(!testbed.connects(0, testbed.server_v4(0), PROTECTED_PORT, CONNECT_TIMEOUT));
+    assert!(
+        testbed.bpffs_dir.join("maps").exists(),
+        "maps stay while a link remains"
+    );
+}
+
+#[test]
+fn detach_refuses_while_the_daemon_runs() {
+    let testbed = testbed_with_client0_allowed();
+    let output = testbed.cli(&["detach"]);
+    assert!(!output.status.success());
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(message.contains("the daemon is running"), "{message}");
+    assert!(!testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
+}
+
+/// Each bad request fails with a message naming the culprit, and neither the
+/// list nor its file changes.
+#[test]
+fn bad_cli_input_changes_nothing() {
+    let testbed = testbed_with_client0_allowed();
+    let client0 = testbed.clients[0].ipv4.to_string();
+    let file_before = std::fs::read_to_string(testbed.allowlist_path()).expect("allowlist");
+    let list_before = testbed.cli_ok(&["allow", "list", "--json"]);
+    let bad_file = testbed.dir.join("bad-list");
+    std::fs::write(&bad_file, "203.0.113.0/24\n\ndeny 203.0.113.5/24 # typo\n").expect("write");
+    let bad_file = bad_file.to_str().expect("UTF-8").to_owned();
+
+    let cases: [(&[&str], &str); 8] = [
+        (
+            &["allow", "add", "10.0.0.300"],
+            "`10.0.0.300` is not an IP address or CIDR",
+        ),
+        (
+            &["allow", "add", "10.0.0.1/8"],
+            "has host bits set; the network is `10.0.0.0/8`",
+        ),
+        (&["allow", "add", "::ffff:10.1.2.3"], "write `10.1.2.3/32`"),
+        // One bad argument spoils the whole request: the good one is not added.
+        (
+            &["allow", "add", "198.51.100.0/24", "nonsense"],
+            "`nonsense`",
+        ),
+        (
+            &["allow", "del", "198.51.100.0/24"],
+            "198.51.100.0/24 is not on the list as allow",
+        ),
+        (&["deny", "del", &client0], "is not on the list as deny"),
+        (
+            &["deny", "add", &client0],
+            "already a allow entry; remove it first",
+        ),
+        (
+            &["allow", "replace", "--file", &bad_file],
+            "line 3: `203.0.113.5/24` has host bits set",
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = testbed.cli(args);
+        let message = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "edgegate {args:?} succeeded");
+        assert!(message.contains(expected), "edgegate {args:?}: {message}");
+    }
+    assert!(
+        testbed
+            .cli(&["allow", "replace", "--file", &bad_file])
+            .stderr
+            .starts_with(format!("edgegate: {bad_file}: line 3").as_bytes())
+    );
+    assert_eq!(testbed.cli_ok(&["allow", "list", "--json"]), list_before);
+    assert_eq!(
+        std::fs::read_to_string(testbed.allowlist_path()).expect("allowlist"),
+        file_before
+    );
+    assert!(testbed.connects(0, testbed.server_v4(0), PROTECTED_PORT, CONNECT_TIMEOUT));
+}
+
+#[test]
+fn replace_swaps_the_whole_list() {
+    let testbed = testbed_with_client0_allowed();
+    let file = testbed.dir.join("new-list");
+    std::fs::write(
+        &file,
+        format!("{}  # the new partner\n", testbed.clients[1].ipv4),
+    )
+    .expect("write");
+    let output = testbed.cli_ok(&["allow", "replace", "--file", file.to_str().expect("UTF-8")]);
+    assert!(output.contains("1 added, 2 removed"), "{output}");
+    assert!(testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
+    assert!(!testbed.connects(0, testbed.server_v4(0), PROTECTED_PORT, CONNECT_TIMEOUT));
+    assert!(!testbed.connects(0, testbed.server_v6(0), PROTECTED_PORT, CONNECT_TIMEOUT));
+}
+
+#[test]
+fn a_list_beyond_capacity_is_refused_before_touching_the_maps() {
+    let testbed = Testbed::new(1);
+    testbed.write_config("max_entries = 4");
+    testbed.start_daemon();
+    let file = testbed.dir.join("big-list");
+    let list: String = (1..=5).map(|i| format!("198.51.100.{i}/32\n")).collect();
+    std::fs::write(&file, list).expect("write");
+    let output = testbed.cli(&["allow", "replace", "--file", file.to_str().expect("UTF-8")]);
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        message.contains("need room for 5 entries") && message.contains("hold 4"),
+        "{message}"
+    );
+    assert_eq!(testbed.status().ipv4_entries, 0);
+}
+
+#[test]
+fn the_cli_says_how_to_start_a_missing_daemon() {
+    let testbed = Testbed::new(0);
+    let output = testbed.cli(&["allow", "list"]);
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        message.contains("daemon is not running") && message.contains("edgegate run --config"),
+        "{message}"
+    );
+}
+
+#[test]
+fn skb_mode_filters_as_well() {
+    let testbed = Testbed::new(2);
+    testbed.write_config("mode = \"skb\"");
+    std::fs::create_dir_all(testbed.allowlist_path().parent().expect("dir")).expect("state dir");
+    std::fs::write(
+        testbed.allowlist_path(),
+        format!("{}\n", testbed.clients[0].ipv4),
+    )
+    .expect("list");
+    testbed.start_daemon();
+    let status = testbed.status();
+    assert!(
+        status
+            .interfaces
+            .iter()
+            .all(|a| a.mode == edgegate::filter::AttachedMode::Skb)
+    );
+    assert!(testbed.connects(0, testbed.server_v4(0), PROTECTED_PORT, CONNECT_TIMEOUT));
+    assert!(!testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
+}
+
+/// A daemon that cannot start says why (file and key, or the interface) and
+/// attaches nothing.
+#[test]
+fn the_daemon_refuses_bad_configs_and_lists() {
+    let testbed = Testbed::new(1);
+    let run = || {
+        testbed
+            .server
+            .command(
+                edgegate_tests::testbed::edgegate_binary()
+                    .to_str()
+                    .expect("UTF-8"),
+            )
+            .args(["run", "--config"])
+            .arg(&testbed.config)
+            .output()
+            .expect("run the daemon")
+    };
+    let cases = [
+        (
+            "interfaces = [\"nosuch0\"]",
+            None,
+            "interface `nosuch0` does not exist",
+        ),
+        ("mode = \"turbo\"", None, "unknown variant `turbo`"),
+        (
+            "",
+            Some("10.0.0.0/8\n10.0.0.1/8\n"),
+            "allowlist: line 2: `10.0.0.1/8` has host bits set",
+        ),
+    ];
+    for (extra, list, expected) in cases {
+        let config = std::fs::read_to_string(&testbed.config).expect("config");
+        if extra.starts_with("interfaces") {
+            let replaced = config
+                .lines()
+                .map(|line| {
+                    if line.starts_with("interfaces") {
+                        extra
+                    } else {
+                        line
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            std::fs::write(&testbed.config, replaced).expect("config");
+        } else {
+            testbed.write_config(extra);
+        }
+        if let Some(list) = list {
+            std::fs::create_dir_all(testbed.allowlist_path().parent().expect("dir")).expect("dir");
+            std::fs::write(testbed.allowlist_path(), list).expect("list");
+        }
+        let output = run();
+        let message = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "started with {extra:?}");
+        assert!(message.contains(expected), "{extra:?}: {message}");
+        assert!(
+            !testbed.bpffs_dir.join("links").exists()
+                || std::fs::read_dir(testbed.bpffs_dir.join("links"))
+                    .expect("links")
+                    .next()
+                    .is_none()
+        );
+        testbed.write_config("");
+    }
+}
+
+#[test]
+fn check_validates_the_config_and_the_list() {
+    let testbed = Testbed::new(1);
+    let check = || testbed.cli(&["check", "--config", testbed.config.to_str().expect("UTF-8")]);
+    let output = check();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("config OK"));
+
+    std::fs::create_dir_all(testbed.allowlist_path().parent().expect("dir")).expect("dir");
+    std::fs::write(testbed.allowlist_path(), "allow\n").expect("list");
+    let output = check();
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        message
+            .contains("allowlist: line 1: expected `[allow|deny] CIDR [# comment]`, found `allow`"),
+        "{message}"
+    );
+}
