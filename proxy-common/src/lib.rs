@@ -67,6 +67,15 @@ pub enum Lookup {
     Trie = 1,
 }
 
+impl Lookup {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::PerLength => "per-length",
+            Self::Trie => "trie",
+        }
+    }
+}
+
 /// Everything the program needs besides the rules; element 0 of [`map::CONFIG`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

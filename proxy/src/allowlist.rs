@@ -140,7 +140,7 @@ pub enum ChangeError {
     #[error("{cidr} is not on the list as {action}")]
     NotListed { cidr: IpNet, action: Action },
     #[error(
-        "{cidr} is already a {existing} entry; remove it first with `edgegate {existing} del {cidr}`"
+        "{cidr} is already listed as {existing}; remove it first with `edgegate {existing} del {cidr}`"
     )]
     OtherAction { cidr: IpNet, existing: Action },
 }

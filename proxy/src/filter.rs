@@ -43,6 +43,17 @@ use crate::{
 pub static PROGRAM_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/edgegate.bpf.o"));
 
+/// Reference programs `cargo xtask bench xdp` compares the filter with.
+pub mod reference {
+    /// Returns XDP_DROP and nothing else: the cost floor of running any program.
+    pub static DROP_ONLY: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-drop.bpf.o"));
+    /// One LPM-trie lookup of the source address (maps `BENCH_V4_TRIE`,
+    /// `BENCH_V6_TRIE`; any value means allowed).
+    pub static PLAIN_LPM: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-lpm.bpf.o"));
+}
+
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Why the filter could not be set up or changed.
@@ -370,31 +381,26 @@ impl Filter {
 
     fn insert_rule(&mut self, cidr: IpNet, action: Action) -> Result<(), FilterError> {
         let rule = Rule::new(action.to_kernel());
-        let result = match cidr {
+        match cidr {
             IpNet::V4(net) => {
                 let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
                 self.v4_rules
                     .insert(key, rule, 0)
-                    .map_err(map_error(map::V4_RULES))
-                    .and_then(|()| {
-                        self.v4_trie
-                            .insert(&key, rule, 0)
-                            .map_err(map_error(map::V4_TRIE))
-                    })
+                    .map_err(map_error(map::V4_RULES))?;
+                self.v4_trie
+                    .insert(&key, rule, 0)
+                    .map_err(map_error(map::V4_TRIE))
             }
             IpNet::V6(net) => {
                 let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
                 self.v6_rules
                     .insert(key, rule, 0)
-                    .map_err(map_error(map::V6_RULES))
-                    .and_then(|()| {
-                        self.v6_trie
-                            .insert(&key, rule, 0)
-                            .map_err(map_error(map::V6_TRIE))
-                    })
+                    .map_err(map_error(map::V6_RULES))?;
+                self.v6_trie
+                    .insert(&key, rule, 0)
+                    .map_err(map_error(map::V6_TRIE))
             }
-        };
-        result
+        }
     }
 
     fn remove_rule(&mut self, cidr: IpNet) -> Result<(), FilterError> {

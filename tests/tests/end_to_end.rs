@@ -240,7 +240,7 @@ fn bad_cli_input_changes_nothing() {
         (&["deny", "del", &client0], "is not on the list as deny"),
         (
             &["deny", "add", &client0],
-            "already a allow entry; remove it first",
+            "already listed as allow; remove it first",
         ),
         (
             &["allow", "replace", "--file", &bad_file],

@@ -688,7 +688,11 @@ fn lookups_agree_with_the_model_for_random_lists() {
             let len = lengths[i % lengths.len()];
             let addr = Ipv4Addr::from(0xcb00_0000 | (rng.next() as u32 & 0x00ff_ffff));
             let net = ipnet::Ipv4Net::new(addr, len).expect("len").trunc();
-            let action = if rng.next() % 4 == 0 { "deny " } else { "" };
+            let action = if rng.next().is_multiple_of(4) {
+                "deny "
+            } else {
+                ""
+            };
             text.push_str(&format!("{action}{net}\n"));
         }
         let Ok(list) = Allowlist::parse(&text) else {

@@ -1,0 +1,388 @@
+//! `cargo xtask bench xdp`: nanoseconds per packet of the XDP filter under
+//! BPF_PROG_TEST_RUN, against a DROP-only baseline and a plain LPM-trie
+//! program loaded with the same list, all measured in this one run.
+//!
+//! Each figure is the median over distinct source addresses (half of them
+//! matching the list, half not) of the kernel's per-run average over
+//! `--repeat` runs. Results also go to `target/bench/xdp.json`.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, Ipv6Addr},
+    time::Instant,
+};
+
+use aya::{
+    Ebpf,
+    maps::{LpmTrie, lpm_trie::Key},
+    programs::{TestRun as _, TestRunOptions, Xdp},
+};
+use edgegate::{config::Scope, filter::reference};
+use edgegate_tests::{
+    harness::XdpHarness,
+    packet::{ETHERTYPE_IPV4, ETHERTYPE_IPV6, Fragment, Transport, ethernet, ipv4, ipv6},
+};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+const PORT: u16 = 443;
+
+struct Settings {
+    repeat: u32,
+    sources: usize,
+    sizes: Vec<usize>,
+}
+
+impl Settings {
+    fn from_args() -> Self {
+        let mut settings = Self {
+            repeat: 1_000_000,
+            sources: 32,
+            sizes: vec![10, 1_000, 100_000, 1_000_000],
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
+            match arg.as_str() {
+                "--repeat" => settings.repeat = value().parse().expect("--repeat N"),
+                "--sources" => settings.sources = value().parse().expect("--sources N"),
+                "--sizes" => {
+                    settings.sizes = value()
+                        .split(',')
+                        .map(|s| s.parse().expect("--sizes N,N,.."))
+                        .collect();
+                }
+                // cargo bench passes --bench to every bench binary.
+                "--bench" => {}
+                other => {
+                    panic!("unknown argument {other} (--repeat N, --sources N, --sizes N,N,..)")
+                }
+            }
+        }
+        settings
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+#[derive(Clone, Copy)]
+enum Shape {
+    /// Host routes: /32 or /128.
+    Hosts,
+    /// Networks: /24 or /48.
+    Networks,
+    /// Every length from /8 (/16) to /32 (/128).
+    Mixed,
+}
+
+impl Shape {
+    fn name(self, family: Family) -> &'static str {
+        match (self, family) {
+            (Self::Hosts, Family::V4) => "/32s",
+            (Self::Hosts, Family::V6) => "/128s",
+            (Self::Networks, Family::V4) => "/24s",
+            (Self::Networks, Family::V6) => "/48s",
+            (Self::Mixed, _) => "mixed",
+        }
+    }
+}
+
+/// A tiny deterministic generator, so that every run measures the same lists.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        self.0 >> 11
+    }
+}
+
+fn prefix(rng: &mut Lcg, family: Family, shape: Shape) -> IpNet {
+    match family {
+        Family::V4 => {
+            let len = match shape {
+                Shape::Hosts => 32,
+                Shape::Networks => 24,
+                Shape::Mixed => 8 + (rng.next() % 25) as u8,
+            };
+            // 1.0.0.0 - 223.255.255.255: unicast space.
+            let addr = Ipv4Addr::from(0x0100_0000 + (rng.next() % 0xde00_0000) as u32);
+            IpNet::V4(Ipv4Net::new(addr, len).expect("len").trunc())
+        }
+        Family::V6 => {
+            let len = match shape {
+                Shape::Hosts => 128,
+                Shape::Networks => 48,
+                Shape::Mixed => 16 + (rng.next() % 113) as u8,
+            };
+            let bits =
+                (0x2000u128 << 112) | (u128::from(rng.next()) << 64) | u128::from(rng.next());
+            IpNet::V6(
+                Ipv6Net::new(Ipv6Addr::from(bits), len)
+                    .expect("len")
+                    .trunc(),
+            )
+        }
+    }
+}
+
+fn list(family: Family, shape: Shape, size: usize) -> Vec<IpNet> {
+    let mut rng = Lcg(size as u64 * 31 + shape as u64 * 7 + family as u64);
+    let mut set = BTreeSet::new();
+    while set.len() < size {
+        set.insert(prefix(&mut rng, family, shape));
+    }
+    set.into_iter().collect()
+}
+
+/// Frames from `count` sources: even ones inside listed prefixes, odd ones random.
+fn frames(family: Family, prefixes: &[IpNet], count: usize) -> Vec<Vec<u8>> {
+    let mut rng = Lcg(0xfeed);
+    (0..count)
+        .map(|i| {
+            let source = if i % 2 == 0 {
+                let net = prefixes[(rng.next() as usize) % prefixes.len()];
+                match net {
+                    IpNet::V4(net) => IpNet::V4(Ipv4Net::new(net.broadcast(), 32).expect("/32")),
+                    IpNet::V6(net) => IpNet::V6(Ipv6Net::new(net.broadcast(), 128).expect("/128")),
+                }
+            } else {
+                prefix(&mut rng, family, Shape::Hosts)
+            };
+            let tcp = Transport::Tcp { dst_port: PORT };
+            match source.addr() {
+                std::net::IpAddr::V4(a) => {
+                    ethernet(&[], ETHERTYPE_IPV4, ipv4(a, tcp, &[], Fragment::default())).bytes
+                }
+                std::net::IpAddr::V6(a) => ethernet(&[], ETHERTYPE_IPV6, ipv6(a, &[], tcp)).bytes,
+            }
+        })
+        .collect()
+}
+
+/// Median ns/packet of `program` over `frames`.
+fn measure(program: &Xdp, frames: &[Vec<u8>], repeat: u32) -> f64 {
+    let ns: Vec<f64> = frames
+        .iter()
+        .map(|frame| {
+            let mut options = TestRunOptions::new();
+            options.data_in = Some(frame);
+            options.repeat = repeat;
+            let result = program.test_run(options).expect("BPF_PROG_TEST_RUN");
+            result.duration.as_nanos() as f64
+        })
+        .collect();
+    median(&ns)
+}
+
+fn load_xdp(ebpf: &mut Ebpf, name: &str) {
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .expect("program")
+        .try_into()
+        .expect("XDP");
+    program.load().expect("load the reference program");
+}
+
+fn xdp<'a>(ebpf: &'a Ebpf, name: &str) -> &'a Xdp {
+    ebpf.program(name)
+        .expect("program")
+        .try_into()
+        .expect("XDP")
+}
+
+struct Row {
+    family: &'static str,
+    shape: &'static str,
+    entries: usize,
+    edgegate_ns: f64,
+    lookup: &'static str,
+    lpm_ns: f64,
+    setup_s: f64,
+}
+
+fn main() {
+    edgegate_tests::require_root();
+    let settings = Settings::from_args();
+    let mut drop_only = Ebpf::load(reference::DROP_ONLY).expect("load the DROP program");
+    load_xdp(&mut drop_only, "bench_drop");
+    let max_size = settings.sizes.iter().copied().max().unwrap_or(10);
+
+    let mut rows = Vec::new();
+    let mut baseline = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        for shape in [Shape::Hosts, Shape::Networks, Shape::Mixed] {
+            for &size in &settings.sizes {
+                let prefixes = list(family, shape, size);
+                let frames = frames(family, &prefixes, settings.sources);
+                // The baseline is measured between rows, so that drift over
+                // the run shows up in it rather than skewing the ratios.
+                baseline.push(measure(
+                    xdp(&drop_only, "bench_drop"),
+                    &frames,
+                    settings.repeat,
+                ));
+
+                let started = Instant::now();
+                let text: String = prefixes.iter().map(|p| format!("{p}\n")).collect();
+                let capacity = u32::try_from(max_size.next_power_of_two()).expect("capacity");
+                let harness = XdpHarness::with_capacity(&text, Scope::Ports, &[PORT], capacity);
+                let setup_s = started.elapsed().as_secs_f64();
+                let edgegate_ns = measure(harness.filter.program(), &frames, settings.repeat);
+                let (v4, v6) = harness.filter.lookups();
+                let lookup = if family == Family::V4 {
+                    v4.name()
+                } else {
+                    v6.name()
+                };
+                drop(harness);
+
+                let lpm_ns = measure_plain_lpm(&prefixes, &frames, settings.repeat);
+                let row = Row {
+                    family: if family == Family::V4 { "ipv4" } else { "ipv6" },
+                    shape: shape.name(family),
+                    entries: size,
+                    edgegate_ns,
+                    lookup,
+                    lpm_ns,
+                    setup_s,
+                };
+                eprintln!(
+                    "{} {} {}: edgegate {:.1} ns, lpm {:.1} ns",
+                    row.family, row.shape, row.entries, row.edgegate_ns, row.lpm_ns
+                );
+                rows.push(row);
+            }
+        }
+    }
+    report(&settings, &rows, &baseline);
+}
+
+fn measure_plain_lpm(prefixes: &[IpNet], frames: &[Vec<u8>], repeat: u32) -> f64 {
+    let mut ebpf = Ebpf::load(reference::PLAIN_LPM).expect("load the LPM program");
+    load_xdp(&mut ebpf, "bench_lpm");
+    {
+        let mut v4: LpmTrie<_, [u8; 4], u32> =
+            LpmTrie::try_from(ebpf.map_mut("BENCH_V4_TRIE").expect("map")).expect("trie");
+        for net in prefixes
+            .iter()
+            .filter_map(|p| if let IpNet::V4(n) = p { Some(n) } else { None })
+        {
+            v4.insert(
+                &Key::new(u32::from(net.prefix_len()), net.network().octets()),
+                1,
+                0,
+            )
+            .expect("insert");
+        }
+    }
+    {
+        let mut v6: LpmTrie<_, [u8; 16], u32> =
+            LpmTrie::try_from(ebpf.map_mut("BENCH_V6_TRIE").expect("map")).expect("trie");
+        for net in prefixes
+            .iter()
+            .filter_map(|p| if let IpNet::V6(n) = p { Some(n) } else { None })
+        {
+            v6.insert(
+                &Key::new(u32::from(net.prefix_len()), net.network().octets()),
+                1,
+                0,
+            )
+            .expect("insert");
+        }
+    }
+    measure(xdp(&ebpf, "bench_lpm"), frames, repeat)
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len().is_multiple_of(2) {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    } else {
+        sorted[mid]
+    }
+}
+
+fn report(settings: &Settings, rows: &[Row], baseline: &[f64]) {
+    let base = median(baseline);
+    let (base_min, base_max) = baseline
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    println!("\n## cargo xtask bench xdp");
+    println!("{}", machine());
+    println!(
+        "BPF_PROG_TEST_RUN, repeat {} per source, median over {} sources (half listed, half not)",
+        settings.repeat, settings.sources
+    );
+    println!(
+        "DROP-only baseline: {base:.1} ns/packet (min {base_min:.0}, max {base_max:.0} across rows)\n"
+    );
+    println!(
+        "| family | list | entries | lookup | edgegate ns | ÷ baseline | ÷ own 10-entry | plain LPM ns | edgegate ÷ LPM | load s |"
+    );
+    println!("|---|---|---:|---|---:|---:|---:|---:|---:|---:|");
+    for row in rows {
+        let own_10 = rows
+            .iter()
+            .find(|r| r.family == row.family && r.shape == row.shape && r.entries == 10)
+            .map_or(f64::NAN, |r| row.edgegate_ns / r.edgegate_ns);
+        println!(
+            "| {} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} |",
+            row.family,
+            row.shape,
+            row.entries,
+            row.lookup,
+            row.edgegate_ns,
+            row.edgegate_ns / base,
+            own_10,
+            row.lpm_ns,
+            row.edgegate_ns / row.lpm_ns,
+            row.setup_s
+        );
+    }
+    println!(
+        "\ntargets: ≤ 3× baseline at 10 entries; ≤ 2× own 10-entry cost at 100k /32s or /24s; mixed ≤ plain LPM"
+    );
+
+    let json = serde_json::json!({
+        "machine": machine(),
+        "repeat": settings.repeat,
+        "sources": settings.sources,
+        "baseline_ns": base,
+        "rows": rows.iter().map(|r| serde_json::json!({
+            "family": r.family, "list": r.shape, "entries": r.entries, "lookup": r.lookup,
+            "edgegate_ns": r.edgegate_ns, "plain_lpm_ns": r.lpm_ns, "load_seconds": r.setup_s,
+        })).collect::<Vec<_>>(),
+    });
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir).expect("target/bench");
+    std::fs::write(
+        dir.join("xdp.json"),
+        serde_json::to_string_pretty(&json).expect("json"),
+    )
+    .expect("write target/bench/xdp.json");
+}
+
+/// Cores, CPU model and kernel, for the table's header.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    format!("machine: {cores} cores, {cpu}, kernel {}", kernel.trim())
+}
