@@ -24,10 +24,7 @@ fn main() {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
     for dir in [&ebpf_dir, &common_dir] {
         println!("cargo:rerun-if-changed={}", dir.join("src").display());
-        println!(
-            "cargo:rerun-if-changed={}",
-            dir.join("Cargo.toml").display()
-        );
+        println!("cargo:rerun-if-changed={}", dir.join("Cargo.toml").display());
     }
 
     check_toolchain();
@@ -52,27 +49,18 @@ fn main() {
         .unwrap_or_else(|e| {
             panic!("cannot run rustup to build the XDP program: {e}; {SETUP_HINT}")
         });
-    assert!(
-        status.success(),
-        "building the XDP program (proxy-ebpf) failed: {status}"
-    );
+    assert!(status.success(), "building the XDP program (proxy-ebpf) failed: {status}");
 
     let built = target_dir.join(TARGET).join("release");
     for program in ["edgegate", "bench-drop", "bench-lpm"] {
-        copy(
-            &built.join(program),
-            &out_dir.join(format!("{program}.bpf.o")),
-        );
+        copy(&built.join(program), &out_dir.join(format!("{program}.bpf.o")));
     }
 }
 
 /// Fails the build with one actionable message when the eBPF toolchain is missing.
 fn check_toolchain() {
     let has = |args: &[&str]| {
-        Command::new("rustup")
-            .args(args)
-            .output()
-            .is_ok_and(|o| o.status.success())
+        Command::new("rustup").args(args).output().is_ok_and(|o| o.status.success())
     };
     if !has(&["run", TOOLCHAIN, "rustc", "--version"]) {
         panic!("the `{TOOLCHAIN}` Rust toolchain is missing; {SETUP_HINT}");

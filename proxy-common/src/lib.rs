@@ -22,9 +22,7 @@ pub mod map {
     /// `PerCpuArray<Counter>` indexed by [`crate::counter_index`].
     pub const COUNTERS: &str = "EG_COUNTERS";
     /// All maps the daemon pins, so that filtering survives a restart.
-    pub const PINNED: [&str; 7] = [
-        CONFIG, PORTS, V4_RULES, V4_TRIE, V6_RULES, V6_TRIE, COUNTERS,
-    ];
+    pub const PINNED: [&str; 7] = [CONFIG, PORTS, V4_RULES, V4_TRIE, V6_RULES, V6_TRIE, COUNTERS];
 }
 
 /// Name of the XDP program in the object file.
@@ -134,11 +132,7 @@ pub struct Rule {
 impl Rule {
     /// A rule that has not matched anything yet.
     pub const fn new(action: Action) -> Self {
-        Self {
-            hits: 0,
-            action: action as u32,
-            padding: 0,
-        }
+        Self { hits: 0, action: action as u32, padding: 0 }
     }
 }
 

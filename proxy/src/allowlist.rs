@@ -75,10 +75,7 @@ pub enum CidrError {
         "`{input}` is an IPv4-mapped IPv6 address, which never appears as a packet source; write {}",
         ipv4.map_or_else(|| "the IPv4 CIDR instead".to_owned(), |n| format!("`{n}`"))
     )]
-    Ipv4Mapped {
-        input: String,
-        ipv4: Option<Ipv4Net>,
-    },
+    Ipv4Mapped { input: String, ipv4: Option<Ipv4Net> },
 }
 
 /// Parses a CIDR or bare address as the list and the CLI accept it.
@@ -87,15 +84,10 @@ pub fn parse_cidr(input: &str) -> Result<IpNet, CidrError> {
         Ok(cidr) => cidr,
         Err(_) => IpAddr::from_str(input)
             .map(IpNet::from)
-            .map_err(|_| CidrError::Unparsable {
-                input: input.to_owned(),
-            })?,
+            .map_err(|_| CidrError::Unparsable { input: input.to_owned() })?,
     };
     if cidr.trunc() != cidr {
-        return Err(CidrError::HostBitsSet {
-            input: input.to_owned(),
-            network: cidr.trunc(),
-        });
+        return Err(CidrError::HostBitsSet { input: input.to_owned(), network: cidr.trunc() });
     }
     if let IpNet::V6(v6) = cidr
         && v6.prefix_len() >= 96
@@ -105,10 +97,7 @@ pub fn parse_cidr(input: &str) -> Result<IpNet, CidrError> {
             .network()
             .to_ipv4_mapped()
             .and_then(|addr| Ipv4Net::new(addr, v6.prefix_len() - 96).ok());
-        return Err(CidrError::Ipv4Mapped {
-            input: input.to_owned(),
-            ipv4,
-        });
+        return Err(CidrError::Ipv4Mapped { input: input.to_owned(), ipv4 });
     }
     Ok(cidr)
 }
@@ -125,13 +114,7 @@ pub enum ParseError {
     #[error("line {line}: expected `[allow|deny] CIDR [# comment]`, found `{text}`")]
     Syntax { line: usize, text: String },
     #[error("line {line}: {cidr} is listed as {action} here but as {other} on line {other_line}")]
-    Conflict {
-        line: usize,
-        cidr: IpNet,
-        action: Action,
-        other: Action,
-        other_line: usize,
-    },
+    Conflict { line: usize, cidr: IpNet, action: Action, other: Action, other_line: usize },
 }
 
 /// Why a change requested through the CLI is refused. Nothing changes when it is.
@@ -153,9 +136,7 @@ pub struct Allowlist {
 
 impl Allowlist {
     pub fn from_entries(entries: impl IntoIterator<Item = Entry>) -> Self {
-        Self {
-            entries: entries.into_iter().map(|e| (e.cidr, e)).collect(),
-        }
+        Self { entries: entries.into_iter().map(|e| (e.cidr, e)).collect() }
     }
 
     /// Parses the text format: one `[allow|deny] CIDR [# comment]` per line.
@@ -171,19 +152,13 @@ impl Allowlist {
             let (action, cidr) = match words.as_slice() {
                 [] => continue,
                 ["allow" | "deny"] => {
-                    return Err(ParseError::Syntax {
-                        line,
-                        text: raw.trim().to_owned(),
-                    });
+                    return Err(ParseError::Syntax { line, text: raw.trim().to_owned() });
                 }
                 [cidr] => (Action::Allow, *cidr),
                 ["allow", cidr] => (Action::Allow, *cidr),
                 ["deny", cidr] => (Action::Deny, *cidr),
                 _ => {
-                    return Err(ParseError::Syntax {
-                        line,
-                        text: raw.trim().to_owned(),
-                    });
+                    return Err(ParseError::Syntax { line, text: raw.trim().to_owned() });
                 }
             };
             let cidr = parse_cidr(cidr).map_err(|source| ParseError::Cidr { line, source })?;
@@ -199,21 +174,9 @@ impl Allowlist {
                 });
             }
             let comment = comment.map(str::to_owned);
-            entries.insert(
-                cidr,
-                (
-                    Entry {
-                        cidr,
-                        action,
-                        comment,
-                    },
-                    line,
-                ),
-            );
+            entries.insert(cidr, (Entry { cidr, action, comment }, line));
         }
-        Ok(Self::from_entries(
-            entries.into_values().map(|(entry, _)| entry),
-        ))
+        Ok(Self::from_entries(entries.into_values().map(|(entry, _)| entry)))
     }
 
     /// The text format, with a header saying who owns the file.
@@ -254,11 +217,7 @@ impl Allowlist {
 
     /// Entries per family: (IPv4, IPv6).
     pub fn family_sizes(&self) -> (usize, usize) {
-        let v4 = self
-            .entries
-            .keys()
-            .filter(|c| matches!(c, IpNet::V4(_)))
-            .count();
+        let v4 = self.entries.keys().filter(|c| matches!(c, IpNet::V4(_))).count();
         (v4, self.len() - v4)
     }
 
@@ -275,10 +234,7 @@ impl Allowlist {
         for &cidr in cidrs {
             match next.entries.get_mut(&cidr) {
                 Some(existing) if existing.action != action => {
-                    return Err(ChangeError::OtherAction {
-                        cidr,
-                        existing: existing.action,
-                    });
+                    return Err(ChangeError::OtherAction { cidr, existing: existing.action });
                 }
                 Some(existing) => {
                     if let Some(comment) = comment {
@@ -287,14 +243,7 @@ impl Allowlist {
                 }
                 None => {
                     let comment = comment.map(str::to_owned);
-                    next.entries.insert(
-                        cidr,
-                        Entry {
-                            cidr,
-                            action,
-                            comment,
-                        },
-                    );
+                    next.entries.insert(cidr, Entry { cidr, action, comment });
                 }
             }
         }
@@ -346,16 +295,10 @@ pub enum StoreError {
 /// Reads the list file; a missing file is an empty list.
 pub fn load(path: &Path) -> Result<Allowlist, StoreError> {
     match fs::read_to_string(path) {
-        Ok(text) => Allowlist::parse(&text).map_err(|source| StoreError::Parse {
-            path: path.to_owned(),
-            source,
-        }),
+        Ok(text) => Allowlist::parse(&text)
+            .map_err(|source| StoreError::Parse { path: path.to_owned(), source }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Allowlist::default()),
-        Err(source) => Err(StoreError::Io {
-            op: "read",
-            path: path.to_owned(),
-            source,
-        }),
+        Err(source) => Err(StoreError::Io { op: "read", path: path.to_owned(), source }),
     }
 }
 
@@ -366,22 +309,16 @@ pub fn store(path: &Path, list: &Allowlist) -> Result<(), StoreError> {
         let path = path.to_owned();
         move |source| StoreError::Io { op, path, source }
     };
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io_error("create directory", dir))?;
     let mut temp_name = path.file_name().unwrap_or_default().to_owned();
     temp_name.push(".tmp");
     let temp = dir.join(temp_name);
     let mut file = File::create(&temp).map_err(io_error("create", &temp))?;
-    file.write_all(list.render().as_bytes())
-        .map_err(io_error("write", &temp))?;
+    file.write_all(list.render().as_bytes()).map_err(io_error("write", &temp))?;
     file.sync_all().map_err(io_error("sync", &temp))?;
     fs::rename(&temp, path).map_err(io_error("rename into place", path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error("sync directory", dir))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_error("sync directory", dir))
 }
 
 #[cfg(test)]
@@ -424,18 +361,10 @@ mod tests {
 
     #[test]
     fn garbage_is_refused() {
-        for input in [
-            "",
-            "example.com",
-            "203.0.113.0/33",
-            "1.2.3.4/",
-            "2001:db8::/129",
-        ] {
+        for input in ["", "example.com", "203.0.113.0/33", "1.2.3.4/", "2001:db8::/129"] {
             assert_eq!(
                 parse_cidr(input),
-                Err(CidrError::Unparsable {
-                    input: input.into()
-                }),
+                Err(CidrError::Unparsable { input: input.into() }),
                 "{input}"
             );
         }
@@ -447,14 +376,8 @@ mod tests {
             "# header\n203.0.113.0/24  # partner\n\ndeny 203.0.113.66/32\nallow 2001:db8::/32\n";
         let list = Allowlist::parse(text).unwrap();
         assert_eq!(list.len(), 3);
-        assert_eq!(
-            list.get(&net("203.0.113.0/24")).unwrap().comment.as_deref(),
-            Some("partner")
-        );
-        assert_eq!(
-            list.get(&net("203.0.113.66/32")).unwrap().action,
-            Action::Deny
-        );
+        assert_eq!(list.get(&net("203.0.113.0/24")).unwrap().comment.as_deref(), Some("partner"));
+        assert_eq!(list.get(&net("203.0.113.66/32")).unwrap().action, Action::Deny);
         assert_eq!(Allowlist::parse(&list.render()).unwrap(), list);
     }
 
@@ -463,25 +386,9 @@ mod tests {
         let err = Allowlist::parse("10.0.0.0/8\n\nallow 10.0.0.300/32\n").unwrap_err();
         assert!(matches!(err, ParseError::Cidr { line: 3, .. }), "{err}");
         let err = Allowlist::parse("permit 10.0.0.0/8\n").unwrap_err();
-        assert_eq!(
-            err,
-            ParseError::Syntax {
-                line: 1,
-                text: "permit 10.0.0.0/8".into()
-            }
-        );
+        assert_eq!(err, ParseError::Syntax { line: 1, text: "permit 10.0.0.0/8".into() });
         let err = Allowlist::parse("10.0.0.0/8\ndeny 10.0.0.0/8\n").unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ParseError::Conflict {
-                    line: 2,
-                    other_line: 1,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, ParseError::Conflict { line: 2, other_line: 1, .. }), "{err}");
     }
 
     #[test]
@@ -495,10 +402,7 @@ mod tests {
         let list = Allowlist::parse("deny 10.0.0.1/32\n").unwrap();
         assert_eq!(
             list.with_added(&[net("10.0.0.1/32")], Action::Allow, None),
-            Err(ChangeError::OtherAction {
-                cidr: net("10.0.0.1/32"),
-                existing: Action::Deny
-            })
+            Err(ChangeError::OtherAction { cidr: net("10.0.0.1/32"), existing: Action::Deny })
         );
     }
 
@@ -508,17 +412,11 @@ mod tests {
         let err = list.with_removed(&[net("10.0.0.0/8"), net("10.1.0.0/16")], Action::Allow);
         assert_eq!(
             err,
-            Err(ChangeError::NotListed {
-                cidr: net("10.1.0.0/16"),
-                action: Action::Allow
-            })
+            Err(ChangeError::NotListed { cidr: net("10.1.0.0/16"), action: Action::Allow })
         );
         assert_eq!(
             list.with_removed(&[net("10.0.0.0/8")], Action::Deny),
-            Err(ChangeError::NotListed {
-                cidr: net("10.0.0.0/8"),
-                action: Action::Deny
-            })
+            Err(ChangeError::NotListed { cidr: net("10.0.0.0/8"), action: Action::Deny })
         );
     }
 
@@ -526,18 +424,9 @@ mod tests {
     fn longest_prefix_decides() {
         let list =
             Allowlist::parse("203.0.113.0/24\ndeny 203.0.113.64/26\n203.0.113.66/32\n").unwrap();
-        assert_eq!(
-            list.verdict("203.0.113.1".parse().unwrap()),
-            Some(Action::Allow)
-        );
-        assert_eq!(
-            list.verdict("203.0.113.65".parse().unwrap()),
-            Some(Action::Deny)
-        );
-        assert_eq!(
-            list.verdict("203.0.113.66".parse().unwrap()),
-            Some(Action::Allow)
-        );
+        assert_eq!(list.verdict("203.0.113.1".parse().unwrap()), Some(Action::Allow));
+        assert_eq!(list.verdict("203.0.113.65".parse().unwrap()), Some(Action::Deny));
+        assert_eq!(list.verdict("203.0.113.66".parse().unwrap()), Some(Action::Allow));
         assert_eq!(list.verdict("198.51.100.1".parse().unwrap()), None);
     }
 
@@ -545,10 +434,7 @@ mod tests {
     fn store_replaces_the_file_atomically() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state/allowlist");
-        assert!(
-            load(&path).unwrap().is_empty(),
-            "a missing file is an empty list"
-        );
+        assert!(load(&path).unwrap().is_empty(), "a missing file is an empty list");
         let list = Allowlist::parse("10.0.0.0/8 # lab\n").unwrap();
         store(&path, &list).unwrap();
         assert_eq!(load(&path).unwrap(), list);

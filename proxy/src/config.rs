@@ -133,11 +133,7 @@ pub enum ConfigError {
         source: Box<toml::de::Error>,
     },
     #[error("config {}: `{key}`: {problem}", path.display())]
-    Invalid {
-        path: PathBuf,
-        key: &'static str,
-        problem: String,
-    },
+    Invalid { path: PathBuf, key: &'static str, problem: String },
 }
 
 /// Paths given on the command line, which win over the file.
@@ -150,19 +146,15 @@ pub struct Overrides {
 
 impl Config {
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
-        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::parse(&text, path, overrides)
     }
 
     /// Parses `text`; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-            path: path.to_owned(),
-            source: Box::new(e),
-        })?;
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Syntax { path: path.to_owned(), source: Box::new(e) })?;
         let invalid = |key, problem: &str| ConfigError::Invalid {
             path: path.to_owned(),
             key,
@@ -174,11 +166,7 @@ impl Config {
                 "this version runs the XDP filter only; mTLS listeners are not available yet",
             ));
         }
-        let RawConfig {
-            mut filter,
-            mut daemon,
-            ..
-        } = raw;
+        let RawConfig { mut filter, mut daemon, .. } = raw;
         if filter.interfaces.is_empty() {
             return Err(invalid(
                 "filter.interfaces",
@@ -220,10 +208,7 @@ impl Config {
     }
 
     pub fn allowlist_path(&self) -> &Path {
-        self.filter
-            .allowlist
-            .as_deref()
-            .expect("set by Config::parse")
+        self.filter.allowlist.as_deref().expect("set by Config::parse")
     }
 }
 
@@ -249,23 +234,14 @@ mod tests {
         let config = parse("[filter]\ninterfaces = [\"eth0\"]\nports = [8443]\n").unwrap();
         assert_eq!(config.filter.mode, AttachMode::Auto);
         assert_eq!(config.filter.scope, Scope::Ports);
-        assert_eq!(
-            config.allowlist_path(),
-            Path::new("/var/lib/edgegate/allowlist")
-        );
-        assert_eq!(
-            config.daemon.control_socket,
-            Path::new(DEFAULT_CONTROL_SOCKET)
-        );
+        assert_eq!(config.allowlist_path(), Path::new("/var/lib/edgegate/allowlist"));
+        assert_eq!(config.daemon.control_socket, Path::new(DEFAULT_CONTROL_SOCKET));
         assert_eq!(config.daemon.drain_timeout, Duration::from_secs(30));
     }
 
     #[test]
     fn overrides_win_and_move_the_default_allowlist() {
-        let overrides = Overrides {
-            state_dir: Some("/tmp/eg".into()),
-            ..Overrides::default()
-        };
+        let overrides = Overrides { state_dir: Some("/tmp/eg".into()), ..Overrides::default() };
         let config = Config::parse(
             "[filter]\ninterfaces = [\"eth0\"]\nscope = \"host\"\n",
             Path::new("x.toml"),
@@ -278,19 +254,10 @@ mod tests {
     #[test]
     fn errors_name_file_and_key() {
         let cases = [
-            (
-                "[filter]\ninterfaces = []\nports = [1]\n",
-                "filter.interfaces",
-            ),
+            ("[filter]\ninterfaces = []\nports = [1]\n", "filter.interfaces"),
             ("[filter]\ninterfaces = [\"eth0\"]\n", "filter.ports"),
-            (
-                "[filter]\ninterfaces = [\"eth0\"]\nports = [0]\n",
-                "filter.ports",
-            ),
-            (
-                "[filter]\ninterfaces = [\"a/b\"]\nports = [1]\n",
-                "filter.interfaces",
-            ),
+            ("[filter]\ninterfaces = [\"eth0\"]\nports = [0]\n", "filter.ports"),
+            ("[filter]\ninterfaces = [\"a/b\"]\nports = [1]\n", "filter.interfaces"),
             (
                 "[filter]\ninterfaces = [\"eth0\"]\nports = [1]\n[[listener]]\nname = \"x\"\n",
                 "listener",
@@ -302,10 +269,7 @@ mod tests {
                 matches!(&err, ConfigError::Invalid { key: k, .. } if *k == key),
                 "{text}: {err}"
             );
-            assert!(
-                err.to_string().starts_with("config edgegate.toml: "),
-                "{err}"
-            );
+            assert!(err.to_string().starts_with("config edgegate.toml: "), "{err}");
         }
     }
 
@@ -314,10 +278,7 @@ mod tests {
         let err = parse("[filter]\ninterfaces = [\"eth0\"]\nmode = \"turbo\"\n").unwrap_err();
         let message = err.to_string();
         assert!(matches!(err, ConfigError::Syntax { .. }));
-        assert!(
-            message.contains("line 3") && message.contains("turbo"),
-            "{message}"
-        );
+        assert!(message.contains("line 3") && message.contains("turbo"), "{message}");
         let err = parse("[filter]\ninterfaces = [\"eth0\"]\nport = [1]\n").unwrap_err();
         assert!(err.to_string().contains("unknown field `port`"), "{err}");
     }

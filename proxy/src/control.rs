@@ -108,25 +108,20 @@ pub enum ClientError {
 /// Sends one request and waits for its answer.
 pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
     let io_error = |source: io::Error| match source.kind() {
-        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => ClientError::NotRunning {
-            socket: socket.to_owned(),
-        },
-        io::ErrorKind::PermissionDenied => ClientError::PermissionDenied {
-            socket: socket.to_owned(),
-        },
-        _ => ClientError::Io {
-            socket: socket.to_owned(),
-            source,
-        },
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+            ClientError::NotRunning { socket: socket.to_owned() }
+        }
+        io::ErrorKind::PermissionDenied => {
+            ClientError::PermissionDenied { socket: socket.to_owned() }
+        }
+        _ => ClientError::Io { socket: socket.to_owned(), source },
     };
     let mut stream = StdUnixStream::connect(socket).map_err(io_error)?;
     let mut line = serde_json::to_vec(request).map_err(ClientError::Protocol)?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io_error)?;
     let mut answer = String::new();
-    BufReader::new(stream)
-        .read_line(&mut answer)
-        .map_err(io_error)?;
+    BufReader::new(stream).read_line(&mut answer).map_err(io_error)?;
     serde_json::from_str(&answer).map_err(ClientError::Protocol)
 }
 
@@ -159,9 +154,7 @@ pub fn bind(socket: &Path) -> Result<UnixListener, BindError> {
     }
     if socket.exists() {
         if StdUnixStream::connect(socket).is_ok() {
-            return Err(BindError::InUse {
-                socket: socket.to_owned(),
-            });
+            return Err(BindError::InUse { socket: socket.to_owned() });
         }
         std::fs::remove_file(socket).map_err(io_error("remove stale", socket))?;
     }
@@ -205,9 +198,7 @@ async fn handle(stream: UnixStream, state: Arc<Mutex<State>>) -> io::Result<()> 
             // Map updates are blocking syscalls; a large replace takes a while.
             tokio::task::block_in_place(|| state.handle(request))
         }
-        Err(e) => Response::Error {
-            message: format!("malformed request: {e}"),
-        },
+        Err(e) => Response::Error { message: format!("malformed request: {e}") },
     };
     let mut answer = serde_json::to_vec(&response).map_err(io::Error::other)?;
     answer.push(b'\n');

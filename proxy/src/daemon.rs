@@ -40,11 +40,7 @@ impl State {
     /// leaves file and maps as they were.
     pub fn handle(&mut self, request: Request) -> Response {
         match request {
-            Request::Add {
-                action,
-                cidrs,
-                comment,
-            } => {
+            Request::Add { action, cidrs, comment } => {
                 let next = parse_all(&cidrs).and_then(|cidrs| {
                     self.list
                         .with_added(&cidrs, action, comment.as_deref())
@@ -54,23 +50,17 @@ impl State {
             }
             Request::Remove { action, cidrs } => {
                 let next = parse_all(&cidrs).and_then(|cidrs| {
-                    self.list
-                        .with_removed(&cidrs, action)
-                        .map_err(|e| e.to_string())
+                    self.list.with_removed(&cidrs, action).map_err(|e| e.to_string())
                 });
                 self.change(next)
             }
             Request::Replace { text } => {
                 self.change(Allowlist::parse(&text).map_err(|e| e.to_string()))
             }
-            Request::List => Response::List {
-                entries: self.list.entries().cloned().collect(),
-            },
+            Request::List => Response::List { entries: self.list.entries().cloned().collect() },
             Request::Status { top_rules } => match self.status(top_rules) {
                 Ok(status) => Response::Status(Box::new(status)),
-                Err(e) => Response::Error {
-                    message: e.to_string(),
-                },
+                Err(e) => Response::Error { message: e.to_string() },
             },
         }
     }
@@ -81,14 +71,10 @@ impl State {
             Err(message) => return Response::Error { message },
         };
         if let Err(e) = self.filter.check_capacity(&next) {
-            return Response::Error {
-                message: e.to_string(),
-            };
+            return Response::Error { message: e.to_string() };
         }
         if let Err(e) = allowlist::store(&self.list_path, &next) {
-            return Response::Error {
-                message: format!("nothing changed: {e}"),
-            };
+            return Response::Error { message: format!("nothing changed: {e}") };
         }
         if let Err(e) = self.filter.apply(&next) {
             // Put file and maps back to the list that was acknowledged last.
@@ -110,22 +96,13 @@ impl State {
                 Some(_) => {}
             }
         }
-        let removed = self
-            .list
-            .entries()
-            .filter(|e| next.get(&e.cidr).is_none())
-            .count();
+        let removed = self.list.entries().filter(|e| next.get(&e.cidr).is_none()).count();
         tracing::info!(
             "allowlist changed: {added} added, {removed} removed, {updated} updated, {} entries",
             next.len()
         );
         self.list = next;
-        Response::Changed {
-            added,
-            removed,
-            updated,
-            entries: self.list.len(),
-        }
+        Response::Changed { added, removed, updated, entries: self.list.len() }
     }
 
     fn status(&self, top_rules: usize) -> Result<Status, FilterError> {
@@ -147,10 +124,7 @@ impl State {
 }
 
 fn parse_all(cidrs: &[String]) -> Result<Vec<ipnet::IpNet>, String> {
-    cidrs
-        .iter()
-        .map(|c| allowlist::parse_cidr(c).map_err(|e| e.to_string()))
-        .collect()
+    cidrs.iter().map(|c| allowlist::parse_cidr(c).map_err(|e| e.to_string())).collect()
 }
 
 /// Runs the daemon until `shutdown` completes. The XDP program stays
@@ -158,13 +132,6 @@ fn parse_all(cidrs: &[String]) -> Result<Vec<ipnet::IpNet>, String> {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
     let list_path = config.allowlist_path().to_owned();
     let list = allowlist::load(&list_path)?;
-    if !list_path.exists() {
-        tracing::warn!(
-            "{} does not exist yet: protected traffic is dropped until `edgegate allow add`",
-            list_path.display()
-        );
-        allowlist::store(&list_path, &list)?;
-    }
     let options = FilterOptions {
         interfaces: config.filter.interfaces.clone(),
         mode: config.filter.mode,
@@ -174,6 +141,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         bpffs_dir: config.daemon.bpffs_dir.clone(),
     };
     let filter = Filter::load(&options, &list)?;
+    if !list_path.exists() {
+        tracing::warn!(
+            "{} does not exist yet: protected traffic is dropped until `edgegate allow add`",
+            list_path.display()
+        );
+        allowlist::store(&list_path, &list)?;
+    }
     let listener = control::bind(&config.daemon.control_socket)?;
     let (ipv4, ipv6) = list.family_sizes();
     tracing::info!(
@@ -182,12 +156,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         list_path.display(),
         config.daemon.control_socket.display()
     );
-    let state = Arc::new(Mutex::new(State {
-        list,
-        list_path,
-        filter,
-        scope: config.filter.scope,
-    }));
+    let state = Arc::new(Mutex::new(State { list, list_path, filter, scope: config.filter.scope }));
 
     tokio::select! {
         () = control::serve(listener, Arc::clone(&state)) => {}
@@ -196,10 +165,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // Wait for a change in flight: it must finish (and be acknowledged) or not start.
     let _state = state.lock().await;
     if let Err(e) = std::fs::remove_file(&config.daemon.control_socket) {
-        tracing::warn!(
-            "cannot remove {}: {e}",
-            config.daemon.control_socket.display()
-        );
+        tracing::warn!("cannot remove {}: {e}", config.daemon.control_socket.display());
     }
     Ok(())
 }

@@ -78,6 +78,11 @@ pub enum FilterError {
         #[source]
         source: MapError,
     },
+    #[error(
+        "`{interface}` has no native XDP support in its driver; use mode = \"auto\" (falls back \
+         to skb mode) or mode = \"skb\""
+    )]
+    NativeUnsupported { interface: String },
     #[error("cannot attach XDP to `{interface}` in {mode} mode: {source}")]
     Attach {
         interface: String,
@@ -103,11 +108,7 @@ pub enum FilterError {
          {capacity}; raise `filter.max_entries` (and run `edgegate detach` before restarting, so \
          the maps are recreated)"
     )]
-    Capacity {
-        family: &'static str,
-        needed: usize,
-        capacity: u32,
-    },
+    Capacity { family: &'static str, needed: usize, capacity: u32 },
 }
 
 /// The mode an interface's program actually runs in.
@@ -209,15 +210,27 @@ impl Filter {
             .iter()
             .map(|name| if_index(name).map(|index| (name.clone(), index)))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut filter = Self::open(options, list)?;
-        let links_dir = options.bpffs_dir.join("links");
-        create_dir(&links_dir)?;
-        for (name, index) in &if_indexes {
-            let attachment = attach(filter.program_mut(), &links_dir, name, *index, options.mode)?;
-            filter.attachments.push(attachment);
+        let first_start = !options.bpffs_dir.exists();
+        let loaded = Self::open(options, list).and_then(|mut filter| {
+            let links_dir = options.bpffs_dir.join("links");
+            create_dir(&links_dir)?;
+            for (name, index) in &if_indexes {
+                let attachment =
+                    attach(filter.program_mut(), &links_dir, name, *index, options.mode)?;
+                filter.attachments.push(attachment);
+            }
+            release_unconfigured_links(&links_dir, &options.interfaces)?;
+            Ok(filter)
+        });
+        // A first start that fails leaves nothing behind. A restart that fails
+        // keeps what was pinned: filtering with the last list beats none.
+        if loaded.is_err()
+            && first_start
+            && let Err(e) = detach_pinned(&options.bpffs_dir, None)
+        {
+            tracing::warn!("cannot clean up {}: {e}", options.bpffs_dir.display());
         }
-        release_unconfigured_links(&links_dir, &options.interfaces)?;
-        Ok(filter)
+        loaded
     }
 
     /// Loads the program and fills its maps without attaching it anywhere:
@@ -237,10 +250,7 @@ impl Filter {
             .map_err(FilterError::Load)?;
         let capacity = MapInfo::from_pin(maps_dir.join(map::V4_RULES))
             .map(|info| info.max_entries())
-            .map_err(|source| FilterError::Map {
-                name: map::V4_RULES,
-                source,
-            })?;
+            .map_err(|source| FilterError::Map { name: map::V4_RULES, source })?;
         if capacity != options.max_entries {
             tracing::warn!(
                 "the pinned rule maps hold {capacity} entries per family, not filter.max_entries = {}; \
@@ -326,12 +336,8 @@ impl Filter {
             .filter(|(cidr, action)| self.installed.get(cidr) != Some(action))
             .map(|(cidr, action)| (*cidr, *action))
             .collect();
-        let mut removals: Vec<IpNet> = self
-            .installed
-            .keys()
-            .filter(|c| !desired.contains_key(c))
-            .copied()
-            .collect();
+        let mut removals: Vec<IpNet> =
+            self.installed.keys().filter(|c| !desired.contains_key(c)).copied().collect();
         if upserts.is_empty() && removals.is_empty() {
             return Ok(());
         }
@@ -357,10 +363,7 @@ impl Filter {
     /// Refuses, before touching any map, a list that would not fit while it replaces the current one.
     pub fn check_capacity(&self, list: &Allowlist) -> Result<(), FilterError> {
         for (family, is_family) in [
-            (
-                "IPv4",
-                (|c: &IpNet| matches!(c, IpNet::V4(_))) as fn(&IpNet) -> bool,
-            ),
+            ("IPv4", (|c: &IpNet| matches!(c, IpNet::V4(_))) as fn(&IpNet) -> bool),
             ("IPv6", |c: &IpNet| matches!(c, IpNet::V6(_))),
         ] {
             let kept = self.installed.keys().filter(|c| is_family(c)).count();
@@ -384,21 +387,13 @@ impl Filter {
         match cidr {
             IpNet::V4(net) => {
                 let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
-                self.v4_rules
-                    .insert(key, rule, 0)
-                    .map_err(map_error(map::V4_RULES))?;
-                self.v4_trie
-                    .insert(&key, rule, 0)
-                    .map_err(map_error(map::V4_TRIE))
+                self.v4_rules.insert(key, rule, 0).map_err(map_error(map::V4_RULES))?;
+                self.v4_trie.insert(&key, rule, 0).map_err(map_error(map::V4_TRIE))
             }
             IpNet::V6(net) => {
                 let key = Key::new(u32::from(net.prefix_len()), net.network().octets());
-                self.v6_rules
-                    .insert(key, rule, 0)
-                    .map_err(map_error(map::V6_RULES))?;
-                self.v6_trie
-                    .insert(&key, rule, 0)
-                    .map_err(map_error(map::V6_TRIE))
+                self.v6_rules.insert(key, rule, 0).map_err(map_error(map::V6_RULES))?;
+                self.v6_trie.insert(&key, rule, 0).map_err(map_error(map::V6_TRIE))
             }
         }
     }
@@ -438,16 +433,12 @@ impl Filter {
     }
 
     fn write_config(&mut self) -> Result<(), FilterError> {
-        self.kernel_config
-            .set(0, self.config, 0)
-            .map_err(map_error(map::CONFIG))
+        self.kernel_config.set(0, self.config, 0).map_err(map_error(map::CONFIG))
     }
 
     fn write_ports(&mut self, ports: &BTreeSet<u16>) -> Result<(), FilterError> {
         let mut ports_map: Array<&mut MapData, u64> = Array::try_from(
-            self.ebpf
-                .map_mut(map::PORTS)
-                .expect("the object defines the ports map"),
+            self.ebpf.map_mut(map::PORTS).expect("the object defines the ports map"),
         )
         .map_err(map_error(map::PORTS))?;
         let mut words = [0u64; PORT_BITMAP_WORDS as usize];
@@ -455,9 +446,7 @@ impl Filter {
             words[usize::from(port / 64)] |= 1 << (port % 64);
         }
         for (index, word) in (0..).zip(words) {
-            ports_map
-                .set(index, word, 0)
-                .map_err(map_error(map::PORTS))?;
+            ports_map.set(index, word, 0).map_err(map_error(map::PORTS))?;
         }
         Ok(())
     }
@@ -521,11 +510,7 @@ impl Filter {
     /// The lookup strategy in force per family: (IPv4, IPv6).
     pub fn lookups(&self) -> (Lookup, Lookup) {
         let lookup = |raw| {
-            if raw == Lookup::Trie as u32 {
-                Lookup::Trie
-            } else {
-                Lookup::PerLength
-            }
+            if raw == Lookup::Trie as u32 { Lookup::Trie } else { Lookup::PerLength }
         };
         (lookup(self.config.v4_lookup), lookup(self.config.v6_lookup))
     }
@@ -543,9 +528,7 @@ fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, FilterError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
-    let map = ebpf
-        .take_map(name)
-        .expect("the object defines every map in proxy_common::map");
+    let map = ebpf.take_map(name).expect("the object defines every map in proxy_common::map");
     T::try_from(map).map_err(|source| FilterError::Map { name, source })
 }
 
@@ -562,11 +545,7 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 }
 
 fn action_of(rule: &Rule) -> Action {
-    if rule.action == proxy_common::Action::Allow as u32 {
-        Action::Allow
-    } else {
-        Action::Deny
-    }
+    if rule.action == proxy_common::Action::Allow as u32 { Action::Allow } else { Action::Deny }
 }
 
 fn cidr_of(addr: IpAddr, prefix_len: u32) -> Option<IpNet> {
@@ -601,9 +580,7 @@ fn lookup_config(rules: &BTreeMap<IpNet, Action>, base: KernelConfig) -> KernelC
 }
 
 fn if_index(name: &str) -> Result<u32, FilterError> {
-    let unknown = || FilterError::UnknownInterface {
-        name: name.to_owned(),
-    };
+    let unknown = || FilterError::UnknownInterface { name: name.to_owned() };
     let c_name = CString::new(name).map_err(|_| unknown())?;
     // SAFETY: `c_name` is a valid NUL-terminated string.
     match unsafe { libc::if_nametoindex(c_name.as_ptr()) } {
@@ -644,9 +621,7 @@ fn prepare_bpffs(dir: &Path) -> Result<(), FilterError> {
             return Ok(());
         }
     }
-    Err(FilterError::BpffsNotMounted {
-        dir: dir.to_owned(),
-    })
+    Err(FilterError::BpffsNotMounted { dir: dir.to_owned() })
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -689,25 +664,16 @@ fn attach(
                  `edgegate detach --interface {interface}` and restart to switch"
             );
         }
-        let adopt = |source| FilterError::Adopt {
-            path: pin.clone(),
-            source,
-        };
+        let adopt = |source| FilterError::Adopt { path: pin.clone(), source };
         let link = PinnedLink::from_pin(&pin).map_err(adopt)?;
         let link = XdpLink::try_from(FdLink::from(link)).map_err(adopt)?;
-        program
-            .attach_to_link(link)
-            .map_err(|source| FilterError::Attach {
-                interface: interface.to_owned(),
-                mode,
-                source,
-            })?;
-        tracing::info!("`{interface}`: took over the pinned {mode}-mode XDP link");
-        return Ok(Attachment {
+        program.attach_to_link(link).map_err(|source| FilterError::Attach {
             interface: interface.to_owned(),
             mode,
-            adopted: true,
-        });
+            source,
+        })?;
+        tracing::info!("`{interface}`: took over the pinned {mode}-mode XDP link");
+        return Ok(Attachment { interface: interface.to_owned(), mode, adopted: true });
     }
 
     let modes: &[AttachedMode] = match wanted {
@@ -719,26 +685,17 @@ fn attach(
     for &mode in modes {
         match program.attach_to_if_index(if_index, mode.xdp_mode()) {
             Ok(link_id) => {
-                let link = program
-                    .take_link(link_id)
-                    .map_err(|source| FilterError::Attach {
-                        interface: interface.to_owned(),
-                        mode,
-                        source,
-                    })?;
-                let pin = links_dir.join(link_pin_name(mode, interface));
-                let pin_error = |source| FilterError::Io {
-                    op: "pin",
-                    path: pin.clone(),
+                let link = program.take_link(link_id).map_err(|source| FilterError::Attach {
+                    interface: interface.to_owned(),
+                    mode,
                     source,
-                };
-                let fd_link = FdLink::try_from(link).map_err(|e| FilterError::Adopt {
-                    path: pin.clone(),
-                    source: e,
                 })?;
-                let pinned = fd_link
-                    .pin(&pin)
-                    .map_err(|e| pin_error(io::Error::other(e.to_string())))?;
+                let pin = links_dir.join(link_pin_name(mode, interface));
+                let pin_error = |source| FilterError::Io { op: "pin", path: pin.clone(), source };
+                let fd_link = FdLink::try_from(link)
+                    .map_err(|e| FilterError::Adopt { path: pin.clone(), source: e })?;
+                let pinned =
+                    fd_link.pin(&pin).map_err(|e| pin_error(io::Error::other(e.to_string())))?;
                 // The pin keeps the link (and so the attachment) alive; our fd can go.
                 drop(pinned);
                 if mode == AttachedMode::Skb && wanted == AttachMode::Auto {
@@ -748,21 +705,19 @@ fn attach(
                     );
                 }
                 tracing::info!("`{interface}`: attached in {mode} mode");
-                return Ok(Attachment {
-                    interface: interface.to_owned(),
-                    mode,
-                    adopted: false,
-                });
+                return Ok(Attachment { interface: interface.to_owned(), mode, adopted: false });
             }
             Err(source) => last_error = Some((mode, source)),
         }
     }
     let (mode, source) = last_error.expect("at least one mode was tried");
-    Err(FilterError::Attach {
-        interface: interface.to_owned(),
-        mode,
-        source,
-    })
+    if let ProgramError::SyscallError(e) = &source
+        && mode == AttachedMode::Native
+        && e.io_error.raw_os_error() == Some(libc::EOPNOTSUPP)
+    {
+        return Err(FilterError::NativeUnsupported { interface: interface.to_owned() });
+    }
+    Err(FilterError::Attach { interface: interface.to_owned(), mode, source })
 }
 
 /// Detaches interfaces that an earlier daemon attached but the config no longer names.
@@ -783,11 +738,7 @@ fn pinned_links(links_dir: &Path) -> Result<Vec<(PathBuf, AttachedMode, String)>
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(source) => {
-            return Err(FilterError::Io {
-                op: "list",
-                path: links_dir.to_owned(),
-                source,
-            });
+            return Err(FilterError::Io { op: "list", path: links_dir.to_owned(), source });
         }
     };
     Ok(entries
@@ -840,11 +791,7 @@ pub fn detach_pinned(bpffs_dir: &Path, interface: Option<&str>) -> Result<Detach
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(source) => {
-                    return Err(FilterError::Io {
-                        op: "remove",
-                        path: dir.clone(),
-                        source,
-                    });
+                    return Err(FilterError::Io { op: "remove", path: dir.clone(), source });
                 }
             }
         }
@@ -889,10 +836,7 @@ mod tests {
         for name in ["eth0", "eth0.100", "a%b.c", "veth-x"] {
             let pin = link_pin_name(AttachedMode::Skb, name);
             assert!(!pin.contains('.'), "{pin}");
-            assert_eq!(
-                parse_link_pin_name(&pin),
-                Some((AttachedMode::Skb, name.to_owned()))
-            );
+            assert_eq!(parse_link_pin_name(&pin), Some((AttachedMode::Skb, name.to_owned())));
         }
     }
 
@@ -907,12 +851,7 @@ mod tests {
         assert_eq!(config.v4_lengths, (1 << 8) | (1 << 32));
 
         let many: BTreeMap<IpNet, Action> = (8..=30u8)
-            .map(|len| {
-                (
-                    IpNet::new("10.0.0.0".parse().unwrap(), len).unwrap(),
-                    Action::Allow,
-                )
-            })
+            .map(|len| (IpNet::new("10.0.0.0".parse().unwrap(), len).unwrap(), Action::Allow))
             .chain([("2001:db8::/128".parse().unwrap(), Action::Allow)])
             .collect();
         let config = lookup_config(&many, KernelConfig::EMPTY);

@@ -47,9 +47,7 @@ impl Global {
     }
 
     fn socket(&self) -> PathBuf {
-        self.control_socket
-            .clone()
-            .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into())
+        self.control_socket.clone().unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into())
     }
 }
 
@@ -95,17 +93,9 @@ enum Command {
 #[derive(Subcommand)]
 enum AllowCommand {
     /// Allow sources (CIDRs or addresses).
-    Add {
-        #[arg(required = true)]
-        cidrs: Vec<String>,
-        #[arg(long)]
-        comment: Option<String>,
-    },
+    Add(AddArgs),
     /// Remove allow entries.
-    Del {
-        #[arg(required = true)]
-        cidrs: Vec<String>,
-    },
+    Del(DelArgs),
     /// Print the list (the file format, or JSON).
     List {
         #[arg(long)]
@@ -121,17 +111,26 @@ enum AllowCommand {
 #[derive(Subcommand)]
 enum DenyCommand {
     /// Deny sources, even inside allowed ranges (the longest prefix wins).
-    Add {
-        #[arg(required = true)]
-        cidrs: Vec<String>,
-        #[arg(long)]
-        comment: Option<String>,
-    },
+    Add(AddArgs),
     /// Remove deny entries.
-    Del {
-        #[arg(required = true)]
-        cidrs: Vec<String>,
-    },
+    Del(DelArgs),
+}
+
+#[derive(Args)]
+struct AddArgs {
+    /// CIDRs or addresses; all are added, or none.
+    #[arg(required = true)]
+    cidrs: Vec<String>,
+    /// Kept next to the entries in the allowlist file.
+    #[arg(long)]
+    comment: Option<String>,
+}
+
+#[derive(Args)]
+struct DelArgs {
+    /// Entries to remove; all are removed, or none.
+    #[arg(required = true)]
+    cidrs: Vec<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -188,21 +187,8 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Allow { command } => match command {
-            AllowCommand::Add { cidrs, comment } => change(
-                &global,
-                Request::Add {
-                    action: Action::Allow,
-                    cidrs,
-                    comment,
-                },
-            ),
-            AllowCommand::Del { cidrs } => change(
-                &global,
-                Request::Remove {
-                    action: Action::Allow,
-                    cidrs,
-                },
-            ),
+            AllowCommand::Add(args) => add(&global, Action::Allow, args),
+            AllowCommand::Del(args) => remove(&global, Action::Allow, args),
             AllowCommand::List { json } => list(&global, json),
             AllowCommand::Replace { file } => {
                 let text = std::fs::read_to_string(&file)
@@ -213,21 +199,8 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             }
         },
         Command::Deny { command } => match command {
-            DenyCommand::Add { cidrs, comment } => change(
-                &global,
-                Request::Add {
-                    action: Action::Deny,
-                    cidrs,
-                    comment,
-                },
-            ),
-            DenyCommand::Del { cidrs } => change(
-                &global,
-                Request::Remove {
-                    action: Action::Deny,
-                    cidrs,
-                },
-            ),
+            DenyCommand::Add(args) => add(&global, Action::Deny, args),
+            DenyCommand::Del(args) => remove(&global, Action::Deny, args),
         },
         Command::Status { json, top } => status(&global, json, top),
         Command::Detach { interface } => detach(&global, interface.as_deref()),
@@ -241,14 +214,17 @@ fn call(global: &Global, request: &Request) -> anyhow::Result<Response> {
     }
 }
 
+fn add(global: &Global, action: Action, AddArgs { cidrs, comment }: AddArgs) -> anyhow::Result<()> {
+    change(global, Request::Add { action, cidrs, comment })
+}
+
+fn remove(global: &Global, action: Action, DelArgs { cidrs }: DelArgs) -> anyhow::Result<()> {
+    change(global, Request::Remove { action, cidrs })
+}
+
 fn change(global: &Global, request: Request) -> anyhow::Result<()> {
     match call(global, &request)? {
-        Response::Changed {
-            added,
-            removed,
-            updated,
-            entries,
-        } => {
+        Response::Changed { added, removed, updated, entries } => {
             println!(
                 "ok: {added} added, {removed} removed, {updated} updated; {entries} entries in force"
             );
@@ -285,15 +261,8 @@ fn status(global: &Global, json: bool, top: usize) -> anyhow::Result<()> {
 fn print_status(status: &Status) {
     println!("scope:      {}", status.scope);
     for attachment in &status.interfaces {
-        let how = if attachment.adopted {
-            ", taken over from a previous daemon"
-        } else {
-            ""
-        };
-        println!(
-            "interface:  {} ({} mode{how})",
-            attachment.interface, attachment.mode
-        );
+        let how = if attachment.adopted { ", taken over from a previous daemon" } else { "" };
+        println!("interface:  {} ({} mode{how})", attachment.interface, attachment.mode);
     }
     println!("allowlist:  {}", status.allowlist.display());
     println!(
@@ -317,10 +286,7 @@ fn print_status(status: &Status) {
     if !status.top_rules.is_empty() {
         println!("\nbusiest rules:");
         for rule in &status.top_rules {
-            println!(
-                "  {:<5} {:<43} {:>14} hits",
-                rule.action, rule.cidr, rule.hits
-            );
+            println!("  {:<5} {:<43} {:>14} hits", rule.action, rule.cidr, rule.hits);
         }
     }
 }
@@ -336,17 +302,13 @@ fn detach(global: &Global, interface: Option<&str>) -> anyhow::Result<()> {
         ),
         Err(e) => return Err(e.into()),
     }
-    let dir = global
-        .bpffs_dir
-        .clone()
-        .unwrap_or_else(|| DEFAULT_BPFFS_DIR.into());
+    let dir = global.bpffs_dir.clone().unwrap_or_else(|| DEFAULT_BPFFS_DIR.into());
     let detached = filter::detach_pinned(&dir, interface)?;
     if detached.interfaces.is_empty() && !detached.maps_removed {
         match interface {
-            Some(name) => bail!(
-                "`{name}` has no edgegate XDP program pinned under {}",
-                dir.display()
-            ),
+            Some(name) => {
+                bail!("`{name}` has no edgegate XDP program pinned under {}", dir.display())
+            }
             None => println!("nothing pinned under {}", dir.display()),
         }
     }

@@ -19,6 +19,7 @@ use aya::{
 };
 use edgegate::{config::Scope, filter::reference};
 use edgegate_tests::{
+    Lcg,
     harness::XdpHarness,
     packet::{ETHERTYPE_IPV4, ETHERTYPE_IPV6, Fragment, Transport, ethernet, ipv4, ipv6},
 };
@@ -34,11 +35,8 @@ struct Settings {
 
 impl Settings {
     fn from_args() -> Self {
-        let mut settings = Self {
-            repeat: 1_000_000,
-            sources: 32,
-            sizes: vec![10, 1_000, 100_000, 1_000_000],
-        };
+        let mut settings =
+            Self { repeat: 1_000_000, sources: 32, sizes: vec![10, 1_000, 100_000, 1_000_000] };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
             let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
@@ -46,10 +44,8 @@ impl Settings {
                 "--repeat" => settings.repeat = value().parse().expect("--repeat N"),
                 "--sources" => settings.sources = value().parse().expect("--sources N"),
                 "--sizes" => {
-                    settings.sizes = value()
-                        .split(',')
-                        .map(|s| s.parse().expect("--sizes N,N,.."))
-                        .collect();
+                    settings.sizes =
+                        value().split(',').map(|s| s.parse().expect("--sizes N,N,..")).collect();
                 }
                 // cargo bench passes --bench to every bench binary.
                 "--bench" => {}
@@ -90,50 +86,34 @@ impl Shape {
     }
 }
 
-/// A tiny deterministic generator, so that every run measures the same lists.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        self.0 >> 11
-    }
-}
-
 fn prefix(rng: &mut Lcg, family: Family, shape: Shape) -> IpNet {
     match family {
         Family::V4 => {
             let len = match shape {
                 Shape::Hosts => 32,
                 Shape::Networks => 24,
-                Shape::Mixed => 8 + (rng.next() % 25) as u8,
+                Shape::Mixed => 8 + (rng.next_u64() % 25) as u8,
             };
             // 1.0.0.0 - 223.255.255.255: unicast space.
-            let addr = Ipv4Addr::from(0x0100_0000 + (rng.next() % 0xde00_0000) as u32);
+            let addr = Ipv4Addr::from(0x0100_0000 + (rng.next_u64() % 0xde00_0000) as u32);
             IpNet::V4(Ipv4Net::new(addr, len).expect("len").trunc())
         }
         Family::V6 => {
             let len = match shape {
                 Shape::Hosts => 128,
                 Shape::Networks => 48,
-                Shape::Mixed => 16 + (rng.next() % 113) as u8,
+                Shape::Mixed => 16 + (rng.next_u64() % 113) as u8,
             };
-            let bits =
-                (0x2000u128 << 112) | (u128::from(rng.next()) << 64) | u128::from(rng.next());
-            IpNet::V6(
-                Ipv6Net::new(Ipv6Addr::from(bits), len)
-                    .expect("len")
-                    .trunc(),
-            )
+            let bits = (0x2000u128 << 112)
+                | (u128::from(rng.next_u64()) << 64)
+                | u128::from(rng.next_u64());
+            IpNet::V6(Ipv6Net::new(Ipv6Addr::from(bits), len).expect("len").trunc())
         }
     }
 }
 
 fn list(family: Family, shape: Shape, size: usize) -> Vec<IpNet> {
-    let mut rng = Lcg(size as u64 * 31 + shape as u64 * 7 + family as u64);
+    let mut rng = Lcg::new(size as u64 * 31 + shape as u64 * 7 + family as u64);
     let mut set = BTreeSet::new();
     while set.len() < size {
         set.insert(prefix(&mut rng, family, shape));
@@ -143,11 +123,11 @@ fn list(family: Family, shape: Shape, size: usize) -> Vec<IpNet> {
 
 /// Frames from `count` sources: even ones inside listed prefixes, odd ones random.
 fn frames(family: Family, prefixes: &[IpNet], count: usize) -> Vec<Vec<u8>> {
-    let mut rng = Lcg(0xfeed);
+    let mut rng = Lcg::new(0xfeed);
     (0..count)
         .map(|i| {
             let source = if i % 2 == 0 {
-                let net = prefixes[(rng.next() as usize) % prefixes.len()];
+                let net = prefixes[(rng.next_u64() as usize) % prefixes.len()];
                 match net {
                     IpNet::V4(net) => IpNet::V4(Ipv4Net::new(net.broadcast(), 32).expect("/32")),
                     IpNet::V6(net) => IpNet::V6(Ipv6Net::new(net.broadcast(), 128).expect("/128")),
@@ -182,19 +162,12 @@ fn measure(program: &Xdp, frames: &[Vec<u8>], repeat: u32) -> f64 {
 }
 
 fn load_xdp(ebpf: &mut Ebpf, name: &str) {
-    let program: &mut Xdp = ebpf
-        .program_mut(name)
-        .expect("program")
-        .try_into()
-        .expect("XDP");
+    let program: &mut Xdp = ebpf.program_mut(name).expect("program").try_into().expect("XDP");
     program.load().expect("load the reference program");
 }
 
 fn xdp<'a>(ebpf: &'a Ebpf, name: &str) -> &'a Xdp {
-    ebpf.program(name)
-        .expect("program")
-        .try_into()
-        .expect("XDP")
+    ebpf.program(name).expect("program").try_into().expect("XDP")
 }
 
 struct Row {
@@ -223,11 +196,7 @@ fn main() {
                 let frames = frames(family, &prefixes, settings.sources);
                 // The baseline is measured between rows, so that drift over
                 // the run shows up in it rather than skewing the ratios.
-                baseline.push(measure(
-                    xdp(&drop_only, "bench_drop"),
-                    &frames,
-                    settings.repeat,
-                ));
+                baseline.push(measure(xdp(&drop_only, "bench_drop"), &frames, settings.repeat));
 
                 let started = Instant::now();
                 let text: String = prefixes.iter().map(|p| format!("{p}\n")).collect();
@@ -236,11 +205,7 @@ fn main() {
                 let setup_s = started.elapsed().as_secs_f64();
                 let edgegate_ns = measure(harness.filter.program(), &frames, settings.repeat);
                 let (v4, v6) = harness.filter.lookups();
-                let lookup = if family == Family::V4 {
-                    v4.name()
-                } else {
-                    v6.name()
-                };
+                let lookup = if family == Family::V4 { v4.name() } else { v6.name() };
                 drop(harness);
 
                 let lpm_ns = measure_plain_lpm(&prefixes, &frames, settings.repeat);
@@ -267,55 +232,44 @@ fn main() {
 fn measure_plain_lpm(prefixes: &[IpNet], frames: &[Vec<u8>], repeat: u32) -> f64 {
     let mut ebpf = Ebpf::load(reference::PLAIN_LPM).expect("load the LPM program");
     load_xdp(&mut ebpf, "bench_lpm");
-    {
-        let mut v4: LpmTrie<_, [u8; 4], u32> =
-            LpmTrie::try_from(ebpf.map_mut("BENCH_V4_TRIE").expect("map")).expect("trie");
-        for net in prefixes
-            .iter()
-            .filter_map(|p| if let IpNet::V4(n) = p { Some(n) } else { None })
-        {
-            v4.insert(
-                &Key::new(u32::from(net.prefix_len()), net.network().octets()),
-                1,
-                0,
-            )
-            .expect("insert");
-        }
-    }
-    {
-        let mut v6: LpmTrie<_, [u8; 16], u32> =
-            LpmTrie::try_from(ebpf.map_mut("BENCH_V6_TRIE").expect("map")).expect("trie");
-        for net in prefixes
-            .iter()
-            .filter_map(|p| if let IpNet::V6(n) = p { Some(n) } else { None })
-        {
-            v6.insert(
-                &Key::new(u32::from(net.prefix_len()), net.network().octets()),
-                1,
-                0,
-            )
-            .expect("insert");
-        }
-    }
+    fill_trie(
+        &mut ebpf,
+        "BENCH_V4_TRIE",
+        prefixes.iter().filter_map(|p| match p {
+            IpNet::V4(n) => Some(Key::new(u32::from(n.prefix_len()), n.network().octets())),
+            IpNet::V6(_) => None,
+        }),
+    );
+    fill_trie(
+        &mut ebpf,
+        "BENCH_V6_TRIE",
+        prefixes.iter().filter_map(|p| match p {
+            IpNet::V6(n) => Some(Key::new(u32::from(n.prefix_len()), n.network().octets())),
+            IpNet::V4(_) => None,
+        }),
+    );
     measure(xdp(&ebpf, "bench_lpm"), frames, repeat)
+}
+
+fn fill_trie<K: aya::Pod>(ebpf: &mut Ebpf, name: &str, keys: impl Iterator<Item = Key<K>>) {
+    let mut trie: LpmTrie<_, K, u32> =
+        LpmTrie::try_from(ebpf.map_mut(name).expect("map")).expect("trie");
+    for key in keys {
+        trie.insert(&key, 1, 0).expect("insert");
+    }
 }
 
 fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     let mid = sorted.len() / 2;
-    if sorted.len().is_multiple_of(2) {
-        (sorted[mid - 1] + sorted[mid]) / 2.0
-    } else {
-        sorted[mid]
-    }
+    if sorted.len().is_multiple_of(2) { (sorted[mid - 1] + sorted[mid]) / 2.0 } else { sorted[mid] }
 }
 
 fn report(settings: &Settings, rows: &[Row], baseline: &[f64]) {
     let base = median(baseline);
-    let (base_min, base_max) = baseline
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let (base_min, base_max) =
+        baseline.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
     println!("\n## cargo xtask bench xdp");
     println!("{}", machine());
     println!(
@@ -364,11 +318,8 @@ fn report(settings: &Settings, rows: &[Row], baseline: &[f64]) {
     });
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).expect("target/bench");
-    std::fs::write(
-        dir.join("xdp.json"),
-        serde_json::to_string_pretty(&json).expect("json"),
-    )
-    .expect("write target/bench/xdp.json");
+    std::fs::write(dir.join("xdp.json"), serde_json::to_string_pretty(&json).expect("json"))
+        .expect("write target/bench/xdp.json");
 }
 
 /// Cores, CPU model and kernel, for the table's header.

@@ -52,11 +52,7 @@ impl XdpHarness {
         let pins = PinDir(options.bpffs_dir.clone());
         let list = Allowlist::parse(list).expect("a valid test list");
         let filter = Filter::open(&options, &list).expect("load the XDP program");
-        Self {
-            filter,
-            options,
-            _pins: pins,
-        }
+        Self { filter, options, _pins: pins }
     }
 
     /// A second, independent instance of the program sharing this one's
@@ -85,9 +81,5 @@ impl XdpHarness {
 pub fn run(filter: &Filter, frame: &[u8]) -> u32 {
     let mut options = TestRunOptions::new();
     options.data_in = Some(frame);
-    filter
-        .program()
-        .test_run(options)
-        .expect("BPF_PROG_TEST_RUN")
-        .return_value
+    filter.program().test_run(options).expect("BPF_PROG_TEST_RUN").return_value
 }

@@ -23,9 +23,22 @@ pub fn unique_name(prefix: &str) -> String {
 /// must fail there rather than skip silently.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions and cannot fail.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test needs root (XDP, bpffs, namespaces)"
-    );
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root (XDP, bpffs, namespaces)");
+}
+
+/// A tiny deterministic generator (Knuth's MMIX LCG): tests and benchmarks
+/// must see the same "random" lists and addresses on every run.
+pub struct Lcg(u64);
+
+impl Lcg {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// The next 53 pseudo-random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 =
+            self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        self.0 >> 11
+    }
 }

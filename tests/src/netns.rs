@@ -50,9 +50,7 @@ impl Netns {
     /// `ip netns exec`: the latter remounts /sys, hiding the host's bpffs.
     pub fn command(&self, program: &str) -> Command {
         let mut command = Command::new("nsenter");
-        command
-            .arg(format!("--net={}", self.path().display()))
-            .arg(program);
+        command.arg(format!("--net={}", self.path().display())).arg(program);
         command
     }
 
@@ -67,10 +65,8 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace also deletes the interfaces inside it.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
+        let _ =
+            Command::new("ip").args(["netns", "del", &self.name]).stderr(Stdio::null()).status();
     }
 }
 

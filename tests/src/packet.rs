@@ -146,10 +146,7 @@ pub fn ipv4(src: Ipv4Addr, transport: Transport, options: &[u8], fragment: Fragm
     let later_fragment = fragment.offset != 0;
     let needed = header_len + if later_fragment { 0 } else { read };
     packet.extend_from_slice(&payload);
-    Frame {
-        bytes: packet,
-        needed,
-    }
+    Frame { bytes: packet, needed }
 }
 
 /// An IPv6 packet (no link layer) with `extensions` in order.
@@ -158,17 +155,13 @@ pub fn ipv6(src: Ipv6Addr, extensions: &[Extension], transport: Transport) -> Fr
     let mut chain = Vec::new();
     let mut later_fragment = false;
     for (index, extension) in extensions.iter().enumerate() {
-        let next = extensions
-            .get(index + 1)
-            .map_or(transport.protocol(true), |e| e.protocol());
+        let next = extensions.get(index + 1).map_or(transport.protocol(true), |e| e.protocol());
         chain.extend_from_slice(&extension.bytes(next));
         if let Extension::Fragment { offset, .. } = extension {
             later_fragment |= *offset != 0;
         }
     }
-    let first = extensions
-        .first()
-        .map_or(transport.protocol(true), |e| e.protocol());
+    let first = extensions.first().map_or(transport.protocol(true), |e| e.protocol());
     let mut packet = vec![0u8; 40];
     packet[0] = 0x60;
     let payload_len = u16::try_from(chain.len() + payload.len()).expect("small packet");
@@ -190,10 +183,7 @@ pub fn ipv6(src: Ipv6Addr, extensions: &[Extension], transport: Transport) -> Fr
     };
     packet.extend_from_slice(&chain);
     packet.extend_from_slice(&payload);
-    Frame {
-        bytes: packet,
-        needed,
-    }
+    Frame { bytes: packet, needed }
 }
 
 /// Wraps an IP packet (or any payload) in Ethernet, with VLAN tags whose
@@ -207,22 +197,12 @@ pub fn ethernet(tags: &[u16], ethertype: u16, inner: Frame) -> Frame {
     frame.extend_from_slice(&ethertype.to_be_bytes());
     let link_len = frame.len();
     frame.extend_from_slice(&inner.bytes);
-    Frame {
-        bytes: frame,
-        needed: link_len + inner.needed,
-    }
+    Frame { bytes: frame, needed: link_len + inner.needed }
 }
 
 /// An ARP request frame.
 pub fn arp() -> Frame {
     let mut payload = vec![0, 1, 0x08, 0, 6, 4, 0, 1];
     payload.resize(28, 0);
-    ethernet(
-        &[],
-        ETHERTYPE_ARP,
-        Frame {
-            bytes: payload,
-            needed: 0,
-        },
-    )
+    ethernet(&[], ETHERTYPE_ARP, Frame { bytes: payload, needed: 0 })
 }

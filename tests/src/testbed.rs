@@ -32,6 +32,7 @@ pub const OPEN_PORT: u16 = 9080;
 
 pub struct Client {
     pub netns: Netns,
+    pub interface: String,
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
 }
@@ -110,6 +111,7 @@ impl Testbed {
             testbed.interfaces.push(server_if);
             testbed.clients.push(Client {
                 netns: client,
+                interface: client_if,
                 ipv4: client_v4,
                 ipv6: client_v6,
             });
@@ -164,11 +166,7 @@ impl Testbed {
             if let Some(status) = child.try_wait().expect("wait") {
                 panic!("the daemon exited with {status}:\n{}", self.daemon_log());
             }
-            assert!(
-                Instant::now() < deadline,
-                "the daemon did not start:\n{}",
-                self.daemon_log()
-            );
+            assert!(Instant::now() < deadline, "the daemon did not start:\n{}", self.daemon_log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -192,11 +190,7 @@ impl Testbed {
     }
 
     fn take_daemon(&self) -> Child {
-        self.daemon
-            .lock()
-            .expect("daemon lock")
-            .take()
-            .expect("the daemon is running")
+        self.daemon.lock().expect("daemon lock").take().expect("the daemon is running")
     }
 
     pub fn daemon_log(&self) -> String {
@@ -259,6 +253,39 @@ impl Testbed {
         })
     }
 
+    /// Sends a raw Ethernet frame from client `index`'s interface (AF_PACKET),
+    /// for what the kernel would not send itself: VLAN tags, broken headers.
+    pub fn inject(&self, index: usize, frame: &[u8]) {
+        let client = &self.clients[index];
+        client.netns.run(|| {
+            let name = std::ffi::CString::new(client.interface.as_str()).expect("name");
+            // SAFETY: plain syscalls on a socket this closure owns, with
+            // pointers to live, correctly sized values.
+            unsafe {
+                let if_index = libc::if_nametoindex(name.as_ptr());
+                assert_ne!(if_index, 0, "interface {}", client.interface);
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+                assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+                let mut address: libc::sockaddr_ll = std::mem::zeroed();
+                address.sll_family = libc::AF_PACKET as u16;
+                address.sll_ifindex = i32::try_from(if_index).expect("index");
+                address.sll_halen = 6;
+                address.sll_addr[..6].copy_from_slice(&frame[..6]);
+                let sent = libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&raw const address).cast(),
+                    u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).expect("size"),
+                );
+                let error = std::io::Error::last_os_error();
+                libc::close(fd);
+                assert_eq!(sent, isize::try_from(frame.len()).expect("len"), "sendto: {error}");
+            }
+        });
+    }
+
     /// The server's IPv4 address on client `index`'s link.
     pub fn server_v4(&self, index: usize) -> IpAddr {
         IpAddr::V4(self.server_ipv4[index])
@@ -312,10 +339,7 @@ impl TcpServer {
                 }
             })
         };
-        Self {
-            stop,
-            thread: Some(thread),
-        }
+        Self { stop, thread: Some(thread) }
     }
 }
 
@@ -335,11 +359,7 @@ pub fn edgegate_binary() -> PathBuf {
         return path.into();
     }
     let exe = std::env::current_exe().expect("current exe");
-    let candidates = exe
-        .ancestors()
-        .skip(1)
-        .take(2)
-        .map(|dir| dir.join("edgegate"));
+    let candidates = exe.ancestors().skip(1).take(2).map(|dir| dir.join("edgegate"));
     candidates
         .into_iter()
         .find(|path: &PathBuf| path.is_file())

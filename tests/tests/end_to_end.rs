@@ -15,10 +15,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
 /// Client 0 allowed (v4 and v6), client 1 not listed.
 fn testbed_with_client0_allowed() -> Testbed {
     let testbed = Testbed::new(2);
-    let list = format!(
-        "{}/32\n{}/128\n",
-        testbed.clients[0].ipv4, testbed.clients[0].ipv6
-    );
+    let list = format!("{}/32\n{}/128\n", testbed.clients[0].ipv4, testbed.clients[0].ipv6);
     std::fs::create_dir_all(testbed.allowlist_path().parent().expect("dir")).expect("state dir");
     std::fs::write(testbed.allowlist_path(), list).expect("write allowlist");
     testbed.start_daemon();
@@ -35,14 +32,8 @@ fn allowed_client_connects_and_unlisted_client_is_dropped_at_xdp() {
     let dropped_v6 = testbed.counted("ipv6", "unlisted");
     assert!(!testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
     assert!(!testbed.connects(1, testbed.server_v6(1), PROTECTED_PORT, CONNECT_TIMEOUT));
-    assert!(
-        testbed.counted("ipv4", "unlisted") > dropped_v4,
-        "the blocked SYN is counted"
-    );
-    assert!(
-        testbed.counted("ipv6", "unlisted") > dropped_v6,
-        "the blocked SYN is counted"
-    );
+    assert!(testbed.counted("ipv4", "unlisted") > dropped_v4, "the blocked SYN is counted");
+    assert!(testbed.counted("ipv6", "unlisted") > dropped_v6, "the blocked SYN is counted");
 
     // Ports outside the protected set are not the filter's business.
     assert!(testbed.connects(1, testbed.server_v4(1), OPEN_PORT, CONNECT_TIMEOUT));
@@ -61,12 +52,7 @@ fn allow_add_opens_within_100ms_and_allow_del_closes_again() {
 
     let start = Instant::now();
     testbed.cli_ok(&["allow", "add", &client, "--comment", "late partner"]);
-    assert!(testbed.connects(
-        1,
-        testbed.server_v4(1),
-        PROTECTED_PORT,
-        Duration::from_millis(100)
-    ));
+    assert!(testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, Duration::from_millis(100)));
     let elapsed = start.elapsed();
     assert!(
         elapsed < Duration::from_millis(100),
@@ -79,10 +65,7 @@ fn allow_add_opens_within_100ms_and_allow_del_closes_again() {
         "{listed}"
     );
     let persisted = std::fs::read_to_string(testbed.allowlist_path()).expect("allowlist file");
-    assert!(
-        persisted.contains(&format!("{client}/32")),
-        "persisted before the ack: {persisted}"
-    );
+    assert!(persisted.contains(&format!("{client}/32")), "persisted before the ack: {persisted}");
 
     testbed.cli_ok(&["allow", "del", &client]);
     assert!(!testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
@@ -107,13 +90,7 @@ fn deny_inside_an_allowed_range_wins() {
 #[test]
 fn filtering_survives_kill_9_and_a_restart_adopts_the_same_list() {
     let testbed = testbed_with_client0_allowed();
-    testbed.cli_ok(&[
-        "deny",
-        "add",
-        "192.0.2.0/24",
-        "--comment",
-        "kept across restarts",
-    ]);
+    testbed.cli_ok(&["deny", "add", "192.0.2.0/24", "--comment", "kept across restarts"]);
     let before = testbed.cli_ok(&["allow", "list", "--json"]);
 
     let stop = AtomicBool::new(false);
@@ -139,22 +116,11 @@ fn filtering_survives_kill_9_and_a_restart_adopts_the_same_list() {
         stop.store(true, Ordering::Relaxed);
         prober.join().expect("prober")
     });
-    assert_eq!(
-        leaked, 0,
-        "a blocked client got through during the crash or restart"
-    );
+    assert_eq!(leaked, 0, "a blocked client got through during the crash or restart");
 
-    assert_eq!(
-        testbed.cli_ok(&["allow", "list", "--json"]),
-        before,
-        "the same list after restart"
-    );
+    assert_eq!(testbed.cli_ok(&["allow", "list", "--json"]), before, "the same list after restart");
     let status = testbed.status();
-    assert!(
-        status.interfaces.iter().all(|a| a.adopted),
-        "{:?}",
-        status.interfaces
-    );
+    assert!(status.interfaces.iter().all(|a| a.adopted), "{:?}", status.interfaces);
     assert!(testbed.connects(0, testbed.server_v4(0), PROTECTED_PORT, CONNECT_TIMEOUT));
     assert!(!testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
 }
@@ -163,19 +129,13 @@ fn filtering_survives_kill_9_and_a_restart_adopts_the_same_list() {
 fn sigterm_leaves_the_filter_pinned_until_detach() {
     let testbed = testbed_with_client0_allowed();
     assert!(testbed.stop_daemon().success(), "{}", testbed.daemon_log());
-    assert!(
-        !testbed.socket.exists(),
-        "the control socket is removed on exit"
-    );
+    assert!(!testbed.socket.exists(), "the control socket is removed on exit");
     assert!(!testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
     assert!(testbed.connects(0, testbed.server_v4(0), PROTECTED_PORT, CONNECT_TIMEOUT));
 
     let output = testbed.cli_ok(&["detach"]);
     for interface in &testbed.interfaces {
-        assert!(
-            output.contains(&format!("detached from {interface}")),
-            "{output}"
-        );
+        assert!(output.contains(&format!("detached from {interface}")), "{output}");
     }
     assert!(!testbed.bpffs_dir.exists(), "no pin left behind");
     assert!(testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
@@ -190,10 +150,7 @@ fn detach_of_one_interface_keeps_the_others_filtered() {
     assert!(output.contains(&testbed.interfaces[1]), "{output}");
     assert!(testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
     assert!(!testbed.connects(0, testbed.server_v4(0), PROTECTED_PORT, CONNECT_TIMEOUT));
-    assert!(
-        testbed.bpffs_dir.join("maps").exists(),
-        "maps stay while a link remains"
-    );
+    assert!(testbed.bpffs_dir.join("maps").exists(), "maps stay while a link remains");
 }
 
 #[test]
@@ -219,33 +176,15 @@ fn bad_cli_input_changes_nothing() {
     let bad_file = bad_file.to_str().expect("UTF-8").to_owned();
 
     let cases: [(&[&str], &str); 8] = [
-        (
-            &["allow", "add", "10.0.0.300"],
-            "`10.0.0.300` is not an IP address or CIDR",
-        ),
-        (
-            &["allow", "add", "10.0.0.1/8"],
-            "has host bits set; the network is `10.0.0.0/8`",
-        ),
+        (&["allow", "add", "10.0.0.300"], "`10.0.0.300` is not an IP address or CIDR"),
+        (&["allow", "add", "10.0.0.1/8"], "has host bits set; the network is `10.0.0.0/8`"),
         (&["allow", "add", "::ffff:10.1.2.3"], "write `10.1.2.3/32`"),
         // One bad argument spoils the whole request: the good one is not added.
-        (
-            &["allow", "add", "198.51.100.0/24", "nonsense"],
-            "`nonsense`",
-        ),
-        (
-            &["allow", "del", "198.51.100.0/24"],
-            "198.51.100.0/24 is not on the list as allow",
-        ),
+        (&["allow", "add", "198.51.100.0/24", "nonsense"], "`nonsense`"),
+        (&["allow", "del", "198.51.100.0/24"], "198.51.100.0/24 is not on the list as allow"),
         (&["deny", "del", &client0], "is not on the list as deny"),
-        (
-            &["deny", "add", &client0],
-            "already listed as allow; remove it first",
-        ),
-        (
-            &["allow", "replace", "--file", &bad_file],
-            "line 3: `203.0.113.5/24` has host bits set",
-        ),
+        (&["deny", "add", &client0], "already listed as allow; remove it first"),
+        (&["allow", "replace", "--file", &bad_file], "line 3: `203.0.113.5/24` has host bits set"),
     ];
     for (args, expected) in cases {
         let output = testbed.cli(args);
@@ -260,10 +199,7 @@ fn bad_cli_input_changes_nothing() {
             .starts_with(format!("edgegate: {bad_file}: line 3").as_bytes())
     );
     assert_eq!(testbed.cli_ok(&["allow", "list", "--json"]), list_before);
-    assert_eq!(
-        std::fs::read_to_string(testbed.allowlist_path()).expect("allowlist"),
-        file_before
-    );
+    assert_eq!(std::fs::read_to_string(testbed.allowlist_path()).expect("allowlist"), file_before);
     assert!(testbed.connects(0, testbed.server_v4(0), PROTECTED_PORT, CONNECT_TIMEOUT));
 }
 
@@ -271,11 +207,8 @@ fn bad_cli_input_changes_nothing() {
 fn replace_swaps_the_whole_list() {
     let testbed = testbed_with_client0_allowed();
     let file = testbed.dir.join("new-list");
-    std::fs::write(
-        &file,
-        format!("{}  # the new partner\n", testbed.clients[1].ipv4),
-    )
-    .expect("write");
+    std::fs::write(&file, format!("{}  # the new partner\n", testbed.clients[1].ipv4))
+        .expect("write");
     let output = testbed.cli_ok(&["allow", "replace", "--file", file.to_str().expect("UTF-8")]);
     assert!(output.contains("1 added, 2 removed"), "{output}");
     assert!(testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
@@ -294,10 +227,7 @@ fn a_list_beyond_capacity_is_refused_before_touching_the_maps() {
     let output = testbed.cli(&["allow", "replace", "--file", file.to_str().expect("UTF-8")]);
     let message = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(
-        message.contains("need room for 5 entries") && message.contains("hold 4"),
-        "{message}"
-    );
+    assert!(message.contains("need room for 5 entries") && message.contains("hold 4"), "{message}");
     assert_eq!(testbed.status().ipv4_entries, 0);
 }
 
@@ -318,19 +248,11 @@ fn skb_mode_filters_as_well() {
     let testbed = Testbed::new(2);
     testbed.write_config("mode = \"skb\"");
     std::fs::create_dir_all(testbed.allowlist_path().parent().expect("dir")).expect("state dir");
-    std::fs::write(
-        testbed.allowlist_path(),
-        format!("{}\n", testbed.clients[0].ipv4),
-    )
-    .expect("list");
+    std::fs::write(testbed.allowlist_path(), format!("{}\n", testbed.clients[0].ipv4))
+        .expect("list");
     testbed.start_daemon();
     let status = testbed.status();
-    assert!(
-        status
-            .interfaces
-            .iter()
-            .all(|a| a.mode == edgegate::filter::AttachedMode::Skb)
-    );
+    assert!(status.interfaces.iter().all(|a| a.mode == edgegate::filter::AttachedMode::Skb));
     assert!(testbed.connects(0, testbed.server_v4(0), PROTECTED_PORT, CONNECT_TIMEOUT));
     assert!(!testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
 }
@@ -343,41 +265,23 @@ fn the_daemon_refuses_bad_configs_and_lists() {
     let run = || {
         testbed
             .server
-            .command(
-                edgegate_tests::testbed::edgegate_binary()
-                    .to_str()
-                    .expect("UTF-8"),
-            )
+            .command(edgegate_tests::testbed::edgegate_binary().to_str().expect("UTF-8"))
             .args(["run", "--config"])
             .arg(&testbed.config)
             .output()
             .expect("run the daemon")
     };
     let cases = [
-        (
-            "interfaces = [\"nosuch0\"]",
-            None,
-            "interface `nosuch0` does not exist",
-        ),
+        ("interfaces = [\"nosuch0\"]", None, "interface `nosuch0` does not exist"),
         ("mode = \"turbo\"", None, "unknown variant `turbo`"),
-        (
-            "",
-            Some("10.0.0.0/8\n10.0.0.1/8\n"),
-            "allowlist: line 2: `10.0.0.1/8` has host bits set",
-        ),
+        ("", Some("10.0.0.0/8\n10.0.0.1/8\n"), "allowlist: line 2: `10.0.0.1/8` has host bits set"),
     ];
     for (extra, list, expected) in cases {
         let config = std::fs::read_to_string(&testbed.config).expect("config");
         if extra.starts_with("interfaces") {
             let replaced = config
                 .lines()
-                .map(|line| {
-                    if line.starts_with("interfaces") {
-                        extra
-                    } else {
-                        line
-                    }
-                })
+                .map(|line| if line.starts_with("interfaces") { extra } else { line })
                 .collect::<Vec<_>>()
                 .join("\n");
             std::fs::write(&testbed.config, replaced).expect("config");
@@ -408,11 +312,7 @@ fn check_validates_the_config_and_the_list() {
     let testbed = Testbed::new(1);
     let check = || testbed.cli(&["check", "--config", testbed.config.to_str().expect("UTF-8")]);
     let output = check();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stdout).starts_with("config OK"));
 
     std::fs::create_dir_all(testbed.allowlist_path().parent().expect("dir")).expect("dir");
@@ -425,4 +325,53 @@ fn check_validates_the_config_and_the_list() {
             .contains("allowlist: line 1: expected `[allow|deny] CIDR [# comment]`, found `allow`"),
         "{message}"
     );
+}
+
+#[test]
+fn a_pin_directory_outside_bpffs_is_refused() {
+    let testbed = Testbed::new(1);
+    let not_bpffs = testbed.dir.join("bpf");
+    let output = testbed
+        .server
+        .command(edgegate_tests::testbed::edgegate_binary().to_str().expect("UTF-8"))
+        .arg("--bpffs-dir")
+        .arg(&not_bpffs)
+        .args(["run", "--config"])
+        .arg(&testbed.config)
+        .output()
+        .expect("run the daemon");
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(message.contains("is not on a bpffs mount; mount one with `mount -t bpf"), "{message}");
+}
+
+/// Frames the kernel would never send itself, injected raw on the wire: the
+/// program looks through VLAN tags, and its diagnostics reach the daemon's log.
+#[test]
+fn tagged_and_malformed_frames_on_the_wire() {
+    use edgegate_tests::packet::{
+        ETHERTYPE_IPV4, Fragment, TPID_QINQ, TPID_VLAN, Transport, ethernet, ipv4,
+    };
+    let testbed = testbed_with_client0_allowed();
+    let syn = Transport::Tcp { dst_port: PROTECTED_PORT };
+    let tagged = |src| {
+        ethernet(&[TPID_QINQ, TPID_VLAN], ETHERTYPE_IPV4, ipv4(src, syn, &[], Fragment::default()))
+    };
+    let (allowed, unlisted) =
+        (testbed.counted("ipv4", "allowed"), testbed.counted("ipv4", "unlisted"));
+    testbed.inject(1, &tagged(testbed.clients[0].ipv4).bytes);
+    testbed.inject(1, &tagged("192.0.2.1".parse().expect("address")).bytes);
+    assert_eq!(testbed.counted("ipv4", "allowed"), allowed + 1);
+    assert_eq!(testbed.counted("ipv4", "unlisted"), unlisted + 1);
+
+    let mut broken =
+        ethernet(&[], ETHERTYPE_IPV4, ipv4(testbed.clients[1].ipv4, syn, &[], Fragment::default()));
+    broken.bytes[14] = 0x43; // IHL 3: shorter than the minimal header
+    testbed.inject(1, &broken.bytes);
+    assert_eq!(testbed.counted("ipv4", "malformed"), 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !testbed.daemon_log().contains("dropped malformed ipv4 packet") {
+        assert!(Instant::now() < deadline, "no diagnostic in the log:\n{}", testbed.daemon_log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use edgegate::{allowlist::Allowlist, config::Scope};
 use edgegate_tests::{
+    Lcg,
     harness::{XDP_DROP, XDP_PASS, XdpHarness, run},
     packet::{
         ETHERTYPE_IPV4, ETHERTYPE_IPV6, Extension, Fragment, Frame, TPID_QINQ, TPID_VLAN,
@@ -32,11 +33,7 @@ const UNLISTED_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb9, 0, 0, 0, 0, 0, 1);
 const TCP: Transport = Transport::Tcp { dst_port: PORT };
 
 fn v4(src: Ipv4Addr, transport: Transport) -> Frame {
-    ethernet(
-        &[],
-        ETHERTYPE_IPV4,
-        ipv4(src, transport, &[], Fragment::default()),
-    )
+    ethernet(&[], ETHERTYPE_IPV4, ipv4(src, transport, &[], Fragment::default()))
 }
 
 fn v6(src: Ipv6Addr, extensions: &[Extension], transport: Transport) -> Frame {
@@ -48,19 +45,11 @@ fn v6(src: Ipv6Addr, extensions: &[Extension], transport: Transport) -> Frame {
 #[track_caller]
 fn expect(harness: &XdpHarness, frame: &[u8], verdict: u32, family: &str, reason: &str) {
     let before = harness.counters();
-    assert_eq!(
-        harness.run(frame),
-        verdict,
-        "verdict for {family}/{reason}, frame {frame:02x?}"
-    );
+    assert_eq!(harness.run(frame), verdict, "verdict for {family}/{reason}, frame {frame:02x?}");
     let after = harness.counters();
     for (((slot, old), (_, new)), _) in before.iter().zip(&after).zip(0..) {
         let expected = u64::from(slot.0 == family && slot.1 == reason);
-        assert_eq!(
-            new - old,
-            expected,
-            "counter {slot:?} (expected {family}/{reason})"
-        );
+        assert_eq!(new - old, expected, "counter {slot:?} (expected {family}/{reason})");
     }
 }
 
@@ -73,13 +62,7 @@ fn allowed_denied_and_unlisted_sources_ipv4() {
     let h = ports_scope();
     expect(&h, &v4(ALLOWED_V4, TCP).bytes, XDP_PASS, "ipv4", "allowed");
     expect(&h, &v4(DENIED_V4, TCP).bytes, XDP_DROP, "ipv4", "denied");
-    expect(
-        &h,
-        &v4(UNLISTED_V4, TCP).bytes,
-        XDP_DROP,
-        "ipv4",
-        "unlisted",
-    );
+    expect(&h, &v4(UNLISTED_V4, TCP).bytes, XDP_DROP, "ipv4", "unlisted");
     expect(
         &h,
         &v4(ALLOWED_V4, Transport::Udp { dst_port: PORT }).bytes,
@@ -99,56 +82,20 @@ fn allowed_denied_and_unlisted_sources_ipv4() {
 #[test]
 fn allowed_denied_and_unlisted_sources_ipv6() {
     let h = ports_scope();
-    expect(
-        &h,
-        &v6(ALLOWED_V6, &[], TCP).bytes,
-        XDP_PASS,
-        "ipv6",
-        "allowed",
-    );
-    expect(
-        &h,
-        &v6(DENIED_V6, &[], TCP).bytes,
-        XDP_DROP,
-        "ipv6",
-        "denied",
-    );
-    expect(
-        &h,
-        &v6(UNLISTED_V6, &[], TCP).bytes,
-        XDP_DROP,
-        "ipv6",
-        "unlisted",
-    );
+    expect(&h, &v6(ALLOWED_V6, &[], TCP).bytes, XDP_PASS, "ipv6", "allowed");
+    expect(&h, &v6(DENIED_V6, &[], TCP).bytes, XDP_DROP, "ipv6", "denied");
+    expect(&h, &v6(UNLISTED_V6, &[], TCP).bytes, XDP_DROP, "ipv6", "unlisted");
 }
 
 #[test]
 fn longest_prefix_wins_both_ways() {
     let h = ports_scope();
     // allow /24 with a deny /32 inside it
-    expect(
-        &h,
-        &v4(Ipv4Addr::new(203, 0, 113, 65), TCP).bytes,
-        XDP_PASS,
-        "ipv4",
-        "allowed",
-    );
+    expect(&h, &v4(Ipv4Addr::new(203, 0, 113, 65), TCP).bytes, XDP_PASS, "ipv4", "allowed");
     expect(&h, &v4(DENIED_V4, TCP).bytes, XDP_DROP, "ipv4", "denied");
     // deny /24 with an allow /32 inside it
-    expect(
-        &h,
-        &v4(Ipv4Addr::new(198, 51, 100, 7), TCP).bytes,
-        XDP_PASS,
-        "ipv4",
-        "allowed",
-    );
-    expect(
-        &h,
-        &v4(Ipv4Addr::new(198, 51, 100, 8), TCP).bytes,
-        XDP_DROP,
-        "ipv4",
-        "denied",
-    );
+    expect(&h, &v4(Ipv4Addr::new(198, 51, 100, 7), TCP).bytes, XDP_PASS, "ipv4", "allowed");
+    expect(&h, &v4(Ipv4Addr::new(198, 51, 100, 8), TCP).bytes, XDP_DROP, "ipv4", "denied");
 }
 
 #[test]
@@ -169,35 +116,13 @@ fn rule_hits_are_counted_per_rule() {
 #[test]
 fn vlan_and_qinq_tags_are_looked_through() {
     let h = ports_scope();
-    for tags in [
-        &[TPID_VLAN][..],
-        &[TPID_QINQ, TPID_VLAN],
-        &[TPID_VLAN, TPID_VLAN],
-    ] {
+    for tags in [&[TPID_VLAN][..], &[TPID_QINQ, TPID_VLAN], &[TPID_VLAN, TPID_VLAN]] {
         let inner = ipv4(ALLOWED_V4, TCP, &[], Fragment::default());
-        expect(
-            &h,
-            &ethernet(tags, ETHERTYPE_IPV4, inner).bytes,
-            XDP_PASS,
-            "ipv4",
-            "allowed",
-        );
+        expect(&h, &ethernet(tags, ETHERTYPE_IPV4, inner).bytes, XDP_PASS, "ipv4", "allowed");
         let inner = ipv4(UNLISTED_V4, TCP, &[], Fragment::default());
-        expect(
-            &h,
-            &ethernet(tags, ETHERTYPE_IPV4, inner).bytes,
-            XDP_DROP,
-            "ipv4",
-            "unlisted",
-        );
+        expect(&h, &ethernet(tags, ETHERTYPE_IPV4, inner).bytes, XDP_DROP, "ipv4", "unlisted");
         let inner = ipv6(DENIED_V6, &[], TCP);
-        expect(
-            &h,
-            &ethernet(tags, ETHERTYPE_IPV6, inner).bytes,
-            XDP_DROP,
-            "ipv6",
-            "denied",
-        );
+        expect(&h, &ethernet(tags, ETHERTYPE_IPV6, inner).bytes, XDP_DROP, "ipv6", "denied");
     }
     // A third tag is more than the kernel's IP stack accepts: not IP to us either.
     let inner = ipv4(UNLISTED_V4, TCP, &[], Fragment::default());
@@ -210,17 +135,11 @@ fn ipv4_options_are_skipped() {
     let h = ports_scope();
     for words in 1..=10 {
         let options = vec![1u8; words * 4]; // NOP options
-        let frame = ethernet(
-            &[],
-            ETHERTYPE_IPV4,
-            ipv4(ALLOWED_V4, TCP, &options, Fragment::default()),
-        );
+        let frame =
+            ethernet(&[], ETHERTYPE_IPV4, ipv4(ALLOWED_V4, TCP, &options, Fragment::default()));
         expect(&h, &frame.bytes, XDP_PASS, "ipv4", "allowed");
-        let frame = ethernet(
-            &[],
-            ETHERTYPE_IPV4,
-            ipv4(UNLISTED_V4, TCP, &options, Fragment::default()),
-        );
+        let frame =
+            ethernet(&[], ETHERTYPE_IPV4, ipv4(UNLISTED_V4, TCP, &options, Fragment::default()));
         expect(&h, &frame.bytes, XDP_DROP, "ipv4", "unlisted");
     }
 }
@@ -245,46 +164,22 @@ fn ipv6_extension_headers_are_walked() {
         &[Extension::Routing],
         &[Extension::DestinationOptions],
         &[Extension::Authentication],
-        &[Extension::Fragment {
-            offset: 0,
-            more: true,
-        }],
+        &[Extension::Fragment { offset: 0, more: true }],
         &[
             Extension::HopByHop,
             Extension::DestinationOptions,
             Extension::Routing,
-            Extension::Fragment {
-                offset: 0,
-                more: true,
-            },
+            Extension::Fragment { offset: 0, more: true },
             Extension::Authentication,
             Extension::DestinationOptions,
         ],
     ];
     for chain in chains {
-        expect(
-            &h,
-            &v6(ALLOWED_V6, chain, TCP).bytes,
-            XDP_PASS,
-            "ipv6",
-            "allowed",
-        );
-        expect(
-            &h,
-            &v6(UNLISTED_V6, chain, TCP).bytes,
-            XDP_DROP,
-            "ipv6",
-            "unlisted",
-        );
+        expect(&h, &v6(ALLOWED_V6, chain, TCP).bytes, XDP_PASS, "ipv6", "allowed");
+        expect(&h, &v6(UNLISTED_V6, chain, TCP).bytes, XDP_DROP, "ipv6", "unlisted");
         // The port behind the chain is read: an unprotected one is out of scope.
         let other_port = Transport::Tcp { dst_port: 80 };
-        expect(
-            &h,
-            &v6(UNLISTED_V6, chain, other_port).bytes,
-            XDP_PASS,
-            "ipv6",
-            "out_of_scope",
-        );
+        expect(&h, &v6(UNLISTED_V6, chain, other_port).bytes, XDP_PASS, "ipv6", "out_of_scope");
     }
 }
 
@@ -292,117 +187,42 @@ fn ipv6_extension_headers_are_walked() {
 fn ipv6_extension_chain_beyond_the_walk_limit_is_malformed() {
     let h = ports_scope();
     let chain = [Extension::DestinationOptions; proxy_common::MAX_IPV6_EXT_HEADERS + 1];
-    expect(
-        &h,
-        &v6(ALLOWED_V6, &chain, TCP).bytes,
-        XDP_DROP,
-        "ipv6",
-        "malformed",
-    );
+    expect(&h, &v6(ALLOWED_V6, &chain, TCP).bytes, XDP_DROP, "ipv6", "malformed");
     let chain = [Extension::DestinationOptions; proxy_common::MAX_IPV6_EXT_HEADERS];
-    expect(
-        &h,
-        &v6(ALLOWED_V6, &chain, TCP).bytes,
-        XDP_PASS,
-        "ipv6",
-        "allowed",
-    );
+    expect(&h, &v6(ALLOWED_V6, &chain, TCP).bytes, XDP_PASS, "ipv6", "allowed");
 }
 
 #[test]
 fn fragments_never_bypass_the_list_in_ports_scope() {
     let h = ports_scope();
-    let first = Fragment {
-        offset: 0,
-        more: true,
-    };
-    let later = Fragment {
-        offset: 185,
-        more: true,
-    };
+    let first = Fragment { offset: 0, more: true };
+    let later = Fragment { offset: 185, more: true };
     let frame = |src, fragment| ethernet(&[], ETHERTYPE_IPV4, ipv4(src, TCP, &[], fragment));
     // The first fragment carries the port.
-    expect(
-        &h,
-        &frame(ALLOWED_V4, first).bytes,
-        XDP_PASS,
-        "ipv4",
-        "allowed",
-    );
-    expect(
-        &h,
-        &frame(UNLISTED_V4, first).bytes,
-        XDP_DROP,
-        "ipv4",
-        "unlisted",
-    );
+    expect(&h, &frame(ALLOWED_V4, first).bytes, XDP_PASS, "ipv4", "allowed");
+    expect(&h, &frame(UNLISTED_V4, first).bytes, XDP_DROP, "ipv4", "unlisted");
     // Later fragments carry none: judged by source alone, even though the
     // port field's bytes (here the TCP header's) say something else.
     let unprotected = |src| {
         let transport = Transport::Tcp { dst_port: 80 };
         ethernet(&[], ETHERTYPE_IPV4, ipv4(src, transport, &[], later))
     };
-    expect(
-        &h,
-        &unprotected(ALLOWED_V4).bytes,
-        XDP_PASS,
-        "ipv4",
-        "allowed",
-    );
-    expect(
-        &h,
-        &unprotected(UNLISTED_V4).bytes,
-        XDP_DROP,
-        "ipv4",
-        "unlisted",
-    );
-    expect(
-        &h,
-        &unprotected(DENIED_V4).bytes,
-        XDP_DROP,
-        "ipv4",
-        "denied",
-    );
+    expect(&h, &unprotected(ALLOWED_V4).bytes, XDP_PASS, "ipv4", "allowed");
+    expect(&h, &unprotected(UNLISTED_V4).bytes, XDP_DROP, "ipv4", "unlisted");
+    expect(&h, &unprotected(DENIED_V4).bytes, XDP_DROP, "ipv4", "denied");
 
-    let later6 = [Extension::Fragment {
-        offset: 185,
-        more: false,
-    }];
+    let later6 = [Extension::Fragment { offset: 185, more: false }];
     let other_port = Transport::Tcp { dst_port: 80 };
-    expect(
-        &h,
-        &v6(ALLOWED_V6, &later6, other_port).bytes,
-        XDP_PASS,
-        "ipv6",
-        "allowed",
-    );
-    expect(
-        &h,
-        &v6(UNLISTED_V6, &later6, other_port).bytes,
-        XDP_DROP,
-        "ipv6",
-        "unlisted",
-    );
-    let first6 = [Extension::Fragment {
-        offset: 0,
-        more: true,
-    }];
-    expect(
-        &h,
-        &v6(UNLISTED_V6, &first6, other_port).bytes,
-        XDP_PASS,
-        "ipv6",
-        "out_of_scope",
-    );
+    expect(&h, &v6(ALLOWED_V6, &later6, other_port).bytes, XDP_PASS, "ipv6", "allowed");
+    expect(&h, &v6(UNLISTED_V6, &later6, other_port).bytes, XDP_DROP, "ipv6", "unlisted");
+    let first6 = [Extension::Fragment { offset: 0, more: true }];
+    expect(&h, &v6(UNLISTED_V6, &first6, other_port).bytes, XDP_PASS, "ipv6", "out_of_scope");
 }
 
 #[test]
 fn fragments_in_host_scope_are_judged_by_source() {
     let h = XdpHarness::new(LIST, Scope::Host, &[PORT]);
-    let later = Fragment {
-        offset: 8,
-        more: false,
-    };
+    let later = Fragment { offset: 8, more: false };
     let frame = |src| ethernet(&[], ETHERTYPE_IPV4, ipv4(src, Transport::Icmp, &[], later));
     expect(&h, &frame(ALLOWED_V4).bytes, XDP_PASS, "ipv4", "allowed");
     expect(&h, &frame(UNLISTED_V4).bytes, XDP_DROP, "ipv4", "unlisted");
@@ -421,45 +241,15 @@ fn ports_scope_only_protects_listed_ports() {
     let h = XdpHarness::new(LIST, Scope::Ports, &[PORT, 8443]);
     for port in [22, 80, 444, 8442, 65535] {
         let tcp = Transport::Tcp { dst_port: port };
-        expect(
-            &h,
-            &v4(UNLISTED_V4, tcp).bytes,
-            XDP_PASS,
-            "ipv4",
-            "out_of_scope",
-        );
-        expect(
-            &h,
-            &v6(UNLISTED_V6, &[], tcp).bytes,
-            XDP_PASS,
-            "ipv6",
-            "out_of_scope",
-        );
+        expect(&h, &v4(UNLISTED_V4, tcp).bytes, XDP_PASS, "ipv4", "out_of_scope");
+        expect(&h, &v6(UNLISTED_V6, &[], tcp).bytes, XDP_PASS, "ipv6", "out_of_scope");
     }
     let tcp = Transport::Tcp { dst_port: 8443 };
-    expect(
-        &h,
-        &v4(UNLISTED_V4, tcp).bytes,
-        XDP_DROP,
-        "ipv4",
-        "unlisted",
-    );
+    expect(&h, &v4(UNLISTED_V4, tcp).bytes, XDP_DROP, "ipv4", "unlisted");
     // Protocols without ports are out of scope.
-    expect(
-        &h,
-        &v4(UNLISTED_V4, Transport::Icmp).bytes,
-        XDP_PASS,
-        "ipv4",
-        "out_of_scope",
-    );
+    expect(&h, &v4(UNLISTED_V4, Transport::Icmp).bytes, XDP_PASS, "ipv4", "out_of_scope");
     let echo = Transport::Icmpv6 { kind: 128 };
-    expect(
-        &h,
-        &v6(UNLISTED_V6, &[], echo).bytes,
-        XDP_PASS,
-        "ipv6",
-        "out_of_scope",
-    );
+    expect(&h, &v6(UNLISTED_V6, &[], echo).bytes, XDP_PASS, "ipv6", "out_of_scope");
 }
 
 #[test]
@@ -468,74 +258,24 @@ fn host_scope_filters_everything_but_neighbour_discovery_and_replies() {
     let (first, last) = ephemeral_range();
     for port in [22, 80, PORT] {
         let tcp = Transport::Tcp { dst_port: port };
-        expect(
-            &h,
-            &v4(UNLISTED_V4, tcp).bytes,
-            XDP_DROP,
-            "ipv4",
-            "unlisted",
-        );
+        expect(&h, &v4(UNLISTED_V4, tcp).bytes, XDP_DROP, "ipv4", "unlisted");
         expect(&h, &v4(ALLOWED_V4, tcp).bytes, XDP_PASS, "ipv4", "allowed");
     }
-    expect(
-        &h,
-        &v4(UNLISTED_V4, Transport::Icmp).bytes,
-        XDP_DROP,
-        "ipv4",
-        "unlisted",
-    );
+    expect(&h, &v4(UNLISTED_V4, Transport::Icmp).bytes, XDP_DROP, "ipv4", "unlisted");
     for port in [first, last] {
         let reply = Transport::Udp { dst_port: port };
-        expect(
-            &h,
-            &v4(UNLISTED_V4, reply).bytes,
-            XDP_PASS,
-            "ipv4",
-            "ephemeral_port",
-        );
-        expect(
-            &h,
-            &v6(UNLISTED_V6, &[], reply).bytes,
-            XDP_PASS,
-            "ipv6",
-            "ephemeral_port",
-        );
+        expect(&h, &v4(UNLISTED_V4, reply).bytes, XDP_PASS, "ipv4", "ephemeral_port");
+        expect(&h, &v6(UNLISTED_V6, &[], reply).bytes, XDP_PASS, "ipv6", "ephemeral_port");
     }
-    let below = Transport::Tcp {
-        dst_port: first - 1,
-    };
-    expect(
-        &h,
-        &v4(UNLISTED_V4, below).bytes,
-        XDP_DROP,
-        "ipv4",
-        "unlisted",
-    );
+    let below = Transport::Tcp { dst_port: first - 1 };
+    expect(&h, &v4(UNLISTED_V4, below).bytes, XDP_DROP, "ipv4", "unlisted");
     for kind in 133..=137 {
         let nd = Transport::Icmpv6 { kind };
-        expect(
-            &h,
-            &v6(UNLISTED_V6, &[], nd).bytes,
-            XDP_PASS,
-            "ipv6",
-            "neighbor_discovery",
-        );
+        expect(&h, &v6(UNLISTED_V6, &[], nd).bytes, XDP_PASS, "ipv6", "neighbor_discovery");
     }
     let echo = Transport::Icmpv6 { kind: 128 };
-    expect(
-        &h,
-        &v6(UNLISTED_V6, &[], echo).bytes,
-        XDP_DROP,
-        "ipv6",
-        "unlisted",
-    );
-    expect(
-        &h,
-        &v6(DENIED_V6, &[], echo).bytes,
-        XDP_DROP,
-        "ipv6",
-        "denied",
-    );
+    expect(&h, &v6(UNLISTED_V6, &[], echo).bytes, XDP_DROP, "ipv6", "unlisted");
+    expect(&h, &v6(DENIED_V6, &[], echo).bytes, XDP_DROP, "ipv6", "denied");
 }
 
 #[test]
@@ -543,13 +283,7 @@ fn protected_port_inside_the_ephemeral_range_stays_protected_in_host_scope() {
     let (first, _) = ephemeral_range();
     let h = XdpHarness::new(LIST, Scope::Host, &[first]);
     let tcp = Transport::Tcp { dst_port: first };
-    expect(
-        &h,
-        &v4(UNLISTED_V4, tcp).bytes,
-        XDP_DROP,
-        "ipv4",
-        "unlisted",
-    );
+    expect(&h, &v4(UNLISTED_V4, tcp).bytes, XDP_DROP, "ipv4", "unlisted");
 }
 
 fn ephemeral_range() -> (u16, u16) {
@@ -568,13 +302,7 @@ fn every_truncation_of_every_header_is_malformed() {
     // (name, harness, family, link-layer length, frame)
     let cases: Vec<(&str, &XdpHarness, &str, usize, Frame)> = vec![
         ("ipv4/tcp", &ports, "ipv4", 14, v4(ALLOWED_V4, TCP)),
-        (
-            "ipv4/udp",
-            &ports,
-            "ipv4",
-            14,
-            v4(ALLOWED_V4, Transport::Udp { dst_port: PORT }),
-        ),
+        ("ipv4/udp", &ports, "ipv4", 14, v4(ALLOWED_V4, Transport::Udp { dst_port: PORT })),
         (
             "ipv4+options/tcp",
             &ports,
@@ -587,11 +315,7 @@ fn every_truncation_of_every_header_is_malformed() {
             &ports,
             "ipv4",
             22,
-            ethernet(
-                &[TPID_QINQ, TPID_VLAN],
-                ETHERTYPE_IPV4,
-                ipv4(ALLOWED_V4, TCP, &[], plain),
-            ),
+            ethernet(&[TPID_QINQ, TPID_VLAN], ETHERTYPE_IPV4, ipv4(ALLOWED_V4, TCP, &[], plain)),
         ),
         ("ipv6/tcp", &ports, "ipv6", 14, v6(ALLOWED_V6, &[], TCP)),
         (
@@ -604,10 +328,7 @@ fn every_truncation_of_every_header_is_malformed() {
                 &[
                     Extension::HopByHop,
                     Extension::Routing,
-                    Extension::Fragment {
-                        offset: 0,
-                        more: true,
-                    },
+                    Extension::Fragment { offset: 0, more: true },
                     Extension::Authentication,
                     Extension::DestinationOptions,
                 ],
@@ -619,14 +340,7 @@ fn every_truncation_of_every_header_is_malformed() {
             &ports,
             "ipv6",
             14,
-            v6(
-                ALLOWED_V6,
-                &[Extension::Fragment {
-                    offset: 3,
-                    more: false,
-                }],
-                TCP,
-            ),
+            v6(ALLOWED_V6, &[Extension::Fragment { offset: 3, more: false }], TCP),
         ),
         (
             "vlan/ipv6/icmpv6 (host scope)",
@@ -641,11 +355,7 @@ fn every_truncation_of_every_header_is_malformed() {
         ),
     ];
     for (name, harness, family, link_len, frame) in cases {
-        assert_eq!(
-            harness.run(&frame.bytes),
-            XDP_PASS,
-            "{name}: the whole frame passes"
-        );
+        assert_eq!(harness.run(&frame.bytes), XDP_PASS, "{name}: the whole frame passes");
         // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header.
         for cut in 14..frame.bytes.len() {
             let bytes = &frame.bytes[..cut];
@@ -665,34 +375,23 @@ fn every_truncation_of_every_header_is_malformed() {
 fn truncated_icmpv6_is_out_of_scope_in_ports_scope() {
     let h = ports_scope();
     let frame = v6(UNLISTED_V6, &[], Transport::Icmpv6 { kind: 135 });
-    expect(
-        &h,
-        &frame.bytes[..frame.bytes.len() - 6],
-        XDP_PASS,
-        "ipv6",
-        "out_of_scope",
-    );
+    expect(&h, &frame.bytes[..frame.bytes.len() - 6], XDP_PASS, "ipv6", "out_of_scope");
 }
 
 /// Both lookup strategies (per prefix length, and the trie used once many
 /// lengths are in play) agree with the list's own longest-prefix model.
 #[test]
 fn lookups_agree_with_the_model_for_random_lists() {
-    let mut rng = Lcg(0x5eed);
+    let mut rng = Lcg::new(0x5eed);
     for distinct_lengths in [1, 3, 6, 7, 20] {
-        let lengths: Vec<u8> = (0..distinct_lengths)
-            .map(|i| 8 + (i * 24 / distinct_lengths) as u8)
-            .collect();
+        let lengths: Vec<u8> =
+            (0..distinct_lengths).map(|i| 8 + (i * 24 / distinct_lengths) as u8).collect();
         let mut text = String::new();
         for i in 0..300 {
             let len = lengths[i % lengths.len()];
-            let addr = Ipv4Addr::from(0xcb00_0000 | (rng.next() as u32 & 0x00ff_ffff));
+            let addr = Ipv4Addr::from(0xcb00_0000 | (rng.next_u64() as u32 & 0x00ff_ffff));
             let net = ipnet::Ipv4Net::new(addr, len).expect("len").trunc();
-            let action = if rng.next().is_multiple_of(4) {
-                "deny "
-            } else {
-                ""
-            };
+            let action = if rng.next_u64().is_multiple_of(4) { "deny " } else { "" };
             text.push_str(&format!("{action}{net}\n"));
         }
         let Ok(list) = Allowlist::parse(&text) else {
@@ -701,7 +400,7 @@ fn lookups_agree_with_the_model_for_random_lists() {
         let h = XdpHarness::new(&list.render(), Scope::Ports, &[PORT]);
         let mut checked = 0;
         for _ in 0..2000 {
-            let src = Ipv4Addr::from(0xcb00_0000 | (rng.next() as u32 & 0x00ff_ffff));
+            let src = Ipv4Addr::from(0xcb00_0000 | (rng.next_u64() as u32 & 0x00ff_ffff));
             let expected = match list.verdict(IpAddr::V4(src)) {
                 Some(edgegate::allowlist::Action::Allow) => XDP_PASS,
                 _ => XDP_DROP,
@@ -714,19 +413,6 @@ fn lookups_agree_with_the_model_for_random_lists() {
             checked += 1;
         }
         assert_eq!(checked, 2000);
-    }
-}
-
-/// A tiny deterministic generator: tests must be reproducible.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        self.0 >> 16
     }
 }
 
@@ -765,11 +451,7 @@ fn replace_never_drops_a_source_allowed_before_and_after() {
             let mut probes = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 for source in &sources {
-                    assert_eq!(
-                        run(&observer, &source.bytes),
-                        XDP_PASS,
-                        "dropped during replace"
-                    );
+                    assert_eq!(run(&observer, &source.bytes), XDP_PASS, "dropped during replace");
                     probes += 1;
                 }
             }
@@ -782,8 +464,5 @@ fn replace_never_drops_a_source_allowed_before_and_after() {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         prober.join().expect("prober")
     });
-    assert!(
-        probes > 100,
-        "the prober ran concurrently ({probes} probes)"
-    );
+    assert!(probes > 100, "the prober ran concurrently ({probes} probes)");
 }

@@ -27,14 +27,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     };
     exec::run(
         exec::cargo()
-            .args([
-                "bench",
-                "--package",
-                "edgegate-tests",
-                "--bench",
-                name,
-                "--",
-            ])
+            .args(["bench", "--package", "edgegate-tests", "--bench", name, "--"])
             .args(&options.args),
     )
 }

@@ -18,25 +18,15 @@ pub struct Options {
 pub fn run(options: &Options) -> anyhow::Result<()> {
     setup::ensure()?;
     let mut cargo = exec::cargo();
-    cargo.args([
-        "build",
-        "--package",
-        "edgegate",
-        "--message-format=json-render-diagnostics",
-    ]);
+    cargo.args(["build", "--package", "edgegate", "--message-format=json-render-diagnostics"]);
     if options.release {
         cargo.arg("--release");
     }
-    let mut child = cargo
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("cannot run cargo build")?;
+    let mut child = cargo.stdout(Stdio::piped()).spawn().context("cannot run cargo build")?;
     let mut out_dir = None;
     for line in std::io::BufReader::new(child.stdout.take().expect("piped")).lines() {
         let message: serde_json::Value = serde_json::from_str(&line?)?;
-        let is_ours = message["package_id"]
-            .as_str()
-            .is_some_and(|id| id.contains("/proxy#"));
+        let is_ours = message["package_id"].as_str().is_some_and(|id| id.contains("/proxy#"));
         if message["reason"] == "build-script-executed" && is_ours {
             out_dir = message["out_dir"].as_str().map(PathBuf::from);
         }

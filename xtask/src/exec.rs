@@ -9,9 +9,7 @@ use anyhow::{Context as _, bail};
 
 /// Runs `command` with inherited output; fails naming it unless it succeeds.
 pub fn run(command: &mut Command) -> anyhow::Result<()> {
-    let status = command
-        .status()
-        .with_context(|| format!("cannot run {command:?}"))?;
+    let status = command.status().with_context(|| format!("cannot run {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed: {status}");
     }
@@ -20,9 +18,7 @@ pub fn run(command: &mut Command) -> anyhow::Result<()> {
 
 /// Runs `command` and returns its output, whether or not it succeeded.
 pub fn output(command: &mut Command) -> anyhow::Result<Output> {
-    command
-        .output()
-        .with_context(|| format!("cannot run {command:?}"))
+    command.output().with_context(|| format!("cannot run {command:?}"))
 }
 
 /// The workspace root (xtask lives one level below it).

@@ -70,28 +70,20 @@ fn sysroot() -> anyhow::Result<PathBuf> {
         Command::new("rustup").args(["run", TOOLCHAIN, "rustc", "--print", "sysroot"]),
     )?;
     if !output.status.success() {
-        bail!(
-            "cannot find the {TOOLCHAIN} sysroot: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        bail!("cannot find the {TOOLCHAIN} sysroot: {}", String::from_utf8_lossy(&output.stderr));
     }
     Ok(PathBuf::from(String::from_utf8(output.stdout)?.trim()))
 }
 
 fn rust_src_installed() -> anyhow::Result<bool> {
     Ok(nightly_available()
-        && sysroot()?
-            .join("lib/rustlib/src/rust/library/core/Cargo.toml")
-            .exists())
+        && sysroot()?.join("lib/rustlib/src/rust/library/core/Cargo.toml").exists())
 }
 
 fn bpf_linker_works() -> bool {
-    Command::new("bpf-linker")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| {
-            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
-        })
+    Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| {
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+    })
 }
 
 /// Builds bpf-linker against the libLLVM that ships inside the nightly
@@ -120,24 +112,11 @@ fn install_bpf_linker() -> anyhow::Result<()> {
     println!("setup: building bpf-linker {BPF_LINKER_VERSION} against {libllvm} (LLVM {major})");
     exec::run(
         Command::new("cargo")
-            .args([
-                "install",
-                "bpf-linker",
-                "--version",
-                &format!("^{BPF_LINKER_VERSION}"),
-            ])
-            .args([
-                "--no-default-features",
-                "--features",
-                &format!("llvm-{major}"),
-                "--force",
-            ])
+            .args(["install", "bpf-linker", "--version", &format!("^{BPF_LINKER_VERSION}")])
+            .args(["--no-default-features", "--features", &format!("llvm-{major}"), "--force"])
             .env("LLVM_PREFIX", &prefix)
             // Link the linker to the toolchain's libLLVM at run time too.
-            .env(
-                "RUSTFLAGS",
-                format!("-C link-arg=-Wl,-rpath,{}", sysroot_lib.display()),
-            ),
+            .env("RUSTFLAGS", format!("-C link-arg=-Wl,-rpath,{}", sysroot_lib.display())),
     )?;
     if !bpf_linker_works() {
         bail!("bpf-linker was installed but does not run; is ~/.cargo/bin on PATH?");

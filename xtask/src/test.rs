@@ -29,9 +29,11 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     }
     // The end-to-end tests start the real binary; build it first.
     exec::run(exec::cargo().args(["build", "--package", "edgegate", "--bins"]))?;
+    // One test at a time: the tests share the kernel (bpffs, XDP, CPU time),
+    // and some assert latencies that a parallel verifier run would distort.
     exec::run(
         exec::cargo()
-            .args(["test", "--workspace", "--no-fail-fast", "--"])
+            .args(["test", "--workspace", "--no-fail-fast", "--", "--test-threads=1"])
             .args(&options.test_args),
     )
 }

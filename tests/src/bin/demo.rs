@@ -71,15 +71,9 @@ fn run(interrupted: &std::sync::atomic::AtomicBool) -> Result<(), Interrupted> {
         testbed.server.name()
     ))?;
     std::fs::create_dir_all(testbed.allowlist_path().parent().expect("dir")).expect("state dir");
-    std::fs::write(
-        testbed.allowlist_path(),
-        format!("{partner}/32  # the partner platform\n"),
-    )
-    .expect("list");
-    println!(
-        "  allowlist {}: {partner}/32",
-        testbed.allowlist_path().display()
-    );
+    std::fs::write(testbed.allowlist_path(), format!("{partner}/32  # the partner platform\n"))
+        .expect("list");
+    println!("  allowlist {}: {partner}/32", testbed.allowlist_path().display());
     step("start the daemon: it attaches the XDP program to the host's interfaces")?;
     println!("  $ edgegate run --config {}", testbed.config.display());
     testbed.start_daemon();
