@@ -105,14 +105,17 @@ pub fn parse_cidr(input: &str) -> Result<IpNet, CidrError> {
 /// Why a list text (a file, or `allow replace` input) is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
+    /// A line's CIDR is refused.
     #[error("line {line}: {source}")]
     Cidr {
         line: usize,
         #[source]
         source: CidrError,
     },
+    /// A line is not `[allow|deny] CIDR [# comment]`.
     #[error("line {line}: expected `[allow|deny] CIDR [# comment]`, found `{text}`")]
     Syntax { line: usize, text: String },
+    /// The same CIDR is listed with both actions.
     #[error("line {line}: {cidr} is listed as {action} here but as {other} on line {other_line}")]
     Conflict { line: usize, cidr: IpNet, action: Action, other: Action, other_line: usize },
 }
@@ -120,8 +123,10 @@ pub enum ParseError {
 /// Why a change requested through the CLI is refused. Nothing changes when it is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChangeError {
+    /// `del` of an entry that is not there (or is there with the other action).
     #[error("{cidr} is not on the list as {action}")]
     NotListed { cidr: IpNet, action: Action },
+    /// `add` of a CIDR that is listed with the other action.
     #[error(
         "{cidr} is already listed as {existing}; remove it first with `edgegate {existing} del {cidr}`"
     )]
@@ -277,6 +282,7 @@ impl Allowlist {
 /// Why the list file could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// Reading or writing the file failed.
     #[error("cannot {op} {}: {source}", path.display())]
     Io {
         op: &'static str,
@@ -284,6 +290,7 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    /// The file does not parse.
     #[error("{}: {source}", path.display())]
     Parse {
         path: PathBuf,

@@ -120,18 +120,21 @@ struct RawConfig {
 /// Why a configuration file is refused. Messages name the file and the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file cannot be read.
     #[error("cannot read config {}: {source}", path.display())]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    /// Not TOML, or a key has the wrong type or an unknown name (the message has the line).
     #[error("config {}: {source}", path.display())]
     Syntax {
         path: PathBuf,
         #[source]
         source: Box<toml::de::Error>,
     },
+    /// A value is well-formed but unusable.
     #[error("config {}: `{key}`: {problem}", path.display())]
     Invalid { path: PathBuf, key: &'static str, problem: String },
 }

@@ -30,43 +30,29 @@ const MAX_REQUEST_BYTES: u64 = 256 << 20;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    /// CIDRs as typed, so that the daemon's error names the argument.
-    Add {
-        action: Action,
-        cidrs: Vec<String>,
-        comment: Option<String>,
-    },
-    Remove {
-        action: Action,
-        cidrs: Vec<String>,
-    },
-    /// A whole list in the file format.
-    Replace {
-        text: String,
-    },
+    /// Add entries (CIDRs as typed, so that the daemon's error names the argument).
+    Add { action: Action, cidrs: Vec<String>, comment: Option<String> },
+    /// Remove entries listed with `action`.
+    Remove { action: Action, cidrs: Vec<String> },
+    /// Replace the whole list with one in the file format.
+    Replace { text: String },
+    /// The list in force.
     List,
-    Status {
-        top_rules: usize,
-    },
+    /// Interfaces, counters and the `top_rules` busiest rules.
+    Status { top_rules: usize },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     /// The change is persisted and in the kernel.
-    Changed {
-        added: usize,
-        removed: usize,
-        updated: usize,
-        entries: usize,
-    },
-    List {
-        entries: Vec<Entry>,
-    },
+    Changed { added: usize, removed: usize, updated: usize, entries: usize },
+    /// Answer to `List`.
+    List { entries: Vec<Entry> },
+    /// Answer to `Status`.
     Status(Box<Status>),
-    Error {
-        message: String,
-    },
+    /// The request was refused; nothing changed.
+    Error { message: String },
 }
 
 /// What `edgegate status` shows.
@@ -87,20 +73,24 @@ pub struct Status {
 /// Why the CLI could not get an answer from the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// Nothing listens on the socket.
     #[error(
         "the edgegate daemon is not running (nothing listens on {}); start it with \
          `edgegate run --config FILE` or `systemctl start edgegate`",
         socket.display()
     )]
     NotRunning { socket: PathBuf },
+    /// Not root.
     #[error("permission denied on {}: the control socket is root-only", socket.display())]
     PermissionDenied { socket: PathBuf },
+    /// The connection failed midway.
     #[error("talking to the daemon on {}: {source}", socket.display())]
     Io {
         socket: PathBuf,
         #[source]
         source: io::Error,
     },
+    /// The answer is not the protocol (a different version?).
     #[error("the daemon sent an unreadable answer: {0}")]
     Protocol(#[source] serde_json::Error),
 }
@@ -128,8 +118,10 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
 /// Why the control socket could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
+    /// A live daemon owns the socket.
     #[error("another edgegate daemon already listens on {}", socket.display())]
     InUse { socket: PathBuf },
+    /// Creating the socket or its directory failed.
     #[error("cannot {op} {}: {source}", path.display())]
     Io {
         op: &'static str,

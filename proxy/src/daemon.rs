@@ -18,10 +18,13 @@ use crate::{
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// The allowlist file cannot be read or written.
     #[error(transparent)]
     Allowlist(#[from] StoreError),
+    /// The XDP program cannot be loaded or attached.
     #[error(transparent)]
     Filter(#[from] FilterError),
+    /// The control socket cannot be opened.
     #[error(transparent)]
     Control(#[from] BindError),
 }

@@ -21,6 +21,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, MapInfo, PerCpuArray, lpm_trie::Key},
+    pin::PinError,
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -59,30 +60,38 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Why the filter could not be set up or changed.
 #[derive(Debug, thiserror::Error)]
 pub enum FilterError {
+    /// The pin directory is not on a BPF filesystem, and it is not the standard one we could mount.
     #[error(
         "{} is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf`",
         dir.display()
     )]
     BpffsNotMounted { dir: PathBuf },
+    /// Mounting the standard bpffs failed.
     #[error("cannot mount bpffs on /sys/fs/bpf: {0}")]
     MountBpffs(#[source] nix::Error),
+    /// A configured interface does not exist.
     #[error("interface `{name}` does not exist (see `ip link`)")]
     UnknownInterface { name: String },
+    /// The object file or its maps could not be loaded (or the pinned maps opened).
     #[error("cannot load the XDP program: {0}")]
     Load(#[source] aya::EbpfError),
+    /// The verifier rejected the program; the message holds its log.
     #[error("the kernel refused the XDP program: {0}")]
     Verify(#[source] ProgramError),
+    /// A map operation failed.
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
         #[source]
         source: MapError,
     },
+    /// `mode = "native"` on an interface whose driver cannot run XDP.
     #[error(
         "`{interface}` has no native XDP support in its driver; use mode = \"auto\" (falls back \
          to skb mode) or mode = \"skb\""
     )]
     NativeUnsupported { interface: String },
+    /// Attaching failed for another reason.
     #[error("cannot attach XDP to `{interface}` in {mode} mode: {source}")]
     Attach {
         interface: String,
@@ -90,12 +99,27 @@ pub enum FilterError {
         #[source]
         source: ProgramError,
     },
+    /// A pinned link exists but could not be opened or updated.
     #[error("cannot take over the pinned XDP link {}: {source}", path.display())]
     Adopt {
         path: PathBuf,
         #[source]
         source: LinkError,
     },
+    /// The kernel attached through netlink, without an XDP link that could be pinned.
+    #[error(
+        "the kernel attached XDP to `{interface}` without a BPF link (Linux < 5.9?); edgegate \
+         needs XDP links so that filtering survives restarts"
+    )]
+    NoLinkSupport { interface: String },
+    /// Pinning a new link failed.
+    #[error("cannot pin the XDP link at {}: {source}", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: PinError,
+    },
+    /// A file-system operation on the pin directory failed.
     #[error("cannot {op} {}: {source}", path.display())]
     Io {
         op: &'static str,
@@ -103,6 +127,7 @@ pub enum FilterError {
         #[source]
         source: io::Error,
     },
+    /// The list (while replacing: old and new together) would not fit in the maps.
     #[error(
         "the {family} rules need room for {needed} entries while they change, but the maps hold \
          {capacity}; raise `filter.max_entries` (and run `edgegate detach` before restarting, so \
@@ -691,11 +716,11 @@ fn attach(
                     source,
                 })?;
                 let pin = links_dir.join(link_pin_name(mode, interface));
-                let pin_error = |source| FilterError::Io { op: "pin", path: pin.clone(), source };
                 let fd_link = FdLink::try_from(link)
-                    .map_err(|e| FilterError::Adopt { path: pin.clone(), source: e })?;
-                let pinned =
-                    fd_link.pin(&pin).map_err(|e| pin_error(io::Error::other(e.to_string())))?;
+                    .map_err(|_| FilterError::NoLinkSupport { interface: interface.to_owned() })?;
+                let pinned = fd_link
+                    .pin(&pin)
+                    .map_err(|source| FilterError::Pin { path: pin.clone(), source })?;
                 // The pin keeps the link (and so the attachment) alive; our fd can go.
                 drop(pinned);
                 if mode == AttachedMode::Skb && wanted == AttachMode::Auto {
