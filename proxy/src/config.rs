@@ -6,10 +6,13 @@
 use std::{
     collections::BTreeSet,
     fs,
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
 
+use globset::Glob;
+use ipnet::IpNet;
 use serde::Deserialize;
 
 /// Where the daemon keeps its state when neither config nor flags say otherwise.
@@ -24,6 +27,109 @@ pub const DEFAULT_MAX_ENTRIES: u32 = 1 << 18;
 pub struct Config {
     pub filter: FilterConfig,
     pub daemon: DaemonConfig,
+    pub listeners: Vec<ListenerConfig>,
+}
+
+/// One mutual-TLS listener: `[[listener]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Names the listener in logs, metrics and reloads.
+    pub name: String,
+    pub bind: SocketAddr,
+    /// `host:port`; a name is resolved for every connection.
+    pub backend: String,
+    /// Server certificate chain (PEM, leaf first).
+    pub cert: PathBuf,
+    /// Server private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// CAs that issue client certificates (PEM bundle).
+    pub client_ca: PathBuf,
+    /// Certificate revocation lists (PEM or DER), enforced for client certificates.
+    #[serde(default)]
+    pub crl: Vec<PathBuf>,
+    /// Glob patterns for the client certificate's subject CN.
+    #[serde(default)]
+    pub allow_cn: Vec<String>,
+    /// Glob patterns for its DNS subject alternative names.
+    #[serde(default)]
+    pub allow_dns: Vec<String>,
+    /// Glob patterns for its URI subject alternative names (SPIFFE IDs).
+    #[serde(default)]
+    pub allow_uri: Vec<String>,
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocol,
+    /// Peers allowed to send a PROXY header (the load balancer's addresses).
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
+    #[serde(default)]
+    pub send_proxy_protocol: SendProxyProtocol,
+    #[serde(default)]
+    pub min_tls_version: TlsVersion,
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    pub backend_tls: Option<BackendTlsConfig>,
+}
+
+/// `[listener.backend_tls]`: encrypt (and verify) the connection to the backend.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendTlsConfig {
+    /// CAs that issue the backend's certificate.
+    pub ca: PathBuf,
+    /// The name the backend's certificate must carry.
+    pub server_name: String,
+    /// Client certificate for backends that require one.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// Accepting a PROXY protocol header from `trusted_proxies`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    #[default]
+    Off,
+    V1,
+    V2,
+    Any,
+}
+
+/// Sending a PROXY protocol header to the backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendProxyProtocol {
+    #[default]
+    Off,
+    V2,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_max_connections() -> usize {
+    10_000
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -112,9 +218,8 @@ struct RawConfig {
     filter: FilterConfig,
     #[serde(default)]
     daemon: DaemonConfig,
-    /// Not served yet by this version; refused with a clear message rather than ignored.
     #[serde(default)]
-    listener: Vec<toml::Table>,
+    listener: Vec<ListenerConfig>,
 }
 
 /// Why a configuration file is refused. Messages name the file and the key.
@@ -136,7 +241,7 @@ pub enum ConfigError {
     },
     /// A value is well-formed but unusable.
     #[error("config {}: `{key}`: {problem}", path.display())]
-    Invalid { path: PathBuf, key: &'static str, problem: String },
+    Invalid { path: PathBuf, key: String, problem: String },
 }
 
 /// Paths given on the command line, which win over the file.
@@ -158,18 +263,13 @@ impl Config {
     pub fn parse(text: &str, path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
         let raw: RawConfig = toml::from_str(text)
             .map_err(|e| ConfigError::Syntax { path: path.to_owned(), source: Box::new(e) })?;
-        let invalid = |key, problem: &str| ConfigError::Invalid {
+        let invalid = |key: &str, problem: &str| ConfigError::Invalid {
             path: path.to_owned(),
-            key,
+            key: key.to_owned(),
             problem: problem.to_owned(),
         };
-        if !raw.listener.is_empty() {
-            return Err(invalid(
-                "listener",
-                "this version runs the XDP filter only; mTLS listeners are not available yet",
-            ));
-        }
-        let RawConfig { mut filter, mut daemon, .. } = raw;
+        let RawConfig { mut filter, mut daemon, listener: listeners } = raw;
+        validate_listeners(&listeners).map_err(|(key, problem)| invalid(&key, &problem))?;
         if filter.interfaces.is_empty() {
             return Err(invalid(
                 "filter.interfaces",
@@ -182,7 +282,7 @@ impl Config {
                 &format!("`{name}` is not an interface name"),
             ));
         }
-        if filter.scope == Scope::Ports && filter.ports.is_empty() {
+        if filter.scope == Scope::Ports && filter.ports.is_empty() && listeners.is_empty() {
             return Err(invalid(
                 "filter.ports",
                 "scope = \"ports\" with no ports and no listeners would protect nothing; \
@@ -207,12 +307,79 @@ impl Config {
         if filter.allowlist.is_none() {
             filter.allowlist = Some(daemon.state_dir.join("allowlist"));
         }
-        Ok(Self { filter, daemon })
+        Ok(Self { filter, daemon, listeners })
+    }
+
+    /// Ports the filter protects: `filter.ports` and every listener's port.
+    pub fn protected_ports(&self) -> BTreeSet<u16> {
+        let mut ports = self.filter.ports.clone();
+        ports.extend(self.listeners.iter().map(|l| l.bind.port()));
+        ports
     }
 
     pub fn allowlist_path(&self) -> &Path {
         self.filter.allowlist.as_deref().expect("set by Config::parse")
     }
+}
+
+/// Checks what serde cannot: uniqueness, coherence, patterns. The key in
+/// the error is `listener.<name>.<field>`.
+fn validate_listeners(listeners: &[ListenerConfig]) -> Result<(), (String, String)> {
+    let mut names = BTreeSet::new();
+    let mut binds = BTreeSet::new();
+    for listener in listeners {
+        let key = |field: &str| format!("listener.{}.{field}", listener.name);
+        if listener.name.is_empty() || !names.insert(listener.name.as_str()) {
+            return Err((
+                "listener.name".into(),
+                format!("`{}` is empty or not unique", listener.name),
+            ));
+        }
+        if !binds.insert(listener.bind) {
+            return Err((key("bind"), format!("{} is used by another listener", listener.bind)));
+        }
+        if listener.bind.port() == 0 {
+            return Err((key("bind"), "a listener needs a fixed port".into()));
+        }
+        if !listener.backend.contains(':') {
+            return Err((key("backend"), format!("`{}` is not host:port", listener.backend)));
+        }
+        for (field, patterns) in [
+            ("allow_cn", &listener.allow_cn),
+            ("allow_dns", &listener.allow_dns),
+            ("allow_uri", &listener.allow_uri),
+        ] {
+            if let Some(Err(e)) = patterns.iter().map(|p| Glob::new(p)).find(Result::is_err) {
+                return Err((key(field), e.to_string()));
+            }
+        }
+        if listener.proxy_protocol != ProxyProtocol::Off && listener.trusted_proxies.is_empty() {
+            return Err((
+                key("trusted_proxies"),
+                "accepting PROXY headers needs the load balancer's addresses here; \
+                 anyone else could claim any client address"
+                    .into(),
+            ));
+        }
+        for (field, value) in [
+            ("handshake_timeout", listener.handshake_timeout),
+            ("connect_timeout", listener.connect_timeout),
+            ("idle_timeout", listener.idle_timeout),
+        ] {
+            if value.is_zero() {
+                return Err((key(field), "must be longer than 0s".into()));
+            }
+        }
+        if listener.max_connections == 0 {
+            return Err((key("max_connections"), "must be at least 1".into()));
+        }
+        if let Some(tls) = &listener.backend_tls
+            && tls.cert.is_some() != tls.key.is_some()
+        {
+            return Err((key("backend_tls"), "set both `cert` and `key`, or neither".into()));
+        }
+    }
+    Ok(())
 }
 
 fn valid_interface_name(name: &str) -> bool {
@@ -261,19 +428,76 @@ mod tests {
             ("[filter]\ninterfaces = [\"eth0\"]\n", "filter.ports"),
             ("[filter]\ninterfaces = [\"eth0\"]\nports = [0]\n", "filter.ports"),
             ("[filter]\ninterfaces = [\"a/b\"]\nports = [1]\n", "filter.interfaces"),
+        ];
+        let listener_cases = [
+            ("proxy_protocol = \"v2\"", "listener.edge.trusted_proxies"),
+            ("allow_cn = [\"partner-[\"]", "listener.edge.allow_cn"),
+            ("handshake_timeout = \"0s\"", "listener.edge.handshake_timeout"),
+            ("max_connections = 0", "listener.edge.max_connections"),
             (
-                "[filter]\ninterfaces = [\"eth0\"]\nports = [1]\n[[listener]]\nname = \"x\"\n",
-                "listener",
+                "[listener.backend_tls]\nca = \"ca.pem\"\nserver_name = \"db\"\ncert = \"c.pem\"",
+                "listener.edge.backend_tls",
             ),
         ];
+        let listener_texts: Vec<(String, &str)> = listener_cases
+            .iter()
+            .map(|(extra, key)| {
+                (
+                    format!(
+                        "[filter]\ninterfaces = [\"eth0\"]\n{}{extra}\n",
+                        listener("edge", 8443)
+                    ),
+                    *key,
+                )
+            })
+            .chain([(
+                format!(
+                    "[filter]\ninterfaces = [\"eth0\"]\n{}{}",
+                    listener("edge", 8443),
+                    listener("edge", 8444)
+                ),
+                "listener.name",
+            )])
+            .chain([(
+                format!(
+                    "[filter]\ninterfaces = [\"eth0\"]\n{}{}",
+                    listener("a", 8443),
+                    listener("b", 8443)
+                ),
+                "listener.b.bind",
+            )])
+            .collect();
+        let cases = cases.iter().map(|(t, k)| ((*t).to_owned(), *k)).chain(listener_texts);
         for (text, key) in cases {
-            let err = parse(text).unwrap_err();
+            let err = parse(&text).unwrap_err();
             assert!(
-                matches!(&err, ConfigError::Invalid { key: k, .. } if *k == key),
+                matches!(&err, ConfigError::Invalid { key: k, .. } if k == key),
                 "{text}: {err}"
             );
             assert!(err.to_string().starts_with("config edgegate.toml: "), "{err}");
         }
+    }
+
+    fn listener(name: &str, port: u16) -> String {
+        format!(
+            "[[listener]]\nname = \"{name}\"\nbind = \"0.0.0.0:{port}\"\nbackend = \"127.0.0.1:8080\"\n\
+             cert = \"s.pem\"\nkey = \"s.key\"\nclient_ca = \"ca.pem\"\n"
+        )
+    }
+
+    #[test]
+    fn listeners_get_defaults_and_protect_their_ports() {
+        let text =
+            format!("[filter]\ninterfaces = [\"eth0\"]\nports = [22]\n{}", listener("edge", 8443));
+        let config = parse(&text).unwrap();
+        let edge = &config.listeners[0];
+        assert_eq!(edge.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(edge.connect_timeout, Duration::from_secs(5));
+        assert_eq!(edge.idle_timeout, Duration::from_secs(3600));
+        assert_eq!(edge.max_connections, 10_000);
+        assert_eq!(edge.min_tls_version, TlsVersion::Tls12);
+        assert_eq!(edge.proxy_protocol, ProxyProtocol::Off);
+        assert_eq!(config.protected_ports(), BTreeSet::from([22, 8443]));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::{
     allowlist::{Action, Entry},
     daemon::State,
     filter::{Attachment, CounterSnapshot, RuleHits},
+    proxy::{ListenerStatus, ReloadOutcome},
 };
 
 /// Requests larger than this are refused (a 1M-entry replace is ~60 MB).
@@ -38,6 +39,8 @@ pub enum Request {
     Replace { text: String },
     /// The list in force.
     List,
+    /// Re-read the config and the listeners' certificates (as SIGHUP does).
+    Reload,
     /// Interfaces, counters and the `top_rules` busiest rules.
     Status { top_rules: usize },
 }
@@ -47,6 +50,8 @@ pub enum Request {
 pub enum Response {
     /// The change is persisted and in the kernel.
     Changed { added: usize, removed: usize, updated: usize, entries: usize },
+    /// Answer to `Reload`: what happened to each listener.
+    Reloaded { outcomes: Vec<ReloadOutcome> },
     /// Answer to `List`.
     List { entries: Vec<Entry> },
     /// Answer to `Status`.
@@ -68,6 +73,7 @@ pub struct Status {
     pub capacity_per_family: u32,
     pub counters: Vec<CounterSnapshot>,
     pub top_rules: Vec<RuleHits>,
+    pub listeners: Vec<ListenerStatus>,
 }
 
 /// Why the CLI could not get an answer from the daemon.

@@ -1,23 +1,30 @@
-//! `edgegate run`: loads the allowlist, sets up the filter, serves the control
-//! socket, and stops on a shutdown signal, leaving the filter pinned.
+//! `edgegate run`: loads the allowlist, sets up the filter and the mTLS
+//! listeners, serves the control socket, reloads on SIGHUP, and on SIGTERM
+//! drains the connections and stops, leaving the filter pinned.
 //!
-//! Data flows one way: config → [`State`] (the list and the filter that
-//! enforces it) → XDP maps. The control socket only asks `State` for changes.
+//! Data flows one way: config → [`State`] (the list, the filter and the
+//! listeners) → XDP maps and the proxy's own copy of the list. The control
+//! socket only asks `State` for changes.
 
 use std::{future::Future, path::PathBuf, sync::Arc};
 
+use arc_swap::ArcSwap;
 use tokio::sync::Mutex;
 
 use crate::{
     allowlist::{self, Allowlist, StoreError},
-    config::{Config, Scope},
+    config::{Config, ConfigError, Overrides},
     control::{self, BindError, Request, Response, Status},
     filter::{Filter, FilterError, FilterOptions},
+    proxy::{self, Proxies, ProxyError, SharedAllowlist},
 };
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// The config file is refused.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// The allowlist file cannot be read or written.
     #[error(transparent)]
     Allowlist(#[from] StoreError),
@@ -27,14 +34,22 @@ pub enum DaemonError {
     /// The control socket cannot be opened.
     #[error(transparent)]
     Control(#[from] BindError),
+    /// A listener cannot start.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
 }
 
-/// The list and the filter that enforces it; changed only under a lock.
+/// The list and what enforces it; changed only under a lock.
 pub struct State {
     list: Allowlist,
     list_path: PathBuf,
     filter: Filter,
-    scope: Scope,
+    /// The proxy's copy of the list, for PROXY-reported client addresses.
+    shared_list: SharedAllowlist,
+    proxies: Proxies,
+    config: Config,
+    config_path: PathBuf,
+    overrides: Overrides,
 }
 
 impl State {
@@ -61,6 +76,7 @@ impl State {
                 self.change(Allowlist::parse(&text).map_err(|e| e.to_string()))
             }
             Request::List => Response::List { entries: self.list.entries().cloned().collect() },
+            Request::Reload => self.reload(),
             Request::Status { top_rules } => match self.status(top_rules) {
                 Ok(status) => Response::Status(Box::new(status)),
                 Err(e) => Response::Error { message: e.to_string() },
@@ -105,6 +121,7 @@ impl State {
             next.len()
         );
         self.list = next;
+        self.shared_list.store(Arc::new(self.list.clone()));
         Response::Changed { added, removed, updated, entries: self.list.len() }
     }
 
@@ -113,7 +130,7 @@ impl State {
         let (v4, v6) = self.filter.lookups();
         Ok(Status {
             interfaces: self.filter.attachments().to_vec(),
-            scope: format!("{:?}", self.scope).to_lowercase(),
+            scope: format!("{:?}", self.config.filter.scope).to_lowercase(),
             allowlist: self.list_path.clone(),
             ipv4_entries,
             ipv6_entries,
@@ -122,7 +139,41 @@ impl State {
             capacity_per_family: self.filter.capacity(),
             counters: self.filter.counters()?,
             top_rules: self.filter.rule_hits(top_rules)?,
+            listeners: self.proxies.status(),
         })
+    }
+
+    /// Re-reads the config file and the listeners' certificates, keys, CAs
+    /// and CRLs. A config that does not parse changes nothing; a listener
+    /// whose files are broken keeps its previous ones. Open connections are
+    /// never disturbed.
+    pub fn reload(&mut self) -> Response {
+        let next = match Config::load(&self.config_path, &self.overrides) {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!("reload: {e}; keeping the running configuration");
+                return Response::Error { message: format!("nothing reloaded: {e}") };
+            }
+        };
+        if next.filter != self.config.filter || next.daemon != self.config.daemon {
+            let ports_only = crate::config::FilterConfig {
+                ports: next.filter.ports.clone(),
+                ..self.config.filter.clone()
+            };
+            if ports_only != next.filter || next.daemon != self.config.daemon {
+                tracing::warn!(
+                    "reload: [filter] and [daemon] changes other than `ports` take effect at the next start"
+                );
+            }
+        }
+        // Protect new listeners' ports before they accept anything.
+        if let Err(e) = self.filter.set_ports(&next.protected_ports()) {
+            tracing::error!("reload: cannot update the protected ports: {e}");
+        }
+        let outcomes = self.proxies.reload(&next.listeners);
+        self.config.listeners = next.listeners;
+        self.config.filter.ports = next.filter.ports;
+        Response::Reloaded { outcomes }
     }
 }
 
@@ -132,14 +183,22 @@ fn parse_all(cidrs: &[String]) -> Result<Vec<ipnet::IpNet>, String> {
 
 /// Runs the daemon until `shutdown` completes. The XDP program stays
 /// attached and pinned afterwards: stopping the daemon never opens the gate.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+pub async fn run(
+    config_path: PathBuf,
+    overrides: Overrides,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let config = Config::load(&config_path, &overrides)?;
     let list_path = config.allowlist_path().to_owned();
     let list = allowlist::load(&list_path)?;
+    // Certificates and sockets first: a listener that cannot start must not
+    // leave a freshly attached filter behind.
+    let prepared = proxy::Prepared::new(&config.listeners)?;
     let options = FilterOptions {
         interfaces: config.filter.interfaces.clone(),
         mode: config.filter.mode,
         scope: config.filter.scope,
-        ports: config.filter.ports.clone(),
+        ports: config.protected_ports(),
         max_entries: config.filter.max_entries,
         bpffs_dir: config.daemon.bpffs_dir.clone(),
     };
@@ -159,16 +218,43 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         list_path.display(),
         config.daemon.control_socket.display()
     );
-    let state = Arc::new(Mutex::new(State { list, list_path, filter, scope: config.filter.scope }));
+    let shared_list = Arc::new(ArcSwap::from_pointee(list.clone()));
+    let proxies = prepared.start(Arc::clone(&shared_list));
+    let socket = config.daemon.control_socket.clone();
+    let drain_timeout = config.daemon.drain_timeout;
+    let state = Arc::new(Mutex::new(State {
+        list,
+        list_path,
+        filter,
+        shared_list,
+        proxies,
+        config,
+        config_path,
+        overrides,
+    }));
 
-    tokio::select! {
-        () = control::serve(listener, Arc::clone(&state)) => {}
-        () = shutdown => tracing::info!("shutting down; the XDP filter stays attached (pinned)"),
+    let control = tokio::spawn(control::serve(listener, Arc::clone(&state)));
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .expect("installing a signal handler cannot fail");
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading");
+                let mut state = state.lock().await;
+                tokio::task::block_in_place(|| state.reload());
+            }
+        }
     }
-    // Wait for a change in flight: it must finish (and be acknowledged) or not start.
-    let _state = state.lock().await;
-    if let Err(e) = std::fs::remove_file(&config.daemon.control_socket) {
-        tracing::warn!("cannot remove {}: {e}", config.daemon.control_socket.display());
+    tracing::info!("shutting down; the XDP filter stays attached (pinned)");
+    control.abort();
+    // Taking the lock waits for a change in flight: it finishes (and is
+    // acknowledged) or never starts.
+    let mut state = state.lock().await;
+    if let Err(e) = std::fs::remove_file(&socket) {
+        tracing::warn!("cannot remove {}: {e}", socket.display());
     }
+    state.proxies.drain(drain_timeout).await;
     Ok(())
 }

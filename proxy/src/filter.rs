@@ -307,7 +307,7 @@ impl Filter {
         };
         (filter.config.ephemeral_first, filter.config.ephemeral_last) = ephemeral_port_range();
         filter.write_config()?;
-        filter.write_ports(&options.ports)?;
+        filter.set_ports(&options.ports)?;
         filter.apply(list)?;
         filter.program_mut().load().map_err(FilterError::Verify)?;
         // After loading: the loaded program holds its own reference to the log
@@ -461,7 +461,8 @@ impl Filter {
         self.kernel_config.set(0, self.config, 0).map_err(map_error(map::CONFIG))
     }
 
-    fn write_ports(&mut self, ports: &BTreeSet<u16>) -> Result<(), FilterError> {
+    /// Sets the protected ports (`filter.ports` and the listeners' ports).
+    pub fn set_ports(&mut self, ports: &BTreeSet<u16>) -> Result<(), FilterError> {
         let mut ports_map: Array<&mut MapData, u64> = Array::try_from(
             self.ebpf.map_mut(map::PORTS).expect("the object defines the ports map"),
         )

@@ -16,3 +16,5 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod filter;
+pub mod proxy;
+pub mod tls;

@@ -83,6 +83,8 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         top: usize,
     },
+    /// Re-read the config and the listeners' certificates, keys, CAs and CRLs (as SIGHUP).
+    Reload,
     /// Remove the pinned XDP program from one or all interfaces (daemon stopped).
     Detach {
         #[arg(long)]
@@ -170,22 +172,12 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
     match command {
         Command::Run { config, log_format } => {
             init_logging(log_format);
-            let config = Config::load(&config, &global.overrides())?;
             let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
-            runtime.block_on(daemon::run(config, shutdown_signal()))?;
+            runtime.block_on(daemon::run(config, global.overrides(), shutdown_signal()))?;
             Ok(())
         }
-        Command::Check { config } => {
-            let config = Config::load(&config, &global.overrides())?;
-            let list = allowlist::load(config.allowlist_path())?;
-            let (ipv4, ipv6) = list.family_sizes();
-            println!(
-                "config OK: {} interface(s), {ipv4} IPv4 and {ipv6} IPv6 entries in {}",
-                config.filter.interfaces.len(),
-                config.allowlist_path().display()
-            );
-            Ok(())
-        }
+        Command::Check { config } => check(&config, &global),
+        Command::Reload => reload(&global),
         Command::Allow { command } => match command {
             AllowCommand::Add(args) => add(&global, Action::Allow, args),
             AllowCommand::Del(args) => remove(&global, Action::Allow, args),
@@ -205,6 +197,57 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Status { json, top } => status(&global, json, top),
         Command::Detach { interface } => detach(&global, interface.as_deref()),
     }
+}
+
+/// Validates everything `run` would load and prints every problem found.
+fn check(path: &std::path::Path, global: &Global) -> anyhow::Result<()> {
+    let config = Config::load(path, &global.overrides())?;
+    let mut problems = Vec::new();
+    match allowlist::load(config.allowlist_path()) {
+        Ok(list) => {
+            let (ipv4, ipv6) = list.family_sizes();
+            println!(
+                "allowlist {}: {ipv4} IPv4 and {ipv6} IPv6 entries",
+                config.allowlist_path().display()
+            );
+        }
+        Err(e) => problems.push(e.to_string()),
+    }
+    for listener in &config.listeners {
+        match edgegate::tls::ListenerTls::load(listener) {
+            Ok(_) => println!("listener `{}`: certificates, key, CAs and CRLs OK", listener.name),
+            Err(e) => problems.push(format!(
+                "config {}: listener `{}`: {e}",
+                path.display(),
+                listener.name
+            )),
+        }
+    }
+    if problems.is_empty() {
+        println!(
+            "config OK: {} interface(s), {} listener(s)",
+            config.filter.interfaces.len(),
+            config.listeners.len()
+        );
+        return Ok(());
+    }
+    for problem in &problems {
+        eprintln!("edgegate: {problem}");
+    }
+    bail!("{} problem(s) found", problems.len())
+}
+
+fn reload(global: &Global) -> anyhow::Result<()> {
+    let Response::Reloaded { outcomes } = call(global, &Request::Reload)? else {
+        bail!("unexpected answer from the daemon");
+    };
+    for outcome in &outcomes {
+        println!("listener `{}`: {}", outcome.listener, outcome.result);
+    }
+    if outcomes.iter().any(|o| o.result.starts_with("kept") || o.result.starts_with("not")) {
+        bail!("some listeners kept their previous configuration (see above and the daemon's log)");
+    }
+    Ok(())
 }
 
 fn call(global: &Global, request: &Request) -> anyhow::Result<Response> {
@@ -283,6 +326,19 @@ fn print_status(status: &Status) {
             counter.family, counter.verdict, counter.reason, counter.packets, counter.bytes
         );
     }
+    for listener in &status.listeners {
+        let rejected: Vec<String> =
+            listener.rejected.iter().map(|(reason, n)| format!("{reason} {n}")).collect();
+        println!(
+            "\nlistener {} on {} → {}: {} active, {} handshakes ok, rejected: {}",
+            listener.name,
+            listener.bind,
+            listener.backend,
+            listener.active,
+            listener.handshakes_ok,
+            if rejected.is_empty() { "none".to_owned() } else { rejected.join(", ") }
+        );
+    }
     if !status.top_rules.is_empty() {
         println!("\nbusiest rules:");
         for rule in &status.top_rules {
@@ -327,7 +383,12 @@ fn init_logging(format: LogFormat) {
     // `init` also routes the `log` crate (which aya-log uses for the XDP
     // program's diagnostics) into tracing.
     match format {
-        LogFormat::Text => fmt().with_env_filter(filter).with_target(false).init(),
+        // Colours only for a terminal: journald and log files get plain text.
+        LogFormat::Text => fmt()
+            .with_env_filter(filter)
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
         LogFormat::Json => fmt().json().with_env_filter(filter).init(),
     }
 }

@@ -5,8 +5,10 @@
 //! namespace, process or pin behind.
 
 pub mod harness;
+pub mod mtls;
 pub mod netns;
 pub mod packet;
+pub mod pki;
 pub mod testbed;
 
 use std::sync::atomic::{AtomicU32, Ordering};

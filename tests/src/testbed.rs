@@ -125,10 +125,16 @@ impl Testbed {
 
     /// Writes the config; `extra_filter` is appended to its `[filter]` table.
     pub fn write_config(&self, extra_filter: &str) {
+        self.write_config_with(extra_filter, "");
+    }
+
+    /// As [`Self::write_config`], with `tail` after the `[daemon]` table's
+    /// keys: more daemon keys, then `[[listener]]` tables.
+    pub fn write_config_with(&self, extra_filter: &str, tail: &str) {
         let interfaces: Vec<String> = self.interfaces.iter().map(|i| format!("\"{i}\"")).collect();
         let config = format!(
             "[filter]\ninterfaces = [{}]\nports = [{PROTECTED_PORT}]\n{extra_filter}\n\n\
-             [daemon]\ncontrol_socket = \"{}\"\nstate_dir = \"{}\"\nbpffs_dir = \"{}\"\n",
+             [daemon]\ncontrol_socket = \"{}\"\nstate_dir = \"{}\"\nbpffs_dir = \"{}\"\n{tail}\n",
             interfaces.join(", "),
             self.socket.display(),
             self.dir.join("state").display(),

@@ -1,0 +1,418 @@
+//! TLS for the listeners: server configs that require and verify client
+//! certificates (chain, validity, key usage, revocation, identity rules), and
+//! client configs for backends that want TLS too.
+//!
+//! Identity rules are checked inside the handshake, by wrapping WebPKI's
+//! verifier: a client whose certificate is valid but not allowed gets a TLS
+//! alert (`access_denied`) and never reaches the backend.
+
+use std::{
+    fmt, io,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
+    ServerConfig, SignatureScheme, SupportedProtocolVersion,
+    client::danger::HandshakeSignatureValid,
+    crypto::CryptoProvider,
+    pki_types::{
+        CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+        pem::PemObject,
+    },
+    server::{
+        WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
+};
+use tokio_rustls::TlsConnector;
+
+use crate::config::{BackendTlsConfig, ListenerConfig, TlsVersion};
+
+/// What a listener needs for TLS, built from its files; swapped whole on reload.
+pub struct ListenerTls {
+    pub server: Arc<ServerConfig>,
+    pub backend: Option<BackendTls>,
+}
+
+/// TLS towards the backend.
+#[derive(Clone)]
+pub struct BackendTls {
+    pub connector: TlsConnector,
+    pub server_name: ServerName<'static>,
+}
+
+/// Why a listener's TLS files are refused. Messages name the config key and the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file cannot be read or holds nothing usable.
+    #[error("`{key}` {}: {problem}", path.display())]
+    File { key: &'static str, path: PathBuf, problem: FileProblem },
+    /// rustls refused the material (e.g. a key that does not match the certificate).
+    #[error("`{key}`: {source}")]
+    Rustls {
+        key: &'static str,
+        #[source]
+        source: rustls::Error,
+    },
+    /// The client CA bundle or CRLs could not make a verifier.
+    #[error("`client_ca`: {0}")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+    /// `backend_tls.server_name` is neither a DNS name nor an IP address.
+    #[error("`backend_tls.server_name`: `{0}` is not a DNS name or an IP address")]
+    ServerName(String),
+}
+
+/// What is wrong with one file.
+#[derive(Debug, thiserror::Error)]
+pub enum FileProblem {
+    #[error("cannot be read: {0}")]
+    Unreadable(#[source] io::Error),
+    #[error("is not valid PEM: {0}")]
+    Pem(String),
+    #[error("holds no certificate")]
+    NoCertificate,
+    #[error("holds no private key (PKCS#8, PKCS#1 or SEC1 PEM)")]
+    NoKey,
+    #[error("holds a certificate the trust store refuses: {0}")]
+    BadCa(String),
+}
+
+impl ListenerTls {
+    /// Reads and checks every file the listener names.
+    pub fn load(listener: &ListenerConfig) -> Result<Self, TlsError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let chain = certificates("cert", &listener.cert)?;
+        let key = private_key("key", &listener.key)?;
+        let roots = root_store("client_ca", &listener.client_ca)?;
+        let crls = listener
+            .crl
+            .iter()
+            .map(|path| revocation_lists(path))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .flatten();
+        let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .with_crls(crls)
+            .build()
+            .map_err(TlsError::Verifier)?;
+        let verifier = Arc::new(IdentityVerifier {
+            inner: webpki,
+            rules: IdentityRules::new(listener).expect("patterns are checked by Config::parse"),
+        });
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(versions(listener.min_tls_version))
+            .map_err(|source| TlsError::Rustls { key: "min_tls_version", source })?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|source| TlsError::Rustls { key: "key", source })?;
+        let backend =
+            listener.backend_tls.as_ref().map(|tls| backend_tls(tls, provider)).transpose()?;
+        Ok(Self { server: Arc::new(server), backend })
+    }
+}
+
+fn versions(minimum: TlsVersion) -> &'static [&'static SupportedProtocolVersion] {
+    static TLS12_AND_13: [&SupportedProtocolVersion; 2] =
+        [&rustls::version::TLS13, &rustls::version::TLS12];
+    static TLS13_ONLY: [&SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+    match minimum {
+        TlsVersion::Tls12 => &TLS12_AND_13,
+        TlsVersion::Tls13 => &TLS13_ONLY,
+    }
+}
+
+fn backend_tls(
+    config: &BackendTlsConfig,
+    provider: Arc<CryptoProvider>,
+) -> Result<BackendTls, TlsError> {
+    let roots = root_store("backend_tls.ca", &config.ca)?;
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions(TlsVersion::Tls12))
+        .map_err(|source| TlsError::Rustls { key: "backend_tls", source })?
+        .with_root_certificates(roots);
+    let client = match (&config.cert, &config.key) {
+        (Some(cert), Some(key)) => builder
+            .with_client_auth_cert(
+                certificates("backend_tls.cert", cert)?,
+                private_key("backend_tls.key", key)?,
+            )
+            .map_err(|source| TlsError::Rustls { key: "backend_tls.key", source })?,
+        _ => builder.with_no_client_auth(),
+    };
+    let server_name = ServerName::try_from(config.server_name.clone())
+        .map_err(|_| TlsError::ServerName(config.server_name.clone()))?;
+    Ok(BackendTls { connector: TlsConnector::from(Arc::new(client)), server_name })
+}
+
+fn file_error<'a>(key: &'static str, path: &'a Path) -> impl Fn(FileProblem) -> TlsError + 'a {
+    move |problem| TlsError::File { key, path: path.to_owned(), problem }
+}
+
+fn pem_problem(error: rustls::pki_types::pem::Error) -> FileProblem {
+    match error {
+        rustls::pki_types::pem::Error::Io(e) => FileProblem::Unreadable(e),
+        other => FileProblem::Pem(other.to_string()),
+    }
+}
+
+fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let error = file_error(key, path);
+    let chain = CertificateDer::pem_file_iter(path)
+        .map_err(|e| error(pem_problem(e)))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| error(pem_problem(e)))?;
+    if chain.is_empty() {
+        return Err(error(FileProblem::NoCertificate));
+    }
+    Ok(chain)
+}
+
+fn private_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| {
+        let problem = match e {
+            rustls::pki_types::pem::Error::NoItemsFound => FileProblem::NoKey,
+            other => pem_problem(other),
+        };
+        file_error(key, path)(problem)
+    })
+}
+
+fn root_store(key: &'static str, path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for certificate in certificates(key, path)? {
+        roots
+            .add(certificate)
+            .map_err(|e| file_error(key, path)(FileProblem::BadCa(e.to_string())))?;
+    }
+    Ok(roots)
+}
+
+/// CRLs from a PEM file (one or more `X509 CRL` blocks) or a DER file.
+fn revocation_lists(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let error = file_error("crl", path);
+    let bytes = std::fs::read(path).map_err(|e| error(FileProblem::Unreadable(e)))?;
+    if bytes.starts_with(b"-----") {
+        let crls = CertificateRevocationListDer::pem_slice_iter(&bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| error(pem_problem(e)))?;
+        if crls.is_empty() {
+            return Err(error(FileProblem::Pem("no X509 CRL block".into())));
+        }
+        return Ok(crls);
+    }
+    Ok(vec![CertificateRevocationListDer::from(bytes)])
+}
+
+/// The client identities a listener accepts: globs over the subject CN, DNS
+/// SANs and URI SANs. With no rule at all, any certificate from the CA passes.
+pub struct IdentityRules {
+    common_name: GlobSet,
+    dns: GlobSet,
+    uri: GlobSet,
+}
+
+impl IdentityRules {
+    pub fn new(listener: &ListenerConfig) -> Result<Self, globset::Error> {
+        let set = |patterns: &[String]| {
+            patterns
+                .iter()
+                .try_fold(GlobSetBuilder::new(), |mut builder, pattern| {
+                    builder.add(Glob::new(pattern)?);
+                    Ok::<_, globset::Error>(builder)
+                })?
+                .build()
+        };
+        Ok(Self {
+            common_name: set(&listener.allow_cn)?,
+            dns: set(&listener.allow_dns)?,
+            uri: set(&listener.allow_uri)?,
+        })
+    }
+
+    pub fn allows(&self, identity: &Identity) -> bool {
+        if self.common_name.is_empty() && self.dns.is_empty() && self.uri.is_empty() {
+            return true;
+        }
+        identity.common_name.as_ref().is_some_and(|cn| self.common_name.is_match(cn))
+            || identity.dns.iter().any(|name| self.dns.is_match(name))
+            || identity.uris.iter().any(|uri| self.uri.is_match(uri))
+    }
+}
+
+/// What a client certificate says about its holder, for rules and logs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub subject: String,
+    pub common_name: Option<String>,
+    pub dns: Vec<String>,
+    pub uris: Vec<String>,
+    pub serial: String,
+}
+
+impl Identity {
+    /// Parses a DER certificate; `None` if it does not parse (the verifier
+    /// has already refused such a certificate).
+    pub fn from_der(der: &[u8]) -> Option<Self> {
+        use x509_parser::{
+            certificate::X509Certificate, extensions::GeneralName, prelude::FromDer,
+        };
+        let (_, certificate) = X509Certificate::from_der(der).ok()?;
+        let common_name = certificate
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned);
+        let mut identity = Self {
+            subject: certificate.subject().to_string(),
+            common_name,
+            serial: certificate.raw_serial_as_string(),
+            ..Self::default()
+        };
+        if let Ok(Some(san)) = certificate.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(dns) => identity.dns.push((*dns).to_owned()),
+                    GeneralName::URI(uri) => identity.uris.push((*uri).to_owned()),
+                    _ => {}
+                }
+            }
+        }
+        Some(identity)
+    }
+}
+
+/// WebPKI's client verifier plus the listener's identity rules.
+struct IdentityVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    rules: IdentityRules,
+}
+
+impl fmt::Debug for IdentityVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdentityVerifier").finish_non_exhaustive()
+    }
+}
+
+impl ClientCertVerifier for IdentityVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        match Identity::from_der(end_entity) {
+            Some(identity) if self.rules.allows(&identity) => Ok(verified),
+            _ => Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Why a client was turned away, as logged and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    NoCertificate,
+    UnknownCa,
+    Expired,
+    NotYetValid,
+    Revoked,
+    IdentityNotAllowed,
+    WrongKeyUsage,
+    BadCertificate,
+    /// The TLS handshake failed for another reason (protocol, ciphers, garbage).
+    Handshake,
+    Timeout,
+    ProxyHeaderInvalid,
+    UntrustedProxy,
+    /// The client address (from PROXY or the socket) is not allowed by the list.
+    SourceNotAllowed,
+    OverLimit,
+}
+
+impl Rejection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoCertificate => "no_certificate",
+            Self::UnknownCa => "unknown_ca",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::Revoked => "revoked",
+            Self::IdentityNotAllowed => "identity_not_allowed",
+            Self::WrongKeyUsage => "wrong_key_usage",
+            Self::BadCertificate => "bad_certificate",
+            Self::Handshake => "handshake_failed",
+            Self::Timeout => "timeout",
+            Self::ProxyHeaderInvalid => "proxy_header_invalid",
+            Self::UntrustedProxy => "untrusted_proxy",
+            Self::SourceNotAllowed => "source_not_allowed",
+            Self::OverLimit => "over_limit",
+        }
+    }
+
+    /// Classifies a failed server handshake.
+    pub fn from_handshake_error(error: &io::Error) -> Self {
+        let Some(error) = error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
+            return Self::Handshake;
+        };
+        match error {
+            rustls::Error::NoCertificatesPresented => Self::NoCertificate,
+            rustls::Error::InvalidCertificate(certificate) => match certificate {
+                CertificateError::UnknownIssuer => Self::UnknownCa,
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                    Self::Expired
+                }
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                    Self::NotYetValid
+                }
+                CertificateError::Revoked => Self::Revoked,
+                CertificateError::ApplicationVerificationFailure => Self::IdentityNotAllowed,
+                CertificateError::InvalidPurpose
+                | CertificateError::InvalidPurposeContext { .. } => Self::WrongKeyUsage,
+                _ => Self::BadCertificate,
+            },
+            _ => Self::Handshake,
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -1,0 +1,267 @@
+//! A testbed for the mTLS proxy: the namespace testbed with a PKI, a
+//! listener on the server and a backend behind it, and TLS clients that run
+//! inside the client namespaces.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use rustls::{
+    ClientConfig, RootCertStore,
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::{
+    pki::{Authority, Issued, Leaf},
+    testbed::Testbed,
+};
+
+/// The listener's port on the server.
+pub const LISTENER_PORT: u16 = 8443;
+/// The backend's port, on the server's loopback.
+pub const BACKEND_PORT: u16 = 18080;
+
+/// A dropped SYN is retried after 1 s; anything slower than this is a drop.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// How the test backend answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum BackendMode {
+    /// Sends back everything it reads; closes its side after the client's.
+    Echo,
+    /// Answers any request with `HTTP/1.1 200` and `ok`.
+    Http,
+}
+
+pub struct MtlsBed {
+    pub testbed: Testbed,
+    /// Issues client certificates; the listener's `client_ca`.
+    pub client_ca: Authority,
+    /// Issues the listener's certificate; what clients trust.
+    pub server_ca: Authority,
+    pub server_cert: Issued,
+    /// A good client certificate (CN `partner`, DNS `api.partner.example`,
+    /// URI `spiffe://partner.example/gateway`).
+    pub client: Issued,
+    pub backend: Backend,
+}
+
+impl MtlsBed {
+    /// Two clients (client 0 on the allowlist, client 1 not), a PKI, an echo
+    /// or HTTP backend. The daemon is not started: see [`Self::start`].
+    pub fn new(mode: BackendMode) -> Self {
+        let testbed = Testbed::new(2);
+        let pki_dir = testbed.dir.join("pki");
+        std::fs::create_dir_all(&pki_dir).expect("pki dir");
+        let client_ca = Authority::new(&pki_dir, "client-ca");
+        let server_ca = Authority::new(&pki_dir, "server-ca");
+        let names: Vec<String> = testbed.server_ipv4.iter().map(ToString::to_string).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let server_cert = server_ca.issue("server", &Leaf::server(&names));
+        let mut partner = Leaf::client("partner");
+        partner.dns = vec!["api.partner.example".into()];
+        partner.uris = vec!["spiffe://partner.example/gateway".into()];
+        let client = client_ca.issue("partner", &partner);
+        let backend = Backend::start(&testbed, mode);
+        std::fs::create_dir_all(testbed.allowlist_path().parent().expect("dir")).expect("state");
+        std::fs::write(
+            testbed.allowlist_path(),
+            format!("{}\n{}\n", testbed.clients[0].ipv4, testbed.clients[0].ipv6),
+        )
+        .expect("allowlist");
+        Self { testbed, client_ca, server_ca, server_cert, client, backend }
+    }
+
+    /// The `[[listener]]` table for this bed, plus `extra` keys.
+    pub fn listener_toml(&self, extra: &str) -> String {
+        format!(
+            "[[listener]]\nname = \"edge\"\nbind = \"0.0.0.0:{LISTENER_PORT}\"\n\
+             backend = \"127.0.0.1:{BACKEND_PORT}\"\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n{extra}\n",
+            self.server_cert.cert.display(),
+            self.server_cert.key.display(),
+            self.client_ca.cert.display(),
+        )
+    }
+
+    /// Writes the config with one listener (`extra` keys added to it) and
+    /// starts the daemon.
+    pub fn start(&self, extra: &str) {
+        self.write(extra, "");
+        self.testbed.start_daemon();
+    }
+
+    /// Writes the config: `daemon_extra` keys in `[daemon]`, `extra` in the listener.
+    pub fn write(&self, extra: &str, daemon_extra: &str) {
+        let tail = format!("{daemon_extra}\n{}", self.listener_toml(extra));
+        self.testbed.write_config_with("", &tail);
+    }
+
+    pub fn listener_address(&self, client: usize) -> SocketAddr {
+        SocketAddr::new(self.testbed.server_v4(client), LISTENER_PORT)
+    }
+
+    /// A client config trusting the server CA, presenting `cert` if given.
+    pub fn client_config(&self, cert: Option<&Issued>) -> Arc<ClientConfig> {
+        client_config(&self.server_ca.cert, cert)
+    }
+
+    /// From client `index`: connect, handshake, send `payload`, close the
+    /// sending half, and read everything until the proxy closes.
+    pub fn exchange(
+        &self,
+        index: usize,
+        cert: Option<&Issued>,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, String> {
+        let config = self.client_config(cert);
+        let address = self.listener_address(index);
+        let server = self.testbed.server_ipv4[index];
+        self.testbed.clients[index].netns.run(|| {
+            runtime().block_on(async move {
+                let connect = tokio::net::TcpStream::connect(address);
+                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+                    .await
+                    .map_err(|_| "connect timed out".to_owned())?
+                    .map_err(|e| e.to_string())?;
+                let connector = tokio_rustls::TlsConnector::from(config);
+                let name = ServerName::IpAddress(std::net::IpAddr::V4(server).into());
+                let mut tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
+                tls.write_all(payload).await.map_err(|e| e.to_string())?;
+                tls.shutdown().await.map_err(|e| e.to_string())?;
+                let mut answer = Vec::new();
+                tls.read_to_end(&mut answer).await.map_err(|e| e.to_string())?;
+                Ok(answer)
+            })
+        })
+    }
+
+    /// Rejections counted by the listener for `reason`.
+    pub fn rejected(&self, reason: &str) -> u64 {
+        let status = self.testbed.status();
+        status.listeners.first().and_then(|l| l.rejected.get(reason).copied()).unwrap_or(0)
+    }
+}
+
+/// A rustls client config trusting `ca`.
+pub fn client_config(ca: &std::path::Path, cert: Option<&Issued>) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    for certificate in CertificateDer::pem_file_iter(ca).expect("CA file") {
+        roots.add(certificate.expect("CA certificate")).expect("trust CA");
+    }
+    let builder = ClientConfig::builder().with_root_certificates(roots);
+    let config = match cert {
+        Some(issued) => {
+            let chain = CertificateDer::pem_file_iter(&issued.cert)
+                .expect("cert file")
+                .collect::<Result<Vec<_>, _>>()
+                .expect("cert chain");
+            let key = PrivateKeyDer::from_pem_file(&issued.key).expect("key");
+            builder.with_client_auth_cert(chain, key).expect("client cert")
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Arc::new(config)
+}
+
+/// A single-threaded runtime for client code in a namespace thread.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+}
+
+/// The backend behind the listener, on the server's loopback. It records how
+/// many connections it accepted and the first bytes of each.
+pub struct Backend {
+    pub accepted: Arc<AtomicUsize>,
+    pub heads: Arc<Mutex<Vec<Vec<u8>>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Backend {
+    fn start(testbed: &Testbed, mode: BackendMode) -> Self {
+        let listener = testbed
+            .server
+            .run(|| TcpListener::bind(("127.0.0.1", BACKEND_PORT)).expect("bind backend"));
+        listener.set_nonblocking(true).expect("nonblocking");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (accepted, heads, stop) =
+                (Arc::clone(&accepted), Arc::clone(&heads), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((stream, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(2));
+                        continue;
+                    };
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                    let heads = Arc::clone(&heads);
+                    std::thread::spawn(move || serve(stream, mode, &heads));
+                }
+            })
+        };
+        Self { accepted, heads, stop, thread: Some(thread) }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+fn serve(mut stream: TcpStream, mode: BackendMode, heads: &Mutex<Vec<Vec<u8>>>) {
+    stream.set_nonblocking(false).expect("blocking");
+    let mut head = Vec::new();
+    let mut buffer = vec![0u8; 64 << 10];
+    let mut index = None;
+    loop {
+        let read = match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(read) => read,
+        };
+        if head.len() < 1024 {
+            head.extend_from_slice(&buffer[..read.min(1024 - head.len())]);
+            let mut heads = heads.lock().expect("heads");
+            match index {
+                Some(i) => heads[i] = head.clone(),
+                None => {
+                    heads.push(head.clone());
+                    index = Some(heads.len() - 1);
+                }
+            }
+        }
+        match mode {
+            BackendMode::Echo => {
+                if stream.write_all(&buffer[..read]).is_err() {
+                    return;
+                }
+            }
+            BackendMode::Http => {
+                if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n",
+                    );
+                    return;
+                }
+            }
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

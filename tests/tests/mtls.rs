@@ -1,0 +1,217 @@
+//! The mutual-TLS proxy of the real daemon, in network namespaces: good and
+//! bad clients (rustls, curl, openssl), identity rules, revocation.
+
+use edgegate_tests::{
+    mtls::{BackendMode, MtlsBed},
+    pki::Leaf,
+};
+use time::{Duration, OffsetDateTime};
+
+#[test]
+fn a_good_client_reaches_the_backend() {
+    let bed = MtlsBed::new(BackendMode::Echo);
+    bed.start("");
+    let answer = bed.exchange(0, Some(&bed.client), b"ping").expect("exchange");
+    assert_eq!(answer, b"ping");
+    assert_eq!(bed.backend.accepted(), 1);
+    let status = bed.testbed.status();
+    assert_eq!(status.listeners[0].handshakes_ok, 1);
+    assert_eq!(status.listeners[0].bytes_from_clients, 4);
+    // The listener's port is protected by XDP without being listed in `ports`.
+    assert!(bed.exchange(1, Some(&bed.client), b"ping").is_err());
+    assert!(bed.testbed.counted("ipv4", "unlisted") > 0);
+    let log = bed.testbed.daemon_log();
+    assert!(log.contains("connection closed") && log.contains("CN=partner"), "{log}");
+}
+
+/// Runs one bad client: it must fail, never reach the backend, and be
+/// counted (and logged) with `reason`.
+#[track_caller]
+fn assert_rejected(bed: &MtlsBed, cert: Option<&edgegate_tests::pki::Issued>, reason: &str) {
+    let result = bed.exchange(0, cert, b"ping");
+    assert!(result.is_err(), "{reason}: the client got {result:?}");
+    assert_eq!(bed.backend.accepted(), 0, "{reason}: the backend was reached");
+    assert_eq!(bed.rejected(reason), 1, "{reason}: {:?}", bed.testbed.status().listeners);
+    assert!(
+        bed.testbed.daemon_log().contains(&format!("reason={reason}")),
+        "{}",
+        bed.testbed.daemon_log()
+    );
+}
+
+#[test]
+fn no_client_certificate_is_rejected() {
+    let bed = MtlsBed::new(BackendMode::Echo);
+    bed.start("");
+    assert_rejected(&bed, None, "no_certificate");
+}
+
+#[test]
+fn a_certificate_from_another_ca_is_rejected() {
+    let bed = MtlsBed::new(BackendMode::Echo);
+    let stranger_ca =
+        edgegate_tests::pki::Authority::new(&bed.testbed.dir.join("pki"), "stranger-ca");
+    let cert = stranger_ca.issue("stranger", &Leaf::client("partner"));
+    bed.start("");
+    assert_rejected(&bed, Some(&cert), "unknown_ca");
+}
+
+#[test]
+fn an_expired_certificate_is_rejected() {
+    let bed = MtlsBed::new(BackendMode::Echo);
+    let now = OffsetDateTime::now_utc();
+    let leaf = Leaf {
+        not_before: now - Duration::days(30),
+        not_after: now - Duration::days(1),
+        ..Leaf::client("partner")
+    };
+    let cert = bed.client_ca.issue("expired", &leaf);
+    bed.start("");
+    assert_rejected(&bed, Some(&cert), "expired");
+}
+
+#[test]
+fn a_not_yet_valid_certificate_is_rejected() {
+    let bed = MtlsBed::new(BackendMode::Echo);
+    let now = OffsetDateTime::now_utc();
+    let leaf = Leaf {
+        not_before: now + Duration::days(1),
+        not_after: now + Duration::days(30),
+        ..Leaf::client("partner")
+    };
+    let cert = bed.client_ca.issue("future", &leaf);
+    bed.start("");
+    assert_rejected(&bed, Some(&cert), "not_yet_valid");
+}
+
+#[test]
+fn a_revoked_certificate_is_rejected() {
+    let bed = MtlsBed::new(BackendMode::Echo);
+    let revoked = bed.client_ca.issue("revoked", &Leaf::client("partner"));
+    let crl = bed.client_ca.crl("client-ca", &[revoked.serial]);
+    bed.start(&format!("crl = [\"{}\"]", crl.display()));
+    // The CRL does not list the good client.
+    assert_eq!(bed.exchange(0, Some(&bed.client), b"ok").expect("good client"), b"ok");
+    let accepted = bed.backend.accepted();
+    let result = bed.exchange(0, Some(&revoked), b"ping");
+    assert!(result.is_err(), "{result:?}");
+    assert_eq!(bed.backend.accepted(), accepted);
+    assert_eq!(bed.rejected("revoked"), 1);
+}
+
+#[test]
+fn a_server_auth_only_certificate_is_rejected() {
+    let bed = MtlsBed::new(BackendMode::Echo);
+    let leaf =
+        Leaf { usage: rcgen::ExtendedKeyUsagePurpose::ServerAuth, ..Leaf::client("partner") };
+    let cert = bed.client_ca.issue("server-only", &leaf);
+    bed.start("");
+    assert_rejected(&bed, Some(&cert), "wrong_key_usage");
+}
+
+#[test]
+fn a_wrong_common_name_is_rejected() {
+    let bed = MtlsBed::new(BackendMode::Echo);
+    let cert = bed.client_ca.issue("intruder", &Leaf::client("intruder"));
+    bed.start("allow_cn = [\"partner\", \"partner-*\"]");
+    assert_rejected(&bed, Some(&cert), "identity_not_allowed");
+}
+
+#[test]
+fn a_wrong_dns_name_is_rejected() {
+    let bed = MtlsBed::new(BackendMode::Echo);
+    let leaf = Leaf { dns: vec!["api.other.example".into()], ..Leaf::client("partner") };
+    let cert = bed.client_ca.issue("other-dns", &leaf);
+    bed.start("allow_dns = [\"*.partner.example\"]");
+    assert_rejected(&bed, Some(&cert), "identity_not_allowed");
+}
+
+#[test]
+fn a_wrong_spiffe_id_is_rejected() {
+    let bed = MtlsBed::new(BackendMode::Echo);
+    let leaf =
+        Leaf { uris: vec!["spiffe://other.example/gateway".into()], ..Leaf::client("partner") };
+    let cert = bed.client_ca.issue("other-uri", &leaf);
+    bed.start("allow_uri = [\"spiffe://partner.example/*\"]");
+    assert_rejected(&bed, Some(&cert), "identity_not_allowed");
+}
+
+#[test]
+fn identity_globs_match_cn_dns_and_uri() {
+    for rule in [
+        "allow_cn = [\"part*\"]",
+        "allow_dns = [\"*.partner.example\"]",
+        "allow_uri = [\"spiffe://partner.example/*\"]",
+        "allow_cn = [\"nobody\"]\nallow_uri = [\"spiffe://partner.example/gateway\"]",
+    ] {
+        let bed = MtlsBed::new(BackendMode::Echo);
+        bed.start(rule);
+        assert_eq!(bed.exchange(0, Some(&bed.client), b"hi").expect(rule), b"hi", "{rule}");
+    }
+}
+
+#[test]
+fn curl_and_openssl_reach_an_http_backend() {
+    let bed = MtlsBed::new(BackendMode::Http);
+    bed.start("");
+    let url =
+        format!("https://{}:{}/", bed.testbed.server_ipv4[0], edgegate_tests::mtls::LISTENER_PORT);
+    let curl = bed.testbed.clients[0]
+        .netns
+        .command("curl")
+        .args(["--silent", "--show-error", "--max-time", "10", "--cacert"])
+        .arg(&bed.server_ca.cert)
+        .arg("--cert")
+        .arg(&bed.client.cert)
+        .arg("--key")
+        .arg(&bed.client.key)
+        .arg(&url)
+        .output()
+        .expect("run curl");
+    assert!(curl.status.success(), "curl: {}", String::from_utf8_lossy(&curl.stderr));
+    assert_eq!(curl.stdout, b"ok\n");
+
+    let without_cert = bed.testbed.clients[0]
+        .netns
+        .command("curl")
+        .args(["--silent", "--max-time", "10", "--cacert"])
+        .arg(&bed.server_ca.cert)
+        .arg(&url)
+        .output()
+        .expect("run curl");
+    assert!(!without_cert.status.success(), "curl without a client certificate got through");
+
+    let openssl = |with_cert: bool| {
+        let mut command = bed.testbed.clients[0].netns.command("openssl");
+        command
+            .args(["s_client", "-quiet", "-verify_return_error", "-connect"])
+            .arg(format!("{}:{}", bed.testbed.server_ipv4[0], edgegate_tests::mtls::LISTENER_PORT))
+            .arg("-CAfile")
+            .arg(&bed.server_ca.cert);
+        if with_cert {
+            command.arg("-cert").arg(&bed.client.cert).arg("-key").arg(&bed.client.key);
+        }
+        let mut child = command
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run openssl");
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"GET / HTTP/1.1\r\nHost: edge\r\n\r\n").expect("request");
+        // openssl exits when the server closes; keep stdin open until then.
+        let output = child.wait_with_output().expect("openssl output");
+        drop(stdin);
+        output
+    };
+    let output = openssl(true);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("HTTP/1.1 200 OK") && stdout.ends_with("ok\n"), "openssl: {stdout}");
+    let output = openssl(false);
+    assert!(
+        !String::from_utf8_lossy(&output.stdout).contains("200 OK"),
+        "openssl without a certificate got an answer"
+    );
+    assert_eq!(bed.rejected("no_certificate"), 2, "curl and openssl without a certificate");
+}
