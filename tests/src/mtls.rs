@@ -3,7 +3,8 @@
 //! inside the client namespaces.
 
 use std::{
-    io::{Read as _, Write as _},
+    future::Future,
+    io::Write as _,
     net::{SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc, Mutex,
@@ -39,7 +40,12 @@ pub enum BackendMode {
     Echo,
     /// Answers any request with `HTTP/1.1 200` and `ok`.
     Http,
+    /// Echo over TLS, with a certificate for `backend.internal` from the server CA.
+    TlsEcho,
 }
+
+/// The name in the TLS backend's certificate.
+pub const BACKEND_NAME: &str = "backend.internal";
 
 pub struct MtlsBed {
     pub testbed: Testbed,
@@ -70,7 +76,20 @@ impl MtlsBed {
         partner.dns = vec!["api.partner.example".into()];
         partner.uris = vec!["spiffe://partner.example/gateway".into()];
         let client = client_ca.issue("partner", &partner);
-        let backend = Backend::start(&testbed, mode);
+        let tls = (mode == BackendMode::TlsEcho).then(|| {
+            let issued = server_ca.issue("backend", &Leaf::server(&[BACKEND_NAME]));
+            let chain = CertificateDer::pem_file_iter(&issued.cert)
+                .expect("cert")
+                .collect::<Result<Vec<_>, _>>()
+                .expect("chain");
+            let key = PrivateKeyDer::from_pem_file(&issued.key).expect("key");
+            let config = rustls::ServerConfig::builder()
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .expect("backend TLS config");
+            Arc::new(config)
+        });
+        let backend = Backend::start(&testbed, mode, tls);
         std::fs::create_dir_all(testbed.allowlist_path().parent().expect("dir")).expect("state");
         std::fs::write(
             testbed.allowlist_path(),
@@ -121,33 +140,74 @@ impl MtlsBed {
         cert: Option<&Issued>,
         payload: &[u8],
     ) -> Result<Vec<u8>, String> {
+        self.exchange_after(index, cert, &[], payload)
+    }
+
+    /// As [`Self::exchange`], sending `preamble` (a PROXY header) before TLS.
+    pub fn exchange_after(
+        &self,
+        index: usize,
+        cert: Option<&Issued>,
+        preamble: &[u8],
+        payload: &[u8],
+    ) -> Result<Vec<u8>, String> {
         let config = self.client_config(cert);
-        let address = self.listener_address(index);
-        let server = self.testbed.server_ipv4[index];
-        self.testbed.clients[index].netns.run(|| {
-            runtime().block_on(async move {
-                let connect = tokio::net::TcpStream::connect(address);
-                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, connect)
-                    .await
-                    .map_err(|_| "connect timed out".to_owned())?
-                    .map_err(|e| e.to_string())?;
-                let connector = tokio_rustls::TlsConnector::from(config);
-                let name = ServerName::IpAddress(std::net::IpAddr::V4(server).into());
-                let mut tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
-                tls.write_all(payload).await.map_err(|e| e.to_string())?;
-                tls.shutdown().await.map_err(|e| e.to_string())?;
-                let mut answer = Vec::new();
-                tls.read_to_end(&mut answer).await.map_err(|e| e.to_string())?;
-                Ok(answer)
-            })
+        let (address, server) = (self.listener_address(index), self.testbed.server_v4(index));
+        self.in_client(index, || async move {
+            let mut tls = connect_tls(address, server, config, preamble).await?;
+            tls.write_all(payload).await.map_err(|e| e.to_string())?;
+            tls.shutdown().await.map_err(|e| e.to_string())?;
+            let mut answer = Vec::new();
+            tls.read_to_end(&mut answer).await.map_err(|e| e.to_string())?;
+            Ok(answer)
         })
     }
 
-    /// Rejections counted by the listener for `reason`.
-    pub fn rejected(&self, reason: &str) -> u64 {
-        let status = self.testbed.status();
-        status.listeners.first().and_then(|l| l.rejected.get(reason).copied()).unwrap_or(0)
+    /// Runs async client code on a thread inside client `index`'s namespace.
+    pub fn in_client<T: Send, F: Future<Output = T>>(
+        &self,
+        index: usize,
+        f: impl FnOnce() -> F + Send,
+    ) -> T {
+        self.testbed.clients[index].netns.run(|| runtime().block_on(f()))
     }
+
+    /// Waits up to 5 s for the listener to have counted `count` rejections
+    /// for `reason` (a client may see the close before the count is made).
+    pub fn await_rejected(&self, reason: &str, count: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let status = self.testbed.status();
+            let counted = status.listeners.first().and_then(|l| l.rejected.get(reason).copied());
+            if counted.unwrap_or(0) == count {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "expected {count} `{reason}` rejections: {:?}",
+                status.listeners
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Connects to `address`, sends `preamble`, and completes a TLS handshake
+/// with a server whose certificate names `server`.
+pub async fn connect_tls(
+    address: SocketAddr,
+    server: std::net::IpAddr,
+    config: Arc<ClientConfig>,
+    preamble: &[u8],
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let connect = tokio::net::TcpStream::connect(address);
+    let mut tcp = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    tcp.write_all(preamble).await.map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    connector.connect(ServerName::IpAddress(server.into()), tcp).await.map_err(|e| e.to_string())
 }
 
 /// A rustls client config trusting `ca`.
@@ -186,7 +246,7 @@ pub struct Backend {
 }
 
 impl Backend {
-    fn start(testbed: &Testbed, mode: BackendMode) -> Self {
+    fn start(testbed: &Testbed, mode: BackendMode, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let listener = testbed
             .server
             .run(|| TcpListener::bind(("127.0.0.1", BACKEND_PORT)).expect("bind backend"));
@@ -205,7 +265,18 @@ impl Backend {
                     };
                     accepted.fetch_add(1, Ordering::Relaxed);
                     let heads = Arc::clone(&heads);
-                    std::thread::spawn(move || serve(stream, mode, &heads));
+                    let tls = tls.clone();
+                    std::thread::spawn(move || {
+                        stream.set_nonblocking(false).expect("blocking");
+                        match tls {
+                            Some(config) => {
+                                let connection =
+                                    rustls::ServerConnection::new(config).expect("TLS");
+                                serve(rustls::StreamOwned::new(connection, stream), mode, &heads);
+                            }
+                            None => serve(stream, mode, &heads),
+                        }
+                    });
                 }
             })
         };
@@ -217,16 +288,48 @@ impl Backend {
     }
 }
 
-fn serve(mut stream: TcpStream, mode: BackendMode, heads: &Mutex<Vec<Vec<u8>>>) {
-    stream.set_nonblocking(false).expect("blocking");
+/// A stream whose sending half the backend can close.
+trait Closable: std::io::Read + std::io::Write {
+    fn close_sending(&mut self);
+}
+
+impl Closable for TcpStream {
+    fn close_sending(&mut self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+impl Closable for rustls::StreamOwned<rustls::ServerConnection, TcpStream> {
+    fn close_sending(&mut self) {
+        self.conn.send_close_notify();
+        let _ = self.flush();
+        let _ = self.sock.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// The fixed start of a PROXY protocol v2 header.
+const PROXY_V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+
+fn serve(mut stream: impl Closable, mode: BackendMode, heads: &Mutex<Vec<Vec<u8>>>) {
     let mut head = Vec::new();
     let mut buffer = vec![0u8; 64 << 10];
     let mut index = None;
+    // Like a real PROXY-aware backend, the echo does not send the header back.
+    let mut skip = None;
     loop {
         let read = match stream.read(&mut buffer) {
             Ok(0) | Err(_) => break,
             Ok(read) => read,
         };
+        let remaining = skip.get_or_insert_with(|| {
+            if buffer[..read].starts_with(PROXY_V2_SIGNATURE) && read >= 16 {
+                16 + usize::from(u16::from_be_bytes([buffer[14], buffer[15]]))
+            } else {
+                0
+            }
+        });
+        let start = (*remaining).min(read);
+        *remaining -= start;
         if head.len() < 1024 {
             head.extend_from_slice(&buffer[..read.min(1024 - head.len())]);
             let mut heads = heads.lock().expect("heads");
@@ -239,8 +342,8 @@ fn serve(mut stream: TcpStream, mode: BackendMode, heads: &Mutex<Vec<Vec<u8>>>) 
             }
         }
         match mode {
-            BackendMode::Echo => {
-                if stream.write_all(&buffer[..read]).is_err() {
+            BackendMode::Echo | BackendMode::TlsEcho => {
+                if stream.write_all(&buffer[start..read]).is_err() {
                     return;
                 }
             }
@@ -254,7 +357,7 @@ fn serve(mut stream: TcpStream, mode: BackendMode, heads: &Mutex<Vec<Vec<u8>>>) 
             }
         }
     }
-    let _ = stream.shutdown(std::net::Shutdown::Write);
+    stream.close_sending();
 }
 
 impl Drop for Backend {

@@ -186,17 +186,52 @@ impl Testbed {
 
     /// Stops the daemon with SIGTERM and returns its exit status.
     pub fn stop_daemon(&self) -> std::process::ExitStatus {
-        let mut child = self.take_daemon();
+        self.signal_daemon(nix::sys::signal::Signal::SIGTERM);
+        self.take_daemon().wait().expect("reap the daemon")
+    }
+
+    /// Sends `signal` to the running daemon.
+    pub fn signal_daemon(&self, signal: nix::sys::signal::Signal) {
+        let daemon = self.daemon.lock().expect("daemon lock");
+        let pid = daemon.as_ref().expect("the daemon is running").id();
         nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")),
-            nix::sys::signal::Signal::SIGTERM,
+            nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
+            signal,
         )
         .expect("signal the daemon");
-        child.wait().expect("reap the daemon")
+    }
+
+    /// Waits up to `timeout` for the daemon to exit by itself.
+    pub fn wait_for_exit(&self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut daemon = self.daemon.lock().expect("daemon lock");
+            let status = daemon.as_mut().expect("the daemon is running").try_wait().expect("wait");
+            if let Some(status) = status {
+                *daemon = None;
+                return Some(status);
+            }
+            drop(daemon);
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn take_daemon(&self) -> Child {
         self.daemon.lock().expect("daemon lock").take().expect("the daemon is running")
+    }
+
+    /// Waits up to 5 s for the daemon's log to contain `needle` (a line is
+    /// written after the connection it describes is closed), and panics with
+    /// the log if it never does.
+    pub fn await_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.daemon_log().contains(needle) {
+            assert!(Instant::now() < deadline, "no `{needle}` in the log:\n{}", self.daemon_log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn daemon_log(&self) -> String {

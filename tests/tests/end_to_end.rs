@@ -369,9 +369,5 @@ fn tagged_and_malformed_frames_on_the_wire() {
     broken.bytes[14] = 0x43; // IHL 3: shorter than the minimal header
     testbed.inject(1, &broken.bytes);
     assert_eq!(testbed.counted("ipv4", "malformed"), 1);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !testbed.daemon_log().contains("dropped malformed ipv4 packet") {
-        assert!(Instant::now() < deadline, "no diagnostic in the log:\n{}", testbed.daemon_log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    testbed.await_log("dropped malformed ipv4 packet");
 }

@@ -437,7 +437,7 @@ impl Connection {
                     bytes_in = relayed.client_to_backend,
                     bytes_out = relayed.backend_to_client,
                     duration_ms,
-                    close = relayed.reason.as_str(),
+                    close = %relayed.reason.as_str(),
                     "connection closed"
                 );
             }
