@@ -212,11 +212,21 @@ pub async fn connect_tls(
 
 /// A rustls client config trusting `ca`.
 pub fn client_config(ca: &std::path::Path, cert: Option<&Issued>) -> Arc<ClientConfig> {
+    client_config_for(ca, cert, rustls::DEFAULT_VERSIONS)
+}
+
+/// As [`client_config`], limited to the TLS `versions`.
+pub fn client_config_for(
+    ca: &std::path::Path,
+    cert: Option<&Issued>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
     for certificate in CertificateDer::pem_file_iter(ca).expect("CA file") {
         roots.add(certificate.expect("CA certificate")).expect("trust CA");
     }
-    let builder = ClientConfig::builder().with_root_certificates(roots);
+    let builder =
+        ClientConfig::builder_with_protocol_versions(versions).with_root_certificates(roots);
     let config = match cert {
         Some(issued) => {
             let chain = CertificateDer::pem_file_iter(&issued.cert)

@@ -81,11 +81,16 @@ impl Authority {
         Self { issuer, dir: dir.to_owned(), cert }
     }
 
-    /// Issues `leaf` and writes `<stem>.pem` (leaf, then this CA) and `<stem>.key`.
+    /// Issues `leaf` (ECDSA P-256) and writes `<stem>.pem` (leaf, then this
+    /// CA) and `<stem>.key`.
     pub fn issue(&self, stem: &str, leaf: &Leaf) -> Issued {
+        self.issue_with_key(stem, leaf, KeyPair::generate().expect("leaf key"))
+    }
+
+    /// As [`Self::issue`], for a key of the caller's choosing.
+    pub fn issue_with_key(&self, stem: &str, leaf: &Leaf, key: KeyPair) -> Issued {
         static SERIAL: AtomicU64 = AtomicU64::new(1000);
         let serial = SERIAL.fetch_add(1, Ordering::Relaxed);
-        let key = KeyPair::generate().expect("leaf key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.distinguished_name = distinguished_name(&leaf.common_name);
         params.subject_alt_names = leaf

@@ -150,6 +150,11 @@ impl Testbed {
     /// Starts `edgegate run` in the server namespace and waits until its
     /// control socket answers.
     pub fn start_daemon(&self) {
+        self.start_daemon_with(&[]);
+    }
+
+    /// As [`Self::start_daemon`], with extra `edgegate run` arguments.
+    pub fn start_daemon_with(&self, args: &[&str]) {
         let mut daemon = self.daemon.lock().expect("daemon lock");
         assert!(daemon.is_none(), "the daemon is already running");
         let log = std::fs::File::options()
@@ -162,6 +167,7 @@ impl Testbed {
             .command(edgegate_binary().to_str().expect("UTF-8 path"))
             .args(["run", "--config"])
             .arg(&self.config)
+            .args(args)
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
             .spawn()

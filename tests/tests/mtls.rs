@@ -211,3 +211,118 @@ fn curl_and_openssl_reach_an_http_backend() {
     );
     bed.await_rejected("no_certificate", 2);
 }
+
+#[test]
+fn every_server_key_type_serves() {
+    for algorithm in [
+        &rcgen::PKCS_ECDSA_P256_SHA256,
+        &rcgen::PKCS_ECDSA_P384_SHA384,
+        &rcgen::PKCS_ED25519,
+        &rcgen::PKCS_RSA_SHA256,
+    ] {
+        let bed = MtlsBed::new(BackendMode::Echo);
+        let key = if algorithm == &rcgen::PKCS_RSA_SHA256 {
+            rcgen::KeyPair::generate_rsa_for(algorithm, rcgen::RsaKeySize::_2048).expect("RSA key")
+        } else {
+            rcgen::KeyPair::generate_for(algorithm).expect("key")
+        };
+        let names: Vec<String> = bed.testbed.server_ipv4.iter().map(ToString::to_string).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        bed.server_ca.issue_with_key("server", &Leaf::server(&names), key);
+        bed.start("");
+        let answer = bed.exchange(0, Some(&bed.client), b"key");
+        assert_eq!(answer.as_deref(), Ok(&b"key"[..]), "{algorithm:?}");
+    }
+}
+
+#[test]
+fn tls_1_2_is_accepted_by_default_and_refused_with_a_1_3_minimum() {
+    let tls12_only = |bed: &MtlsBed| {
+        let config = edgegate_tests::mtls::client_config_for(
+            &bed.server_ca.cert,
+            Some(&bed.client),
+            &[&rustls::version::TLS12],
+        );
+        let (address, server) = (bed.listener_address(0), bed.testbed.server_v4(0));
+        bed.in_client(0, || async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let mut tls = edgegate_tests::mtls::connect_tls(address, server, config, &[]).await?;
+            tls.write_all(b"12").await.map_err(|e| e.to_string())?;
+            tls.shutdown().await.map_err(|e| e.to_string())?;
+            let mut answer = Vec::new();
+            tls.read_to_end(&mut answer).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(answer)
+        })
+    };
+    let bed = MtlsBed::new(BackendMode::Echo);
+    bed.start("");
+    assert_eq!(tls12_only(&bed).expect("TLS 1.2"), b"12");
+    bed.testbed.await_log("tls_version=TLSv1_2");
+
+    let bed = MtlsBed::new(BackendMode::Echo);
+    bed.start("min_tls_version = \"1.3\"");
+    assert!(tls12_only(&bed).is_err());
+    bed.await_rejected("handshake_failed", 1);
+    assert_eq!(bed.backend.accepted(), 0);
+}
+
+#[test]
+fn json_logs_carry_the_access_fields() {
+    let bed = MtlsBed::new(BackendMode::Echo);
+    bed.write("", "");
+    bed.testbed.start_daemon_with(&["--log-format", "json"]);
+    bed.exchange(0, Some(&bed.client), b"json").expect("exchange");
+    assert!(bed.exchange(0, None, b"x").is_err());
+    bed.testbed.await_log("no_certificate");
+    let lines: Vec<serde_json::Value> = bed
+        .testbed
+        .daemon_log()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    let closed =
+        lines.iter().find(|l| l["fields"]["message"] == "connection closed").expect("access line");
+    assert_eq!(closed["fields"]["listener"], "edge");
+    assert_eq!(closed["fields"]["bytes_in"], 4);
+    assert_eq!(closed["fields"]["close"], "completed");
+    assert!(closed["fields"]["subject"].as_str().is_some_and(|s| s.contains("CN=partner")));
+    let rejected =
+        lines.iter().find(|l| l["fields"]["reason"] == "no_certificate").expect("rejection line");
+    assert_eq!(rejected["level"], "WARN");
+}
+
+#[test]
+fn reload_starts_and_stops_listeners() {
+    use edgegate_tests::mtls::{LISTENER_PORT, connect_tls};
+    let bed = MtlsBed::new(BackendMode::Echo);
+    bed.start("");
+    let second = bed
+        .listener_toml("")
+        .replace("name = \"edge\"", "name = \"second\"")
+        .replace(&format!("0.0.0.0:{LISTENER_PORT}"), "0.0.0.0:8444");
+    let connects_to = |index: usize, port: u16| {
+        let config = bed.client_config(Some(&bed.client));
+        let address = std::net::SocketAddr::new(bed.testbed.server_v4(index), port);
+        let server = bed.testbed.server_v4(index);
+        bed.in_client(
+            index,
+            || async move { connect_tls(address, server, config, &[]).await.is_ok() },
+        )
+    };
+    bed.testbed.write_config_with("", &format!("{}{second}", bed.listener_toml("")));
+    let output = bed.testbed.cli_ok(&["reload"]);
+    assert!(
+        output.contains("listener `second`: started")
+            && output.contains("listener `edge`: reloaded"),
+        "{output}"
+    );
+    assert!(connects_to(0, 8444));
+    // The new port is protected by XDP at once.
+    assert!(!connects_to(1, 8444));
+
+    bed.testbed.write_config_with("", &second);
+    let output = bed.testbed.cli_ok(&["reload"]);
+    assert!(output.contains("listener `edge`: stopped"), "{output}");
+    assert!(!connects_to(0, LISTENER_PORT));
+    assert!(connects_to(0, 8444));
+}

@@ -60,10 +60,10 @@ where
     let mut client = Metered { inner: client, activity: Arc::clone(&activity), side: Side::Client };
     let mut backend =
         Metered { inner: backend, activity: Arc::clone(&activity), side: Side::Backend };
-    // 64 KiB each way: large enough for bulk throughput, allocated only here,
-    // after the handshake, for connections that actually relay.
+    // One TLS record (16 KiB) each way, allocated only here, after the
+    // handshake: a full record per read keeps bulk throughput up.
     let copy =
-        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut backend, 64 << 10, 64 << 10);
+        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut backend, 16 << 10, 16 << 10);
     let (reason, (up, down)) = tokio::select! {
         result = copy => match result {
             Ok(bytes) => (CloseReason::Completed, bytes),
