@@ -269,6 +269,38 @@ impl Allowlist {
         Ok(next)
     }
 
+    /// The list with `imported` allow entries merged in. With `replace`,
+    /// entries whose comment starts with `tag` (an earlier import) go first.
+    /// An imported CIDR that is listed as deny is refused: an import never
+    /// overrides an operator's deny.
+    pub fn with_imported(
+        &self,
+        imported: &[Entry],
+        tag: &str,
+        replace: bool,
+    ) -> Result<Self, ChangeError> {
+        let mut next = self.clone();
+        if replace {
+            next.entries.retain(|_, e| !e.comment.as_deref().is_some_and(|c| c.starts_with(tag)));
+        }
+        for entry in imported {
+            match next.entries.get(&entry.cidr) {
+                Some(existing) if existing.action == Action::Deny => {
+                    return Err(ChangeError::OtherAction {
+                        cidr: entry.cidr,
+                        existing: Action::Deny,
+                    });
+                }
+                // Already allowed, by the operator or an earlier import: keep that entry.
+                Some(_) => {}
+                None => {
+                    next.entries.insert(entry.cidr, entry.clone());
+                }
+            }
+        }
+        Ok(next)
+    }
+
     /// The longest matching entry's action for `addr`, or `None` if nothing matches.
     pub fn verdict(&self, addr: IpAddr) -> Option<Action> {
         let max_len = if addr.is_ipv4() { 32 } else { 128 };
@@ -424,6 +456,27 @@ mod tests {
         assert_eq!(
             list.with_removed(&[net("10.0.0.0/8")], Action::Deny),
             Err(ChangeError::NotListed { cidr: net("10.0.0.0/8"), action: Action::Deny })
+        );
+    }
+
+    #[test]
+    fn imports_merge_and_replace_their_own_entries_only() {
+        let list =
+            Allowlist::parse("10.0.0.0/8 # operator\n3.0.0.0/8 # aws-ip-ranges old\n").unwrap();
+        let imported = [Entry {
+            cidr: net("3.5.0.0/16"),
+            action: Action::Allow,
+            comment: Some("aws-ip-ranges new".into()),
+        }];
+        let merged = list.with_imported(&imported, "aws-ip-ranges", false).unwrap();
+        assert_eq!(merged.len(), 3);
+        let replaced = list.with_imported(&imported, "aws-ip-ranges", true).unwrap();
+        let cidrs: Vec<String> = replaced.entries().map(|e| e.cidr.to_string()).collect();
+        assert_eq!(cidrs, ["3.5.0.0/16", "10.0.0.0/8"]);
+        let denied = Allowlist::parse("deny 3.5.0.0/16\n").unwrap();
+        assert_eq!(
+            denied.with_imported(&imported, "aws-ip-ranges", false),
+            Err(ChangeError::OtherAction { cidr: net("3.5.0.0/16"), existing: Action::Deny })
         );
     }
 

@@ -35,6 +35,9 @@ pub enum Request {
     Add { action: Action, cidrs: Vec<String>, comment: Option<String> },
     /// Remove entries listed with `action`.
     Remove { action: Action, cidrs: Vec<String> },
+    /// Merge allow entries (from `edgegate allow import-aws`); with `replace`,
+    /// first drop entries whose comment starts with `tag`.
+    Import { entries: Vec<Entry>, tag: String, replace: bool },
     /// Replace the whole list with one in the file format.
     Replace { text: String },
     /// The list in force.

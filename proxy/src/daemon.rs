@@ -72,6 +72,11 @@ impl State {
                 });
                 self.change(next)
             }
+            Request::Import { entries, tag, replace } => {
+                let next =
+                    self.list.with_imported(&entries, &tag, replace).map_err(|e| e.to_string());
+                self.change(next)
+            }
             Request::Replace { text } => {
                 self.change(Allowlist::parse(&text).map_err(|e| e.to_string()))
             }

@@ -1,17 +1,22 @@
 //! edgegate: a host-level gate for backends that only a known partner may call.
 //!
 //! An XDP program (`proxy-ebpf`) drops packets whose source address is not on
-//! the allowlist, at the NIC; this crate is the daemon that loads it and keeps
-//! its maps in step with the list, and the CLI that changes the list.
+//! the allowlist, at the NIC; this crate is the daemon that loads it, keeps
+//! its maps in step with the list and terminates mutual TLS for the
+//! connections that get through, and the CLI that changes the list.
 //!
 //! Layout, one concern per module, data flowing downwards:
 //! - [`config`]: the TOML file, validated into a [`config::Config`];
 //! - [`allowlist`]: the list model, its text format, changes, atomic persistence;
 //! - [`filter`]: loads, attaches and pins the XDP program and owns its maps;
 //! - [`daemon`]: `edgegate run`, holding the list and the filter together;
-//! - [`control`]: the Unix-socket protocol between CLI and daemon.
+//! - [`control`]: the Unix-socket protocol between CLI and daemon;
+//! - [`tls`]: rustls configs, client identity rules, rejection reasons;
+//! - [`proxy`]: the mTLS listeners: accept, PROXY protocol, handshake, relay;
+//! - [`aws`]: AWS's published address ranges, for `allow import-aws`.
 
 pub mod allowlist;
+pub mod aws;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -108,6 +108,21 @@ enum AllowCommand {
         #[arg(long)]
         file: PathBuf,
     },
+    /// Allow AWS's published ranges (ip-ranges.json) of some regions and services.
+    ImportAws {
+        /// A copy of https://ip-ranges.amazonaws.com/ip-ranges.json.
+        #[arg(long)]
+        file: PathBuf,
+        /// Only these regions (e.g. eu-west-1); repeat for more. Default: all.
+        #[arg(long = "region")]
+        regions: Vec<String>,
+        /// Only these services (e.g. EC2); repeat for more. Default: all.
+        #[arg(long = "service")]
+        services: Vec<String>,
+        /// Drop the entries of earlier imports first (refresh), keeping the operator's own.
+        #[arg(long)]
+        replace: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -182,6 +197,12 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             AllowCommand::Add(args) => add(&global, Action::Allow, args),
             AllowCommand::Del(args) => remove(&global, Action::Allow, args),
             AllowCommand::List { json } => list(&global, json),
+            AllowCommand::ImportAws { file, regions, services, replace } => {
+                let selection = edgegate::aws::Selection { regions, services };
+                let entries = edgegate::aws::read(&file, &selection)?;
+                let tag = edgegate::aws::COMMENT_TAG.to_owned();
+                change(&global, Request::Import { entries, tag, replace })
+            }
             AllowCommand::Replace { file } => {
                 let text = std::fs::read_to_string(&file)
                     .with_context(|| format!("cannot read {}", file.display()))?;

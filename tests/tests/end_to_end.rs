@@ -371,3 +371,58 @@ fn tagged_and_malformed_frames_on_the_wire() {
     assert_eq!(testbed.counted("ipv4", "malformed"), 1);
     testbed.await_log("dropped malformed ipv4 packet");
 }
+
+#[test]
+fn import_aws_merges_and_refreshes_selected_ranges() {
+    let testbed = testbed_with_client0_allowed();
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/ip-ranges.json");
+    let output = testbed.cli_ok(&[
+        "allow",
+        "import-aws",
+        "--file",
+        fixture,
+        "--region",
+        "eu-west-1",
+        "--service",
+        "EC2",
+    ]);
+    assert!(output.contains("3 added, 0 removed"), "{output}");
+    let listed = testbed.cli_ok(&["allow", "list"]);
+    for cidr in ["3.5.140.0/22", "52.94.76.0/22", "2a05:d018::/36"] {
+        assert!(listed.contains(cidr), "{cidr} in {listed}");
+    }
+    assert!(listed.contains("# aws-ip-ranges EC2 eu-west-1 1764115200"), "{listed}");
+    assert!(!listed.contains("13.34.0.0/23"), "other regions are not imported: {listed}");
+
+    // A refresh for another region replaces the earlier import, not the operator's entries.
+    let output = testbed.cli_ok(&[
+        "allow",
+        "import-aws",
+        "--file",
+        fixture,
+        "--region",
+        "us-east-1",
+        "--replace",
+    ]);
+    assert!(output.contains("3 added, 3 removed"), "{output}");
+    let listed = testbed.cli_ok(&["allow", "list"]);
+    assert!(
+        listed.contains("13.34.0.0/23")
+            && listed.contains("15.230.39.0/24")
+            && !listed.contains("3.5.140.0/22"),
+        "{listed}"
+    );
+    assert!(listed.contains(&format!("{}/32", testbed.clients[0].ipv4)), "{listed}");
+
+    let broken = testbed.dir.join("broken.json");
+    std::fs::write(&broken, "{\"syncToken\": \"1\", \"prefixes\": [").expect("write");
+    let before = testbed.cli_ok(&["allow", "list", "--json"]);
+    let output = testbed.cli(&["allow", "import-aws", "--file", broken.to_str().expect("UTF-8")]);
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        message.contains("is not AWS ip-ranges.json") && message.contains("line 1"),
+        "{message}"
+    );
+    assert_eq!(testbed.cli_ok(&["allow", "list", "--json"]), before, "nothing changed");
+}

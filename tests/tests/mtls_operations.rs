@@ -486,3 +486,22 @@ fn check_reports_every_broken_file_with_its_key() {
             .contains("listener `edge`: certificates, key, CAs and CRLs OK")
     );
 }
+
+#[test]
+fn an_unreachable_backend_is_given_up_at_the_connect_timeout() {
+    let bed = MtlsBed::new(BackendMode::Echo);
+    // An address on client 1's link where nobody answers ARP: connect hangs.
+    let silent = std::net::Ipv4Addr::from(u32::from(bed.testbed.server_ipv4[1]) + 98);
+    let tail = bed.listener_toml("connect_timeout = \"500ms\"").replace(
+        &format!("127.0.0.1:{}", edgegate_tests::mtls::BACKEND_PORT),
+        &format!("{silent}:80"),
+    );
+    bed.testbed.write_config_with("", &tail);
+    bed.testbed.start_daemon();
+    let started = Instant::now();
+    let answer = bed.exchange(0, Some(&bed.client), b"anyone?");
+    let waited = started.elapsed();
+    assert!(answer.as_deref().is_err_or_empty(), "{answer:?}");
+    assert!(waited >= Duration::from_millis(450) && waited < Duration::from_secs(3), "{waited:?}");
+    bed.testbed.await_log("no connection within 500ms");
+}
