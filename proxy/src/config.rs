@@ -28,6 +28,25 @@ pub struct Config {
     pub filter: FilterConfig,
     pub daemon: DaemonConfig,
     pub listeners: Vec<ListenerConfig>,
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: where `/metrics`, `/healthz` and `/readyz` are served.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    #[serde(default = "default_metrics_bind")]
+    pub bind: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { bind: default_metrics_bind() }
+    }
+}
+
+fn default_metrics_bind() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
 }
 
 /// One mutual-TLS listener: `[[listener]]`.
@@ -220,6 +239,8 @@ struct RawConfig {
     daemon: DaemonConfig,
     #[serde(default)]
     listener: Vec<ListenerConfig>,
+    #[serde(default)]
+    metrics: MetricsConfig,
 }
 
 /// Why a configuration file is refused. Messages name the file and the key.
@@ -268,7 +289,7 @@ impl Config {
             key: key.to_owned(),
             problem: problem.to_owned(),
         };
-        let RawConfig { mut filter, mut daemon, listener: listeners } = raw;
+        let RawConfig { mut filter, mut daemon, listener: listeners, metrics } = raw;
         validate_listeners(&listeners).map_err(|(key, problem)| invalid(&key, &problem))?;
         if filter.interfaces.is_empty() {
             return Err(invalid(
@@ -307,7 +328,7 @@ impl Config {
         if filter.allowlist.is_none() {
             filter.allowlist = Some(daemon.state_dir.join("allowlist"));
         }
-        Ok(Self { filter, daemon, listeners })
+        Ok(Self { filter, daemon, listeners, metrics })
     }
 
     /// Ports the filter protects: `filter.ports` and every listener's port.

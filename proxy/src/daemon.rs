@@ -16,6 +16,7 @@ use crate::{
     config::{Config, ConfigError, Overrides},
     control::{self, BindError, Request, Response, Status},
     filter::{Filter, FilterError, FilterOptions},
+    metrics::{self, Observation},
     proxy::{self, Proxies, ProxyError, SharedAllowlist},
 };
 
@@ -37,6 +38,13 @@ pub enum DaemonError {
     /// A listener cannot start.
     #[error(transparent)]
     Proxy(#[from] ProxyError),
+    /// The metrics endpoint cannot listen.
+    #[error("`metrics.bind` {address}: {source}")]
+    Metrics {
+        address: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The list and what enforces it; changed only under a lock.
@@ -50,6 +58,8 @@ pub struct State {
     config: Config,
     config_path: PathBuf,
     overrides: Overrides,
+    reloads_ok: u64,
+    reloads_failed: u64,
 }
 
 impl State {
@@ -148,6 +158,17 @@ impl State {
         })
     }
 
+    /// What `/metrics` and `/readyz` report.
+    pub fn observe(&self) -> Result<Observation, FilterError> {
+        let ready = self.filter.verify_attachments().and_then(|()| self.proxies.verify_accepting());
+        Ok(Observation {
+            status: self.status(10)?,
+            ready,
+            reloads_ok: self.reloads_ok,
+            reloads_failed: self.reloads_failed,
+        })
+    }
+
     /// Re-reads the config file and the listeners' certificates, keys, CAs
     /// and CRLs. A config that does not parse changes nothing; a listener
     /// whose files are broken keeps its previous ones. Open connections are
@@ -157,6 +178,7 @@ impl State {
             Ok(next) => next,
             Err(e) => {
                 tracing::error!("reload: {e}; keeping the running configuration");
+                self.reloads_failed += 1;
                 return Response::Error { message: format!("nothing reloaded: {e}") };
             }
         };
@@ -176,6 +198,11 @@ impl State {
             tracing::error!("reload: cannot update the protected ports: {e}");
         }
         let outcomes = self.proxies.reload(&next.listeners);
+        if outcomes.iter().any(|o| o.result.starts_with("kept") || o.result.starts_with("not")) {
+            self.reloads_failed += 1;
+        } else {
+            self.reloads_ok += 1;
+        }
         self.config.listeners = next.listeners;
         self.config.filter.ports = next.filter.ports;
         Response::Reloaded { outcomes }
@@ -199,6 +226,9 @@ pub async fn run(
     // Certificates and sockets first: a listener that cannot start must not
     // leave a freshly attached filter behind.
     let prepared = proxy::Prepared::new(&config.listeners)?;
+    let metrics_listener = tokio::net::TcpListener::bind(config.metrics.bind)
+        .await
+        .map_err(|source| DaemonError::Metrics { address: config.metrics.bind, source })?;
     let options = FilterOptions {
         interfaces: config.filter.interfaces.clone(),
         mode: config.filter.mode,
@@ -236,9 +266,23 @@ pub async fn run(
         config,
         config_path,
         overrides,
+        reloads_ok: 0,
+        reloads_failed: 0,
     }));
 
     let control = tokio::spawn(control::serve(listener, Arc::clone(&state)));
+    let observe: metrics::Observe = {
+        let state = Arc::clone(&state);
+        Arc::new(move || {
+            let state = Arc::clone(&state);
+            Box::pin(async move {
+                let state = state.lock().await;
+                tokio::task::block_in_place(|| state.observe())
+                    .map_err(|e| format!("cannot read the filter's state: {e}"))
+            })
+        })
+    };
+    let metrics = tokio::spawn(metrics::serve(metrics_listener, observe));
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .expect("installing a signal handler cannot fail");
     tokio::pin!(shutdown);
@@ -254,6 +298,7 @@ pub async fn run(
     }
     tracing::info!("shutting down; the XDP filter stays attached (pinned)");
     control.abort();
+    metrics.abort();
     // Taking the lock waits for a change in flight: it finishes (and is
     // acknowledged) or never starts.
     let mut state = state.lock().await;

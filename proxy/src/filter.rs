@@ -220,6 +220,8 @@ pub struct Filter {
     /// Entries per family the maps can hold.
     capacity: u32,
     attachments: Vec<Attachment>,
+    /// Where the links are pinned (`<bpffs_dir>/links`).
+    links_dir: PathBuf,
     /// Next value of the config map; scope and ports never change while running.
     config: KernelConfig,
 }
@@ -294,6 +296,7 @@ impl Filter {
             installed: BTreeMap::new(),
             capacity,
             attachments: Vec::new(),
+            links_dir: options.bpffs_dir.join("links"),
             config: KernelConfig::EMPTY,
             ebpf,
         };
@@ -337,6 +340,29 @@ impl Filter {
 
     pub fn attachments(&self) -> &[Attachment] {
         &self.attachments
+    }
+
+    /// Checks that every attachment is still in force: its pinned link exists
+    /// and is bound to the interface that now has that name. An interface
+    /// deleted (and perhaps recreated) or a link detached by hand fails this.
+    pub fn verify_attachments(&self) -> Result<(), String> {
+        for attachment in &self.attachments {
+            let name = &attachment.interface;
+            let pin = self.links_dir.join(link_pin_name(attachment.mode, name));
+            let attached_to = pinned_link_ifindex(&pin)
+                .map_err(|e| format!("`{name}`: its pinned XDP link cannot be read ({e})"))?;
+            match if_index(name) {
+                Ok(index) if index == attached_to => {}
+                Ok(_) | Err(_) if attached_to == 0 => {
+                    return Err(format!("`{name}`: the XDP program is no longer attached"));
+                }
+                Ok(_) => {
+                    return Err(format!("`{name}` was recreated; the XDP program is not on it"));
+                }
+                Err(_) => return Err(format!("`{name}` no longer exists")),
+            }
+        }
+        Ok(())
     }
 
     pub fn capacity(&self) -> u32 {
@@ -603,6 +629,39 @@ fn lookup_config(rules: &BTreeMap<IpNet, Action>, base: KernelConfig) -> KernelC
         v6_lengths,
         ..base
     }
+}
+
+/// The interface a pinned XDP link is bound to (0 once detached), from the
+/// kernel's fdinfo for the link. aya's link info does not carry the ifindex,
+/// nor hands out the descriptor, so the pin is opened here with BPF_OBJ_GET.
+fn pinned_link_ifindex(pin: &Path) -> io::Result<u32> {
+    use std::os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    };
+    /// `union bpf_attr` for BPF_OBJ_GET.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let path = CString::new(pin.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let attr = ObjGet { pathname: path.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
+    // SAFETY: `attr` is a valid BPF_OBJ_GET attribute whose path outlives the call.
+    let fd =
+        unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &raw const attr, size_of::<ObjGet>()) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).map_err(io::Error::other)?) };
+    let fdinfo = fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    fdinfo
+        .lines()
+        .find_map(|line| line.strip_prefix("ifindex:")?.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no ifindex in the link's fdinfo"))
 }
 
 fn if_index(name: &str) -> Result<u32, FilterError> {

@@ -13,6 +13,7 @@
 //! - [`control`]: the Unix-socket protocol between CLI and daemon;
 //! - [`tls`]: rustls configs, client identity rules, rejection reasons;
 //! - [`proxy`]: the mTLS listeners: accept, PROXY protocol, handshake, relay;
+//! - [`metrics`]: `/metrics`, `/healthz` and `/readyz` over HTTP;
 //! - [`aws`]: AWS's published address ranges, for `allow import-aws`.
 
 pub mod allowlist;
@@ -21,5 +22,6 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod filter;
+pub mod metrics;
 pub mod proxy;
 pub mod tls;

@@ -417,3 +417,22 @@ pub fn edgegate_binary() -> PathBuf {
             )
         })
 }
+
+impl Testbed {
+    /// `GET path` on the daemon's metrics endpoint (127.0.0.1:9901 in the
+    /// server namespace): the status code and the body.
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        self.server.run(|| {
+            use std::io::Write as _;
+            let mut stream = TcpStream::connect(("127.0.0.1", 9901)).expect("connect to /metrics");
+            write!(stream, "GET {path} HTTP/1.1\r\nHost: edgegate\r\nConnection: close\r\n\r\n")
+                .expect("request");
+            let mut response = String::new();
+            stream.read_to_string(&mut response).expect("response");
+            let code =
+                response.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status code");
+            let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+            (code, body)
+        })
+    }
+}

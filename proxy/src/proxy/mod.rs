@@ -83,6 +83,8 @@ struct Counters {
     active: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    backend_failures: AtomicU64,
+    relay_errors: AtomicU64,
 }
 
 const REJECTIONS: [Rejection; 14] = [
@@ -121,6 +123,10 @@ pub struct ListenerStatus {
     pub rejected: BTreeMap<String, u64>,
     pub bytes_from_clients: u64,
     pub bytes_to_clients: u64,
+    /// Handshakes that ended without a backend (unreachable, TLS refused).
+    pub backend_failures: u64,
+    /// Relays cut by a socket or TLS error.
+    pub relay_errors: u64,
 }
 
 /// One running listener.
@@ -129,6 +135,7 @@ struct Listener {
     counters: Arc<Counters>,
     limit: Arc<Semaphore>,
     stop_accepting: CancellationToken,
+    accepting: tokio::task::JoinHandle<()>,
 }
 
 /// Every listener of the daemon, and the connections they accepted.
@@ -183,23 +190,22 @@ impl Proxies {
             backend = %settings.config.backend,
             "listening for mutual-TLS clients"
         );
-        let listener = Listener {
-            limit: Arc::new(Semaphore::new(settings.config.max_connections)),
-            settings: Arc::new(ArcSwap::from_pointee(settings)),
-            counters: Arc::new(Counters::default()),
-            stop_accepting: CancellationToken::new(),
-        };
+        let settings = Arc::new(ArcSwap::from_pointee(settings));
+        let counters = Arc::new(Counters::default());
+        let limit = Arc::new(Semaphore::new(settings.load().config.max_connections));
+        let stop_accepting = CancellationToken::new();
         let accept = AcceptLoop {
             socket,
-            settings: Arc::clone(&listener.settings),
-            counters: Arc::clone(&listener.counters),
-            limit: Arc::clone(&listener.limit),
+            settings: Arc::clone(&settings),
+            counters: Arc::clone(&counters),
+            limit: Arc::clone(&limit),
             allowlist: Arc::clone(&self.allowlist),
             connections: self.connections.clone(),
             close_all: self.close_all.clone(),
         };
-        tokio::spawn(accept.run(listener.stop_accepting.clone()));
-        self.listeners.insert(name, listener);
+        let accepting = tokio::spawn(accept.run(stop_accepting.clone()));
+        self.listeners
+            .insert(name, Listener { settings, counters, limit, stop_accepting, accepting });
     }
 
     /// Applies a new set of listener configs. A listener whose new files do
@@ -275,6 +281,14 @@ impl Proxies {
         }
     }
 
+    /// Whether every listener's accept loop is running.
+    pub fn verify_accepting(&self) -> Result<(), String> {
+        match self.listeners.iter().find(|(_, l)| l.accepting.is_finished()) {
+            Some((name, _)) => Err(format!("listener `{name}` is not accepting")),
+            None => Ok(()),
+        }
+    }
+
     pub fn status(&self) -> Vec<ListenerStatus> {
         self.listeners
             .iter()
@@ -295,6 +309,8 @@ impl Proxies {
                         .collect(),
                     bytes_from_clients: counters.bytes_in.load(Ordering::Relaxed),
                     bytes_to_clients: counters.bytes_out.load(Ordering::Relaxed),
+                    backend_failures: counters.backend_failures.load(Ordering::Relaxed),
+                    relay_errors: counters.relay_errors.load(Ordering::Relaxed),
                 }
             })
             .collect()
@@ -423,6 +439,9 @@ impl Connection {
                 let Finished { client, identity, version, cipher, relayed } = finished;
                 self.counters.bytes_in.fetch_add(relayed.client_to_backend, Ordering::Relaxed);
                 self.counters.bytes_out.fetch_add(relayed.backend_to_client, Ordering::Relaxed);
+                if relayed.reason == relay::CloseReason::Error {
+                    self.counters.relay_errors.fetch_add(1, Ordering::Relaxed);
+                }
                 info!(
                     target: "edgegate::access",
                     listener = %name,
@@ -442,6 +461,7 @@ impl Connection {
                 );
             }
             Ok(Err((client, identity, failure))) => {
+                self.counters.backend_failures.fetch_add(1, Ordering::Relaxed);
                 warn!(
                     target: "edgegate::access",
                     listener = %name,

@@ -1,0 +1,197 @@
+//! `[metrics] bind`: an HTTP endpoint for Prometheus and load-balancer health
+//! checks.
+//!
+//! - `/metrics`: Prometheus text format (via `prometheus-client`), built from
+//!   a fresh observation of the daemon at each scrape, so there is no second
+//!   set of counters to keep in step;
+//! - `/healthz`: 200 while the process serves HTTP at all;
+//! - `/readyz`: 200 when XDP is attached on every configured interface and
+//!   every listener accepts; 503 with the reason otherwise. Point an NLB
+//!   target group's HTTP health check here.
+
+use std::{convert::Infallible, future::Future, pin::Pin, sync::Arc};
+
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+
+use crate::control::Status;
+
+/// What one scrape or probe sees.
+pub struct Observation {
+    pub status: Status,
+    /// `Err(reason)` when not ready.
+    pub ready: Result<(), String>,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+}
+
+/// Takes an observation of the daemon (or says why it cannot).
+pub type Observe = Arc<
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<Observation, String>> + Send>> + Send + Sync,
+>;
+
+/// Serves until the task is dropped.
+pub async fn serve(listener: TcpListener, observe: Observe) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!("metrics accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let observe = Arc::clone(&observe);
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let observe = Arc::clone(&observe);
+                async move { Ok::<_, Infallible>(respond(&request, &observe).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = connection.await {
+                tracing::debug!("metrics connection: {e}");
+            }
+        });
+    }
+}
+
+async fn respond(
+    request: &Request<hyper::body::Incoming>,
+    observe: &Observe,
+) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        Response::builder()
+            .status(status)
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from(body)))
+            .expect("a valid response")
+    };
+    match request.uri().path() {
+        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" => match observe().await.and_then(|o| o.ready) {
+            Ok(()) => reply(StatusCode::OK, "text/plain", "ready\n".into()),
+            Err(reason) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {reason}\n"),
+            ),
+        },
+        "/metrics" => match observe().await {
+            Ok(observation) => reply(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                render(&observation),
+            ),
+            Err(reason) => {
+                reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{reason}\n"))
+            }
+        },
+        _ => {
+            reply(StatusCode::NOT_FOUND, "text/plain", "try /metrics, /healthz or /readyz\n".into())
+        }
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn counters(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter> {
+    let family = Family::<Labels, Counter>::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
+fn gauges(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Gauge> {
+    let family = Family::<Labels, Gauge>::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
+fn gauge_value(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// The observation in the Prometheus/OpenMetrics text format.
+pub fn render(observation: &Observation) -> String {
+    let status = &observation.status;
+    let mut registry = Registry::with_prefix("edgegate");
+
+    let packets = counters(&mut registry, "xdp_packets", "Packets seen by the XDP program");
+    let bytes = counters(&mut registry, "xdp_bytes", "Bytes seen by the XDP program");
+    for counter in &status.counters {
+        let labels = vec![
+            ("family", counter.family.clone()),
+            ("verdict", counter.verdict.clone()),
+            ("reason", counter.reason.clone()),
+        ];
+        packets.get_or_create(&labels).inc_by(counter.packets);
+        bytes.get_or_create(&labels).inc_by(counter.bytes);
+    }
+    let attached =
+        gauges(&mut registry, "xdp_attached", "XDP program attached (by interface and mode)");
+    for attachment in &status.interfaces {
+        let labels = vec![
+            ("interface", attachment.interface.clone()),
+            ("mode", attachment.mode.to_string()),
+        ];
+        attached.get_or_create(&labels).set(1);
+    }
+    let entries = gauges(&mut registry, "allowlist_entries", "Allowlist entries by address family");
+    entries
+        .get_or_create(&vec![("family", "ipv4".into())])
+        .set(gauge_value(status.ipv4_entries as u64));
+    entries
+        .get_or_create(&vec![("family", "ipv6".into())])
+        .set(gauge_value(status.ipv6_entries as u64));
+    let hits = counters(&mut registry, "rule_hits", "Packets matched, for the busiest rules");
+    for rule in &status.top_rules {
+        let labels = vec![("cidr", rule.cidr.to_string()), ("action", rule.action.to_string())];
+        hits.get_or_create(&labels).inc_by(rule.hits);
+    }
+
+    let handshakes = counters(&mut registry, "tls_handshakes", "Client connections by outcome");
+    let active = gauges(&mut registry, "connections_active", "Open client connections");
+    let relayed = counters(&mut registry, "relay_bytes", "Bytes relayed, by direction");
+    let errors =
+        counters(&mut registry, "relay_errors", "Connections ended by a backend or relay error");
+    for listener in &status.listeners {
+        let name = || ("listener", listener.name.clone());
+        handshakes
+            .get_or_create(&vec![name(), ("result", "ok".into())])
+            .inc_by(listener.handshakes_ok);
+        for (reason, count) in &listener.rejected {
+            handshakes.get_or_create(&vec![name(), ("result", reason.clone())]).inc_by(*count);
+        }
+        active.get_or_create(&vec![name()]).set(gauge_value(listener.active));
+        relayed
+            .get_or_create(&vec![name(), ("direction", "from_client".into())])
+            .inc_by(listener.bytes_from_clients);
+        relayed
+            .get_or_create(&vec![name(), ("direction", "to_client".into())])
+            .inc_by(listener.bytes_to_clients);
+        errors
+            .get_or_create(&vec![name(), ("kind", "backend".into())])
+            .inc_by(listener.backend_failures);
+        errors.get_or_create(&vec![name(), ("kind", "relay".into())]).inc_by(listener.relay_errors);
+    }
+
+    let reloads =
+        counters(&mut registry, "reloads", "Reloads (SIGHUP or `edgegate reload`) by outcome");
+    reloads.get_or_create(&vec![("result", "ok".into())]).inc_by(observation.reloads_ok);
+    reloads.get_or_create(&vec![("result", "failed".into())]).inc_by(observation.reloads_failed);
+    let ready = gauges(&mut registry, "ready", "1 when /readyz answers 200");
+    ready.get_or_create(&vec![]).set(i64::from(observation.ready.is_ok()));
+    let build = gauges(&mut registry, "build_info", "The running version");
+    build.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").into())]).set(1);
+
+    let mut text = String::new();
+    encode(&mut text, &registry).expect("writing to a String cannot fail");
+    text
+}
