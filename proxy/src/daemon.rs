@@ -283,6 +283,7 @@ pub async fn run(
         })
     };
     let metrics = tokio::spawn(metrics::serve(metrics_listener, observe));
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .expect("installing a signal handler cannot fail");
     tokio::pin!(shutdown);
@@ -291,12 +292,18 @@ pub async fn run(
             () = &mut shutdown => break,
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: reloading");
+                let reloading = sd_notify::NotifyState::monotonic_usec_now()
+                    .map(|now| vec![sd_notify::NotifyState::Reloading, now])
+                    .unwrap_or_else(|_| vec![sd_notify::NotifyState::Reloading]);
+                notify_systemd(&reloading);
                 let mut state = state.lock().await;
                 tokio::task::block_in_place(|| state.reload());
+                notify_systemd(&[sd_notify::NotifyState::Ready]);
             }
         }
     }
     tracing::info!("shutting down; the XDP filter stays attached (pinned)");
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
     control.abort();
     metrics.abort();
     // Taking the lock waits for a change in flight: it finishes (and is
@@ -307,4 +314,11 @@ pub async fn run(
     }
     state.proxies.drain(drain_timeout).await;
     Ok(())
+}
+
+/// Tells systemd (`Type=notify`) where the daemon is; a no-op elsewhere.
+fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("cannot notify systemd: {e}");
+    }
 }

@@ -155,6 +155,11 @@ impl Testbed {
 
     /// As [`Self::start_daemon`], with extra `edgegate run` arguments.
     pub fn start_daemon_with(&self, args: &[&str]) {
+        self.start_daemon_with_env(args, &[]);
+    }
+
+    /// As [`Self::start_daemon_with`], with extra environment variables.
+    pub fn start_daemon_with_env(&self, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) {
         let mut daemon = self.daemon.lock().expect("daemon lock");
         assert!(daemon.is_none(), "the daemon is already running");
         let log = std::fs::File::options()
@@ -168,6 +173,7 @@ impl Testbed {
             .args(["run", "--config"])
             .arg(&self.config)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
             .spawn()

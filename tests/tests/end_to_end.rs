@@ -426,3 +426,32 @@ fn import_aws_merges_and_refreshes_selected_ranges() {
     );
     assert_eq!(testbed.cli_ok(&["allow", "list", "--json"]), before, "nothing changed");
 }
+
+/// Under systemd (`Type=notify`), the daemon says when it is ready, when it
+/// reloads, and when it stops; stopping leaves the filter in place.
+#[test]
+fn the_daemon_notifies_systemd() {
+    use std::os::unix::net::UnixDatagram;
+    let testbed = testbed_with_client0_allowed();
+    testbed.stop_daemon();
+    let socket_path = testbed.dir.join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).expect("notify socket");
+    socket.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    testbed.start_daemon_with_env(&[], &[("NOTIFY_SOCKET", socket_path.as_os_str())]);
+    let receive = || {
+        let mut buffer = [0u8; 512];
+        let n = socket.recv(&mut buffer).expect("a notification");
+        String::from_utf8_lossy(&buffer[..n]).into_owned()
+    };
+    assert_eq!(receive(), "READY=1\n");
+    testbed.signal_daemon(nix::sys::signal::Signal::SIGHUP);
+    let reloading = receive();
+    assert!(reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{reloading}");
+    assert_eq!(receive(), "READY=1\n");
+    assert!(testbed.stop_daemon().success());
+    assert_eq!(receive(), "STOPPING=1\n");
+    assert!(
+        !testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT),
+        "still filtered"
+    );
+}

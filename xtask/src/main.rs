@@ -4,6 +4,7 @@
 mod bench;
 mod build_ebpf;
 mod demo;
+mod dist;
 mod exec;
 mod setup;
 mod test;
@@ -29,6 +30,8 @@ enum Command {
     Demo(demo::Options),
     /// Benchmarks (not tests): print a table of measurements.
     Bench(bench::Options),
+    /// Build the .deb and tarball (with --check: install and test them).
+    Dist(dist::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,5 +41,6 @@ fn main() -> anyhow::Result<()> {
         Command::Test(options) => test::run(&options),
         Command::Demo(options) => demo::run(&options),
         Command::Bench(options) => bench::run(&options),
+        Command::Dist(options) => dist::run(&options),
     }
 }

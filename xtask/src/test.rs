@@ -8,6 +8,9 @@ pub struct Options {
     /// Skip `cargo fmt --check` and clippy.
     #[arg(long)]
     no_lint: bool,
+    /// Skip building and checking the package (`cargo xtask dist --check`).
+    #[arg(long)]
+    no_dist: bool,
     /// Passed to the test binaries (e.g. a test name filter).
     #[arg(last = true)]
     test_args: Vec<String>,
@@ -35,5 +38,10 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         exec::cargo()
             .args(["test", "--workspace", "--no-fail-fast", "--", "--test-threads=1"])
             .args(&options.test_args),
-    )
+    )?;
+    if options.no_dist {
+        return Ok(());
+    }
+    // The package, installed into an empty root, runs the demo.
+    crate::dist::run(&crate::dist::Options { check: true })
 }
