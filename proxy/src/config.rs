@@ -204,6 +204,8 @@ pub struct DaemonConfig {
     /// How long a stopping daemon waits for work in progress.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// The unprivileged user to run as after start-up (see `privileges`).
+    pub user: Option<String>,
 }
 
 impl Default for DaemonConfig {
@@ -213,6 +215,7 @@ impl Default for DaemonConfig {
             state_dir: default_state_dir(),
             bpffs_dir: default_bpffs_dir(),
             drain_timeout: default_drain_timeout(),
+            user: None,
         }
     }
 }

@@ -141,7 +141,8 @@ pub enum BindError {
 }
 
 /// Binds the control socket, replacing a stale one left by a killed daemon.
-pub fn bind(socket: &Path) -> Result<UnixListener, BindError> {
+/// A std listener: start-up binds before the runtime (and its threads) exist.
+pub fn bind(socket: &Path) -> Result<std::os::unix::net::UnixListener, BindError> {
     let io_error = |op, path: &Path| {
         let path = path.to_owned();
         move |source| BindError::Io { op, path, source }
@@ -159,9 +160,11 @@ pub fn bind(socket: &Path) -> Result<UnixListener, BindError> {
         }
         std::fs::remove_file(socket).map_err(io_error("remove stale", socket))?;
     }
-    let listener = UnixListener::bind(socket).map_err(io_error("bind", socket))?;
+    let listener =
+        std::os::unix::net::UnixListener::bind(socket).map_err(io_error("bind", socket))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .map_err(io_error("set permissions of", socket))?;
+    listener.set_nonblocking(true).map_err(io_error("configure", socket))?;
     Ok(listener)
 }
 

@@ -6,7 +6,11 @@
 //! listeners) → XDP maps and the proxy's own copy of the list. The control
 //! socket only asks `State` for changes.
 
-use std::{future::Future, path::PathBuf, sync::Arc};
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use arc_swap::ArcSwap;
 use tokio::sync::Mutex;
@@ -17,6 +21,7 @@ use crate::{
     control::{self, BindError, Request, Response, Status},
     filter::{Filter, FilterError, FilterOptions},
     metrics::{self, Observation},
+    privileges,
     proxy::{self, Proxies, ProxyError, SharedAllowlist},
 };
 
@@ -38,6 +43,15 @@ pub enum DaemonError {
     /// A listener cannot start.
     #[error(transparent)]
     Proxy(#[from] ProxyError),
+    /// Privileges could not be dropped to `daemon.user`.
+    #[error(transparent)]
+    Privileges(#[from] privileges::PrivilegeError),
+    /// The runtime could not take over a socket.
+    #[error("cannot serve: {source}")]
+    Runtime {
+        #[source]
+        source: std::io::Error,
+    },
     /// The metrics endpoint cannot listen.
     #[error("`metrics.bind` {address}: {source}")]
     Metrics {
@@ -213,22 +227,35 @@ fn parse_all(cidrs: &[String]) -> Result<Vec<ipnet::IpNet>, String> {
     cidrs.iter().map(|c| allowlist::parse_cidr(c).map_err(|e| e.to_string())).collect()
 }
 
-/// Runs the daemon until `shutdown` completes. The XDP program stays
-/// attached and pinned afterwards: stopping the daemon never opens the gate.
-pub async fn run(
+/// What start-up prepared with root privileges, before any thread but the
+/// main one exists; [`serve`] runs it.
+pub struct Startup {
+    list: Allowlist,
+    list_path: PathBuf,
+    filter: Filter,
+    listeners: proxy::Prepared,
+    control: std::os::unix::net::UnixListener,
+    metrics: std::net::TcpListener,
+    config: Config,
     config_path: PathBuf,
     overrides: Overrides,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), DaemonError> {
+}
+
+/// Everything that needs root: reads the config and the list, loads the
+/// listeners' certificates and binds their sockets, attaches (or takes over)
+/// the XDP filter, opens the control socket, then drops to `[daemon] user`.
+/// Call it before starting the async runtime: privileges are per thread.
+pub fn start(config_path: PathBuf, overrides: Overrides) -> Result<Startup, DaemonError> {
     let config = Config::load(&config_path, &overrides)?;
+    let account = config.daemon.user.as_deref().map(privileges::lookup).transpose()?;
     let list_path = config.allowlist_path().to_owned();
     let list = allowlist::load(&list_path)?;
     // Certificates and sockets first: a listener that cannot start must not
     // leave a freshly attached filter behind.
-    let prepared = proxy::Prepared::new(&config.listeners)?;
-    let metrics_listener = tokio::net::TcpListener::bind(config.metrics.bind)
-        .await
-        .map_err(|source| DaemonError::Metrics { address: config.metrics.bind, source })?;
+    let listeners = proxy::Prepared::new(&config.listeners)?;
+    let metrics_error = |source| DaemonError::Metrics { address: config.metrics.bind, source };
+    let metrics = std::net::TcpListener::bind(config.metrics.bind).map_err(metrics_error)?;
+    metrics.set_nonblocking(true).map_err(metrics_error)?;
     let options = FilterOptions {
         interfaces: config.filter.interfaces.clone(),
         mode: config.filter.mode,
@@ -245,7 +272,7 @@ pub async fn run(
         );
         allowlist::store(&list_path, &list)?;
     }
-    let listener = control::bind(&config.daemon.control_socket)?;
+    let control = control::bind(&config.daemon.control_socket)?;
     let (ipv4, ipv6) = list.family_sizes();
     tracing::info!(
         "filtering on {} ({ipv4} IPv4 and {ipv6} IPv6 entries from {}); control socket {}",
@@ -253,8 +280,59 @@ pub async fn run(
         list_path.display(),
         config.daemon.control_socket.display()
     );
+    match &account {
+        Some(account) => {
+            // The daemon rewrites the list file: atomically, so it needs the
+            // directory too. The state directory is edgegate's own; any other
+            // directory is left to the operator (the file alone is handed over).
+            let state_dir = config.daemon.state_dir.as_path();
+            let owned: Vec<&Path> = if list_path.parent() == Some(state_dir) {
+                vec![state_dir, &list_path]
+            } else {
+                vec![&list_path]
+            };
+            privileges::drop_to(account, &owned)?;
+        }
+        None => tracing::warn!(
+            "running as root: set `daemon.user` so that TLS and PROXY parsing run unprivileged"
+        ),
+    }
+    Ok(Startup {
+        list,
+        list_path,
+        filter,
+        listeners,
+        control,
+        metrics,
+        config,
+        config_path,
+        overrides,
+    })
+}
+
+/// Runs the daemon until `shutdown` completes. The XDP program stays
+/// attached and pinned afterwards: stopping the daemon never opens the gate.
+pub async fn serve(
+    startup: Startup,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let Startup {
+        list,
+        list_path,
+        mut filter,
+        listeners,
+        control,
+        metrics,
+        config,
+        config_path,
+        overrides,
+    } = startup;
+    let io_error = |source| DaemonError::Runtime { source };
+    let control_listener = tokio::net::UnixListener::from_std(control).map_err(io_error)?;
+    let metrics_listener = tokio::net::TcpListener::from_std(metrics).map_err(io_error)?;
+    filter.forward_logs();
     let shared_list = Arc::new(ArcSwap::from_pointee(list.clone()));
-    let proxies = prepared.start(Arc::clone(&shared_list));
+    let proxies = listeners.start(Arc::clone(&shared_list));
     let socket = config.daemon.control_socket.clone();
     let drain_timeout = config.daemon.drain_timeout;
     let state = Arc::new(Mutex::new(State {
@@ -270,7 +348,7 @@ pub async fn run(
         reloads_failed: 0,
     }));
 
-    let control = tokio::spawn(control::serve(listener, Arc::clone(&state)));
+    let control = tokio::spawn(control::serve(control_listener, Arc::clone(&state)));
     let observe: metrics::Observe = {
         let state = Arc::clone(&state);
         Arc::new(move || {

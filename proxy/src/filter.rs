@@ -15,6 +15,7 @@ use std::{
     ffi::CString,
     fs, io,
     net::IpAddr,
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
 };
 
@@ -220,8 +221,11 @@ pub struct Filter {
     /// Entries per family the maps can hold.
     capacity: u32,
     attachments: Vec<Attachment>,
-    /// Where the links are pinned (`<bpffs_dir>/links`).
-    links_dir: PathBuf,
+    /// One descriptor per attachment, opened at start-up (with the
+    /// privileges the pins need) to check the link's state later.
+    links: Vec<OwnedFd>,
+    /// The program's aya-log records, until `forward_logs` takes them.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// Next value of the config map; scope and ports never change while running.
     config: KernelConfig,
 }
@@ -244,6 +248,13 @@ impl Filter {
             for (name, index) in &if_indexes {
                 let attachment =
                     attach(filter.program_mut(), &links_dir, name, *index, options.mode)?;
+                let pin = links_dir.join(link_pin_name(attachment.mode, name));
+                let link = open_pinned(&pin).map_err(|source| FilterError::Io {
+                    op: "open",
+                    path: pin,
+                    source,
+                })?;
+                filter.links.push(link);
                 filter.attachments.push(attachment);
             }
             release_unconfigured_links(&links_dir, &options.interfaces)?;
@@ -296,7 +307,8 @@ impl Filter {
             installed: BTreeMap::new(),
             capacity,
             attachments: Vec::new(),
-            links_dir: options.bpffs_dir.join("links"),
+            links: Vec::new(),
+            logger: None,
             config: KernelConfig::EMPTY,
             ebpf,
         };
@@ -315,9 +327,9 @@ impl Filter {
         filter.program_mut().load().map_err(FilterError::Verify)?;
         // After loading: the loaded program holds its own reference to the log
         // map, so the logger may be dropped when nobody forwards its records.
-        if let Err(e) = aya_log::EbpfLogger::init(&mut filter.ebpf).map(spawn_log_forwarder) {
-            tracing::warn!("XDP program diagnostics will not be logged: {e}");
-        }
+        filter.logger = aya_log::EbpfLogger::init(&mut filter.ebpf)
+            .inspect_err(|e| tracing::warn!("XDP program diagnostics will not be logged: {e}"))
+            .ok();
         Ok(filter)
     }
 
@@ -342,15 +354,21 @@ impl Filter {
         &self.attachments
     }
 
-    /// Checks that every attachment is still in force: its pinned link exists
-    /// and is bound to the interface that now has that name. An interface
-    /// deleted (and perhaps recreated) or a link detached by hand fails this.
+    /// Forwards the program's diagnostics into the daemon's log (needs a runtime).
+    pub fn forward_logs(&mut self) {
+        if let Some(logger) = self.logger.take() {
+            spawn_log_forwarder(logger);
+        }
+    }
+
+    /// Checks that every attachment is still in force: its link is bound to
+    /// the interface that now has that name. An interface deleted (and
+    /// perhaps recreated) or a link detached by hand fails this.
     pub fn verify_attachments(&self) -> Result<(), String> {
-        for attachment in &self.attachments {
+        for (attachment, link) in self.attachments.iter().zip(&self.links) {
             let name = &attachment.interface;
-            let pin = self.links_dir.join(link_pin_name(attachment.mode, name));
-            let attached_to = pinned_link_ifindex(&pin)
-                .map_err(|e| format!("`{name}`: its pinned XDP link cannot be read ({e})"))?;
+            let attached_to = link_ifindex(link)
+                .map_err(|e| format!("`{name}`: its XDP link cannot be read ({e})"))?;
             match if_index(name) {
                 Ok(index) if index == attached_to => {}
                 Ok(_) | Err(_) if attached_to == 0 => {
@@ -631,14 +649,10 @@ fn lookup_config(rules: &BTreeMap<IpNet, Action>, base: KernelConfig) -> KernelC
     }
 }
 
-/// The interface a pinned XDP link is bound to (0 once detached), from the
-/// kernel's fdinfo for the link. aya's link info does not carry the ifindex,
-/// nor hands out the descriptor, so the pin is opened here with BPF_OBJ_GET.
-fn pinned_link_ifindex(pin: &Path) -> io::Result<u32> {
-    use std::os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-        unix::ffi::OsStrExt as _,
-    };
+/// Opens a pinned BPF object (BPF_OBJ_GET). aya opens pins too, but does not
+/// hand out the descriptor, which [`link_ifindex`] needs.
+fn open_pinned(pin: &Path) -> io::Result<OwnedFd> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
     /// `union bpf_attr` for BPF_OBJ_GET.
     #[repr(C)]
     struct ObjGet {
@@ -656,12 +670,37 @@ fn pinned_link_ifindex(pin: &Path) -> io::Result<u32> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).map_err(io::Error::other)?) };
-    let fdinfo = fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
-    fdinfo
-        .lines()
-        .find_map(|line| line.strip_prefix("ifindex:")?.trim().parse().ok())
-        .ok_or_else(|| io::Error::other("no ifindex in the link's fdinfo"))
+    Ok(unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).map_err(io::Error::other)?) })
+}
+
+/// The interface an XDP link is bound to (0 once detached), from
+/// BPF_OBJ_GET_INFO_BY_FD: aya's `LinkInfo` does not expose it.
+fn link_ifindex(link: &OwnedFd) -> io::Result<u32> {
+    use std::os::fd::AsRawFd as _;
+    /// `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
+    #[repr(C)]
+    struct GetInfo {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // `struct bpf_link_info`: type, id, prog_id, then an 8-byte aligned union
+    // whose `xdp.ifindex` is its first u32: the fifth u32.
+    let mut info = [0u32; 16];
+    let attr = GetInfo {
+        bpf_fd: u32::try_from(link.as_raw_fd()).map_err(io::Error::other)?,
+        info_len: u32::try_from(size_of_val(&info)).expect("small"),
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: `attr` points at `info`, a writable buffer of the length given.
+    let result = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &raw const attr, size_of::<GetInfo>())
+    };
+    if result < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info[4])
 }
 
 fn if_index(name: &str) -> Result<u32, FilterError> {

@@ -14,6 +14,7 @@
 //! - [`tls`]: rustls configs, client identity rules, rejection reasons;
 //! - [`proxy`]: the mTLS listeners: accept, PROXY protocol, handshake, relay;
 //! - [`metrics`]: `/metrics`, `/healthz` and `/readyz` over HTTP;
+//! - [`privileges`]: dropping root after start-up;
 //! - [`aws`]: AWS's published address ranges, for `allow import-aws`.
 
 pub mod allowlist;
@@ -23,5 +24,6 @@ pub mod control;
 pub mod daemon;
 pub mod filter;
 pub mod metrics;
+pub mod privileges;
 pub mod proxy;
 pub mod tls;

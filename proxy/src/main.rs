@@ -187,8 +187,11 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
     match command {
         Command::Run { config, log_format } => {
             init_logging(log_format);
+            // Start-up (and dropping privileges) happens before the runtime's
+            // threads exist: they inherit the reduced credentials.
+            let startup = daemon::start(config, global.overrides())?;
             let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
-            runtime.block_on(daemon::run(config, global.overrides(), shutdown_signal()))?;
+            runtime.block_on(daemon::serve(startup, shutdown_signal()))?;
             Ok(())
         }
         Command::Check { config } => check(&config, &global),
@@ -224,6 +227,12 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
 fn check(path: &std::path::Path, global: &Global) -> anyhow::Result<()> {
     let config = Config::load(path, &global.overrides())?;
     let mut problems = Vec::new();
+    if let Some(user) = &config.daemon.user {
+        match edgegate::privileges::lookup(user) {
+            Ok(account) => println!("daemon.user `{user}`: uid {}", account.uid),
+            Err(e) => problems.push(format!("config {}: {e}", path.display())),
+        }
+    }
     match allowlist::load(config.allowlist_path()) {
         Ok(list) => {
             let (ipv4, ipv6) = list.family_sizes();

@@ -213,6 +213,11 @@ impl Testbed {
         .expect("signal the daemon");
     }
 
+    /// The running daemon's process id.
+    pub fn daemon_pid(&self) -> u32 {
+        self.daemon.lock().expect("daemon lock").as_ref().expect("the daemon is running").id()
+    }
+
     /// Waits up to `timeout` for the daemon to exit by itself.
     pub fn wait_for_exit(&self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;

@@ -24,6 +24,11 @@ const POSTINST: &str = "#!/bin/sh
 # The allowlist is state the daemon owns: create it once, never overwrite it.
 set -e
 if [ \"$1\" = configure ]; then
+    # The unprivileged user the daemon becomes after start-up (`daemon.user`).
+    if [ -z \"$DPKG_ROOT\" ] && ! getent passwd edgegate >/dev/null; then
+        useradd --system --user-group --no-create-home --home-dir /var/lib/edgegate \\
+            --shell /usr/sbin/nologin edgegate
+    fi
     mkdir -p \"$DPKG_ROOT/var/lib/edgegate\"
     chmod 0700 \"$DPKG_ROOT/var/lib/edgegate\"
     [ -e \"$DPKG_ROOT/var/lib/edgegate/allowlist\" ] || \\
@@ -157,12 +162,17 @@ fn check(deb: &Path, dist: &Path) -> anyhow::Result<()> {
         bail!("postinst did not create {}", allowlist.display());
     }
     exec::run(Command::new(&installed).arg("--version"))?;
+    // The example config as shipped, but for its user: dpkg did not run
+    // useradd in this root (postinst skips it under DPKG_ROOT).
+    let example = fs::read_to_string(root.join("etc/edgegate/edgegate.toml"))?;
+    let config = dist.join("example-as-nobody.toml");
+    fs::write(&config, example.replace("user = \"edgegate\"", "user = \"nobody\""))?;
     exec::run(
         Command::new(&installed)
             .arg("--state-dir")
             .arg(root.join("var/lib/edgegate"))
             .args(["check", "--config"])
-            .arg(root.join("etc/edgegate/edgegate.toml")),
+            .arg(&config),
     )?;
     // systemd-analyze checks that the unit's commands exist: point them at
     // the installed binary, on this host.

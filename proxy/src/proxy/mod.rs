@@ -157,7 +157,7 @@ pub struct ReloadOutcome {
 
 /// Listeners with their TLS material loaded and their sockets bound, not
 /// accepting yet.
-pub struct Prepared(Vec<(Settings, TcpListener)>);
+pub struct Prepared(Vec<(Settings, std::net::TcpListener)>);
 
 impl Prepared {
     /// Loads every listener's TLS material and binds every address; fails
@@ -182,8 +182,15 @@ impl Prepared {
 }
 
 impl Proxies {
-    fn spawn(&mut self, settings: Settings, socket: TcpListener) {
+    fn spawn(&mut self, settings: Settings, socket: std::net::TcpListener) {
         let name = settings.config.name.clone();
+        let socket = match TcpListener::from_std(socket) {
+            Ok(socket) => socket,
+            Err(e) => {
+                warn!(listener = %name, "cannot listen: {e}");
+                return;
+            }
+        };
         info!(
             listener = %name,
             bind = %settings.config.bind,
@@ -329,14 +336,13 @@ fn resize(limit: &Semaphore, old: usize, new: usize) {
 }
 
 /// Loads TLS material and binds the socket, without starting anything.
-fn prepare(config: &ListenerConfig) -> Result<(Settings, TcpListener), ProxyError> {
+fn prepare(config: &ListenerConfig) -> Result<(Settings, std::net::TcpListener), ProxyError> {
     let tls = ListenerTls::load(config)
         .map_err(|source| ProxyError::Tls { listener: config.name.clone(), source })?;
     let bind_error =
         |source| ProxyError::Bind { listener: config.name.clone(), address: config.bind, source };
     let socket = std::net::TcpListener::bind(config.bind).map_err(bind_error)?;
     socket.set_nonblocking(true).map_err(bind_error)?;
-    let socket = TcpListener::from_std(socket).map_err(bind_error)?;
     Ok((Settings { config: config.clone(), tls }, socket))
 }
 

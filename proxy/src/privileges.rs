@@ -1,0 +1,119 @@
+//! Giving up root once start-up is done (`[daemon] user`).
+//!
+//! Loading and attaching XDP, mounting bpffs, pinning and binding sockets need
+//! root; parsing TLS and PROXY headers from the internet does not. After
+//! start-up, and before any other thread exists, the daemon becomes `user`
+//! and keeps only:
+//!
+//! - `CAP_BPF`: map updates (allowlist changes) and reads (counters, link
+//!   state) through the descriptors it already holds; kernels before 6.5 with
+//!   `kernel.unprivileged_bpf_disabled` refuse every `bpf()` call without it;
+//! - `CAP_NET_BIND_SERVICE`: a reload may start a listener on a port < 1024.
+//!
+//! Everything else leaves the bounding set, and `no_new_privs` is set, so no
+//! later `exec` can regain anything. The control socket stays root-only: it
+//! was created by root with mode 0600 (root clients pass, others cannot).
+
+use std::path::{Path, PathBuf};
+
+use caps::{CapSet, Capability, CapsHashSet};
+use nix::unistd::{Gid, Uid, User, chown, setgid, setgroups, setuid};
+
+/// The capabilities the daemon keeps after start-up.
+pub const RETAINED: [Capability; 2] = [Capability::CAP_BPF, Capability::CAP_NET_BIND_SERVICE];
+
+/// Why privileges could not be dropped. The daemon refuses to run on.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivilegeError {
+    /// `[daemon] user` names no account.
+    #[error("`daemon.user`: no user `{0}` (create it, e.g. `adduser --system {0}`)")]
+    UnknownUser(String),
+    /// Looking the user up failed.
+    #[error("`daemon.user`: cannot look up `{user}`: {source}")]
+    Lookup {
+        user: String,
+        #[source]
+        source: nix::Error,
+    },
+    /// Handing a state path over to the user failed.
+    #[error("cannot hand {} over to `{user}`: {source}", path.display())]
+    Chown {
+        user: String,
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    /// A credential or capability call failed.
+    #[error("cannot drop privileges ({step}): {source}")]
+    Drop {
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Looks `user` up; done first at start-up, so that a typo stops the
+/// daemon before it touches anything.
+pub fn lookup(user: &str) -> Result<User, PrivilegeError> {
+    User::from_name(user)
+        .map_err(|source| PrivilegeError::Lookup { user: user.to_owned(), source })?
+        .ok_or_else(|| PrivilegeError::UnknownUser(user.to_owned()))
+}
+
+/// Becomes `account`, keeping only [`RETAINED`], after giving it `owned`
+/// (paths the daemon writes later: the state directory, the allowlist). Must
+/// run while the process has a single thread: credentials and capabilities
+/// are per thread, and threads started later inherit the main thread's.
+pub fn drop_to(account: &User, owned: &[&Path]) -> Result<(), PrivilegeError> {
+    let user = account.name.as_str();
+    for path in owned.iter().filter(|p| p.exists()) {
+        chown(*path, Some(account.uid), Some(account.gid)).map_err(|source| {
+            PrivilegeError::Chown { user: user.to_owned(), path: path.to_path_buf(), source }
+        })?;
+    }
+    let retained: CapsHashSet = RETAINED.into_iter().collect();
+    let caps_error = |step| {
+        move |e: caps::errors::CapsError| PrivilegeError::Drop {
+            step,
+            source: std::io::Error::other(e.to_string()),
+        }
+    };
+    let os_error = |step| move |e: nix::Error| PrivilegeError::Drop { step, source: e.into() };
+
+    // While still root: shrink the bounding set (needs CAP_SETPCAP).
+    for capability in caps::all().difference(&retained) {
+        caps::drop(None, CapSet::Bounding, *capability).map_err(caps_error("bounding set"))?;
+    }
+    // Keep the permitted set across the change of user; the effective set is
+    // cleared by it and restored to just the retained capabilities below.
+    set_keep_capabilities(true)
+        .map_err(|e| PrivilegeError::Drop { step: "keepcaps", source: e })?;
+    setgroups(&[]).map_err(os_error("setgroups"))?;
+    setgid(Gid::from_raw(account.gid.as_raw())).map_err(os_error("setgid"))?;
+    setuid(Uid::from_raw(account.uid.as_raw())).map_err(os_error("setuid"))?;
+    set_keep_capabilities(false)
+        .map_err(|e| PrivilegeError::Drop { step: "keepcaps", source: e })?;
+    caps::set(None, CapSet::Permitted, &retained).map_err(caps_error("permitted set"))?;
+    caps::set(None, CapSet::Effective, &retained).map_err(caps_error("effective set"))?;
+    caps::clear(None, CapSet::Inheritable).map_err(caps_error("inheritable set"))?;
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(PrivilegeError::Drop {
+            step: "no_new_privs",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    tracing::info!(
+        "running as `{user}` (uid {}), keeping only CAP_BPF and CAP_NET_BIND_SERVICE",
+        account.uid
+    );
+    Ok(())
+}
+
+fn set_keep_capabilities(keep: bool) -> std::io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, libc::c_ulong::from(keep), 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
