@@ -22,6 +22,7 @@ pub mod aws;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod demo;
 pub mod filter;
 pub mod metrics;
 pub mod privileges;

@@ -85,6 +85,12 @@ enum Command {
     },
     /// Re-read the config and the listeners' certificates, keys, CAs and CRLs (as SIGHUP).
     Reload,
+    /// See the whole gate work on a throwaway testbed of network namespaces (root).
+    Demo {
+        /// Roughly how long the demo takes; it then cleans up and exits.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+    },
     /// Remove the pinned XDP program from one or all interfaces (daemon stopped).
     Detach {
         #[arg(long)]
@@ -196,6 +202,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Check { config } => check(&config, &global),
         Command::Reload => reload(&global),
+        Command::Demo { duration } => demo(duration),
         Command::Allow { command } => match command {
             AllowCommand::Add(args) => add(&global, Action::Allow, args),
             AllowCommand::Del(args) => remove(&global, Action::Allow, args),
@@ -405,6 +412,25 @@ fn detach(global: &Global, interface: Option<&str>) -> anyhow::Result<()> {
         println!("removed the pinned maps under {}", dir.display());
     }
     Ok(())
+}
+
+/// Runs the demo; Ctrl-C stops it at the next step, and it cleans up.
+fn demo(duration: std::time::Duration) -> anyhow::Result<()> {
+    use std::sync::{Arc, atomic::AtomicBool};
+    // Block SIGINT in every thread (threads inherit the mask), and let one
+    // thread wait for it: Ctrl-C must not kill the demo halfway through.
+    let mut sigint = nix::sys::signal::SigSet::empty();
+    sigint.add(nix::sys::signal::Signal::SIGINT);
+    sigint.thread_block().context("cannot block SIGINT")?;
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&interrupted);
+    std::thread::spawn(move || {
+        if sigint.wait().is_ok() {
+            println!("\ninterrupted: cleaning up after the current step");
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    edgegate::demo::run(duration, interrupted)
 }
 
 fn init_logging(format: LogFormat) {

@@ -4,22 +4,12 @@
 //! Everything here cleans up on drop, so a failing (panicking) test leaves no
 //! namespace, process or pin behind.
 
+pub use edgegate::demo::{netns, netns::unique_name, pki};
+
 pub mod harness;
 pub mod mtls;
-pub mod netns;
 pub mod packet;
-pub mod pki;
 pub mod testbed;
-
-use std::sync::atomic::{AtomicU32, Ordering};
-
-/// A short name unique to this process and call, for interfaces (at most 15
-/// bytes), namespaces and pin directories.
-pub fn unique_name(prefix: &str) -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix}{}x{n}", std::process::id() % 100_000)
-}
 
 /// Panics unless running as root: CI runs as root, so a root-only test
 /// must fail there rather than skip silently.

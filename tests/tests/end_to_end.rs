@@ -455,3 +455,65 @@ fn the_daemon_notifies_systemd() {
         "still filtered"
     );
 }
+
+#[test]
+fn the_demo_runs_to_completion_and_sees_every_event() {
+    edgegate_tests::require_root();
+    let output = std::process::Command::new(edgegate_tests::testbed::edgegate_binary())
+        .args(["demo", "--duration", "2s"])
+        .output()
+        .expect("run the demo");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    for event in [
+        "partner  → HTTP/1.1 200 OK (over mTLS)",
+        "stranger → refused: no answer to the SYN (dropped at XDP)",
+        "impostor → refused: TLS alert",
+        "rejected: unknown_ca 1",
+        "$ edgegate allow add",
+        "✔ demo complete",
+    ] {
+        assert!(stdout.contains(event), "`{event}` missing from:\n{stdout}");
+    }
+    assert!(!stdout.contains("\x1b["), "no terminal escapes when the output is not a terminal");
+}
+
+#[test]
+fn ctrl_c_stops_the_demo_and_it_cleans_up() {
+    edgegate_tests::require_root();
+    let demo = std::process::Command::new(edgegate_tests::testbed::edgegate_binary())
+        .args(["demo", "--duration", "60s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the demo");
+    let tag = format!("{}x", demo.id() % 100_000);
+    let namespaces = || {
+        let output = std::process::Command::new("ip").args(["netns", "list"]).output().expect("ip");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter(|l| l.starts_with("egd") && l.contains(&tag))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while namespaces() < 3 {
+        assert!(Instant::now() < deadline, "the demo never built its testbed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(demo.id()).expect("pid")),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("Ctrl-C");
+    let output = demo.wait_with_output().expect("the demo exits");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("interrupted: cleaning up"), "{stdout}");
+    assert_eq!(namespaces(), 0, "namespaces left behind");
+    let pins = std::fs::read_dir("/sys/fs/bpf").expect("bpffs");
+    assert!(
+        pins.filter_map(Result::ok)
+            .all(|e| !e.file_name().to_string_lossy().starts_with(&format!("egdemo{tag}"))),
+        "pins left behind"
+    );
+}

@@ -1,11 +1,11 @@
-//! `cargo xtask demo`: builds everything (setting up the toolchain if
-//! needed), then runs the namespace testbed demo from the tests crate.
+//! `cargo xtask demo`: builds the release binary (setting up the toolchain
+//! if needed), then runs `edgegate demo`.
 
 use crate::{exec, setup};
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Arguments for the demo (see `cargo xtask demo -- --help`).
+    /// Arguments for `edgegate demo` (e.g. `-- --duration 20s`).
     #[arg(last = true)]
     args: Vec<String>,
 }

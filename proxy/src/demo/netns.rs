@@ -4,11 +4,18 @@ use std::{
     fs::File,
     path::PathBuf,
     process::{Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
 };
 
 use nix::sched::{CloneFlags, setns};
 
-use crate::unique_name;
+/// A short name unique to this process and call, for interfaces (at most 15
+/// bytes), namespaces and pin directories.
+pub fn unique_name(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{}x{n}", std::process::id() % 100_000)
+}
 
 /// A named network namespace (`ip netns add`), deleted on drop.
 pub struct Netns {
