@@ -78,20 +78,7 @@ impl Testbed {
             let client = Netns::new("egc");
             let server_if = unique_name("egs");
             let client_if = unique_name("egc");
-            crate::netns::ip(&[
-                "link",
-                "add",
-                &server_if,
-                "netns",
-                testbed.server.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &client_if,
-                "netns",
-                client.name(),
-            ]);
+            crate::netns::veth_pair(&testbed.server, &server_if, &client, &client_if);
             let server_v4 = Ipv4Addr::new(10, subnet, index, 1);
             let client_v4 = Ipv4Addr::new(10, subnet, index, 2);
             let server_v6 =

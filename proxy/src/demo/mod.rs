@@ -191,20 +191,7 @@ impl Bed {
         for (index, client) in [&partner_ns, &stranger_ns].into_iter().enumerate() {
             let index = u8::try_from(index).expect("two");
             let (host_if, client_if) = (unique_name("egdh"), unique_name("egdc"));
-            netns::ip(&[
-                "link",
-                "add",
-                &host_if,
-                "netns",
-                host.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &client_if,
-                "netns",
-                client.name(),
-            ]);
+            netns::veth_pair(&host, &host_if, client, &client_if);
             for (ns, name, last) in [(&host, &host_if, 1), (client, &client_if, 2)] {
                 ns.ip(&["addr", "add", &format!("10.{subnet}.{index}.{last}/24"), "dev", name]);
                 ns.ip(&["link", "set", name, "up"]);

@@ -77,6 +77,24 @@ impl Drop for Netns {
     }
 }
 
+/// Joins `a` and `b` with a veth pair: `a_name` in `a`, `b_name` in `b`.
+pub fn veth_pair(a: &Netns, a_name: &str, b: &Netns, b_name: &str) {
+    ip(&[
+        "link",
+        "add",
+        a_name,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_name,
+        "netns",
+        b.name(),
+    ]);
+}
+
 /// Runs `ip ARGS`, panicking with its message on failure.
 pub fn ip(args: &[&str]) {
     let output = Command::new("ip").args(args).output().expect("run ip");
