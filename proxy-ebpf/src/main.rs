@@ -24,7 +24,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use aya_log_ebpf::warn;
-use parse::{NeighborDiscovery, Packet, Parsed, Source};
+use parse::{Ip, NeighborDiscovery, Outcome, Packet};
 use proxy_common::{
     COUNTER_SLOTS, Counter, Family, FilterConfig, Lookup, MAX_PER_LENGTH_LOOKUPS, PORT_BITMAP_WORDS, Reason,
     Rule, Scope, counter_index,
@@ -85,46 +85,37 @@ pub fn edgegate(ctx: XdpContext) -> u32 {
 }
 
 fn classify(config: &FilterConfig, packet: &Packet) -> (Family, Reason) {
-    let parsed = match parse::parse(packet) {
-        Ok(parsed) => parsed,
-        Err(family) => return (family, Reason::Malformed),
-    };
-    let Parsed::Ip {
-        source,
-        destination_port,
-        later_fragment,
-        neighbor_discovery,
-    } = parsed
-    else {
-        return (Family::Other, Reason::NotIp);
-    };
-    let family = source.family();
-    let protected = destination_port.is_some_and(is_protected);
+    let mut ip = Ip::new();
+    match parse::parse(packet, &mut ip) {
+        Outcome::Ip => {}
+        Outcome::NotIp => return (Family::Other, Reason::NotIp),
+        Outcome::Malformed => return (ip.family, Reason::Malformed),
+    }
+    let family = ip.family;
+    let protected = ip.has_port && is_protected(ip.destination_port);
     let subject = if config.scope == Scope::Host as u32 {
-        match neighbor_discovery {
+        match ip.neighbor_discovery {
             NeighborDiscovery::Yes => return (family, Reason::NeighborDiscovery),
             NeighborDiscovery::Truncated => return (family, Reason::Malformed),
             NeighborDiscovery::No => {}
         }
-        match destination_port {
-            Some(port)
-                if !protected
-                    && port >= config.ephemeral_first
-                    && port <= config.ephemeral_last =>
-            {
-                return (family, Reason::EphemeralPort);
-            }
-            _ => true,
+        let reply = ip.has_port
+            && !protected
+            && ip.destination_port >= config.ephemeral_first
+            && ip.destination_port <= config.ephemeral_last;
+        if reply {
+            return (family, Reason::EphemeralPort);
         }
+        true
     } else {
         // A later fragment carries no port: it is subject to the list, so a
         // fragmented packet can never smuggle data past it.
-        protected || later_fragment
+        protected || ip.later_fragment
     };
     if !subject {
         return (family, Reason::OutOfScope);
     }
-    let reason = match lookup(config, &source) {
+    let reason = match lookup(config, &ip) {
         Some(rule) => {
             // SAFETY: `rule` points into a map value, valid for this program run;
             // the counter is only ever updated atomically.
@@ -146,17 +137,19 @@ fn is_protected(port: u16) -> bool {
     word & (1 << (port % 64)) != 0
 }
 
-/// The longest-prefix rule matching `source`, if any.
-fn lookup(config: &FilterConfig, source: &Source) -> Option<*mut Rule> {
-    match *source {
-        Source::V4(addr) if config.v4_lookup == Lookup::Trie as u32 => {
+/// The longest-prefix rule matching the packet's source, if any.
+fn lookup(config: &FilterConfig, ip: &Ip) -> Option<*mut Rule> {
+    if ip.family == Family::Ipv4 {
+        let addr = [ip.source[0], ip.source[1], ip.source[2], ip.source[3]];
+        if config.v4_lookup == Lookup::Trie as u32 {
             trie_rule(V4_TRIE.get(Key::new(32, addr)))
+        } else {
+            lookup_v4_per_length(config.v4_lengths, u32::from_be_bytes(addr))
         }
-        Source::V4(addr) => lookup_v4_per_length(config.v4_lengths, u32::from_be_bytes(addr)),
-        Source::V6(addr) if config.v6_lookup == Lookup::Trie as u32 => {
-            trie_rule(V6_TRIE.get(Key::new(128, addr)))
-        }
-        Source::V6(addr) => lookup_v6_per_length(&config.v6_lengths, addr),
+    } else if config.v6_lookup == Lookup::Trie as u32 {
+        trie_rule(V6_TRIE.get(Key::new(128, ip.source)))
+    } else {
+        lookup_v6_per_length(&config.v6_lengths, ip.source)
     }
 }
 

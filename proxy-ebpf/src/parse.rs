@@ -75,36 +75,40 @@ impl Packet {
     }
 }
 
-/// The source address of an IP packet.
-pub enum Source {
-    V4([u8; 4]),
-    V6([u8; 16]),
+/// What the filter needs to know about an IP packet.
+///
+/// A plain struct, filled in place and fully initialised on every path: an
+/// enum whose variants differ in size (a 4-byte and a 16-byte address, say)
+/// is copied whole when moved, and verifiers before Linux 6.4 reject the
+/// resulting reads of never-written stack bytes.
+pub struct Ip {
+    pub family: Family,
+    /// The source address; IPv4 uses the first 4 bytes.
+    pub source: [u8; 16],
+    /// TCP/UDP/SCTP destination port; meaningful only when `has_port`.
+    pub destination_port: u16,
+    /// False for protocols without ports and for later fragments.
+    pub has_port: bool,
+    /// A fragment other than the first: no transport header.
+    pub later_fragment: bool,
+    pub neighbor_discovery: NeighborDiscovery,
 }
 
-impl Source {
-    pub fn family(&self) -> Family {
-        match self {
-            Self::V4(_) => Family::Ipv4,
-            Self::V6(_) => Family::Ipv6,
+impl Ip {
+    pub const fn new() -> Self {
+        Self {
+            family: Family::Other,
+            source: [0; 16],
+            destination_port: 0,
+            has_port: false,
+            later_fragment: false,
+            neighbor_discovery: NeighborDiscovery::No,
         }
     }
 }
 
-/// What the filter needs to know about a well-formed packet.
-pub enum Parsed {
-    NotIp,
-    Ip {
-        source: Source,
-        /// TCP/UDP/SCTP destination port; `None` for other protocols and later fragments.
-        destination_port: Option<u16>,
-        /// A fragment other than the first: no transport header.
-        later_fragment: bool,
-        neighbor_discovery: NeighborDiscovery,
-    },
-}
-
 /// Whether a packet is ICMPv6 neighbour discovery, which host scope lets through.
-#[derive(PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum NeighborDiscovery {
     No,
     Yes,
@@ -113,117 +117,129 @@ pub enum NeighborDiscovery {
     Truncated,
 }
 
-/// Parses the headers, or returns the family of a malformed packet.
+/// How parsing ended. Fieldless, for the same reason as [`Ip`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// `Ip` is filled in.
+    Ip,
+    NotIp,
+    /// A header is cut short or invalid; the family, when known, is in `Ip`.
+    Malformed,
+}
+
+/// Parses the headers into `ip`.
 #[inline(always)]
-pub fn parse(packet: &Packet) -> Result<Parsed, Family> {
-    let mut ethertype = packet.u16_at(12).ok_or(Family::Other)?;
+pub fn parse(packet: &Packet, ip: &mut Ip) -> Outcome {
+    let Some(mut ethertype) = packet.u16_at(12) else {
+        return Outcome::Malformed;
+    };
     let mut offset = ETH_HEADER_LEN;
     for _ in 0..MAX_VLAN_TAGS {
         if ethertype != ETHERTYPE_VLAN && ethertype != ETHERTYPE_QINQ {
             break;
         }
-        ethertype = packet.u16_at(offset + 2).ok_or(Family::Other)?;
+        let Some(inner) = packet.u16_at(offset + 2) else {
+            return Outcome::Malformed;
+        };
+        ethertype = inner;
         offset += VLAN_TAG_LEN;
     }
-    match ethertype {
-        ETHERTYPE_IPV4 => parse_ipv4(packet, offset).ok_or(Family::Ipv4),
-        ETHERTYPE_IPV6 => parse_ipv6(packet, offset).ok_or(Family::Ipv6),
-        _ => Ok(Parsed::NotIp),
-    }
+    let parsed = match ethertype {
+        ETHERTYPE_IPV4 => {
+            ip.family = Family::Ipv4;
+            parse_ipv4(packet, offset, ip)
+        }
+        ETHERTYPE_IPV6 => {
+            ip.family = Family::Ipv6;
+            parse_ipv6(packet, offset, ip)
+        }
+        _ => return Outcome::NotIp,
+    };
+    if parsed { Outcome::Ip } else { Outcome::Malformed }
 }
 
+/// Fills `ip` from an IPv4 header at `offset`; false if it is malformed.
 #[inline(always)]
-fn parse_ipv4(packet: &Packet, offset: usize) -> Option<Parsed> {
-    let header: [u8; IPV4_MIN_HEADER_LEN] = packet.bytes(offset)?;
+fn parse_ipv4(packet: &Packet, offset: usize, ip: &mut Ip) -> bool {
+    let Some(header) = packet.bytes::<IPV4_MIN_HEADER_LEN>(offset) else {
+        return false;
+    };
     let version = header[0] >> 4;
     let header_len = usize::from(header[0] & 0x0f) * 4;
     if version != 4 || header_len < IPV4_MIN_HEADER_LEN {
-        return None;
+        return false;
     }
     // Options: the whole header must be present even though only the fixed
     // part is read. Its length is a multiple of 4, so check its last 4 bytes.
-    packet.bytes::<4>(offset + header_len - 4)?;
+    if packet.bytes::<4>(offset + header_len - 4).is_none() {
+        return false;
+    }
     let fragment_offset = u16::from_be_bytes([header[6], header[7]]) & 0x1fff;
-    let source = Source::V4([header[12], header[13], header[14], header[15]]);
-    let later_fragment = fragment_offset != 0;
-    let destination_port = if later_fragment {
-        None
-    } else {
-        transport_port(packet, header[9], offset + header_len)?
-    };
-    Some(Parsed::Ip {
-        source,
-        destination_port,
-        later_fragment,
-        neighbor_discovery: NeighborDiscovery::No,
-    })
+    ip.source[..4].copy_from_slice(&header[12..16]);
+    ip.later_fragment = fragment_offset != 0;
+    ip.later_fragment || transport_port(packet, header[9], offset + header_len, ip)
 }
 
+/// Fills `ip` from an IPv6 header (and its extension headers) at `offset`.
 #[inline(always)]
-fn parse_ipv6(packet: &Packet, offset: usize) -> Option<Parsed> {
-    let header: [u8; IPV6_HEADER_LEN] = packet.bytes(offset)?;
+fn parse_ipv6(packet: &Packet, offset: usize, ip: &mut Ip) -> bool {
+    let Some(header) = packet.bytes::<IPV6_HEADER_LEN>(offset) else {
+        return false;
+    };
     if header[0] >> 4 != 6 {
-        return None;
+        return false;
     }
-    let mut source = [0u8; 16];
-    source.copy_from_slice(&header[8..24]);
-    let source = Source::V6(source);
+    ip.source.copy_from_slice(&header[8..24]);
 
     let mut next_header = header[6];
     let mut offset = offset + IPV6_HEADER_LEN;
-    let mut later_fragment = false;
     let mut walked = 0;
     while walked < MAX_IPV6_EXT_HEADERS {
         match next_header {
             PROTO_HOP_BY_HOP | PROTO_ROUTING | PROTO_DEST_OPTS | PROTO_MOBILITY => {
-                let [next, len] = packet.bytes::<2>(offset)?;
+                let Some([next, len]) = packet.bytes::<2>(offset) else {
+                    return false;
+                };
                 next_header = next;
                 offset += (usize::from(len) + 1) * 8;
             }
             PROTO_AUTH => {
-                let [next, len] = packet.bytes::<2>(offset)?;
+                let Some([next, len]) = packet.bytes::<2>(offset) else {
+                    return false;
+                };
                 next_header = next;
                 offset += (usize::from(len) + 2) * 4;
             }
             PROTO_FRAGMENT => {
-                let fragment: [u8; 8] = packet.bytes(offset)?;
+                let Some(fragment) = packet.bytes::<8>(offset) else {
+                    return false;
+                };
                 next_header = fragment[0];
                 offset += fragment.len();
                 if u16::from_be_bytes([fragment[2], fragment[3]]) >> 3 != 0 {
-                    later_fragment = true;
-                    break;
+                    ip.later_fragment = true;
+                    return true;
                 }
             }
             _ => break,
         }
         walked += 1;
     }
-    if later_fragment {
-        return Some(Parsed::Ip {
-            source,
-            destination_port: None,
-            later_fragment,
-            neighbor_discovery: NeighborDiscovery::No,
-        });
-    }
     if is_extension_header(next_header) {
         // Longer chains than any real traffic uses: refuse rather than guess.
-        return None;
+        return false;
     }
-    let neighbor_discovery = if next_header != PROTO_ICMPV6 {
-        NeighborDiscovery::No
-    } else {
+    if next_header == PROTO_ICMPV6 {
         // An ICMPv6 header is at least type, code and checksum.
-        match packet.bytes::<4>(offset) {
+        ip.neighbor_discovery = match packet.bytes::<4>(offset) {
             Some([kind, ..]) if (ND_FIRST_TYPE..=ND_LAST_TYPE).contains(&kind) => {
                 NeighborDiscovery::Yes
             }
             Some(_) => NeighborDiscovery::No,
             None => NeighborDiscovery::Truncated,
-        }
-    };
-    let destination_port = transport_port(packet, next_header, offset)?;
-    Some(Parsed::Ip { source, destination_port, later_fragment, neighbor_discovery })
+        };
+    }
+    transport_port(packet, next_header, offset, ip)
 }
 
 fn is_extension_header(protocol: u8) -> bool {
@@ -238,15 +254,19 @@ fn is_extension_header(protocol: u8) -> bool {
     )
 }
 
-/// `Some(Some(port))` for port-carrying protocols, `Some(None)` for others,
-/// `None` when the transport header is cut short.
+/// Reads the destination port of port-carrying protocols into `ip`; false
+/// when their header is cut short before it.
 #[inline(always)]
-fn transport_port(packet: &Packet, protocol: u8, offset: usize) -> Option<Option<u16>> {
+fn transport_port(packet: &Packet, protocol: u8, offset: usize, ip: &mut Ip) -> bool {
     match protocol {
         PROTO_TCP | PROTO_UDP | PROTO_SCTP | PROTO_UDPLITE => {
-            let ports: [u8; PORTS_LEN] = packet.bytes(offset)?;
-            Some(Some(u16::from_be_bytes([ports[2], ports[3]])))
+            let Some(ports) = packet.bytes::<PORTS_LEN>(offset) else {
+                return false;
+            };
+            ip.destination_port = u16::from_be_bytes([ports[2], ports[3]]);
+            ip.has_port = true;
+            true
         }
-        _ => Some(None),
+        _ => true,
     }
 }
