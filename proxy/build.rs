@@ -28,6 +28,9 @@ fn main() {
     }
 
     check_toolchain();
+    // Test-only program variants (see `cargo xtask integration-test --vm --broken-program`).
+    println!("cargo:rerun-if-env-changed=EDGEGATE_EBPF_FEATURES");
+    let features = env::var("EDGEGATE_EBPF_FEATURES").unwrap_or_default();
 
     let target_dir = out_dir.join("ebpf-target");
     let mut rustflags = OsString::from("-Cdebuginfo=2");
@@ -35,7 +38,7 @@ fn main() {
     rustflags.push("\x1f-Clink-arg=--btf");
     let status = Command::new("rustup")
         .args(["run", TOOLCHAIN, "cargo", "build", "--release", "--bins"])
-        .args(["--target", TARGET, "-Z", "build-std=core"])
+        .args(["--target", TARGET, "-Z", "build-std=core", "--features", &features])
         .arg("--manifest-path")
         .arg(ebpf_dir.join("Cargo.toml"))
         .arg("--target-dir")

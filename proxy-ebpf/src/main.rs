@@ -67,6 +67,13 @@ const LOG_INTERVAL_NS: u64 = 1_000_000_000;
 
 #[xdp]
 pub fn edgegate(ctx: XdpContext) -> u32 {
+    #[cfg(feature = "verifier-reject")]
+    {
+        // SAFETY: none; this read is unchecked on purpose (see Cargo.toml).
+        if unsafe { core::ptr::read_volatile((ctx.data() + 64) as *const u8) } == 0xff {
+            return xdp_action::XDP_DROP;
+        }
+    }
     let packet = Packet::new(&ctx);
     let (family, reason) = match CONFIG.get(0) {
         Some(config) => classify(config, &packet),

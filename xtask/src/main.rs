@@ -8,6 +8,7 @@ mod dist;
 mod exec;
 mod setup;
 mod test;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +27,8 @@ enum Command {
     BuildEbpf(build_ebpf::Options),
     /// Run lints and every test (as root: XDP and network namespaces).
     Test(test::Options),
+    /// The integration tests, on this host or (--vm) on EC2 kernels under QEMU.
+    IntegrationTest(IntegrationTest),
     /// Start the daemon on a throwaway network-namespace testbed and show it work.
     Demo(demo::Options),
     /// Benchmarks (not tests): print a table of measurements.
@@ -40,7 +43,45 @@ fn main() -> anyhow::Result<()> {
         Command::BuildEbpf(options) => build_ebpf::run(&options),
         Command::Test(options) => test::run(&options),
         Command::Demo(options) => demo::run(&options),
+        Command::IntegrationTest(options) => options.run(),
         Command::Bench(options) => bench::run(&options),
         Command::Dist(options) => dist::run(&options),
+    }
+}
+
+#[derive(clap::Args)]
+struct IntegrationTest {
+    /// Boot each kernel in QEMU and run the suite there.
+    #[arg(long)]
+    vm: bool,
+    /// A kernel: 6.1 (Debian 12 cloud), 6.12 (Debian 12 backports cloud), a
+    /// kernel .deb or a vmlinuz; repeat for more. Default: 6.1 and 6.12.
+    #[arg(long, requires = "vm")]
+    kernel: Vec<String>,
+    /// Self-test: build a program the verifier must reject; every run must fail.
+    #[arg(long, requires = "vm")]
+    broken_program: bool,
+}
+
+impl IntegrationTest {
+    fn run(self) -> anyhow::Result<()> {
+        exec::require_root("cargo xtask integration-test")?;
+        setup::ensure()?;
+        if !self.vm {
+            exec::run(exec::cargo().args(["build", "--package", "edgegate", "--bins"]))?;
+            return exec::run(exec::cargo().args([
+                "test",
+                "--package",
+                "edgegate-tests",
+                "--",
+                "--test-threads=1",
+            ]));
+        }
+        let kernels = if self.kernel.is_empty() {
+            vm::DEFAULT_KERNELS.iter().map(|k| (*k).to_owned()).collect()
+        } else {
+            self.kernel
+        };
+        vm::run(&kernels, self.broken_program)
     }
 }

@@ -8,6 +8,9 @@ pub struct Options {
     /// Skip `cargo fmt --check` and clippy.
     #[arg(long)]
     no_lint: bool,
+    /// Skip the VM tests (`cargo xtask integration-test --vm`).
+    #[arg(long)]
+    no_vm: bool,
     /// Skip building and checking the package (`cargo xtask dist --check`).
     #[arg(long)]
     no_dist: bool,
@@ -39,6 +42,14 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             .args(["test", "--workspace", "--no-fail-fast", "--", "--test-threads=1"])
             .args(&options.test_args),
     )?;
+    if !options.no_vm {
+        // The suite on the kernels EC2 images run, then proof that a program
+        // the verifier rejects does fail the VM run.
+        let kernels: Vec<String> =
+            crate::vm::DEFAULT_KERNELS.iter().map(|k| (*k).to_owned()).collect();
+        crate::vm::run(&kernels, false)?;
+        crate::vm::run(&kernels, true)?;
+    }
     if options.no_dist {
         return Ok(());
     }
