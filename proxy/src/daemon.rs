@@ -196,23 +196,26 @@ impl State {
                 return Response::Error { message: format!("nothing reloaded: {e}") };
             }
         };
-        if next.filter != self.config.filter || next.daemon != self.config.daemon {
-            let ports_only = crate::config::FilterConfig {
-                ports: next.filter.ports.clone(),
-                ..self.config.filter.clone()
-            };
-            if ports_only != next.filter || next.daemon != self.config.daemon {
-                tracing::warn!(
-                    "reload: [filter] and [daemon] changes other than `ports` take effect at the next start"
-                );
-            }
+        // Only `filter.ports` (and the listeners) change in place.
+        let running_with_new_ports = crate::config::FilterConfig {
+            ports: next.filter.ports.clone(),
+            ..self.config.filter.clone()
+        };
+        if running_with_new_ports != next.filter
+            || next.daemon != self.config.daemon
+            || next.metrics != self.config.metrics
+        {
+            tracing::warn!(
+                "reload: [filter], [daemon] and [metrics] changes other than `filter.ports` take \
+                 effect at the next start"
+            );
         }
         // Protect new listeners' ports before they accept anything.
         if let Err(e) = self.filter.set_ports(&next.protected_ports()) {
             tracing::error!("reload: cannot update the protected ports: {e}");
         }
         let outcomes = self.proxies.reload(&next.listeners);
-        if outcomes.iter().any(|o| o.result.starts_with("kept") || o.result.starts_with("not")) {
+        if outcomes.iter().any(|o| o.result.failed()) {
             self.reloads_failed += 1;
         } else {
             self.reloads_ok += 1;

@@ -281,7 +281,7 @@ fn reload(global: &Global) -> anyhow::Result<()> {
     for outcome in &outcomes {
         println!("listener `{}`: {}", outcome.listener, outcome.result);
     }
-    if outcomes.iter().any(|o| o.result.starts_with("kept") || o.result.starts_with("not")) {
+    if outcomes.iter().any(|o| o.result.failed()) {
         bail!("some listeners kept their previous configuration (see above and the daemon's log)");
     }
     Ok(())

@@ -17,6 +17,9 @@ enum Bench {
     /// ns/packet of the XDP program (BPF_PROG_TEST_RUN) against a DROP-only
     /// baseline and a plain LPM-trie program, for list sizes up to 1M.
     Xdp,
+    /// Allowlist changes through the CLI: `allow add` until visible, and a
+    /// 100k-entry `allow replace` under a flood that must lose nothing.
+    Update,
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
@@ -24,7 +27,17 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     setup::ensure()?;
     let name = match options.name {
         Bench::Xdp => "xdp",
+        Bench::Update => "update",
     };
+    // The update bench drives the real binary.
+    exec::run(exec::cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "edgegate",
+        "--bin",
+        "edgegate",
+    ]))?;
     exec::run(
         exec::cargo()
             .args(["bench", "--package", "edgegate-tests", "--bench", name, "--"])

@@ -151,8 +151,42 @@ pub struct Proxies {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ReloadOutcome {
     pub listener: String,
-    /// `reloaded`, `started`, `stopped`, or `kept previous: <why>`.
-    pub result: String,
+    pub result: ReloadResult,
+}
+
+/// The fate of one listener in a reload.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "result", content = "reason", rename_all = "snake_case")]
+pub enum ReloadResult {
+    /// New settings and files are in force for new connections.
+    Reloaded,
+    /// A listener new in the config accepts connections.
+    Started,
+    /// A listener gone from the config (or moved) no longer accepts.
+    Stopped,
+    /// Its new files did not load: it serves on with the previous ones.
+    KeptPrevious(String),
+    /// A listener new in the config could not start.
+    NotStarted(String),
+}
+
+impl ReloadResult {
+    /// Whether the reload did not do what the config asked for.
+    pub fn failed(&self) -> bool {
+        matches!(self, Self::KeptPrevious(_) | Self::NotStarted(_))
+    }
+}
+
+impl std::fmt::Display for ReloadResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Reloaded => f.write_str("reloaded"),
+            Self::Started => f.write_str("started"),
+            Self::Stopped => f.write_str("stopped"),
+            Self::KeptPrevious(why) => write!(f, "kept previous: {why}"),
+            Self::NotStarted(why) => write!(f, "not started: {why}"),
+        }
+    }
 }
 
 /// Listeners with their TLS material loaded and their sockets bound, not
@@ -235,7 +269,7 @@ impl Proxies {
         for name in stale {
             if let Some(listener) = self.listeners.remove(&name) {
                 listener.stop_accepting.cancel();
-                outcomes.push(ReloadOutcome { listener: name, result: "stopped".into() });
+                outcomes.push(ReloadOutcome { listener: name, result: ReloadResult::Stopped });
             }
         }
         for config in configs {
@@ -248,19 +282,19 @@ impl Proxies {
                             config.max_connections,
                         );
                         listener.settings.store(Arc::new(Settings { config: config.clone(), tls }));
-                        "reloaded".to_owned()
+                        ReloadResult::Reloaded
                     }
-                    Err(e) => format!("kept previous: {e}"),
+                    Err(e) => ReloadResult::KeptPrevious(e.to_string()),
                 },
                 None => match prepare(config) {
                     Ok((settings, socket)) => {
                         self.spawn(settings, socket);
-                        "started".to_owned()
+                        ReloadResult::Started
                     }
-                    Err(e) => format!("not started: {e}"),
+                    Err(e) => ReloadResult::NotStarted(e.to_string()),
                 },
             };
-            if outcome.starts_with("kept") || outcome.starts_with("not") {
+            if outcome.failed() {
                 warn!(listener = %config.name, "reload: {outcome}");
             } else {
                 info!(listener = %config.name, "reload: {outcome}");
