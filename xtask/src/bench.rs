@@ -20,6 +20,9 @@ enum Bench {
     /// Allowlist changes through the CLI: `allow add` until visible, and a
     /// 100k-entry `allow replace` under a flood that must lose nothing.
     Update,
+    /// Full mutual-TLS handshakes/s and server CPU per handshake: edgegate,
+    /// HAProxy and stunnel (installed from Debian if missing).
+    Handshake,
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
@@ -28,6 +31,10 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let name = match options.name {
         Bench::Xdp => "xdp",
         Bench::Update => "update",
+        Bench::Handshake => {
+            install_peers(&["haproxy", "stunnel"], &["haproxy", "stunnel4"])?;
+            "handshake"
+        }
     };
     // The update bench drives the real binary.
     exec::run(exec::cargo().args([
@@ -43,4 +50,21 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             .args(["bench", "--package", "edgegate-tests", "--bench", name, "--"])
             .args(&options.args),
     )
+}
+
+/// Installs the peers a benchmark compares with, from Debian, when missing.
+fn install_peers(commands: &[&str], packages: &[&str]) -> anyhow::Result<()> {
+    let missing = commands.iter().any(|c| {
+        std::process::Command::new("which").arg(c).output().map_or(true, |o| !o.status.success())
+    });
+    if missing {
+        println!("bench: installing {}", packages.join(", "));
+        exec::run(
+            std::process::Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(packages)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    Ok(())
 }

@@ -1,0 +1,371 @@
+//! `cargo xtask bench handshake`: new full mutual-TLS handshakes per second
+//! (ECDSA P-256 certificates, X25519, no resumption), and the server's CPU
+//! time per handshake, for edgegate, HAProxy and stunnel, all terminating
+//! the same client certificates and forwarding to the same backend, in one
+//! network namespace, in one run.
+//!
+//! The load generator (tokio + rustls) shares the machine's cores with the
+//! server, so handshakes/s understates differences; CPU µs per handshake
+//! (from /proc/<pid>/stat of the server) is the fairer figure.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use edgegate::demo::{
+    netns::{Netns, unique_name},
+    pki::{Authority, Issued, Leaf},
+};
+use rustls::{
+    ClientConfig, RootCertStore, SupportedProtocolVersion,
+    client::Resumption,
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _},
+};
+use tokio::io::AsyncWriteExt as _;
+
+const BACKEND_PORT: u16 = 18080;
+
+struct Settings {
+    seconds: u64,
+    rounds: usize,
+    concurrency: usize,
+}
+
+/// A server under test, killed on drop.
+struct Server {
+    name: &'static str,
+    port: u16,
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Removes the bench's files and pins on drop.
+struct Scratch {
+    dir: PathBuf,
+    bpffs_dir: PathBuf,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = edgegate::filter::detach_pinned(&self.bpffs_dir, None);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// CPU time (user + system) a process has used.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after_name = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the name.
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).expect("clock ticks");
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+fn client_config(
+    ca: &Path,
+    cert: &Issued,
+    version: &'static SupportedProtocolVersion,
+) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    for certificate in CertificateDer::pem_file_iter(ca).expect("CA") {
+        roots.add(certificate.expect("cert")).expect("trust");
+    }
+    let chain = CertificateDer::pem_file_iter(&cert.cert)
+        .expect("cert")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("chain");
+    let key = PrivateKeyDer::from_pem_file(&cert.key).expect("key");
+    let mut config = ClientConfig::builder_with_protocol_versions(&[version])
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("client config");
+    // Full handshakes only.
+    config.resumption = Resumption::disabled();
+    Arc::new(config)
+}
+
+/// Runs `concurrency` closed-loop clients for `seconds`: (handshakes, latencies in µs).
+fn load(
+    netns: &Netns,
+    port: u16,
+    config: Arc<ClientConfig>,
+    settings: &Settings,
+) -> (u64, Vec<u64>) {
+    netns.run(|| {
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async {
+            let done = Arc::new(AtomicU64::new(0));
+            let stop = Arc::new(AtomicBool::new(false));
+            let mut tasks = Vec::new();
+            for _ in 0..settings.concurrency {
+                let (config, done, stop) =
+                    (Arc::clone(&config), Arc::clone(&done), Arc::clone(&stop));
+                tasks.push(tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    let connector = tokio_rustls::TlsConnector::from(config);
+                    while !stop.load(Ordering::Relaxed) {
+                        let started = Instant::now();
+                        let Ok(tcp) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await
+                        else {
+                            continue;
+                        };
+                        let name = ServerName::try_from("127.0.0.1").expect("name");
+                        if let Ok(mut tls) = connector.connect(name, tcp).await {
+                            // TLS 1.3: the server verifies the client certificate
+                            // after the client's Finished; a byte forces that through.
+                            if tls.write_all(b"x").await.is_ok() && tls.flush().await.is_ok() {
+                                latencies.push(
+                                    u64::try_from(started.elapsed().as_micros())
+                                        .unwrap_or(u64::MAX),
+                                );
+                                done.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    latencies
+                }));
+            }
+            tokio::time::sleep(Duration::from_secs(settings.seconds)).await;
+            stop.store(true, Ordering::Relaxed);
+            let mut latencies = Vec::new();
+            for task in tasks {
+                latencies.extend(task.await.expect("client task"));
+            }
+            (done.load(Ordering::Relaxed), latencies)
+        })
+    })
+}
+
+fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn main() {
+    edgegate_tests::require_root();
+    let mut settings = Settings { seconds: 3, rounds: 5, concurrency: 32 };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value =
+            || args.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or_else(|| panic!("{arg} N"));
+        match arg.as_str() {
+            "--seconds" => settings.seconds = value(),
+            "--rounds" => settings.rounds = usize::try_from(value()).expect("rounds"),
+            "--concurrency" => {
+                settings.concurrency = usize::try_from(value()).expect("concurrency")
+            }
+            "--bench" => {}
+            other => panic!("unknown argument {other} (--seconds N, --rounds N, --concurrency N)"),
+        }
+    }
+    for tool in ["haproxy", "stunnel"] {
+        if Command::new("which").arg(tool).output().map_or(true, |o| !o.status.success()) {
+            panic!("`{tool}` is missing: apt-get install haproxy stunnel4");
+        }
+    }
+
+    let netns = Netns::new("egbh");
+    let scratch = Scratch {
+        dir: std::env::temp_dir().join(unique_name("edgegate-bench-")),
+        bpffs_dir: PathBuf::from("/sys/fs/bpf").join(unique_name("egbench")),
+    };
+    let dir = &scratch.dir;
+    std::fs::create_dir_all(dir.join("state")).expect("dir");
+    let server_ca = Authority::new(dir, "server-ca");
+    let client_ca = Authority::new(dir, "client-ca");
+    let server = server_ca.issue("server", &Leaf::server(&["127.0.0.1"]));
+    let client = client_ca.issue("client", &Leaf::client("partner"));
+    let combined = dir.join("server-with-key.pem");
+    let pem = std::fs::read_to_string(&server.cert).expect("cert")
+        + &std::fs::read_to_string(&server.key).expect("key");
+    std::fs::write(&combined, pem).expect("combined");
+
+    // The backend: accepts and closes.
+    let backend =
+        netns.run(|| std::net::TcpListener::bind(("127.0.0.1", BACKEND_PORT)).expect("backend"));
+    std::thread::spawn(move || {
+        for stream in backend.incoming() {
+            drop(stream);
+        }
+    });
+
+    let workers = std::thread::available_parallelism().map_or(2, usize::from);
+    std::fs::write(dir.join("state/allowlist"), "127.0.0.0/8\n").expect("allowlist");
+    let config = format!(
+        "[filter]\ninterfaces = [\"lo\"]\nmode = \"skb\"\n\n[daemon]\ncontrol_socket = \"{}/control.sock\"\n\
+         state_dir = \"{}/state\"\nbpffs_dir = \"{}\"\n\n[[listener]]\nname = \"bench\"\nbind = \"127.0.0.1:8443\"\n\
+         backend = \"127.0.0.1:{BACKEND_PORT}\"\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n",
+        dir.display(),
+        dir.display(),
+        scratch.bpffs_dir.display(),
+        server.cert.display(),
+        server.key.display(),
+        client_ca.cert.display()
+    );
+    std::fs::write(dir.join("edgegate.toml"), config).expect("config");
+    let haproxy = format!(
+        "global\n  nbthread {workers}\n  maxconn 5000\n  ssl-default-bind-options ssl-min-ver TLSv1.2\n\
+         defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+         frontend fe\n  bind 127.0.0.1:8444 ssl crt {} ca-file {} verify required\n  default_backend be\n\
+         backend be\n  server s1 127.0.0.1:{BACKEND_PORT}\n",
+        combined.display(),
+        client_ca.cert.display()
+    );
+    std::fs::write(dir.join("haproxy.cfg"), haproxy).expect("haproxy.cfg");
+    let stunnel = format!(
+        "foreground = yes\npid =\n[bench]\naccept = 127.0.0.1:8445\nconnect = 127.0.0.1:{BACKEND_PORT}\n\
+         cert = {}\nkey = {}\nCAfile = {}\nrequireCert = yes\nverifyChain = yes\n",
+        server.cert.display(),
+        server.key.display(),
+        client_ca.cert.display()
+    );
+    std::fs::write(dir.join("stunnel.conf"), stunnel).expect("stunnel.conf");
+
+    let spawn = |name: &'static str, port: u16, program: &str, args: &[&str]| {
+        let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
+        let child = netns
+            .command(program)
+            .args(args)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Server { name, port, child }
+    };
+    let edgegate = edgegate_tests::testbed::edgegate_binary();
+    let config_path = dir.join("edgegate.toml");
+    let servers = [
+        spawn(
+            "edgegate",
+            8443,
+            edgegate.to_str().expect("UTF-8"),
+            &["run", "--config", config_path.to_str().expect("UTF-8")],
+        ),
+        spawn(
+            "haproxy",
+            8444,
+            "haproxy",
+            &["-db", "-f", dir.join("haproxy.cfg").to_str().expect("UTF-8")],
+        ),
+        spawn("stunnel", 8445, "stunnel", &[dir.join("stunnel.conf").to_str().expect("UTF-8")]),
+    ];
+    std::thread::sleep(Duration::from_secs(2));
+
+    let versions: [(&str, &'static SupportedProtocolVersion); 2] =
+        [("TLS 1.3", &rustls::version::TLS13), ("TLS 1.2", &rustls::version::TLS12)];
+    let mut rows = Vec::new();
+    for (label, version) in versions {
+        let config = client_config(&server_ca.cert, &client, version);
+        for server in &servers {
+            let (mut rates, mut cpu_us, mut p50, mut p99) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..settings.rounds {
+                let before = cpu_time(server.child.id());
+                let started = Instant::now();
+                let (handshakes, mut latencies) =
+                    load(&netns, server.port, Arc::clone(&config), &settings);
+                let elapsed = started.elapsed().as_secs_f64();
+                let cpu = cpu_time(server.child.id()) - before;
+                if handshakes == 0 {
+                    let log = std::fs::read_to_string(dir.join(format!("{}.log", server.name)))
+                        .unwrap_or_default();
+                    panic!("{}: no handshake completed; its log:\n{log}", server.name);
+                }
+                rates.push(handshakes as f64 / elapsed);
+                cpu_us.push(cpu.as_secs_f64() * 1e6 / handshakes as f64);
+                latencies.sort_unstable();
+                p50.push(latencies[latencies.len() / 2] as f64 / 1e3);
+                p99.push(latencies[latencies.len() * 99 / 100] as f64 / 1e3);
+            }
+            eprintln!(
+                "{label} {}: {:.0} handshakes/s, {:.0} µs CPU each",
+                server.name,
+                percentile(&rates, 0.5),
+                percentile(&cpu_us, 0.5)
+            );
+            rows.push((label, server.name, rates, cpu_us, p50, p99));
+        }
+    }
+
+    println!("\n## cargo xtask bench handshake");
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_default();
+    let openssl = Command::new("openssl")
+        .arg("version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let haproxy_version = Command::new("haproxy")
+        .arg("-v")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().to_owned())
+        .unwrap_or_default();
+    println!(
+        "machine: {workers} cores, {cpu}, kernel {}",
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()
+    );
+    println!("peers: {haproxy_version} (nbthread {workers}); stunnel 5; {openssl}");
+    println!(
+        "{} closed-loop clients (tokio + rustls, sharing the cores), {} s × {} rounds, ECDSA P-256, X25519, no resumption; medians",
+        settings.concurrency, settings.seconds, settings.rounds
+    );
+    println!(
+        "\n| TLS | server | handshakes/s | (min–max) | server CPU µs/handshake | edgegate ÷ this (CPU) | p50 ms | p99 ms |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    for (label, name, rates, cpu_us, p50, p99) in &rows {
+        let ours = rows
+            .iter()
+            .find(|r| r.0 == *label && r.1 == "edgegate")
+            .map_or(f64::NAN, |r| percentile(&r.3, 0.5));
+        println!(
+            "| {label} | {name} | {:.0} | {:.0}–{:.0} | {:.0} | {:.2} | {:.1} | {:.1} |",
+            percentile(rates, 0.5),
+            percentile(rates, 0.0),
+            percentile(rates, 1.0),
+            percentile(cpu_us, 0.5),
+            ours / percentile(cpu_us, 0.5),
+            percentile(p50, 0.5),
+            percentile(p99, 0.5)
+        );
+    }
+    let json = serde_json::json!(rows
+        .iter()
+        .map(|(label, name, rates, cpu_us, p50, p99)| serde_json::json!({
+            "tls": label, "server": name, "handshakes_per_second": rates, "cpu_us_per_handshake": cpu_us,
+            "p50_ms": p50, "p99_ms": p99,
+        }))
+        .collect::<Vec<_>>());
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out).expect("target/bench");
+    std::fs::write(out.join("handshake.json"), serde_json::to_string_pretty(&json).expect("json"))
+        .expect("write");
+    drop(servers);
+    drop(scratch);
+}
