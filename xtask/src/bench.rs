@@ -23,6 +23,8 @@ enum Bench {
     /// Full mutual-TLS handshakes/s and server CPU per handshake: edgegate,
     /// HAProxy and stunnel (installed from Debian if missing).
     Handshake,
+    /// Memory (Pss) per idle established mTLS connection: edgegate, HAProxy, stunnel.
+    Memory,
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
@@ -34,6 +36,10 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         Bench::Handshake => {
             install_peers(&["haproxy", "stunnel"], &["haproxy", "stunnel4"])?;
             "handshake"
+        }
+        Bench::Memory => {
+            install_peers(&["haproxy", "stunnel"], &["haproxy", "stunnel4"])?;
+            "memory"
         }
     };
     // The update bench drives the real binary.

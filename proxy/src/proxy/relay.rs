@@ -60,10 +60,14 @@ where
     let mut client = Metered { inner: client, activity: Arc::clone(&activity), side: Side::Client };
     let mut backend =
         Metered { inner: backend, activity: Arc::clone(&activity), side: Side::Backend };
-    // One TLS record (16 KiB) each way, allocated only here, after the
-    // handshake: a full record per read keeps bulk throughput up.
-    let copy =
-        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut backend, 16 << 10, 16 << 10);
+    let (mut client_reads, mut client_writes) = tokio::io::split(&mut client);
+    let (mut backend_reads, mut backend_writes) = tokio::io::split(&mut backend);
+    let copy = async {
+        tokio::try_join!(
+            copy_one_way(&mut client_reads, &mut backend_writes),
+            copy_one_way(&mut backend_reads, &mut client_writes),
+        )
+    };
     let (reason, (up, down)) = tokio::select! {
         result = copy => match result {
             Ok(bytes) => (CloseReason::Completed, bytes),
@@ -74,6 +78,45 @@ where
         }
     };
     Relayed { client_to_backend: up, backend_to_client: down, reason }
+}
+
+/// Bytes in a read buffer until a direction proves busy.
+const SMALL_BUFFER: usize = 1024;
+/// One TLS record: the read buffer of a busy direction.
+const LARGE_BUFFER: usize = 16 << 10;
+
+/// Copies `reader` to `writer` until end of stream, then closes the writer's
+/// sending half (half-close). Idle connections are the common case, so a
+/// direction starts with a small buffer kept in the task itself and takes a
+/// record-sized one from the heap only once a read fills the small one.
+async fn copy_one_way<R, W>(reader: &mut R, writer: &mut W) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut small = [0u8; SMALL_BUFFER];
+    let mut large: Option<Box<[u8]>> = None;
+    let mut total = 0u64;
+    loop {
+        let buffer: &mut [u8] = match large.as_mut() {
+            Some(large) => large,
+            None => &mut small,
+        };
+        let read = reader.read(buffer).await?;
+        if read == 0 {
+            writer.shutdown().await?;
+            return Ok(total);
+        }
+        writer.write_all(&buffer[..read]).await?;
+        // TLS keeps records it could not send yet; the next read may wait
+        // for an answer to them.
+        writer.flush().await?;
+        total += read as u64;
+        if large.is_none() && read == SMALL_BUFFER {
+            large = Some(vec![0u8; LARGE_BUFFER].into_boxed_slice());
+        }
+    }
 }
 
 /// When bytes last moved, shared by both sides of one relay.
