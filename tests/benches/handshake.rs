@@ -9,8 +9,8 @@
 //! (from /proc/<pid>/stat of the server) is the fairer figure.
 
 use std::{
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -18,50 +18,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use edgegate::demo::{
-    netns::{Netns, unique_name},
-    pki::{Authority, Issued, Leaf},
-};
-use rustls::{
-    ClientConfig, RootCertStore, SupportedProtocolVersion,
-    client::Resumption,
-    pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _},
-};
+use edgegate::demo::netns::Netns;
+use edgegate_tests::peers::{BACKEND_PORT, PeerBed};
+use rustls::{ClientConfig, SupportedProtocolVersion, pki_types::ServerName};
 use tokio::io::AsyncWriteExt as _;
-
-const BACKEND_PORT: u16 = 18080;
 
 struct Settings {
     seconds: u64,
     rounds: usize,
     concurrency: usize,
-}
-
-/// A server under test, killed on drop.
-struct Server {
-    name: &'static str,
-    port: u16,
-    child: Child,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Removes the bench's files and pins on drop.
-struct Scratch {
-    dir: PathBuf,
-    bpffs_dir: PathBuf,
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = edgegate::filter::detach_pinned(&self.bpffs_dir, None);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// CPU time (user + system) a process has used.
@@ -75,29 +40,6 @@ fn cpu_time(pid: u32) -> Duration {
     // SAFETY: sysconf has no preconditions.
     let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).expect("clock ticks");
     Duration::from_micros(ticks * 1_000_000 / hz)
-}
-
-fn client_config(
-    ca: &Path,
-    cert: &Issued,
-    version: &'static SupportedProtocolVersion,
-) -> Arc<ClientConfig> {
-    let mut roots = RootCertStore::empty();
-    for certificate in CertificateDer::pem_file_iter(ca).expect("CA") {
-        roots.add(certificate.expect("cert")).expect("trust");
-    }
-    let chain = CertificateDer::pem_file_iter(&cert.cert)
-        .expect("cert")
-        .collect::<Result<Vec<_>, _>>()
-        .expect("chain");
-    let key = PrivateKeyDer::from_pem_file(&cert.key).expect("key");
-    let mut config = ClientConfig::builder_with_protocol_versions(&[version])
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .expect("client config");
-    // Full handshakes only.
-    config.resumption = Resumption::disabled();
-    Arc::new(config)
 }
 
 /// Runs `concurrency` closed-loop clients for `seconds`: (handshakes, latencies in µs).
@@ -176,105 +118,24 @@ fn main() {
             other => panic!("unknown argument {other} (--seconds N, --rounds N, --concurrency N)"),
         }
     }
-    for tool in ["haproxy", "stunnel"] {
-        if Command::new("which").arg(tool).output().map_or(true, |o| !o.status.success()) {
-            panic!("`{tool}` is missing: apt-get install haproxy stunnel4");
-        }
-    }
-
-    let netns = Netns::new("egbh");
-    let scratch = Scratch {
-        dir: std::env::temp_dir().join(unique_name("edgegate-bench-")),
-        bpffs_dir: PathBuf::from("/sys/fs/bpf").join(unique_name("egbench")),
-    };
-    let dir = &scratch.dir;
-    std::fs::create_dir_all(dir.join("state")).expect("dir");
-    let server_ca = Authority::new(dir, "server-ca");
-    let client_ca = Authority::new(dir, "client-ca");
-    let server = server_ca.issue("server", &Leaf::server(&["127.0.0.1"]));
-    let client = client_ca.issue("client", &Leaf::client("partner"));
-    let combined = dir.join("server-with-key.pem");
-    let pem = std::fs::read_to_string(&server.cert).expect("cert")
-        + &std::fs::read_to_string(&server.key).expect("key");
-    std::fs::write(&combined, pem).expect("combined");
-
+    let bed = PeerBed::new();
     // The backend: accepts and closes.
-    let backend =
-        netns.run(|| std::net::TcpListener::bind(("127.0.0.1", BACKEND_PORT)).expect("backend"));
+    let backend = bed
+        .netns
+        .run(|| std::net::TcpListener::bind(("127.0.0.1", BACKEND_PORT)).expect("backend"));
     std::thread::spawn(move || {
         for stream in backend.incoming() {
             drop(stream);
         }
     });
-
+    let servers = bed.start(5_000);
     let workers = std::thread::available_parallelism().map_or(2, usize::from);
-    std::fs::write(dir.join("state/allowlist"), "127.0.0.0/8\n").expect("allowlist");
-    let config = format!(
-        "[filter]\ninterfaces = [\"lo\"]\nmode = \"skb\"\n\n[daemon]\ncontrol_socket = \"{}/control.sock\"\n\
-         state_dir = \"{}/state\"\nbpffs_dir = \"{}\"\n\n[[listener]]\nname = \"bench\"\nbind = \"127.0.0.1:8443\"\n\
-         backend = \"127.0.0.1:{BACKEND_PORT}\"\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n",
-        dir.display(),
-        dir.display(),
-        scratch.bpffs_dir.display(),
-        server.cert.display(),
-        server.key.display(),
-        client_ca.cert.display()
-    );
-    std::fs::write(dir.join("edgegate.toml"), config).expect("config");
-    let haproxy = format!(
-        "global\n  nbthread {workers}\n  maxconn 5000\n  ssl-default-bind-options ssl-min-ver TLSv1.2\n\
-         defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
-         frontend fe\n  bind 127.0.0.1:8444 ssl crt {} ca-file {} verify required\n  default_backend be\n\
-         backend be\n  server s1 127.0.0.1:{BACKEND_PORT}\n",
-        combined.display(),
-        client_ca.cert.display()
-    );
-    std::fs::write(dir.join("haproxy.cfg"), haproxy).expect("haproxy.cfg");
-    let stunnel = format!(
-        "foreground = yes\npid =\n[bench]\naccept = 127.0.0.1:8445\nconnect = 127.0.0.1:{BACKEND_PORT}\n\
-         cert = {}\nkey = {}\nCAfile = {}\nrequireCert = yes\nverifyChain = yes\n",
-        server.cert.display(),
-        server.key.display(),
-        client_ca.cert.display()
-    );
-    std::fs::write(dir.join("stunnel.conf"), stunnel).expect("stunnel.conf");
-
-    let spawn = |name: &'static str, port: u16, program: &str, args: &[&str]| {
-        let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
-        let child = netns
-            .command(program)
-            .args(args)
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {name}: {e}"));
-        Server { name, port, child }
-    };
-    let edgegate = edgegate_tests::testbed::edgegate_binary();
-    let config_path = dir.join("edgegate.toml");
-    let servers = [
-        spawn(
-            "edgegate",
-            8443,
-            edgegate.to_str().expect("UTF-8"),
-            &["run", "--config", config_path.to_str().expect("UTF-8")],
-        ),
-        spawn(
-            "haproxy",
-            8444,
-            "haproxy",
-            &["-db", "-f", dir.join("haproxy.cfg").to_str().expect("UTF-8")],
-        ),
-        spawn("stunnel", 8445, "stunnel", &[dir.join("stunnel.conf").to_str().expect("UTF-8")]),
-    ];
-    std::thread::sleep(Duration::from_secs(2));
 
     let versions: [(&str, &'static SupportedProtocolVersion); 2] =
         [("TLS 1.3", &rustls::version::TLS13), ("TLS 1.2", &rustls::version::TLS12)];
     let mut rows = Vec::new();
     for (label, version) in versions {
-        let config = client_config(&server_ca.cert, &client, version);
+        let config = bed.client_config(Some(version));
         for server in &servers {
             let (mut rates, mut cpu_us, mut p50, mut p99) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -282,14 +143,15 @@ fn main() {
                 let before = cpu_time(server.child.id());
                 let started = Instant::now();
                 let (handshakes, mut latencies) =
-                    load(&netns, server.port, Arc::clone(&config), &settings);
+                    load(&bed.netns, server.port, Arc::clone(&config), &settings);
                 let elapsed = started.elapsed().as_secs_f64();
                 let cpu = cpu_time(server.child.id()) - before;
-                if handshakes == 0 {
-                    let log = std::fs::read_to_string(dir.join(format!("{}.log", server.name)))
-                        .unwrap_or_default();
-                    panic!("{}: no handshake completed; its log:\n{log}", server.name);
-                }
+                assert!(
+                    handshakes > 0,
+                    "{}: no handshake completed; its log:\n{}",
+                    server.name,
+                    bed.log(server)
+                );
                 rates.push(handshakes as f64 / elapsed);
                 cpu_us.push(cpu.as_secs_f64() * 1e6 / handshakes as f64);
                 latencies.sort_unstable();
@@ -307,15 +169,6 @@ fn main() {
     }
 
     println!("\n## cargo xtask bench handshake");
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
-            })
-        })
-        .unwrap_or_default();
     let openssl = Command::new("openssl")
         .arg("version")
         .output()
@@ -326,10 +179,7 @@ fn main() {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().to_owned())
         .unwrap_or_default();
-    println!(
-        "machine: {workers} cores, {cpu}, kernel {}",
-        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()
-    );
+    println!("{}", edgegate_tests::peers::machine());
     println!("peers: {haproxy_version} (nbthread {workers}); stunnel 5; {openssl}");
     println!(
         "{} closed-loop clients (tokio + rustls, sharing the cores), {} s × {} rounds, ECDSA P-256, X25519, no resumption; medians",
@@ -367,5 +217,4 @@ fn main() {
     std::fs::write(out.join("handshake.json"), serde_json::to_string_pretty(&json).expect("json"))
         .expect("write");
     drop(servers);
-    drop(scratch);
 }

@@ -8,49 +8,14 @@
 
 use std::{
     io::Read as _,
-    path::{Path, PathBuf},
-    process::{Child, Stdio},
+    path::Path,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use edgegate::demo::{
-    netns::{Netns, unique_name},
-    pki::{Authority, Issued, Leaf},
-};
-use rustls::{
-    ClientConfig, RootCertStore,
-    client::Resumption,
-    pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _},
-};
+use edgegate_tests::peers::{BACKEND_PORT, PeerBed};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-const BACKEND_PORT: u16 = 18080;
-
-struct Server {
-    name: &'static str,
-    port: u16,
-    child: Child,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Scratch {
-    dir: PathBuf,
-    bpffs_dir: PathBuf,
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = edgegate::filter::detach_pinned(&self.bpffs_dir, None);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// Proportional set size of a process, in KiB.
 fn pss_kib(pid: u32) -> u64 {
@@ -61,24 +26,6 @@ fn pss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("Pss:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("Pss")
-}
-
-fn client_config(ca: &Path, cert: &Issued) -> Arc<ClientConfig> {
-    let mut roots = RootCertStore::empty();
-    for certificate in CertificateDer::pem_file_iter(ca).expect("CA") {
-        roots.add(certificate.expect("cert")).expect("trust");
-    }
-    let chain = CertificateDer::pem_file_iter(&cert.cert)
-        .expect("cert")
-        .collect::<Result<Vec<_>, _>>()
-        .expect("chain");
-    let key = PrivateKeyDer::from_pem_file(&cert.key).expect("key");
-    let mut config = ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .expect("client config");
-    config.resumption = Resumption::disabled();
-    Arc::new(config)
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -121,25 +68,11 @@ fn main() {
         connections = most;
     }
 
-    let netns = Netns::new("egbm");
-    let scratch = Scratch {
-        dir: std::env::temp_dir().join(unique_name("edgegate-bench-")),
-        bpffs_dir: PathBuf::from("/sys/fs/bpf").join(unique_name("egbench")),
-    };
-    let dir = &scratch.dir;
-    std::fs::create_dir_all(dir.join("state")).expect("dir");
-    let server_ca = Authority::new(dir, "server-ca");
-    let client_ca = Authority::new(dir, "client-ca");
-    let server = server_ca.issue("server", &Leaf::server(&["127.0.0.1"]));
-    let client = client_ca.issue("client", &Leaf::client("partner"));
-    let combined = dir.join("server-with-key.pem");
-    let pem = std::fs::read_to_string(&server.cert).expect("cert")
-        + &std::fs::read_to_string(&server.key).expect("key");
-    std::fs::write(&combined, pem).expect("combined");
-
+    let bed = PeerBed::new();
     // The backend: answers the first byte of each connection and holds it open.
-    let backend =
-        netns.run(|| std::net::TcpListener::bind(("127.0.0.1", BACKEND_PORT)).expect("backend"));
+    let backend = bed
+        .netns
+        .run(|| std::net::TcpListener::bind(("127.0.0.1", BACKEND_PORT)).expect("backend"));
     let held = Arc::new(Mutex::new(Vec::new()));
     {
         let held = Arc::clone(&held);
@@ -157,81 +90,8 @@ fn main() {
         });
     }
 
-    let workers = std::thread::available_parallelism().map_or(2, usize::from);
-    std::fs::write(dir.join("state/allowlist"), "127.0.0.0/8\n").expect("allowlist");
-    std::fs::write(
-        dir.join("edgegate.toml"),
-        format!(
-            "[filter]\ninterfaces = [\"lo\"]\nmode = \"skb\"\n\n[daemon]\ncontrol_socket = \"{d}/control.sock\"\n\
-             state_dir = \"{d}/state\"\nbpffs_dir = \"{}\"\n\n[[listener]]\nname = \"bench\"\nbind = \"127.0.0.1:8443\"\n\
-             backend = \"127.0.0.1:{BACKEND_PORT}\"\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\nmax_connections = {}\n",
-            scratch.bpffs_dir.display(),
-            server.cert.display(),
-            server.key.display(),
-            client_ca.cert.display(),
-            connections * 2,
-            d = dir.display(),
-        ),
-    )
-    .expect("config");
-    std::fs::write(
-        dir.join("haproxy.cfg"),
-        format!(
-            "global\n  nbthread {workers}\n  maxconn {}\n\
-             defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n\
-             frontend fe\n  bind 127.0.0.1:8444 ssl crt {} ca-file {} verify required\n  default_backend be\n\
-             backend be\n  server s1 127.0.0.1:{BACKEND_PORT}\n",
-            // HAProxy sizes its descriptor needs from maxconn (two per
-            // connection) and refuses to start beyond the limit.
-            connections + 100,
-            combined.display(),
-            client_ca.cert.display()
-        ),
-    )
-    .expect("haproxy.cfg");
-    std::fs::write(
-        dir.join("stunnel.conf"),
-        format!(
-            "foreground = yes\npid =\n[bench]\naccept = 127.0.0.1:8445\nconnect = 127.0.0.1:{BACKEND_PORT}\n\
-             cert = {}\nkey = {}\nCAfile = {}\nrequireCert = yes\nverifyChain = yes\n",
-            server.cert.display(),
-            server.key.display(),
-            client_ca.cert.display()
-        ),
-    )
-    .expect("stunnel.conf");
-
-    let spawn = |name: &'static str, port: u16, program: &str, args: &[&str]| {
-        let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
-        let child = netns
-            .command(program)
-            .args(args)
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {name}: {e}"));
-        Server { name, port, child }
-    };
-    let edgegate = edgegate_tests::testbed::edgegate_binary();
-    let config_path = dir.join("edgegate.toml");
-    let servers = [
-        spawn(
-            "edgegate",
-            8443,
-            edgegate.to_str().expect("UTF-8"),
-            &["run", "--config", config_path.to_str().expect("UTF-8")],
-        ),
-        spawn(
-            "haproxy",
-            8444,
-            "haproxy",
-            &["-db", "-f", dir.join("haproxy.cfg").to_str().expect("UTF-8")],
-        ),
-        spawn("stunnel", 8445, "stunnel", &[dir.join("stunnel.conf").to_str().expect("UTF-8")]),
-    ];
-    std::thread::sleep(Duration::from_secs(2));
-    let config = client_config(&server_ca.cert, &client);
+    let servers = bed.start(connections * 2);
+    let config = bed.client_config(None);
 
     let mut rows = Vec::new();
     for server in &servers {
@@ -240,7 +100,7 @@ fn main() {
         // kept by the allocator, so a later round would start higher.
         let idle = pss_kib(server.child.id());
         for _ in 0..rounds {
-            let (opened, busy) = netns.run(|| {
+            let (opened, busy) = bed.netns.run(|| {
                 let runtime = tokio::runtime::Builder::new_multi_thread()
                     .enable_all()
                     .build()
@@ -321,5 +181,4 @@ fn main() {
     std::fs::write(out.join("memory.json"), serde_json::to_string_pretty(&json).expect("json"))
         .expect("write");
     drop(servers);
-    drop(scratch);
 }

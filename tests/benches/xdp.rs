@@ -271,7 +271,7 @@ fn report(settings: &Settings, rows: &[Row], baseline: &[f64]) {
     let (base_min, base_max) =
         baseline.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
     println!("\n## cargo xtask bench xdp");
-    println!("{}", machine());
+    println!("{}", edgegate_tests::peers::machine());
     println!(
         "BPF_PROG_TEST_RUN, repeat {} per source, median over {} sources (half listed, half not)",
         settings.repeat, settings.sources
@@ -307,7 +307,7 @@ fn report(settings: &Settings, rows: &[Row], baseline: &[f64]) {
     );
 
     let json = serde_json::json!({
-        "machine": machine(),
+        "machine": edgegate_tests::peers::machine(),
         "repeat": settings.repeat,
         "sources": settings.sources,
         "baseline_ns": base,
@@ -320,20 +320,4 @@ fn report(settings: &Settings, rows: &[Row], baseline: &[f64]) {
     std::fs::create_dir_all(&dir).expect("target/bench");
     std::fs::write(dir.join("xdp.json"), serde_json::to_string_pretty(&json).expect("json"))
         .expect("write target/bench/xdp.json");
-}
-
-/// Cores, CPU model and kernel, for the table's header.
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
-            })
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, usize::from);
-    format!("machine: {cores} cores, {cpu}, kernel {}", kernel.trim())
 }

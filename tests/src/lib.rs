@@ -9,6 +9,7 @@ pub use edgegate::demo::{netns, netns::unique_name, pki};
 pub mod harness;
 pub mod mtls;
 pub mod packet;
+pub mod peers;
 pub mod testbed;
 
 /// Panics unless running as root: CI runs as root, so a root-only test

@@ -1,0 +1,220 @@
+//! For the benchmarks that compare edgegate with its peers: edgegate, HAProxy
+//! and stunnel side by side in one network namespace, terminating the same
+//! mutual TLS (ECDSA P-256 certificates) on loopback and forwarding to the
+//! same backend. Everything is removed on drop.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+};
+
+use edgegate::demo::{
+    netns::{Netns, unique_name},
+    pki::{Authority, Issued, Leaf},
+};
+use rustls::{
+    ClientConfig, RootCertStore, SupportedProtocolVersion,
+    client::Resumption,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+};
+
+/// Where every proxy forwards to; the benchmark provides the backend.
+pub const BACKEND_PORT: u16 = 18080;
+
+/// One proxy under test, killed on drop.
+pub struct Server {
+    pub name: &'static str,
+    pub port: u16,
+    pub child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct PeerBed {
+    pub netns: Netns,
+    pub server_ca: Authority,
+    pub client_ca: Authority,
+    pub server: Issued,
+    pub client: Issued,
+    pub dir: PathBuf,
+    bpffs_dir: PathBuf,
+}
+
+impl Default for PeerBed {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PeerBed {
+    /// The namespace and the PKI; the proxies start with [`Self::start`],
+    /// once the caller's backend listens on [`BACKEND_PORT`] in `netns`.
+    pub fn new() -> Self {
+        crate::require_root();
+        for tool in ["haproxy", "stunnel"] {
+            let found = Command::new("which").arg(tool).output().is_ok_and(|o| o.status.success());
+            assert!(found, "`{tool}` is missing: apt-get install haproxy stunnel4");
+        }
+        let netns = Netns::new("egbp");
+        let dir = std::env::temp_dir().join(unique_name("edgegate-bench-"));
+        std::fs::create_dir_all(dir.join("state")).expect("bench dir");
+        let server_ca = Authority::new(&dir, "server-ca");
+        let client_ca = Authority::new(&dir, "client-ca");
+        let server = server_ca.issue("server", &Leaf::server(&["127.0.0.1"]));
+        let client = client_ca.issue("client", &Leaf::client("partner"));
+        let bpffs_dir = PathBuf::from("/sys/fs/bpf").join(unique_name("egbench"));
+        Self { netns, server_ca, client_ca, server, client, dir, bpffs_dir }
+    }
+
+    /// Starts edgegate (:8443), HAProxy (:8444, `nbthread` = cores) and
+    /// stunnel (:8445), each accepting up to `max_connections`.
+    pub fn start(&self, max_connections: usize) -> Vec<Server> {
+        let dir = &self.dir;
+        let (cert, key, client_ca) = (&self.server.cert, &self.server.key, &self.client_ca.cert);
+        let combined = dir.join("server-with-key.pem");
+        let pem = std::fs::read_to_string(cert).expect("cert")
+            + &std::fs::read_to_string(key).expect("key");
+        std::fs::write(&combined, pem).expect("HAProxy's certificate file");
+        std::fs::write(dir.join("state/allowlist"), "127.0.0.0/8\n").expect("allowlist");
+        write(
+            &dir.join("edgegate.toml"),
+            &format!(
+                "[filter]\ninterfaces = [\"lo\"]\nmode = \"skb\"\n\n[daemon]\ncontrol_socket = \"{d}/control.sock\"\n\
+                 state_dir = \"{d}/state\"\nbpffs_dir = \"{}\"\n\n[[listener]]\nname = \"bench\"\n\
+                 bind = \"127.0.0.1:8443\"\nbackend = \"127.0.0.1:{BACKEND_PORT}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+                 client_ca = \"{}\"\nmax_connections = {max_connections}\n",
+                self.bpffs_dir.display(),
+                cert.display(),
+                key.display(),
+                client_ca.display(),
+                d = dir.display(),
+            ),
+        );
+        let workers = std::thread::available_parallelism().map_or(2, usize::from);
+        write(
+            &dir.join("haproxy.cfg"),
+            &format!(
+                // HAProxy sizes its descriptor needs from maxconn (two per
+                // connection) and refuses to start beyond the limit.
+                "global\n  nbthread {workers}\n  maxconn {}\n  ssl-default-bind-options ssl-min-ver TLSv1.2\n\
+                 defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n\
+                 frontend fe\n  bind 127.0.0.1:8444 ssl crt {} ca-file {} verify required\n  default_backend be\n\
+                 backend be\n  server s1 127.0.0.1:{BACKEND_PORT}\n",
+                max_connections + 100,
+                combined.display(),
+                client_ca.display()
+            ),
+        );
+        write(
+            &dir.join("stunnel.conf"),
+            &format!(
+                "foreground = yes\npid =\n[bench]\naccept = 127.0.0.1:8445\nconnect = 127.0.0.1:{BACKEND_PORT}\n\
+                 cert = {}\nkey = {}\nCAfile = {}\nrequireCert = yes\nverifyChain = yes\n",
+                cert.display(),
+                key.display(),
+                client_ca.display()
+            ),
+        );
+        let edgegate = crate::testbed::edgegate_binary();
+        let servers = vec![
+            self.spawn(
+                "edgegate",
+                8443,
+                &edgegate,
+                &["run", "--config", &path(&dir.join("edgegate.toml"))],
+            ),
+            self.spawn(
+                "haproxy",
+                8444,
+                Path::new("haproxy"),
+                &["-db", "-f", &path(&dir.join("haproxy.cfg"))],
+            ),
+            self.spawn("stunnel", 8445, Path::new("stunnel"), &[&path(&dir.join("stunnel.conf"))]),
+        ];
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        servers
+    }
+
+    fn spawn(&self, name: &'static str, port: u16, program: &Path, args: &[&str]) -> Server {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).expect("log");
+        let child = self
+            .netns
+            .command(program.to_str().expect("UTF-8 path"))
+            .args(args)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Server { name, port, child }
+    }
+
+    /// A server's log, for a failure message.
+    pub fn log(&self, server: &Server) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{}.log", server.name))).unwrap_or_default()
+    }
+
+    /// A client config for full handshakes only (no resumption), in `version`
+    /// (or any version the server picks).
+    pub fn client_config(
+        &self,
+        version: Option<&'static SupportedProtocolVersion>,
+    ) -> Arc<ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        for certificate in CertificateDer::pem_file_iter(&self.server_ca.cert).expect("CA") {
+            roots.add(certificate.expect("certificate")).expect("trust");
+        }
+        let chain = CertificateDer::pem_file_iter(&self.client.cert)
+            .expect("cert")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("chain");
+        let key = PrivateKeyDer::from_pem_file(&self.client.key).expect("key");
+        let builder = match version {
+            Some(version) => ClientConfig::builder_with_protocol_versions(&[version]),
+            None => ClientConfig::builder(),
+        };
+        let mut config = builder
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .expect("client config");
+        config.resumption = Resumption::disabled();
+        Arc::new(config)
+    }
+}
+
+impl Drop for PeerBed {
+    fn drop(&mut self) {
+        let _ = edgegate::filter::detach_pinned(&self.bpffs_dir, None);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+fn path(path: &Path) -> String {
+    path.to_str().expect("UTF-8 path").to_owned()
+}
+
+/// Cores, CPU model and kernel, for a benchmark table's header.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    format!("machine: {cores} cores, {cpu}, kernel {}", kernel.trim())
+}
