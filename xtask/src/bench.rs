@@ -42,15 +42,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             "memory"
         }
     };
-    // The update bench drives the real binary.
-    exec::run(exec::cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "edgegate",
-        "--bin",
-        "edgegate",
-    ]))?;
+    // The update, handshake and memory benches drive the real binary.
+    exec::build_release_binary()?;
     exec::run(
         exec::cargo()
             .args(["bench", "--package", "edgegate-tests", "--bench", name, "--"])

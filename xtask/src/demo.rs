@@ -13,18 +13,6 @@ pub struct Options {
 pub fn run(options: &Options) -> anyhow::Result<()> {
     exec::require_root("cargo xtask demo")?;
     setup::ensure()?;
-    exec::run(exec::cargo().args(["build", "--release", "--package", "edgegate", "--bins"]))?;
-    exec::run(
-        exec::cargo()
-            .args([
-                "run",
-                "--release",
-                "--package",
-                "edgegate-tests",
-                "--bin",
-                "edgegate-demo",
-                "--",
-            ])
-            .args(&options.args),
-    )
+    let edgegate = exec::build_release_binary()?;
+    exec::run(std::process::Command::new(edgegate).arg("demo").args(&options.args))
 }

@@ -51,21 +51,13 @@ fi
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
     setup::ensure()?;
-    exec::run(exec::cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "edgegate",
-        "--bin",
-        "edgegate",
-    ]))?;
+    let binary = exec::build_release_binary()?;
     let root = exec::workspace_root();
     let version = env!("CARGO_PKG_VERSION");
     let dist = root.join("target/dist");
     let stage = dist.join(format!("edgegate_{version}_amd64"));
     let _ = fs::remove_dir_all(&stage);
 
-    let binary = root.join("target/release/edgegate");
     let files: [(&Path, &str, u32); 5] = [
         (&binary, "usr/bin/edgegate", 0o755),
         (&root.join("proxy/dist/edgegate.service"), "lib/systemd/system/edgegate.service", 0o644),

@@ -36,6 +36,12 @@ pub fn cargo() -> Command {
     command
 }
 
+/// Builds the release `edgegate` binary and returns its path.
+pub fn build_release_binary() -> anyhow::Result<PathBuf> {
+    run(cargo().args(["build", "--release", "--package", "edgegate", "--bin", "edgegate"]))?;
+    Ok(workspace_root().join("target/release/edgegate"))
+}
+
 pub fn require_root(what: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
