@@ -7,7 +7,7 @@ use crate::{exec, setup};
 pub struct Options {
     /// Arguments for `edgegate demo` (e.g. `-- --duration 20s`).
     #[arg(last = true)]
-    args: Vec<String>,
+    pub args: Vec<String>,
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {

@@ -53,6 +53,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     if options.no_dist {
         return Ok(());
     }
-    // The package, installed into an empty root, runs the demo.
-    crate::dist::run(&crate::dist::Options { check: true })
+    // The package, installed into an empty root, runs the demo; and the
+    // README's first command works as written.
+    crate::dist::run(&crate::dist::Options { check: true })?;
+    crate::demo::run(&crate::demo::Options { args: vec!["--duration".into(), "2s".into()] })
 }
