@@ -15,7 +15,7 @@ use std::{
 };
 
 use rustls::{
-    ClientConfig, RootCertStore,
+    ClientConfig,
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -221,24 +221,7 @@ pub fn client_config_for(
     cert: Option<&Issued>,
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> Arc<ClientConfig> {
-    let mut roots = RootCertStore::empty();
-    for certificate in CertificateDer::pem_file_iter(ca).expect("CA file") {
-        roots.add(certificate.expect("CA certificate")).expect("trust CA");
-    }
-    let builder =
-        ClientConfig::builder_with_protocol_versions(versions).with_root_certificates(roots);
-    let config = match cert {
-        Some(issued) => {
-            let chain = CertificateDer::pem_file_iter(&issued.cert)
-                .expect("cert file")
-                .collect::<Result<Vec<_>, _>>()
-                .expect("cert chain");
-            let key = PrivateKeyDer::from_pem_file(&issued.key).expect("key");
-            builder.with_client_auth_cert(chain, key).expect("client cert")
-        }
-        None => builder.with_no_client_auth(),
-    };
-    Arc::new(config)
+    Arc::new(crate::pki::client_config(ca, cert, versions).expect("client config"))
 }
 
 /// A single-threaded runtime for client code in a namespace thread.

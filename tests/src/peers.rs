@@ -13,11 +13,7 @@ use edgegate::demo::{
     netns::{Netns, unique_name},
     pki::{Authority, Issued, Leaf},
 };
-use rustls::{
-    ClientConfig, RootCertStore, SupportedProtocolVersion,
-    client::Resumption,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
-};
+use rustls::{ClientConfig, SupportedProtocolVersion, client::Resumption};
 
 /// Where every proxy forwards to; the benchmark provides the backend.
 pub const BACKEND_PORT: u16 = 18080;
@@ -166,23 +162,11 @@ impl PeerBed {
         &self,
         version: Option<&'static SupportedProtocolVersion>,
     ) -> Arc<ClientConfig> {
-        let mut roots = RootCertStore::empty();
-        for certificate in CertificateDer::pem_file_iter(&self.server_ca.cert).expect("CA") {
-            roots.add(certificate.expect("certificate")).expect("trust");
-        }
-        let chain = CertificateDer::pem_file_iter(&self.client.cert)
-            .expect("cert")
-            .collect::<Result<Vec<_>, _>>()
-            .expect("chain");
-        let key = PrivateKeyDer::from_pem_file(&self.client.key).expect("key");
-        let builder = match version {
-            Some(version) => ClientConfig::builder_with_protocol_versions(&[version]),
-            None => ClientConfig::builder(),
-        };
-        let mut config = builder
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .expect("client config");
+        let only = version.map(|v| [v]);
+        let versions = only.as_ref().map_or(rustls::DEFAULT_VERSIONS, |v| v.as_slice());
+        let mut config =
+            crate::pki::client_config(&self.server_ca.cert, Some(&self.client), versions)
+                .expect("client config");
         config.resumption = Resumption::disabled();
         Arc::new(config)
     }

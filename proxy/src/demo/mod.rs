@@ -17,7 +17,7 @@ pub mod pki;
 use std::{
     io::{IsTerminal as _, Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
         Arc,
@@ -27,10 +27,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use rustls::{
-    ClientConfig, RootCertStore,
-    pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _},
-};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::control::{self, Request, Response, Status};
@@ -335,7 +332,8 @@ impl Bed {
         server: IpAddr,
         cert: Option<&Issued>,
     ) -> Result<String, String> {
-        let config = client_config(&self.server_ca.cert, cert).map_err(|e| e.to_string())?;
+        let config = pki::client_config(&self.server_ca.cert, cert, rustls::DEFAULT_VERSIONS)
+            .map_err(|e| e.to_string())?;
         client.run(|| {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -428,23 +426,4 @@ impl Drop for Bed {
         let _ = std::fs::remove_dir_all(&self.dir);
         // The namespaces (and their interfaces) go with their fields.
     }
-}
-
-fn client_config(ca: &Path, cert: Option<&Issued>) -> anyhow::Result<ClientConfig> {
-    let mut roots = RootCertStore::empty();
-    for certificate in CertificateDer::pem_file_iter(ca)? {
-        roots.add(certificate?)?;
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots);
-    Ok(match cert {
-        Some(issued) => {
-            let chain =
-                CertificateDer::pem_file_iter(&issued.cert)?.collect::<Result<Vec<_>, _>>()?;
-            builder.with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(&issued.key)?)?
-        }
-        None => builder.with_no_client_auth(),
-    })
 }

@@ -143,6 +143,32 @@ impl Authority {
     }
 }
 
+/// A rustls client config that trusts `ca` and presents `cert` (if any),
+/// limited to `versions`: what the demo, the tests and the benches connect with.
+pub fn client_config(
+    ca: &Path,
+    cert: Option<&Issued>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> anyhow::Result<rustls::ClientConfig> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_file_iter(ca)? {
+        roots.add(certificate?)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)?
+        .with_root_certificates(roots);
+    Ok(match cert {
+        Some(issued) => {
+            let chain =
+                CertificateDer::pem_file_iter(&issued.cert)?.collect::<Result<Vec<_>, _>>()?;
+            builder.with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(&issued.key)?)?
+        }
+        None => builder.with_no_client_auth(),
+    })
+}
+
 fn distinguished_name(common_name: &str) -> DistinguishedName {
     let mut name = DistinguishedName::new();
     name.push(DnType::CommonName, common_name);
