@@ -55,7 +55,7 @@ fn main() {
     assert!(status.success(), "building the XDP program (proxy-ebpf) failed: {status}");
 
     let built = target_dir.join(TARGET).join("release");
-    for program in ["edgegate", "bench-drop", "bench-lpm"] {
+    for program in ["edgegate", "bench-drop", "bench-lpm", "bench-flood"] {
         copy(&built.join(program), &out_dir.join(format!("{program}.bpf.o")));
     }
 }

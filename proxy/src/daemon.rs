@@ -335,7 +335,7 @@ pub async fn serve(
     let metrics_listener = tokio::net::TcpListener::from_std(metrics).map_err(io_error)?;
     filter.forward_logs();
     let shared_list = Arc::new(ArcSwap::from_pointee(list.clone()));
-    let proxies = listeners.start(Arc::clone(&shared_list));
+    let proxies = listeners.start(Arc::clone(&shared_list))?;
     let socket = config.daemon.control_socket.clone();
     let drain_timeout = config.daemon.drain_timeout;
     let state = Arc::new(Mutex::new(State {

@@ -45,7 +45,7 @@ use crate::{
 pub static PROGRAM_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/edgegate.bpf.o"));
 
-/// Reference programs `cargo xtask bench xdp` compares the filter with.
+/// Reference programs the benchmarks compare the filter with, and drive it with.
 pub mod reference {
     /// Returns XDP_DROP and nothing else: the cost floor of running any program.
     pub static DROP_ONLY: &[u8] =
@@ -54,6 +54,11 @@ pub mod reference {
     /// `BENCH_V6_TRIE`; any value means allowed).
     pub static PLAIN_LPM: &[u8] =
         aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-lpm.bpf.o"));
+    /// `cargo xtask bench flood`'s traffic generator: programs `flood_redirect`
+    /// (random IPv4 source, out of the global `TARGET_IFINDEX`) and
+    /// `flood_drop` (the same rewrite, then dropped).
+    pub static FLOOD_GENERATOR: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-flood.bpf.o"));
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;

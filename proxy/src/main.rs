@@ -196,7 +196,13 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             // Start-up (and dropping privileges) happens before the runtime's
             // threads exist: they inherit the reduced credentials.
             let startup = daemon::start(config, global.overrides())?;
-            let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
+            // Connections run on per-core workers of their own (proxy::workers);
+            // this runtime only accepts, answers the CLI and serves metrics.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")?;
             runtime.block_on(daemon::serve(startup, shutdown_signal()))?;
             Ok(())
         }

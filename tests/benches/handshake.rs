@@ -9,7 +9,6 @@
 //! (from /proc/<pid>/stat of the server) is the fairer figure.
 
 use std::{
-    path::Path,
     process::Command,
     sync::{
         Arc,
@@ -19,7 +18,10 @@ use std::{
 };
 
 use edgegate::demo::netns::Netns;
-use edgegate_tests::peers::{BACKEND_PORT, PeerBed};
+use edgegate_tests::{
+    bench::{machine, percentile, process_cpu, save},
+    peers::{BACKEND_PORT, PeerBed},
+};
 use rustls::{ClientConfig, SupportedProtocolVersion, pki_types::ServerName};
 use tokio::io::AsyncWriteExt as _;
 
@@ -27,19 +29,6 @@ struct Settings {
     seconds: u64,
     rounds: usize,
     concurrency: usize,
-}
-
-/// CPU time (user + system) a process has used.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let after_name = &stat[stat.rfind(')').expect("comm") + 2..];
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the name.
-    let ticks: u64 =
-        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-    // SAFETY: sysconf has no preconditions.
-    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).expect("clock ticks");
-    Duration::from_micros(ticks * 1_000_000 / hz)
 }
 
 /// Runs `concurrency` closed-loop clients for `seconds`: (handshakes, latencies in µs).
@@ -95,12 +84,6 @@ fn load(
     })
 }
 
-fn percentile(values: &[f64], p: f64) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 fn main() {
     edgegate_tests::require_root();
     let mut settings = Settings { seconds: 3, rounds: 5, concurrency: 32 };
@@ -140,12 +123,12 @@ fn main() {
             let (mut rates, mut cpu_us, mut p50, mut p99) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for _ in 0..settings.rounds {
-                let before = cpu_time(server.child.id());
+                let before = process_cpu(server.child.id());
                 let started = Instant::now();
                 let (handshakes, mut latencies) =
                     load(&bed.netns, server.port, Arc::clone(&config), &settings);
                 let elapsed = started.elapsed().as_secs_f64();
-                let cpu = cpu_time(server.child.id()) - before;
+                let cpu = process_cpu(server.child.id()) - before;
                 assert!(
                     handshakes > 0,
                     "{}: no handshake completed; its log:\n{}",
@@ -179,7 +162,7 @@ fn main() {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().to_owned())
         .unwrap_or_default();
-    println!("{}", edgegate_tests::peers::machine());
+    println!("{}", machine());
     println!("peers: {haproxy_version} (nbthread {workers}); stunnel 5; {openssl}");
     println!(
         "{} closed-loop clients (tokio + rustls, sharing the cores), {} s × {} rounds, ECDSA P-256, X25519, no resumption; medians",
@@ -212,9 +195,6 @@ fn main() {
             "p50_ms": p50, "p99_ms": p99,
         }))
         .collect::<Vec<_>>());
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&out).expect("target/bench");
-    std::fs::write(out.join("handshake.json"), serde_json::to_string_pretty(&json).expect("json"))
-        .expect("write");
+    save("handshake", &json);
     drop(servers);
 }

@@ -8,12 +8,14 @@
 
 use std::{
     io::Read as _,
-    path::Path,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use edgegate_tests::peers::{BACKEND_PORT, PeerBed};
+use edgegate_tests::{
+    bench::{machine, median, save, spread, tool_version},
+    peers::{BACKEND_PORT, PeerBed},
+};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -26,12 +28,6 @@ fn pss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("Pss:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("Pss")
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[sorted.len() / 2]
 }
 
 fn main() {
@@ -154,6 +150,13 @@ fn main() {
     }
 
     println!("\n## cargo xtask bench memory");
+    println!("{}", machine());
+    println!(
+        "peers: {} (nbthread = cores); {}; {}",
+        tool_version("haproxy", "-v"),
+        tool_version("stunnel", "-version"),
+        tool_version("openssl", "version")
+    );
     println!(
         "{connections} idle established mTLS connections (TLS 1.3, one byte each way relayed), Pss growth of the proxy process, median of {rounds} rounds"
     );
@@ -161,13 +164,12 @@ fn main() {
     println!("|---|---:|---:|---:|");
     let ours = median(&rows[0].1);
     for (name, values) in &rows {
-        let mut sorted = values.clone();
-        sorted.sort_by(f64::total_cmp);
+        let (low, high) = spread(values);
         println!(
             "| {name} | {:.1} | {:.1}–{:.1} | {:.2} |",
             median(values) / 1024.0,
-            sorted[0] / 1024.0,
-            sorted[sorted.len() - 1] / 1024.0,
+            low / 1024.0,
+            high / 1024.0,
             ours / median(values)
         );
     }
@@ -176,9 +178,6 @@ fn main() {
             .map(|(name, v)| serde_json::json!({"server": name, "bytes_per_connection": v}))
             .collect::<Vec<_>>()
     );
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&out).expect("target/bench");
-    std::fs::write(out.join("memory.json"), serde_json::to_string_pretty(&json).expect("json"))
-        .expect("write");
+    save("memory", &json);
     drop(servers);
 }

@@ -15,14 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use edgegate_tests::testbed::{PROTECTED_PORT, Testbed};
-
-fn percentile(samples: &[f64], p: f64) -> f64 {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index]
-}
+use edgegate_tests::{
+    bench::{machine, percentile, save},
+    testbed::{PROTECTED_PORT, Testbed},
+};
 
 /// Drops by the list (unlisted or denied), all families.
 fn list_drops(testbed: &Testbed) -> u64 {
@@ -121,11 +117,7 @@ fn main() {
     let dropped = list_drops(&testbed) - drops_before;
 
     println!("\n## cargo xtask bench update");
-    println!(
-        "machine: {} cores, kernel {}",
-        std::thread::available_parallelism().map_or(0, usize::from),
-        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()
-    );
+    println!("{}", machine());
     println!("\n| measurement | p50 | p99 | min | max | target |");
     println!("|---|---:|---:|---:|---:|---|");
     let row = |name: &str, samples: &[f64], unit: &str, target: &str| {
@@ -153,8 +145,5 @@ fn main() {
         "flood_packets": sent.load(Ordering::Relaxed),
         "flood_dropped": dropped,
     });
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&out).expect("target/bench");
-    std::fs::write(out.join("update.json"), serde_json::to_string_pretty(&json).expect("json"))
-        .expect("write");
+    save("update", &json);
 }

@@ -20,6 +20,7 @@ use aya::{
 use edgegate::{config::Scope, filter::reference};
 use edgegate_tests::{
     Lcg,
+    bench::{machine, median, save},
     harness::XdpHarness,
     packet::{ETHERTYPE_IPV4, ETHERTYPE_IPV6, Fragment, Transport, ethernet, ipv4, ipv6},
 };
@@ -259,19 +260,12 @@ fn fill_trie<K: aya::Pod>(ebpf: &mut Ebpf, name: &str, keys: impl Iterator<Item 
     }
 }
 
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let mid = sorted.len() / 2;
-    if sorted.len().is_multiple_of(2) { (sorted[mid - 1] + sorted[mid]) / 2.0 } else { sorted[mid] }
-}
-
 fn report(settings: &Settings, rows: &[Row], baseline: &[f64]) {
     let base = median(baseline);
     let (base_min, base_max) =
         baseline.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
     println!("\n## cargo xtask bench xdp");
-    println!("{}", edgegate_tests::peers::machine());
+    println!("{}", machine());
     println!(
         "BPF_PROG_TEST_RUN, repeat {} per source, median over {} sources (half listed, half not)",
         settings.repeat, settings.sources
@@ -307,7 +301,7 @@ fn report(settings: &Settings, rows: &[Row], baseline: &[f64]) {
     );
 
     let json = serde_json::json!({
-        "machine": edgegate_tests::peers::machine(),
+        "machine": machine(),
         "repeat": settings.repeat,
         "sources": settings.sources,
         "baseline_ns": base,
@@ -316,8 +310,5 @@ fn report(settings: &Settings, rows: &[Row], baseline: &[f64]) {
             "edgegate_ns": r.edgegate_ns, "plain_lpm_ns": r.lpm_ns, "load_seconds": r.setup_s,
         })).collect::<Vec<_>>(),
     });
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&dir).expect("target/bench");
-    std::fs::write(dir.join("xdp.json"), serde_json::to_string_pretty(&json).expect("json"))
-        .expect("write target/bench/xdp.json");
+    save("xdp", &json);
 }

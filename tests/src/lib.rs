@@ -6,6 +6,7 @@
 
 pub use edgegate::demo::{netns, netns::unique_name, pki};
 
+pub mod bench;
 pub mod harness;
 pub mod mtls;
 pub mod packet;

@@ -186,19 +186,3 @@ fn write(path: &Path, text: &str) {
 fn path(path: &Path) -> String {
     path.to_str().expect("UTF-8 path").to_owned()
 }
-
-/// Cores, CPU model and kernel, for a benchmark table's header.
-pub fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
-            })
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, usize::from);
-    format!("machine: {cores} cores, {cpu}, kernel {}", kernel.trim())
-}

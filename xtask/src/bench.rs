@@ -1,5 +1,19 @@
 //! `cargo xtask bench <name>`: benchmarks, not tests. Each prints a table of
 //! medians with ratios against the references it ran in the same process.
+//!
+//! The benchmark binaries run as children of this process, so that whatever
+//! an interrupted (Ctrl-C) or crashed one leaves behind — namespaces and the
+//! proxies in them, bpffs pins, temporary directories, all named by
+//! `unique_name` after its PID — is removed here once it has exited.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::atomic::{AtomicBool, AtomicI32, Ordering},
+};
+
+use anyhow::{Context as _, bail};
 
 use crate::{exec, setup};
 
@@ -7,61 +21,235 @@ use crate::{exec, setup};
 pub struct Options {
     #[arg(value_enum)]
     name: Bench,
-    /// Arguments for the benchmark binary.
+    /// Arguments for the benchmark binary (not with `all`).
     #[arg(last = true)]
     args: Vec<String>,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Bench {
+    /// Every benchmark below, in turn; the tables also go to target/bench/all.md.
+    All,
     /// ns/packet of the XDP program (BPF_PROG_TEST_RUN) against a DROP-only
     /// baseline and a plain LPM-trie program, for list sizes up to 1M.
     Xdp,
+    /// Packets/s dropped per core under a random-source flood: edgegate's XDP
+    /// program vs nftables, iptables + ipset and no filter (installed from
+    /// Debian if missing), with 10, 10k and 100k prefixes.
+    Flood,
     /// Allowlist changes through the CLI: `allow add` until visible, and a
     /// 100k-entry `allow replace` under a flood that must lose nothing.
     Update,
     /// Full mutual-TLS handshakes/s and server CPU per handshake: edgegate,
     /// HAProxy and stunnel (installed from Debian if missing).
     Handshake,
+    /// Throughput (1 and 16 connections) and 64-byte echo latency through
+    /// edgegate, HAProxy and stunnel, and directly to the backend.
+    Relay,
     /// Memory (Pss) per idle established mTLS connection: edgegate, HAProxy, stunnel.
     Memory,
 }
 
+impl Bench {
+    const EACH: [Self; 6] =
+        [Self::Xdp, Self::Flood, Self::Update, Self::Handshake, Self::Relay, Self::Memory];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Xdp => "xdp",
+            Self::Flood => "flood",
+            Self::Update => "update",
+            Self::Handshake => "handshake",
+            Self::Relay => "relay",
+            Self::Memory => "memory",
+        }
+    }
+
+    /// Commands the benchmark compares with, and the Debian packages they come from.
+    fn peers(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Self::Flood => &[
+                ("nft", "nftables"),
+                ("iptables", "iptables"),
+                ("ipset", "ipset"),
+                ("ethtool", "ethtool"),
+            ],
+            Self::Handshake | Self::Relay | Self::Memory => {
+                &[("haproxy", "haproxy"), ("stunnel", "stunnel4"), ("openssl", "openssl")]
+            }
+            Self::All | Self::Xdp | Self::Update => &[],
+        }
+    }
+}
+
 pub fn run(options: &Options) -> anyhow::Result<()> {
     exec::require_root("cargo xtask bench")?;
+    if options.name == Bench::All && !options.args.is_empty() {
+        bail!(
+            "`cargo xtask bench all` takes no benchmark arguments; run one benchmark to pass some"
+        );
+    }
     setup::ensure()?;
-    let name = match options.name {
-        Bench::Xdp => "xdp",
-        Bench::Update => "update",
-        Bench::Handshake => {
-            install_peers(&["haproxy", "stunnel"], &["haproxy", "stunnel4"])?;
-            "handshake"
-        }
-        Bench::Memory => {
-            install_peers(&["haproxy", "stunnel"], &["haproxy", "stunnel4"])?;
-            "memory"
-        }
-    };
-    // The update, handshake and memory benches drive the real binary.
+    let benches: Vec<Bench> =
+        if options.name == Bench::All { Bench::EACH.to_vec() } else { vec![options.name] };
+    for bench in &benches {
+        install_peers(bench.peers())?;
+    }
+    // The update, handshake, relay and memory benches drive the real binary.
     exec::build_release_binary()?;
-    exec::run(
+    let report_path = exec::workspace_root().join("target/bench/all.md");
+    let mut report = Vec::new();
+    let mut failed = Vec::new();
+    for bench in benches {
+        let executable = build(bench)?;
+        println!("bench: running {}", bench.name());
+        match run_child(Command::new(executable).args(&options.args), &mut report)? {
+            Outcome::Done => {}
+            Outcome::Failed(status) => failed.push(format!("{} ({status})", bench.name())),
+            Outcome::Interrupted => bail!("interrupted during `bench {}`", bench.name()),
+        }
+    }
+    if options.name == Bench::All {
+        std::fs::create_dir_all(report_path.parent().expect("target/bench"))?;
+        std::fs::write(&report_path, &report)
+            .with_context(|| format!("cannot write {}", report_path.display()))?;
+        println!("\nbench: every table is also in {}", report_path.display());
+    }
+    if !failed.is_empty() {
+        bail!("benchmarks failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// Builds one benchmark binary and returns its path.
+fn build(bench: Bench) -> anyhow::Result<PathBuf> {
+    let output = exec::output(
         exec::cargo()
-            .args(["bench", "--package", "edgegate-tests", "--bench", name, "--"])
-            .args(&options.args),
-    )
+            .args(["bench", "--no-run", "--message-format=json-render-diagnostics"])
+            .args(["--package", "edgegate-tests", "--bench", bench.name()])
+            .stderr(Stdio::inherit()),
+    )?;
+    if !output.status.success() {
+        bail!("building `bench {}` failed: {}", bench.name(), output.status);
+    }
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|message| {
+            message["reason"] == "compiler-artifact" && message["target"]["name"] == bench.name()
+        })
+        .and_then(|message| message["executable"].as_str().map(PathBuf::from))
+        .with_context(|| format!("cargo reported no executable for `bench {}`", bench.name()))
+}
+
+enum Outcome {
+    Done,
+    Failed(std::process::ExitStatus),
+    Interrupted,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_interrupt(signal: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+    let child = CHILD.load(Ordering::SeqCst);
+    if child > 0 {
+        // SAFETY: kill is async-signal-safe.
+        unsafe { libc::kill(child, signal) };
+    }
+}
+
+/// Runs a benchmark binary, copying its stdout (the tables) to ours and to
+/// `report`; on Ctrl-C or SIGTERM it is passed the signal, and this process
+/// stays to clean up after it.
+fn run_child(command: &mut Command, report: &mut Vec<u8>) -> anyhow::Result<Outcome> {
+    // SAFETY: the handler only touches atomics and calls kill. Handlers (unlike
+    // ignored signals) are reset to the default in the child by exec.
+    unsafe {
+        libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_interrupt as *const () as libc::sighandler_t);
+    }
+    let mut child = command
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    CHILD.store(i32::try_from(child.id()).expect("PID"), Ordering::SeqCst);
+    let stdout = child.stdout.take().expect("piped stdout");
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        writeln!(report, "{line}")?;
+    }
+    let status = child.wait()?;
+    CHILD.store(0, Ordering::SeqCst);
+    let removed = clean_up_after(child.id());
+    if !removed.is_empty() {
+        println!("bench: removed what the benchmark left behind: {}", removed.join(", "));
+    }
+    Ok(if INTERRUPTED.load(Ordering::SeqCst) {
+        Outcome::Interrupted
+    } else if status.success() {
+        Outcome::Done
+    } else {
+        Outcome::Failed(status)
+    })
+}
+
+/// Removes the namespaces (killing what runs in them), bpffs pins and
+/// temporary directories that process `pid` named with `unique_name`.
+fn clean_up_after(pid: u32) -> Vec<String> {
+    let tag = format!("{}x", pid % 100_000);
+    let ours = |name: &str| {
+        let stem = name.trim_end_matches(|c: char| c.is_ascii_digit());
+        stem.len() < name.len()
+            && stem.strip_suffix(&tag).is_some_and(|prefix| {
+                !prefix.is_empty() && prefix.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+            })
+    };
+    let mut removed = Vec::new();
+    let namespaces = exec::output(Command::new("ip").args(["netns", "list"]))
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for name in namespaces.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| ours(n)) {
+        let pids = exec::output(Command::new("ip").args(["netns", "pids", name]))
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for process in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(process, libc::SIGKILL) };
+        }
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        removed.push(format!("namespace {name}"));
+    }
+    for dir in [Path::new("/sys/fs/bpf"), &std::env::temp_dir()] {
+        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if ours(&name) && std::fs::remove_dir_all(entry.path()).is_ok() {
+                removed.push(entry.path().display().to_string());
+            }
+        }
+    }
+    removed
 }
 
 /// Installs the peers a benchmark compares with, from Debian, when missing.
-fn install_peers(commands: &[&str], packages: &[&str]) -> anyhow::Result<()> {
-    let missing = commands.iter().any(|c| {
-        std::process::Command::new("which").arg(c).output().map_or(true, |o| !o.status.success())
-    });
-    if missing {
-        println!("bench: installing {}", packages.join(", "));
+fn install_peers(peers: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = peers
+        .iter()
+        .filter(|(command, _)| {
+            Command::new("which").arg(command).output().map_or(true, |o| !o.status.success())
+        })
+        .map(|&(_, package)| package)
+        .collect();
+    if !missing.is_empty() {
+        println!("bench: installing {}", missing.join(", "));
         exec::run(
-            std::process::Command::new("apt-get")
+            Command::new("apt-get")
                 .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(packages)
+                .args(&missing)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
     }

@@ -14,6 +14,7 @@
 
 pub mod proxy_protocol;
 pub mod relay;
+mod workers;
 
 use std::{
     collections::BTreeMap,
@@ -45,6 +46,7 @@ use crate::{
 };
 use proxy_protocol::Prefixed;
 use relay::Relayed;
+use workers::Workers;
 
 /// The allowlist as the proxy sees it: swapped by the daemon after each change.
 pub type SharedAllowlist = Arc<ArcSwap<Allowlist>>;
@@ -67,6 +69,9 @@ pub enum ProxyError {
         #[source]
         source: io::Error,
     },
+    /// The connection worker threads could not start.
+    #[error("cannot start the connection workers: {0}")]
+    Workers(#[source] io::Error),
 }
 
 /// A listener's settings and TLS material, replaced whole on reload.
@@ -145,6 +150,7 @@ pub struct Proxies {
     connections: TaskTracker,
     /// Cancelled when the drain timeout is over: open connections close.
     close_all: CancellationToken,
+    workers: Arc<Workers>,
 }
 
 /// What a reload did to one listener.
@@ -200,18 +206,21 @@ impl Prepared {
         configs.iter().map(prepare).collect::<Result<Vec<_>, _>>().map(Self)
     }
 
-    /// Starts accepting.
-    pub fn start(self, allowlist: SharedAllowlist) -> Proxies {
+    /// Starts the connection workers, one per core, and accepting.
+    pub fn start(self, allowlist: SharedAllowlist) -> Result<Proxies, ProxyError> {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let workers = Workers::start(cores).map_err(ProxyError::Workers)?;
         let mut proxies = Proxies {
             listeners: BTreeMap::new(),
             allowlist,
             connections: TaskTracker::new(),
             close_all: CancellationToken::new(),
+            workers: Arc::new(workers),
         };
         for (settings, socket) in self.0 {
             proxies.spawn(settings, socket);
         }
-        proxies
+        Ok(proxies)
     }
 }
 
@@ -243,6 +252,7 @@ impl Proxies {
             allowlist: Arc::clone(&self.allowlist),
             connections: self.connections.clone(),
             close_all: self.close_all.clone(),
+            workers: Arc::clone(&self.workers),
         };
         let accepting = tokio::spawn(accept.run(stop_accepting.clone()));
         self.listeners
@@ -388,6 +398,7 @@ struct AcceptLoop {
     allowlist: SharedAllowlist,
     connections: TaskTracker,
     close_all: CancellationToken,
+    workers: Arc<Workers>,
 }
 
 impl AcceptLoop {
@@ -430,13 +441,28 @@ impl AcceptLoop {
                 peer,
                 _permit: permit,
             };
+            // Accepted here, served on a worker: the socket moves to its epoll.
+            let stream = match stream.into_std() {
+                Ok(stream) => stream,
+                Err(e) => {
+                    warn!(listener = %connection.settings.config.name, peer = %peer, "cannot hand over a connection: {e}");
+                    continue;
+                }
+            };
             let close_all = self.close_all.clone();
-            self.connections.spawn(async move {
+            self.workers.spawn(self.connections.track_future(async move {
+                let stream = match TcpStream::from_std(stream) {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        warn!(listener = %connection.settings.config.name, peer = %peer, "cannot take over a connection: {e}");
+                        return;
+                    }
+                };
                 tokio::select! {
                     () = connection.serve(stream) => {}
                     () = close_all.cancelled() => {}
                 }
-            });
+            }));
         }
     }
 }

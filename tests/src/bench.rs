@@ -1,0 +1,75 @@
+//! What every `cargo xtask bench` binary shares: order statistics, the
+//! machine and tool versions for the table's header, process CPU time, and
+//! the JSON copy of the results under `target/bench/`.
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+/// The `p` quantile (0.0 to 1.0) of `values`, nearest rank.
+pub fn percentile(values: &[f64], p: f64) -> f64 {
+    assert!(!values.is_empty(), "no samples");
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+pub fn median(values: &[f64]) -> f64 {
+    percentile(values, 0.5)
+}
+
+/// `(min, max)` of `values`.
+pub fn spread(values: &[f64]) -> (f64, f64) {
+    (percentile(values, 0.0), percentile(values, 1.0))
+}
+
+/// Cores, CPU model and kernel, for a benchmark table's header.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    format!("machine: {cores} cores, {cpu}, kernel {}", kernel.trim())
+}
+
+/// The first line `program arg` prints (on stdout or stderr), e.g. its version.
+pub fn tool_version(program: &str, arg: &str) -> String {
+    match Command::new(program).arg(arg).output() {
+        Ok(output) => {
+            let text = if output.stdout.is_empty() { output.stderr } else { output.stdout };
+            String::from_utf8_lossy(&text).lines().next().unwrap_or_default().trim().to_owned()
+        }
+        Err(e) => format!("{program}: {e}"),
+    }
+}
+
+/// CPU time (user + system) a process has used so far.
+pub fn process_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
+    let after_name = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the name.
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    Duration::from_micros(ticks * 1_000_000 / clock_ticks_per_second())
+}
+
+pub fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).expect("clock ticks")
+}
+
+/// Writes `target/bench/<name>.json` and says where.
+pub fn save(name: &str, value: &serde_json::Value) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir).expect("target/bench");
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(value).expect("JSON"))
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    println!("\nresults: target/bench/{name}.json");
+}
