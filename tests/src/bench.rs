@@ -37,12 +37,16 @@ pub fn machine() -> String {
     format!("machine: {cores} cores, {cpu}, kernel {}", kernel.trim())
 }
 
-/// The first line `program arg` prints (on stdout or stderr), e.g. its version.
+/// The line of `program arg`'s output (stdout or stderr) that names the
+/// program, e.g. its version; else the first line.
 pub fn tool_version(program: &str, arg: &str) -> String {
     match Command::new(program).arg(arg).output() {
         Ok(output) => {
             let text = if output.stdout.is_empty() { output.stderr } else { output.stdout };
-            String::from_utf8_lossy(&text).lines().next().unwrap_or_default().trim().to_owned()
+            let text = String::from_utf8_lossy(&text);
+            let mut lines = text.lines().map(str::trim);
+            let named = lines.clone().find(|l| l.to_lowercase().starts_with(program));
+            named.or_else(|| lines.next()).unwrap_or_default().to_owned()
         }
         Err(e) => format!("{program}: {e}"),
     }
