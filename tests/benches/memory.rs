@@ -86,7 +86,8 @@ fn main() {
         });
     }
 
-    let servers = bed.start(connections * 2);
+    // HAProxy refuses to start if its maxconn needs more descriptors than the limit.
+    let servers = bed.start(connections + 50);
     let config = bed.client_config(None);
 
     let mut rows = Vec::new();

@@ -118,7 +118,7 @@ impl PeerBed {
             ),
         );
         let edgegate = crate::testbed::edgegate_binary();
-        let servers = vec![
+        let mut servers = vec![
             self.spawn(
                 "edgegate",
                 8443,
@@ -134,6 +134,15 @@ impl PeerBed {
             self.spawn("stunnel", 8445, Path::new("stunnel"), &[&path(&dir.join("stunnel.conf"))]),
         ];
         std::thread::sleep(std::time::Duration::from_secs(2));
+        for server in &mut servers {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!(
+                    "{} exited at start ({status}); its log:\n{}",
+                    server.name,
+                    self.log(server)
+                );
+            }
+        }
         servers
     }
 
