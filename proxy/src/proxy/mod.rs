@@ -575,7 +575,7 @@ impl Connection {
                 let detail = format!("{} is not in trusted_proxies", peer.ip());
                 return Err(refuse(Rejection::UntrustedProxy, peer, detail));
             }
-            let header = proxy_protocol::read_header(stream, config.proxy_protocol);
+            let header = Box::pin(proxy_protocol::read_header(stream, config.proxy_protocol));
             match tokio::time::timeout_at(deadline, header).await {
                 Err(_) => {
                     return Err(refuse(Rejection::Timeout, peer, "no PROXY header in time".into()));
@@ -593,8 +593,12 @@ impl Connection {
             return Err(refuse(Rejection::SourceNotAllowed, client, detail));
         }
 
+        // The handshake's state is large and short-lived: boxed, it is freed
+        // once done instead of sizing every idle connection's task (likewise
+        // the backend connect below).
         let acceptor = TlsAcceptor::from(Arc::clone(&self.settings.tls.server));
-        let tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        let handshake = Box::pin(acceptor.accept(stream));
+        let tls = match tokio::time::timeout_at(deadline, handshake).await {
             Err(_) => {
                 let detail = format!("no TLS handshake within {:?}", config.handshake_timeout);
                 return Err(refuse(Rejection::Timeout, client, detail));
@@ -603,7 +607,9 @@ impl Connection {
                 let rejection = Rejection::from_handshake_error(&e);
                 return Err(refuse(rejection, client, e.to_string()));
             }
-            Ok(Ok(tls)) => tls,
+            // Boxed: moved into the relay, the stream would otherwise take
+            // room twice in this task (async fn frames do not share the slot).
+            Ok(Ok(tls)) => Box::new(tls),
         };
         self.counters.handshakes_ok.fetch_add(1, Ordering::Relaxed);
         let (_, session) = tls.get_ref();
@@ -618,8 +624,8 @@ impl Connection {
             .map(|s| format!("{:?}", s.suite()))
             .unwrap_or_default();
 
-        let backend = match self.connect_backend(client, local, &version, &cipher, &identity).await
-        {
+        let connect = Box::pin(self.connect_backend(client, local, &version, &cipher, &identity));
+        let backend = match connect.await {
             Ok(backend) => backend,
             Err(detail) => return Ok(Err((client, identity, BackendFailure { detail }))),
         };

@@ -80,15 +80,17 @@ where
     Relayed { client_to_backend: up, backend_to_client: down, reason }
 }
 
-/// Bytes in a read buffer until a direction proves busy.
-const SMALL_BUFFER: usize = 1024;
-/// One TLS record: the read buffer of a busy direction.
+/// What a direction reads into while it waits: room for a small message,
+/// kept in the task itself.
+const SMALL_BUFFER: usize = 256;
+/// A busy direction's buffer: one TLS record.
 const LARGE_BUFFER: usize = 16 << 10;
 
 /// Copies `reader` to `writer` until end of stream, then closes the writer's
-/// sending half (half-close). Idle connections are the common case, so a
-/// direction starts with a small buffer kept in the task itself and takes a
-/// record-sized one from the heap only once a read fills the small one.
+/// sending half (half-close). Most connections are idle most of the time, so
+/// a direction waits with a small buffer; when a read fills it, it takes a
+/// record-sized one from the heap and reads on with that for as long as data
+/// is there at once, then gives it back and waits small again.
 async fn copy_one_way<R, W>(reader: &mut R, writer: &mut W) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
@@ -99,16 +101,25 @@ where
     let mut large: Option<Box<[u8]>> = None;
     let mut total = 0u64;
     loop {
-        let buffer: &mut [u8] = match large.as_mut() {
-            Some(large) => large,
-            None => &mut small,
+        let read = match large.as_deref_mut() {
+            Some(buffer) => match ready_now(reader.read(buffer)).await {
+                Some(read) => read?,
+                None => {
+                    large = None;
+                    continue;
+                }
+            },
+            None => reader.read(&mut small).await?,
         };
-        let read = reader.read(buffer).await?;
         if read == 0 {
             writer.shutdown().await?;
             return Ok(total);
         }
-        writer.write_all(&buffer[..read]).await?;
+        let data = match large.as_deref() {
+            Some(buffer) => &buffer[..read],
+            None => &small[..read],
+        };
+        writer.write_all(data).await?;
         // TLS keeps records it could not send yet; the next read may wait
         // for an answer to them.
         writer.flush().await?;
@@ -117,6 +128,17 @@ where
             large = Some(vec![0u8; LARGE_BUFFER].into_boxed_slice());
         }
     }
+}
+
+/// `future`'s output if it is ready at once; `None` (and `future` dropped)
+/// if it would wait. Only for cancel-safe futures, such as a read.
+async fn ready_now<F: Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|cx| match future.as_mut().poll(cx) {
+        Poll::Ready(output) => Poll::Ready(Some(output)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
 }
 
 /// When bytes last moved, shared by both sides of one relay.
@@ -218,5 +240,48 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, duplex};
+
+    use super::*;
+
+    /// Messages around the small buffer's size, a burst larger than the
+    /// large one and pauses (the large buffer is given back and taken again)
+    /// arrive whole and in order, both ways, then both sides see the close.
+    #[tokio::test]
+    async fn relays_every_size_both_ways() {
+        let sizes = [1, SMALL_BUFFER - 1, SMALL_BUFFER, SMALL_BUFFER + 1, LARGE_BUFFER, 100_000];
+        let (client, client_end) = duplex(64 << 10);
+        let (backend, backend_end) = duplex(64 << 10);
+        let relay = tokio::spawn(relay(client_end, backend_end, Duration::from_secs(10)));
+        let (mut client_reads, mut client_writes) = tokio::io::split(client);
+        let (mut backend_reads, mut backend_writes) = tokio::io::split(backend);
+        let mut sent = Vec::new();
+        for (index, size) in sizes.into_iter().enumerate() {
+            let message: Vec<u8> = (0..size).map(|i| (i + index) as u8).collect();
+            client_writes.write_all(&message).await.unwrap();
+            backend_writes.write_all(&message).await.unwrap();
+            let mut up = vec![0u8; size];
+            let mut down = vec![0u8; size];
+            backend_reads.read_exact(&mut up).await.unwrap();
+            client_reads.read_exact(&mut down).await.unwrap();
+            assert_eq!(up, message, "client to backend, {size} bytes");
+            assert_eq!(down, message, "backend to client, {size} bytes");
+            sent.push(size as u64);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        client_writes.shutdown().await.unwrap();
+        backend_writes.shutdown().await.unwrap();
+        assert_eq!(backend_reads.read(&mut [0u8; 1]).await.unwrap(), 0, "backend sees the close");
+        assert_eq!(client_reads.read(&mut [0u8; 1]).await.unwrap(), 0, "client sees the close");
+        let relayed = relay.await.unwrap();
+        let total: u64 = sent.iter().sum();
+        assert_eq!(relayed.client_to_backend, total);
+        assert_eq!(relayed.backend_to_client, total);
+        assert_eq!(relayed.reason, CloseReason::Completed);
     }
 }
