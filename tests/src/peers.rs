@@ -97,8 +97,9 @@ impl PeerBed {
             &dir.join("haproxy.cfg"),
             &format!(
                 // HAProxy sizes its descriptor needs from maxconn (two per
-                // connection) and refuses to start beyond the limit.
-                "global\n  nbthread {workers}\n  maxconn {}\n  ssl-default-bind-options ssl-min-ver TLSv1.2\n\
+                // connection) and refuses to start beyond the limit. Its TLS 1.2
+                // key exchange is P-256 only unless curves are named.
+                "global\n  nbthread {workers}\n  maxconn {}\n  ssl-default-bind-options ssl-min-ver TLSv1.2\n  ssl-default-bind-curves X25519:P-256\n\
                  defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n\
                  frontend fe\n  bind 127.0.0.1:8444 ssl crt {} ca-file {} verify required\n  default_backend be\n\
                  backend be\n  server s1 127.0.0.1:{BACKEND_PORT}\n",
@@ -165,17 +166,32 @@ impl PeerBed {
         std::fs::read_to_string(self.dir.join(format!("{}.log", server.name))).unwrap_or_default()
     }
 
-    /// A client config for full handshakes only (no resumption), in `version`
-    /// (or any version the server picks).
+    /// A client config for full handshakes only (no resumption) with X25519,
+    /// in `version` (or any version the server picks).
     pub fn client_config(
         &self,
         version: Option<&'static SupportedProtocolVersion>,
     ) -> Arc<ClientConfig> {
         let only = version.map(|v| [v]);
         let versions = only.as_ref().map_or(rustls::DEFAULT_VERSIONS, |v| v.as_slice());
-        let mut config =
-            crate::pki::client_config(&self.server_ca.cert, Some(&self.client), versions)
-                .expect("client config");
+        // X25519 for the key exchange: the peers' OpenSSL 3.0 has no
+        // post-quantum hybrid (rustls would otherwise offer, and edgegate
+        // pick, X25519MLKEM768). P-256 is listed too: OpenSSL's TLS 1.2 uses
+        // an ECDSA certificate only on a curve the client lists.
+        let provider = rustls::crypto::CryptoProvider {
+            kx_groups: vec![
+                rustls::crypto::aws_lc_rs::kx_group::X25519,
+                rustls::crypto::aws_lc_rs::kx_group::SECP256R1,
+            ],
+            ..rustls::crypto::aws_lc_rs::default_provider()
+        };
+        let mut config = crate::pki::client_config_with(
+            provider,
+            &self.server_ca.cert,
+            Some(&self.client),
+            versions,
+        )
+        .expect("client config");
         config.resumption = Resumption::disabled();
         Arc::new(config)
     }

@@ -150,13 +150,22 @@ pub fn client_config(
     cert: Option<&Issued>,
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> anyhow::Result<rustls::ClientConfig> {
+    client_config_with(rustls::crypto::aws_lc_rs::default_provider(), ca, cert, versions)
+}
+
+/// As [`client_config`], with the given algorithms (a benchmark pins the key exchange).
+pub fn client_config_with(
+    provider: rustls::crypto::CryptoProvider,
+    ca: &Path,
+    cert: Option<&Issued>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> anyhow::Result<rustls::ClientConfig> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
     let mut roots = rustls::RootCertStore::empty();
     for certificate in CertificateDer::pem_file_iter(ca)? {
         roots.add(certificate?)?;
     }
-    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
         .with_protocol_versions(versions)?
         .with_root_certificates(roots);
     Ok(match cert {
