@@ -56,24 +56,28 @@ impl Target<'_> {
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
-async fn connect(target: Target<'_>, config: &Arc<ClientConfig>, mode: u8) -> Box<dyn Stream> {
+/// A connection to `target` (handshake done, nothing sent yet).
+async fn connect(target: Target<'_>, config: &Arc<ClientConfig>) -> Box<dyn Stream> {
     let port = match target {
         Target::Proxy(server) => server.port,
         Target::Direct => BACKEND_PORT,
     };
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
     tcp.set_nodelay(true).expect("TCP_NODELAY");
-    let mut stream: Box<dyn Stream> = match target {
+    match target {
         Target::Proxy(_) => {
             let name = ServerName::try_from("127.0.0.1").expect("name");
             let connector = tokio_rustls::TlsConnector::from(Arc::clone(config));
             Box::new(connector.connect(name, tcp).await.expect("TLS handshake"))
         }
         Target::Direct => Box::new(tcp),
-    };
+    }
+}
+
+/// Tells the backend what to do with this connection.
+async fn ask(stream: &mut Box<dyn Stream>, mode: u8) {
     stream.write_all(&[mode]).await.expect("mode byte");
     stream.flush().await.expect("flush");
-    stream
 }
 
 /// The backend: streams data forever or echoes, as the first byte asks.
@@ -122,14 +126,16 @@ fn throughput(
         runtime().block_on(async {
             let mut streams = Vec::new();
             for _ in 0..connections {
-                streams.push(connect(target, config, STREAM).await);
+                streams.push(connect(target, config).await);
             }
+            // Nothing flows before this: the backend streams once asked.
             let started = Instant::now();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
             let tasks: Vec<_> = streams
                 .into_iter()
                 .map(|mut stream| {
                     tokio::spawn(async move {
+                        ask(&mut stream, STREAM).await;
                         let mut buffer = vec![0u8; 64 * 1024];
                         let mut bytes = 0u64;
                         while tokio::time::Instant::now() < deadline {
@@ -163,7 +169,8 @@ fn echo_latencies(
 ) -> Vec<f64> {
     netns.run(|| {
         runtime().block_on(async {
-            let stream = connect(target, config, ECHO).await;
+            let mut stream = connect(target, config).await;
+            ask(&mut stream, ECHO).await;
             let (mut reader, mut writer) = tokio::io::split(stream);
             let count =
                 usize::try_from(seconds * 1000 / ECHO_INTERVAL.as_millis() as u64).expect("count");
@@ -337,7 +344,8 @@ fn report(settings: &Settings, throughput: &[ThroughputRow], latency: &[LatencyR
     println!("|---|---:|---:|---:|---:|---:|");
     for row in latency {
         let (low, high) = spread(&row.p99_us);
-        let ratio = if row.target == direct.target {
+        // A ratio of added latencies means something only when both add some.
+        let ratio = if row.target == direct.target || added(ours) <= 0.0 || added(row) <= 0.0 {
             "—".to_owned()
         } else {
             format!("{:.2}", added(ours) / added(row))

@@ -20,7 +20,7 @@ use aya::{
 use edgegate::{config::Scope, filter::reference};
 use edgegate_tests::{
     Lcg,
-    bench::{machine, median, save},
+    bench::{machine, median, save, spread},
     harness::XdpHarness,
     packet::{ETHERTYPE_IPV4, ETHERTYPE_IPV6, Fragment, Transport, ethernet, ipv4, ipv6},
 };
@@ -262,8 +262,7 @@ fn fill_trie<K: aya::Pod>(ebpf: &mut Ebpf, name: &str, keys: impl Iterator<Item 
 
 fn report(settings: &Settings, rows: &[Row], baseline: &[f64]) {
     let base = median(baseline);
-    let (base_min, base_max) =
-        baseline.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let (base_min, base_max) = spread(baseline);
     println!("\n## cargo xtask bench xdp");
     println!("{}", machine());
     println!(

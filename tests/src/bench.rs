@@ -4,7 +4,8 @@
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
-/// The `p` quantile (0.0 to 1.0) of `values`, nearest rank.
+/// The `p` quantile (0.0 to 1.0) of `values`: the sorted value at rank
+/// `p × (n − 1)`, rounded.
 pub fn percentile(values: &[f64], p: f64) -> f64 {
     assert!(!values.is_empty(), "no samples");
     let mut sorted = values.to_vec();
@@ -12,8 +13,17 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// The middle value, or the mean of the two middle ones.
 pub fn median(values: &[f64]) -> f64 {
-    percentile(values, 0.5)
+    assert!(!values.is_empty(), "no samples");
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let middle = sorted.len() / 2;
+    if sorted.len().is_multiple_of(2) {
+        (sorted[middle - 1] + sorted[middle]) / 2.0
+    } else {
+        sorted[middle]
+    }
 }
 
 /// `(min, max)` of `values`.

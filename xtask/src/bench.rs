@@ -101,8 +101,12 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let report_path = exec::workspace_root().join("target/bench/all.md");
     let mut report = Vec::new();
     let mut failed = Vec::new();
+    catch_interrupts();
     for bench in benches {
         let executable = build(bench)?;
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            bail!("interrupted before `bench {}`", bench.name());
+        }
         println!("bench: running {}", bench.name());
         match run_child(Command::new(executable).args(&options.args), &mut report)? {
             Outcome::Done => {}
@@ -161,33 +165,43 @@ extern "C" fn on_interrupt(signal: libc::c_int) {
     }
 }
 
-/// Runs a benchmark binary, copying its stdout (the tables) to ours and to
-/// `report`; on Ctrl-C or SIGTERM it is passed the signal, and this process
-/// stays to clean up after it.
-fn run_child(command: &mut Command, report: &mut Vec<u8>) -> anyhow::Result<Outcome> {
+/// From here on, Ctrl-C and SIGTERM are noted (and passed to a running
+/// benchmark) instead of ending this process before it has cleaned up.
+fn catch_interrupts() {
     // SAFETY: the handler only touches atomics and calls kill. Handlers (unlike
-    // ignored signals) are reset to the default in the child by exec.
+    // ignored signals) are reset to the default in children by exec.
     unsafe {
         libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_interrupt as *const () as libc::sighandler_t);
     }
+}
+
+/// Runs a benchmark binary, copying its stdout (the tables) to ours and to
+/// `report`; on Ctrl-C or SIGTERM it is passed the signal, and this process
+/// stays to clean up after it, whatever happened.
+fn run_child(command: &mut Command, report: &mut Vec<u8>) -> anyhow::Result<Outcome> {
     let mut child = command
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run {command:?}"))?;
     CHILD.store(i32::try_from(child.id()).expect("PID"), Ordering::SeqCst);
     let stdout = child.stdout.take().expect("piped stdout");
-    for line in BufReader::new(stdout).lines() {
+    let copied = BufReader::new(stdout).lines().try_for_each(|line| {
         let line = line?;
         println!("{line}");
-        writeln!(report, "{line}")?;
+        writeln!(report, "{line}")
+    });
+    if copied.is_err() {
+        let _ = child.kill();
     }
-    let status = child.wait()?;
+    let status = child.wait();
     CHILD.store(0, Ordering::SeqCst);
     let removed = clean_up_after(child.id());
     if !removed.is_empty() {
         println!("bench: removed what the benchmark left behind: {}", removed.join(", "));
     }
+    copied.context("cannot copy the benchmark's output")?;
+    let status = status?;
     Ok(if INTERRUPTED.load(Ordering::SeqCst) {
         Outcome::Interrupted
     } else if status.success() {

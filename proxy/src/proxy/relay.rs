@@ -88,9 +88,10 @@ const LARGE_BUFFER: usize = 16 << 10;
 
 /// Copies `reader` to `writer` until end of stream, then closes the writer's
 /// sending half (half-close). Most connections are idle most of the time, so
-/// a direction waits with a small buffer; when a read fills it, it takes a
-/// record-sized one from the heap and reads on with that for as long as data
-/// is there at once, then gives it back and waits small again.
+/// a direction waits with a small buffer. A read that fills it moves to a
+/// record-sized one from the heap and takes what else is there at once, so
+/// the message is written in one piece; the large buffer serves for as long
+/// as data is there at once, then goes back and the direction waits small.
 async fn copy_one_way<R, W>(reader: &mut R, writer: &mut W) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
@@ -109,7 +110,19 @@ where
                     continue;
                 }
             },
-            None => reader.read(&mut small).await?,
+            None => {
+                let read = reader.read(&mut small).await?;
+                if read == SMALL_BUFFER {
+                    let mut buffer = vec![0u8; LARGE_BUFFER].into_boxed_slice();
+                    buffer[..read].copy_from_slice(&small);
+                    // End of stream (0) shows again on the next read.
+                    let more = ready_now(reader.read(&mut buffer[read..])).await.transpose()?;
+                    large = Some(buffer);
+                    read + more.unwrap_or(0)
+                } else {
+                    read
+                }
+            }
         };
         if read == 0 {
             writer.shutdown().await?;
@@ -124,14 +137,12 @@ where
         // for an answer to them.
         writer.flush().await?;
         total += read as u64;
-        if large.is_none() && read == SMALL_BUFFER {
-            large = Some(vec![0u8; LARGE_BUFFER].into_boxed_slice());
-        }
     }
 }
 
 /// `future`'s output if it is ready at once; `None` (and `future` dropped)
-/// if it would wait. Only for cancel-safe futures, such as a read.
+/// if it would wait, or if the task has used up its scheduling budget
+/// (tokio then makes reads wait). Only for cancel-safe futures, such as a read.
 async fn ready_now<F: Future>(future: F) -> Option<F::Output> {
     let mut future = std::pin::pin!(future);
     std::future::poll_fn(|cx| match future.as_mut().poll(cx) {

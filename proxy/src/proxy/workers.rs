@@ -30,13 +30,26 @@ impl Workers {
         let mut workers =
             Self { handles: Vec::new(), threads: Vec::new(), next: AtomicUsize::new(0), stop };
         for index in 0..count.max(1) {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            workers.handles.push(runtime.handle().clone());
+            // Each runtime is built, run and dropped in its own thread: a
+            // runtime cannot be dropped inside another one (the caller's).
+            let (started, handle) = std::sync::mpsc::sync_channel(1);
             let stop = workers.stop.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("edgegate-worker-{index}"))
-                .spawn(move || runtime.block_on(stop.cancelled()))?;
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(runtime) => {
+                            let _ = started.send(Ok(runtime.handle().clone()));
+                            runtime.block_on(stop.cancelled());
+                        }
+                        Err(e) => {
+                            let _ = started.send(Err(e));
+                        }
+                    }
+                })?;
             workers.threads.push(thread);
+            let handle = handle.recv().map_err(|_| io::Error::other("a worker ended at start"))?;
+            workers.handles.push(handle?);
         }
         Ok(workers)
     }
@@ -50,7 +63,8 @@ impl Workers {
 }
 
 impl Drop for Workers {
-    /// Stops every worker; tasks still running are dropped (their sockets close).
+    /// Stops every worker; tasks still running are dropped (their sockets
+    /// close). Waits for the threads: a short block, at shutdown.
     fn drop(&mut self) {
         self.stop.cancel();
         for thread in self.threads.drain(..) {
