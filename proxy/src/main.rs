@@ -197,7 +197,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             // threads exist: they inherit the reduced credentials.
             let startup = daemon::start(config, global.overrides())?;
             // Connections run on per-core workers of their own (proxy::workers);
-            // this runtime only accepts, answers the CLI and serves metrics.
+            // this runtime accepts, answers the CLI, serves metrics, reloads.
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .enable_all()
