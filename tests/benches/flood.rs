@@ -35,7 +35,7 @@ use edgegate::{
 };
 use edgegate_tests::{
     Lcg,
-    bench::{clock_ticks_per_second, machine, median, save, spread, tool_version},
+    bench::{clock_ticks_per_second, median, print_heading, save, spread, tool_version},
     unique_name,
 };
 
@@ -505,8 +505,7 @@ fn main() {
 }
 
 fn report(settings: &Settings, generator_ns: &[f64], busy_share: f64, rows: &[Row]) {
-    println!("\n## cargo xtask bench flood");
-    println!("{}", machine());
+    print_heading("flood");
     println!(
         "peers: {}; {}; {}",
         tool_version("nft", "--version"),

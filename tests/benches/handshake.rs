@@ -16,8 +16,8 @@ use std::{
 
 use edgegate::demo::netns::Netns;
 use edgegate_tests::{
-    bench::{machine, median, percentile, process_cpu, save, spread, tool_version},
-    peers::{BACKEND_PORT, PeerBed},
+    bench::{median, percentile, print_heading, process_cpu, save, spread},
+    peers::{self, BACKEND_PORT, PeerBed},
 };
 use rustls::{ClientConfig, SupportedProtocolVersion, pki_types::ServerName};
 use tokio::io::AsyncReadExt as _;
@@ -311,14 +311,8 @@ fn report(
     ours_one: f64,
     s_time_rate: Option<f64>,
 ) {
-    println!("\n## cargo xtask bench handshake");
-    println!("{}", machine());
-    println!(
-        "peers: {} (nbthread = cores); {}; {}",
-        tool_version("haproxy", "-v"),
-        tool_version("stunnel", "-version"),
-        tool_version("openssl", "version")
-    );
+    print_heading("handshake");
+    println!("{}", peers::versions());
     let load = match settings.rate {
         Some(rate) => format!("open loop, {rate} new handshakes/s"),
         None => format!("{} closed-loop clients", settings.concurrency),

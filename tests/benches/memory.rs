@@ -13,8 +13,8 @@ use std::{
 };
 
 use edgegate_tests::{
-    bench::{machine, median, save, spread, tool_version},
-    peers::{BACKEND_PORT, PeerBed},
+    bench::{median, print_heading, save, spread},
+    peers::{self, BACKEND_PORT, PeerBed},
 };
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -150,14 +150,8 @@ fn main() {
         rows.push((server.name, per_connection));
     }
 
-    println!("\n## cargo xtask bench memory");
-    println!("{}", machine());
-    println!(
-        "peers: {} (nbthread = cores); {}; {}",
-        tool_version("haproxy", "-v"),
-        tool_version("stunnel", "-version"),
-        tool_version("openssl", "version")
-    );
+    print_heading("memory");
+    println!("{}", peers::versions());
     println!(
         "{connections} idle established mTLS connections (TLS 1.3, one byte each way relayed), Pss growth of the proxy process, median of {rounds} rounds"
     );

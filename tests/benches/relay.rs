@@ -20,8 +20,8 @@ use std::{
 
 use edgegate::demo::netns::Netns;
 use edgegate_tests::{
-    bench::{machine, median, percentile, process_cpu, save, spread, tool_version},
-    peers::{BACKEND_PORT, PeerBed, Server},
+    bench::{median, percentile, print_heading, process_cpu, save, spread},
+    peers::{self, BACKEND_PORT, PeerBed, Server},
 };
 use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -286,14 +286,8 @@ fn main() {
 }
 
 fn report(settings: &Settings, throughput: &[ThroughputRow], latency: &[LatencyRow]) {
-    println!("\n## cargo xtask bench relay");
-    println!("{}", machine());
-    println!(
-        "peers: {} (nbthread = cores); {}; {}",
-        tool_version("haproxy", "-v"),
-        tool_version("stunnel", "-version"),
-        tool_version("openssl", "version")
-    );
+    print_heading("relay");
+    println!("{}", peers::versions());
     println!(
         "TLS 1.3, ECDSA P-256, X25519; clients tokio + rustls on the same cores; {} s × {} rounds; medians",
         settings.seconds, settings.rounds

@@ -16,7 +16,7 @@ use std::{
 };
 
 use edgegate_tests::{
-    bench::{machine, percentile, save},
+    bench::{percentile, print_heading, save},
     testbed::{PROTECTED_PORT, Testbed},
 };
 
@@ -116,8 +116,7 @@ fn main() {
     });
     let dropped = list_drops(&testbed) - drops_before;
 
-    println!("\n## cargo xtask bench update");
-    println!("{}", machine());
+    print_heading("update");
     println!("\n| measurement | p50 | p99 | min | max | target |");
     println!("|---|---:|---:|---:|---:|---|");
     let row = |name: &str, samples: &[f64], unit: &str, target: &str| {

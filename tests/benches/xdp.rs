@@ -20,7 +20,7 @@ use aya::{
 use edgegate::{config::Scope, filter::reference};
 use edgegate_tests::{
     Lcg,
-    bench::{machine, median, save, spread},
+    bench::{machine, median, print_heading, save, spread},
     harness::XdpHarness,
     packet::{ETHERTYPE_IPV4, ETHERTYPE_IPV6, Fragment, Transport, ethernet, ipv4, ipv6},
 };
@@ -263,8 +263,7 @@ fn fill_trie<K: aya::Pod>(ebpf: &mut Ebpf, name: &str, keys: impl Iterator<Item 
 fn report(settings: &Settings, rows: &[Row], baseline: &[f64]) {
     let base = median(baseline);
     let (base_min, base_max) = spread(baseline);
-    println!("\n## cargo xtask bench xdp");
-    println!("{}", machine());
+    print_heading("xdp");
     println!(
         "BPF_PROG_TEST_RUN, repeat {} per source, median over {} sources (half listed, half not)",
         settings.repeat, settings.sources

@@ -31,6 +31,12 @@ pub fn spread(values: &[f64]) -> (f64, f64) {
     (percentile(values, 0.0), percentile(values, 1.0))
 }
 
+/// The start of a benchmark's report: its name and the machine it ran on.
+pub fn print_heading(name: &str) {
+    println!("\n## cargo xtask bench {name}");
+    println!("{}", machine());
+}
+
 /// Cores, CPU model and kernel, for a benchmark table's header.
 pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")

@@ -15,6 +15,8 @@ use edgegate::demo::{
 };
 use rustls::{ClientConfig, SupportedProtocolVersion, client::Resumption};
 
+use crate::bench::tool_version;
+
 /// Where every proxy forwards to; the benchmark provides the backend.
 pub const BACKEND_PORT: u16 = 18080;
 
@@ -210,4 +212,14 @@ fn write(path: &Path, text: &str) {
 
 fn path(path: &Path) -> String {
     path.to_str().expect("UTF-8 path").to_owned()
+}
+
+/// The peers' versions, for a benchmark table's header.
+pub fn versions() -> String {
+    format!(
+        "peers: {} (nbthread = cores); {}; {}",
+        tool_version("haproxy", "-v"),
+        tool_version("stunnel", "-version"),
+        tool_version("openssl", "version")
+    )
 }

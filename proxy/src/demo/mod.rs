@@ -30,7 +30,10 @@ use anyhow::{Context as _, bail};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::control::{self, Request, Response, Status};
+use crate::{
+    control::{self, Request, Response, Status},
+    filter::CounterSnapshot,
+};
 use netns::{Netns, unique_name};
 use pki::{Authority, Issued, Leaf};
 
@@ -380,23 +383,15 @@ impl Bed {
 
     /// Prints the counters that tell the story.
     fn show(&self, status: &Status) {
-        let passed: u64 =
-            status.counters.iter().filter(|c| c.verdict == "pass").map(|c| c.packets).sum();
+        let packets = |counts: fn(&CounterSnapshot) -> bool| -> u64 {
+            status.counters.iter().filter(|c| counts(c)).map(|c| c.packets).sum()
+        };
         println!(
-            "  ┌ XDP      passed {passed:>6}   dropped: unlisted {:>4}, denied {:>4}, malformed {:>4}",
-            status
-                .counters
-                .iter()
-                .filter(|c| c.reason == "unlisted")
-                .map(|c| c.packets)
-                .sum::<u64>(),
-            status.counters.iter().filter(|c| c.reason == "denied").map(|c| c.packets).sum::<u64>(),
-            status
-                .counters
-                .iter()
-                .filter(|c| c.reason == "malformed")
-                .map(|c| c.packets)
-                .sum::<u64>(),
+            "  ┌ XDP      passed {:>6}   dropped: unlisted {:>4}, denied {:>4}, malformed {:>4}",
+            packets(|c| c.verdict == "pass"),
+            packets(|c| c.reason == "unlisted"),
+            packets(|c| c.reason == "denied"),
+            packets(|c| c.reason == "malformed"),
         );
         for listener in &status.listeners {
             let rejected: Vec<String> =
