@@ -253,9 +253,7 @@ fn clean_up_after(pid: u32) -> Vec<String> {
 fn install_peers(peers: &[(&str, &str)]) -> anyhow::Result<()> {
     let missing: Vec<&str> = peers
         .iter()
-        .filter(|(command, _)| {
-            Command::new("which").arg(command).output().map_or(true, |o| !o.status.success())
-        })
+        .filter(|(command, _)| !exec::on_path(command))
         .map(|&(_, package)| package)
         .collect();
     if !missing.is_empty() {

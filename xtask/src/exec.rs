@@ -42,6 +42,11 @@ pub fn build_release_binary() -> anyhow::Result<PathBuf> {
     Ok(workspace_root().join("target/release/edgegate"))
 }
 
+/// Whether `command` is on the PATH.
+pub fn on_path(command: &str) -> bool {
+    Command::new("which").arg(command).output().is_ok_and(|o| o.status.success())
+}
+
 pub fn require_root(what: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {

@@ -68,7 +68,7 @@ struct Kernel {
 pub fn run(kernels: &[String], broken_program: bool) -> anyhow::Result<()> {
     let expect_failure = broken_program;
     for tool in ["qemu-system-x86_64", "cpio", "busybox", "apt-get", "dpkg-deb"] {
-        if Command::new("which").arg(tool).output().map_or(true, |o| !o.status.success()) {
+        if !exec::on_path(tool) {
             bail!("`{tool}` is missing: apt-get install qemu-system-x86 cpio busybox-static");
         }
     }
