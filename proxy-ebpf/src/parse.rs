@@ -144,6 +144,11 @@ pub fn parse(packet: &Packet, ip: &mut Ip) -> Outcome {
         ethertype = inner;
         offset += VLAN_TAG_LEN;
     }
+    if ethertype == ETHERTYPE_VLAN || ethertype == ETHERTYPE_QINQ {
+        // More tags than the walk covers: the frame may well carry IP, and
+        // passing it as "not IP" would let it around the list. Fail closed.
+        return Outcome::Malformed;
+    }
     let parsed = match ethertype {
         ETHERTYPE_IPV4 => {
             ip.family = Family::Ipv4;

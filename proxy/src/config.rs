@@ -39,6 +39,13 @@ pub struct MetricsConfig {
     pub bind: SocketAddr,
 }
 
+impl MetricsConfig {
+    /// Whether other hosts can reach the endpoint (it is then protected by the filter).
+    pub fn exposed(&self) -> bool {
+        !self.bind.ip().is_loopback()
+    }
+}
+
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self { bind: default_metrics_bind() }
@@ -316,6 +323,13 @@ impl Config {
         if filter.ports.contains(&0) {
             return Err(invalid("filter.ports", "port 0 cannot be protected"));
         }
+        if metrics.exposed() && metrics.bind.port() == 0 {
+            return Err(invalid(
+                "metrics.bind",
+                "an endpoint other hosts can reach needs a fixed port, so that the filter can \
+                 protect it",
+            ));
+        }
         if filter.max_entries == 0 {
             return Err(invalid("filter.max_entries", "must be at least 1"));
         }
@@ -334,10 +348,15 @@ impl Config {
         Ok(Self { filter, daemon, listeners, metrics })
     }
 
-    /// Ports the filter protects: `filter.ports` and every listener's port.
+    /// Ports the filter protects: `filter.ports`, every listener's port, and
+    /// the metrics port unless it listens on loopback only: `/metrics` names
+    /// the partner's address ranges, so strangers must not reach it.
     pub fn protected_ports(&self) -> BTreeSet<u16> {
         let mut ports = self.filter.ports.clone();
         ports.extend(self.listeners.iter().map(|l| l.bind.port()));
+        if self.metrics.exposed() {
+            ports.insert(self.metrics.bind.port());
+        }
         ports
     }
 
@@ -522,6 +541,27 @@ mod tests {
         assert_eq!(edge.min_tls_version, TlsVersion::Tls12);
         assert_eq!(edge.proxy_protocol, ProxyProtocol::Off);
         assert_eq!(config.protected_ports(), BTreeSet::from([22, 8443]));
+    }
+
+    #[test]
+    fn a_metrics_port_other_hosts_can_reach_is_protected() {
+        let with_metrics = |bind: &str| {
+            parse(&format!(
+                "[filter]\ninterfaces = [\"eth0\"]\nports = [8443]\n[metrics]\nbind = \"{bind}\"\n"
+            ))
+        };
+        for (bind, protected) in [
+            ("127.0.0.1:9901", BTreeSet::from([8443])),
+            ("[::1]:9901", BTreeSet::from([8443])),
+            ("0.0.0.0:9901", BTreeSet::from([8443, 9901])),
+            ("[::]:9901", BTreeSet::from([8443, 9901])),
+            ("10.0.1.5:9902", BTreeSet::from([8443, 9902])),
+        ] {
+            assert_eq!(with_metrics(bind).unwrap().protected_ports(), protected, "{bind}");
+        }
+        let err = with_metrics("0.0.0.0:0").unwrap_err();
+        assert!(matches!(&err, ConfigError::Invalid { key, .. } if key == "metrics.bind"), "{err}");
+        assert!(with_metrics("127.0.0.1:0").is_ok(), "loopback needs no protection");
     }
 
     #[test]

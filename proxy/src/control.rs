@@ -68,6 +68,8 @@ pub enum Response {
 pub struct Status {
     pub interfaces: Vec<Attachment>,
     pub scope: String,
+    /// The listeners' ports, `filter.ports`, and the metrics port when exposed.
+    pub protected_ports: std::collections::BTreeSet<u16>,
     pub allowlist: PathBuf,
     pub ipv4_entries: usize,
     pub ipv6_entries: usize,

@@ -160,6 +160,7 @@ impl State {
         Ok(Status {
             interfaces: self.filter.attachments().to_vec(),
             scope: format!("{:?}", self.config.filter.scope).to_lowercase(),
+            protected_ports: self.config.protected_ports(),
             allowlist: self.list_path.clone(),
             ipv4_entries,
             ipv6_entries,
@@ -210,18 +211,18 @@ impl State {
                  effect at the next start"
             );
         }
+        self.config.listeners = next.listeners;
+        self.config.filter.ports = next.filter.ports;
         // Protect new listeners' ports before they accept anything.
-        if let Err(e) = self.filter.set_ports(&next.protected_ports()) {
+        if let Err(e) = self.filter.set_ports(&self.config.protected_ports()) {
             tracing::error!("reload: cannot update the protected ports: {e}");
         }
-        let outcomes = self.proxies.reload(&next.listeners);
+        let outcomes = self.proxies.reload(&self.config.listeners);
         if outcomes.iter().any(|o| o.result.failed()) {
             self.reloads_failed += 1;
         } else {
             self.reloads_ok += 1;
         }
-        self.config.listeners = next.listeners;
-        self.config.filter.ports = next.filter.ports;
         Response::Reloaded { outcomes }
     }
 }
@@ -267,7 +268,6 @@ pub fn start(config_path: PathBuf, overrides: Overrides) -> Result<Startup, Daem
         max_entries: config.filter.max_entries,
         bpffs_dir: config.daemon.bpffs_dir.clone(),
     };
-    let filter = Filter::load(&options, &list)?;
     if !list_path.exists() {
         tracing::warn!(
             "{} does not exist yet: protected traffic is dropped until `edgegate allow add`",
@@ -275,6 +275,20 @@ pub fn start(config_path: PathBuf, overrides: Overrides) -> Result<Startup, Daem
         );
         allowlist::store(&list_path, &list)?;
     }
+    if let Some(account) = &account {
+        // The daemon rewrites the list file atomically, so it needs the
+        // directory too. The state directory is edgegate's own; any other
+        // directory is left to the operator (the file alone is handed over).
+        // Checked before the filter is touched: a start that fails here
+        // leaves nothing attached.
+        let state_dir = config.daemon.state_dir.as_path();
+        let list_dir =
+            list_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let owned: Vec<&Path> =
+            if list_dir == state_dir { vec![state_dir, &list_path] } else { vec![&list_path] };
+        privileges::hand_over(account, &owned, list_dir)?;
+    }
+    let filter = Filter::load(&options, &list)?;
     let control = control::bind(&config.daemon.control_socket)?;
     let (ipv4, ipv6) = list.family_sizes();
     tracing::info!(
@@ -284,18 +298,7 @@ pub fn start(config_path: PathBuf, overrides: Overrides) -> Result<Startup, Daem
         config.daemon.control_socket.display()
     );
     match &account {
-        Some(account) => {
-            // The daemon rewrites the list file: atomically, so it needs the
-            // directory too. The state directory is edgegate's own; any other
-            // directory is left to the operator (the file alone is handed over).
-            let state_dir = config.daemon.state_dir.as_path();
-            let owned: Vec<&Path> = if list_path.parent() == Some(state_dir) {
-                vec![state_dir, &list_path]
-            } else {
-                vec![&list_path]
-            };
-            privileges::drop_to(account, &owned)?;
-        }
+        Some(account) => privileges::drop_to(account)?,
         None => tracing::warn!(
             "running as root: set `daemon.user` so that TLS and PROXY parsing run unprivileged"
         ),

@@ -346,6 +346,8 @@ fn status(global: &Global, json: bool, top: usize) -> anyhow::Result<()> {
 
 fn print_status(status: &Status) {
     println!("scope:      {}", status.scope);
+    let ports: Vec<String> = status.protected_ports.iter().map(u16::to_string).collect();
+    println!("protected:  ports {}", ports.join(", "));
     for attachment in &status.interfaces {
         let how = if attachment.adopted { ", taken over from a previous daemon" } else { "" };
         println!("interface:  {} ({} mode{how})", attachment.interface, attachment.mode);

@@ -17,7 +17,7 @@
 use std::path::{Path, PathBuf};
 
 use caps::{CapSet, Capability, CapsHashSet};
-use nix::unistd::{Gid, Uid, User, chown, setgid, setgroups, setuid};
+use nix::unistd::{Gid, Uid, User, chown, setfsgid, setfsuid, setgid, setgroups, setuid};
 
 /// The capabilities the daemon keeps after start-up.
 pub const RETAINED: [Capability; 2] = [Capability::CAP_BPF, Capability::CAP_NET_BIND_SERVICE];
@@ -43,6 +43,31 @@ pub enum PrivilegeError {
         #[source]
         source: nix::Error,
     },
+    /// The user could not keep the allowlist where the config puts it.
+    #[error(
+        "`daemon.user` `{user}` cannot update the allowlist in {}: {source}{}",
+        dir.display(),
+        match blocked_at {
+            Some(parent) => format!(
+                "; `{user}` may not enter {}: make it searchable (e.g. `chmod o+x {}`) \
+                 or move `daemon.state_dir` (or `filter.allowlist`) elsewhere",
+                parent.display(),
+                parent.display()
+            ),
+            None => format!(
+                "; let `{user}` create and rename files there, or move `daemon.state_dir` \
+                 (or `filter.allowlist`) elsewhere"
+            ),
+        }
+    )]
+    StateAccess {
+        user: String,
+        dir: PathBuf,
+        /// The first ancestor of `dir` the user cannot search, if that is the cause.
+        blocked_at: Option<PathBuf>,
+        #[source]
+        source: Box<crate::allowlist::StoreError>,
+    },
     /// A credential or capability call failed.
     #[error("cannot drop privileges ({step}): {source}")]
     Drop {
@@ -60,17 +85,82 @@ pub fn lookup(user: &str) -> Result<User, PrivilegeError> {
         .ok_or_else(|| PrivilegeError::UnknownUser(user.to_owned()))
 }
 
-/// Becomes `account`, keeping only [`RETAINED`], after giving it `owned`
-/// (paths the daemon writes later: the state directory, the allowlist). Must
-/// run while the process has a single thread: credentials and capabilities
-/// are per thread, and threads started later inherit the main thread's.
-pub fn drop_to(account: &User, owned: &[&Path]) -> Result<(), PrivilegeError> {
+/// Gives `account` the paths the daemon writes later (the state directory,
+/// the allowlist), then proves, with the account's file-system identity,
+/// that it can rewrite the list in `list_dir` as every change does (create,
+/// write, fsync, rename): a daemon that would refuse every `allow add` with
+/// "Permission denied" must not start. Runs while still root.
+pub fn hand_over(account: &User, owned: &[&Path], list_dir: &Path) -> Result<(), PrivilegeError> {
     let user = account.name.as_str();
     for path in owned.iter().filter(|p| p.exists()) {
         chown(*path, Some(account.uid), Some(account.gid)).map_err(|source| {
             PrivilegeError::Chown { user: user.to_owned(), path: path.to_path_buf(), source }
         })?;
     }
+    // The groups `drop_to` leaves: root's own could grant access the user lacks.
+    setgroups(&[]).map_err(|e| PrivilegeError::Drop { step: "setgroups", source: e.into() })?;
+    let probed = {
+        let _identity = FileIdentity::assume(account);
+        let probe = list_dir.join(".edgegate-access-check");
+        crate::allowlist::store(&probe, &crate::allowlist::Allowlist::default())
+            .and_then(|()| {
+                std::fs::remove_file(&probe).map_err(|source| crate::allowlist::StoreError::Io {
+                    op: "remove",
+                    path: probe.clone(),
+                    source,
+                })
+            })
+            .map_err(|source| (source, first_unsearchable(list_dir)))
+    };
+    probed.map_err(|(source, blocked_at)| PrivilegeError::StateAccess {
+        user: user.to_owned(),
+        dir: list_dir.to_owned(),
+        blocked_at,
+        source: Box::new(source),
+    })
+}
+
+/// The first directory on the way to `dir` (itself included) that the
+/// current file-system identity cannot search.
+fn first_unsearchable(dir: &Path) -> Option<PathBuf> {
+    let mut ancestors: Vec<&Path> = dir.ancestors().collect();
+    ancestors.reverse();
+    // `stat("a/.")` needs search permission on `a` and on everything above it.
+    ancestors
+        .into_iter()
+        .find(|a| {
+            std::fs::metadata(a.join("."))
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
+        })
+        .map(Path::to_owned)
+}
+
+/// Root's file-system identity set to an account's for permission checks
+/// (setfsuid: root's capabilities that bypass file permissions are off while
+/// it is set), restored on drop.
+struct FileIdentity;
+
+impl FileIdentity {
+    fn assume(account: &User) -> Self {
+        setfsgid(account.gid);
+        setfsuid(account.uid);
+        Self
+    }
+}
+
+impl Drop for FileIdentity {
+    fn drop(&mut self) {
+        setfsuid(Uid::from_raw(0));
+        setfsgid(Gid::from_raw(0));
+    }
+}
+
+/// Becomes `account`, keeping only [`RETAINED`]; [`hand_over`] has given it
+/// what it writes. Must run while the process has a single thread:
+/// credentials and capabilities are per thread, and threads started later
+/// inherit the main thread's.
+pub fn drop_to(account: &User) -> Result<(), PrivilegeError> {
+    let user = account.name.as_str();
     let retained: CapsHashSet = RETAINED.into_iter().collect();
     let caps_error = |step| {
         move |e: caps::errors::CapsError| PrivilegeError::Drop {

@@ -22,16 +22,13 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::{
     pki::{Authority, Issued, Leaf},
-    testbed::Testbed,
+    testbed::{CONNECT_TIMEOUT, Testbed},
 };
 
 /// The listener's port on the server.
 pub const LISTENER_PORT: u16 = 8443;
 /// The backend's port, on the server's loopback.
 pub const BACKEND_PORT: u16 = 18080;
-
-/// A dropped SYN is retried after 1 s; anything slower than this is a drop.
-const CONNECT_TIMEOUT: Duration = Duration::from_millis(800);
 
 /// How the test backend answers.
 #[derive(Clone, Copy, PartialEq, Eq)]

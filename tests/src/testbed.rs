@@ -176,6 +176,37 @@ impl Testbed {
         }
     }
 
+    /// Runs `edgegate run` (with extra `args`) where the start must be
+    /// refused, and returns its output. A daemon that starts instead is
+    /// killed after 30 s and the test fails.
+    pub fn refused_start(&self, args: &[&str]) -> Output {
+        let mut child = self
+            .server
+            .command(edgegate_binary().to_str().expect("UTF-8 path"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start edgegate run");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().expect("wait").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let output = child.wait_with_output().expect("output");
+                panic!(
+                    "the daemon started instead of refusing:\n{}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let output = child.wait_with_output().expect("output");
+        assert!(!output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        output
+    }
+
     /// Kills the daemon with SIGKILL, as a crash would, and reaps it.
     pub fn kill_daemon(&self) {
         let mut child = self.take_daemon();
@@ -420,17 +451,35 @@ impl Testbed {
     /// `GET path` on the daemon's metrics endpoint (127.0.0.1:9901 in the
     /// server namespace): the status code and the body.
     pub fn http_get(&self, path: &str) -> (u16, String) {
-        self.server.run(|| {
-            use std::io::Write as _;
-            let mut stream = TcpStream::connect(("127.0.0.1", 9901)).expect("connect to /metrics");
-            write!(stream, "GET {path} HTTP/1.1\r\nHost: edgegate\r\nConnection: close\r\n\r\n")
-                .expect("request");
-            let mut response = String::new();
-            stream.read_to_string(&mut response).expect("response");
-            let code =
-                response.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status code");
-            let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
-            (code, body)
-        })
+        let address = SocketAddr::from(([127, 0, 0, 1], 9901));
+        self.server.run(|| http_get(address, path, Duration::from_secs(10))).expect("GET /metrics")
     }
+
+    /// `GET path` from client `index` to `address`: the status code and
+    /// body, or the error (a connection the filter drops times out).
+    pub fn http_get_from(
+        &self,
+        index: usize,
+        address: SocketAddr,
+        path: &str,
+    ) -> std::io::Result<(u16, String)> {
+        self.clients[index].netns.run(|| http_get(address, path, CONNECT_TIMEOUT))
+    }
+}
+
+/// A dropped SYN is retried after 1 s; anything slower than this is a drop.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(800);
+
+fn http_get(address: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
+    use std::io::Write as _;
+    let mut stream = TcpStream::connect_timeout(&address, timeout)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: edgegate\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let code = response.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not HTTP: {response:?}"))
+    })?;
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    Ok((code, body))
 }

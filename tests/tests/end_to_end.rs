@@ -262,15 +262,6 @@ fn skb_mode_filters_as_well() {
 #[test]
 fn the_daemon_refuses_bad_configs_and_lists() {
     let testbed = Testbed::new(1);
-    let run = || {
-        testbed
-            .server
-            .command(edgegate_tests::testbed::edgegate_binary().to_str().expect("UTF-8"))
-            .args(["run", "--config"])
-            .arg(&testbed.config)
-            .output()
-            .expect("run the daemon")
-    };
     let cases = [
         ("interfaces = [\"nosuch0\"]", None, "interface `nosuch0` does not exist"),
         ("mode = \"turbo\"", None, "unknown variant `turbo`"),
@@ -292,9 +283,8 @@ fn the_daemon_refuses_bad_configs_and_lists() {
             std::fs::create_dir_all(testbed.allowlist_path().parent().expect("dir")).expect("dir");
             std::fs::write(testbed.allowlist_path(), list).expect("list");
         }
-        let output = run();
+        let output = testbed.refused_start(&[]);
         let message = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "started with {extra:?}");
         assert!(message.contains(expected), "{extra:?}: {message}");
         assert!(
             !testbed.bpffs_dir.join("links").exists()
@@ -331,17 +321,8 @@ fn check_validates_the_config_and_the_list() {
 fn a_pin_directory_outside_bpffs_is_refused() {
     let testbed = Testbed::new(1);
     let not_bpffs = testbed.dir.join("bpf");
-    let output = testbed
-        .server
-        .command(edgegate_tests::testbed::edgegate_binary().to_str().expect("UTF-8"))
-        .arg("--bpffs-dir")
-        .arg(&not_bpffs)
-        .args(["run", "--config"])
-        .arg(&testbed.config)
-        .output()
-        .expect("run the daemon");
+    let output = testbed.refused_start(&["--bpffs-dir", not_bpffs.to_str().expect("UTF-8")]);
     let message = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
     assert!(message.contains("is not on a bpffs mount; mount one with `mount -t bpf"), "{message}");
 }
 

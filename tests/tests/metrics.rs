@@ -1,6 +1,11 @@
 //! `/metrics`, `/healthz` and `/readyz` of the running daemon.
 
-use edgegate_tests::mtls::{BackendMode, MtlsBed};
+use std::net::SocketAddr;
+
+use edgegate_tests::{
+    mtls::{BackendMode, MtlsBed},
+    testbed::{PROTECTED_PORT, Testbed},
+};
 
 /// The value of `name{labels}` (labels given as `key=value` pairs) in a scrape.
 fn sample(body: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -84,4 +89,31 @@ fn healthz_and_readyz_follow_the_filter_and_the_listeners() {
     let (_, metrics) = bed.testbed.http_get("/metrics");
     assert_eq!(sample(&metrics, "edgegate_ready", &[]), 0.0);
     assert_eq!(bed.testbed.http_get("/nowhere").0, 404);
+}
+
+/// Bound beyond loopback (so that the NLB can health-check `/readyz`), the
+/// metrics port is protected like a listener's: `/metrics` names the
+/// partner's address ranges, and strangers never reach it.
+#[test]
+fn an_exposed_metrics_port_is_protected_by_the_filter() {
+    let testbed = Testbed::new(2);
+    testbed.write_config_with("", "[metrics]\nbind = \"0.0.0.0:9901\"\n");
+    std::fs::create_dir_all(testbed.dir.join("state")).expect("state dir");
+    std::fs::write(testbed.allowlist_path(), format!("{}\n", testbed.clients[0].ipv4))
+        .expect("allowlist");
+    testbed.start_daemon();
+    let status = testbed.status();
+    assert_eq!(status.protected_ports.into_iter().collect::<Vec<_>>(), [PROTECTED_PORT, 9901]);
+    let listed = testbed.cli_ok(&["status"]);
+    assert!(listed.contains(&format!("protected:  ports {PROTECTED_PORT}, 9901")), "{listed}");
+
+    let metrics_at = |client: usize| SocketAddr::new(testbed.server_v4(client), 9901);
+    assert_eq!(
+        testbed.http_get_from(0, metrics_at(0), "/readyz").expect("allowed source"),
+        (200, "ready\n".into())
+    );
+    let unlisted_before = testbed.counted("ipv4", "unlisted");
+    let stranger = testbed.http_get_from(1, metrics_at(1), "/metrics");
+    assert!(stranger.is_err(), "a stranger read the metrics: {stranger:?}");
+    assert!(testbed.counted("ipv4", "unlisted") > unlisted_before, "its SYN is counted");
 }

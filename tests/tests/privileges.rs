@@ -73,16 +73,47 @@ fn every_daemon_thread_runs_as_nobody_with_two_capabilities() {
 fn an_unknown_user_stops_the_start() {
     let bed = MtlsBed::new(BackendMode::Echo);
     bed.write("", "user = \"no-such-edgegate-user\"");
-    let output = bed
-        .testbed
-        .server
-        .command(edgegate_tests::testbed::edgegate_binary().to_str().expect("UTF-8"))
-        .args(["run", "--config"])
-        .arg(&bed.testbed.config)
-        .output()
-        .expect("run");
+    let output = bed.testbed.refused_start(&[]);
     let message = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
     assert!(message.contains("`daemon.user`: no user `no-such-edgegate-user`"), "{message}");
     assert!(!bed.testbed.bpffs_dir.exists(), "checked before anything is attached");
+}
+
+/// A state directory the daemon's user cannot reach (here: under a root-only
+/// 0700 directory) would make every allowlist change fail with "Permission
+/// denied" once the daemon runs; the start is refused instead, naming the
+/// directory in the way and the fix, before anything is attached.
+#[test]
+fn a_state_directory_the_user_cannot_reach_stops_the_start() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let bed = MtlsBed::new(BackendMode::Echo);
+    let locked = bed.testbed.dir.join("root-only");
+    std::fs::create_dir(&locked).expect("locked dir");
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let state_dir = locked.join("state");
+    bed.write("", "user = \"nobody\"");
+    let state_override = ["--state-dir", state_dir.to_str().expect("UTF-8")];
+
+    let output = bed.testbed.refused_start(&state_override);
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        message.contains(&format!(
+            "`daemon.user` `nobody` cannot update the allowlist in {}",
+            state_dir.display()
+        )),
+        "{message}"
+    );
+    assert!(message.contains("Permission denied"), "{message}");
+    assert!(
+        message.contains(&format!("`nobody` may not enter {}", locked.display()))
+            && message.contains(&format!("chmod o+x {}", locked.display())),
+        "{message}"
+    );
+    assert!(!bed.testbed.bpffs_dir.exists(), "refused before anything is attached");
+
+    // Made searchable, the same config starts and the daemon's user changes the list.
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    bed.testbed.start_daemon_with(&state_override);
+    let changed = bed.testbed.cli_ok(&["allow", "add", "198.51.100.7"]);
+    assert!(changed.contains("1 added"), "{changed}");
 }

@@ -94,7 +94,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let benches: Vec<Bench> =
         if options.name == Bench::All { Bench::EACH.to_vec() } else { vec![options.name] };
     for bench in &benches {
-        install_peers(bench.peers())?;
+        exec::install_missing("bench", bench.peers())?;
     }
     // The update, handshake, relay and memory benches drive the real binary.
     exec::build_release_binary()?;
@@ -247,23 +247,4 @@ fn clean_up_after(pid: u32) -> Vec<String> {
         }
     }
     removed
-}
-
-/// Installs the peers a benchmark compares with, from Debian, when missing.
-fn install_peers(peers: &[(&str, &str)]) -> anyhow::Result<()> {
-    let missing: Vec<&str> = peers
-        .iter()
-        .filter(|(command, _)| !exec::on_path(command))
-        .map(|&(_, package)| package)
-        .collect();
-    if !missing.is_empty() {
-        println!("bench: installing {}", missing.join(", "));
-        exec::run(
-            Command::new("apt-get")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
-    }
-    Ok(())
 }

@@ -47,10 +47,43 @@ pub fn on_path(command: &str) -> bool {
     Command::new("which").arg(command).output().is_ok_and(|o| o.status.success())
 }
 
+/// Installs, from Debian, the packages whose commands are missing: `needed`
+/// pairs a command with its package. Refreshes the package lists when a
+/// fresh machine has none.
+pub fn install_missing(what: &str, needed: &[(&str, &str)]) -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = needed
+        .iter()
+        .filter(|(command, _)| !on_path(command))
+        .map(|&(_, package)| package)
+        .collect();
+    missing.sort_unstable();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("{what}: installing {}", missing.join(", "));
+    let install = || {
+        let mut command = Command::new("apt-get");
+        command
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        command
+    };
+    if run(&mut install()).is_err() {
+        println!("{what}: refreshing the package lists and trying again");
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(&mut install())?;
+    }
+    Ok(())
+}
+
 pub fn require_root(what: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("{what} needs root (XDP, bpffs, network namespaces); run it with `sudo -E`");
+        bail!(
+            "{what} needs root (XDP, bpffs, network namespaces): run it as root or with `sudo -E`"
+        );
     }
     Ok(())
 }

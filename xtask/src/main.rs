@@ -68,6 +68,7 @@ impl IntegrationTest {
         exec::require_root("cargo xtask integration-test")?;
         setup::ensure()?;
         if !self.vm {
+            exec::install_missing("integration-test", &test::TOOLS)?;
             exec::run(exec::cargo().args(["build", "--package", "edgegate", "--bins"]))?;
             return exec::run(exec::cargo().args([
                 "test",

@@ -19,8 +19,22 @@ pub struct Options {
     test_args: Vec<String>,
 }
 
+/// Commands the tests run, and the Debian packages they come from: namespaces
+/// and veths, entering them, dropping to a user, the real TLS clients and
+/// scanner, and the unit checker for the packaged service.
+pub const TOOLS: [(&str, &str); 7] = [
+    ("ip", "iproute2"),
+    ("nsenter", "util-linux"),
+    ("setpriv", "util-linux"),
+    ("curl", "curl"),
+    ("openssl", "openssl"),
+    ("testssl", "testssl.sh"),
+    ("systemd-analyze", "systemd"),
+];
+
 pub fn run(options: &Options) -> anyhow::Result<()> {
     exec::require_root("cargo xtask test")?;
+    exec::install_missing("test", &TOOLS)?;
     setup::ensure()?;
     if !options.no_lint {
         exec::run(exec::cargo().args(["fmt", "--all", "--", "--check"]))?;

@@ -35,6 +35,17 @@ const END_TO_END: [&str; 4] = [
     "sigterm_leaves_the_filter_pinned_until_detach",
 ];
 
+/// Commands a VM run uses, and the Debian packages they come from (the
+/// initramfs also carries the tests' `ip` and `nsenter`).
+const TOOLS: [(&str, &str); 6] = [
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("cpio", "cpio"),
+    ("busybox", "busybox-static"),
+    ("xz", "xz-utils"),
+    ("ip", "iproute2"),
+    ("nsenter", "util-linux"),
+];
+
 /// A whole VM run may take this long (TCG is slow; a hung kernel must not hang CI).
 const VM_TIMEOUT: Duration = Duration::from_secs(900);
 
@@ -67,11 +78,7 @@ struct Kernel {
 /// self-test.
 pub fn run(kernels: &[String], broken_program: bool) -> anyhow::Result<()> {
     let expect_failure = broken_program;
-    for tool in ["qemu-system-x86_64", "cpio", "busybox", "apt-get", "dpkg-deb"] {
-        if !exec::on_path(tool) {
-            bail!("`{tool}` is missing: apt-get install qemu-system-x86 cpio busybox-static");
-        }
-    }
+    exec::install_missing("vm", &TOOLS)?;
     let work = exec::workspace_root().join("target/vm");
     fs::create_dir_all(&work)?;
     let binaries = build_binaries(broken_program)?;
@@ -80,12 +87,13 @@ pub fn run(kernels: &[String], broken_program: bool) -> anyhow::Result<()> {
         let kernel = fetch_kernel(&work, spec)?;
         let initramfs = pack(&work, &kernel, &binaries)?;
         println!("vm: booting {} ({})", kernel.name, kernel.vmlinuz.display());
-        // KVM when it works; on hosts where it is present but broken (as on
-        // the development machines), the kernel never starts: use TCG.
+        // KVM when it works. Where it is present but broken, the kernel
+        // never starts, or it starts and QEMU then stops on an emulation
+        // failure (nested virtualisation): rerun that kernel under TCG.
         let kvm = Path::new("/dev/kvm").exists();
         let outcome = match boot(&kernel, &initramfs, kvm) {
-            Err(Boot::NeverStarted) if kvm => {
-                println!("vm: KVM did not start the kernel; retrying with TCG");
+            Err(e @ (Boot::NeverStarted | Boot::KvmFailed { .. })) if kvm => {
+                println!("vm: {e}; rerunning {} under TCG", kernel.name);
                 boot(&kernel, &initramfs, false)
             }
             outcome => outcome,
@@ -361,6 +369,9 @@ fn pack(work: &Path, kernel: &Kernel, binaries: &Binaries) -> anyhow::Result<Pat
 enum Boot {
     #[error("the kernel never printed anything")]
     NeverStarted,
+    /// QEMU reported that KVM cannot run the guest, or the guest stalled under KVM.
+    #[error("KVM failed: {detail}")]
+    KvmFailed { detail: String },
     #[error("{message}")]
     Failed {
         message: String,
@@ -369,11 +380,22 @@ enum Boot {
     },
 }
 
+/// How long a VM run may take, and may go without printing anything.
+#[derive(Clone, Copy)]
+struct Limits {
+    /// TCG is slow; a hung kernel must not hang CI.
+    total: Duration,
+    /// Only enforced under KVM, where every test prints within seconds: a
+    /// guest that KVM stopped without a word must not wait for `total`.
+    silence: Option<Duration>,
+}
+
+const TCG_LIMITS: Limits = Limits { total: VM_TIMEOUT, silence: None };
+const KVM_LIMITS: Limits = Limits { total: VM_TIMEOUT, silence: Some(Duration::from_secs(60)) };
+
 /// Boots the kernel, streams the console, and judges it.
 fn boot(kernel: &Kernel, initramfs: &Path, kvm: bool) -> Result<(), Boot> {
-    let mut verifier_rejected = false;
-    let failed = |message: String| Boot::Failed { message, verifier_rejected: false };
-    let mut child = Command::new("qemu-system-x86_64")
+    let child = Command::new("qemu-system-x86_64")
         // Under TCG: one vCPU, and no cmpxchg16b: QEMU 7.2 (Debian 12)
         // mis-emulates it and the 6.12 kernel double-faults in the slab
         // allocator; without the feature the kernel takes its fallback path.
@@ -397,27 +419,86 @@ fn boot(kernel: &Kernel, initramfs: &Path, kvm: bool) -> Result<(), Boot> {
         .args(["-append", "console=ttyS0 panic=-1 quiet"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| failed(format!("cannot start qemu-system-x86_64: {e}")))?;
+        .map_err(|e| Boot::Failed {
+            message: format!("cannot start qemu-system-x86_64: {e}"),
+            verifier_rejected: false,
+        })?;
     let started = Instant::now();
-    let console = child.stdout.take().expect("piped");
-    // Enforce the timeout from a watchdog thread: reading blocks.
+    watch(child, if kvm { KVM_LIMITS } else { TCG_LIMITS })?;
+    println!("vm: {} in {:?}", kernel.name, started.elapsed());
+    Ok(())
+}
+
+/// What stopped a VM before its console ended by itself.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    TimedOut,
+    Silent,
+    KvmError,
+}
+
+/// Whether a line QEMU writes to stderr says KVM stopped the guest: QEMU
+/// then pauses it and waits forever, so the run must be ended at once.
+fn is_kvm_failure(line: &str) -> bool {
+    line.contains("KVM internal error") || line.contains("emulation failure")
+}
+
+/// Streams the console of a started QEMU, stops it when `limits` are
+/// exceeded or KVM fails, and judges the result lines.
+fn watch(mut child: std::process::Child, limits: Limits) -> Result<(), Boot> {
+    use std::sync::{Arc, Mutex};
+    let failed = |message: String| Boot::Failed { message, verifier_rejected: false };
+    let started = Instant::now();
     let pid = child.id();
-    let watchdog = std::thread::spawn(move || {
-        while started.elapsed() < VM_TIMEOUT {
-            std::thread::sleep(Duration::from_secs(1));
-            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                return false;
+    let last_output = Arc::new(Mutex::new(Instant::now()));
+    let stop: Arc<Mutex<Option<(Stop, String)>>> = Arc::new(Mutex::new(None));
+    let kill = {
+        let stop = Arc::clone(&stop);
+        move |why: Stop, detail: String| {
+            let mut stop = stop.lock().expect("stop lock");
+            if stop.is_none() {
+                *stop = Some((why, detail));
+                let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
             }
         }
-        let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
-        true
-    });
+    };
+    let stderr = child.stderr.take().expect("piped");
+    let stderr_reader = {
+        let kill = kill.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let line = line.unwrap_or_default();
+                eprintln!("  ! {line}");
+                if is_kvm_failure(&line) {
+                    kill(Stop::KvmError, line);
+                }
+            }
+        })
+    };
+    // Enforce the limits from a watchdog thread: reading blocks.
+    let watchdog = {
+        let last_output = Arc::clone(&last_output);
+        std::thread::spawn(move || {
+            while Path::new(&format!("/proc/{pid}")).exists() {
+                std::thread::sleep(Duration::from_millis(200));
+                let quiet = last_output.lock().expect("output lock").elapsed();
+                if started.elapsed() > limits.total {
+                    kill(Stop::TimedOut, format!("no result within {:?}", limits.total));
+                } else if let Some(silence) = limits.silence.filter(|s| quiet > *s) {
+                    kill(Stop::Silent, format!("the guest printed nothing for {silence:?}"));
+                }
+            }
+        })
+    };
+    let console = child.stdout.take().expect("piped");
     let (mut results, mut done, mut panicked, mut started_kernel) =
         (Vec::new(), false, false, false);
+    let mut verifier_rejected = false;
     for line in BufReader::new(console).lines() {
         let line = line.unwrap_or_default();
+        *last_output.lock().expect("output lock") = Instant::now();
         println!("  | {line}");
         started_kernel |= line.contains("EDGEGATE-VM-KERNEL") || line.contains("Linux version");
         verifier_rejected |= line.contains("the kernel refused the XDP program");
@@ -428,9 +509,12 @@ fn boot(kernel: &Kernel, initramfs: &Path, kvm: bool) -> Result<(), Boot> {
         panicked |= line.contains("Kernel panic");
     }
     let _ = child.wait();
-    let timed_out = watchdog.join().unwrap_or(false);
-    if timed_out {
-        return Err(failed(format!("no result within {VM_TIMEOUT:?}")));
+    let _ = watchdog.join();
+    let _ = stderr_reader.join();
+    match stop.lock().expect("stop lock").take() {
+        Some((Stop::KvmError | Stop::Silent, detail)) => return Err(Boot::KvmFailed { detail }),
+        Some((Stop::TimedOut, detail)) => return Err(failed(detail)),
+        None => {}
     }
     if !started_kernel {
         return Err(Boot::NeverStarted);
@@ -446,6 +530,80 @@ fn boot(kernel: &Kernel, initramfs: &Path, kvm: bool) -> Result<(), Boot> {
         let message = format!("failing suites: {failing:?} (of {results:?})");
         return Err(Boot::Failed { message, verifier_rejected });
     }
-    println!("vm: {} in {:?}", kernel.name, started.elapsed());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in for QEMU: prints `stdout` on the console and `stderr` on
+    /// its stderr, then hangs as a paused guest does.
+    fn fake_qemu(stdout: &str, stderr: &str) -> std::process::Child {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf '{stdout}'; printf '{stderr}' >&2; exec sleep 600"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("sh")
+    }
+
+    const LIMITS: Limits =
+        Limits { total: Duration::from_secs(120), silence: Some(Duration::from_secs(60)) };
+
+    #[test]
+    fn a_kvm_internal_error_ends_the_run_at_once() {
+        let started = Instant::now();
+        let child = fake_qemu(
+            "Linux version 6.12.0\\nEDGEGATE-VM-KERNEL 6.12.0\\n",
+            "KVM internal error. Suberror: 1\\nextra data[0]: 0x0\\nemulation failure\\n",
+        );
+        let outcome = watch(child, LIMITS);
+        assert!(
+            matches!(&outcome, Err(Boot::KvmFailed { detail }) if detail.contains("KVM internal error")),
+            "{outcome:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    }
+
+    #[test]
+    fn a_guest_silent_under_kvm_ends_the_run_after_the_silence_bound() {
+        let limits = Limits { silence: Some(Duration::from_secs(2)), ..LIMITS };
+        let started = Instant::now();
+        let outcome = watch(fake_qemu("Linux version 6.1.0\\n", ""), limits);
+        assert!(matches!(&outcome, Err(Boot::KvmFailed { detail }) if detail.contains("nothing")));
+        assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    }
+
+    #[test]
+    fn a_run_past_its_total_limit_fails_without_a_retry() {
+        let limits = Limits { total: Duration::from_secs(2), silence: None };
+        let outcome = watch(fake_qemu("Linux version 6.1.0\\n", ""), limits);
+        assert!(
+            matches!(&outcome, Err(Boot::Failed { message, .. }) if message.contains("no result"))
+        );
+    }
+
+    #[test]
+    fn a_complete_console_is_judged_by_its_result_lines() {
+        let console =
+            "Linux version 6.1.0\\nEDGEGATE-VM-RESULT xdp_verdicts 0\\nEDGEGATE-VM-DONE\\n";
+        let print = |text: &str| {
+            Command::new("printf")
+                .arg(text)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("printf")
+        };
+        assert!(watch(print(console), LIMITS).is_ok());
+        let outcome = watch(print(&console.replace(" 0", " 101")), LIMITS);
+        assert!(
+            matches!(&outcome, Err(Boot::Failed { message, .. }) if message.contains("failing suites")),
+            "{outcome:?}"
+        );
+        let outcome = watch(print("EDGEGATE-VM-DONE\\n"), LIMITS);
+        assert!(matches!(outcome, Err(Boot::NeverStarted)), "{outcome:?}");
+    }
 }
