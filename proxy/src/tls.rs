@@ -83,7 +83,7 @@ pub enum FileProblem {
 impl ListenerTls {
     /// Reads and checks every file the listener names.
     pub fn load(listener: &ListenerConfig) -> Result<Self, TlsError> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let provider = Arc::new(provider());
         let chain = certificates("cert", &listener.cert)?;
         let key = private_key("key", &listener.key)?;
         let roots = root_store("client_ca", &listener.client_ca)?;
@@ -102,15 +102,45 @@ impl ListenerTls {
             inner: webpki,
             rules: IdentityRules::new(listener).expect("patterns are checked by Config::parse"),
         });
-        let server = ServerConfig::builder_with_provider(provider.clone())
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(versions(listener.min_tls_version))
             .map_err(|source| TlsError::Rustls { key: "min_tls_version", source })?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
             .map_err(|source| TlsError::Rustls { key: "key", source })?;
+        // The server picks the suite, in `SUITES` order: a client's own
+        // preference (often AES-256 first) would cost every handshake SHA-384.
+        server.ignore_client_order = true;
         let backend =
             listener.backend_tls.as_ref().map(|tls| backend_tls(tls, provider)).transpose()?;
         Ok(Self { server: Arc::new(server), backend })
+    }
+}
+
+/// AEAD suites only, cheapest strong one first: AES-128-GCM (AES
+/// instructions on x86-64 and Graviton; SHA-256 for the transcript, where
+/// SHA-384 costs ~10% of a handshake, see `bench handshake`), then AES-256-GCM,
+/// then ChaCha20-Poly1305.
+const SUITES: [rustls::SupportedCipherSuite; 9] = {
+    use rustls::crypto::aws_lc_rs::cipher_suite::*;
+    [
+        TLS13_AES_128_GCM_SHA256,
+        TLS13_AES_256_GCM_SHA384,
+        TLS13_CHACHA20_POLY1305_SHA256,
+        TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+    ]
+};
+
+/// aws-lc-rs with [`SUITES`] in that order.
+fn provider() -> CryptoProvider {
+    CryptoProvider {
+        cipher_suites: SUITES.to_vec(),
+        ..rustls::crypto::aws_lc_rs::default_provider()
     }
 }
 

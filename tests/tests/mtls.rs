@@ -326,3 +326,47 @@ fn reload_starts_and_stops_listeners() {
     assert!(!connects_to(0, LISTENER_PORT));
     assert!(connects_to(0, 8444));
 }
+
+/// The server chooses the suite, cheapest strong one first: a client that
+/// lists AES-256-GCM first (rustls's order, and OpenSSL's) gets AES-128-GCM,
+/// in TLS 1.3 and in TLS 1.2.
+#[test]
+fn the_server_picks_aes_128_gcm_over_the_clients_preference() {
+    use rustls::CipherSuite;
+    let bed = MtlsBed::new(BackendMode::Echo);
+    bed.start("");
+    for (version, preferred, expected) in [
+        (
+            &rustls::version::TLS13,
+            CipherSuite::TLS13_AES_256_GCM_SHA384,
+            CipherSuite::TLS13_AES_128_GCM_SHA256,
+        ),
+        (
+            &rustls::version::TLS12,
+            CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ),
+    ] {
+        let config = edgegate_tests::mtls::client_config_for(
+            &bed.server_ca.cert,
+            Some(&bed.client),
+            &[version],
+        );
+        let offered: Vec<CipherSuite> = config
+            .crypto_provider()
+            .cipher_suites
+            .iter()
+            .filter(|s| s.version() == version)
+            .map(|s| s.suite())
+            .collect();
+        assert_eq!(offered.first(), Some(&preferred), "the client prefers AES-256");
+        let (address, server) = (bed.listener_address(0), bed.testbed.server_v4(0));
+        let negotiated = bed.in_client(0, || async move {
+            let tls = edgegate_tests::mtls::connect_tls(address, server, config, &[])
+                .await
+                .expect("handshake");
+            tls.get_ref().1.negotiated_cipher_suite().expect("a suite").suite()
+        });
+        assert_eq!(negotiated, expected);
+    }
+}
