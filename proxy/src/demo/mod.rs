@@ -53,7 +53,7 @@ struct Observed {
 pub fn run(duration: Duration, interrupted: Arc<AtomicBool>) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("the demo builds network namespaces and attaches XDP: run it as root (sudo)");
+        bail!("the demo builds network namespaces and attaches XDP: run it as root (or with sudo)");
     }
     let pause = (duration / 7).max(Duration::from_millis(800));
     let mut bed = Bed::new().context("cannot build the testbed")?;
