@@ -67,6 +67,9 @@ pub enum CidrError {
         "`{input}` is not an IP address or CIDR (expected e.g. 203.0.113.0/24 or 2001:db8::/32)"
     )]
     Unparsable { input: String },
+    /// The address parses but the prefix length does not fit its family.
+    #[error("`{input}`: the prefix length must be a number from 0 to {max} for IPv{}", if *max == 32 { 4 } else { 6 })]
+    PrefixLength { input: String, max: u8 },
     /// Bits beyond the prefix length are set, so the intent is ambiguous.
     #[error("`{input}` has host bits set; the network is `{network}`")]
     HostBitsSet { input: String, network: IpNet },
@@ -82,9 +85,16 @@ pub enum CidrError {
 pub fn parse_cidr(input: &str) -> Result<IpNet, CidrError> {
     let cidr = match IpNet::from_str(input) {
         Ok(cidr) => cidr,
-        Err(_) => IpAddr::from_str(input)
-            .map(IpNet::from)
-            .map_err(|_| CidrError::Unparsable { input: input.to_owned() })?,
+        Err(_) => match input.split_once('/').map(|(address, _)| IpAddr::from_str(address)) {
+            Some(Ok(address)) => {
+                let max = if address.is_ipv4() { 32 } else { 128 };
+                return Err(CidrError::PrefixLength { input: input.to_owned(), max });
+            }
+            Some(Err(_)) => return Err(CidrError::Unparsable { input: input.to_owned() }),
+            None => IpAddr::from_str(input)
+                .map(IpNet::from)
+                .map_err(|_| CidrError::Unparsable { input: input.to_owned() })?,
+        },
     };
     if cidr.trunc() != cidr {
         return Err(CidrError::HostBitsSet { input: input.to_owned(), network: cidr.trunc() });
@@ -311,6 +321,90 @@ impl Allowlist {
     }
 }
 
+/// A change the CLI asks for: sent to the daemon, or applied to the file
+/// directly (`--offline`). CIDRs stay as typed, so that errors quote them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum Change {
+    /// Add entries with `action` (again: update the comment).
+    Add { action: Action, cidrs: Vec<String>, comment: Option<String> },
+    /// Remove entries listed with `action`.
+    Remove { action: Action, cidrs: Vec<String> },
+    /// Merge allow entries (`allow import-aws`); with `replace`, first drop
+    /// entries whose comment starts with `tag`.
+    Import { entries: Vec<Entry>, tag: String, replace: bool },
+    /// Replace the whole list with one in the file format.
+    Replace { text: String },
+}
+
+/// Why a change is refused; nothing changes.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// An argument is not a usable CIDR.
+    #[error(transparent)]
+    Cidr(#[from] CidrError),
+    /// The entries clash with the list (listed with the other action, not listed).
+    #[error(transparent)]
+    Conflict(#[from] ChangeError),
+    /// A replacement list does not parse.
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+}
+
+impl Change {
+    /// Checks what does not depend on the list: every CIDR, the replacement's text.
+    pub fn validate(&self) -> Result<(), Refusal> {
+        match self {
+            Self::Add { cidrs, .. } | Self::Remove { cidrs, .. } => {
+                cidrs.iter().try_for_each(|c| parse_cidr(c).map(drop))?;
+            }
+            Self::Import { .. } => {}
+            Self::Replace { text } => drop(Allowlist::parse(text)?),
+        }
+        Ok(())
+    }
+
+    /// The list `list` becomes; validated whole.
+    pub fn apply_to(&self, list: &Allowlist) -> Result<Allowlist, Refusal> {
+        let parse_all = |cidrs: &[String]| -> Result<Vec<IpNet>, CidrError> {
+            cidrs.iter().map(|c| parse_cidr(c)).collect()
+        };
+        Ok(match self {
+            Self::Add { action, cidrs, comment } => {
+                list.with_added(&parse_all(cidrs)?, *action, comment.as_deref())?
+            }
+            Self::Remove { action, cidrs } => list.with_removed(&parse_all(cidrs)?, *action)?,
+            Self::Import { entries, tag, replace } => list.with_imported(entries, tag, *replace)?,
+            Self::Replace { text } => Allowlist::parse(text)?,
+        })
+    }
+}
+
+/// How one list differs from the next, as the CLI reports a change.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Diff {
+    pub added: usize,
+    pub removed: usize,
+    /// Listed in both, with another action or comment.
+    pub updated: usize,
+}
+
+impl Allowlist {
+    /// What changes from `self` to `next`.
+    pub fn diff(&self, next: &Allowlist) -> Diff {
+        let mut diff = Diff::default();
+        for entry in next.entries() {
+            match self.get(&entry.cidr) {
+                None => diff.added += 1,
+                Some(old) if old != entry => diff.updated += 1,
+                Some(_) => {}
+            }
+        }
+        diff.removed = self.entries().filter(|e| next.get(&e.cidr).is_none()).count();
+        diff
+    }
+}
+
 /// Why the list file could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -375,6 +469,59 @@ mod tests {
     }
 
     #[test]
+    fn diff_counts_added_removed_and_updated_entries() {
+        let old = Allowlist::parse("10.0.0.0/8\n192.0.2.0/24 # a\ndeny 198.51.100.7\n").unwrap();
+        let new = Allowlist::parse("10.0.0.0/8\n192.0.2.0/24 # b\n2001:db8::/32\n203.0.113.0/24\n")
+            .unwrap();
+        assert_eq!(old.diff(&new), Diff { added: 2, removed: 1, updated: 1 });
+        assert_eq!(new.diff(&new), Diff::default());
+        assert_eq!(Allowlist::default().diff(&old), Diff { added: 3, removed: 0, updated: 0 });
+    }
+
+    #[test]
+    fn changes_are_validated_whole_and_refused_with_the_cause() {
+        let list = Allowlist::parse("203.0.113.0/24\n").unwrap();
+        let add = |cidrs: &[&str], action| Change::Add {
+            action,
+            cidrs: cidrs.iter().map(|c| (*c).to_owned()).collect(),
+            comment: None,
+        };
+        let next = add(&["198.51.100.7", "2001:db8::/32"], Action::Allow).apply_to(&list).unwrap();
+        assert_eq!(next.len(), 3);
+        assert!(matches!(
+            add(&["198.51.100.7", "10.0.0.1/8"], Action::Allow).apply_to(&list),
+            Err(Refusal::Cidr(CidrError::HostBitsSet { .. }))
+        ));
+        assert!(matches!(
+            add(&["203.0.113.0/24"], Action::Deny).apply_to(&list),
+            Err(Refusal::Conflict(ChangeError::OtherAction { .. }))
+        ));
+        let remove = Change::Remove { action: Action::Deny, cidrs: vec!["203.0.113.0/24".into()] };
+        assert!(matches!(
+            remove.apply_to(&list),
+            Err(Refusal::Conflict(ChangeError::NotListed { .. }))
+        ));
+        let replace = Change::Replace { text: "allow\n".into() };
+        assert!(matches!(replace.apply_to(&list), Err(Refusal::Parse(ParseError::Syntax { .. }))));
+    }
+
+    #[test]
+    fn a_prefix_length_beyond_the_family_says_prefix_length() {
+        for (input, max) in
+            [("10.0.0.0/33", 32), ("10.0.0.0/", 32), ("10.0.0.0/x", 32), ("2001:db8::/129", 128)]
+        {
+            let err = parse_cidr(input).unwrap_err();
+            assert_eq!(err, CidrError::PrefixLength { input: input.into(), max });
+            assert!(err.to_string().contains("prefix length"), "{err}");
+        }
+        assert_eq!(
+            parse_cidr("10.0.0/8"),
+            Err(CidrError::Unparsable { input: "10.0.0/8".into() }),
+            "the address itself is broken"
+        );
+    }
+
+    #[test]
     fn host_bits_are_refused_naming_the_network() {
         assert_eq!(
             parse_cidr("203.0.113.7/24"),
@@ -400,7 +547,8 @@ mod tests {
 
     #[test]
     fn garbage_is_refused() {
-        for input in ["", "example.com", "203.0.113.0/33", "1.2.3.4/", "2001:db8::/129"] {
+        // Bad prefix lengths have their own error (see above).
+        for input in ["", "example.com", "203.0.113/24", "1.2.3.4.5"] {
             assert_eq!(
                 parse_cidr(input),
                 Err(CidrError::Unparsable { input: input.into() }),

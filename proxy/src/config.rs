@@ -86,17 +86,17 @@ pub struct ListenerConfig {
     #[serde(default)]
     pub proxy_protocol: ProxyProtocol,
     /// Peers allowed to send a PROXY header (the load balancer's addresses).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "networks")]
     pub trusted_proxies: Vec<IpNet>,
     #[serde(default)]
     pub send_proxy_protocol: SendProxyProtocol,
     #[serde(default)]
     pub min_tls_version: TlsVersion,
-    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
     pub handshake_timeout: Duration,
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
     pub connect_timeout: Duration,
-    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
     pub idle_timeout: Duration,
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -143,6 +143,26 @@ pub enum TlsVersion {
     Tls12,
     #[serde(rename = "1.3")]
     Tls13,
+}
+
+/// A duration such as "10s", "5m" or "1h"; the error says so.
+fn duration<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "`{text}` is not a duration ({e}): write a number and a unit, e.g. \"10s\", \"5m\" \
+             or \"1h\""
+        ))
+    })
+}
+
+/// Networks written as the allowlist writes them, refused as it refuses them
+/// (host bits set, a prefix length beyond the family's, IPv4-mapped).
+fn networks<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<IpNet>, D::Error> {
+    Vec::<String>::deserialize(deserializer)?
+        .iter()
+        .map(|text| crate::allowlist::parse_cidr(text).map_err(serde::de::Error::custom))
+        .collect()
 }
 
 fn default_handshake_timeout() -> Duration {
@@ -209,7 +229,7 @@ pub struct DaemonConfig {
     #[serde(default = "default_bpffs_dir")]
     pub bpffs_dir: PathBuf,
     /// How long a stopping daemon waits for work in progress.
-    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    #[serde(default = "default_drain_timeout", deserialize_with = "duration")]
     pub drain_timeout: Duration,
     /// The unprivileged user to run as after start-up (see `privileges`).
     pub user: Option<String>,
@@ -270,9 +290,23 @@ pub enum ConfigError {
         #[source]
         source: Box<toml::de::Error>,
     },
-    /// A value is well-formed but unusable.
-    #[error("config {}: `{key}`: {problem}", path.display())]
-    Invalid { path: PathBuf, key: String, problem: String },
+    /// Values are well-formed but unusable: every such problem, one per line.
+    #[error("{}", problems.iter().map(|p| format!("config {}: {p}", path.display())).collect::<Vec<_>>().join("\n"))]
+    Invalid { path: PathBuf, problems: Vec<Invalid> },
+}
+
+/// One unusable value: the key it is under, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{key}`: {problem}")]
+pub struct Invalid {
+    pub key: String,
+    pub problem: String,
+}
+
+impl Invalid {
+    fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self { key: key.into(), problem: problem.into() }
+    }
 }
 
 /// Paths given on the command line, which win over the file.
@@ -294,44 +328,48 @@ impl Config {
     pub fn parse(text: &str, path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
         let raw: RawConfig = toml::from_str(text)
             .map_err(|e| ConfigError::Syntax { path: path.to_owned(), source: Box::new(e) })?;
-        let invalid = |key: &str, problem: &str| ConfigError::Invalid {
-            path: path.to_owned(),
-            key: key.to_owned(),
-            problem: problem.to_owned(),
-        };
-        let RawConfig { mut filter, mut daemon, listener: listeners, metrics } = raw;
-        validate_listeners(&listeners).map_err(|(key, problem)| invalid(&key, &problem))?;
+        let RawConfig { filter, mut daemon, listener: listeners, metrics } = raw;
+        let mut problems = validate_listeners(&listeners);
         if filter.interfaces.is_empty() {
-            return Err(invalid(
+            problems.push(Invalid::new(
                 "filter.interfaces",
                 "name at least one interface, e.g. [\"eth0\"]",
             ));
         }
-        if let Some(name) = filter.interfaces.iter().find(|n| !valid_interface_name(n)) {
-            return Err(invalid(
+        for name in filter.interfaces.iter().filter(|n| !valid_interface_name(n)) {
+            problems.push(Invalid::new(
                 "filter.interfaces",
-                &format!("`{name}` is not an interface name"),
+                format!("`{name}` is not an interface name"),
             ));
         }
         if filter.scope == Scope::Ports && filter.ports.is_empty() && listeners.is_empty() {
-            return Err(invalid(
+            problems.push(Invalid::new(
                 "filter.ports",
                 "scope = \"ports\" with no ports and no listeners would protect nothing; \
                  list ports here or use scope = \"host\"",
             ));
         }
         if filter.ports.contains(&0) {
-            return Err(invalid("filter.ports", "port 0 cannot be protected"));
+            problems.push(Invalid::new("filter.ports", "port 0 cannot be protected"));
         }
         if metrics.exposed() && metrics.bind.port() == 0 {
-            return Err(invalid(
+            problems.push(Invalid::new(
                 "metrics.bind",
                 "an endpoint other hosts can reach needs a fixed port, so that the filter can \
                  protect it",
             ));
         }
+        if let Some(listener) = listeners.iter().find(|l| binds_overlap(l.bind, metrics.bind)) {
+            problems.push(Invalid::new(
+                "metrics.bind",
+                format!("{} is also listener `{}`'s address", metrics.bind, listener.name),
+            ));
+        }
         if filter.max_entries == 0 {
-            return Err(invalid("filter.max_entries", "must be at least 1"));
+            problems.push(Invalid::new("filter.max_entries", "must be at least 1"));
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid { path: path.to_owned(), problems });
         }
         if let Some(dir) = &overrides.state_dir {
             daemon.state_dir.clone_from(dir);
@@ -341,9 +379,6 @@ impl Config {
         }
         if let Some(dir) = &overrides.bpffs_dir {
             daemon.bpffs_dir.clone_from(dir);
-        }
-        if filter.allowlist.is_none() {
-            filter.allowlist = Some(daemon.state_dir.join("allowlist"));
         }
         Ok(Self { filter, daemon, listeners, metrics })
     }
@@ -360,48 +395,63 @@ impl Config {
         ports
     }
 
-    pub fn allowlist_path(&self) -> &Path {
-        self.filter.allowlist.as_deref().expect("set by Config::parse")
+    /// `filter.allowlist`, or `allowlist` in the state directory.
+    pub fn allowlist_path(&self) -> PathBuf {
+        self.filter.allowlist.clone().unwrap_or_else(|| self.daemon.state_dir.join("allowlist"))
     }
 }
 
-/// Checks what serde cannot: uniqueness, coherence, patterns. The key in
-/// the error is `listener.<name>.<field>`.
-fn validate_listeners(listeners: &[ListenerConfig]) -> Result<(), (String, String)> {
+/// Whether two sockets would clash: the same port on the same address, or
+/// on an address and the wildcard of its family.
+fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && (a.ip() == b.ip()
+            || (a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() || b.ip().is_unspecified())))
+}
+
+/// Checks what serde cannot: uniqueness, coherence, patterns. Keys are
+/// `listener.<name>.<field>`.
+fn validate_listeners(listeners: &[ListenerConfig]) -> Vec<Invalid> {
+    let mut problems = Vec::new();
     let mut names = BTreeSet::new();
     let mut binds = BTreeSet::new();
     for listener in listeners {
         let key = |field: &str| format!("listener.{}.{field}", listener.name);
         if listener.name.is_empty() || !names.insert(listener.name.as_str()) {
-            return Err((
-                "listener.name".into(),
+            problems.push(Invalid::new(
+                "listener.name",
                 format!("`{}` is empty or not unique", listener.name),
             ));
         }
         if !binds.insert(listener.bind) {
-            return Err((key("bind"), format!("{} is used by another listener", listener.bind)));
+            problems.push(Invalid::new(
+                key("bind"),
+                format!("{} is used by another listener", listener.bind),
+            ));
         }
         if listener.bind.port() == 0 {
-            return Err((key("bind"), "a listener needs a fixed port".into()));
+            problems.push(Invalid::new(key("bind"), "a listener needs a fixed port"));
         }
         if !listener.backend.contains(':') {
-            return Err((key("backend"), format!("`{}` is not host:port", listener.backend)));
+            problems.push(Invalid::new(
+                key("backend"),
+                format!("`{}` is not host:port", listener.backend),
+            ));
         }
         for (field, patterns) in [
             ("allow_cn", &listener.allow_cn),
             ("allow_dns", &listener.allow_dns),
             ("allow_uri", &listener.allow_uri),
         ] {
-            if let Some(Err(e)) = patterns.iter().map(|p| Glob::new(p)).find(Result::is_err) {
-                return Err((key(field), e.to_string()));
+            for error in patterns.iter().filter_map(|p| Glob::new(p).err()) {
+                problems.push(Invalid::new(key(field), error.to_string()));
             }
         }
         if listener.proxy_protocol != ProxyProtocol::Off && listener.trusted_proxies.is_empty() {
-            return Err((
+            problems.push(Invalid::new(
                 key("trusted_proxies"),
                 "accepting PROXY headers needs the load balancer's addresses here; \
-                 anyone else could claim any client address"
-                    .into(),
+                 anyone else could claim any client address",
             ));
         }
         for (field, value) in [
@@ -410,19 +460,20 @@ fn validate_listeners(listeners: &[ListenerConfig]) -> Result<(), (String, Strin
             ("idle_timeout", listener.idle_timeout),
         ] {
             if value.is_zero() {
-                return Err((key(field), "must be longer than 0s".into()));
+                problems.push(Invalid::new(key(field), "must be longer than 0s"));
             }
         }
         if listener.max_connections == 0 {
-            return Err((key("max_connections"), "must be at least 1".into()));
+            problems.push(Invalid::new(key("max_connections"), "must be at least 1"));
         }
         if let Some(tls) = &listener.backend_tls
             && tls.cert.is_some() != tls.key.is_some()
         {
-            return Err((key("backend_tls"), "set both `cert` and `key`, or neither".into()));
+            problems
+                .push(Invalid::new(key("backend_tls"), "set both `cert` and `key`, or neither"));
         }
     }
-    Ok(())
+    problems
 }
 
 fn valid_interface_name(name: &str) -> bool {
@@ -514,7 +565,7 @@ mod tests {
         for (text, key) in cases {
             let err = parse(&text).unwrap_err();
             assert!(
-                matches!(&err, ConfigError::Invalid { key: k, .. } if k == key),
+                matches!(&err, ConfigError::Invalid { problems, .. } if problems.len() == 1 && problems[0].key == key),
                 "{text}: {err}"
             );
             assert!(err.to_string().starts_with("config edgegate.toml: "), "{err}");
@@ -560,7 +611,10 @@ mod tests {
             assert_eq!(with_metrics(bind).unwrap().protected_ports(), protected, "{bind}");
         }
         let err = with_metrics("0.0.0.0:0").unwrap_err();
-        assert!(matches!(&err, ConfigError::Invalid { key, .. } if key == "metrics.bind"), "{err}");
+        assert!(
+            matches!(&err, ConfigError::Invalid { problems, .. } if problems[0].key == "metrics.bind"),
+            "{err}"
+        );
         assert!(with_metrics("127.0.0.1:0").is_ok(), "loopback needs no protection");
     }
 

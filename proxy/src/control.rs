@@ -4,6 +4,7 @@
 //! The socket is mode 0600 in a 0700 directory: only root may change the list.
 
 use std::{
+    fmt,
     io::{self, BufRead as _, BufReader, Write as _},
     os::unix::{fs::PermissionsExt as _, net::UnixStream as StdUnixStream},
     path::{Path, PathBuf},
@@ -19,7 +20,7 @@ use tokio::{
 };
 
 use crate::{
-    allowlist::{Action, Entry},
+    allowlist::{Change, Diff, Entry},
     daemon::State,
     filter::{Attachment, CounterSnapshot, RuleHits},
     proxy::{ListenerStatus, ReloadOutcome},
@@ -31,15 +32,10 @@ const MAX_REQUEST_BYTES: u64 = 256 << 20;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    /// Add entries (CIDRs as typed, so that the daemon's error names the argument).
-    Add { action: Action, cidrs: Vec<String>, comment: Option<String> },
-    /// Remove entries listed with `action`.
-    Remove { action: Action, cidrs: Vec<String> },
-    /// Merge allow entries (from `edgegate allow import-aws`); with `replace`,
-    /// first drop entries whose comment starts with `tag`.
-    Import { entries: Vec<Entry>, tag: String, replace: bool },
-    /// Replace the whole list with one in the file format.
-    Replace { text: String },
+    /// Whether a daemon answers at all.
+    Ping,
+    /// Change the list: validated whole, persisted, applied, then acknowledged.
+    Change(Change),
     /// The list in force.
     List,
     /// Re-read the config and the listeners' certificates (as SIGHUP does).
@@ -51,16 +47,44 @@ pub enum Request {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
+    /// Answer to `Ping`.
+    Pong,
     /// The change is persisted and in the kernel.
-    Changed { added: usize, removed: usize, updated: usize, entries: usize },
-    /// Answer to `Reload`: what happened to each listener.
-    Reloaded { outcomes: Vec<ReloadOutcome> },
+    Changed { diff: Diff, entries: usize },
+    /// Answer to `Reload`: what happened to the allowlist file and to each listener.
+    Reloaded { allowlist: ListReload, outcomes: Vec<ReloadOutcome> },
     /// Answer to `List`.
     List { entries: Vec<Entry> },
     /// Answer to `Status`.
     Status(Box<Status>),
     /// The request was refused; nothing changed.
     Error { message: String },
+}
+
+/// What a reload made of the allowlist file (which may have been edited by hand).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ListReload {
+    /// The file holds the list in force.
+    Unchanged,
+    /// The file differed; its list is now in force.
+    Applied { diff: Diff, entries: usize },
+    /// The file is refused as a whole; the list in force stays.
+    Kept { reason: String },
+}
+
+impl fmt::Display for ListReload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unchanged => f.write_str("unchanged"),
+            Self::Applied { diff, entries } => write!(
+                f,
+                "re-read: {} added, {} removed, {} updated; {entries} entries in force",
+                diff.added, diff.removed, diff.updated
+            ),
+            Self::Kept { reason } => write!(f, "kept the list in force: {reason}"),
+        }
+    }
 }
 
 /// What `edgegate status` shows.

@@ -17,20 +17,20 @@ use tokio::sync::Mutex;
 
 use crate::{
     allowlist::{self, Allowlist, StoreError},
-    config::{Config, ConfigError, Overrides},
-    control::{self, BindError, Request, Response, Status},
+    config::{Config, Overrides},
+    control::{self, BindError, ListReload, Request, Response, Status},
     filter::{Filter, FilterError, FilterOptions},
     metrics::{self, Observation},
-    privileges,
+    preflight, privileges,
     proxy::{self, Proxies, ProxyError, SharedAllowlist},
 };
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    /// The config file is refused.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
+    /// The config, the list or a file they name is refused: every problem, one per line.
+    #[error("{}", problems.join("\n"))]
+    Refused { problems: Vec<String> },
     /// The allowlist file cannot be read or written.
     #[error(transparent)]
     Allowlist(#[from] StoreError),
@@ -82,27 +82,10 @@ impl State {
     /// leaves file and maps as they were.
     pub fn handle(&mut self, request: Request) -> Response {
         match request {
-            Request::Add { action, cidrs, comment } => {
-                let next = parse_all(&cidrs).and_then(|cidrs| {
-                    self.list
-                        .with_added(&cidrs, action, comment.as_deref())
-                        .map_err(|e| e.to_string())
-                });
-                self.change(next)
-            }
-            Request::Remove { action, cidrs } => {
-                let next = parse_all(&cidrs).and_then(|cidrs| {
-                    self.list.with_removed(&cidrs, action).map_err(|e| e.to_string())
-                });
-                self.change(next)
-            }
-            Request::Import { entries, tag, replace } => {
-                let next =
-                    self.list.with_imported(&entries, &tag, replace).map_err(|e| e.to_string());
-                self.change(next)
-            }
-            Request::Replace { text } => {
-                self.change(Allowlist::parse(&text).map_err(|e| e.to_string()))
+            Request::Ping => Response::Pong,
+            Request::Change(change) => {
+                let next = change.apply_to(&self.list).map_err(|e| e.to_string());
+                self.change(next, Persist::Yes)
             }
             Request::List => Response::List { entries: self.list.entries().cloned().collect() },
             Request::Reload => self.reload(),
@@ -113,7 +96,9 @@ impl State {
         }
     }
 
-    fn change(&mut self, next: Result<Allowlist, String>) -> Response {
+    /// Puts `next` in force: capacity first, then the file (unless it is
+    /// where `next` came from), then the maps, rolling both back on failure.
+    fn change(&mut self, next: Result<Allowlist, String>, persist: Persist) -> Response {
         let next = match next {
             Ok(next) => next,
             Err(message) => return Response::Error { message },
@@ -121,12 +106,19 @@ impl State {
         if let Err(e) = self.filter.check_capacity(&next) {
             return Response::Error { message: e.to_string() };
         }
-        if let Err(e) = allowlist::store(&self.list_path, &next) {
+        if persist == Persist::Yes
+            && let Err(e) = allowlist::store(&self.list_path, &next)
+        {
             return Response::Error { message: format!("nothing changed: {e}") };
         }
         if let Err(e) = self.filter.apply(&next) {
-            // Put file and maps back to the list that was acknowledged last.
-            let rollback = allowlist::store(&self.list_path, &self.list)
+            // Put the maps (and the file, if this wrote it) back to the list
+            // that was acknowledged last.
+            let restore_file = || match persist {
+                Persist::Yes => allowlist::store(&self.list_path, &self.list),
+                Persist::No => Ok(()),
+            };
+            let rollback = restore_file()
                 .map_err(|e| e.to_string())
                 .and_then(|()| self.filter.apply(&self.list).map_err(|e| e.to_string()));
             let message = match rollback {
@@ -136,22 +128,38 @@ impl State {
             tracing::error!("allowlist change failed: {message}");
             return Response::Error { message };
         }
-        let (mut added, mut updated) = (0, 0);
-        for entry in next.entries() {
-            match self.list.get(&entry.cidr) {
-                None => added += 1,
-                Some(old) if old != entry => updated += 1,
-                Some(_) => {}
-            }
-        }
-        let removed = self.list.entries().filter(|e| next.get(&e.cidr).is_none()).count();
+        let diff = self.list.diff(&next);
         tracing::info!(
-            "allowlist changed: {added} added, {removed} removed, {updated} updated, {} entries",
+            "allowlist changed: {} added, {} removed, {} updated, {} entries",
+            diff.added,
+            diff.removed,
+            diff.updated,
             next.len()
         );
         self.list = next;
         self.shared_list.store(Arc::new(self.list.clone()));
-        Response::Changed { added, removed, updated, entries: self.list.len() }
+        Response::Changed { diff, entries: self.list.len() }
+    }
+
+    /// Re-reads the allowlist file, which an operator may have edited by hand:
+    /// validated whole, and put in force only if it parses and fits.
+    fn reload_list(&mut self) -> ListReload {
+        let reason = match allowlist::load(&self.list_path) {
+            Ok(list) if list == self.list => return ListReload::Unchanged,
+            Ok(list) => match self.change(Ok(list), Persist::No) {
+                Response::Changed { diff, entries } => {
+                    return ListReload::Applied { diff, entries };
+                }
+                Response::Error { message } => message,
+                other => format!("unexpected outcome {other:?}"),
+            },
+            Err(e) => e.to_string(),
+        };
+        tracing::error!(
+            "reload: allowlist {}: {reason}; the list in force stays",
+            self.list_path.display()
+        );
+        ListReload::Kept { reason }
     }
 
     fn status(&self, top_rules: usize) -> Result<Status, FilterError> {
@@ -211,6 +219,7 @@ impl State {
                  effect at the next start"
             );
         }
+        let allowlist = self.reload_list();
         self.config.listeners = next.listeners;
         self.config.filter.ports = next.filter.ports;
         // Protect new listeners' ports before they accept anything.
@@ -218,17 +227,23 @@ impl State {
             tracing::error!("reload: cannot update the protected ports: {e}");
         }
         let outcomes = self.proxies.reload(&self.config.listeners);
-        if outcomes.iter().any(|o| o.result.failed()) {
+        if outcomes.iter().any(|o| o.result.failed())
+            || matches!(allowlist, ListReload::Kept { .. })
+        {
             self.reloads_failed += 1;
         } else {
             self.reloads_ok += 1;
         }
-        Response::Reloaded { outcomes }
+        Response::Reloaded { allowlist, outcomes }
     }
 }
 
-fn parse_all(cidrs: &[String]) -> Result<Vec<ipnet::IpNet>, String> {
-    cidrs.iter().map(|c| allowlist::parse_cidr(c).map_err(|e| e.to_string())).collect()
+/// Whether a change is written to the allowlist file before it is applied.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Persist {
+    Yes,
+    /// The change was read from the file.
+    No,
 }
 
 /// What start-up prepared with root privileges, before any thread but the
@@ -250,10 +265,17 @@ pub struct Startup {
 /// the XDP filter, opens the control socket, then drops to `[daemon] user`.
 /// Call it before starting the async runtime: privileges are per thread.
 pub fn start(config_path: PathBuf, overrides: Overrides) -> Result<Startup, DaemonError> {
-    let config = Config::load(&config_path, &overrides)?;
+    // What `edgegate check` checks, so that a config it passes starts.
+    let report = preflight::inspect(&config_path, &overrides);
+    for warning in report.warnings() {
+        tracing::warn!("{warning}");
+    }
+    let Some((config, list)) = report.loaded else {
+        let problems = report.errors().map(ToString::to_string).collect();
+        return Err(DaemonError::Refused { problems });
+    };
     let account = config.daemon.user.as_deref().map(privileges::lookup).transpose()?;
-    let list_path = config.allowlist_path().to_owned();
-    let list = allowlist::load(&list_path)?;
+    let list_path = config.allowlist_path();
     // Certificates and sockets first: a listener that cannot start must not
     // leave a freshly attached filter behind.
     let listeners = proxy::Prepared::new(&config.listeners)?;

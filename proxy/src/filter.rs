@@ -718,6 +718,45 @@ fn if_index(name: &str) -> Result<u32, FilterError> {
     }
 }
 
+/// The MTU of interface `name` in the caller's network namespace, if it exists.
+pub fn interface_mtu(name: &str) -> Option<u32> {
+    use std::os::fd::AsRawFd as _;
+    let bytes = name.as_bytes();
+    if bytes.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    let socket = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .ok()?;
+    // SAFETY: `ifreq` is plain old data; all zeroes is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (to, from) in request.ifr_name.iter_mut().zip(bytes) {
+        *to = *from as libc::c_char;
+    }
+    // SAFETY: SIOCGIFMTU reads `ifr_name` (NUL-terminated: the name is shorter
+    // than the zeroed array) and writes `ifr_ifru.ifru_mtu` of a request we own.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFMTU, &raw mut request) } != 0 {
+        return None;
+    }
+    // SAFETY: the ioctl succeeded, so it wrote the MTU member of the union.
+    u32::try_from(unsafe { request.ifr_ifru.ifru_mtu }).ok()
+}
+
+/// Every interface in the caller's network namespace, by name.
+pub fn interface_names() -> Vec<String> {
+    let mut names: Vec<String> = nix::net::if_::if_nameindex()
+        .map(|interfaces| {
+            interfaces.iter().map(|i| i.name().to_string_lossy().into_owned()).collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 /// The ephemeral port range replies to the host's own connections arrive on.
 fn ephemeral_port_range() -> (u16, u16) {
     fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
@@ -828,9 +867,19 @@ fn attach(
                 // The pin keeps the link (and so the attachment) alive; our fd can go.
                 drop(pinned);
                 if mode == AttachedMode::Skb && wanted == AttachMode::Auto {
+                    let why = match interface_mtu(interface) {
+                        Some(mtu) if mtu > crate::preflight::ENA_XDP_MAX_MTU => format!(
+                            "native XDP was refused (MTU {mtu}: ENA, EC2's NIC, runs native XDP \
+                             only up to {}; lower it with `ip link set dev {interface} mtu {}` \
+                             and make that persistent, see the README's EC2 section)",
+                            crate::preflight::ENA_XDP_MAX_MTU,
+                            crate::preflight::ENA_XDP_MAX_MTU
+                        ),
+                        _ => "the driver has no native XDP support".to_owned(),
+                    };
                     tracing::warn!(
-                        "`{interface}`: the driver has no native XDP support; attached in skb \
-                         (generic) mode, which filters after the kernel has allocated the packet"
+                        "`{interface}`: {why}; attached in skb (generic) mode, which filters \
+                         after the kernel has allocated the packet"
                     );
                 }
                 tracing::info!("`{interface}`: attached in {mode} mode");

@@ -25,6 +25,7 @@ pub mod daemon;
 pub mod demo;
 pub mod filter;
 pub mod metrics;
+pub mod preflight;
 pub mod privileges;
 pub mod proxy;
 pub mod tls;

@@ -5,9 +5,12 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use edgegate::{
-    allowlist::{self, Action, Allowlist},
-    config::{Config, DEFAULT_BPFFS_DIR, DEFAULT_CONTROL_SOCKET, Overrides},
-    control::{self, ClientError, Request, Response, Status},
+    allowlist::{self, Action, Allowlist, Change},
+    config::{
+        Config, DEFAULT_BPFFS_DIR, DEFAULT_CONTROL_SOCKET, DEFAULT_MAX_ENTRIES, DEFAULT_STATE_DIR,
+        Overrides,
+    },
+    control::{self, ClientError, ListReload, Request, Response, Status},
     daemon, filter,
 };
 
@@ -48,6 +51,10 @@ impl Global {
 
     fn socket(&self) -> PathBuf {
         self.control_socket.clone().unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into())
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(|| DEFAULT_STATE_DIR.into())
     }
 }
 
@@ -104,7 +111,7 @@ enum AllowCommand {
     Add(AddArgs),
     /// Remove allow entries.
     Del(DelArgs),
-    /// Print the list (the file format, or JSON).
+    /// Print every entry with its action (the file format, or JSON).
     List {
         #[arg(long)]
         json: bool,
@@ -113,6 +120,8 @@ enum AllowCommand {
     Replace {
         #[arg(long)]
         file: PathBuf,
+        #[command(flatten)]
+        offline: Offline,
     },
     /// Allow AWS's published ranges (ip-ranges.json) of some regions and services.
     ImportAws {
@@ -128,6 +137,8 @@ enum AllowCommand {
         /// Drop the entries of earlier imports first (refresh), keeping the operator's own.
         #[arg(long)]
         replace: bool,
+        #[command(flatten)]
+        offline: Offline,
     },
 }
 
@@ -137,6 +148,11 @@ enum DenyCommand {
     Add(AddArgs),
     /// Remove deny entries.
     Del(DelArgs),
+    /// Print the deny entries (the file format, or JSON).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -147,6 +163,8 @@ struct AddArgs {
     /// Kept next to the entries in the allowlist file.
     #[arg(long)]
     comment: Option<String>,
+    #[command(flatten)]
+    offline: Offline,
 }
 
 #[derive(Args)]
@@ -154,6 +172,22 @@ struct DelArgs {
     /// Entries to remove; all are removed, or none.
     #[arg(required = true)]
     cidrs: Vec<String>,
+    #[command(flatten)]
+    offline: Offline,
+}
+
+/// Changing the file while no daemon runs (e.g. to seed the list before the
+/// first start).
+#[derive(Args)]
+struct Offline {
+    /// Change the allowlist file directly (no daemon may run): validated
+    /// whole and written atomically; a daemon applies it when it starts.
+    #[arg(long)]
+    offline: bool,
+    /// With --offline: the config whose allowlist file and `max_entries` to
+    /// use (default: `allowlist` in the state directory).
+    #[arg(long, requires = "offline")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -212,24 +246,25 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Allow { command } => match command {
             AllowCommand::Add(args) => add(&global, Action::Allow, args),
             AllowCommand::Del(args) => remove(&global, Action::Allow, args),
-            AllowCommand::List { json } => list(&global, json),
-            AllowCommand::ImportAws { file, regions, services, replace } => {
+            AllowCommand::List { json } => list(&global, json, None),
+            AllowCommand::ImportAws { file, regions, services, replace, offline } => {
                 let selection = edgegate::aws::Selection { regions, services };
                 let entries = edgegate::aws::read(&file, &selection)?;
                 let tag = edgegate::aws::COMMENT_TAG.to_owned();
-                change(&global, Request::Import { entries, tag, replace })
+                change(&global, Change::Import { entries, tag, replace }, &offline)
             }
-            AllowCommand::Replace { file } => {
+            AllowCommand::Replace { file, offline } => {
                 let text = std::fs::read_to_string(&file)
                     .with_context(|| format!("cannot read {}", file.display()))?;
                 // Check locally first so that errors name the file.
                 Allowlist::parse(&text).with_context(|| file.display().to_string())?;
-                change(&global, Request::Replace { text })
+                change(&global, Change::Replace { text }, &offline)
             }
         },
         Command::Deny { command } => match command {
             DenyCommand::Add(args) => add(&global, Action::Deny, args),
             DenyCommand::Del(args) => remove(&global, Action::Deny, args),
+            DenyCommand::List { json } => list(&global, json, Some(Action::Deny)),
         },
         Command::Status { json, top } => status(&global, json, top),
         Command::Detach { interface } => detach(&global, interface.as_deref()),
@@ -238,35 +273,15 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
 
 /// Validates everything `run` would load and prints every problem found.
 fn check(path: &std::path::Path, global: &Global) -> anyhow::Result<()> {
-    let config = Config::load(path, &global.overrides())?;
-    let mut problems = Vec::new();
-    if let Some(user) = &config.daemon.user {
-        match edgegate::privileges::lookup(user) {
-            Ok(account) => println!("daemon.user `{user}`: uid {}", account.uid),
-            Err(e) => problems.push(format!("config {}: {e}", path.display())),
-        }
+    let report = edgegate::preflight::inspect(path, &global.overrides());
+    for line in &report.passed {
+        println!("{line}");
     }
-    match allowlist::load(config.allowlist_path()) {
-        Ok(list) => {
-            let (ipv4, ipv6) = list.family_sizes();
-            println!(
-                "allowlist {}: {ipv4} IPv4 and {ipv6} IPv6 entries",
-                config.allowlist_path().display()
-            );
-        }
-        Err(e) => problems.push(e.to_string()),
+    for warning in report.warnings() {
+        eprintln!("edgegate: warning: {warning}");
     }
-    for listener in &config.listeners {
-        match edgegate::tls::ListenerTls::load(listener) {
-            Ok(_) => println!("listener `{}`: certificates, key, CAs and CRLs OK", listener.name),
-            Err(e) => problems.push(format!(
-                "config {}: listener `{}`: {e}",
-                path.display(),
-                listener.name
-            )),
-        }
-    }
-    if problems.is_empty() {
+    let errors: Vec<_> = report.errors().collect();
+    if let Some((config, _)) = &report.loaded {
         println!(
             "config OK: {} interface(s), {} listener(s)",
             config.filter.interfaces.len(),
@@ -274,18 +289,22 @@ fn check(path: &std::path::Path, global: &Global) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    for problem in &problems {
-        eprintln!("edgegate: {problem}");
+    for error in &errors {
+        eprintln!("edgegate: {error}");
     }
-    bail!("{} problem(s) found", problems.len())
+    bail!("{} problem(s) found", errors.len())
 }
 
 fn reload(global: &Global) -> anyhow::Result<()> {
-    let Response::Reloaded { outcomes } = call(global, &Request::Reload)? else {
+    let Response::Reloaded { allowlist, outcomes } = call(global, &Request::Reload)? else {
         bail!("unexpected answer from the daemon");
     };
+    println!("allowlist: {allowlist}");
     for outcome in &outcomes {
         println!("listener `{}`: {}", outcome.listener, outcome.result);
+    }
+    if matches!(allowlist, ListReload::Kept { .. }) {
+        bail!("the allowlist file was refused: fix it and reload again (see above)");
     }
     if outcomes.iter().any(|o| o.result.failed()) {
         bail!("some listeners kept their previous configuration (see above and the daemon's log)");
@@ -300,19 +319,40 @@ fn call(global: &Global, request: &Request) -> anyhow::Result<Response> {
     }
 }
 
-fn add(global: &Global, action: Action, AddArgs { cidrs, comment }: AddArgs) -> anyhow::Result<()> {
-    change(global, Request::Add { action, cidrs, comment })
+fn add(global: &Global, action: Action, args: AddArgs) -> anyhow::Result<()> {
+    let AddArgs { cidrs, comment, offline } = args;
+    change(global, Change::Add { action, cidrs, comment }, &offline)
 }
 
-fn remove(global: &Global, action: Action, DelArgs { cidrs }: DelArgs) -> anyhow::Result<()> {
-    change(global, Request::Remove { action, cidrs })
+fn remove(
+    global: &Global,
+    action: Action,
+    DelArgs { cidrs, offline }: DelArgs,
+) -> anyhow::Result<()> {
+    change(global, Change::Remove { action, cidrs }, &offline)
 }
 
-fn change(global: &Global, request: Request) -> anyhow::Result<()> {
-    match call(global, &request)? {
-        Response::Changed { added, removed, updated, entries } => {
+/// Validates `change` here (errors name the argument even with no daemon),
+/// then has the daemon apply it, or applies it to the file with `--offline`.
+fn change(global: &Global, change: Change, offline: &Offline) -> anyhow::Result<()> {
+    change.validate()?;
+    if offline.offline {
+        let (diff, entries, path) = change_offline(global, &change, offline.config.as_deref())?;
+        println!(
+            "ok: {} added, {} removed, {} updated; {entries} entries in {} (applied when the \
+             daemon starts)",
+            diff.added,
+            diff.removed,
+            diff.updated,
+            path.display()
+        );
+        return Ok(());
+    }
+    match call(global, &Request::Change(change))? {
+        Response::Changed { diff, entries } => {
             println!(
-                "ok: {added} added, {removed} removed, {updated} updated; {entries} entries in force"
+                "ok: {} added, {} removed, {} updated; {entries} entries in force",
+                diff.added, diff.removed, diff.updated
             );
             Ok(())
         }
@@ -320,14 +360,56 @@ fn change(global: &Global, request: Request) -> anyhow::Result<()> {
     }
 }
 
-fn list(global: &Global, json: bool) -> anyhow::Result<()> {
-    let Response::List { entries } = call(global, &Request::List)? else {
+/// Applies `change` to the allowlist file, as a daemon would, but for the maps.
+fn change_offline(
+    global: &Global,
+    change: &Change,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<(allowlist::Diff, usize, PathBuf)> {
+    // A running daemon would not see the file change, and would overwrite it.
+    if control::call(&global.socket(), &Request::Ping).is_ok() {
+        bail!(
+            "the daemon is running (socket {}): drop --offline, and it applies the change at once",
+            global.socket().display()
+        );
+    }
+    let (path, capacity) = match config {
+        Some(config) => {
+            let config = Config::load(config, &global.overrides())?;
+            (config.allowlist_path(), config.filter.max_entries)
+        }
+        None => (global.state_dir().join("allowlist"), DEFAULT_MAX_ENTRIES),
+    };
+    let list = allowlist::load(&path)?;
+    let next = change.apply_to(&list)?;
+    let (ipv4, ipv6) = next.family_sizes();
+    if ipv4.max(ipv6) > capacity as usize {
+        bail!(
+            "the list would hold {ipv4} IPv4 and {ipv6} IPv6 entries, more than `max_entries` = \
+             {capacity} per family"
+        );
+    }
+    allowlist::store(&path, &next)?;
+    Ok((list.diff(&next), next.len(), path))
+}
+
+/// Prints the list in force (only entries with `only`, if given), each entry
+/// with its action: the output is a valid allowlist file.
+fn list(global: &Global, json: bool, only: Option<Action>) -> anyhow::Result<()> {
+    let Response::List { mut entries } = call(global, &Request::List)? else {
         bail!("unexpected answer from the daemon");
     };
+    entries.retain(|e| only.is_none_or(|action| e.action == action));
     if json {
         println!("{}", serde_json::to_string_pretty(&entries)?);
-    } else {
-        print!("{}", Allowlist::from_entries(entries).render());
+        return Ok(());
+    }
+    for entry in &entries {
+        let line = format!("{:<5} {}", entry.action, entry.cidr);
+        match &entry.comment {
+            Some(comment) => println!("{line:<49} # {comment}"),
+            None => println!("{line}"),
+        }
     }
     Ok(())
 }
@@ -394,7 +476,7 @@ fn print_status(status: &Status) {
 
 fn detach(global: &Global, interface: Option<&str>) -> anyhow::Result<()> {
     // A running daemon holds the links open: unpinning would not detach them.
-    match control::call(&global.socket(), &Request::List) {
+    match control::call(&global.socket(), &Request::Ping) {
         Err(ClientError::NotRunning { .. }) => {}
         Ok(_) => bail!(
             "the daemon is running (socket {}); stop it first (`systemctl stop edgegate`), \

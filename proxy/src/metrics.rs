@@ -181,6 +181,22 @@ pub fn render(observation: &Observation) -> String {
             .inc_by(listener.backend_failures);
         errors.get_or_create(&vec![name(), ("kind", "relay".into())]).inc_by(listener.relay_errors);
     }
+    let expiry = gauges(
+        &mut registry,
+        "certificate_expiry_seconds",
+        "Seconds until the server certificate, the first client CA or the first CRL update \
+         expires (negative: expired)",
+    );
+    let now = crate::tls::unix_now();
+    for listener in &status.listeners {
+        for lifetime in &listener.lifetimes {
+            let labels = vec![
+                ("listener", listener.name.clone()),
+                ("kind", lifetime.kind.as_str().to_owned()),
+            ];
+            expiry.get_or_create(&labels).set(lifetime.not_after - now);
+        }
+    }
 
     let reloads =
         counters(&mut registry, "reloads", "Reloads (SIGHUP or `edgegate reload`) by outcome");

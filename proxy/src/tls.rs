@@ -35,6 +35,52 @@ use crate::config::{BackendTlsConfig, ListenerConfig, TlsVersion};
 pub struct ListenerTls {
     pub server: Arc<ServerConfig>,
     pub backend: Option<BackendTls>,
+    /// When its certificates and CRLs stop being usable.
+    pub lifetimes: Vec<Lifetime>,
+}
+
+/// Which of a listener's files a [`Lifetime`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LifetimeKind {
+    /// The server certificate (`cert`'s leaf).
+    Server,
+    /// The client CA bundle (`client_ca`): its certificate that expires first.
+    ClientCa,
+    /// The CRLs (`crl`): the one due for its next update first.
+    Crl,
+}
+
+impl LifetimeKind {
+    /// The name in `/metrics` and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Server => "server",
+            Self::ClientCa => "client_ca",
+            Self::Crl => "crl",
+        }
+    }
+
+    /// The config key of the file.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Server => "cert",
+            Self::ClientCa => "client_ca",
+            Self::Crl => "crl",
+        }
+    }
+}
+
+/// A validity window, in Unix seconds: a certificate's notBefore/notAfter, a
+/// CRL's thisUpdate/nextUpdate.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Lifetime {
+    pub kind: LifetimeKind,
+    pub path: PathBuf,
+    /// The certificate's subject, or the CRL's issuer.
+    pub subject: String,
+    pub not_before: i64,
+    pub not_after: i64,
 }
 
 /// TLS towards the backend.
@@ -50,7 +96,15 @@ pub enum TlsError {
     /// A file cannot be read or holds nothing usable.
     #[error("`{key}` {}: {problem}", path.display())]
     File { key: &'static str, path: PathBuf, problem: FileProblem },
-    /// rustls refused the material (e.g. a key that does not match the certificate).
+    /// The private key belongs to another certificate.
+    #[error(
+        "`key` {}: this private key does not belong to the certificate in `cert` {} (their \
+         public keys differ): install the key that was generated with this certificate",
+        key.display(),
+        cert.display()
+    )]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    /// rustls refused the material.
     #[error("`{key}`: {source}")]
     Rustls {
         key: &'static str,
@@ -86,14 +140,29 @@ impl ListenerTls {
         let provider = Arc::new(provider());
         let chain = certificates("cert", &listener.cert)?;
         let key = private_key("key", &listener.key)?;
-        let roots = root_store("client_ca", &listener.client_ca)?;
+        let client_cas = certificates("client_ca", &listener.client_ca)?;
+        let roots = root_store("client_ca", &listener.client_ca, client_cas.clone())?;
         let crls = listener
             .crl
             .iter()
-            .map(|path| revocation_lists(path))
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter()
-            .flatten();
+            .map(|path| Ok((path, revocation_lists(path)?)))
+            .collect::<Result<Vec<_>, TlsError>>()?;
+        let mut lifetimes = Vec::new();
+        lifetimes.extend(certificate_lifetime(LifetimeKind::Server, &listener.cert, &chain[0]));
+        lifetimes.extend(
+            client_cas
+                .iter()
+                .filter_map(|ca| {
+                    certificate_lifetime(LifetimeKind::ClientCa, &listener.client_ca, ca)
+                })
+                .min_by_key(|l| l.not_after),
+        );
+        lifetimes.extend(
+            crls.iter()
+                .flat_map(|(path, crls)| crls.iter().filter_map(|crl| crl_lifetime(path, crl)))
+                .min_by_key(|l| l.not_after),
+        );
+        let crls = crls.into_iter().flat_map(|(_, crls)| crls);
         let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .with_crls(crls)
             .build()
@@ -106,14 +175,23 @@ impl ListenerTls {
             .with_protocol_versions(versions(listener.min_tls_version))
             .map_err(|source| TlsError::Rustls { key: "min_tls_version", source })?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key)
-            .map_err(|source| TlsError::Rustls { key: "key", source })?;
+            .with_single_cert(chain.clone(), key)
+            .map_err(|source| match source {
+                rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                    TlsError::KeyMismatch { cert: listener.cert.clone(), key: listener.key.clone() }
+                }
+                // The chain's leaf does not parse: the certificate is to blame.
+                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
+                    TlsError::Rustls { key: "cert", source }
+                }
+                source => TlsError::Rustls { key: "key", source },
+            })?;
         // The server picks the suite, in `SUITES` order: a client's own
         // preference (often AES-256 first) would cost every handshake SHA-384.
         server.ignore_client_order = true;
         let backend =
             listener.backend_tls.as_ref().map(|tls| backend_tls(tls, provider)).transpose()?;
-        Ok(Self { server: Arc::new(server), backend })
+        Ok(Self { server: Arc::new(server), backend, lifetimes })
     }
 }
 
@@ -158,7 +236,8 @@ fn backend_tls(
     config: &BackendTlsConfig,
     provider: Arc<CryptoProvider>,
 ) -> Result<BackendTls, TlsError> {
-    let roots = root_store("backend_tls.ca", &config.ca)?;
+    let roots =
+        root_store("backend_tls.ca", &config.ca, certificates("backend_tls.ca", &config.ca)?)?;
     let builder = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(versions(TlsVersion::Tls12))
         .map_err(|source| TlsError::Rustls { key: "backend_tls", source })?
@@ -210,9 +289,48 @@ fn private_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>,
     })
 }
 
-fn root_store(key: &'static str, path: &Path) -> Result<RootCertStore, TlsError> {
+/// Now, in Unix seconds (the unit of [`Lifetime`]).
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| i64::try_from(since.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// The validity of a certificate that rustls accepted; `None` only if
+/// x509-parser reads it differently.
+fn certificate_lifetime(kind: LifetimeKind, path: &Path, der: &[u8]) -> Option<Lifetime> {
+    use x509_parser::prelude::FromDer as _;
+    let (_, certificate) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+    let validity = certificate.validity();
+    Some(Lifetime {
+        kind,
+        path: path.to_owned(),
+        subject: certificate.subject().to_string(),
+        not_before: validity.not_before.timestamp(),
+        not_after: validity.not_after.timestamp(),
+    })
+}
+
+/// When a CRL was issued and is due again; `None` without a nextUpdate.
+fn crl_lifetime(path: &Path, der: &[u8]) -> Option<Lifetime> {
+    use x509_parser::prelude::FromDer as _;
+    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der).ok()?;
+    Some(Lifetime {
+        kind: LifetimeKind::Crl,
+        path: path.to_owned(),
+        subject: crl.issuer().to_string(),
+        not_before: crl.last_update().timestamp(),
+        not_after: crl.next_update()?.timestamp(),
+    })
+}
+
+fn root_store(
+    key: &'static str,
+    path: &Path,
+    certificates: Vec<CertificateDer<'static>>,
+) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
-    for certificate in certificates(key, path)? {
+    for certificate in certificates {
         roots
             .add(certificate)
             .map_err(|e| file_error(key, path)(FileProblem::BadCa(e.to_string())))?;

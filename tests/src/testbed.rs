@@ -167,7 +167,7 @@ impl Testbed {
             .expect("start edgegate run");
         let child = daemon.insert(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while control::call(&self.socket, &Request::List).is_err() {
+        while control::call(&self.socket, &Request::Ping).is_err() {
             if let Some(status) = child.try_wait().expect("wait") {
                 panic!("the daemon exited with {status}:\n{}", self.daemon_log());
             }
@@ -284,6 +284,18 @@ impl Testbed {
             .stdin(Stdio::null())
             .output()
             .expect("run the edgegate CLI")
+    }
+
+    /// `edgegate check` of the testbed's config, in the server namespace
+    /// (where its interfaces are).
+    pub fn check(&self) -> Output {
+        self.server
+            .command(edgegate_binary().to_str().expect("UTF-8 path"))
+            .args(["check", "--config"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run edgegate check")
     }
 
     /// As [`Self::cli`], panicking with the CLI's message unless it succeeds.

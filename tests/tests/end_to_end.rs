@@ -300,7 +300,7 @@ fn the_daemon_refuses_bad_configs_and_lists() {
 #[test]
 fn check_validates_the_config_and_the_list() {
     let testbed = Testbed::new(1);
-    let check = || testbed.cli(&["check", "--config", testbed.config.to_str().expect("UTF-8")]);
+    let check = || testbed.check();
     let output = check();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stdout).contains("config OK"));

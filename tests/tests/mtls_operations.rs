@@ -468,11 +468,11 @@ fn check_reports_every_broken_file_with_its_key() {
         empty_ca.display()
     );
     bed.testbed.write_config_with("", &format!("{}{second}{third}", bed.listener_toml("")));
-    let output =
-        bed.testbed.cli(&["check", "--config", bed.testbed.config.to_str().expect("UTF-8")]);
+    let output = bed.testbed.check();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(stderr.contains("listener `second`: `key`"), "{stderr}");
+    assert!(stderr.contains("this private key does not belong to the certificate"), "{stderr}");
     assert!(
         stderr.contains(&format!(
             "listener `third`: `client_ca` {}: holds no certificate",

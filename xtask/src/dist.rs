@@ -154,11 +154,15 @@ fn check(deb: &Path, dist: &Path) -> anyhow::Result<()> {
         bail!("postinst did not create {}", allowlist.display());
     }
     exec::run(Command::new(&installed).arg("--version"))?;
-    // The example config as shipped, but for its user: dpkg did not run
-    // useradd in this root (postinst skips it under DPKG_ROOT).
+    // The example config as shipped, but for its user (dpkg did not run
+    // useradd in this root: postinst skips it under DPKG_ROOT) and its
+    // interface (`check` refuses one this host does not have).
     let example = fs::read_to_string(root.join("etc/edgegate/edgegate.toml"))?;
-    let config = dist.join("example-as-nobody.toml");
-    fs::write(&config, example.replace("user = \"edgegate\"", "user = \"nobody\""))?;
+    let config = dist.join("example-here.toml");
+    let here = example
+        .replace("user = \"edgegate\"", "user = \"nobody\"")
+        .replace("interfaces = [\"ens5\"]", "interfaces = [\"lo\"]");
+    fs::write(&config, here)?;
     exec::run(
         Command::new(&installed)
             .arg("--state-dir")

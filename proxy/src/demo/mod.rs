@@ -298,7 +298,7 @@ impl Bed {
         // Stored before waiting, so that Drop stops it whatever happens next.
         self.daemon = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while control::call(&self.socket, &Request::List).is_err() {
+        while control::call(&self.socket, &Request::Ping).is_err() {
             if Instant::now() > deadline {
                 let log = std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default();
                 bail!("the daemon did not start:\n{log}");

@@ -132,6 +132,8 @@ pub struct ListenerStatus {
     pub backend_failures: u64,
     /// Relays cut by a socket or TLS error.
     pub relay_errors: u64,
+    /// When the certificates and CRLs in force stop being usable.
+    pub lifetimes: Vec<crate::tls::Lifetime>,
 }
 
 /// One running listener.
@@ -362,6 +364,7 @@ impl Proxies {
                     bytes_to_clients: counters.bytes_out.load(Ordering::Relaxed),
                     backend_failures: counters.backend_failures.load(Ordering::Relaxed),
                     relay_errors: counters.relay_errors.load(Ordering::Relaxed),
+                    lifetimes: settings.tls.lifetimes.clone(),
                 }
             })
             .collect()

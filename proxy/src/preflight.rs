@@ -1,0 +1,240 @@
+//! Everything `edgegate run` would load, checked before anything is touched.
+//! `edgegate check` prints the report; `daemon::start` refuses to start on
+//! any error in it and logs its warnings. One function serves both, so what
+//! `check` accepts is what a start accepts.
+//!
+//! Errors are what would make the daemon refuse to start or misbehave at
+//! once; warnings are what will bite later (a certificate about to expire, an
+//! MTU that keeps native XDP off). Each names the file and the key or line.
+
+use std::{fmt, path::Path};
+
+use crate::{
+    allowlist::{self, Allowlist},
+    config::{AttachMode, Config, ConfigError, Overrides},
+    filter, privileges,
+    tls::{Lifetime, LifetimeKind, ListenerTls, unix_now},
+};
+
+/// The largest MTU with which ENA, EC2's NIC, runs native XDP.
+pub const ENA_XDP_MAX_MTU: u32 = 3498;
+
+/// Certificates expiring sooner than this are reported (and logged daily).
+pub const EXPIRY_WARNING_SECONDS: i64 = 30 * 24 * 3600;
+
+/// How serious a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// The daemon would refuse to start, or fail right away.
+    Error,
+    /// It starts, but this will cause trouble.
+    Warning,
+}
+
+/// One problem, with the file and key it is about in `text`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub severity: Severity,
+    pub text: String,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// What [`inspect`] found: the loaded config and list when they are usable,
+/// every finding, and a line for each part that is fine.
+#[derive(Debug)]
+pub struct Report {
+    pub loaded: Option<(Config, Allowlist)>,
+    pub findings: Vec<Finding>,
+    pub passed: Vec<String>,
+}
+
+impl Report {
+    pub fn errors(&self) -> impl Iterator<Item = &Finding> {
+        self.findings.iter().filter(|f| f.severity == Severity::Error)
+    }
+
+    pub fn warnings(&self) -> impl Iterator<Item = &Finding> {
+        self.findings.iter().filter(|f| f.severity == Severity::Warning)
+    }
+
+    fn error(&mut self, text: String) {
+        self.findings.push(Finding { severity: Severity::Error, text });
+    }
+
+    fn warning(&mut self, text: String) {
+        self.findings.push(Finding { severity: Severity::Warning, text });
+    }
+}
+
+/// Reads the config at `path` and everything it names; never stops at the
+/// first problem (only a config that does not parse ends the inspection).
+pub fn inspect(path: &Path, overrides: &Overrides) -> Report {
+    let mut report = Report { loaded: None, findings: Vec::new(), passed: Vec::new() };
+    let config = match Config::load(path, overrides) {
+        Ok(config) => config,
+        Err(ConfigError::Invalid { path, problems }) => {
+            for problem in problems {
+                report.error(format!("config {}: {problem}", path.display()));
+            }
+            return report;
+        }
+        Err(e) => {
+            report.error(e.to_string());
+            return report;
+        }
+    };
+    let at = |key: &str| format!("config {}: `{key}`", path.display());
+    if let Some(user) = &config.daemon.user {
+        match privileges::lookup(user) {
+            Ok(account) => report.passed.push(format!("daemon.user `{user}`: uid {}", account.uid)),
+            Err(e) => report.error(format!("config {}: {e}", path.display())),
+        }
+    }
+    for interface in &config.filter.interfaces {
+        inspect_interface(&mut report, &at("filter.interfaces"), interface, config.filter.mode);
+    }
+    let list = inspect_allowlist(&mut report, &config, &at);
+    let now = unix_now();
+    for listener in &config.listeners {
+        let at = |key: &str| at(&format!("listener.{}.{key}", listener.name));
+        match ListenerTls::load(listener) {
+            Ok(tls) => {
+                let before = report.findings.len();
+                for lifetime in &tls.lifetimes {
+                    inspect_lifetime(&mut report, &at(lifetime.kind.key()), lifetime, now);
+                }
+                if report.findings.len() == before {
+                    report.passed.push(format!(
+                        "listener `{}`: certificates, key, CAs and CRLs OK",
+                        listener.name
+                    ));
+                }
+            }
+            Err(e) => report.error(format!(
+                "config {}: listener `{}`: {e}",
+                path.display(),
+                listener.name
+            )),
+        }
+    }
+    if let Some(list) = list
+        && report.errors().next().is_none()
+    {
+        report.loaded = Some((config, list));
+    }
+    report
+}
+
+fn inspect_interface(report: &mut Report, at: &str, name: &str, mode: AttachMode) {
+    // Through the kernel, not /sys: `nsenter --net` keeps the host's /sys.
+    let Some(mtu) = filter::interface_mtu(name) else {
+        report.error(format!(
+            "{at}: interface `{name}` does not exist (this host has: {}; see `ip link`)",
+            filter::interface_names().join(", ")
+        ));
+        return;
+    };
+    if mtu > ENA_XDP_MAX_MTU && mode != AttachMode::Skb {
+        let consequence = match mode {
+            AttachMode::Native => "mode = \"native\" will fail to attach",
+            _ => "mode = \"auto\" falls back to generic (skb) XDP",
+        };
+        report.warning(format!(
+            "{at}: `{name}` has MTU {mtu}, and native XDP on ENA (EC2's NIC) needs at most \
+             {ENA_XDP_MAX_MTU}, so {consequence}; set `ip link set dev {name} mtu \
+             {ENA_XDP_MAX_MTU}` and make it persistent (README: EC2's MTU)"
+        ));
+    }
+}
+
+/// Loads the list; problems with it (a missing file at an explicit path, a
+/// line that does not parse, more entries than the maps hold) are errors.
+fn inspect_allowlist(
+    report: &mut Report,
+    config: &Config,
+    at: &dyn Fn(&str) -> String,
+) -> Option<Allowlist> {
+    let list_path = config.allowlist_path();
+    if config.filter.allowlist.is_some() && !list_path.exists() {
+        report.error(format!(
+            "{}: {} does not exist (an explicit path is never created empty): seed it with \
+             `edgegate allow add --offline CIDR...`, or remove the key to use {}",
+            at("filter.allowlist"),
+            list_path.display(),
+            config.daemon.state_dir.join("allowlist").display()
+        ));
+        return None;
+    }
+    let list = match allowlist::load(&list_path) {
+        Ok(list) => list,
+        Err(e) => {
+            report.error(e.to_string());
+            return None;
+        }
+    };
+    let (ipv4, ipv6) = list.family_sizes();
+    let capacity = config.filter.max_entries as usize;
+    for (family, size) in [("IPv4", ipv4), ("IPv6", ipv6)] {
+        if size > capacity {
+            report.error(format!(
+                "{}: {capacity} is less than the {size} {family} entries in {}",
+                at("filter.max_entries"),
+                list_path.display()
+            ));
+        }
+    }
+    report
+        .passed
+        .push(format!("allowlist {}: {ipv4} IPv4 and {ipv6} IPv6 entries", list_path.display()));
+    Some(list)
+}
+
+fn inspect_lifetime(report: &mut Report, at: &str, lifetime: &Lifetime, now: i64) {
+    let Lifetime { kind, path, subject, not_before, not_after } = lifetime;
+    let (file, left) = (path.display(), not_after - now);
+    match kind {
+        LifetimeKind::Server if left <= 0 => report.error(format!(
+            "{at} {file}: the server certificate ({subject}) expired on {}: clients refuse it",
+            date(*not_after)
+        )),
+        LifetimeKind::Server if *not_before > now => report.error(format!(
+            "{at} {file}: the server certificate ({subject}) is not valid before {}: clients \
+             refuse it (is the clock right?)",
+            date(*not_before)
+        )),
+        LifetimeKind::ClientCa if left <= 0 => report.warning(format!(
+            "{at} {file}: the client CA {subject} expired on {}: partner certificates it issued \
+             are refused",
+            date(*not_after)
+        )),
+        LifetimeKind::Server | LifetimeKind::ClientCa if left < EXPIRY_WARNING_SECONDS => {
+            report.warning(format!(
+                "{at} {file}: {} ({subject}) expires in {} days, on {}",
+                if *kind == LifetimeKind::Server {
+                    "the server certificate"
+                } else {
+                    "the client CA"
+                },
+                left / 86_400,
+                date(*not_after)
+            ));
+        }
+        // CRLs are reissued every few days: only an overdue one is news.
+        LifetimeKind::Crl if left <= 0 => report.warning(format!(
+            "{at} {file}: the CRL from {subject} was due for renewal on {}: install a fresh one",
+            date(*not_after)
+        )),
+        _ => {}
+    }
+}
+
+/// A Unix time as a calendar date.
+fn date(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .map_or_else(|_| unix.to_string(), |d| d.date().to_string())
+}
