@@ -319,13 +319,39 @@ pub struct Overrides {
 
 impl Config {
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
-        let text = fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::parse(&text, path, overrides)
+        let (config, problems) = Self::load_with_problems(path, overrides)?;
+        if problems.is_empty() {
+            return Ok(config);
+        }
+        Err(ConfigError::Invalid { path: path.to_owned(), problems })
     }
 
     /// Parses `text`; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let (config, problems) = Self::parse_with_problems(text, path, overrides)?;
+        if problems.is_empty() {
+            return Ok(config);
+        }
+        Err(ConfigError::Invalid { path: path.to_owned(), problems })
+    }
+
+    /// As [`Self::load`], but a file that parses yields its config together
+    /// with every unusable value, so that `check` can go on to the files it
+    /// names. Only a file that cannot be read or parsed is an error.
+    pub fn load_with_problems(
+        path: &Path,
+        overrides: &Overrides,
+    ) -> Result<(Self, Vec<Invalid>), ConfigError> {
+        let text = fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse_with_problems(&text, path, overrides)
+    }
+
+    fn parse_with_problems(
+        text: &str,
+        path: &Path,
+        overrides: &Overrides,
+    ) -> Result<(Self, Vec<Invalid>), ConfigError> {
         let raw: RawConfig = toml::from_str(text)
             .map_err(|e| ConfigError::Syntax { path: path.to_owned(), source: Box::new(e) })?;
         let RawConfig { filter, mut daemon, listener: listeners, metrics } = raw;
@@ -368,9 +394,6 @@ impl Config {
         if filter.max_entries == 0 {
             problems.push(Invalid::new("filter.max_entries", "must be at least 1"));
         }
-        if !problems.is_empty() {
-            return Err(ConfigError::Invalid { path: path.to_owned(), problems });
-        }
         if let Some(dir) = &overrides.state_dir {
             daemon.state_dir.clone_from(dir);
         }
@@ -380,7 +403,7 @@ impl Config {
         if let Some(dir) = &overrides.bpffs_dir {
             daemon.bpffs_dir.clone_from(dir);
         }
-        Ok(Self { filter, daemon, listeners, metrics })
+        Ok((Self { filter, daemon, listeners, metrics }, problems))
     }
 
     /// Ports the filter protects: `filter.ports`, every listener's port, and
@@ -616,6 +639,87 @@ mod tests {
             "{err}"
         );
         assert!(with_metrics("127.0.0.1:0").is_ok(), "loopback needs no protection");
+    }
+
+    /// The ```toml blocks of a Markdown text.
+    fn toml_blocks(markdown: &str) -> Vec<String> {
+        markdown
+            .split("```toml\n")
+            .skip(1)
+            .map(|rest| rest.split("```").next().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    /// `text` with its commented-out keys and tables (`# key = …`, `# [table]`)
+    /// switched on, as a reader would uncomment them.
+    fn uncommented(text: &str) -> String {
+        text.lines()
+            .map(|line| {
+                let body = line.strip_prefix("# ").unwrap_or(line);
+                let looks_like_toml = body.starts_with('[')
+                    || body.split_once(" = ").is_some_and(|(key, _)| {
+                        !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    });
+                if looks_like_toml { body } else { line }
+            })
+            .map(|line| format!("{line}\n"))
+            .collect()
+    }
+
+    /// Every config the README shows, and the one the package ships, parses
+    /// as written and with its commented-out keys switched on: the
+    /// documentation cannot drift from the parser.
+    #[test]
+    fn every_config_in_the_readme_and_the_package_parses() {
+        let readme = include_str!("../../README.md");
+        let mut configs = toml_blocks(readme);
+        assert!(!configs.is_empty(), "the README shows a config");
+        configs.push(include_str!("../dist/edgegate.toml").to_owned());
+        for config in configs {
+            for text in [config.clone(), uncommented(&config)] {
+                if let Err(e) = parse(&text) {
+                    panic!("{e}\nin:\n{text}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn durations_say_the_accepted_format() {
+        let err = parse(&format!(
+            "[filter]\ninterfaces = [\"eth0\"]\n{}idle_timeout = \"10\"\n",
+            listener("edge", 8443)
+        ))
+        .unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, ConfigError::Syntax { .. }));
+        assert!(
+            message.contains("`10` is not a duration")
+                && message.contains("\"10s\", \"5m\" or \"1h\""),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn every_unusable_value_is_reported_not_just_the_first() {
+        let text = format!(
+            "[filter]\ninterfaces = [\"a/b\"]\nports = [0]\nmax_entries = 0\n[metrics]\nbind = \"0.0.0.0:8443\"\n{}max_connections = 0\n",
+            listener("edge", 8443)
+        );
+        let Err(ConfigError::Invalid { problems, .. }) = parse(&text) else {
+            panic!("refused as invalid");
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "listener.edge.max_connections",
+                "filter.interfaces",
+                "filter.ports",
+                "metrics.bind",
+                "filter.max_entries"
+            ]
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::{fmt, path::Path};
 
 use crate::{
     allowlist::{self, Allowlist},
-    config::{AttachMode, Config, ConfigError, Overrides},
+    config::{AttachMode, Config, Overrides},
     filter, privileges,
     tls::{Lifetime, LifetimeKind, ListenerTls, unix_now},
 };
@@ -72,16 +72,16 @@ impl Report {
 }
 
 /// Reads the config at `path` and everything it names; never stops at the
-/// first problem (only a config that does not parse ends the inspection).
+/// first problem (only a config that cannot be read or parsed as TOML of the
+/// right shape ends the inspection).
 pub fn inspect(path: &Path, overrides: &Overrides) -> Report {
     let mut report = Report { loaded: None, findings: Vec::new(), passed: Vec::new() };
-    let config = match Config::load(path, overrides) {
-        Ok(config) => config,
-        Err(ConfigError::Invalid { path, problems }) => {
+    let config = match Config::load_with_problems(path, overrides) {
+        Ok((config, problems)) => {
             for problem in problems {
                 report.error(format!("config {}: {problem}", path.display()));
             }
-            return report;
+            config
         }
         Err(e) => {
             report.error(e.to_string());

@@ -114,6 +114,9 @@ pub enum TlsError {
     /// The client CA bundle or CRLs could not make a verifier.
     #[error("`client_ca`: {0}")]
     Verifier(#[source] rustls::server::VerifierBuilderError),
+    /// An `allow_*` pattern is not a glob (`Config::parse` refuses these first).
+    #[error("identity rules: {0}")]
+    Pattern(#[source] globset::Error),
     /// `backend_tls.server_name` is neither a DNS name nor an IP address.
     #[error("`backend_tls.server_name`: `{0}` is not a DNS name or an IP address")]
     ServerName(String),
@@ -169,7 +172,7 @@ impl ListenerTls {
             .map_err(TlsError::Verifier)?;
         let verifier = Arc::new(IdentityVerifier {
             inner: webpki,
-            rules: IdentityRules::new(listener).expect("patterns are checked by Config::parse"),
+            rules: IdentityRules::new(listener).map_err(TlsError::Pattern)?,
         });
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(versions(listener.min_tls_version))
