@@ -181,6 +181,19 @@ impl State {
         })
     }
 
+    /// Logs what is about to expire among the certificates and CRLs in force.
+    fn warn_of_expiry(&self) {
+        let now = crate::tls::unix_now();
+        for listener in self.proxies.status() {
+            for lifetime in &listener.lifetimes {
+                let at = format!("listener `{}`: `{}`", listener.name, lifetime.kind.key());
+                if let Some(finding) = preflight::judge_lifetime(&at, lifetime, now) {
+                    tracing::warn!("{finding}");
+                }
+            }
+        }
+    }
+
     /// What `/metrics` and `/readyz` report.
     pub fn observe(&self) -> Result<Observation, FilterError> {
         let ready = self.filter.verify_attachments().and_then(|()| self.proxies.verify_accepting());
@@ -237,6 +250,9 @@ impl State {
         Response::Reloaded { allowlist, outcomes }
     }
 }
+
+/// How often the certificates in force are checked for nearing expiry.
+const EXPIRY_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
 
 /// Whether a change is written to the allowlist file before it is applied.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -392,10 +408,16 @@ pub async fn serve(
     notify_systemd(&[sd_notify::NotifyState::Ready]);
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .expect("installing a signal handler cannot fail");
+    // Start-up has logged expiry warnings already; repeat them twice a day.
+    let mut expiry_check = tokio::time::interval_at(
+        tokio::time::Instant::now() + EXPIRY_CHECK_INTERVAL,
+        EXPIRY_CHECK_INTERVAL,
+    );
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            _ = expiry_check.tick() => state.lock().await.warn_of_expiry(),
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: reloading");
                 let reloading = sd_notify::NotifyState::monotonic_usec_now()

@@ -105,9 +105,11 @@ pub fn inspect(path: &Path, overrides: &Overrides) -> Report {
         match ListenerTls::load(listener) {
             Ok(tls) => {
                 let before = report.findings.len();
-                for lifetime in &tls.lifetimes {
-                    inspect_lifetime(&mut report, &at(lifetime.kind.key()), lifetime, now);
-                }
+                let findings = tls
+                    .lifetimes
+                    .iter()
+                    .filter_map(|lifetime| judge_lifetime(&at(lifetime.kind.key()), lifetime, now));
+                report.findings.extend(findings);
                 if report.findings.len() == before {
                     report.passed.push(format!(
                         "listener `{}`: certificates, key, CAs and CRLs OK",
@@ -194,26 +196,38 @@ fn inspect_allowlist(
     Some(list)
 }
 
-fn inspect_lifetime(report: &mut Report, at: &str, lifetime: &Lifetime, now: i64) {
+/// What to say about a certificate or CRL at `now`, if anything: an
+/// unusable server certificate is an error, nearing expiry a warning.
+pub fn judge_lifetime(at: &str, lifetime: &Lifetime, now: i64) -> Option<Finding> {
     let Lifetime { kind, path, subject, not_before, not_after } = lifetime;
     let (file, left) = (path.display(), not_after - now);
-    match kind {
-        LifetimeKind::Server if left <= 0 => report.error(format!(
-            "{at} {file}: the server certificate ({subject}) expired on {}: clients refuse it",
-            date(*not_after)
-        )),
-        LifetimeKind::Server if *not_before > now => report.error(format!(
-            "{at} {file}: the server certificate ({subject}) is not valid before {}: clients \
-             refuse it (is the clock right?)",
-            date(*not_before)
-        )),
-        LifetimeKind::ClientCa if left <= 0 => report.warning(format!(
-            "{at} {file}: the client CA {subject} expired on {}: partner certificates it issued \
-             are refused",
-            date(*not_after)
-        )),
-        LifetimeKind::Server | LifetimeKind::ClientCa if left < EXPIRY_WARNING_SECONDS => {
-            report.warning(format!(
+    let (severity, text) = match kind {
+        LifetimeKind::Server if left <= 0 => (
+            Severity::Error,
+            format!(
+                "{at} {file}: the server certificate ({subject}) expired on {}: clients refuse it",
+                date(*not_after)
+            ),
+        ),
+        LifetimeKind::Server if *not_before > now => (
+            Severity::Error,
+            format!(
+                "{at} {file}: the server certificate ({subject}) is not valid before {}: \
+                 clients refuse it (is the clock right?)",
+                date(*not_before)
+            ),
+        ),
+        LifetimeKind::ClientCa if left <= 0 => (
+            Severity::Warning,
+            format!(
+                "{at} {file}: the client CA {subject} expired on {}: partner certificates it \
+                 issued are refused",
+                date(*not_after)
+            ),
+        ),
+        LifetimeKind::Server | LifetimeKind::ClientCa if left < EXPIRY_WARNING_SECONDS => (
+            Severity::Warning,
+            format!(
                 "{at} {file}: {} ({subject}) expires in {} days, on {}",
                 if *kind == LifetimeKind::Server {
                     "the server certificate"
@@ -222,19 +236,72 @@ fn inspect_lifetime(report: &mut Report, at: &str, lifetime: &Lifetime, now: i64
                 },
                 left / 86_400,
                 date(*not_after)
-            ));
-        }
+            ),
+        ),
         // CRLs are reissued every few days: only an overdue one is news.
-        LifetimeKind::Crl if left <= 0 => report.warning(format!(
-            "{at} {file}: the CRL from {subject} was due for renewal on {}: install a fresh one",
-            date(*not_after)
-        )),
-        _ => {}
-    }
+        LifetimeKind::Crl if left <= 0 => (
+            Severity::Warning,
+            format!(
+                "{at} {file}: the CRL from {subject} was due for renewal on {}: install a fresh one",
+                date(*not_after)
+            ),
+        ),
+        _ => return None,
+    };
+    Some(Finding { severity, text })
 }
 
 /// A Unix time as a calendar date.
 fn date(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .map_or_else(|_| unix.to_string(), |d| d.date().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: i64 = 86_400;
+    const NOW: i64 = 1_800_000_000;
+
+    fn judge(kind: LifetimeKind, not_before: i64, not_after: i64) -> Option<(Severity, String)> {
+        let lifetime = Lifetime {
+            kind,
+            path: "/etc/edgegate/x.pem".into(),
+            subject: "CN=x".into(),
+            not_before,
+            not_after,
+        };
+        judge_lifetime("`cert`", &lifetime, NOW).map(|f| (f.severity, f.text))
+    }
+
+    #[test]
+    fn an_expired_or_future_server_certificate_is_an_error() {
+        let (severity, text) = judge(LifetimeKind::Server, NOW - 90 * DAY, NOW - DAY).unwrap();
+        assert_eq!(severity, Severity::Error);
+        assert!(text.contains("expired on") && text.contains("clients refuse it"), "{text}");
+        let (severity, text) = judge(LifetimeKind::Server, NOW + DAY, NOW + 90 * DAY).unwrap();
+        assert_eq!(severity, Severity::Error);
+        assert!(text.contains("is not valid before"), "{text}");
+    }
+
+    #[test]
+    fn nearing_expiry_is_a_warning_with_the_days_left() {
+        let (severity, text) = judge(LifetimeKind::Server, NOW - DAY, NOW + 12 * DAY + 5).unwrap();
+        assert_eq!(severity, Severity::Warning);
+        assert!(text.contains("expires in 12 days"), "{text}");
+        let (severity, _) = judge(LifetimeKind::ClientCa, NOW - DAY, NOW + DAY).unwrap();
+        assert_eq!(severity, Severity::Warning);
+        assert_eq!(judge(LifetimeKind::Server, NOW - DAY, NOW + 31 * DAY), None);
+    }
+
+    #[test]
+    fn a_crl_is_news_only_when_overdue() {
+        assert_eq!(judge(LifetimeKind::Crl, NOW - DAY, NOW + DAY), None, "due tomorrow: normal");
+        let (severity, text) = judge(LifetimeKind::Crl, NOW - 8 * DAY, NOW - DAY).unwrap();
+        assert_eq!(severity, Severity::Warning);
+        assert!(text.contains("due for renewal"), "{text}");
+        let (severity, _) = judge(LifetimeKind::ClientCa, NOW - 900 * DAY, NOW - DAY).unwrap();
+        assert_eq!(severity, Severity::Warning, "an expired client CA does not stop the start");
+    }
 }
