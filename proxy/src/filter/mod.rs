@@ -1,0 +1,418 @@
+//! Loads the XDP program, owns its maps, attaches it to interfaces and pins
+//! everything under the bpffs directory so that filtering outlives the daemon.
+//!
+//! Pin layout under `bpffs_dir`:
+//! - `maps/EG_*`: the program's maps (aya re-opens them by name on load);
+//! - `links/<mode>-<interface>`: one XDP link per interface; the mode is in the
+//!   name because the kernel does not report it for links.
+//!
+//! A restarting daemon loads a fresh program against the pinned maps and swaps
+//! it into each pinned link with `bpf_link_update`: the interface is never
+//! without a program, and never has two.
+
+//!
+//! One file per concern: this one loads and opens the program and holds its
+//! errors; `rules` keeps the rule maps equal to the list (in an order that
+//! never drops a source both lists allow); `pins` is the bpffs layout and
+//! attaching, adopting and detaching links; `stats` reads the counters;
+//! `sys` holds the raw system calls aya does not wrap, and with them every
+//! `unsafe` of the module.
+
+mod pins;
+mod rules;
+mod stats;
+mod sys;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs, io,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, MapInfo, PerCpuArray, lpm_trie::Key},
+    pin::PinError,
+    programs::{ProgramError, Xdp, XdpMode, links::LinkError},
+};
+use ipnet::IpNet;
+use proxy_common::{Counter, FilterConfig as KernelConfig, Rule, map};
+use serde::{Deserialize, Serialize};
+
+pub use pins::{Detached, detach_pinned};
+pub use stats::{CounterSnapshot, RuleHits};
+pub use sys::{interface_mtu, interface_names};
+
+use pins::{attach, link_pin_name, prepare_bpffs, release_unconfigured_links};
+use rules::lookup_config;
+use sys::{if_index, link_ifindex, open_pinned, spawn_log_forwarder};
+
+use crate::{
+    allowlist::{Action, Allowlist},
+    config::{AttachMode, Scope},
+};
+
+/// The compiled XDP program, built by `build.rs` from `proxy-ebpf`.
+pub static PROGRAM_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/edgegate.bpf.o"));
+
+/// Reference programs the benchmarks compare the filter with, and drive it with.
+pub mod reference {
+    /// Returns XDP_DROP and nothing else: the cost floor of running any program.
+    pub static DROP_ONLY: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-drop.bpf.o"));
+    /// One LPM-trie lookup of the source address (maps `BENCH_V4_TRIE`,
+    /// `BENCH_V6_TRIE`; any value means allowed).
+    pub static PLAIN_LPM: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-lpm.bpf.o"));
+    /// `cargo xtask bench flood`'s traffic generator: programs `flood_redirect`
+    /// (random IPv4 source, out of the global `TARGET_IFINDEX`) and
+    /// `flood_drop` (the same rewrite, then dropped).
+    pub static FLOOD_GENERATOR: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-flood.bpf.o"));
+}
+
+/// Why the filter could not be set up or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    /// The pin directory is not on a BPF filesystem, and it is not the standard one we could mount.
+    #[error(
+        "{} is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf`",
+        dir.display()
+    )]
+    BpffsNotMounted { dir: PathBuf },
+    /// Mounting the standard bpffs failed.
+    #[error("cannot mount bpffs on /sys/fs/bpf: {0}")]
+    MountBpffs(#[source] nix::Error),
+    /// A configured interface does not exist.
+    #[error("interface `{name}` does not exist (see `ip link`)")]
+    UnknownInterface { name: String },
+    /// The object file or its maps could not be loaded (or the pinned maps opened).
+    #[error("cannot load the XDP program: {0}")]
+    Load(#[source] aya::EbpfError),
+    /// The verifier rejected the program; the message holds its log.
+    #[error("the kernel refused the XDP program: {0}")]
+    Verify(#[source] ProgramError),
+    /// A map operation failed.
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    /// `mode = "native"` on an interface whose driver cannot run XDP.
+    #[error(
+        "`{interface}` has no native XDP support in its driver; use mode = \"auto\" (falls back \
+         to skb mode) or mode = \"skb\""
+    )]
+    NativeUnsupported { interface: String },
+    /// Attaching failed for another reason.
+    #[error("cannot attach XDP to `{interface}` in {mode} mode: {source}")]
+    Attach {
+        interface: String,
+        mode: AttachedMode,
+        #[source]
+        source: ProgramError,
+    },
+    /// A pinned link exists but could not be opened or updated.
+    #[error("cannot take over the pinned XDP link {}: {source}", path.display())]
+    Adopt {
+        path: PathBuf,
+        #[source]
+        source: LinkError,
+    },
+    /// The kernel attached through netlink, without an XDP link that could be pinned.
+    #[error(
+        "the kernel attached XDP to `{interface}` without a BPF link (Linux < 5.9?); edgegate \
+         needs XDP links so that filtering survives restarts"
+    )]
+    NoLinkSupport { interface: String },
+    /// Pinning a new link failed.
+    #[error("cannot pin the XDP link at {}: {source}", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: PinError,
+    },
+    /// A file-system operation on the pin directory failed.
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The list (while replacing: old and new together) would not fit in the maps.
+    #[error(
+        "the {family} rules need room for {needed} entries while they change, but the maps hold \
+         {capacity}; raise `filter.max_entries` (and run `edgegate detach` before restarting, so \
+         the maps are recreated)"
+    )]
+    Capacity { family: &'static str, needed: usize, capacity: u32 },
+}
+
+/// The mode an interface's program actually runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachedMode {
+    Native,
+    Skb,
+}
+
+impl AttachedMode {
+    const ALL: [Self; 2] = [Self::Native, Self::Skb];
+
+    fn xdp_mode(self) -> XdpMode {
+        match self {
+            Self::Native => XdpMode::Driver,
+            Self::Skb => XdpMode::Skb,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Skb => "skb",
+        }
+    }
+}
+
+impl std::fmt::Display for AttachedMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How a configured interface came to be filtered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub interface: String,
+    pub mode: AttachedMode,
+    /// The link was pinned by an earlier daemon and taken over.
+    pub adopted: bool,
+}
+
+/// Everything the loader needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct FilterOptions {
+    pub interfaces: Vec<String>,
+    pub mode: AttachMode,
+    pub scope: Scope,
+    pub ports: BTreeSet<u16>,
+    pub max_entries: u32,
+    pub bpffs_dir: PathBuf,
+}
+
+/// The loaded program, its maps and its links.
+pub struct Filter {
+    ebpf: Ebpf,
+    kernel_config: Array<MapData, KernelConfig>,
+    v4_rules: HashMap<MapData, Key<[u8; 4]>, Rule>,
+    v4_trie: LpmTrie<MapData, [u8; 4], Rule>,
+    v6_rules: HashMap<MapData, Key<[u8; 16]>, Rule>,
+    v6_trie: LpmTrie<MapData, [u8; 16], Rule>,
+    counters: PerCpuArray<MapData, Counter>,
+    /// What the rule maps hold, mirrored so that changes can be diffed.
+    installed: BTreeMap<IpNet, Action>,
+    /// Entries per family the maps can hold.
+    capacity: u32,
+    attachments: Vec<Attachment>,
+    /// One descriptor per attachment, opened at start-up (with the
+    /// privileges the pins need) to check the link's state later.
+    links: Vec<OwnedFd>,
+    /// The program's aya-log records, until `forward_logs` takes them.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// Next value of the config map; scope and ports never change while running.
+    config: KernelConfig,
+}
+
+impl Filter {
+    /// Loads the program against the pinned maps (creating them the first
+    /// time), installs `list`, then attaches or adopts every interface.
+    /// Rules are in place before any new attachment, so a fresh interface
+    /// never passes through a moment with an empty list.
+    pub fn load(options: &FilterOptions, list: &Allowlist) -> Result<Self, FilterError> {
+        let if_indexes = options
+            .interfaces
+            .iter()
+            .map(|name| if_index(name).map(|index| (name.clone(), index)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let first_start = !options.bpffs_dir.exists();
+        let loaded = Self::open(options, list).and_then(|mut filter| {
+            let links_dir = options.bpffs_dir.join("links");
+            create_dir(&links_dir)?;
+            for (name, index) in &if_indexes {
+                let attachment =
+                    attach(filter.program_mut(), &links_dir, name, *index, options.mode)?;
+                let pin = links_dir.join(link_pin_name(attachment.mode, name));
+                let link = open_pinned(&pin).map_err(|source| FilterError::Io {
+                    op: "open",
+                    path: pin,
+                    source,
+                })?;
+                filter.links.push(link);
+                filter.attachments.push(attachment);
+            }
+            release_unconfigured_links(&links_dir, &options.interfaces)?;
+            Ok(filter)
+        });
+        // A first start that fails leaves nothing behind. A restart that fails
+        // keeps what was pinned: filtering with the last list beats none.
+        if loaded.is_err()
+            && first_start
+            && let Err(e) = detach_pinned(&options.bpffs_dir, None)
+        {
+            tracing::warn!("cannot clean up {}: {e}", options.bpffs_dir.display());
+        }
+        loaded
+    }
+
+    /// Loads the program and fills its maps without attaching it anywhere:
+    /// what `load` does first, and what tests and benchmarks run packets through.
+    pub fn open(options: &FilterOptions, list: &Allowlist) -> Result<Self, FilterError> {
+        prepare_bpffs(&options.bpffs_dir)?;
+        let maps_dir = options.bpffs_dir.join("maps");
+        create_dir(&maps_dir)?;
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .map_max_entries(map::V4_RULES, options.max_entries)
+            .map_max_entries(map::V4_TRIE, options.max_entries)
+            .map_max_entries(map::V6_RULES, options.max_entries)
+            .map_max_entries(map::V6_TRIE, options.max_entries)
+            .load(PROGRAM_OBJECT)
+            .map_err(FilterError::Load)?;
+        let capacity = MapInfo::from_pin(maps_dir.join(map::V4_RULES))
+            .map(|info| info.max_entries())
+            .map_err(|source| FilterError::Map { name: map::V4_RULES, source })?;
+        if capacity != options.max_entries {
+            tracing::warn!(
+                "the pinned rule maps hold {capacity} entries per family, not filter.max_entries = {}; \
+                 run `edgegate detach` before starting to recreate them",
+                options.max_entries
+            );
+        }
+
+        let mut filter = Self {
+            kernel_config: take_map(&mut ebpf, map::CONFIG)?,
+            v4_rules: take_map(&mut ebpf, map::V4_RULES)?,
+            v4_trie: take_map(&mut ebpf, map::V4_TRIE)?,
+            v6_rules: take_map(&mut ebpf, map::V6_RULES)?,
+            v6_trie: take_map(&mut ebpf, map::V6_TRIE)?,
+            counters: take_map(&mut ebpf, map::COUNTERS)?,
+            installed: BTreeMap::new(),
+            capacity,
+            attachments: Vec::new(),
+            links: Vec::new(),
+            logger: None,
+            config: KernelConfig::EMPTY,
+            ebpf,
+        };
+        filter.installed = filter.read_installed()?;
+        filter.config = KernelConfig {
+            scope: match options.scope {
+                Scope::Ports => proxy_common::Scope::Ports as u32,
+                Scope::Host => proxy_common::Scope::Host as u32,
+            },
+            ..lookup_config(&filter.installed, KernelConfig::EMPTY)
+        };
+        (filter.config.ephemeral_first, filter.config.ephemeral_last) = ephemeral_port_range();
+        filter.write_config()?;
+        filter.set_ports(&options.ports)?;
+        filter.apply(list)?;
+        filter.program_mut().load().map_err(FilterError::Verify)?;
+        // After loading: the loaded program holds its own reference to the log
+        // map, so the logger may be dropped when nobody forwards its records.
+        filter.logger = aya_log::EbpfLogger::init(&mut filter.ebpf)
+            .inspect_err(|e| tracing::warn!("XDP program diagnostics will not be logged: {e}"))
+            .ok();
+        Ok(filter)
+    }
+
+    /// The loaded XDP program.
+    pub fn program(&self) -> &Xdp {
+        self.ebpf
+            .program(proxy_common::PROGRAM_NAME)
+            .expect("the object defines the program")
+            .try_into()
+            .expect("the program is XDP")
+    }
+
+    fn program_mut(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(proxy_common::PROGRAM_NAME)
+            .expect("the object defines the program")
+            .try_into()
+            .expect("the program is XDP")
+    }
+
+    pub fn attachments(&self) -> &[Attachment] {
+        &self.attachments
+    }
+
+    /// Forwards the program's diagnostics into the daemon's log (needs a runtime).
+    pub fn forward_logs(&mut self) {
+        if let Some(logger) = self.logger.take() {
+            spawn_log_forwarder(logger);
+        }
+    }
+
+    /// Checks that every attachment is still in force: its link is bound to
+    /// the interface that now has that name. An interface deleted (and
+    /// perhaps recreated) or a link detached by hand fails this.
+    pub fn verify_attachments(&self) -> Result<(), String> {
+        for (attachment, link) in self.attachments.iter().zip(&self.links) {
+            let name = &attachment.interface;
+            let attached_to = link_ifindex(link)
+                .map_err(|e| format!("`{name}`: its XDP link cannot be read ({e})"))?;
+            match if_index(name) {
+                Ok(index) if index == attached_to => {}
+                Ok(_) | Err(_) if attached_to == 0 => {
+                    return Err(format!("`{name}`: the XDP program is no longer attached"));
+                }
+                Ok(_) => {
+                    return Err(format!("`{name}` was recreated; the XDP program is not on it"));
+                }
+                Err(_) => return Err(format!("`{name}` no longer exists")),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+}
+
+fn create_dir(dir: &Path) -> Result<(), FilterError> {
+    fs::create_dir_all(dir).map_err(|source| FilterError::Io {
+        op: "create",
+        path: dir.to_owned(),
+        source,
+    })
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, FilterError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).expect("the object defines every map in proxy_common::map");
+    T::try_from(map).map_err(|source| FilterError::Map { name, source })
+}
+
+fn map_error(name: &'static str) -> impl Fn(MapError) -> FilterError {
+    move |source| FilterError::Map { name, source }
+}
+
+/// The ephemeral port range replies to the host's own connections arrive on.
+fn ephemeral_port_range() -> (u16, u16) {
+    fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut ports = text.split_whitespace().map(|p| p.parse::<u16>());
+            Some((ports.next()?.ok()?, ports.next()?.ok()?))
+        })
+        // The kernel's default.
+        .unwrap_or((32768, 60999))
+}

@@ -1,0 +1,89 @@
+//! What the program counted: packets and bytes per (family, reason), hits per rule.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use ipnet::IpNet;
+use proxy_common::{Family, Reason, Rule, counter_index, map};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Filter, FilterError, map_error,
+    rules::{action_of, cidr_of},
+};
+use crate::allowlist::Action;
+
+/// Sums of the per-CPU counters for one (family, reason).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterSnapshot {
+    pub family: String,
+    pub reason: String,
+    pub verdict: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Hits of one rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleHits {
+    pub cidr: IpNet,
+    pub action: Action,
+    pub hits: u64,
+}
+
+impl Filter {
+    /// Per-(family, reason) counters summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<CounterSnapshot>, FilterError> {
+        let mut snapshots = Vec::new();
+        for family in Family::ALL {
+            for reason in Reason::ALL {
+                let per_cpu = self
+                    .counters
+                    .get(&counter_index(family, reason), 0)
+                    .map_err(map_error(map::COUNTERS))?;
+                snapshots.push(CounterSnapshot {
+                    family: family.name().to_owned(),
+                    reason: reason.name().to_owned(),
+                    verdict: if reason.passes() { "pass" } else { "drop" }.to_owned(),
+                    packets: per_cpu.iter().map(|c| c.packets).sum(),
+                    bytes: per_cpu.iter().map(|c| c.bytes).sum(),
+                });
+            }
+        }
+        Ok(snapshots)
+    }
+
+    /// Hits per rule (both lookup structures count), busiest first.
+    pub fn rule_hits(&self, limit: usize) -> Result<Vec<RuleHits>, FilterError> {
+        let mut hits: BTreeMap<IpNet, (Action, u64)> = BTreeMap::new();
+        let mut add = |addr: IpAddr, len: u32, rule: Rule| {
+            if let Some(cidr) = cidr_of(addr, len) {
+                let slot = hits.entry(cidr).or_insert((action_of(&rule), 0));
+                slot.1 += rule.hits;
+            }
+        };
+        for entry in self.v4_rules.iter() {
+            let (key, rule) = entry.map_err(map_error(map::V4_RULES))?;
+            add(IpAddr::from(key.data()), key.prefix_len(), rule);
+        }
+        for entry in self.v4_trie.iter() {
+            let (key, rule) = entry.map_err(map_error(map::V4_TRIE))?;
+            add(IpAddr::from(key.data()), key.prefix_len(), rule);
+        }
+        for entry in self.v6_rules.iter() {
+            let (key, rule) = entry.map_err(map_error(map::V6_RULES))?;
+            add(IpAddr::from(key.data()), key.prefix_len(), rule);
+        }
+        for entry in self.v6_trie.iter() {
+            let (key, rule) = entry.map_err(map_error(map::V6_TRIE))?;
+            add(IpAddr::from(key.data()), key.prefix_len(), rule);
+        }
+        let mut rules: Vec<RuleHits> = hits
+            .into_iter()
+            .filter(|(_, (_, hits))| *hits > 0)
+            .map(|(cidr, (action, hits))| RuleHits { cidr, action, hits })
+            .collect();
+        rules.sort_by(|a, b| b.hits.cmp(&a.hits).then(a.cidr.cmp(&b.cidr)));
+        rules.truncate(limit);
+        Ok(rules)
+    }
+}
