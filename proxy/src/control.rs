@@ -1,33 +1,25 @@
-//! The control socket: how the CLI changes the running daemon's allowlist.
+//! The control socket's protocol: how the CLI talks to the running daemon.
+//! This is the protocol only (requests, answers, the client call and the
+//! socket's creation); the daemon answers it in `daemon::control`.
 //!
 //! One JSON request line per connection, answered by one JSON response line.
 //! The socket is mode 0600 in a 0700 directory: only root may change the list.
 
 use std::{
-    fmt,
     io::{self, BufRead as _, BufReader, Write as _},
     os::unix::{fs::PermissionsExt as _, net::UnixStream as StdUnixStream},
     path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
-use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _},
-    net::{UnixListener, UnixStream},
-    sync::Mutex,
-};
 
 use crate::{
     allowlist::{Change, Diff, Entry},
-    daemon::State,
-    filter::{Attachment, CounterSnapshot, RuleHits},
-    proxy::{ListenerStatus, ReloadOutcome},
+    status::{ListReload, ReloadOutcome, Status},
 };
 
 /// Requests larger than this are refused (a 1M-entry replace is ~60 MB).
-const MAX_REQUEST_BYTES: u64 = 256 << 20;
+pub const MAX_REQUEST_BYTES: u64 = 256 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -59,50 +51,6 @@ pub enum Response {
     Status(Box<Status>),
     /// The request was refused; nothing changed.
     Error { message: String },
-}
-
-/// What a reload made of the allowlist file (which may have been edited by hand).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "result", rename_all = "snake_case")]
-pub enum ListReload {
-    /// The file holds the list in force.
-    Unchanged,
-    /// The file differed; its list is now in force.
-    Applied { diff: Diff, entries: usize },
-    /// The file is refused as a whole; the list in force stays.
-    Kept { reason: String },
-}
-
-impl fmt::Display for ListReload {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Unchanged => f.write_str("unchanged"),
-            Self::Applied { diff, entries } => write!(
-                f,
-                "re-read: {} added, {} removed, {} updated; {entries} entries in force",
-                diff.added, diff.removed, diff.updated
-            ),
-            Self::Kept { reason } => write!(f, "kept the list in force: {reason}"),
-        }
-    }
-}
-
-/// What `edgegate status` shows.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Status {
-    pub interfaces: Vec<Attachment>,
-    pub scope: String,
-    /// The listeners' ports, `filter.ports`, and the metrics port when exposed.
-    pub protected_ports: std::collections::BTreeSet<u16>,
-    pub allowlist: PathBuf,
-    pub ipv4_entries: usize,
-    pub ipv6_entries: usize,
-    pub ipv4_lookup: String,
-    pub ipv6_lookup: String,
-    pub capacity_per_family: u32,
-    pub counters: Vec<CounterSnapshot>,
-    pub top_rules: Vec<RuleHits>,
-    pub listeners: Vec<ListenerStatus>,
 }
 
 /// Why the CLI could not get an answer from the daemon.
@@ -192,45 +140,4 @@ pub fn bind(socket: &Path) -> Result<std::os::unix::net::UnixListener, BindError
         .map_err(io_error("set permissions of", socket))?;
     listener.set_nonblocking(true).map_err(io_error("configure", socket))?;
     Ok(listener)
-}
-
-/// Serves requests until the task is dropped. Changes are applied one at a
-/// time, in arrival order, under the state lock.
-pub async fn serve(listener: UnixListener, state: Arc<Mutex<State>>) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of file descriptors and the like: back off, don't spin.
-                tracing::warn!("control socket accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let state = Arc::clone(&state);
-        tokio::spawn(async move {
-            if let Err(e) = handle(stream, state).await {
-                tracing::warn!("control connection failed: {e}");
-            }
-        });
-    }
-}
-
-async fn handle(stream: UnixStream, state: Arc<Mutex<State>>) -> io::Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    tokio::io::AsyncReadExt::take(tokio::io::BufReader::new(read), MAX_REQUEST_BYTES)
-        .read_line(&mut line)
-        .await?;
-    let response = match serde_json::from_str::<Request>(&line) {
-        Ok(request) => {
-            let mut state = state.lock().await;
-            // Map updates are blocking syscalls; a large replace takes a while.
-            tokio::task::block_in_place(|| state.handle(request))
-        }
-        Err(e) => Response::Error { message: format!("malformed request: {e}") },
-    };
-    let mut answer = serde_json::to_vec(&response).map_err(io::Error::other)?;
-    answer.push(b'\n');
-    write.write_all(&answer).await
 }

@@ -28,4 +28,5 @@ pub mod metrics;
 pub mod preflight;
 pub mod privileges;
 pub mod proxy;
+pub mod status;
 pub mod tls;

@@ -10,8 +10,9 @@ use edgegate::{
         Config, DEFAULT_BPFFS_DIR, DEFAULT_CONTROL_SOCKET, DEFAULT_MAX_ENTRIES, DEFAULT_STATE_DIR,
         Overrides,
     },
-    control::{self, ClientError, ListReload, Request, Response, Status},
+    control::{self, ClientError, Request, Response},
     daemon, filter,
+    status::{ListReload, Status},
 };
 
 #[derive(Parser)]

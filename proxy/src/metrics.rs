@@ -21,20 +21,11 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
-use crate::control::Status;
-
-/// What one scrape or probe sees.
-pub struct Observation {
-    pub status: Status,
-    /// `Err(reason)` when not ready.
-    pub ready: Result<(), String>,
-    pub reloads_ok: u64,
-    pub reloads_failed: u64,
-}
+use crate::status::{NotReady, Observation};
 
 /// Takes an observation of the daemon (or says why it cannot).
 pub type Observe = Arc<
-    dyn Fn() -> Pin<Box<dyn Future<Output = Result<Observation, String>> + Send>> + Send + Sync,
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<Observation, NotReady>> + Send>> + Send + Sync,
 >;
 
 /// Serves until the task is dropped.

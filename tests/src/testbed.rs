@@ -21,7 +21,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use edgegate::control::{self, Request, Response, Status};
+use edgegate::{
+    control::{self, Request, Response},
+    status::Status,
+};
 
 use crate::{netns::Netns, unique_name};
 

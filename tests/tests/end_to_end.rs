@@ -252,7 +252,7 @@ fn skb_mode_filters_as_well() {
         .expect("list");
     testbed.start_daemon();
     let status = testbed.status();
-    assert!(status.interfaces.iter().all(|a| a.mode == edgegate::filter::AttachedMode::Skb));
+    assert!(status.interfaces.iter().all(|a| a.mode == edgegate::status::AttachedMode::Skb));
     assert!(testbed.connects(0, testbed.server_v4(0), PROTECTED_PORT, CONNECT_TIMEOUT));
     assert!(!testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
 }

@@ -31,8 +31,8 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::{
-    control::{self, Request, Response, Status},
-    filter::CounterSnapshot,
+    control::{self, Request, Response},
+    status::{CounterSnapshot, Status},
 };
 use netns::{Netns, unique_name};
 use pki::{Authority, Issued, Leaf};

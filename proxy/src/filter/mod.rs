@@ -34,14 +34,12 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, MapInfo, PerCpuArray, lpm_trie::Key},
     pin::PinError,
-    programs::{ProgramError, Xdp, XdpMode, links::LinkError},
+    programs::{ProgramError, Xdp, links::LinkError},
 };
 use ipnet::IpNet;
 use proxy_common::{Counter, FilterConfig as KernelConfig, Rule, map};
-use serde::{Deserialize, Serialize};
 
 pub use pins::{Detached, detach_pinned};
-pub use stats::{CounterSnapshot, RuleHits};
 pub use sys::{interface_mtu, interface_names};
 
 use pins::{attach, link_pin_name, prepare_bpffs, release_unconfigured_links};
@@ -51,6 +49,7 @@ use sys::{if_index, link_ifindex, open_pinned, spawn_log_forwarder};
 use crate::{
     allowlist::{Action, Allowlist},
     config::{AttachMode, Scope},
+    status::{AttachedMode, Attachment, NotReady},
 };
 
 /// The compiled XDP program, built by `build.rs` from `proxy-ebpf`.
@@ -150,47 +149,6 @@ pub enum FilterError {
          the maps are recreated)"
     )]
     Capacity { family: &'static str, needed: usize, capacity: u32 },
-}
-
-/// The mode an interface's program actually runs in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AttachedMode {
-    Native,
-    Skb,
-}
-
-impl AttachedMode {
-    const ALL: [Self; 2] = [Self::Native, Self::Skb];
-
-    fn xdp_mode(self) -> XdpMode {
-        match self {
-            Self::Native => XdpMode::Driver,
-            Self::Skb => XdpMode::Skb,
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Self::Native => "native",
-            Self::Skb => "skb",
-        }
-    }
-}
-
-impl std::fmt::Display for AttachedMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// How a configured interface came to be filtered.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Attachment {
-    pub interface: String,
-    pub mode: AttachedMode,
-    /// The link was pinned by an earlier daemon and taken over.
-    pub adopted: bool,
 }
 
 /// Everything the loader needs from the configuration.
@@ -361,20 +319,18 @@ impl Filter {
     /// Checks that every attachment is still in force: its link is bound to
     /// the interface that now has that name. An interface deleted (and
     /// perhaps recreated) or a link detached by hand fails this.
-    pub fn verify_attachments(&self) -> Result<(), String> {
+    pub fn verify_attachments(&self) -> Result<(), NotReady> {
         for (attachment, link) in self.attachments.iter().zip(&self.links) {
-            let name = &attachment.interface;
-            let attached_to = link_ifindex(link)
-                .map_err(|e| format!("`{name}`: its XDP link cannot be read ({e})"))?;
-            match if_index(name) {
+            let interface = attachment.interface.clone();
+            let attached_to = link_ifindex(link).map_err(|e| NotReady::Unreadable {
+                interface: interface.clone(),
+                reason: e.to_string(),
+            })?;
+            match if_index(&interface) {
                 Ok(index) if index == attached_to => {}
-                Ok(_) | Err(_) if attached_to == 0 => {
-                    return Err(format!("`{name}`: the XDP program is no longer attached"));
-                }
-                Ok(_) => {
-                    return Err(format!("`{name}` was recreated; the XDP program is not on it"));
-                }
-                Err(_) => return Err(format!("`{name}` no longer exists")),
+                Ok(_) | Err(_) if attached_to == 0 => return Err(NotReady::Detached { interface }),
+                Ok(_) => return Err(NotReady::Recreated { interface }),
+                Err(_) => return Err(NotReady::Gone { interface }),
             }
         }
         Ok(())

@@ -7,14 +7,25 @@ use std::{
 };
 
 use aya::programs::{
-    ProgramError, Xdp,
+    ProgramError, Xdp, XdpMode,
     links::{FdLink, PinnedLink},
     xdp::XdpLink,
 };
 use proxy_common::map;
 
-use super::{AttachedMode, Attachment, FilterError, sys::interface_mtu};
-use crate::config::AttachMode;
+use super::{FilterError, sys::interface_mtu};
+use crate::{
+    config::AttachMode,
+    status::{AttachedMode, Attachment},
+};
+
+/// aya's name for a mode.
+fn xdp_mode(mode: AttachedMode) -> XdpMode {
+    match mode {
+        AttachedMode::Native => XdpMode::Driver,
+        AttachedMode::Skb => XdpMode::Skb,
+    }
+}
 
 pub(super) const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -100,7 +111,7 @@ pub(super) fn attach(
     };
     let mut last_error = None;
     for &mode in modes {
-        match program.attach_to_if_index(if_index, mode.xdp_mode()) {
+        match program.attach_to_if_index(if_index, xdp_mode(mode)) {
             Ok(link_id) => {
                 let link = program.take_link(link_id).map_err(|source| FilterError::Attach {
                     interface: interface.to_owned(),

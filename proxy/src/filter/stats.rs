@@ -4,31 +4,15 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use ipnet::IpNet;
 use proxy_common::{Family, Reason, Rule, counter_index, map};
-use serde::{Deserialize, Serialize};
 
 use super::{
     Filter, FilterError, map_error,
     rules::{action_of, cidr_of},
 };
-use crate::allowlist::Action;
-
-/// Sums of the per-CPU counters for one (family, reason).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CounterSnapshot {
-    pub family: String,
-    pub reason: String,
-    pub verdict: String,
-    pub packets: u64,
-    pub bytes: u64,
-}
-
-/// Hits of one rule.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RuleHits {
-    pub cidr: IpNet,
-    pub action: Action,
-    pub hits: u64,
-}
+use crate::{
+    allowlist::Action,
+    status::{CounterSnapshot, RuleHits},
+};
 
 impl Filter {
     /// Per-(family, reason) counters summed over CPUs.

@@ -28,7 +28,6 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
@@ -42,6 +41,7 @@ use tracing::{info, warn};
 use crate::{
     allowlist::{Action, Allowlist},
     config::{ListenerConfig, ProxyProtocol, SendProxyProtocol},
+    status::{ListenerStatus, NotReady, ReloadOutcome, ReloadResult},
     tls::{Identity, ListenerTls, Rejection, TlsError},
 };
 use proxy_protocol::Prefixed;
@@ -116,26 +116,6 @@ impl Counters {
     }
 }
 
-/// What `edgegate status` shows for a listener.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ListenerStatus {
-    pub name: String,
-    pub bind: SocketAddr,
-    pub backend: String,
-    pub active: u64,
-    pub handshakes_ok: u64,
-    /// Rejections by reason (only reasons seen).
-    pub rejected: BTreeMap<String, u64>,
-    pub bytes_from_clients: u64,
-    pub bytes_to_clients: u64,
-    /// Handshakes that ended without a backend (unreachable, TLS refused).
-    pub backend_failures: u64,
-    /// Relays cut by a socket or TLS error.
-    pub relay_errors: u64,
-    /// When the certificates and CRLs in force stop being usable.
-    pub lifetimes: Vec<crate::tls::Lifetime>,
-}
-
 /// One running listener.
 struct Listener {
     settings: Arc<ArcSwap<Settings>>,
@@ -153,48 +133,6 @@ pub struct Proxies {
     /// Cancelled when the drain timeout is over: open connections close.
     close_all: CancellationToken,
     workers: Arc<Workers>,
-}
-
-/// What a reload did to one listener.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ReloadOutcome {
-    pub listener: String,
-    pub result: ReloadResult,
-}
-
-/// The fate of one listener in a reload.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "result", content = "reason", rename_all = "snake_case")]
-pub enum ReloadResult {
-    /// New settings and files are in force for new connections.
-    Reloaded,
-    /// A listener new in the config accepts connections.
-    Started,
-    /// A listener gone from the config (or moved) no longer accepts.
-    Stopped,
-    /// Its new files did not load: it serves on with the previous ones.
-    KeptPrevious(String),
-    /// A listener new in the config could not start.
-    NotStarted(String),
-}
-
-impl ReloadResult {
-    /// Whether the reload did not do what the config asked for.
-    pub fn failed(&self) -> bool {
-        matches!(self, Self::KeptPrevious(_) | Self::NotStarted(_))
-    }
-}
-
-impl std::fmt::Display for ReloadResult {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Reloaded => f.write_str("reloaded"),
-            Self::Started => f.write_str("started"),
-            Self::Stopped => f.write_str("stopped"),
-            Self::KeptPrevious(why) => write!(f, "kept previous: {why}"),
-            Self::NotStarted(why) => write!(f, "not started: {why}"),
-        }
-    }
 }
 
 /// Listeners with their TLS material loaded and their sockets bound, not
@@ -335,9 +273,9 @@ impl Proxies {
     }
 
     /// Whether every listener's accept loop is running.
-    pub fn verify_accepting(&self) -> Result<(), String> {
+    pub fn verify_accepting(&self) -> Result<(), NotReady> {
         match self.listeners.iter().find(|(_, l)| l.accepting.is_finished()) {
-            Some((name, _)) => Err(format!("listener `{name}` is not accepting")),
+            Some((name, _)) => Err(NotReady::NotAccepting { listener: name.clone() }),
             None => Ok(()),
         }
     }

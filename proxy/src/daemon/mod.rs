@@ -4,7 +4,16 @@
 //!
 //! Data flows one way: config → [`State`] (the list, the filter and the
 //! listeners) → XDP maps and the proxy's own copy of the list. The control
-//! socket only asks `State` for changes.
+//! socket only asks `State` for changes; status, `/metrics` and `/readyz`
+//! read the snapshots it publishes (`status`).
+//!
+//! - this file: start-up (with root, before any thread) and the serve loop
+//!   (SIGHUP reloads, SIGTERM drains);
+//! - `state`: the list, the filter and the listeners, and every change to them;
+//! - `control`: the control socket's server loop.
+
+mod control;
+mod state;
 
 use std::{
     future::Future,
@@ -15,14 +24,15 @@ use std::{
 use arc_swap::ArcSwap;
 use tokio::sync::Mutex;
 
+use state::State;
+
 use crate::{
     allowlist::{self, Allowlist, StoreError},
     config::{Config, Overrides},
-    control::{self, BindError, ListReload, Request, Response, Status},
+    control::BindError,
     filter::{Filter, FilterError, FilterOptions},
-    metrics::{self, Observation},
-    preflight, privileges,
-    proxy::{self, Proxies, ProxyError, SharedAllowlist},
+    metrics, preflight, privileges,
+    proxy::{self, ProxyError},
 };
 
 /// Why the daemon could not start.
@@ -61,206 +71,8 @@ pub enum DaemonError {
     },
 }
 
-/// The list and what enforces it; changed only under a lock.
-pub struct State {
-    list: Allowlist,
-    list_path: PathBuf,
-    filter: Filter,
-    /// The proxy's copy of the list, for PROXY-reported client addresses.
-    shared_list: SharedAllowlist,
-    proxies: Proxies,
-    config: Config,
-    config_path: PathBuf,
-    overrides: Overrides,
-    reloads_ok: u64,
-    reloads_failed: u64,
-}
-
-impl State {
-    /// Answers one control request. A change is validated whole, persisted,
-    /// applied to the maps and only then acknowledged; a refused change
-    /// leaves file and maps as they were.
-    pub fn handle(&mut self, request: Request) -> Response {
-        match request {
-            Request::Ping => Response::Pong,
-            Request::Change(change) => {
-                let next = change.apply_to(&self.list).map_err(|e| e.to_string());
-                self.change(next, Persist::Yes)
-            }
-            Request::List => Response::List { entries: self.list.entries().cloned().collect() },
-            Request::Reload => self.reload(),
-            Request::Status { top_rules } => match self.status(top_rules) {
-                Ok(status) => Response::Status(Box::new(status)),
-                Err(e) => Response::Error { message: e.to_string() },
-            },
-        }
-    }
-
-    /// Puts `next` in force: capacity first, then the file (unless it is
-    /// where `next` came from), then the maps, rolling both back on failure.
-    fn change(&mut self, next: Result<Allowlist, String>, persist: Persist) -> Response {
-        let next = match next {
-            Ok(next) => next,
-            Err(message) => return Response::Error { message },
-        };
-        if let Err(e) = self.filter.check_capacity(&next) {
-            return Response::Error { message: e.to_string() };
-        }
-        if persist == Persist::Yes
-            && let Err(e) = allowlist::store(&self.list_path, &next)
-        {
-            return Response::Error { message: format!("nothing changed: {e}") };
-        }
-        if let Err(e) = self.filter.apply(&next) {
-            // Put the maps (and the file, if this wrote it) back to the list
-            // that was acknowledged last.
-            let restore_file = || match persist {
-                Persist::Yes => allowlist::store(&self.list_path, &self.list),
-                Persist::No => Ok(()),
-            };
-            let rollback = restore_file()
-                .map_err(|e| e.to_string())
-                .and_then(|()| self.filter.apply(&self.list).map_err(|e| e.to_string()));
-            let message = match rollback {
-                Ok(()) => format!("nothing changed: {e}"),
-                Err(again) => format!("{e}; restoring the previous list also failed: {again}"),
-            };
-            tracing::error!("allowlist change failed: {message}");
-            return Response::Error { message };
-        }
-        let diff = self.list.diff(&next);
-        tracing::info!(
-            "allowlist changed: {} added, {} removed, {} updated, {} entries",
-            diff.added,
-            diff.removed,
-            diff.updated,
-            next.len()
-        );
-        self.list = next;
-        self.shared_list.store(Arc::new(self.list.clone()));
-        Response::Changed { diff, entries: self.list.len() }
-    }
-
-    /// Re-reads the allowlist file, which an operator may have edited by hand:
-    /// validated whole, and put in force only if it parses and fits.
-    fn reload_list(&mut self) -> ListReload {
-        let reason = match allowlist::load(&self.list_path) {
-            Ok(list) if list == self.list => return ListReload::Unchanged,
-            Ok(list) => match self.change(Ok(list), Persist::No) {
-                Response::Changed { diff, entries } => {
-                    return ListReload::Applied { diff, entries };
-                }
-                Response::Error { message } => message,
-                other => format!("unexpected outcome {other:?}"),
-            },
-            Err(e) => e.to_string(),
-        };
-        tracing::error!(
-            "reload: allowlist {}: {reason}; the list in force stays",
-            self.list_path.display()
-        );
-        ListReload::Kept { reason }
-    }
-
-    fn status(&self, top_rules: usize) -> Result<Status, FilterError> {
-        let (ipv4_entries, ipv6_entries) = self.list.family_sizes();
-        let (v4, v6) = self.filter.lookups();
-        Ok(Status {
-            interfaces: self.filter.attachments().to_vec(),
-            scope: format!("{:?}", self.config.filter.scope).to_lowercase(),
-            protected_ports: self.config.protected_ports(),
-            allowlist: self.list_path.clone(),
-            ipv4_entries,
-            ipv6_entries,
-            ipv4_lookup: v4.name().to_owned(),
-            ipv6_lookup: v6.name().to_owned(),
-            capacity_per_family: self.filter.capacity(),
-            counters: self.filter.counters()?,
-            top_rules: self.filter.rule_hits(top_rules)?,
-            listeners: self.proxies.status(),
-        })
-    }
-
-    /// Logs what is about to expire among the certificates and CRLs in force.
-    fn warn_of_expiry(&self) {
-        let now = crate::tls::unix_now();
-        for listener in self.proxies.status() {
-            for lifetime in &listener.lifetimes {
-                let at = format!("listener `{}`: `{}`", listener.name, lifetime.kind.key());
-                if let Some(finding) = preflight::judge_lifetime(&at, lifetime, now) {
-                    tracing::warn!("{finding}");
-                }
-            }
-        }
-    }
-
-    /// What `/metrics` and `/readyz` report.
-    pub fn observe(&self) -> Result<Observation, FilterError> {
-        let ready = self.filter.verify_attachments().and_then(|()| self.proxies.verify_accepting());
-        Ok(Observation {
-            status: self.status(10)?,
-            ready,
-            reloads_ok: self.reloads_ok,
-            reloads_failed: self.reloads_failed,
-        })
-    }
-
-    /// Re-reads the config file and the listeners' certificates, keys, CAs
-    /// and CRLs. A config that does not parse changes nothing; a listener
-    /// whose files are broken keeps its previous ones. Open connections are
-    /// never disturbed.
-    pub fn reload(&mut self) -> Response {
-        let next = match Config::load(&self.config_path, &self.overrides) {
-            Ok(next) => next,
-            Err(e) => {
-                tracing::error!("reload: {e}; keeping the running configuration");
-                self.reloads_failed += 1;
-                return Response::Error { message: format!("nothing reloaded: {e}") };
-            }
-        };
-        // Only `filter.ports` (and the listeners) change in place.
-        let running_with_new_ports = crate::config::FilterConfig {
-            ports: next.filter.ports.clone(),
-            ..self.config.filter.clone()
-        };
-        if running_with_new_ports != next.filter
-            || next.daemon != self.config.daemon
-            || next.metrics != self.config.metrics
-        {
-            tracing::warn!(
-                "reload: [filter], [daemon] and [metrics] changes other than `filter.ports` take \
-                 effect at the next start"
-            );
-        }
-        let allowlist = self.reload_list();
-        self.config.listeners = next.listeners;
-        self.config.filter.ports = next.filter.ports;
-        // Protect new listeners' ports before they accept anything.
-        if let Err(e) = self.filter.set_ports(&self.config.protected_ports()) {
-            tracing::error!("reload: cannot update the protected ports: {e}");
-        }
-        let outcomes = self.proxies.reload(&self.config.listeners);
-        if outcomes.iter().any(|o| o.result.failed())
-            || matches!(allowlist, ListReload::Kept { .. })
-        {
-            self.reloads_failed += 1;
-        } else {
-            self.reloads_ok += 1;
-        }
-        Response::Reloaded { allowlist, outcomes }
-    }
-}
-
 /// How often the certificates in force are checked for nearing expiry.
 const EXPIRY_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
-
-/// Whether a change is written to the allowlist file before it is applied.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Persist {
-    Yes,
-    /// The change was read from the file.
-    No,
-}
 
 /// What start-up prepared with root privileges, before any thread but the
 /// main one exists; [`serve`] runs it.
@@ -327,7 +139,7 @@ pub fn start(config_path: PathBuf, overrides: Overrides) -> Result<Startup, Daem
         privileges::hand_over(account, &owned, list_dir)?;
     }
     let filter = Filter::load(&options, &list)?;
-    let control = control::bind(&config.daemon.control_socket)?;
+    let control = crate::control::bind(&config.daemon.control_socket)?;
     let (ipv4, ipv6) = list.family_sizes();
     tracing::info!(
         "filtering on {} ({ipv4} IPv4 and {ipv6} IPv6 entries from {}); control socket {}",
@@ -400,7 +212,7 @@ pub async fn serve(
             Box::pin(async move {
                 let state = state.lock().await;
                 tokio::task::block_in_place(|| state.observe())
-                    .map_err(|e| format!("cannot read the filter's state: {e}"))
+                    .map_err(|e| crate::status::NotReady::Unobservable { reason: e.to_string() })
             })
         })
     };

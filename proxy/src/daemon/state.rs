@@ -1,0 +1,214 @@
+//! The daemon's state: the allowlist in force and what enforces it (the XDP
+//! filter and the proxy's own copy of the list), changed only under one lock.
+//! Every allowlist change, from the CLI or a reload, goes through
+//! [`State::change`]: validated whole, persisted, applied, then acknowledged.
+
+use std::{path::PathBuf, sync::Arc};
+
+use crate::{
+    allowlist::{self, Allowlist},
+    config::{Config, Overrides},
+    control::{Request, Response},
+    filter::{Filter, FilterError},
+    preflight,
+    proxy::{Proxies, SharedAllowlist},
+    status::{ListReload, Observation, Status},
+};
+
+/// The list and what enforces it; changed only under a lock.
+pub struct State {
+    pub(super) list: Allowlist,
+    pub(super) list_path: PathBuf,
+    pub(super) filter: Filter,
+    /// The proxy's copy of the list, for PROXY-reported client addresses.
+    pub(super) shared_list: SharedAllowlist,
+    pub(super) proxies: Proxies,
+    pub(super) config: Config,
+    pub(super) config_path: PathBuf,
+    pub(super) overrides: Overrides,
+    pub(super) reloads_ok: u64,
+    pub(super) reloads_failed: u64,
+}
+
+impl State {
+    /// Answers one control request. A change is validated whole, persisted,
+    /// applied to the maps and only then acknowledged; a refused change
+    /// leaves file and maps as they were.
+    pub fn handle(&mut self, request: Request) -> Response {
+        match request {
+            Request::Ping => Response::Pong,
+            Request::Change(change) => {
+                let next = change.apply_to(&self.list).map_err(|e| e.to_string());
+                self.change(next, Persist::Yes)
+            }
+            Request::List => Response::List { entries: self.list.entries().cloned().collect() },
+            Request::Reload => self.reload(),
+            Request::Status { top_rules } => match self.status(top_rules) {
+                Ok(status) => Response::Status(Box::new(status)),
+                Err(e) => Response::Error { message: e.to_string() },
+            },
+        }
+    }
+
+    /// Puts `next` in force: capacity first, then the file (unless it is
+    /// where `next` came from), then the maps, rolling both back on failure.
+    fn change(&mut self, next: Result<Allowlist, String>, persist: Persist) -> Response {
+        let next = match next {
+            Ok(next) => next,
+            Err(message) => return Response::Error { message },
+        };
+        if let Err(e) = self.filter.check_capacity(&next) {
+            return Response::Error { message: e.to_string() };
+        }
+        if persist == Persist::Yes
+            && let Err(e) = allowlist::store(&self.list_path, &next)
+        {
+            return Response::Error { message: format!("nothing changed: {e}") };
+        }
+        if let Err(e) = self.filter.apply(&next) {
+            // Put the maps (and the file, if this wrote it) back to the list
+            // that was acknowledged last.
+            let restore_file = || match persist {
+                Persist::Yes => allowlist::store(&self.list_path, &self.list),
+                Persist::No => Ok(()),
+            };
+            let rollback = restore_file()
+                .map_err(|e| e.to_string())
+                .and_then(|()| self.filter.apply(&self.list).map_err(|e| e.to_string()));
+            let message = match rollback {
+                Ok(()) => format!("nothing changed: {e}"),
+                Err(again) => format!("{e}; restoring the previous list also failed: {again}"),
+            };
+            tracing::error!("allowlist change failed: {message}");
+            return Response::Error { message };
+        }
+        let diff = self.list.diff(&next);
+        tracing::info!(
+            "allowlist changed: {} added, {} removed, {} updated, {} entries",
+            diff.added,
+            diff.removed,
+            diff.updated,
+            next.len()
+        );
+        self.list = next;
+        self.shared_list.store(Arc::new(self.list.clone()));
+        Response::Changed { diff, entries: self.list.len() }
+    }
+
+    /// Re-reads the allowlist file, which an operator may have edited by hand:
+    /// validated whole, and put in force only if it parses and fits.
+    fn reload_list(&mut self) -> ListReload {
+        let reason = match allowlist::load(&self.list_path) {
+            Ok(list) if list == self.list => return ListReload::Unchanged,
+            Ok(list) => match self.change(Ok(list), Persist::No) {
+                Response::Changed { diff, entries } => {
+                    return ListReload::Applied { diff, entries };
+                }
+                Response::Error { message } => message,
+                other => format!("unexpected outcome {other:?}"),
+            },
+            Err(e) => e.to_string(),
+        };
+        tracing::error!(
+            "reload: allowlist {}: {reason}; the list in force stays",
+            self.list_path.display()
+        );
+        ListReload::Kept { reason }
+    }
+
+    fn status(&self, top_rules: usize) -> Result<Status, FilterError> {
+        let (ipv4_entries, ipv6_entries) = self.list.family_sizes();
+        let (v4, v6) = self.filter.lookups();
+        Ok(Status {
+            interfaces: self.filter.attachments().to_vec(),
+            scope: format!("{:?}", self.config.filter.scope).to_lowercase(),
+            protected_ports: self.config.protected_ports(),
+            allowlist: self.list_path.clone(),
+            ipv4_entries,
+            ipv6_entries,
+            ipv4_lookup: v4.name().to_owned(),
+            ipv6_lookup: v6.name().to_owned(),
+            capacity_per_family: self.filter.capacity(),
+            counters: self.filter.counters()?,
+            top_rules: self.filter.rule_hits(top_rules)?,
+            listeners: self.proxies.status(),
+        })
+    }
+
+    /// Logs what is about to expire among the certificates and CRLs in force.
+    pub(super) fn warn_of_expiry(&self) {
+        let now = crate::tls::unix_now();
+        for listener in self.proxies.status() {
+            for lifetime in &listener.lifetimes {
+                let at = format!("listener `{}`: `{}`", listener.name, lifetime.kind.key());
+                if let Some(finding) = preflight::judge_lifetime(&at, lifetime, now) {
+                    tracing::warn!("{finding}");
+                }
+            }
+        }
+    }
+
+    /// What `/metrics` and `/readyz` report.
+    pub fn observe(&self) -> Result<Observation, FilterError> {
+        let ready = self.filter.verify_attachments().and_then(|()| self.proxies.verify_accepting());
+        Ok(Observation {
+            status: self.status(10)?,
+            ready,
+            reloads_ok: self.reloads_ok,
+            reloads_failed: self.reloads_failed,
+        })
+    }
+
+    /// Re-reads the config file and the listeners' certificates, keys, CAs
+    /// and CRLs. A config that does not parse changes nothing; a listener
+    /// whose files are broken keeps its previous ones. Open connections are
+    /// never disturbed.
+    pub fn reload(&mut self) -> Response {
+        let next = match Config::load(&self.config_path, &self.overrides) {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!("reload: {e}; keeping the running configuration");
+                self.reloads_failed += 1;
+                return Response::Error { message: format!("nothing reloaded: {e}") };
+            }
+        };
+        // Only `filter.ports` (and the listeners) change in place.
+        let running_with_new_ports = crate::config::FilterConfig {
+            ports: next.filter.ports.clone(),
+            ..self.config.filter.clone()
+        };
+        if running_with_new_ports != next.filter
+            || next.daemon != self.config.daemon
+            || next.metrics != self.config.metrics
+        {
+            tracing::warn!(
+                "reload: [filter], [daemon] and [metrics] changes other than `filter.ports` take \
+                 effect at the next start"
+            );
+        }
+        let allowlist = self.reload_list();
+        self.config.listeners = next.listeners;
+        self.config.filter.ports = next.filter.ports;
+        // Protect new listeners' ports before they accept anything.
+        if let Err(e) = self.filter.set_ports(&self.config.protected_ports()) {
+            tracing::error!("reload: cannot update the protected ports: {e}");
+        }
+        let outcomes = self.proxies.reload(&self.config.listeners);
+        if outcomes.iter().any(|o| o.result.failed())
+            || matches!(allowlist, ListReload::Kept { .. })
+        {
+            self.reloads_failed += 1;
+        } else {
+            self.reloads_ok += 1;
+        }
+        Response::Reloaded { allowlist, outcomes }
+    }
+}
+
+/// Whether a change is written to the allowlist file before it is applied.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Persist {
+    Yes,
+    /// The change was read from the file.
+    No,
+}

@@ -1,0 +1,206 @@
+//! What the daemon publishes about itself. `edgegate status` (over the
+//! control socket), `/metrics` and `/readyz` read these snapshots, never the
+//! daemon's state: the filter and the proxy fill them in, `daemon::State`
+//! assembles them, and the readers depend on this module alone.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::SocketAddr,
+    path::PathBuf,
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::allowlist::{Action, Diff};
+
+/// What `edgegate status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub interfaces: Vec<Attachment>,
+    pub scope: String,
+    /// The listeners' ports, `filter.ports`, and the metrics port when exposed.
+    pub protected_ports: BTreeSet<u16>,
+    pub allowlist: PathBuf,
+    pub ipv4_entries: usize,
+    pub ipv6_entries: usize,
+    pub ipv4_lookup: String,
+    pub ipv6_lookup: String,
+    pub capacity_per_family: u32,
+    pub counters: Vec<CounterSnapshot>,
+    pub top_rules: Vec<RuleHits>,
+    pub listeners: Vec<ListenerStatus>,
+}
+
+/// How a configured interface came to be filtered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub interface: String,
+    pub mode: AttachedMode,
+    /// The link was pinned by an earlier daemon and taken over.
+    pub adopted: bool,
+}
+
+/// The mode an interface's program actually runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachedMode {
+    Native,
+    Skb,
+}
+
+impl AttachedMode {
+    pub const ALL: [Self; 2] = [Self::Native, Self::Skb];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Skb => "skb",
+        }
+    }
+}
+
+impl std::fmt::Display for AttachedMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Sums of the per-CPU counters for one (family, reason).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterSnapshot {
+    pub family: String,
+    pub reason: String,
+    pub verdict: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Hits of one rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleHits {
+    pub cidr: IpNet,
+    pub action: Action,
+    pub hits: u64,
+}
+
+/// What `edgegate status` shows for a listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub backend: String,
+    pub active: u64,
+    pub handshakes_ok: u64,
+    /// Rejections by reason (only reasons seen).
+    pub rejected: BTreeMap<String, u64>,
+    pub bytes_from_clients: u64,
+    pub bytes_to_clients: u64,
+    /// Handshakes that ended without a backend (unreachable, TLS refused).
+    pub backend_failures: u64,
+    /// Relays cut by a socket or TLS error.
+    pub relay_errors: u64,
+    /// When the certificates and CRLs in force stop being usable.
+    pub lifetimes: Vec<crate::tls::Lifetime>,
+}
+
+/// What a reload did to one listener.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReloadOutcome {
+    pub listener: String,
+    pub result: ReloadResult,
+}
+
+/// The fate of one listener in a reload.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "result", content = "reason", rename_all = "snake_case")]
+pub enum ReloadResult {
+    /// New settings and files are in force for new connections.
+    Reloaded,
+    /// A listener new in the config accepts connections.
+    Started,
+    /// A listener gone from the config (or moved) no longer accepts.
+    Stopped,
+    /// Its new files did not load: it serves on with the previous ones.
+    KeptPrevious(String),
+    /// A listener new in the config could not start.
+    NotStarted(String),
+}
+
+impl ReloadResult {
+    /// Whether the reload did not do what the config asked for.
+    pub fn failed(&self) -> bool {
+        matches!(self, Self::KeptPrevious(_) | Self::NotStarted(_))
+    }
+}
+
+impl std::fmt::Display for ReloadResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Reloaded => f.write_str("reloaded"),
+            Self::Started => f.write_str("started"),
+            Self::Stopped => f.write_str("stopped"),
+            Self::KeptPrevious(why) => write!(f, "kept previous: {why}"),
+            Self::NotStarted(why) => write!(f, "not started: {why}"),
+        }
+    }
+}
+
+/// What a reload made of the allowlist file (which may have been edited by hand).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ListReload {
+    /// The file holds the list in force.
+    Unchanged,
+    /// The file differed; its list is now in force.
+    Applied { diff: Diff, entries: usize },
+    /// The file is refused as a whole; the list in force stays.
+    Kept { reason: String },
+}
+
+impl fmt::Display for ListReload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unchanged => f.write_str("unchanged"),
+            Self::Applied { diff, entries } => write!(
+                f,
+                "re-read: {} added, {} removed, {} updated; {entries} entries in force",
+                diff.added, diff.removed, diff.updated
+            ),
+            Self::Kept { reason } => write!(f, "kept the list in force: {reason}"),
+        }
+    }
+}
+
+/// What one scrape or probe sees.
+pub struct Observation {
+    pub status: Status,
+    /// Why `/readyz` answers 503, if it does.
+    pub ready: Result<(), NotReady>,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+}
+
+/// Why the daemon is not ready to serve (`/readyz` answers 503 with this).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    /// The interface's XDP link no longer holds the program.
+    #[error("`{interface}`: the XDP program is no longer attached")]
+    Detached { interface: String },
+    /// The interface was deleted and created again: the link points at the old one.
+    #[error("`{interface}` was recreated; the XDP program is not on it")]
+    Recreated { interface: String },
+    /// The interface is gone.
+    #[error("`{interface}` no longer exists")]
+    Gone { interface: String },
+    /// The link's state cannot be read.
+    #[error("`{interface}`: its XDP link cannot be read ({reason})")]
+    Unreadable { interface: String, reason: String },
+    /// A listener's accept loop has ended.
+    #[error("listener `{listener}` is not accepting")]
+    NotAccepting { listener: String },
+    /// The filter's maps could not be read.
+    #[error("cannot read the filter's state: {reason}")]
+    Unobservable { reason: String },
+}
