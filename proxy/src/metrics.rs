@@ -21,7 +21,10 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
-use crate::status::{NotReady, Observation};
+use crate::{
+    proxy::accept::accept_loop,
+    status::{NotReady, Observation},
+};
 
 /// Takes an observation of the daemon (or says why it cannot).
 pub type Observe = Arc<
@@ -30,15 +33,7 @@ pub type Observe = Arc<
 
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, observe: Observe) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::warn!("metrics accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    let handle = |(stream, _)| {
         let observe = Arc::clone(&observe);
         tokio::spawn(async move {
             let service = service_fn(move |request| {
@@ -51,7 +46,8 @@ pub async fn serve(listener: TcpListener, observe: Observe) {
                 tracing::debug!("metrics connection: {e}");
             }
         });
-    }
+    };
+    accept_loop("metrics", || listener.accept(), handle).await;
 }
 
 async fn respond(

@@ -1,7 +1,7 @@
 //! The server side of the control socket: one request line per
 //! connection, answered by `State` under its lock, in arrival order.
 
-use std::{io, sync::Arc, time::Duration};
+use std::{io, sync::Arc};
 
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _},
@@ -10,28 +10,23 @@ use tokio::{
 };
 
 use super::State;
-use crate::control::{MAX_REQUEST_BYTES, Request, Response};
+use crate::{
+    control::{MAX_REQUEST_BYTES, Request, Response},
+    proxy::accept::accept_loop,
+};
 
 /// Serves requests until the task is dropped. Changes are applied one at a
 /// time, in arrival order, under the state lock.
 pub(super) async fn serve(listener: UnixListener, state: Arc<Mutex<State>>) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of file descriptors and the like: back off, don't spin.
-                tracing::warn!("control socket accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    let answer = |(stream, _): (UnixStream, _)| {
         let state = Arc::clone(&state);
         tokio::spawn(async move {
             if let Err(e) = handle(stream, state).await {
                 tracing::warn!("control connection failed: {e}");
             }
         });
-    }
+    };
+    accept_loop("control socket", || listener.accept(), answer).await;
 }
 
 async fn handle(stream: UnixStream, state: Arc<Mutex<State>>) -> io::Result<()> {
