@@ -56,9 +56,15 @@ pub enum Scope {
 /// How the program finds the longest matching prefix for a family.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "user",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 pub enum Lookup {
     /// One exact-match hash lookup per prefix length in use, longest first:
     /// constant cost whatever the list size, cheapest when few lengths are used.
+    #[cfg_attr(feature = "user", serde(rename = "per-length"))]
     PerLength = 0,
     /// One lookup in the kernel's LPM trie: cost grows with the list size, but
     /// does not grow with the number of distinct prefix lengths.
@@ -66,6 +72,11 @@ pub enum Lookup {
 }
 
 impl Lookup {
+    /// The value the config map holds; anything but the trie is per-length.
+    pub const fn from_raw(raw: u32) -> Self {
+        if raw == Self::Trie as u32 { Self::Trie } else { Self::PerLength }
+    }
+
     pub const fn name(self) -> &'static str {
         match self {
             Self::PerLength => "per-length",
@@ -139,6 +150,11 @@ impl Rule {
 /// Address family of a counted packet.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "user",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 pub enum Family {
     Ipv4 = 0,
     Ipv6 = 1,
@@ -161,6 +177,11 @@ impl Family {
 /// Why the program passed or dropped a packet. The verdict follows from the reason.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "user",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 pub enum Reason {
     /// The longest matching rule allows the source.
     Allowed = 0,
@@ -197,6 +218,10 @@ impl Reason {
         (self as u32) < Self::Denied as u32
     }
 
+    pub const fn verdict(self) -> Verdict {
+        if self.passes() { Verdict::Pass } else { Verdict::Drop }
+    }
+
     pub const fn name(self) -> &'static str {
         match self {
             Self::Allowed => "allowed",
@@ -210,6 +235,46 @@ impl Reason {
         }
     }
 }
+
+/// What the program did with a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "user",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
+pub enum Verdict {
+    Pass,
+    Drop,
+}
+
+impl Verdict {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Pass => "pass",
+            Self::Drop => "drop",
+        }
+    }
+}
+
+impl Action {
+    /// The value a rule holds; anything but allow denies (fail closed).
+    pub const fn from_raw(raw: u32) -> Self {
+        if raw == Self::Allow as u32 { Self::Allow } else { Self::Deny }
+    }
+}
+
+/// Names as in metrics, logs and JSON.
+macro_rules! display_by_name {
+    ($($type:ty),*) => {$(
+        impl core::fmt::Display for $type {
+            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                f.pad(self.name())
+            }
+        }
+    )*};
+}
+display_by_name!(Family, Reason, Verdict, Lookup);
 
 /// Packets and bytes counted for one (family, reason) pair on one CPU.
 #[repr(C)]

@@ -39,6 +39,13 @@ impl Action {
             Self::Deny => proxy_common::Action::Deny,
         }
     }
+
+    pub fn from_kernel(action: proxy_common::Action) -> Self {
+        match action {
+            proxy_common::Action::Allow => Self::Allow,
+            proxy_common::Action::Deny => Self::Deny,
+        }
+    }
 }
 
 impl fmt::Display for Action {

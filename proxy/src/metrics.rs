@@ -114,9 +114,9 @@ pub fn render(observation: &Observation) -> String {
     let bytes = counters(&mut registry, "xdp_bytes", "Bytes seen by the XDP program");
     for counter in &status.counters {
         let labels = vec![
-            ("family", counter.family.clone()),
-            ("verdict", counter.verdict.clone()),
-            ("reason", counter.reason.clone()),
+            ("family", counter.family.name().to_owned()),
+            ("verdict", counter.verdict.name().to_owned()),
+            ("reason", counter.reason.name().to_owned()),
         ];
         packets.get_or_create(&labels).inc_by(counter.packets);
         bytes.get_or_create(&labels).inc_by(counter.bytes);

@@ -17,6 +17,7 @@
 use std::path::{Path, PathBuf};
 
 use caps::{CapSet, Capability, CapsHashSet};
+use nix::sys::prctl::{set_keepcaps, set_no_new_privs};
 use nix::unistd::{Gid, Uid, User, chown, setfsgid, setfsuid, setgid, setgroups, setuid};
 
 /// The capabilities the daemon keeps after start-up.
@@ -176,34 +177,18 @@ pub fn drop_to(account: &User) -> Result<(), PrivilegeError> {
     }
     // Keep the permitted set across the change of user; the effective set is
     // cleared by it and restored to just the retained capabilities below.
-    set_keep_capabilities(true)
-        .map_err(|e| PrivilegeError::Drop { step: "keepcaps", source: e })?;
+    set_keepcaps(true).map_err(os_error("keepcaps"))?;
     setgroups(&[]).map_err(os_error("setgroups"))?;
     setgid(Gid::from_raw(account.gid.as_raw())).map_err(os_error("setgid"))?;
     setuid(Uid::from_raw(account.uid.as_raw())).map_err(os_error("setuid"))?;
-    set_keep_capabilities(false)
-        .map_err(|e| PrivilegeError::Drop { step: "keepcaps", source: e })?;
+    set_keepcaps(false).map_err(os_error("keepcaps"))?;
     caps::set(None, CapSet::Permitted, &retained).map_err(caps_error("permitted set"))?;
     caps::set(None, CapSet::Effective, &retained).map_err(caps_error("effective set"))?;
     caps::clear(None, CapSet::Inheritable).map_err(caps_error("inheritable set"))?;
-    // SAFETY: prctl with integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(PrivilegeError::Drop {
-            step: "no_new_privs",
-            source: std::io::Error::last_os_error(),
-        });
-    }
+    set_no_new_privs().map_err(os_error("no_new_privs"))?;
     tracing::info!(
         "running as `{user}` (uid {}), keeping only CAP_BPF and CAP_NET_BIND_SERVICE",
         account.uid
     );
-    Ok(())
-}
-
-fn set_keep_capabilities(keep: bool) -> std::io::Result<()> {
-    // SAFETY: prctl with integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, libc::c_ulong::from(keep), 0, 0, 0) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
     Ok(())
 }

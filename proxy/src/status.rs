@@ -11,22 +11,26 @@ use std::{
 };
 
 use ipnet::IpNet;
+use proxy_common::{Family, Lookup, Reason, Verdict};
 use serde::{Deserialize, Serialize};
 
-use crate::allowlist::{Action, Diff};
+use crate::{
+    allowlist::{Action, Diff},
+    config::Scope,
+};
 
 /// What `edgegate status` shows.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub interfaces: Vec<Attachment>,
-    pub scope: String,
+    pub scope: Scope,
     /// The listeners' ports, `filter.ports`, and the metrics port when exposed.
     pub protected_ports: BTreeSet<u16>,
     pub allowlist: PathBuf,
     pub ipv4_entries: usize,
     pub ipv6_entries: usize,
-    pub ipv4_lookup: String,
-    pub ipv6_lookup: String,
+    pub ipv4_lookup: Lookup,
+    pub ipv6_lookup: Lookup,
     pub capacity_per_family: u32,
     pub counters: Vec<CounterSnapshot>,
     pub top_rules: Vec<RuleHits>,
@@ -70,9 +74,9 @@ impl std::fmt::Display for AttachedMode {
 /// Sums of the per-CPU counters for one (family, reason).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CounterSnapshot {
-    pub family: String,
-    pub reason: String,
-    pub verdict: String,
+    pub family: Family,
+    pub reason: Reason,
+    pub verdict: Verdict,
     pub packets: u64,
     pub bytes: u64,
 }

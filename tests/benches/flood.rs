@@ -259,7 +259,7 @@ impl Bed {
                 .counters()
                 .expect("counters")
                 .iter()
-                .filter(|c| c.verdict == "drop")
+                .filter(|c| c.verdict == proxy_common::Verdict::Drop)
                 .map(|c| c.packets)
                 .sum(),
             Installed::Nftables => {

@@ -15,6 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use proxy_common::Reason;
+
 use edgegate_tests::{
     bench::{percentile, print_heading, save},
     testbed::{PROTECTED_PORT, Testbed},
@@ -26,7 +28,7 @@ fn list_drops(testbed: &Testbed) -> u64 {
         .status()
         .counters
         .iter()
-        .filter(|c| c.reason == "unlisted" || c.reason == "denied")
+        .filter(|c| matches!(c.reason, Reason::Unlisted | Reason::Denied))
         .map(|c| c.packets)
         .sum()
 }

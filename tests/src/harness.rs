@@ -72,7 +72,7 @@ impl XdpHarness {
             .counters()
             .expect("read counters")
             .into_iter()
-            .map(|c| ((c.family, c.reason), c.packets))
+            .map(|c| ((c.family.name().to_owned(), c.reason.name().to_owned()), c.packets))
             .collect()
     }
 }

@@ -325,7 +325,7 @@ impl Testbed {
         self.status()
             .counters
             .iter()
-            .find(|c| c.family == family && c.reason == reason)
+            .find(|c| c.family.name() == family && c.reason.name() == reason)
             .map_or(0, |c| c.packets)
     }
 

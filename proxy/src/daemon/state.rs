@@ -6,7 +6,7 @@
 use std::{path::PathBuf, sync::Arc};
 
 use crate::{
-    allowlist::{self, Allowlist},
+    allowlist::{self, Allowlist, Diff},
     config::{Config, Overrides},
     control::{Request, Response},
     filter::{Filter, FilterError},
@@ -38,8 +38,14 @@ impl State {
         match request {
             Request::Ping => Response::Pong,
             Request::Change(change) => {
-                let next = change.apply_to(&self.list).map_err(|e| e.to_string());
-                self.change(next, Persist::Yes)
+                let changed = change
+                    .apply_to(&self.list)
+                    .map_err(ChangeRefused::from)
+                    .and_then(|next| self.change(next, Persist::Yes));
+                match changed {
+                    Ok(diff) => Response::Changed { diff, entries: self.list.len() },
+                    Err(e) => Response::Error { message: e.to_string() },
+                }
             }
             Request::List => Response::List { entries: self.list.entries().cloned().collect() },
             Request::Reload => self.reload(),
@@ -52,35 +58,29 @@ impl State {
 
     /// Puts `next` in force: capacity first, then the file (unless it is
     /// where `next` came from), then the maps, rolling both back on failure.
-    fn change(&mut self, next: Result<Allowlist, String>, persist: Persist) -> Response {
-        let next = match next {
-            Ok(next) => next,
-            Err(message) => return Response::Error { message },
-        };
-        if let Err(e) = self.filter.check_capacity(&next) {
-            return Response::Error { message: e.to_string() };
+    fn change(&mut self, next: Allowlist, persist: Persist) -> Result<Diff, ChangeRefused> {
+        self.filter.check_capacity(&next).map_err(ChangeRefused::Capacity)?;
+        if persist == Persist::Yes {
+            allowlist::store(&self.list_path, &next).map_err(ChangeRefused::Store)?;
         }
-        if persist == Persist::Yes
-            && let Err(e) = allowlist::store(&self.list_path, &next)
-        {
-            return Response::Error { message: format!("nothing changed: {e}") };
-        }
-        if let Err(e) = self.filter.apply(&next) {
+        if let Err(apply) = self.filter.apply(&next) {
             // Put the maps (and the file, if this wrote it) back to the list
             // that was acknowledged last.
             let restore_file = || match persist {
                 Persist::Yes => allowlist::store(&self.list_path, &self.list),
                 Persist::No => Ok(()),
             };
-            let rollback = restore_file()
-                .map_err(|e| e.to_string())
-                .and_then(|()| self.filter.apply(&self.list).map_err(|e| e.to_string()));
-            let message = match rollback {
-                Ok(()) => format!("nothing changed: {e}"),
-                Err(again) => format!("{e}; restoring the previous list also failed: {again}"),
+            let refused = match restore_file()
+                .map_err(Rollback::Store)
+                .and_then(|()| self.filter.apply(&self.list).map_err(Rollback::Apply))
+            {
+                Ok(()) => ChangeRefused::Apply(apply),
+                Err(rollback) => {
+                    ChangeRefused::RollbackFailed { apply, rollback: Box::new(rollback) }
+                }
             };
-            tracing::error!("allowlist change failed: {message}");
-            return Response::Error { message };
+            tracing::error!("allowlist change failed: {refused}");
+            return Err(refused);
         }
         let diff = self.list.diff(&next);
         tracing::info!(
@@ -92,7 +92,7 @@ impl State {
         );
         self.list = next;
         self.shared_list.store(Arc::new(self.list.clone()));
-        Response::Changed { diff, entries: self.list.len() }
+        Ok(diff)
     }
 
     /// Re-reads the allowlist file, which an operator may have edited by hand:
@@ -100,12 +100,9 @@ impl State {
     fn reload_list(&mut self) -> ListReload {
         let reason = match allowlist::load(&self.list_path) {
             Ok(list) if list == self.list => return ListReload::Unchanged,
-            Ok(list) => match self.change(Ok(list), Persist::No) {
-                Response::Changed { diff, entries } => {
-                    return ListReload::Applied { diff, entries };
-                }
-                Response::Error { message } => message,
-                other => format!("unexpected outcome {other:?}"),
+            Ok(list) => match self.change(list, Persist::No) {
+                Ok(diff) => return ListReload::Applied { diff, entries: self.list.len() },
+                Err(e) => e.to_string(),
             },
             Err(e) => e.to_string(),
         };
@@ -121,13 +118,13 @@ impl State {
         let (v4, v6) = self.filter.lookups();
         Ok(Status {
             interfaces: self.filter.attachments().to_vec(),
-            scope: format!("{:?}", self.config.filter.scope).to_lowercase(),
+            scope: self.config.filter.scope,
             protected_ports: self.config.protected_ports(),
             allowlist: self.list_path.clone(),
             ipv4_entries,
             ipv6_entries,
-            ipv4_lookup: v4.name().to_owned(),
-            ipv6_lookup: v6.name().to_owned(),
+            ipv4_lookup: v4,
+            ipv6_lookup: v6,
             capacity_per_family: self.filter.capacity(),
             counters: self.filter.counters()?,
             top_rules: self.filter.rule_hits(top_rules)?,
@@ -203,6 +200,36 @@ impl State {
         }
         Response::Reloaded { allowlist, outcomes }
     }
+}
+
+/// Why an allowlist change was not put in force. Nothing changed, but for
+/// [`ChangeRefused::RollbackFailed`].
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeRefused {
+    /// The change itself is invalid: a bad CIDR, a conflict, a list that does not parse.
+    #[error(transparent)]
+    Invalid(#[from] allowlist::Refusal),
+    /// The maps cannot hold the result (checked before anything is touched).
+    #[error(transparent)]
+    Capacity(FilterError),
+    /// The list file could not be written.
+    #[error("nothing changed: {0}")]
+    Store(#[source] allowlist::StoreError),
+    /// A map update failed; file and maps were put back.
+    #[error("nothing changed: {0}")]
+    Apply(#[source] FilterError),
+    /// A map update failed, and so did putting the previous list back.
+    #[error("{apply}; restoring the previous list also failed: {rollback}")]
+    RollbackFailed { apply: FilterError, rollback: Box<Rollback> },
+}
+
+/// What failed while putting the previous list back.
+#[derive(Debug, thiserror::Error)]
+pub enum Rollback {
+    #[error(transparent)]
+    Store(allowlist::StoreError),
+    #[error(transparent)]
+    Apply(FilterError),
 }
 
 /// Whether a change is written to the allowlist file before it is applied.

@@ -27,6 +27,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use proxy_common::{Reason, Verdict};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -51,8 +52,7 @@ struct Observed {
 
 /// Runs the demo; `duration` paces the steps (at least ~1 s each).
 pub fn run(duration: Duration, interrupted: Arc<AtomicBool>) -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         bail!("the demo builds network namespaces and attaches XDP: run it as root (or with sudo)");
     }
     let pause = (duration / 7).max(Duration::from_millis(800));
@@ -151,7 +151,7 @@ fn counted(status: &Status, family: &str, reason: &str) -> u64 {
     status
         .counters
         .iter()
-        .find(|c| c.family == family && c.reason == reason)
+        .find(|c| c.family.name() == family && c.reason.name() == reason)
         .map_or(0, |c| c.packets)
 }
 
@@ -388,10 +388,10 @@ impl Bed {
         };
         println!(
             "  ┌ XDP      passed {:>6}   dropped: unlisted {:>4}, denied {:>4}, malformed {:>4}",
-            packets(|c| c.verdict == "pass"),
-            packets(|c| c.reason == "unlisted"),
-            packets(|c| c.reason == "denied"),
-            packets(|c| c.reason == "malformed"),
+            packets(|c| c.verdict == Verdict::Pass),
+            packets(|c| c.reason == Reason::Unlisted),
+            packets(|c| c.reason == Reason::Denied),
+            packets(|c| c.reason == Reason::Malformed),
         );
         for listener in &status.listeners {
             let rejected: Vec<String> =

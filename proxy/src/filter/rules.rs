@@ -150,10 +150,7 @@ impl Filter {
 
     /// The lookup strategy in force per family: (IPv4, IPv6).
     pub fn lookups(&self) -> (Lookup, Lookup) {
-        let lookup = |raw| {
-            if raw == Lookup::Trie as u32 { Lookup::Trie } else { Lookup::PerLength }
-        };
-        (lookup(self.config.v4_lookup), lookup(self.config.v6_lookup))
+        (Lookup::from_raw(self.config.v4_lookup), Lookup::from_raw(self.config.v6_lookup))
     }
 }
 
@@ -166,7 +163,7 @@ pub(super) fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapErro
 }
 
 pub(super) fn action_of(rule: &Rule) -> Action {
-    if rule.action == proxy_common::Action::Allow as u32 { Action::Allow } else { Action::Deny }
+    Action::from_kernel(proxy_common::Action::from_raw(rule.action))
 }
 
 pub(super) fn cidr_of(addr: IpAddr, prefix_len: u32) -> Option<IpNet> {

@@ -25,9 +25,9 @@ impl Filter {
                     .get(&counter_index(family, reason), 0)
                     .map_err(map_error(map::COUNTERS))?;
                 snapshots.push(CounterSnapshot {
-                    family: family.name().to_owned(),
-                    reason: reason.name().to_owned(),
-                    verdict: if reason.passes() { "pass" } else { "drop" }.to_owned(),
+                    family,
+                    reason,
+                    verdict: reason.verdict(),
                     packets: per_cpu.iter().map(|c| c.packets).sum(),
                     bytes: per_cpu.iter().map(|c| c.bytes).sum(),
                 });
