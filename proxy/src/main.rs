@@ -367,20 +367,20 @@ fn change_offline(
     change: &Change,
     config: Option<&std::path::Path>,
 ) -> anyhow::Result<(allowlist::Diff, usize, PathBuf)> {
-    // A running daemon would not see the file change, and would overwrite it.
-    if control::call(&global.socket(), &Request::Ping).is_ok() {
-        bail!(
-            "the daemon is running (socket {}): drop --offline, and it applies the change at once",
-            global.socket().display()
-        );
-    }
-    let (path, capacity) = match config {
+    let (path, capacity, socket) = match config {
         Some(config) => {
             let config = Config::load(config, &global.overrides())?;
-            (config.allowlist_path(), config.filter.max_entries)
+            (config.allowlist_path(), config.filter.max_entries, config.daemon.control_socket)
         }
-        None => (global.state_dir().join("allowlist"), DEFAULT_MAX_ENTRIES),
+        None => (global.state_dir().join("allowlist"), DEFAULT_MAX_ENTRIES, global.socket()),
     };
+    // A running daemon would not see the file change, and would overwrite it.
+    if control::call(&socket, &Request::Ping).is_ok() {
+        bail!(
+            "the daemon is running (socket {}): drop --offline, and it applies the change at once",
+            socket.display()
+        );
+    }
     let list = allowlist::load(&path)?;
     let next = change.apply_to(&list)?;
     let (ipv4, ipv6) = next.family_sizes();
