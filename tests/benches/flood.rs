@@ -31,12 +31,12 @@ use edgegate::{
     allowlist::Allowlist,
     config::{AttachMode, Scope},
     demo::netns::{Netns, veth_pair},
-    filter::{Filter, FilterOptions, reference},
+    filter::{Filter, FilterOptions},
 };
 use edgegate_tests::{
     Lcg,
     bench::{clock_ticks_per_second, median, print_heading, save, spread, tool_version},
-    unique_name,
+    reference, unique_name,
 };
 
 const GENERATOR_IF: &str = "egfgen";

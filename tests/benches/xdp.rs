@@ -17,12 +17,13 @@ use aya::{
     maps::{LpmTrie, lpm_trie::Key},
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
-use edgegate::{config::Scope, filter::reference};
+use edgegate::config::Scope;
 use edgegate_tests::{
     Lcg,
     bench::{machine, median, print_heading, save, spread},
     harness::XdpHarness,
     packet::{ETHERTYPE_IPV4, ETHERTYPE_IPV6, Fragment, Transport, ethernet, ipv4, ipv6},
+    reference,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 

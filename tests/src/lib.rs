@@ -11,13 +11,13 @@ pub mod harness;
 pub mod mtls;
 pub mod packet;
 pub mod peers;
+pub mod reference;
 pub mod testbed;
 
 /// Panics unless running as root: CI runs as root, so a root-only test
 /// must fail there rather than skip silently.
 pub fn require_root() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root (XDP, bpffs, namespaces)");
+    assert!(nix::unistd::geteuid().is_root(), "this test needs root (XDP, bpffs, namespaces)");
 }
 
 /// A tiny deterministic generator (Knuth's MMIX LCG): tests and benchmarks

@@ -56,22 +56,6 @@ use crate::{
 pub static PROGRAM_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/edgegate.bpf.o"));
 
-/// Reference programs the benchmarks compare the filter with, and drive it with.
-pub mod reference {
-    /// Returns XDP_DROP and nothing else: the cost floor of running any program.
-    pub static DROP_ONLY: &[u8] =
-        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-drop.bpf.o"));
-    /// One LPM-trie lookup of the source address (maps `BENCH_V4_TRIE`,
-    /// `BENCH_V6_TRIE`; any value means allowed).
-    pub static PLAIN_LPM: &[u8] =
-        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-lpm.bpf.o"));
-    /// `cargo xtask bench flood`'s traffic generator: programs `flood_redirect`
-    /// (random IPv4 source, out of the global `TARGET_IFINDEX`) and
-    /// `flood_drop` (the same rewrite, then dropped).
-    pub static FLOOD_GENERATOR: &[u8] =
-        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-flood.bpf.o"));
-}
-
 /// Why the filter could not be set up or changed.
 #[derive(Debug, thiserror::Error)]
 pub enum FilterError {
