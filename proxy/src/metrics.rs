@@ -198,3 +198,118 @@ pub fn render(observation: &Observation) -> String {
     encode(&mut text, &registry).expect("writing to a String cannot fail");
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use proxy_common::{Family, Lookup, Reason};
+
+    use super::*;
+    use crate::{
+        allowlist::Action,
+        config::Scope,
+        status::{AttachedMode, Attachment, CounterSnapshot, ListenerStatus, RuleHits, Status},
+        tls::{Lifetime, LifetimeKind, unix_now},
+    };
+
+    fn observation(ready: Result<(), NotReady>) -> Observation {
+        let listener = ListenerStatus {
+            name: "edge".into(),
+            bind: "0.0.0.0:8443".parse().unwrap(),
+            backend: "127.0.0.1:8080".into(),
+            active: 2,
+            handshakes_ok: 7,
+            rejected: [("unknown_ca".to_owned(), 3)].into(),
+            bytes_from_clients: 100,
+            bytes_to_clients: 200,
+            backend_failures: 1,
+            relay_errors: 0,
+            lifetimes: vec![Lifetime {
+                kind: LifetimeKind::Server,
+                path: "/etc/edgegate/server.pem".into(),
+                subject: "CN=edge".into(),
+                not_before: 0,
+                not_after: unix_now() + 86_400,
+            }],
+        };
+        Observation {
+            status: Status {
+                interfaces: vec![Attachment {
+                    interface: "eth0".into(),
+                    mode: AttachedMode::Native,
+                    adopted: false,
+                }],
+                scope: Scope::Ports,
+                protected_ports: [8443].into(),
+                allowlist: "/var/lib/edgegate/allowlist".into(),
+                ipv4_entries: 4,
+                ipv6_entries: 1,
+                ipv4_lookup: Lookup::PerLength,
+                ipv6_lookup: Lookup::Trie,
+                capacity_per_family: 1024,
+                counters: vec![CounterSnapshot {
+                    family: Family::Ipv4,
+                    reason: Reason::Unlisted,
+                    verdict: Reason::Unlisted.verdict(),
+                    packets: 5,
+                    bytes: 300,
+                }],
+                top_rules: vec![RuleHits {
+                    cidr: "203.0.113.0/24".parse().unwrap(),
+                    action: Action::Allow,
+                    hits: 9,
+                }],
+                listeners: vec![listener],
+            },
+            ready,
+            reloads_ok: 2,
+            reloads_failed: 1,
+        }
+    }
+
+    /// The sample lines of `text` (no comments), to compare exactly.
+    fn samples(text: &str) -> Vec<&str> {
+        text.lines().filter(|l| !l.starts_with('#')).collect()
+    }
+
+    #[test]
+    fn every_metric_is_rendered_with_its_labels() {
+        let text = render(&observation(Ok(())));
+        let samples = samples(&text);
+        for expected in [
+            "edgegate_xdp_packets_total{family=\"ipv4\",verdict=\"drop\",reason=\"unlisted\"} 5",
+            "edgegate_xdp_bytes_total{family=\"ipv4\",verdict=\"drop\",reason=\"unlisted\"} 300",
+            "edgegate_xdp_attached{interface=\"eth0\",mode=\"native\"} 1",
+            "edgegate_allowlist_entries{family=\"ipv4\"} 4",
+            "edgegate_allowlist_entries{family=\"ipv6\"} 1",
+            "edgegate_rule_hits_total{cidr=\"203.0.113.0/24\",action=\"allow\"} 9",
+            "edgegate_tls_handshakes_total{listener=\"edge\",result=\"ok\"} 7",
+            "edgegate_tls_handshakes_total{listener=\"edge\",result=\"unknown_ca\"} 3",
+            "edgegate_connections_active{listener=\"edge\"} 2",
+            "edgegate_relay_bytes_total{listener=\"edge\",direction=\"from_client\"} 100",
+            "edgegate_relay_bytes_total{listener=\"edge\",direction=\"to_client\"} 200",
+            "edgegate_relay_errors_total{listener=\"edge\",kind=\"backend\"} 1",
+            "edgegate_reloads_total{result=\"ok\"} 2",
+            "edgegate_reloads_total{result=\"failed\"} 1",
+            "edgegate_ready 1",
+        ] {
+            assert!(samples.contains(&expected), "missing {expected} in:\n{text}");
+        }
+        let expiry = samples
+            .iter()
+            .find(|l| {
+                l.starts_with(
+                    "edgegate_certificate_expiry_seconds{listener=\"edge\",kind=\"server\"}",
+                )
+            })
+            .unwrap_or_else(|| panic!("no expiry in:\n{text}"));
+        let seconds: i64 = expiry.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!((86_390..=86_400).contains(&seconds), "{expiry}");
+        assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
+    }
+
+    #[test]
+    fn not_ready_shows_as_zero() {
+        let text = render(&observation(Err(NotReady::Gone { interface: "eth0".into() })));
+        assert!(samples(&text).contains(&"edgegate_ready 0"), "{text}");
+    }
+}

@@ -494,3 +494,89 @@ impl ClientCertVerifier for IdentityVerifier {
         self.inner.supported_verify_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use rcgen::{CertificateParams, DnType, KeyPair, SanType};
+
+    use super::*;
+    use crate::config::{Config, Overrides};
+
+    /// A self-signed certificate with these names, as DER.
+    fn certificate(common_name: Option<&str>, dns: &[&str], uris: &[&str]) -> Vec<u8> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        if let Some(cn) = common_name {
+            params.distinguished_name.push(DnType::CommonName, cn);
+        }
+        params.distinguished_name.push(DnType::OrganizationName, "Partner");
+        params.subject_alt_names = dns
+            .iter()
+            .map(|name| SanType::DnsName((*name).try_into().expect("DNS name")))
+            .chain(uris.iter().map(|uri| SanType::URI((*uri).try_into().expect("URI"))))
+            .collect();
+        let key = KeyPair::generate().expect("key");
+        params.self_signed(&key).expect("certificate").der().to_vec()
+    }
+
+    fn identity(common_name: Option<&str>, dns: &[&str], uris: &[&str]) -> Identity {
+        Identity::from_der(&certificate(common_name, dns, uris)).expect("parses")
+    }
+
+    /// The identity rules of a listener with these `allow_*` keys.
+    fn rules(keys: &str) -> IdentityRules {
+        let text = format!(
+            "[filter]\ninterfaces = [\"eth0\"]\n[[listener]]\nname = \"edge\"\n\
+             bind = \"0.0.0.0:8443\"\nbackend = \"127.0.0.1:8080\"\ncert = \"c\"\nkey = \"k\"\n\
+             client_ca = \"ca\"\n{keys}\n"
+        );
+        let config = Config::parse(&text, Path::new("edgegate.toml"), &Overrides::default())
+            .expect("config");
+        IdentityRules::new(&config.listeners[0]).expect("patterns")
+    }
+
+    #[test]
+    fn identity_reads_the_subject_cn_and_every_san() {
+        let identity = identity(
+            Some("gateway"),
+            &["api.partner.example", "b.partner.example"],
+            &["spiffe://partner.example/gateway"],
+        );
+        assert_eq!(identity.common_name.as_deref(), Some("gateway"));
+        assert!(identity.subject.contains("CN=gateway"), "{}", identity.subject);
+        assert_eq!(identity.dns, ["api.partner.example", "b.partner.example"]);
+        assert_eq!(identity.uris, ["spiffe://partner.example/gateway"]);
+        assert!(!identity.serial.is_empty());
+        assert_eq!(Identity::from_der(b"not a certificate"), None);
+    }
+
+    #[test]
+    fn without_rules_any_certificate_from_the_ca_passes() {
+        assert!(rules("").allows(&identity(None, &[], &[])));
+    }
+
+    /// One rule of each kind, and what it lets in: any one matching rule suffices.
+    #[test]
+    fn identity_rules_match_cn_dns_and_uri_globs() {
+        let rules = rules(
+            "allow_cn = [\"gateway-?\"]\nallow_dns = [\"*.partner.example\"]\n\
+             allow_uri = [\"spiffe://partner.example/*\"]",
+        );
+        let cases = [
+            (identity(Some("gateway-1"), &[], &[]), true),
+            (identity(Some("gateway-10"), &[], &[]), false),
+            (identity(None, &["api.partner.example"], &[]), true),
+            // `*` crosses dots: a deeper name matches too (see the README).
+            (identity(None, &["a.b.partner.example"], &[]), true),
+            (identity(None, &["partner.example"], &[]), false),
+            (identity(None, &["api.partner.example.evil"], &[]), false),
+            (identity(None, &[], &["spiffe://partner.example/gateway"]), true),
+            (identity(None, &[], &["spiffe://other.example/gateway"]), false),
+            (identity(Some("stranger"), &["stranger.example"], &["spiffe://x/y"]), false),
+        ];
+        for (identity, allowed) in cases {
+            assert_eq!(rules.allows(&identity), allowed, "{identity:?}");
+        }
+    }
+}

@@ -295,4 +295,30 @@ mod tests {
         assert_eq!(relayed.backend_to_client, total);
         assert_eq!(relayed.reason, CloseReason::Completed);
     }
+
+    /// A connection on which nothing moves ends after exactly the idle
+    /// timeout; traffic in either direction restarts the clock.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_ends_after_the_idle_timeout() {
+        let idle = Duration::from_secs(30);
+        let (client, client_end) = duplex(1024);
+        let (backend, backend_end) = duplex(1024);
+        let started = tokio::time::Instant::now();
+        let relay = tokio::spawn(relay(client_end, backend_end, idle));
+        let (mut client_reads, mut client_writes) = tokio::io::split(client);
+        let (mut backend_reads, _backend_writes) = tokio::io::split(backend);
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        client_writes.write_all(b"ping").await.unwrap();
+        let mut up = [0u8; 4];
+        backend_reads.read_exact(&mut up).await.unwrap();
+        let relayed = relay.await.unwrap();
+        assert_eq!(relayed.reason, CloseReason::Idle);
+        assert_eq!(relayed.client_to_backend, 4);
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= Duration::from_secs(50) && elapsed < Duration::from_secs(52),
+            "20 s, then a message, then 30 s idle: {elapsed:?}"
+        );
+        assert_eq!(client_reads.read(&mut [0u8; 1]).await.unwrap(), 0, "the client is closed");
+    }
 }
