@@ -51,11 +51,26 @@ pub fn on_path(command: &str) -> bool {
 /// pairs a command with its package. Refreshes the package lists when a
 /// fresh machine has none.
 pub fn install_missing(what: &str, needed: &[(&str, &str)]) -> anyhow::Result<()> {
-    let mut missing: Vec<&str> = needed
+    let missing = needed
         .iter()
         .filter(|(command, _)| !on_path(command))
         .map(|&(_, package)| package)
         .collect();
+    apt_install(what, missing)
+}
+
+/// Like [`install_missing`], for packages that provide files rather than
+/// commands (a cross-compiler's libc): `needed` pairs a path with its package.
+pub fn install_missing_files(what: &str, needed: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing = needed
+        .iter()
+        .filter(|(path, _)| !std::path::Path::new(path).exists())
+        .map(|&(_, package)| package)
+        .collect();
+    apt_install(what, missing)
+}
+
+fn apt_install(what: &str, mut missing: Vec<&str>) -> anyhow::Result<()> {
     missing.sort_unstable();
     missing.dedup();
     if missing.is_empty() {
