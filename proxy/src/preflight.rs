@@ -12,12 +12,10 @@ use std::{fmt, path::Path};
 use crate::{
     allowlist::{self, Allowlist},
     config::{AttachMode, Config, Overrides},
-    filter, privileges,
+    filter::{self, ENA_XDP_MAX_MTU},
+    privileges,
     tls::{Lifetime, LifetimeKind, ListenerTls, unix_now},
 };
-
-/// The largest MTU with which ENA, EC2's NIC, runs native XDP.
-pub const ENA_XDP_MAX_MTU: u32 = 3498;
 
 /// Certificates expiring sooner than this are reported (and logged daily).
 pub const EXPIRY_WARNING_SECONDS: i64 = 30 * 24 * 3600;

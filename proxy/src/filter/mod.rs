@@ -52,6 +52,10 @@ use crate::{
     status::{AttachedMode, Attachment, NotReady},
 };
 
+/// The largest MTU with which ENA, EC2's NIC, runs native XDP: above it
+/// `mode = "auto"` falls back to generic XDP.
+pub const ENA_XDP_MAX_MTU: u32 = 3498;
+
 /// The compiled XDP program, built by `build.rs` from `proxy-ebpf`.
 pub static PROGRAM_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/edgegate.bpf.o"));

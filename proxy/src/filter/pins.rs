@@ -128,12 +128,12 @@ pub(super) fn attach(
                 drop(pinned);
                 if mode == AttachedMode::Skb && wanted == AttachMode::Auto {
                     let why = match interface_mtu(interface) {
-                        Some(mtu) if mtu > crate::preflight::ENA_XDP_MAX_MTU => format!(
+                        Some(mtu) if mtu > super::ENA_XDP_MAX_MTU => format!(
                             "native XDP was refused (MTU {mtu}: ENA, EC2's NIC, runs native XDP \
                              only up to {}; lower it with `ip link set dev {interface} mtu {}` \
                              and make that persistent, see the README's EC2 section)",
-                            crate::preflight::ENA_XDP_MAX_MTU,
-                            crate::preflight::ENA_XDP_MAX_MTU
+                            super::ENA_XDP_MAX_MTU,
+                            super::ENA_XDP_MAX_MTU
                         ),
                         _ => "the driver has no native XDP support".to_owned(),
                     };
