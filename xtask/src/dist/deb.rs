@@ -62,8 +62,14 @@ pub fn build(arch: &Arch, stage: &Path, glibc: &str, dist: &Path) -> anyhow::Res
     super::write_script(&debian.join("prerm"), PRERM)?;
 
     let deb = dist.join(format!("edgegate_{version}_{}.deb", arch.deb));
+    // xz at level 1, not dpkg-deb's default 6: the binary is ~75 MiB with
+    // its line tables, and level 6 takes ~45 s per package on a CI core for
+    // 15% less. xz, not zstd, so that every dpkg and repository tool reads it.
     exec::run(
-        Command::new("dpkg-deb").args(["--root-owner-group", "--build"]).arg(stage).arg(&deb),
+        Command::new("dpkg-deb")
+            .args(["-Zxz", "-z1", "--root-owner-group", "--build"])
+            .arg(stage)
+            .arg(&deb),
     )?;
     Ok(deb)
 }
