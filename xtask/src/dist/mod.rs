@@ -5,7 +5,7 @@
 //! binaries are exercised: natively for x86_64, under qemu-user for aarch64.
 //!
 //! The packages are assembled with `dpkg-deb` and `rpmbuild` from staging
-//! trees rather than by cargo-deb or cargo-generate-rpm: each package is five
+//! trees rather than by cargo-deb or cargo-generate-rpm: each package is six
 //! files and a few scripts, and this way a fresh machine needs nothing beyond
 //! Debian's own tools.
 
