@@ -158,10 +158,7 @@ impl Testbed {
             .open(self.dir.join("daemon.log"))
             .expect("daemon log");
         let child = self
-            .server
-            .command(edgegate_binary().to_str().expect("UTF-8 path"))
-            .args(["run", "--config"])
-            .arg(&self.config)
+            .in_server(&["run", "--config", self.config.to_str().expect("UTF-8 path")])
             .args(args)
             .envs(env.iter().copied())
             .stdout(log.try_clone().expect("dup log"))
@@ -179,15 +176,19 @@ impl Testbed {
         }
     }
 
+    /// `edgegate ARGS` in the server namespace (where its interfaces are).
+    fn in_server(&self, args: &[&str]) -> Command {
+        let mut command = self.server.command(edgegate_binary().to_str().expect("UTF-8 path"));
+        command.args(args);
+        command
+    }
+
     /// Runs `edgegate run` (with extra `args`) where the start must be
     /// refused, and returns its output. A daemon that starts instead is
     /// killed after 30 s and the test fails.
     pub fn refused_start(&self, args: &[&str]) -> Output {
         let mut child = self
-            .server
-            .command(edgegate_binary().to_str().expect("UTF-8 path"))
-            .args(["run", "--config"])
-            .arg(&self.config)
+            .in_server(&["run", "--config", self.config.to_str().expect("UTF-8 path")])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -292,10 +293,7 @@ impl Testbed {
     /// `edgegate check` of the testbed's config, in the server namespace
     /// (where its interfaces are).
     pub fn check(&self) -> Output {
-        self.server
-            .command(edgegate_binary().to_str().expect("UTF-8 path"))
-            .args(["check", "--config"])
-            .arg(&self.config)
+        self.in_server(&["check", "--config", self.config.to_str().expect("UTF-8 path")])
             .stdin(Stdio::null())
             .output()
             .expect("run edgegate check")
