@@ -29,6 +29,44 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub listeners: Vec<ListenerConfig>,
     pub metrics: MetricsConfig,
+    /// `[fleet]`: the list is the group's, kept in etcd; absent, the local file rules.
+    pub fleet: Option<FleetConfig>,
+}
+
+/// `[fleet]`: hosts of one group enforce one allowlist, kept in etcd.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// etcd client URLs (`https://host:2379`); any member will do.
+    pub endpoints: Vec<String>,
+    /// Hosts of one group enforce one list.
+    pub group: String,
+    /// Key prefix under which the groups live.
+    #[serde(default = "default_fleet_prefix")]
+    pub prefix: String,
+    /// CAs that issue the etcd members' certificates (needed with `https://`).
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key, for etcd's `--client-cert-auth`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// How this host is named in `edgegate fleet status`; default: the hostname.
+    pub host_id: Option<String>,
+    /// The whole list is re-read this often even while the watch looks healthy.
+    #[serde(default = "default_resync_interval", deserialize_with = "duration")]
+    pub resync_interval: Duration,
+    /// Each etcd request (and connection attempt) fails after this long.
+    #[serde(default = "default_fleet_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+fn default_fleet_prefix() -> String {
+    "/edgegate".into()
+}
+fn default_resync_interval() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_fleet_timeout() -> Duration {
+    Duration::from_secs(2)
 }
 
 /// `[metrics]`: where `/metrics`, `/healthz` and `/readyz` are served.
@@ -280,6 +318,7 @@ struct RawConfig {
     listener: Vec<ListenerConfig>,
     #[serde(default)]
     metrics: MetricsConfig,
+    fleet: Option<FleetConfig>,
 }
 
 /// Why a configuration file is refused. Messages name the file and the key.
@@ -363,8 +402,11 @@ impl Config {
     ) -> Result<(Self, Vec<Invalid>), ConfigError> {
         let raw: RawConfig = toml::from_str(text)
             .map_err(|e| ConfigError::Syntax { path: path.to_owned(), source: Box::new(e) })?;
-        let RawConfig { filter, mut daemon, listener: listeners, metrics } = raw;
+        let RawConfig { filter, mut daemon, listener: listeners, metrics, fleet } = raw;
         let mut problems = validate_listeners(&listeners);
+        if let Some(fleet) = &fleet {
+            problems.extend(validate_fleet(fleet));
+        }
         if filter.interfaces.is_empty() {
             problems.push(Invalid::new(
                 "filter.interfaces",
@@ -412,7 +454,7 @@ impl Config {
         if let Some(dir) = &overrides.bpffs_dir {
             daemon.bpffs_dir.clone_from(dir);
         }
-        Ok((Self { filter, daemon, listeners, metrics }, problems))
+        Ok((Self { filter, daemon, listeners, metrics, fleet }, problems))
     }
 
     /// Ports the filter protects: `filter.ports`, every listener's port, and
@@ -439,6 +481,87 @@ fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port()
         && (a.ip() == b.ip()
             || (a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() || b.ip().is_unspecified())))
+}
+
+/// Checks `[fleet]`: usable URLs, one scheme, TLS files that belong together,
+/// names that fit in an etcd key.
+fn validate_fleet(fleet: &FleetConfig) -> Vec<Invalid> {
+    let mut problems = Vec::new();
+    if fleet.endpoints.is_empty() {
+        problems.push(Invalid::new(
+            "fleet.endpoints",
+            "name at least one etcd member, e.g. [\"https://10.0.1.10:2379\"]",
+        ));
+    }
+    let mut schemes = BTreeSet::new();
+    for endpoint in &fleet.endpoints {
+        match endpoint.split_once("://") {
+            Some((scheme @ ("http" | "https"), authority))
+                if authority.rsplit_once(':').is_some_and(|(host, port)| {
+                    !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+                }) =>
+            {
+                schemes.insert(scheme);
+            }
+            _ => problems.push(Invalid::new(
+                "fleet.endpoints",
+                format!("`{endpoint}` is not an etcd URL such as https://10.0.1.10:2379"),
+            )),
+        }
+    }
+    if schemes.len() > 1 {
+        problems.push(Invalid::new(
+            "fleet.endpoints",
+            "mixes http:// and https://: use https:// for every member",
+        ));
+    }
+    let tls = schemes.contains("https");
+    if tls && fleet.ca.is_none() {
+        problems.push(Invalid::new(
+            "fleet.ca",
+            "https:// endpoints need the CA that issued the members' certificates",
+        ));
+    }
+    if !tls && (fleet.ca.is_some() || fleet.cert.is_some()) {
+        problems.push(Invalid::new(
+            "fleet.endpoints",
+            "`ca`/`cert` are set but the endpoints are http://: use https://",
+        ));
+    }
+    if fleet.cert.is_some() != fleet.key.is_some() {
+        problems.push(Invalid::new("fleet.cert", "`cert` and `key` go together"));
+    }
+    let key_safe = |s: &str| {
+        !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    if !key_safe(&fleet.group) {
+        problems.push(Invalid::new(
+            "fleet.group",
+            format!("`{}` must be letters, digits, `-`, `_` or `.`", fleet.group),
+        ));
+    }
+    if let Some(host) = fleet.host_id.as_deref().filter(|h| !key_safe(h)) {
+        problems.push(Invalid::new(
+            "fleet.host_id",
+            format!("`{host}` must be letters, digits, `-`, `_` or `.`"),
+        ));
+    }
+    if !fleet.prefix.starts_with('/') || fleet.prefix.ends_with('/') && fleet.prefix.len() > 1 {
+        problems.push(Invalid::new(
+            "fleet.prefix",
+            format!(
+                "`{}` must start with `/` and not end with one, e.g. \"/edgegate\"",
+                fleet.prefix
+            ),
+        ));
+    }
+    if fleet.timeout.is_zero() || fleet.resync_interval < Duration::from_secs(1) {
+        problems.push(Invalid::new(
+            "fleet.timeout",
+            "`timeout` must be positive and `resync_interval` at least 1s",
+        ));
+    }
+    problems
 }
 
 /// Checks what serde cannot: uniqueness, coherence, patterns. Keys are

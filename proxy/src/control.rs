@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     allowlist::{Change, Diff, Entry},
-    status::{ListReload, ReloadOutcome, Status},
+    status::{FleetView, ListReload, ReloadOutcome, Status},
 };
 
 /// Requests larger than this are refused (a 1M-entry replace is ~60 MB).
@@ -27,13 +27,21 @@ pub enum Request {
     /// Whether a daemon answers at all.
     Ping,
     /// Change the list: validated whole, persisted, applied, then acknowledged.
-    Change(Change),
+    /// In fleet mode: committed to the group's list in etcd. `empty_ok`
+    /// allows a change that leaves the group's list empty.
+    Change {
+        change: Change,
+        #[serde(default)]
+        empty_ok: bool,
+    },
     /// The list in force.
     List,
     /// Re-read the config and the listeners' certificates (as SIGHUP does).
     Reload,
     /// Interfaces, counters and the `top_rules` busiest rules.
     Status { top_rules: usize },
+    /// Fleet mode: the group's generation and what every host enforces.
+    FleetStatus,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -41,16 +49,43 @@ pub enum Request {
 pub enum Response {
     /// Answer to `Ping`.
     Pong,
-    /// The change is persisted and in the kernel.
-    Changed { diff: Diff, entries: usize },
+    /// The change is persisted and in the kernel (fleet mode: committed in etcd).
+    Changed {
+        diff: Diff,
+        entries: usize,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fleet: Option<FleetCommit>,
+    },
     /// Answer to `Reload`: what happened to the allowlist file and to each listener.
     Reloaded { allowlist: ListReload, outcomes: Vec<ReloadOutcome> },
     /// Answer to `List`.
-    List { entries: Vec<Entry> },
+    List {
+        entries: Vec<Entry>,
+        /// Fleet mode: the group and the generation in force here.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fleet: Option<ListSource>,
+    },
     /// Answer to `Status`.
     Status(Box<Status>),
+    /// Answer to `FleetStatus`.
+    Fleet(FleetView),
     /// The request was refused; nothing changed.
     Error { message: String },
+}
+
+/// A change committed to the group's list.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FleetCommit {
+    pub generation: u64,
+    /// Whether this host enforced it before answering.
+    pub enforced_here: bool,
+}
+
+/// Where the listed entries come from in fleet mode.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListSource {
+    pub group: String,
+    pub generation: u64,
 }
 
 /// Why the CLI could not get an answer from the daemon.

@@ -11,6 +11,7 @@
 //! - [`filter`]: loads, attaches and pins the XDP program and owns its maps;
 //! - [`daemon`]: `edgegate run`, holding the list and the filter together;
 //! - [`control`]: the Unix-socket protocol between CLI and daemon;
+//! - [`fleet`]: fleet mode: the group's list in etcd, followed by every host;
 //! - [`tls`]: rustls configs, client identity rules, rejection reasons;
 //! - [`proxy`]: the mTLS listeners: accept, PROXY protocol, handshake, relay;
 //! - [`metrics`]: `/metrics`, `/healthz` and `/readyz` over HTTP;
@@ -24,6 +25,7 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod filter;
+pub mod fleet;
 pub mod metrics;
 pub mod preflight;
 pub mod privileges;

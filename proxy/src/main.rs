@@ -104,6 +104,20 @@ enum Command {
         #[arg(long)]
         interface: Option<String>,
     },
+    /// Fleet mode: the group's list in etcd and the hosts that enforce it.
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// The group's generation, and per host: alive, the generation it enforces, when, its lag.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -123,6 +137,8 @@ enum AllowCommand {
         file: PathBuf,
         #[command(flatten)]
         offline: Offline,
+        #[command(flatten)]
+        commit: Commit,
     },
     /// Allow AWS's published ranges (ip-ranges.json) of some regions and services.
     ImportAws {
@@ -140,6 +156,8 @@ enum AllowCommand {
         replace: bool,
         #[command(flatten)]
         offline: Offline,
+        #[command(flatten)]
+        commit: Commit,
     },
 }
 
@@ -166,6 +184,8 @@ struct AddArgs {
     comment: Option<String>,
     #[command(flatten)]
     offline: Offline,
+    #[command(flatten)]
+    commit: Commit,
 }
 
 #[derive(Args)]
@@ -175,6 +195,8 @@ struct DelArgs {
     cidrs: Vec<String>,
     #[command(flatten)]
     offline: Offline,
+    #[command(flatten)]
+    commit: Commit,
 }
 
 /// Changing the file while no daemon runs (e.g. to seed the list before the
@@ -189,6 +211,21 @@ struct Offline {
     /// use (default: `allowlist` in the state directory).
     #[arg(long, requires = "offline")]
     config: Option<PathBuf>,
+}
+
+/// How a change is committed in fleet mode.
+#[derive(Args)]
+struct Commit {
+    /// Fleet mode: wait until every live host of the group enforces the change.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: give up (exit 1, naming the hosts behind) after this long.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, requires = "wait")]
+    wait_timeout: std::time::Duration,
+    /// Fleet mode: allow a change that leaves the group's list empty (drops
+    /// every source on every host).
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -248,18 +285,18 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             AllowCommand::Add(args) => add(&global, Action::Allow, args),
             AllowCommand::Del(args) => remove(&global, Action::Allow, args),
             AllowCommand::List { json } => list(&global, json, None),
-            AllowCommand::ImportAws { file, regions, services, replace, offline } => {
+            AllowCommand::ImportAws { file, regions, services, replace, offline, commit } => {
                 let selection = edgegate::aws::Selection { regions, services };
                 let entries = edgegate::aws::read(&file, &selection)?;
                 let tag = edgegate::aws::COMMENT_TAG.to_owned();
-                change(&global, Change::Import { entries, tag, replace }, &offline)
+                change(&global, Change::Import { entries, tag, replace }, &offline, &commit)
             }
-            AllowCommand::Replace { file, offline } => {
+            AllowCommand::Replace { file, offline, commit } => {
                 let text = std::fs::read_to_string(&file)
                     .with_context(|| format!("cannot read {}", file.display()))?;
                 // Check locally first so that errors name the file.
                 Allowlist::parse(&text).with_context(|| file.display().to_string())?;
-                change(&global, Change::Replace { text }, &offline)
+                change(&global, Change::Replace { text }, &offline, &commit)
             }
         },
         Command::Deny { command } => match command {
@@ -269,6 +306,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         },
         Command::Status { json, top } => status(&global, json, top),
         Command::Detach { interface } => detach(&global, interface.as_deref()),
+        Command::Fleet { command: FleetCommand::Status { json } } => fleet_status(&global, json),
     }
 }
 
@@ -321,21 +359,26 @@ fn call(global: &Global, request: &Request) -> anyhow::Result<Response> {
 }
 
 fn add(global: &Global, action: Action, args: AddArgs) -> anyhow::Result<()> {
-    let AddArgs { cidrs, comment, offline } = args;
-    change(global, Change::Add { action, cidrs, comment }, &offline)
+    let AddArgs { cidrs, comment, offline, commit } = args;
+    change(global, Change::Add { action, cidrs, comment }, &offline, &commit)
 }
 
 fn remove(
     global: &Global,
     action: Action,
-    DelArgs { cidrs, offline }: DelArgs,
+    DelArgs { cidrs, offline, commit }: DelArgs,
 ) -> anyhow::Result<()> {
-    change(global, Change::Remove { action, cidrs }, &offline)
+    change(global, Change::Remove { action, cidrs }, &offline, &commit)
 }
 
 /// Validates `change` here (errors name the argument even with no daemon),
 /// then has the daemon apply it, or applies it to the file with `--offline`.
-fn change(global: &Global, change: Change, offline: &Offline) -> anyhow::Result<()> {
+fn change(
+    global: &Global,
+    change: Change,
+    offline: &Offline,
+    commit: &Commit,
+) -> anyhow::Result<()> {
     change.validate()?;
     if offline.offline {
         let (diff, entries, path) = change_offline(global, &change, offline.config.as_deref())?;
@@ -349,16 +392,99 @@ fn change(global: &Global, change: Change, offline: &Offline) -> anyhow::Result<
         );
         return Ok(());
     }
-    match call(global, &Request::Change(change))? {
-        Response::Changed { diff, entries } => {
-            println!(
-                "ok: {} added, {} removed, {} updated; {entries} entries in force",
-                diff.added, diff.removed, diff.updated
-            );
-            Ok(())
-        }
-        other => bail!("unexpected answer from the daemon: {other:?}"),
+    let request = Request::Change { change, empty_ok: commit.force };
+    let Response::Changed { diff, entries, fleet } = call(global, &request)? else {
+        bail!("unexpected answer from the daemon");
+    };
+    let counts =
+        format!("{} added, {} removed, {} updated", diff.added, diff.removed, diff.updated);
+    let Some(fleet) = fleet else {
+        println!("ok: {counts}; {entries} entries in force");
+        return Ok(());
+    };
+    let here = if fleet.enforced_here { "in force here" } else { "not yet in force here" };
+    println!(
+        "ok: {counts}; {entries} entries; committed as the group's generation {} ({here})",
+        fleet.generation
+    );
+    if commit.wait {
+        wait_for_fleet(global, fleet.generation, commit.wait_timeout)?;
     }
+    Ok(())
+}
+
+/// Polls `fleet status` until every live host enforces `generation`.
+fn wait_for_fleet(
+    global: &Global,
+    generation: u64,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let behind: Vec<String> = match call(global, &Request::FleetStatus) {
+            Ok(Response::Fleet(view)) => view
+                .hosts
+                .iter()
+                .filter(|h| h.alive && h.generation < generation)
+                .map(|h| format!("{} (at generation {})", h.host, h.generation))
+                .collect(),
+            Ok(_) => bail!("unexpected answer from the daemon"),
+            Err(e) => vec![format!("unknown: {e}")],
+        };
+        if behind.is_empty() {
+            println!("every live host enforces generation {generation}");
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "after {}, not every live host enforces generation {generation}: {}",
+                humantime::format_duration(timeout),
+                behind.join(", ")
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn fleet_status(global: &Global, json: bool) -> anyhow::Result<()> {
+    let Response::Fleet(view) = call(global, &Request::FleetStatus)? else {
+        bail!("unexpected answer from the daemon");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+        return Ok(());
+    }
+    match view.current_generation {
+        Some(generation) => println!(
+            "group {}: generation {generation}, committed {} by {}",
+            view.group,
+            view.committed_at_ms.map_or_else(|| "?".into(), ago),
+            view.committed_by.as_deref().unwrap_or("?")
+        ),
+        None => println!("group {}: no list committed yet", view.group),
+    }
+    println!(
+        "\n{:<24} {:<6} {:>10} {:>5} {:<16} version",
+        "host", "alive", "generation", "lag", "applied"
+    );
+    for host in &view.hosts {
+        println!(
+            "{:<24} {:<6} {:>10} {:>5} {:<16} {}",
+            host.host,
+            if host.alive { "yes" } else { "no" },
+            host.generation,
+            host.lag,
+            if host.applied_at_ms == 0 { "-".into() } else { ago(host.applied_at_ms) },
+            host.version
+        );
+    }
+    Ok(())
+}
+
+/// "3.2 s ago" for a Unix-milliseconds time.
+fn ago(at_ms: u64) -> String {
+    let seconds = edgegate::fleet::unix_now_ms().saturating_sub(at_ms) as f64 / 1000.0;
+    format!("{seconds:.1} s ago")
 }
 
 /// Applies `change` to the allowlist file, as a daemon would, but for the maps.
@@ -370,6 +496,13 @@ fn change_offline(
     let (path, capacity, socket) = match config {
         Some(config) => {
             let config = Config::load(config, &global.overrides())?;
+            if let Some(fleet) = &config.fleet {
+                bail!(
+                    "this config is in fleet mode (group `{}`): the list is the group's, in etcd; \
+                     start the daemon and drop --offline",
+                    fleet.group
+                );
+            }
             (config.allowlist_path(), config.filter.max_entries, config.daemon.control_socket)
         }
         None => (global.state_dir().join("allowlist"), DEFAULT_MAX_ENTRIES, global.socket()),
@@ -397,13 +530,16 @@ fn change_offline(
 /// Prints the list in force (only entries with `only`, if given), each entry
 /// with its action: the output is a valid allowlist file.
 fn list(global: &Global, json: bool, only: Option<Action>) -> anyhow::Result<()> {
-    let Response::List { mut entries } = call(global, &Request::List)? else {
+    let Response::List { mut entries, fleet } = call(global, &Request::List)? else {
         bail!("unexpected answer from the daemon");
     };
     entries.retain(|e| only.is_none_or(|action| e.action == action));
     if json {
         println!("{}", serde_json::to_string_pretty(&entries)?);
         return Ok(());
+    }
+    if let Some(source) = fleet {
+        println!("# group {}, generation {} (in force here)", source.group, source.generation);
     }
     for entry in &entries {
         let line = format!("{:<5} {}", entry.action, entry.cidr);
@@ -453,6 +589,20 @@ fn print_status(status: &Status) {
             "{:<7} {:<7} {:<20} {:>14} {:>16}",
             counter.family, counter.verdict, counter.reason, counter.packets, counter.bytes
         );
+    }
+    if let Some(fleet) = &status.fleet {
+        let current = fleet.current_generation.map_or_else(|| "none yet".into(), |g| g.to_string());
+        println!(
+            "fleet:      group {} as {}: generation {} in force (etcd's: {current})",
+            fleet.group, fleet.host, fleet.applied_generation
+        );
+        match fleet.staleness() {
+            Some(stale) => println!("            STALE: {stale}"),
+            None => println!("            connected to etcd"),
+        }
+        if let Some(error) = &fleet.last_error {
+            println!("            last error: {error}");
+        }
     }
     for listener in &status.listeners {
         let rejected: Vec<String> =

@@ -16,14 +16,14 @@ use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
 use hyper_util::rt::TokioIo;
 use prometheus_client::{
     encoding::text::encode,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 use tokio::net::TcpListener;
 
 use crate::{
     proxy::accept::accept_loop,
-    status::{NotReady, Observation},
+    status::{FleetStatus, NotReady, Observation},
 };
 
 /// Takes an observation of the daemon (or says why it cannot).
@@ -63,8 +63,15 @@ async fn respond(
     };
     match request.uri().path() {
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" => match observe().await.and_then(|o| o.ready) {
-            Ok(()) => reply(StatusCode::OK, "text/plain", "ready\n".into()),
+        // Stale fleet data is still ready: the host filters with the last
+        // list it knew. The body says how stale.
+        "/readyz" => match observe().await.and_then(|o| o.ready.map(|()| o.status.fleet)) {
+            Ok(fleet) => match fleet.as_ref().and_then(crate::status::FleetStatus::staleness) {
+                Some(stale) => {
+                    reply(StatusCode::OK, "text/plain", format!("ready; stale: {stale}\n"))
+                }
+                None => reply(StatusCode::OK, "text/plain", "ready\n".into()),
+            },
             Err(reason) => reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",
@@ -191,6 +198,9 @@ pub fn render(observation: &Observation) -> String {
     reloads.get_or_create(&vec![("result", "failed".into())]).inc_by(observation.reloads_failed);
     let ready = gauges(&mut registry, "ready", "1 when /readyz answers 200");
     ready.get_or_create(&vec![]).set(i64::from(observation.ready.is_ok()));
+    if let Some(fleet) = &status.fleet {
+        render_fleet(&mut registry, fleet, observation.fleet_propagation.clone());
+    }
     let build = gauges(&mut registry, "build_info", "The running version");
     build.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").into())]).set(1);
 
@@ -311,5 +321,48 @@ mod tests {
     fn not_ready_shows_as_zero() {
         let text = render(&observation(Err(NotReady::Gone { interface: "eth0".into() })));
         assert!(samples(&text).contains(&"edgegate_ready 0"), "{text}");
+    }
+}
+
+/// `edgegate_fleet_*`: the watch, the generations, and how fast they arrive.
+fn render_fleet(registry: &mut Registry, fleet: &FleetStatus, propagation: Option<Histogram>) {
+    let connected =
+        gauges(registry, "fleet_connected", "1 while the watch on the group's list is up");
+    connected.get_or_create(&vec![]).set(i64::from(fleet.connected));
+    let generation =
+        gauges(registry, "fleet_generation", "The group's generation: in force here, and in etcd");
+    generation
+        .get_or_create(&vec![("kind", "applied".into())])
+        .set(gauge_value(fleet.applied_generation));
+    if let Some(current) = fleet.current_generation {
+        generation.get_or_create(&vec![("kind", "current".into())]).set(gauge_value(current));
+    }
+    if let Some(stale) = fleet.stale_seconds {
+        let staleness = gauges(
+            registry,
+            "fleet_stale_seconds",
+            "Seconds since etcd last answered (0 while connected)",
+        );
+        staleness.get_or_create(&vec![]).set(stale as i64);
+    }
+    let restarts = counters(registry, "fleet_watch_restarts", "Watch restarts, by reason");
+    for (reason, count) in &fleet.watch_restarts {
+        restarts.get_or_create(&vec![("reason", reason.clone())]).inc_by(*count);
+    }
+    let resyncs = counters(
+        registry,
+        "fleet_resyncs",
+        "Newer generations found by re-reading, not by the watch",
+    );
+    resyncs.get_or_create(&vec![]).inc_by(fleet.resyncs);
+    let errors =
+        counters(registry, "fleet_apply_errors", "Generations refused or not applied here");
+    errors.get_or_create(&vec![]).inc_by(fleet.apply_errors);
+    if let Some(histogram) = propagation {
+        registry.register(
+            "fleet_propagation_seconds",
+            "From a commit (the writer's clock) to its enforcement here",
+            histogram,
+        );
     }
 }

@@ -35,6 +35,73 @@ pub struct Status {
     pub counters: Vec<CounterSnapshot>,
     pub top_rules: Vec<RuleHits>,
     pub listeners: Vec<ListenerStatus>,
+    /// With `[fleet]`: where this host stands in its group.
+    pub fleet: Option<FleetStatus>,
+}
+
+/// This host's view of its group (fleet mode).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    pub group: String,
+    pub host: String,
+    /// The watch on the group's list is up.
+    pub connected: bool,
+    /// The generation in force here (0: none from the group yet).
+    pub applied_generation: u64,
+    pub applied_entries: usize,
+    pub applied_at_ms: Option<u64>,
+    /// The newest generation seen in etcd.
+    pub current_generation: Option<u64>,
+    /// Seconds since etcd last answered (0 while connected; `None`: never).
+    pub stale_seconds: Option<f64>,
+    pub watch_restarts: BTreeMap<String, u64>,
+    /// Newer generations found by re-reading rather than by the watch.
+    pub resyncs: u64,
+    pub apply_errors: u64,
+    pub last_error: Option<String>,
+}
+
+impl FleetStatus {
+    /// Why this host may enforce an outdated list, if it may.
+    pub fn staleness(&self) -> Option<String> {
+        if self.connected {
+            return None;
+        }
+        Some(match self.stale_seconds {
+            Some(seconds) => format!(
+                "etcd unreachable for {seconds:.0} s; enforcing generation {}",
+                self.applied_generation
+            ),
+            None => format!(
+                "etcd not reached since start; enforcing generation {} (the local file)",
+                self.applied_generation
+            ),
+        })
+    }
+}
+
+/// `edgegate fleet status`: the group's generation and every host's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetView {
+    pub group: String,
+    /// The group's generation (`None`: no list committed yet).
+    pub current_generation: Option<u64>,
+    pub committed_at_ms: Option<u64>,
+    pub committed_by: Option<String>,
+    pub hosts: Vec<FleetHost>,
+}
+
+/// One host of the group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetHost {
+    pub host: String,
+    /// Its lease is alive: the daemon runs and reaches etcd.
+    pub alive: bool,
+    pub generation: u64,
+    pub applied_at_ms: u64,
+    /// Generations behind the group's.
+    pub lag: u64,
+    pub version: String,
 }
 
 /// How a configured interface came to be filtered.
@@ -161,6 +228,8 @@ pub enum ListReload {
     Applied { diff: Diff, entries: usize },
     /// The file is refused as a whole; the list in force stays.
     Kept { reason: String },
+    /// Fleet mode: the list is the group's, from etcd; the file is its cache.
+    Fleet { group: String },
 }
 
 impl fmt::Display for ListReload {
@@ -173,6 +242,10 @@ impl fmt::Display for ListReload {
                 diff.added, diff.removed, diff.updated
             ),
             Self::Kept { reason } => write!(f, "kept the list in force: {reason}"),
+            Self::Fleet { group } => write!(
+                f,
+                "not re-read: the list is group `{group}`'s, from etcd (the file is its cache)"
+            ),
         }
     }
 }
@@ -184,6 +257,8 @@ pub struct Observation {
     pub ready: Result<(), NotReady>,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
+    /// Fleet mode: seconds from a commit to its enforcement here.
+    pub fleet_propagation: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 /// Why the daemon is not ready to serve (`/readyz` answers 503 with this).

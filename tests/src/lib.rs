@@ -7,6 +7,7 @@
 pub use edgegate::demo::{netns, netns::unique_name, pki};
 
 pub mod bench;
+pub mod fleet;
 pub mod harness;
 pub mod mtls;
 pub mod packet;

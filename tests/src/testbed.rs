@@ -402,13 +402,13 @@ impl Drop for Testbed {
 }
 
 /// A TCP server in a namespace that greets every connection with "hello".
-struct TcpServer {
+pub(crate) struct TcpServer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl TcpServer {
-    fn start(netns: &Netns, port: u16) -> Self {
+    pub(crate) fn start(netns: &Netns, port: u16) -> Self {
         let listener = netns.run(|| {
             // Dual-stack: IPv4 clients arrive as IPv4-mapped addresses.
             TcpListener::bind(("::", port)).expect("bind the test server")

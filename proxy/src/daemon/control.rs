@@ -1,5 +1,6 @@
 //! The server side of the control socket: one request line per
-//! connection, answered by `State` under its lock, in arrival order.
+//! connection, answered by `State` under its lock, in arrival order (in
+//! fleet mode, changes and `fleet status` go to etcd instead).
 
 use std::{io, sync::Arc};
 
@@ -9,7 +10,7 @@ use tokio::{
     sync::Mutex,
 };
 
-use super::State;
+use super::{State, fleet::Member};
 use crate::{
     control::{MAX_REQUEST_BYTES, Request, Response},
     proxy::accept::accept_loop,
@@ -17,11 +18,16 @@ use crate::{
 
 /// Serves requests until the task is dropped. Changes are applied one at a
 /// time, in arrival order, under the state lock.
-pub(super) async fn serve(listener: UnixListener, state: Arc<Mutex<State>>) {
+pub(super) async fn serve(
+    listener: UnixListener,
+    state: Arc<Mutex<State>>,
+    fleet: Option<Arc<Member>>,
+) {
     let answer = |(stream, _): (UnixStream, _)| {
         let state = Arc::clone(&state);
+        let fleet = fleet.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, state).await {
+            if let Err(e) = handle(stream, state, fleet).await {
                 tracing::warn!("control connection failed: {e}");
             }
         });
@@ -29,19 +35,29 @@ pub(super) async fn serve(listener: UnixListener, state: Arc<Mutex<State>>) {
     accept_loop("control socket", || listener.accept(), answer).await;
 }
 
-async fn handle(stream: UnixStream, state: Arc<Mutex<State>>) -> io::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    state: Arc<Mutex<State>>,
+    fleet: Option<Arc<Member>>,
+) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     tokio::io::AsyncReadExt::take(tokio::io::BufReader::new(read), MAX_REQUEST_BYTES)
         .read_line(&mut line)
         .await?;
-    let response = match serde_json::from_str::<Request>(&line) {
-        Ok(request) => {
+    let response = match (serde_json::from_str::<Request>(&line), fleet) {
+        // Fleet mode: the group's list changes in etcd, outside the state
+        // lock; the watch then applies it here as on every other host.
+        (Ok(Request::Change { change, empty_ok }), Some(fleet)) => {
+            fleet.commit(change, empty_ok).await
+        }
+        (Ok(Request::FleetStatus), Some(fleet)) => fleet.view().await,
+        (Ok(request), _) => {
             let mut state = state.lock().await;
             // Map updates are blocking syscalls; a large replace takes a while.
             tokio::task::block_in_place(|| state.handle(request))
         }
-        Err(e) => Response::Error { message: format!("malformed request: {e}") },
+        (Err(e), _) => Response::Error { message: format!("malformed request: {e}") },
     };
     let mut answer = serde_json::to_vec(&response).map_err(io::Error::other)?;
     answer.push(b'\n');

@@ -10,9 +10,11 @@
 //! - this file: start-up (with root, before any thread) and the serve loop
 //!   (SIGHUP reloads, SIGTERM drains);
 //! - `state`: the list, the filter and the listeners, and every change to them;
-//! - `control`: the control socket's server loop.
+//! - `control`: the control socket's server loop;
+//! - `fleet`: fleet mode: changes committed to etcd, generations adopted from it.
 
 mod control;
+mod fleet;
 mod state;
 
 use std::{
@@ -25,6 +27,8 @@ use arc_swap::ArcSwap;
 use tokio::sync::Mutex;
 
 use state::State;
+
+use crate::fleet::Health;
 
 use crate::{
     allowlist::{self, Allowlist, StoreError},
@@ -62,6 +66,9 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// The etcd client cannot be set up (a bad URL or TLS material).
+    #[error("`[fleet]`: {0}")]
+    Fleet(#[from] crate::fleet::StoreError),
     /// The metrics endpoint cannot listen.
     #[error("`metrics.bind` {address}: {source}")]
     Metrics {
@@ -86,6 +93,7 @@ pub struct Startup {
     config: Config,
     config_path: PathBuf,
     overrides: Overrides,
+    fleet: Option<fleet::Setup>,
 }
 
 /// Everything that needs root: reads the config and the list, loads the
@@ -104,6 +112,13 @@ pub fn start(config_path: PathBuf, overrides: Overrides) -> Result<Startup, Daem
     };
     let account = config.daemon.user.as_deref().map(privileges::lookup).transpose()?;
     let list_path = config.allowlist_path();
+    // The etcd TLS files are read now, as root; the list file is the cache.
+    let fleet = config
+        .fleet
+        .clone()
+        .map(|fleet| fleet::Setup::new(fleet, &list_path))
+        .transpose()
+        .map_err(|problem| DaemonError::Refused { problems: vec![problem] })?;
     // Certificates and sockets first: a listener that cannot start must not
     // leave a freshly attached filter behind.
     let listeners = proxy::Prepared::new(&config.listeners)?;
@@ -163,6 +178,7 @@ pub fn start(config_path: PathBuf, overrides: Overrides) -> Result<Startup, Daem
         config,
         config_path,
         overrides,
+        fleet,
     })
 }
 
@@ -182,6 +198,7 @@ pub async fn serve(
         config,
         config_path,
         overrides,
+        fleet,
     } = startup;
     let io_error = |source| DaemonError::Runtime { source };
     let control_listener = tokio::net::UnixListener::from_std(control).map_err(io_error)?;
@@ -191,6 +208,10 @@ pub async fn serve(
     let proxies = listeners.start(Arc::clone(&shared_list))?;
     let socket = config.daemon.control_socket.clone();
     let drain_timeout = config.daemon.drain_timeout;
+    let capacity = config.filter.max_entries;
+    let health = fleet.as_ref().map(|setup| {
+        Arc::new(Health::new(&setup.config.group, &setup.host, setup.cached, list.len()))
+    });
     let state = Arc::new(Mutex::new(State {
         list,
         list_path,
@@ -202,9 +223,18 @@ pub async fn serve(
         overrides,
         reloads_ok: 0,
         reloads_failed: 0,
+        fleet: health.clone(),
     }));
+    let (member, fleet_tasks) = match fleet.zip(health) {
+        Some((setup, health)) => {
+            let (member, tasks) =
+                fleet::Member::start(setup, health, Arc::clone(&state), capacity).await?;
+            (Some(Arc::new(member)), tasks)
+        }
+        None => (None, Vec::new()),
+    };
 
-    let control = tokio::spawn(control::serve(control_listener, Arc::clone(&state)));
+    let control = tokio::spawn(control::serve(control_listener, Arc::clone(&state), member));
     let observe: metrics::Observe = {
         let state = Arc::clone(&state);
         Arc::new(move || {
@@ -246,6 +276,7 @@ pub async fn serve(
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     control.abort();
     metrics.abort();
+    fleet_tasks.iter().for_each(tokio::task::JoinHandle::abort);
     // Taking the lock waits for a change in flight: it finishes (and is
     // acknowledged) or never starts.
     let mut state = state.lock().await;

@@ -5,11 +5,14 @@
 
 use std::{path::PathBuf, sync::Arc};
 
+use super::fleet::Marker;
+
 use crate::{
     allowlist::{self, Allowlist, Diff},
     config::{Config, Overrides},
-    control::{Request, Response},
+    control::{ListSource, Request, Response},
     filter::{Filter, FilterError},
+    fleet::Health,
     preflight,
     proxy::{Proxies, SharedAllowlist},
     status::{ListReload, Observation, Status},
@@ -28,6 +31,8 @@ pub struct State {
     pub(super) overrides: Overrides,
     pub(super) reloads_ok: u64,
     pub(super) reloads_failed: u64,
+    /// Fleet mode: where this host stands in its group.
+    pub(super) fleet: Option<Arc<Health>>,
 }
 
 impl State {
@@ -37,23 +42,54 @@ impl State {
     pub fn handle(&mut self, request: Request) -> Response {
         match request {
             Request::Ping => Response::Pong,
-            Request::Change(change) => {
+            // In fleet mode, `daemon::control` sends changes to etcd instead.
+            Request::Change { change, empty_ok: _ } => {
                 let changed = change
                     .apply_to(&self.list)
                     .map_err(ChangeRefused::from)
                     .and_then(|next| self.change(next, Persist::Yes));
                 match changed {
-                    Ok(diff) => Response::Changed { diff, entries: self.list.len() },
+                    Ok(diff) => Response::Changed { diff, entries: self.list.len(), fleet: None },
                     Err(e) => Response::Error { message: e.to_string() },
                 }
             }
-            Request::List => Response::List { entries: self.list.entries().cloned().collect() },
+            Request::List => Response::List {
+                entries: self.list.entries().cloned().collect(),
+                fleet: self.fleet.as_ref().map(|health| ListSource {
+                    group: health.group().to_owned(),
+                    generation: health.applied(),
+                }),
+            },
             Request::Reload => self.reload(),
             Request::Status { top_rules } => match self.status(top_rules) {
                 Ok(status) => Response::Status(Box::new(status)),
                 Err(e) => Response::Error { message: e.to_string() },
             },
+            Request::FleetStatus => Response::Error {
+                message: "not in fleet mode: the config has no `[fleet]` table".into(),
+            },
         }
+    }
+
+    /// Puts the group's `generation` in force (fleet mode), as a change read
+    /// from etcd: the file becomes its cache, and the marker says which
+    /// generation it holds.
+    pub(super) fn adopt(
+        &mut self,
+        list: Allowlist,
+        generation: u64,
+    ) -> Result<Diff, ChangeRefused> {
+        let diff = self.change(list, Persist::Yes)?;
+        if let Some(fleet) = &self.config.fleet {
+            let marker = Marker { group: fleet.group.clone(), generation };
+            if let Err(e) = marker.write(&self.list_path) {
+                tracing::warn!(
+                    "cannot record generation {generation} next to {}: {e}; a restart fetches it again",
+                    self.list_path.display()
+                );
+            }
+        }
+        Ok(diff)
     }
 
     /// Puts `next` in force: capacity first, then the file (unless it is
@@ -98,6 +134,9 @@ impl State {
     /// Re-reads the allowlist file, which an operator may have edited by hand:
     /// validated whole, and put in force only if it parses and fits.
     fn reload_list(&mut self) -> ListReload {
+        if let Some(fleet) = &self.config.fleet {
+            return ListReload::Fleet { group: fleet.group.clone() };
+        }
         let reason = match allowlist::load(&self.list_path) {
             Ok(list) if list == self.list => return ListReload::Unchanged,
             Ok(list) => match self.change(list, Persist::No) {
@@ -129,6 +168,7 @@ impl State {
             counters: self.filter.counters()?,
             top_rules: self.filter.rule_hits(top_rules)?,
             listeners: self.proxies.status(),
+            fleet: self.fleet.as_ref().map(|health| health.snapshot()),
         })
     }
 
@@ -153,6 +193,7 @@ impl State {
             ready,
             reloads_ok: self.reloads_ok,
             reloads_failed: self.reloads_failed,
+            fleet_propagation: self.fleet.as_ref().map(|health| health.propagation()),
         })
     }
 
@@ -177,10 +218,11 @@ impl State {
         if running_with_new_ports != next.filter
             || next.daemon != self.config.daemon
             || next.metrics != self.config.metrics
+            || next.fleet != self.config.fleet
         {
             tracing::warn!(
-                "reload: [filter], [daemon] and [metrics] changes other than `filter.ports` take \
-                 effect at the next start"
+                "reload: [filter], [daemon], [metrics] and [fleet] changes other than \
+                 `filter.ports` take effect at the next start"
             );
         }
         let allowlist = self.reload_list();

@@ -1,0 +1,182 @@
+//! Fleet mode in the daemon: the CLI's changes become commits to the
+//! group's list in etcd, and the generations the watch delivers go through
+//! [`State::adopt`] like any other change (capacity, file, maps, rollback).
+//! The allowlist file is the cache: a daemon started while etcd is down
+//! enforces it before touching the network.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use super::State;
+use crate::{
+    allowlist::{Allowlist, Change, Diff},
+    config::FleetConfig,
+    control::{FleetCommit, Response},
+    fleet::{self, Credentials, Enforcer, Health, Store, layout::Pointer},
+    status::{FleetHost, FleetView},
+};
+
+/// How long a commit waits for this host to enforce it before answering anyway.
+const ENFORCE_WAIT: Duration = Duration::from_secs(10);
+
+/// What start-up prepares for fleet mode, with root (the TLS files).
+pub struct Setup {
+    pub config: FleetConfig,
+    pub credentials: Credentials,
+    pub host: String,
+    /// The generation the local file holds, per its marker.
+    pub cached: u64,
+}
+
+impl Setup {
+    pub fn new(config: FleetConfig, list_path: &std::path::Path) -> Result<Self, String> {
+        let credentials = Credentials::read(&config)
+            .map_err(|(key, e)| format!("`{key}`: cannot read it: {e}"))?;
+        let host = match &config.host_id {
+            Some(host) => host.clone(),
+            None => nix::unistd::gethostname()
+                .map_err(|e| {
+                    format!("`fleet.host_id`: unset, and the hostname is unreadable: {e}")
+                })?
+                .to_string_lossy()
+                .into_owned(),
+        };
+        let cached = Marker::read(list_path).filter(|m| m.group == config.group);
+        Ok(Self { config, credentials, host, cached: cached.map_or(0, |m| m.generation) })
+    }
+}
+
+/// Next to the list file: which group generation it holds.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct Marker {
+    pub group: String,
+    pub generation: u64,
+}
+
+impl Marker {
+    pub fn path(list_path: &std::path::Path) -> PathBuf {
+        let mut name = list_path.file_name().unwrap_or_default().to_owned();
+        name.push(".generation");
+        list_path.with_file_name(name)
+    }
+
+    fn read(list_path: &std::path::Path) -> Option<Self> {
+        let text = std::fs::read_to_string(Self::path(list_path)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Written after the list: a crash in between leaves an older marker,
+    /// and the list is fetched again, which changes nothing.
+    pub fn write(&self, list_path: &std::path::Path) -> std::io::Result<()> {
+        let path = Self::path(list_path);
+        let temp = path.with_extension("generation.tmp");
+        std::fs::write(&temp, serde_json::to_vec(self).map_err(std::io::Error::other)?)?;
+        std::fs::rename(&temp, &path)
+    }
+}
+
+/// The daemon's side of its group: commits, and the view for `fleet status`.
+pub struct Member {
+    store: Store,
+    health: Arc<Health>,
+    capacity: u32,
+    group: String,
+}
+
+/// Applies the watched generations to the daemon's state.
+struct StateEnforcer(Arc<Mutex<State>>);
+
+impl Enforcer for StateEnforcer {
+    async fn enforce(&self, list: Allowlist, pointer: &Pointer) -> Result<Diff, String> {
+        let mut state = self.0.lock().await;
+        tokio::task::block_in_place(|| state.adopt(list, pointer.generation))
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl Member {
+    /// Connects and starts following the group: the watch and this host's
+    /// lease run as tasks until the returned handles are aborted.
+    pub async fn start(
+        setup: Setup,
+        health: Arc<Health>,
+        state: Arc<Mutex<State>>,
+        capacity: u32,
+    ) -> Result<(Self, Vec<tokio::task::JoinHandle<()>>), fleet::StoreError> {
+        let Setup { config, credentials, host, cached: _ } = setup;
+        let store = Store::connect(&config, &credentials, &host).await?;
+        let tasks = vec![
+            tokio::spawn(fleet::follow(
+                store.clone(),
+                Arc::new(StateEnforcer(state)),
+                Arc::clone(&health),
+                config.resync_interval,
+            )),
+            tokio::spawn(fleet::announce(store.clone(), Arc::clone(&health))),
+        ];
+        Ok((Self { store, health, capacity, group: config.group }, tasks))
+    }
+
+    /// Commits `change` to the group's list, then waits (briefly) for this
+    /// host to enforce it, so that the CLI's "ok" means "in force here".
+    pub async fn commit(&self, change: Change, empty_ok: bool) -> Response {
+        if let Err(e) = change.validate() {
+            return Response::Error { message: e.to_string() };
+        }
+        match self.store.commit(&change, self.capacity, empty_ok).await {
+            Ok(committed) => {
+                let enforced_here = self.health.wait_for(committed.generation, ENFORCE_WAIT).await;
+                Response::Changed {
+                    diff: committed.diff,
+                    entries: committed.entries,
+                    fleet: Some(FleetCommit { generation: committed.generation, enforced_here }),
+                }
+            }
+            Err(e) => Response::Error { message: e.to_string() },
+        }
+    }
+
+    /// The group's generation and every host's, read from etcd.
+    pub async fn view(&self) -> Response {
+        let read = async {
+            let current = self.store.current().await?;
+            let hosts = self.store.hosts().await?;
+            Ok::<_, fleet::StoreError>((current, hosts))
+        };
+        match read.await {
+            Ok((current, hosts)) => {
+                let generation = current.pointer.as_ref().map(|p| p.generation);
+                let hosts = hosts
+                    .into_iter()
+                    .map(|entry| FleetHost {
+                        lag: generation.unwrap_or(0).saturating_sub(entry.record.generation),
+                        host: entry.record.host,
+                        alive: entry.alive,
+                        generation: entry.record.generation,
+                        applied_at_ms: entry.record.applied_at_ms,
+                        version: entry.record.version,
+                    })
+                    .collect();
+                Response::Fleet(FleetView {
+                    group: self.group.clone(),
+                    current_generation: generation,
+                    committed_at_ms: current.pointer.as_ref().map(|p| p.committed_at_ms),
+                    committed_by: current.pointer.map(|p| p.committed_by),
+                    hosts,
+                })
+            }
+            Err(e) => {
+                let here = self.health.snapshot();
+                Response::Error {
+                    message: format!(
+                        "{e}: this host enforces generation {}{}",
+                        here.applied_generation,
+                        here.staleness().map(|s| format!(" ({s})")).unwrap_or_default()
+                    ),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! Fleet mode: every host of a group enforces one allowlist, kept in etcd.
+//!
+//! - `layout`: the keys, the pointer and the chunks, and their verification;
+//! - `store`: etcd requests: read, fetch, compare-and-swap commits, host records;
+//! - `sync`: the watch that puts each committed generation in force here,
+//!   re-reading the whole state after any gap, and the [`Health`] it publishes;
+//! - `presence`: this host's lease and record, for `edgegate fleet status`.
+//!
+//! The daemon plugs in through [`Enforcer`]; the local allowlist file stays
+//! the cache that a host enforces while etcd is unreachable.
+
+pub mod layout;
+mod presence;
+mod store;
+mod sync;
+
+pub use presence::announce;
+pub use store::{CommitError, Committed, Credentials, HostEntry, Store, StoreError};
+pub use sync::{Enforcer, Health, follow};
+
+/// Now, in Unix milliseconds: commit and apply times cross hosts in etcd.
+pub fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// 64 bits that differ between processes and calls: chunk-key nonces and
+/// backoff jitter (not secrets).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(unix_now_ms());
+    hasher.finish()
+}

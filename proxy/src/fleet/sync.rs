@@ -1,0 +1,356 @@
+//! Following the group's list: read the whole state, apply it, watch the
+//! pointer from the revision read, apply each new generation. Any gap — a
+//! compaction, a cancelled or broken stream, a lost leader, etcd down —
+//! ends the watch; after a jittered backoff the whole state is read again,
+//! so no change is ever missed and a broken cluster is never hammered.
+//! The pointer is also re-read every `resync_interval`, in case a watch
+//! looks healthy but is not.
+//!
+//! Nothing here clears or shrinks the list because etcd is unreachable:
+//! failing reads leave the list in force as it is.
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use etcd_client::EventType;
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::sync::watch;
+
+use super::{
+    layout::Pointer,
+    store::{Store, StoreError},
+};
+use crate::{
+    allowlist::{Allowlist, Diff},
+    status::FleetStatus,
+};
+
+/// The first pause before re-reading after a failure; doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Puts a verified generation in force (the daemon: maps and local file).
+pub trait Enforcer: Send + Sync + 'static {
+    fn enforce(
+        &self,
+        list: Allowlist,
+        pointer: &Pointer,
+    ) -> impl Future<Output = Result<Diff, String>> + Send;
+}
+
+/// What the sync loop publishes: `status`, `/metrics` and the commit path read it.
+pub struct Health {
+    group: String,
+    host: String,
+    inner: Mutex<Inner>,
+    /// The generation in force here; commits wait on it.
+    applied: watch::Sender<u64>,
+    propagation: Histogram,
+}
+
+#[derive(Default)]
+struct Inner {
+    connected: bool,
+    applied_entries: usize,
+    applied_at_ms: Option<u64>,
+    current: Option<u64>,
+    last_contact: Option<Instant>,
+    restarts: BTreeMap<&'static str, u64>,
+    resyncs: u64,
+    apply_errors: u64,
+    last_error: Option<String>,
+}
+
+impl Health {
+    /// `applied`: the generation the local file holds (0: none), of `entries` entries.
+    pub fn new(group: &str, host: &str, applied: u64, entries: usize) -> Self {
+        let buckets = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+        Self {
+            group: group.to_owned(),
+            host: host.to_owned(),
+            inner: Mutex::new(Inner { applied_entries: entries, ..Inner::default() }),
+            applied: watch::Sender::new(applied),
+            propagation: Histogram::new(buckets),
+        }
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    pub fn applied(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    /// Waits up to `timeout` for `generation` (or a later one) to be in force here.
+    pub async fn wait_for(&self, generation: u64, timeout: Duration) -> bool {
+        let mut applied = self.subscribe();
+        tokio::time::timeout(timeout, applied.wait_for(|g| *g >= generation)).await.is_ok()
+    }
+
+    pub fn propagation(&self) -> Histogram {
+        self.propagation.clone()
+    }
+
+    pub fn snapshot(&self) -> FleetStatus {
+        let inner = self.inner();
+        let stale_seconds = match (inner.connected, inner.last_contact) {
+            (true, _) => Some(0.0),
+            (false, contact) => contact.map(|at| at.elapsed().as_secs_f64()),
+        };
+        FleetStatus {
+            group: self.group.clone(),
+            host: self.host.clone(),
+            connected: inner.connected,
+            applied_generation: self.applied(),
+            applied_entries: inner.applied_entries,
+            applied_at_ms: inner.applied_at_ms,
+            current_generation: inner.current,
+            stale_seconds,
+            watch_restarts: inner.restarts.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+            resyncs: inner.resyncs,
+            apply_errors: inner.apply_errors,
+            last_error: inner.last_error.clone(),
+        }
+    }
+
+    fn contact(&self, connected: bool) {
+        let mut inner = self.inner();
+        inner.last_contact = Some(Instant::now());
+        inner.connected = connected;
+    }
+
+    fn disconnected(&self, restart: &Restart) {
+        let mut inner = self.inner();
+        if inner.connected {
+            inner.last_contact = Some(Instant::now());
+        }
+        inner.connected = false;
+        *inner.restarts.entry(restart.reason()).or_default() += 1;
+    }
+
+    fn failed(&self, error: String) {
+        tracing::error!("fleet: {error}; the list in force stays");
+        let mut inner = self.inner();
+        inner.apply_errors += 1;
+        inner.last_error = Some(error);
+    }
+
+    fn enforced(&self, pointer: &Pointer) {
+        let now = super::unix_now_ms();
+        // Clocks of different hosts: a negative delay is skew, not speed.
+        let delay = now.saturating_sub(pointer.committed_at_ms);
+        self.propagation.observe(delay as f64 / 1000.0);
+        let mut inner = self.inner();
+        inner.applied_at_ms = Some(now);
+        inner.applied_entries = pointer.entries;
+        inner.last_error = None;
+        drop(inner);
+        self.applied.send_replace(pointer.generation);
+    }
+}
+
+/// Why a watch ended; the label of `edgegate_fleet_watch_restarts_total`.
+#[derive(Debug, thiserror::Error)]
+enum Restart {
+    #[error("{0}")]
+    Unreachable(#[from] StoreError),
+    #[error("the watch fell behind a compaction")]
+    Compacted,
+    #[error("etcd cancelled the watch: {0}")]
+    Canceled(String),
+    #[error("the watch failed: {0}")]
+    Stream(etcd_client::Error),
+    #[error("etcd closed the watch")]
+    Closed,
+}
+
+impl Restart {
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::Unreachable(_) => "unreachable",
+            Self::Compacted => "compacted",
+            Self::Canceled(_) => "canceled",
+            Self::Stream(_) => "stream_error",
+            Self::Closed => "closed",
+        }
+    }
+}
+
+/// Follows the group's list forever (until the task is dropped).
+pub async fn follow<E: Enforcer>(
+    store: Store,
+    enforcer: Arc<E>,
+    health: Arc<Health>,
+    resync_interval: Duration,
+) {
+    let mut backoff = MIN_BACKOFF;
+    let mut first = true;
+    loop {
+        let restart =
+            watch_once(&store, &*enforcer, &health, resync_interval, first, &mut backoff).await;
+        first = false;
+        health.disconnected(&restart);
+        // Full jitter: hosts that lost etcd together do not return together.
+        let pause = backoff.mul_f64(0.5 + rand_unit() / 2.0);
+        tracing::warn!("fleet: {restart}; reading the whole list again in {pause:.1?}");
+        tokio::time::sleep(pause).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One session: read everything, then watch from there until something breaks.
+async fn watch_once(
+    store: &Store,
+    enforcer: &impl Enforcer,
+    health: &Health,
+    resync_interval: Duration,
+    first: bool,
+    backoff: &mut Duration,
+) -> Restart {
+    let current = match store.current().await {
+        Ok(current) => current,
+        Err(e) => return e.into(),
+    };
+    *backoff = MIN_BACKOFF;
+    health.contact(false);
+    // After a gap, a newer generation found here is one the watch missed.
+    let via = if first { Via::Start } else { Via::Reread };
+    if let Err(e) = catch_up(store, enforcer, health, current.pointer, via).await {
+        return e.into();
+    }
+    let mut stream = match store.watch_current(current.revision + 1).await {
+        Ok(stream) => stream,
+        Err(e) => return e.into(),
+    };
+    health.contact(true);
+    let start = tokio::time::Instant::now() + resync_interval;
+    let mut resync = tokio::time::interval_at(start, resync_interval);
+    loop {
+        tokio::select! {
+            message = stream.message() => {
+                let response = match message {
+                    Ok(Some(response)) => response,
+                    Ok(None) => return Restart::Closed,
+                    Err(e) => return Restart::Stream(e),
+                };
+                if response.compact_revision() > 0 {
+                    return Restart::Compacted;
+                }
+                if response.canceled() {
+                    return Restart::Canceled(response.cancel_reason().to_owned());
+                }
+                health.contact(true);
+                // Only the last put of a batch matters: it names the newest list.
+                let latest = response.events().iter().rev().find_map(|event| {
+                    (event.event_type() == EventType::Put).then(|| event.kv()).flatten()
+                });
+                if response.events().iter().any(|e| e.event_type() == EventType::Delete) {
+                    tracing::error!("fleet: the group's list was deleted from etcd; the list in force stays");
+                }
+                let Some(kv) = latest else { continue };
+                let pointer = match store.parse_pointer(kv.value()) {
+                    Ok(pointer) => pointer,
+                    Err(e) => {
+                        health.failed(e.to_string());
+                        continue;
+                    }
+                };
+                if let Err(e) = catch_up(store, enforcer, health, Some(pointer), Via::Watch).await {
+                    return e.into();
+                }
+            }
+            _ = resync.tick() => {
+                let current = match store.current().await {
+                    Ok(current) => current,
+                    Err(e) => return e.into(),
+                };
+                health.contact(true);
+                if let Err(e) = catch_up(store, enforcer, health, current.pointer, Via::Reread).await {
+                    return e.into();
+                }
+            }
+        }
+    }
+}
+
+/// How a pointer was found.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Start,
+    Watch,
+    Reread,
+}
+
+/// Puts `pointer`'s generation in force unless it already is. A generation
+/// that does not verify, or an empty list not forced by its writer, is
+/// refused and counted; the list in force stays. Only an unreachable etcd
+/// is an error: the session restarts.
+async fn catch_up(
+    store: &Store,
+    enforcer: &impl Enforcer,
+    health: &Health,
+    pointer: Option<Pointer>,
+    via: Via,
+) -> Result<(), StoreError> {
+    let Some(pointer) = pointer else {
+        // A group with no list yet: keep the local one.
+        return Ok(());
+    };
+    health.inner().current = Some(pointer.generation);
+    if pointer.generation == health.applied() {
+        return Ok(());
+    }
+    if via == Via::Reread {
+        health.inner().resyncs += 1;
+    }
+    let list = match store.fetch(&pointer).await {
+        Ok(list) => list,
+        Err(e @ StoreError::Unreachable(_)) => return Err(e),
+        Err(e) => {
+            health.failed(e.to_string());
+            return Ok(());
+        }
+    };
+    if list.is_empty() && !pointer.empty_forced {
+        health.failed(format!(
+            "generation {} is an empty list its writer did not force; refused",
+            pointer.generation
+        ));
+        return Ok(());
+    }
+    match enforcer.enforce(list, &pointer).await {
+        Ok(diff) => {
+            health.enforced(&pointer);
+            tracing::info!(
+                "fleet: generation {} in force ({} added, {} removed, {} updated; {} entries), \
+                 committed by {}",
+                pointer.generation,
+                diff.added,
+                diff.removed,
+                diff.updated,
+                pointer.entries,
+                pointer.committed_by
+            );
+        }
+        Err(e) => health.failed(format!("generation {}: {e}", pointer.generation)),
+    }
+    Ok(())
+}
+
+/// A number in [0, 1) that differs between hosts and calls (for jitter).
+fn rand_unit() -> f64 {
+    (super::random_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
