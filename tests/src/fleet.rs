@@ -112,7 +112,13 @@ impl Fleet {
         let stranger = Netns::new("egx");
         let stranger_link = attach(&stranger, STRANGER);
         for n in 0..stranger_aliases {
-            stranger.ip(&["addr", "add", &format!("{}/24", stranger_alias(n)), "dev", &stranger_link]);
+            stranger.ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", stranger_alias(n)),
+                "dev",
+                &stranger_link,
+            ]);
         }
         let fleet = Self { hosts, allowed, stranger, dir, _fabric: fabric };
         for index in 0..HOSTS {
@@ -252,7 +258,11 @@ impl Fleet {
             if let Some(status) = child.try_wait().expect("wait") {
                 panic!("host {index}'s daemon exited with {status}:\n{}", self.daemon_log(index));
             }
-            assert!(Instant::now() < deadline, "no daemon on host {index}:\n{}", self.daemon_log(index));
+            assert!(
+                Instant::now() < deadline,
+                "no daemon on host {index}:\n{}",
+                self.daemon_log(index)
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -358,11 +368,14 @@ pub fn connect_from(source: Ipv4Addr, target: SocketAddr, timeout: Duration) -> 
     use nix::sys::socket::{
         AddressFamily, SockFlag, SockType, SockaddrIn, bind, setsockopt, socket, sockopt,
     };
-    let socket = socket(AddressFamily::Inet, SockType::Stream, SockFlag::empty(), None)
-        .expect("socket");
+    let socket =
+        socket(AddressFamily::Inet, SockType::Stream, SockFlag::empty(), None).expect("socket");
     setsockopt(&socket, sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
-    bind(std::os::fd::AsRawFd::as_raw_fd(&socket), &SockaddrIn::from(std::net::SocketAddrV4::new(source, 0)))
-        .expect("bind the source address");
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&socket),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(source, 0)),
+    )
+    .expect("bind the source address");
     // Connect without blocking past `timeout`: a dropped SYN never answers.
     let stream = TcpStream::from(socket);
     stream.set_nonblocking(true).expect("nonblocking");
@@ -371,9 +384,12 @@ pub fn connect_from(source: Ipv4Addr, target: SocketAddr, timeout: Duration) -> 
         Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
         Err(_) => return false,
     }
-    let mut poll = [nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(&stream), nix::poll::PollFlags::POLLOUT)];
+    let mut poll =
+        [nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(&stream), nix::poll::PollFlags::POLLOUT)];
     let millis = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
-    if nix::poll::poll(&mut poll, millis).unwrap_or(0) == 0 || stream.take_error().ok().flatten().is_some() {
+    if nix::poll::poll(&mut poll, millis).unwrap_or(0) == 0
+        || stream.take_error().ok().flatten().is_some()
+    {
         return false;
     }
     stream.set_nonblocking(false).expect("blocking");

@@ -3,7 +3,7 @@
 //! and requires a leader, so a member cut off from quorum fails instead of
 //! answering with stale data.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp,
@@ -18,6 +18,10 @@ use crate::{
 
 /// A commit that keeps losing the race to other writers gives up after this many tries.
 const COMMIT_ATTEMPTS: usize = 20;
+/// How long a commit rides out a leader election or a dead member before
+/// saying etcd is unreachable (a few election timeouts).
+const COMMIT_PATIENCE: Duration = Duration::from_secs(5);
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 /// What start-up reads (as root) for the etcd connection.
 #[derive(Clone)]
@@ -205,68 +209,109 @@ impl Store {
         capacity: u32,
         empty_ok: bool,
     ) -> Result<Committed, CommitError> {
-        let mut client = self.client.clone();
-        for attempt in 0..COMMIT_ATTEMPTS {
-            let current = self.current().await?;
-            let base = match &current.pointer {
-                Some(pointer) => self.fetch(pointer).await?,
-                None => Allowlist::default(),
-            };
-            let generation = current.pointer.as_ref().map_or(0, |p| p.generation);
-            let next = change.apply_to(&base).map_err(|source| match attempt {
-                0 => CommitError::Refused(source),
-                _ => CommitError::Conflict { generation, source },
-            })?;
-            if next.is_empty() && !empty_ok {
-                return Err(CommitError::Empty);
-            }
-            let (ipv4, ipv6) = next.family_sizes();
-            if ipv4.max(ipv6) > capacity as usize {
-                return Err(CommitError::Capacity { ipv4, ipv6, capacity });
-            }
-            let encoded = layout::encode(&next);
-            let pointer = Pointer {
-                generation: generation + 1,
-                dir: self.keys.generation_dir(generation + 1, super::random_u64()),
-                chunks: encoded.chunks.len(),
-                entries: encoded.entries,
-                sha256: encoded.sha256,
-                committed_at_ms: super::unix_now_ms(),
-                committed_by: self.host.clone(),
-                empty_forced: next.is_empty(),
-            };
-            for (index, chunk) in encoded.chunks.into_iter().enumerate() {
-                client
-                    .put(pointer.chunk_key(index), chunk, None)
-                    .await
-                    .map_err(StoreError::from)?;
-            }
-            let key = self.keys.current();
-            let unchanged = match current.mod_revision {
-                0 => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
-                revision => Compare::mod_revision(key.as_str(), CompareOp::Equal, revision),
-            };
-            let value = serde_json::to_vec(&pointer).expect("a pointer serializes");
-            let swap =
-                Txn::new().when([unchanged]).and_then([TxnOp::put(key.as_str(), value, None)]);
-            let swapped = client.txn(swap).await.map_err(StoreError::from)?.succeeded();
-            if swapped {
-                if let Some(previous) = &current.pointer {
-                    self.forget_before(&previous.dir).await;
+        let deadline = Instant::now() + COMMIT_PATIENCE;
+        let mut conflicts = 0;
+        loop {
+            match self.try_commit(change, capacity, empty_ok, conflicts > 0).await {
+                Ok(Some(committed)) => return Ok(committed),
+                Ok(None) => {
+                    conflicts += 1;
+                    if conflicts == COMMIT_ATTEMPTS {
+                        return Err(CommitError::Contention);
+                    }
                 }
-                return Ok(Committed {
-                    generation: pointer.generation,
-                    diff: base.diff(&next),
-                    entries: next.len(),
-                });
+                Err(CommitError::Store(StoreError::Unreachable(e)))
+                    if transient(&e) && Instant::now() + RETRY_PAUSE < deadline =>
+                {
+                    tracing::debug!("fleet: commit: {e}; retrying");
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Err(e) => return Err(e),
             }
-            // Another writer won: drop this attempt's chunks and recompute.
+        }
+    }
+
+    /// One attempt: `None` when another writer won the compare-and-swap.
+    async fn try_commit(
+        &self,
+        change: &Change,
+        capacity: u32,
+        empty_ok: bool,
+        lost_before: bool,
+    ) -> Result<Option<Committed>, CommitError> {
+        let mut client = self.client.clone();
+        let current = self.current().await?;
+        let generation = current.pointer.as_ref().map_or(0, |p| p.generation);
+        let base = match &current.pointer {
+            Some(pointer) => match self.fetch(pointer).await {
+                Ok(list) => list,
+                // A replacement does not build on the list: it is how an
+                // operator repairs a corrupt generation.
+                Err(StoreError::Corrupt(e)) if matches!(change, Change::Replace { .. }) => {
+                    tracing::warn!("fleet: replacing a corrupt list: {e}");
+                    Allowlist::default()
+                }
+                Err(e) => return Err(e.into()),
+            },
+            None => Allowlist::default(),
+        };
+        let next = change.apply_to(&base).map_err(|source| match lost_before {
+            false => CommitError::Refused(source),
+            true => CommitError::Conflict { generation, source },
+        })?;
+        if next.is_empty() && !empty_ok {
+            return Err(CommitError::Empty);
+        }
+        let (ipv4, ipv6) = next.family_sizes();
+        if ipv4.max(ipv6) > capacity as usize {
+            return Err(CommitError::Capacity { ipv4, ipv6, capacity });
+        }
+        let encoded = layout::encode(&next);
+        let pointer = Pointer {
+            generation: generation + 1,
+            dir: self.keys.generation_dir(generation + 1, super::random_u64()),
+            chunks: encoded.chunks.len(),
+            entries: encoded.entries,
+            sha256: encoded.sha256,
+            committed_at_ms: super::unix_now_ms(),
+            committed_by: self.host.clone(),
+            empty_forced: next.is_empty(),
+        };
+        for (index, chunk) in encoded.chunks.into_iter().enumerate() {
+            client.put(pointer.chunk_key(index), chunk, None).await.map_err(StoreError::from)?;
+        }
+        let key = self.keys.current();
+        let unchanged = match current.mod_revision {
+            0 => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+            revision => Compare::mod_revision(key.as_str(), CompareOp::Equal, revision),
+        };
+        let value = serde_json::to_vec(&pointer).expect("a pointer serializes");
+        let swap = Txn::new().when([unchanged]).and_then([TxnOp::put(key.as_str(), value, None)]);
+        let swapped = match client.txn(swap).await {
+            Ok(response) => response.succeeded(),
+            // The answer was lost, not necessarily the swap: the pointer says.
+            Err(e) => match self.current().await {
+                Ok(now) if now.pointer.as_ref().is_some_and(|p| p.dir == pointer.dir) => true,
+                Ok(_) => false,
+                Err(_) => return Err(StoreError::from(e).into()),
+            },
+        };
+        if !swapped {
+            // Another writer won: drop this attempt's chunks.
             let own = DeleteOptions::new().with_prefix();
             if let Err(e) = client.delete(pointer.dir.as_str(), Some(own)).await {
                 tracing::warn!("fleet: cannot remove the chunks of a lost commit: {e}");
             }
+            return Ok(None);
         }
-        Err(CommitError::Contention)
+        if let Some(previous) = &current.pointer {
+            self.forget_before(&previous.dir).await;
+        }
+        Ok(Some(Committed {
+            generation: pointer.generation,
+            diff: base.diff(&next),
+            entries: next.len(),
+        }))
     }
 
     /// Deletes every generation older than the one in `dir` (which a reader
@@ -316,5 +361,19 @@ impl Store {
             .filter_map(|kv| serde_json::from_slice::<HostRecord>(kv.value()).ok())
             .map(|record| HostEntry { alive: alive.contains(record.host.as_bytes()), record })
             .collect())
+    }
+}
+
+/// An error that a retry may not see: no leader for a moment, a member down.
+fn transient(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::GRpcStatus(status) => {
+            matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            )
+        }
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
     }
 }
