@@ -671,6 +671,52 @@ mod tests {
     }
 
     #[test]
+    fn a_fleet_table_gets_defaults() {
+        let config = parse(
+            "[filter]\ninterfaces = [\"eth0\"]\nports = [1]\n[fleet]\n\
+             endpoints = [\"http://10.0.1.10:2379\"]\ngroup = \"partner-gate\"\n",
+        )
+        .unwrap();
+        let fleet = config.fleet.expect("fleet mode");
+        assert_eq!(fleet.prefix, "/edgegate");
+        assert_eq!(fleet.resync_interval, Duration::from_secs(60));
+        assert_eq!(fleet.host_id, None);
+    }
+
+    /// Every `[fleet]` mistake, each named by its key.
+    #[test]
+    fn fleet_mistakes_are_refused_by_key() {
+        let cases = [
+            ("endpoints = []\ngroup = \"g\"", "fleet.endpoints"),
+            ("endpoints = [\"10.0.1.10:2379\"]\ngroup = \"g\"", "fleet.endpoints"),
+            ("endpoints = [\"http://10.0.1.10\"]\ngroup = \"g\"", "fleet.endpoints"),
+            ("endpoints = [\"ftp://a:1\"]\ngroup = \"g\"", "fleet.endpoints"),
+            (
+                "endpoints = [\"http://a:1\", \"https://b:1\"]\ngroup = \"g\"\nca = \"/ca\"",
+                "fleet.endpoints",
+            ),
+            ("endpoints = [\"https://a:1\"]\ngroup = \"g\"", "fleet.ca"),
+            ("endpoints = [\"http://a:1\"]\ngroup = \"g\"\nca = \"/ca\"", "fleet.endpoints"),
+            (
+                "endpoints = [\"https://a:1\"]\ngroup = \"g\"\nca = \"/ca\"\ncert = \"/c\"",
+                "fleet.cert",
+            ),
+            ("endpoints = [\"http://a:1\"]\ngroup = \"a/b\"", "fleet.group"),
+            ("endpoints = [\"http://a:1\"]\ngroup = \"\"", "fleet.group"),
+            ("endpoints = [\"http://a:1\"]\ngroup = \"g\"\nhost_id = \"x y\"", "fleet.host_id"),
+            ("endpoints = [\"http://a:1\"]\ngroup = \"g\"\nprefix = \"edgegate\"", "fleet.prefix"),
+            ("endpoints = [\"http://a:1\"]\ngroup = \"g\"\nprefix = \"/e/\"", "fleet.prefix"),
+            ("endpoints = [\"http://a:1\"]\ngroup = \"g\"\ntimeout = \"0s\"", "fleet.timeout"),
+        ];
+        for (fleet, key) in cases {
+            let text =
+                format!("[filter]\ninterfaces = [\"eth0\"]\nports = [1]\n[fleet]\n{fleet}\n");
+            let error = parse(&text).expect_err(fleet).to_string();
+            assert!(error.contains(&format!("`{key}`")), "{fleet}: {error}");
+        }
+    }
+
+    #[test]
     fn errors_name_file_and_key() {
         let cases = [
             ("[filter]\ninterfaces = []\nports = [1]\n", "filter.interfaces"),

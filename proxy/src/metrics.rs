@@ -209,6 +209,49 @@ pub fn render(observation: &Observation) -> String {
     text
 }
 
+/// `edgegate_fleet_*`: the watch, the generations, and how fast they arrive.
+fn render_fleet(registry: &mut Registry, fleet: &FleetStatus, propagation: Option<Histogram>) {
+    let connected =
+        gauges(registry, "fleet_connected", "1 while the watch on the group's list is up");
+    connected.get_or_create(&vec![]).set(i64::from(fleet.connected));
+    let generation =
+        gauges(registry, "fleet_generation", "The group's generation: in force here, and in etcd");
+    generation
+        .get_or_create(&vec![("kind", "applied".into())])
+        .set(gauge_value(fleet.applied_generation));
+    if let Some(current) = fleet.current_generation {
+        generation.get_or_create(&vec![("kind", "current".into())]).set(gauge_value(current));
+    }
+    if let Some(stale) = fleet.stale_seconds {
+        let staleness = gauges(
+            registry,
+            "fleet_stale_seconds",
+            "Seconds since etcd last answered (0 while connected)",
+        );
+        staleness.get_or_create(&vec![]).set(stale as i64);
+    }
+    let restarts = counters(registry, "fleet_watch_restarts", "Watch restarts, by reason");
+    for (reason, count) in &fleet.watch_restarts {
+        restarts.get_or_create(&vec![("reason", reason.clone())]).inc_by(*count);
+    }
+    let resyncs = counters(
+        registry,
+        "fleet_resyncs",
+        "Newer generations found by re-reading, not by the watch",
+    );
+    resyncs.get_or_create(&vec![]).inc_by(fleet.resyncs);
+    let errors =
+        counters(registry, "fleet_apply_errors", "Generations refused or not applied here");
+    errors.get_or_create(&vec![]).inc_by(fleet.apply_errors);
+    if let Some(histogram) = propagation {
+        registry.register(
+            "fleet_propagation_seconds",
+            "From a commit (the writer's clock) to its enforcement here",
+            histogram,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proxy_common::{Family, Lookup, Reason};
@@ -269,10 +312,12 @@ mod tests {
                     hits: 9,
                 }],
                 listeners: vec![listener],
+                fleet: None,
             },
             ready,
             reloads_ok: 2,
             reloads_failed: 1,
+            fleet_propagation: None,
         }
     }
 
@@ -318,51 +363,46 @@ mod tests {
     }
 
     #[test]
+    fn fleet_metrics_are_rendered_in_fleet_mode_only() {
+        assert!(!render(&observation(Ok(()))).contains("edgegate_fleet"));
+        let mut observation = observation(Ok(()));
+        observation.status.fleet = Some(crate::status::FleetStatus {
+            group: "g".into(),
+            host: "h".into(),
+            connected: false,
+            applied_generation: 41,
+            applied_entries: 5,
+            applied_at_ms: Some(1),
+            current_generation: Some(42),
+            stale_seconds: Some(12.5),
+            watch_restarts: [("compacted".to_owned(), 2)].into(),
+            resyncs: 1,
+            apply_errors: 3,
+            last_error: None,
+        });
+        let histogram = Histogram::new([0.01, 0.1]);
+        histogram.observe(0.004);
+        observation.fleet_propagation = Some(histogram);
+        let text = render(&observation);
+        let samples = samples(&text);
+        for expected in [
+            "edgegate_fleet_connected 0",
+            "edgegate_fleet_generation{kind=\"applied\"} 41",
+            "edgegate_fleet_generation{kind=\"current\"} 42",
+            "edgegate_fleet_stale_seconds 12",
+            "edgegate_fleet_watch_restarts_total{reason=\"compacted\"} 2",
+            "edgegate_fleet_resyncs_total 1",
+            "edgegate_fleet_apply_errors_total 3",
+            "edgegate_fleet_propagation_seconds_bucket{le=\"0.01\"} 1",
+            "edgegate_fleet_propagation_seconds_count 1",
+        ] {
+            assert!(samples.contains(&expected), "missing {expected} in:\n{text}");
+        }
+    }
+
+    #[test]
     fn not_ready_shows_as_zero() {
         let text = render(&observation(Err(NotReady::Gone { interface: "eth0".into() })));
         assert!(samples(&text).contains(&"edgegate_ready 0"), "{text}");
-    }
-}
-
-/// `edgegate_fleet_*`: the watch, the generations, and how fast they arrive.
-fn render_fleet(registry: &mut Registry, fleet: &FleetStatus, propagation: Option<Histogram>) {
-    let connected =
-        gauges(registry, "fleet_connected", "1 while the watch on the group's list is up");
-    connected.get_or_create(&vec![]).set(i64::from(fleet.connected));
-    let generation =
-        gauges(registry, "fleet_generation", "The group's generation: in force here, and in etcd");
-    generation
-        .get_or_create(&vec![("kind", "applied".into())])
-        .set(gauge_value(fleet.applied_generation));
-    if let Some(current) = fleet.current_generation {
-        generation.get_or_create(&vec![("kind", "current".into())]).set(gauge_value(current));
-    }
-    if let Some(stale) = fleet.stale_seconds {
-        let staleness = gauges(
-            registry,
-            "fleet_stale_seconds",
-            "Seconds since etcd last answered (0 while connected)",
-        );
-        staleness.get_or_create(&vec![]).set(stale as i64);
-    }
-    let restarts = counters(registry, "fleet_watch_restarts", "Watch restarts, by reason");
-    for (reason, count) in &fleet.watch_restarts {
-        restarts.get_or_create(&vec![("reason", reason.clone())]).inc_by(*count);
-    }
-    let resyncs = counters(
-        registry,
-        "fleet_resyncs",
-        "Newer generations found by re-reading, not by the watch",
-    );
-    resyncs.get_or_create(&vec![]).inc_by(fleet.resyncs);
-    let errors =
-        counters(registry, "fleet_apply_errors", "Generations refused or not applied here");
-    errors.get_or_create(&vec![]).inc_by(fleet.apply_errors);
-    if let Some(histogram) = propagation {
-        registry.register(
-            "fleet_propagation_seconds",
-            "From a commit (the writer's clock) to its enforcement here",
-            histogram,
-        );
     }
 }

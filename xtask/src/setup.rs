@@ -20,6 +20,7 @@ pub struct Options {
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
+    exec::install_missing("setup", &BUILD_TOOLS)?;
     if !nightly_available() {
         println!("setup: installing the {TOOLCHAIN} toolchain");
         exec::run(Command::new("rustup").args([
@@ -49,8 +50,13 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Commands the build itself runs, and their Debian packages.
+pub const BUILD_TOOLS: [(&str, &str); 1] = [("protoc", "protobuf-compiler")];
+
 /// Runs setup when something is missing, saying why; other commands call this first.
 pub fn ensure() -> anyhow::Result<()> {
+    // The etcd client's build script generates its gRPC code with protoc.
+    exec::install_missing("build", &BUILD_TOOLS)?;
     if nightly_available() && rust_src_installed()? && bpf_linker_works() {
         return Ok(());
     }

@@ -21,8 +21,9 @@ pub struct Options {
 
 /// Commands the tests run, and the Debian packages they come from: namespaces
 /// and veths, entering them, dropping to a user, the real TLS clients and
-/// scanner, and the unit checker for the packaged service.
-pub const TOOLS: [(&str, &str); 7] = [
+/// scanner, the unit checker for the packaged service, and the etcd cluster
+/// of the fleet tests.
+pub const TOOLS: [(&str, &str); 9] = [
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
     ("setpriv", "util-linux"),
@@ -30,6 +31,8 @@ pub const TOOLS: [(&str, &str); 7] = [
     ("openssl", "openssl"),
     ("testssl", "testssl.sh"),
     ("systemd-analyze", "systemd"),
+    ("etcd", "etcd-server"),
+    ("etcdctl", "etcd-client"),
 ];
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
