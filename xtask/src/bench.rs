@@ -48,11 +48,22 @@ enum Bench {
     Relay,
     /// Memory (Pss) per idle established mTLS connection: edgegate, HAProxy, stunnel.
     Memory,
+    /// Fleet mode on a real 3-member etcd cluster: a change on one host until
+    /// every host enforces it (with and without 50 more watchers), and a
+    /// 100k-entry replace.
+    Fleet,
 }
 
 impl Bench {
-    const EACH: [Self; 6] =
-        [Self::Xdp, Self::Flood, Self::Update, Self::Handshake, Self::Relay, Self::Memory];
+    const EACH: [Self; 7] = [
+        Self::Xdp,
+        Self::Flood,
+        Self::Update,
+        Self::Handshake,
+        Self::Relay,
+        Self::Memory,
+        Self::Fleet,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -63,6 +74,7 @@ impl Bench {
             Self::Handshake => "handshake",
             Self::Relay => "relay",
             Self::Memory => "memory",
+            Self::Fleet => "fleet",
         }
     }
 
@@ -79,6 +91,7 @@ impl Bench {
                 &[("haproxy", "haproxy"), ("stunnel", "stunnel4"), ("openssl", "openssl")]
             }
             Self::All | Self::Xdp | Self::Update => &[],
+            Self::Fleet => &[("etcd", "etcd-server"), ("etcdctl", "etcd-client")],
         }
     }
 }

@@ -1,0 +1,207 @@
+//! `cargo xtask bench fleet`: how fast a change made on one host of a fleet
+//! is enforced on all of them, against a real 3-member etcd cluster.
+//!
+//! - propagation: from starting `edgegate allow add|del` on host 0 until a
+//!   real TCP connection from the changed source succeeds (add) or is
+//!   dropped (del) on all three hosts; p50/p99 over `--rounds` changes;
+//! - the same with `--watchers` (default 50) extra followers of the group:
+//!   the real sync loop (watch, fetch, verify) with an enforcer that only
+//!   records the time, to show how fan-out grows;
+//! - a 100k-entry `allow replace` (IPv4 and IPv6), from starting the CLI
+//!   until every host's status says it enforces the new generation.
+//!
+//! Anchor: an AWS security group rule change takes seconds to apply.
+//! Results also go to `target/bench/fleet.json`.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use edgegate::{
+    allowlist::{Allowlist, Diff},
+    config::Config,
+    fleet::{Credentials, Enforcer, Health, Store, follow, layout::Pointer},
+};
+use edgegate_tests::{
+    bench::{percentile, print_heading, save},
+    fleet::{ALLOWED, Fleet, HOSTS, stranger_alias},
+};
+
+/// A probe that has not connected within this long counts as dropped.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(5);
+
+/// Records when each generation arrived.
+struct Recorder(Mutex<Vec<(u64, Instant)>>);
+
+impl Enforcer for Recorder {
+    async fn enforce(&self, _list: Allowlist, pointer: &Pointer) -> Result<Diff, String> {
+        self.0.lock().expect("lock").push((pointer.generation, Instant::now()));
+        Ok(Diff::default())
+    }
+}
+
+fn main() {
+    edgegate_tests::require_root();
+    let (mut rounds, mut watchers) = (100usize, 50usize);
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--rounds" => rounds = args.next().and_then(|v| v.parse().ok()).expect("--rounds N"),
+            "--watchers" => {
+                watchers = args.next().and_then(|v| v.parse().ok()).expect("--watchers N");
+            }
+            "--bench" => {}
+            other => panic!("unknown argument {other} (--rounds N, --watchers N)"),
+        }
+    }
+    let aliases = 50;
+    let fleet = Fleet::new(aliases);
+    for host in 0..HOSTS {
+        fleet.write_config(host, "");
+    }
+    fleet.start_daemons();
+    fleet.cli_ok(0, &["allow", "add", &ALLOWED.to_string(), "--wait"]);
+
+    let alone = propagation(&fleet, rounds, aliases, &[]);
+    let recorders = start_watchers(&fleet, watchers);
+    let with_watchers = propagation(&fleet, rounds, aliases, &recorders.0);
+    let replace = big_replace(&fleet);
+
+    print_heading("fleet");
+    println!("3 hosts, 3-member etcd {}", edgegate_tests::bench::tool_version("etcd", "--version"));
+    println!("\n| change → enforced on every host | p50 | p99 | max |");
+    println!("|---|---|---|---|");
+    let row = |name: &str, samples: &[f64]| {
+        println!(
+            "| {name} | {:.1} ms | {:.1} ms | {:.1} ms |",
+            percentile(samples, 0.5),
+            percentile(samples, 0.99),
+            percentile(samples, 1.0)
+        );
+    };
+    row(&format!("3 hosts ({} changes)", alone.len()), &alone);
+    row(
+        &format!("3 hosts + {watchers} watchers ({} changes)", with_watchers.len()),
+        &with_watchers,
+    );
+    println!("\n100k-entry `allow replace` enforced on all 3 hosts: {replace:.2} s");
+    println!("(anchor: an AWS security group change takes seconds)");
+    save(
+        "fleet",
+        &serde_json::json!({
+            "propagation_ms": { "p50": percentile(&alone, 0.5), "p99": percentile(&alone, 0.99) },
+            "with_watchers": { "watchers": watchers, "p50": percentile(&with_watchers, 0.5), "p99": percentile(&with_watchers, 0.99) },
+            "replace_100k_seconds": replace,
+        }),
+    );
+    drop(recorders);
+}
+
+/// Milliseconds per change until every host (and every recorder) has it.
+fn propagation(
+    fleet: &Fleet,
+    rounds: usize,
+    aliases: usize,
+    recorders: &[Arc<Recorder>],
+) -> Vec<f64> {
+    let mut samples = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let source = stranger_alias((round / 2) % aliases);
+        let adding = round % 2 == 0;
+        let verb = if adding { "add" } else { "del" };
+        let started = Instant::now();
+        let mut cli = std::process::Command::new(edgegate_tests::testbed::edgegate_binary())
+            .arg("--control-socket")
+            .arg(&fleet.hosts[0].socket)
+            .args(["allow", verb, &source.to_string()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("edgegate allow");
+        let mut pending: Vec<usize> = (0..HOSTS).collect();
+        let deadline = started + Duration::from_secs(10);
+        while !pending.is_empty() {
+            pending.retain(|&host| {
+                let target = std::net::SocketAddr::from((
+                    edgegate_tests::fleet::host_address(host),
+                    edgegate_tests::testbed::PROTECTED_PORT,
+                ));
+                let passes = fleet
+                    .stranger
+                    .run(|| edgegate_tests::fleet::connect_from(source, target, PROBE_TIMEOUT));
+                passes != adding
+            });
+            assert!(Instant::now() < deadline, "round {round}: hosts {pending:?} never changed");
+        }
+        let generation = fleet.view(0).current_generation.expect("a generation");
+        for recorder in recorders {
+            while !recorder.0.lock().expect("lock").iter().any(|(g, _)| *g >= generation) {
+                assert!(Instant::now() < deadline, "a watcher never got generation {generation}");
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        let last = recorders
+            .iter()
+            .filter_map(|r| {
+                r.0.lock().expect("lock").iter().find(|(g, _)| *g >= generation).map(|(_, at)| *at)
+            })
+            .max()
+            .map_or(Duration::ZERO, |at| at.saturating_duration_since(started));
+        samples.push(started.elapsed().max(last).as_secs_f64() * 1e3);
+        assert!(cli.wait().expect("wait").success(), "allow {verb} failed");
+    }
+    samples
+}
+
+/// `count` followers of the group in host 0's namespace, each with its own
+/// etcd connection; they run until the returned runtime is dropped.
+fn start_watchers(fleet: &Fleet, count: usize) -> (Vec<Arc<Recorder>>, tokio::runtime::Runtime) {
+    let config = Config::load(&fleet.hosts[0].config, &Default::default()).expect("config");
+    let fleet_config = config.fleet.expect("fleet");
+    let credentials = Credentials::read(&fleet_config).expect("credentials");
+    fleet.hosts[0].netns.run(|| {
+        // Threads of a runtime built here inherit the namespace.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let recorders: Vec<Arc<Recorder>> = (0..count)
+            .map(|n| {
+                let recorder = Arc::new(Recorder(Mutex::new(Vec::new())));
+                let store = runtime
+                    .block_on(Store::connect(&fleet_config, &credentials, &format!("watcher{n}")))
+                    .expect("connect");
+                let health = Arc::new(Health::new(&fleet_config.group, "watcher", 0, 0));
+                runtime.spawn(follow(
+                    store,
+                    Arc::clone(&recorder),
+                    health,
+                    Duration::from_secs(60),
+                ));
+                recorder
+            })
+            .collect();
+        (recorders, runtime)
+    })
+}
+
+/// Seconds from starting a 100k-entry replace until all hosts enforce it.
+fn big_replace(fleet: &Fleet) -> f64 {
+    let mut text = format!("{ALLOWED}/32\n");
+    for i in 0..50_000u32 {
+        let [_, b, c, d] = i.to_be_bytes();
+        text.push_str(&format!(
+            "11.{b}.{c}.{d}/32\n2001:db8::{:x}:{:x}/128\n",
+            i >> 16,
+            i & 0xffff
+        ));
+    }
+    let file = fleet.dir.join("replace.list");
+    std::fs::write(&file, text).expect("write list");
+    let before = fleet.view(0).current_generation.expect("a generation");
+    let started = Instant::now();
+    fleet.cli_ok(0, &["allow", "replace", "--file", file.to_str().expect("UTF-8")]);
+    fleet.await_generation(before + 1, Duration::from_secs(60));
+    started.elapsed().as_secs_f64()
+}
