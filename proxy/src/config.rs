@@ -13,7 +13,7 @@ use std::{
 
 use globset::Glob;
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Where the daemon keeps its state when neither config nor flags say otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/edgegate";
@@ -95,7 +95,7 @@ fn default_metrics_bind() -> SocketAddr {
 }
 
 /// One mutual-TLS listener: `[[listener]]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// Names the listener in logs, metrics and reloads.
@@ -130,11 +130,23 @@ pub struct ListenerConfig {
     pub send_proxy_protocol: SendProxyProtocol,
     #[serde(default)]
     pub min_tls_version: TlsVersion,
-    #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
+    #[serde(
+        default = "default_handshake_timeout",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
     pub handshake_timeout: Duration,
-    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    #[serde(
+        default = "default_connect_timeout",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
     pub connect_timeout: Duration,
-    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
+    #[serde(
+        default = "default_idle_timeout",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
     pub idle_timeout: Duration,
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -142,7 +154,7 @@ pub struct ListenerConfig {
 }
 
 /// `[listener.backend_tls]`: encrypt (and verify) the connection to the backend.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendTlsConfig {
     /// CAs that issue the backend's certificate.
@@ -155,7 +167,7 @@ pub struct BackendTlsConfig {
 }
 
 /// Accepting a PROXY protocol header from `trusted_proxies`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProxyProtocol {
     #[default]
@@ -166,7 +178,7 @@ pub enum ProxyProtocol {
 }
 
 /// Sending a PROXY protocol header to the backend.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SendProxyProtocol {
     #[default]
@@ -174,7 +186,7 @@ pub enum SendProxyProtocol {
     V2,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TlsVersion {
     #[default]
     #[serde(rename = "1.2")]
@@ -192,6 +204,12 @@ fn duration<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Duratio
              or \"1h\""
         ))
     })
+}
+
+/// The form [`duration`] reads back: the worker receives listener configs
+/// as the gate serializes them.
+fn duration_text<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&humantime::format_duration(*duration))
 }
 
 /// Networks written as the allowlist writes them, refused as it refuses them

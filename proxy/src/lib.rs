@@ -15,7 +15,8 @@
 //! - [`tls`]: rustls configs, client identity rules, rejection reasons;
 //! - [`proxy`]: the mTLS listeners: accept, PROXY protocol, handshake, relay;
 //! - [`metrics`]: `/metrics`, `/healthz` and `/readyz` over HTTP;
-//! - [`privileges`]: dropping root after start-up;
+//! - [`privileges`]: what the gate keeps of root after start-up, and who the worker runs as;
+//! - [`privsep`]: the sandboxed proxy worker, its start and its protocol with the gate;
 //! - [`aws`]: AWS's published address ranges, for `allow import-aws`.
 
 pub mod allowlist;
@@ -29,6 +30,7 @@ pub mod fleet;
 pub mod metrics;
 pub mod preflight;
 pub mod privileges;
+pub mod privsep;
 pub mod proxy;
 pub mod status;
 pub mod tls;

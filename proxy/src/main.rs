@@ -67,7 +67,13 @@ enum Command {
         config: PathBuf,
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
+        /// Test only: every proxy worker tries this once sandboxed.
+        #[arg(long, value_enum, hide = true)]
+        worker_escape: Option<edgegate::privsep::escape::Attempt>,
     },
+    /// The sandboxed proxy worker; `run` starts it.
+    #[command(hide = true)]
+    Worker(WorkerArgs),
     /// Validate a config file and the allowlist it names; exit non-zero on error.
     Check {
         #[arg(long)]
@@ -109,6 +115,23 @@ enum Command {
         #[command(subcommand)]
         command: FleetCommand,
     },
+}
+
+/// What the gate tells the worker on its command line (`privsep::spawn`).
+#[derive(Args)]
+struct WorkerArgs {
+    #[arg(long)]
+    channel_fd: i32,
+    #[arg(long, value_enum)]
+    log_format: LogFormat,
+    #[arg(long = "connect-port")]
+    connect_ports: Vec<u16>,
+    #[arg(long, value_enum, requires_all = ["escape_target", "escape_gate"])]
+    escape: Option<edgegate::privsep::escape::Attempt>,
+    #[arg(long)]
+    escape_target: Option<PathBuf>,
+    #[arg(long)]
+    escape_gate: Option<u32>,
 }
 
 #[derive(Subcommand)]
@@ -234,6 +257,16 @@ enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// The name on the command line.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Json => "json",
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match execute(cli) {
@@ -263,11 +296,16 @@ fn report(error: &anyhow::Error) -> String {
 fn execute(cli: Cli) -> anyhow::Result<()> {
     let Cli { global, command } = cli;
     match command {
-        Command::Run { config, log_format } => {
+        Command::Run { config, log_format, worker_escape } => {
             init_logging(log_format);
             // Start-up (and dropping privileges) happens before the runtime's
             // threads exist: they inherit the reduced credentials.
-            let startup = daemon::start(config, global.overrides())?;
+            let options = daemon::Options {
+                overrides: global.overrides(),
+                log_format: log_format.name().to_owned(),
+                escape: worker_escape,
+            };
+            let startup = daemon::start(config, options)?;
             // Connections run on per-core workers of their own (proxy::workers);
             // this runtime accepts, answers the CLI, serves metrics, reloads.
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -276,6 +314,21 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 .build()
                 .context("cannot start the runtime")?;
             runtime.block_on(daemon::serve(startup, shutdown_signal()))?;
+            Ok(())
+        }
+        Command::Worker(args) => {
+            init_logging(args.log_format);
+            let escape = args.escape.zip(args.escape_target.zip(args.escape_gate)).map(
+                |(attempt, (path, gate))| {
+                    (attempt, edgegate::privsep::escape::Target { path, gate })
+                },
+            );
+            let options = edgegate::privsep::worker::Options {
+                channel: args.channel_fd,
+                connect_ports: args.connect_ports,
+                escape,
+            };
+            edgegate::privsep::worker::run(options).context("proxy worker")?;
             Ok(())
         }
         Command::Check { config } => check(&config, &global),

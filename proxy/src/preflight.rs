@@ -87,11 +87,11 @@ pub fn inspect(path: &Path, overrides: &Overrides) -> Report {
         }
     };
     let at = |key: &str| format!("config {}: `{key}`", path.display());
-    if let Some(user) = &config.daemon.user {
-        match privileges::lookup(user) {
-            Ok(account) => report.passed.push(format!("daemon.user `{user}`: uid {}", account.uid)),
-            Err(e) => report.error(format!("config {}: {e}", path.display())),
-        }
+    match privileges::worker_account(config.daemon.user.as_deref()) {
+        Ok(account) => report
+            .passed
+            .push(format!("proxy worker user `{}`: uid {}", account.name, account.uid)),
+        Err(e) => report.error(format!("config {}: {e}", path.display())),
     }
     for interface in &config.filter.interfaces {
         inspect_interface(&mut report, &at("filter.interfaces"), interface, config.filter.mode);

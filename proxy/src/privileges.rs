@@ -1,34 +1,58 @@
-//! Giving up root once start-up is done (`[daemon] user`).
+//! What the gate keeps of root after start-up, and who the proxy worker
+//! runs as (`[daemon] user`).
 //!
-//! Loading and attaching XDP, mounting bpffs, pinning and binding sockets need
-//! root; parsing TLS and PROXY headers from the internet does not. After
-//! start-up, and before any other thread exists, the daemon becomes `user`
-//! and keeps only:
-//!
-//! - `CAP_BPF`: map updates (allowlist changes) and reads (counters, link
-//!   state) through the descriptors it already holds; kernels before 6.5 with
-//!   `kernel.unprivileged_bpf_disabled` refuse every `bpf()` call without it;
-//! - `CAP_NET_BIND_SERVICE`: a reload may start a listener on a port < 1024.
-//!
-//! Everything else leaves the bounding set, and `no_new_privs` is set, so no
-//! later `exec` can regain anything. The control socket stays root-only: it
-//! was created by root with mode 0600 (root clients pass, others cannot).
+//! The gate never parses a byte from the internet (the worker does, see
+//! `privsep`), but it holds the filter, so it stays uid 0 with only what
+//! its work needs after start-up ([`GATE_CAPABILITIES`]); everything else
+//! leaves the bounding set, and `no_new_privs` is set.
 
 use std::path::{Path, PathBuf};
 
 use caps::{CapSet, Capability, CapsHashSet};
-use nix::sys::prctl::{set_keepcaps, set_no_new_privs};
-use nix::unistd::{Gid, Uid, User, chown, setfsgid, setfsuid, setgid, setgroups, setuid};
+use nix::sys::prctl::set_no_new_privs;
+use nix::unistd::{Gid, Uid, User, chown};
 
-/// The capabilities the daemon keeps after start-up.
-pub const RETAINED: [Capability; 2] = [Capability::CAP_BPF, Capability::CAP_NET_BIND_SERVICE];
+use crate::privsep::spawn::Account;
 
-/// Why privileges could not be dropped. The daemon refuses to run on.
+/// The account the worker runs as without `daemon.user`, when it exists
+/// (the packages create it); otherwise `nobody`.
+pub const DEFAULT_WORKER_USER: &str = "edgegate";
+const FALLBACK_WORKER_USER: &str = "nobody";
+
+/// The capabilities the gate keeps after start-up, and why:
+pub const GATE_CAPABILITIES: [Capability; 7] = [
+    // Map updates and reads through the descriptors it holds (kernels
+    // before 6.5 with `unprivileged_bpf_disabled` want it for every call).
+    Capability::CAP_BPF,
+    // A reload may bind a listener below port 1024.
+    Capability::CAP_NET_BIND_SERVICE,
+    // Reloads read TLS files, and changes write the list, wherever the
+    // config puts them, whoever owns them.
+    Capability::CAP_DAC_OVERRIDE,
+    // Starting a worker: leaving uid 0 for `daemon.user` and emptying the
+    // worker's bounding set.
+    Capability::CAP_SETUID,
+    Capability::CAP_SETGID,
+    Capability::CAP_SETPCAP,
+    // Killing a worker that misbehaves (it runs as another user).
+    Capability::CAP_KILL,
+];
+
+/// Why privileges could not be given up. The daemon refuses to run on.
 #[derive(Debug, thiserror::Error)]
 pub enum PrivilegeError {
     /// `[daemon] user` names no account.
     #[error("`daemon.user`: no user `{0}` (create it, e.g. `adduser --system {0}`)")]
     UnknownUser(String),
+    /// `[daemon] user` is root: the worker never runs as root.
+    #[error("`daemon.user`: `{0}` has uid 0; the proxy worker never runs as root")]
+    RootUser(String),
+    /// Neither the default account nor `nobody` exists.
+    #[error(
+        "no `daemon.user`, and neither `{DEFAULT_WORKER_USER}` nor `{FALLBACK_WORKER_USER}` \
+         exists: create one (`adduser --system {DEFAULT_WORKER_USER}`) or set `daemon.user`"
+    )]
+    NoDefaultUser,
     /// Looking the user up failed.
     #[error("`daemon.user`: cannot look up `{user}`: {source}")]
     Lookup {
@@ -36,40 +60,14 @@ pub enum PrivilegeError {
         #[source]
         source: nix::Error,
     },
-    /// Handing a state path over to the user failed.
-    #[error("cannot hand {} over to `{user}`: {source}", path.display())]
+    /// Giving a state path back to root failed.
+    #[error("cannot give {} back to root: {source}", path.display())]
     Chown {
-        user: String,
         path: PathBuf,
         #[source]
         source: nix::Error,
     },
-    /// The user could not keep the allowlist where the config puts it.
-    #[error(
-        "`daemon.user` `{user}` cannot update the allowlist in {}: {source}{}",
-        dir.display(),
-        match blocked_at {
-            Some(parent) => format!(
-                "; `{user}` may not enter {}: make it searchable (e.g. `chmod o+x {}`) \
-                 or move `daemon.state_dir` (or `filter.allowlist`) elsewhere",
-                parent.display(),
-                parent.display()
-            ),
-            None => format!(
-                "; let `{user}` create and rename files there, or move `daemon.state_dir` \
-                 (or `filter.allowlist`) elsewhere"
-            ),
-        }
-    )]
-    StateAccess {
-        user: String,
-        dir: PathBuf,
-        /// The first ancestor of `dir` the user cannot search, if that is the cause.
-        blocked_at: Option<PathBuf>,
-        #[source]
-        source: Box<crate::allowlist::StoreError>,
-    },
-    /// A credential or capability call failed.
+    /// A capability call failed.
     #[error("cannot drop privileges ({step}): {source}")]
     Drop {
         step: &'static str,
@@ -78,117 +76,63 @@ pub enum PrivilegeError {
     },
 }
 
-/// Looks `user` up; done first at start-up, so that a typo stops the
-/// daemon before it touches anything.
-pub fn lookup(user: &str) -> Result<User, PrivilegeError> {
-    User::from_name(user)
-        .map_err(|source| PrivilegeError::Lookup { user: user.to_owned(), source })?
-        .ok_or_else(|| PrivilegeError::UnknownUser(user.to_owned()))
-}
-
-/// Gives `account` the paths the daemon writes later (the state directory,
-/// the allowlist), then proves, with the account's file-system identity,
-/// that it can rewrite the list in `list_dir` as every change does (create,
-/// write, fsync, rename): a daemon that would refuse every `allow add` with
-/// "Permission denied" must not start. Runs while still root.
-pub fn hand_over(account: &User, owned: &[&Path], list_dir: &Path) -> Result<(), PrivilegeError> {
-    let user = account.name.as_str();
-    for path in owned.iter().filter(|p| p.exists()) {
-        chown(*path, Some(account.uid), Some(account.gid)).map_err(|source| {
-            PrivilegeError::Chown { user: user.to_owned(), path: path.to_path_buf(), source }
-        })?;
-    }
-    // The groups `drop_to` leaves: root's own could grant access the user lacks.
-    setgroups(&[]).map_err(|e| PrivilegeError::Drop { step: "setgroups", source: e.into() })?;
-    let probed = {
-        let _identity = FileIdentity::assume(account);
-        let probe = list_dir.join(".edgegate-access-check");
-        crate::allowlist::store(&probe, &crate::allowlist::Allowlist::default())
-            .and_then(|()| {
-                std::fs::remove_file(&probe).map_err(|source| crate::allowlist::StoreError::Io {
-                    op: "remove",
-                    path: probe.clone(),
-                    source,
-                })
-            })
-            .map_err(|source| (source, first_unsearchable(list_dir)))
+/// The worker's account: `user`, or the default; done first at start-up, so
+/// that a typo stops the daemon before it touches anything.
+pub fn worker_account(user: Option<&str>) -> Result<Account, PrivilegeError> {
+    let lookup = |name: &str| {
+        User::from_name(name)
+            .map_err(|source| PrivilegeError::Lookup { user: name.to_owned(), source })
     };
-    probed.map_err(|(source, blocked_at)| PrivilegeError::StateAccess {
-        user: user.to_owned(),
-        dir: list_dir.to_owned(),
-        blocked_at,
-        source: Box::new(source),
-    })
-}
-
-/// The first directory on the way to `dir` (itself included) that the
-/// current file-system identity cannot search.
-fn first_unsearchable(dir: &Path) -> Option<PathBuf> {
-    let mut ancestors: Vec<&Path> = dir.ancestors().collect();
-    ancestors.reverse();
-    // `stat("a/.")` needs search permission on `a` and on everything above it.
-    ancestors
-        .into_iter()
-        .find(|a| {
-            std::fs::metadata(a.join("."))
-                .is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
-        })
-        .map(Path::to_owned)
-}
-
-/// Root's file-system identity set to an account's for permission checks
-/// (setfsuid: root's capabilities that bypass file permissions are off while
-/// it is set), restored on drop.
-struct FileIdentity;
-
-impl FileIdentity {
-    fn assume(account: &User) -> Self {
-        setfsgid(account.gid);
-        setfsuid(account.uid);
-        Self
+    let found = match user {
+        Some(name) => lookup(name)?.ok_or_else(|| PrivilegeError::UnknownUser(name.to_owned()))?,
+        None => match lookup(DEFAULT_WORKER_USER)? {
+            Some(user) => user,
+            None => lookup(FALLBACK_WORKER_USER)?.ok_or(PrivilegeError::NoDefaultUser)?,
+        },
+    };
+    if found.uid.is_root() {
+        return Err(PrivilegeError::RootUser(found.name));
     }
+    Ok(Account { name: found.name, uid: found.uid, gid: found.gid })
 }
 
-impl Drop for FileIdentity {
-    fn drop(&mut self) {
-        setfsuid(Uid::from_raw(0));
-        setfsgid(Gid::from_raw(0));
+/// Gives `paths` (the state directory and the list) back to root where
+/// they belong to someone else: only the gate writes them.
+pub fn reclaim(paths: &[&Path]) -> Result<(), PrivilegeError> {
+    use std::os::unix::fs::MetadataExt as _;
+    for path in paths {
+        let Ok(metadata) = std::fs::metadata(path) else { continue };
+        if metadata.uid() != 0 || metadata.gid() != 0 {
+            chown(*path, Some(Uid::from_raw(0)), Some(Gid::from_raw(0)))
+                .map_err(|source| PrivilegeError::Chown { path: path.to_path_buf(), source })?;
+        }
     }
+    Ok(())
 }
 
-/// Becomes `account`, keeping only [`RETAINED`]; [`hand_over`] has given it
-/// what it writes. Must run while the process has a single thread:
-/// credentials and capabilities are per thread, and threads started later
-/// inherit the main thread's.
-pub fn drop_to(account: &User) -> Result<(), PrivilegeError> {
-    let user = account.name.as_str();
-    let retained: CapsHashSet = RETAINED.into_iter().collect();
+/// Keeps only [`GATE_CAPABILITIES`] in every set, with `no_new_privs`. Must
+/// run while the process has a single thread: capabilities are per thread,
+/// and threads started later inherit the main thread's.
+pub fn confine_gate() -> Result<(), PrivilegeError> {
+    let kept: CapsHashSet = GATE_CAPABILITIES.into_iter().collect();
     let caps_error = |step| {
         move |e: caps::errors::CapsError| PrivilegeError::Drop {
             step,
             source: std::io::Error::other(e.to_string()),
         }
     };
-    let os_error = |step| move |e: nix::Error| PrivilegeError::Drop { step, source: e.into() };
-
-    // While still root: shrink the bounding set (needs CAP_SETPCAP).
-    for capability in caps::all().difference(&retained) {
+    for capability in caps::all().difference(&kept) {
         caps::drop(None, CapSet::Bounding, *capability).map_err(caps_error("bounding set"))?;
     }
-    // Keep the permitted set across the change of user; the effective set is
-    // cleared by it and restored to just the retained capabilities below.
-    set_keepcaps(true).map_err(os_error("keepcaps"))?;
-    setgroups(&[]).map_err(os_error("setgroups"))?;
-    setgid(Gid::from_raw(account.gid.as_raw())).map_err(os_error("setgid"))?;
-    setuid(Uid::from_raw(account.uid.as_raw())).map_err(os_error("setuid"))?;
-    set_keepcaps(false).map_err(os_error("keepcaps"))?;
-    caps::set(None, CapSet::Permitted, &retained).map_err(caps_error("permitted set"))?;
-    caps::set(None, CapSet::Effective, &retained).map_err(caps_error("effective set"))?;
+    caps::clear(None, CapSet::Ambient).map_err(caps_error("ambient set"))?;
     caps::clear(None, CapSet::Inheritable).map_err(caps_error("inheritable set"))?;
-    set_no_new_privs().map_err(os_error("no_new_privs"))?;
+    caps::set(None, CapSet::Effective, &kept).map_err(caps_error("effective set"))?;
+    caps::set(None, CapSet::Permitted, &kept).map_err(caps_error("permitted set"))?;
+    set_no_new_privs()
+        .map_err(|e| PrivilegeError::Drop { step: "no_new_privs", source: e.into() })?;
     tracing::info!(
-        "running as `{user}` (uid {}), keeping only CAP_BPF and CAP_NET_BIND_SERVICE",
-        account.uid
+        "gate: uid 0 keeping only CAP_BPF, CAP_NET_BIND_SERVICE, CAP_DAC_OVERRIDE, CAP_SETUID, \
+         CAP_SETGID, CAP_SETPCAP and CAP_KILL"
     );
     Ok(())
 }

@@ -37,6 +37,26 @@ pub struct Status {
     pub listeners: Vec<ListenerStatus>,
     /// With `[fleet]`: where this host stands in its group.
     pub fleet: Option<FleetStatus>,
+    /// The gate: this process, which holds the filter.
+    pub gate_pid: u32,
+    /// The sandboxed process that serves the listeners.
+    pub worker: WorkerStatus,
+}
+
+/// The proxy worker, as the gate sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// While one serves.
+    pub pid: Option<u32>,
+    /// The account it runs as.
+    pub user: String,
+    /// Why none serves, while none does.
+    pub down: Option<String>,
+    /// Workers started again after one died.
+    pub restarts: u64,
+    /// What its sandbox enforces (as the worker reports it; uid, capabilities,
+    /// `no_new_privs` and seccomp are checked by the gate from `/proc`).
+    pub sandbox: Option<crate::privsep::protocol::SandboxReport>,
 }
 
 /// This host's view of its group (fleet mode).
@@ -279,6 +299,9 @@ pub enum NotReady {
     /// A listener's accept loop has ended.
     #[error("listener `{listener}` is not accepting")]
     NotAccepting { listener: String },
+    /// No proxy worker serves the listeners (it is starting, or died).
+    #[error("no proxy worker serves: {reason}")]
+    NoWorker { reason: String },
     /// The filter's maps could not be read.
     #[error("cannot read the filter's state: {reason}")]
     Unobservable { reason: String },

@@ -7,6 +7,7 @@
 //! alert (`access_denied`) and never reaches the backend.
 
 use std::{
+    collections::BTreeMap,
     fmt, io,
     path::{Path, PathBuf},
     sync::Arc,
@@ -137,18 +138,71 @@ pub enum FileProblem {
     BadCa(String),
 }
 
+/// The contents of every file a listener's TLS names, by path. The gate
+/// reads them (it may); the worker, which has no file system, builds its
+/// [`ListenerTls`] from them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Material {
+    files: BTreeMap<PathBuf, Vec<u8>>,
+}
+
+impl Material {
+    /// Reads every file `listener` names.
+    pub fn read(listener: &ListenerConfig) -> Result<Self, TlsError> {
+        let mut named: Vec<(&'static str, &Path)> = vec![
+            ("cert", &listener.cert),
+            ("key", &listener.key),
+            ("client_ca", &listener.client_ca),
+        ];
+        named.extend(listener.crl.iter().map(|path| ("crl", path.as_path())));
+        if let Some(tls) = &listener.backend_tls {
+            named.push(("backend_tls.ca", &tls.ca));
+            named.extend(tls.cert.as_deref().map(|path| ("backend_tls.cert", path)));
+            named.extend(tls.key.as_deref().map(|path| ("backend_tls.key", path)));
+        }
+        let mut files = BTreeMap::new();
+        for (key, path) in named {
+            if !files.contains_key(path) {
+                let bytes =
+                    std::fs::read(path).map_err(|e| file_error(key, path)(FileProblem::Unreadable(e)))?;
+                files.insert(path.to_owned(), bytes);
+            }
+        }
+        Ok(Self { files })
+    }
+
+    /// The bytes of `path`, which `read` read for `key`.
+    fn get(&self, key: &'static str, path: &Path) -> Result<&[u8], TlsError> {
+        self.files.get(path).map(Vec::as_slice).ok_or_else(|| {
+            let missing = io::Error::new(io::ErrorKind::NotFound, "not among the files sent");
+            file_error(key, path)(FileProblem::Unreadable(missing))
+        })
+    }
+
+    /// How many bytes the files hold together.
+    pub fn size(&self) -> usize {
+        self.files.values().map(Vec::len).sum()
+    }
+}
+
 impl ListenerTls {
     /// Reads and checks every file the listener names.
     pub fn load(listener: &ListenerConfig) -> Result<Self, TlsError> {
+        Self::build(listener, &Material::read(listener)?)
+    }
+
+    /// Checks the listener's files, as read into `material`, and builds the configs.
+    pub fn build(listener: &ListenerConfig, material: &Material) -> Result<Self, TlsError> {
         let provider = Arc::new(provider());
-        let chain = certificates("cert", &listener.cert)?;
-        let key = private_key("key", &listener.key)?;
-        let client_cas = certificates("client_ca", &listener.client_ca)?;
+        let chain = certificates("cert", &listener.cert, material)?;
+        let key = private_key("key", &listener.key, material)?;
+        let client_cas = certificates("client_ca", &listener.client_ca, material)?;
         let roots = root_store("client_ca", &listener.client_ca, client_cas.clone())?;
         let crls = listener
             .crl
             .iter()
-            .map(|path| Ok((path, revocation_lists(path)?)))
+            .map(|path| Ok((path, revocation_lists(path, material)?)))
             .collect::<Result<Vec<_>, TlsError>>()?;
         let mut lifetimes = Vec::new();
         lifetimes.extend(certificate_lifetime(LifetimeKind::Server, &listener.cert, &chain[0]));
@@ -192,8 +246,11 @@ impl ListenerTls {
         // The server picks the suite, in `SUITES` order: a client's own
         // preference (often AES-256 first) would cost every handshake SHA-384.
         server.ignore_client_order = true;
-        let backend =
-            listener.backend_tls.as_ref().map(|tls| backend_tls(tls, provider)).transpose()?;
+        let backend = listener
+            .backend_tls
+            .as_ref()
+            .map(|tls| backend_tls(tls, provider, material))
+            .transpose()?;
         Ok(Self { server: Arc::new(server), backend, lifetimes })
     }
 }
@@ -238,9 +295,10 @@ fn versions(minimum: TlsVersion) -> &'static [&'static SupportedProtocolVersion]
 fn backend_tls(
     config: &BackendTlsConfig,
     provider: Arc<CryptoProvider>,
+    material: &Material,
 ) -> Result<BackendTls, TlsError> {
-    let roots =
-        root_store("backend_tls.ca", &config.ca, certificates("backend_tls.ca", &config.ca)?)?;
+    let cas = certificates("backend_tls.ca", &config.ca, material)?;
+    let roots = root_store("backend_tls.ca", &config.ca, cas)?;
     let builder = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(versions(TlsVersion::Tls12))
         .map_err(|source| TlsError::Rustls { key: "backend_tls", source })?
@@ -248,8 +306,8 @@ fn backend_tls(
     let client = match (&config.cert, &config.key) {
         (Some(cert), Some(key)) => builder
             .with_client_auth_cert(
-                certificates("backend_tls.cert", cert)?,
-                private_key("backend_tls.key", key)?,
+                certificates("backend_tls.cert", cert, material)?,
+                private_key("backend_tls.key", key, material)?,
             )
             .map_err(|source| TlsError::Rustls { key: "backend_tls.key", source })?,
         _ => builder.with_no_client_auth(),
@@ -270,10 +328,13 @@ fn pem_problem(error: rustls::pki_types::pem::Error) -> FileProblem {
     }
 }
 
-fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+fn certificates(
+    key: &'static str,
+    path: &Path,
+    material: &Material,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let error = file_error(key, path);
-    let chain = CertificateDer::pem_file_iter(path)
-        .map_err(|e| error(pem_problem(e)))?
+    let chain = CertificateDer::pem_slice_iter(material.get(key, path)?)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| error(pem_problem(e)))?;
     if chain.is_empty() {
@@ -282,8 +343,12 @@ fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'st
     Ok(chain)
 }
 
-fn private_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| {
+fn private_key(
+    key: &'static str,
+    path: &Path,
+    material: &Material,
+) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(material.get(key, path)?).map_err(|e| {
         let problem = match e {
             rustls::pki_types::pem::Error::NoItemsFound => FileProblem::NoKey,
             other => pem_problem(other),
@@ -342,11 +407,14 @@ fn root_store(
 }
 
 /// CRLs from a PEM file (one or more `X509 CRL` blocks) or a DER file.
-fn revocation_lists(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+fn revocation_lists(
+    path: &Path,
+    material: &Material,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
     let error = file_error("crl", path);
-    let bytes = std::fs::read(path).map_err(|e| error(FileProblem::Unreadable(e)))?;
+    let bytes = material.get("crl", path)?;
     if bytes.starts_with(b"-----") {
-        let crls = CertificateRevocationListDer::pem_slice_iter(&bytes)
+        let crls = CertificateRevocationListDer::pem_slice_iter(bytes)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| error(pem_problem(e)))?;
         if crls.is_empty() {
@@ -354,7 +422,7 @@ fn revocation_lists(path: &Path) -> Result<Vec<CertificateRevocationListDer<'sta
         }
         return Ok(crls);
     }
-    Ok(vec![CertificateRevocationListDer::from(bytes)])
+    Ok(vec![CertificateRevocationListDer::from(bytes.to_vec())])
 }
 
 /// The client identities a listener accepts: globs over the subject CN, DNS

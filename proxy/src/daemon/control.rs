@@ -53,9 +53,7 @@ async fn handle(
         }
         (Ok(Request::FleetStatus), Some(fleet)) => fleet.view().await,
         (Ok(request), _) => {
-            let mut state = state.lock().await;
-            // Map updates are blocking syscalls; a large replace takes a while.
-            tokio::task::block_in_place(|| state.handle(request))
+            state.lock().await.handle(request).await
         }
         (Err(e), _) => Response::Error { message: format!("malformed request: {e}") },
     };

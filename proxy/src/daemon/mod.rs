@@ -11,11 +11,14 @@
 //!   (SIGHUP reloads, SIGTERM drains);
 //! - `state`: the list, the filter and the listeners, and every change to them;
 //! - `control`: the control socket's server loop;
-//! - `fleet`: fleet mode: changes committed to etcd, generations adopted from it.
+//! - `fleet`: fleet mode: changes committed to etcd, generations adopted from it;
+//! - `worker`: the sandboxed proxy worker the listeners run in (`privsep`):
+//!   their sockets and files, its start, restarts and drain.
 
 mod control;
 mod fleet;
 mod state;
+mod worker;
 
 use std::{
     future::Future,
@@ -23,20 +26,19 @@ use std::{
     sync::Arc,
 };
 
-use arc_swap::ArcSwap;
 use tokio::sync::Mutex;
 
 use state::State;
-
-use crate::fleet::Health;
+use worker::{ListenerError, Listeners, Spawner, Worker};
 
 use crate::{
     allowlist::{self, Allowlist, StoreError},
     config::{Config, Overrides},
     control::BindError,
     filter::{Filter, FilterError, FilterOptions},
+    fleet::Health,
     metrics, preflight, privileges,
-    proxy::{self, ProxyError},
+    privsep::escape::{Attempt, Target},
 };
 
 /// Why the daemon could not start.
@@ -56,10 +58,13 @@ pub enum DaemonError {
     Control(#[from] BindError),
     /// A listener cannot start.
     #[error(transparent)]
-    Proxy(#[from] ProxyError),
-    /// Privileges could not be dropped to `daemon.user`.
+    Listener(#[from] ListenerError),
+    /// Privileges could not be given up, or `daemon.user` is unknown.
     #[error(transparent)]
     Privileges(#[from] privileges::PrivilegeError),
+    /// The proxy worker cannot be started.
+    #[error("cannot start the proxy worker: {0}")]
+    Worker(#[source] std::io::Error),
     /// The runtime could not take over a socket.
     #[error("cannot serve: {source}")]
     Runtime {
@@ -81,13 +86,23 @@ pub enum DaemonError {
 /// How often the certificates in force are checked for nearing expiry.
 const EXPIRY_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
 
+/// How `edgegate run` was asked to run.
+pub struct Options {
+    pub overrides: Overrides,
+    /// The log format, passed on to the worker.
+    pub log_format: String,
+    /// Test only: what each worker tries once sandboxed (`--worker-escape`).
+    pub escape: Option<Attempt>,
+}
+
 /// What start-up prepared with root privileges, before any thread but the
 /// main one exists; [`serve`] runs it.
 pub struct Startup {
     list: Allowlist,
     list_path: PathBuf,
     filter: Filter,
-    listeners: proxy::Prepared,
+    listeners: Listeners,
+    worker: worker::Started,
     control: std::os::unix::net::UnixListener,
     metrics: std::net::TcpListener,
     config: Config,
@@ -96,11 +111,13 @@ pub struct Startup {
     fleet: Option<fleet::Setup>,
 }
 
-/// Everything that needs root: reads the config and the list, loads the
-/// listeners' certificates and binds their sockets, attaches (or takes over)
-/// the XDP filter, opens the control socket, then drops to `[daemon] user`.
-/// Call it before starting the async runtime: privileges are per thread.
-pub fn start(config_path: PathBuf, overrides: Overrides) -> Result<Startup, DaemonError> {
+/// Everything that needs root: reads the config and the list, reads the
+/// listeners' TLS files and binds their sockets, attaches (or takes over)
+/// the XDP filter, opens the control socket, starts the proxy worker as
+/// `daemon.user`, then gives up what the gate does not need. Call it before
+/// starting the async runtime: privileges are per thread.
+pub fn start(config_path: PathBuf, options: Options) -> Result<Startup, DaemonError> {
+    let Options { overrides, log_format, escape } = options;
     // What `edgegate check` checks, so that a config it passes starts.
     let report = preflight::inspect(&config_path, &overrides);
     for warning in report.warnings() {
@@ -110,7 +127,7 @@ pub fn start(config_path: PathBuf, overrides: Overrides) -> Result<Startup, Daem
         let problems = report.errors().map(ToString::to_string).collect();
         return Err(DaemonError::Refused { problems });
     };
-    let account = config.daemon.user.as_deref().map(privileges::lookup).transpose()?;
+    let account = privileges::worker_account(config.daemon.user.as_deref())?;
     let list_path = config.allowlist_path();
     // The etcd TLS files are read now, as root; the list file is the cache.
     let fleet = config
@@ -121,7 +138,7 @@ pub fn start(config_path: PathBuf, overrides: Overrides) -> Result<Startup, Daem
         .map_err(|problem| DaemonError::Refused { problems: vec![problem] })?;
     // Certificates and sockets first: a listener that cannot start must not
     // leave a freshly attached filter behind.
-    let listeners = proxy::Prepared::new(&config.listeners)?;
+    let listeners = Listeners::prepare(&config.listeners)?;
     let metrics_error = |source| DaemonError::Metrics { address: config.metrics.bind, source };
     let metrics = std::net::TcpListener::bind(config.metrics.bind).map_err(metrics_error)?;
     metrics.set_nonblocking(true).map_err(metrics_error)?;
@@ -140,19 +157,14 @@ pub fn start(config_path: PathBuf, overrides: Overrides) -> Result<Startup, Daem
         );
         allowlist::store(&list_path, &list)?;
     }
-    if let Some(account) = &account {
-        // The daemon rewrites the list file atomically, so it needs the
-        // directory too. The state directory is edgegate's own; any other
-        // directory is left to the operator (the file alone is handed over).
-        // Checked before the filter is touched: a start that fails here
-        // leaves nothing attached.
-        let state_dir = config.daemon.state_dir.as_path();
-        let list_dir =
-            list_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let owned: Vec<&Path> =
-            if list_dir == state_dir { vec![state_dir, &list_path] } else { vec![&list_path] };
-        privileges::hand_over(account, &owned, list_dir)?;
-    }
+    // Only the gate writes state; a directory an older version handed to
+    // `daemon.user` comes back to root.
+    let state_dir = config.daemon.state_dir.as_path();
+    let list_dir =
+        list_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let owned: Vec<&Path> =
+        if list_dir == state_dir { vec![state_dir, &list_path] } else { vec![&list_path] };
+    privileges::reclaim(&owned)?;
     let filter = Filter::load(&options, &list)?;
     let control = crate::control::bind(&config.daemon.control_socket)?;
     let (ipv4, ipv6) = list.family_sizes();
@@ -162,17 +174,26 @@ pub fn start(config_path: PathBuf, overrides: Overrides) -> Result<Startup, Daem
         list_path.display(),
         config.daemon.control_socket.display()
     );
-    match &account {
-        Some(account) => privileges::drop_to(account)?,
-        None => tracing::warn!(
-            "running as root: set `daemon.user` so that TLS and PROXY parsing run unprivileged"
-        ),
-    }
+    let escape = escape.map(|attempt| {
+        let path = match attempt {
+            Attempt::BpfObjGet => {
+                config.daemon.bpffs_dir.join("maps").join(proxy_common::map::V4_RULES)
+            }
+            Attempt::WriteAllowlist => list_path.clone(),
+            Attempt::ControlSocket => config.daemon.control_socket.clone(),
+            _ => PathBuf::from("/etc/shadow"),
+        };
+        (attempt, Target { path, gate: std::process::id() })
+    });
+    let spawner = Spawner { account, log_format, escape };
+    let worker = worker::start(spawner, &listeners).map_err(DaemonError::Worker)?;
+    privileges::confine_gate()?;
     Ok(Startup {
         list,
         list_path,
         filter,
         listeners,
+        worker,
         control,
         metrics,
         config,
@@ -193,6 +214,7 @@ pub async fn serve(
         list_path,
         mut filter,
         listeners,
+        worker,
         control,
         metrics,
         config,
@@ -204,10 +226,9 @@ pub async fn serve(
     let control_listener = tokio::net::UnixListener::from_std(control).map_err(io_error)?;
     let metrics_listener = tokio::net::TcpListener::from_std(metrics).map_err(io_error)?;
     filter.forward_logs();
-    let shared_list = Arc::new(ArcSwap::from_pointee(list.clone()));
-    let proxies = listeners.start(Arc::clone(&shared_list))?;
     let socket = config.daemon.control_socket.clone();
     let drain_timeout = config.daemon.drain_timeout;
+    let worker = Worker::supervise(worker, &listeners, &list, drain_timeout);
     let capacity = config.filter.max_entries;
     let health = fleet.as_ref().map(|setup| {
         Arc::new(Health::new(&setup.config.group, &setup.host, setup.cached, list.len()))
@@ -216,8 +237,8 @@ pub async fn serve(
         list,
         list_path,
         filter,
-        shared_list,
-        proxies,
+        listeners,
+        worker,
         config,
         config_path,
         overrides,
@@ -241,7 +262,9 @@ pub async fn serve(
             let state = Arc::clone(&state);
             Box::pin(async move {
                 let state = state.lock().await;
-                tokio::task::block_in_place(|| state.observe())
+                state
+                    .observe()
+                    .await
                     .map_err(|e| crate::status::NotReady::Unobservable { reason: e.to_string() })
             })
         })
@@ -266,8 +289,7 @@ pub async fn serve(
                     .map(|now| vec![sd_notify::NotifyState::Reloading, now])
                     .unwrap_or_else(|_| vec![sd_notify::NotifyState::Reloading]);
                 notify_systemd(&reloading);
-                let mut state = state.lock().await;
-                tokio::task::block_in_place(|| state.reload());
+                state.lock().await.reload().await;
                 notify_systemd(&[sd_notify::NotifyState::Ready]);
             }
         }
@@ -279,11 +301,11 @@ pub async fn serve(
     fleet_tasks.iter().for_each(tokio::task::JoinHandle::abort);
     // Taking the lock waits for a change in flight: it finishes (and is
     // acknowledged) or never starts.
-    let mut state = state.lock().await;
+    let state = state.lock().await;
     if let Err(e) = std::fs::remove_file(&socket) {
         tracing::warn!("cannot remove {}: {e}", socket.display());
     }
-    state.proxies.drain(drain_timeout).await;
+    state.worker.drain(drain_timeout).await;
     Ok(())
 }
 

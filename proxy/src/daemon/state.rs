@@ -14,18 +14,21 @@ use crate::{
     filter::{Filter, FilterError},
     fleet::Health,
     preflight,
-    proxy::{Proxies, SharedAllowlist},
-    status::{ListReload, Observation, Status},
+    status::{ListReload, NotReady, Observation, ReloadResult, Status},
 };
+
+use super::worker::{Listeners, Worker, WorkerReport};
 
 /// The list and what enforces it; changed only under a lock.
 pub struct State {
     pub(super) list: Allowlist,
     pub(super) list_path: PathBuf,
     pub(super) filter: Filter,
-    /// The proxy's copy of the list, for PROXY-reported client addresses.
-    pub(super) shared_list: SharedAllowlist,
-    pub(super) proxies: Proxies,
+    /// The listeners as the gate holds them (sockets, files, backends).
+    pub(super) listeners: Listeners,
+    /// The proxy worker: it serves the listeners, with its own copy of the
+    /// list for PROXY-reported client addresses.
+    pub(super) worker: Worker,
     pub(super) config: Config,
     pub(super) config_path: PathBuf,
     pub(super) overrides: Overrides,
@@ -39,15 +42,18 @@ impl State {
     /// Answers one control request. A change is validated whole, persisted,
     /// applied to the maps and only then acknowledged; a refused change
     /// leaves file and maps as they were.
-    pub fn handle(&mut self, request: Request) -> Response {
+    pub async fn handle(&mut self, request: Request) -> Response {
         match request {
             Request::Ping => Response::Pong,
             // In fleet mode, `daemon::control` sends changes to etcd instead.
             Request::Change { change, empty_ok: _ } => {
-                let changed = change
-                    .apply_to(&self.list)
-                    .map_err(ChangeRefused::from)
-                    .and_then(|next| self.change(next, Persist::Yes));
+                // Map updates are blocking syscalls; a large replace takes a while.
+                let changed = tokio::task::block_in_place(|| {
+                    change
+                        .apply_to(&self.list)
+                        .map_err(ChangeRefused::from)
+                        .and_then(|next| self.change(next, Persist::Yes))
+                });
                 match changed {
                     Ok(diff) => Response::Changed { diff, entries: self.list.len(), fleet: None },
                     Err(e) => Response::Error { message: e.to_string() },
@@ -60,8 +66,8 @@ impl State {
                     generation: health.applied(),
                 }),
             },
-            Request::Reload => self.reload(),
-            Request::Status { top_rules } => match self.status(top_rules) {
+            Request::Reload => self.reload().await,
+            Request::Status { top_rules } => match self.status(top_rules).await {
                 Ok(status) => Response::Status(Box::new(status)),
                 Err(e) => Response::Error { message: e.to_string() },
             },
@@ -127,7 +133,7 @@ impl State {
             next.len()
         );
         self.list = next;
-        self.shared_list.store(Arc::new(self.list.clone()));
+        self.worker.publish(&self.list);
         Ok(diff)
     }
 
@@ -152,7 +158,17 @@ impl State {
         ListReload::Kept { reason }
     }
 
-    fn status(&self, top_rules: usize) -> Result<Status, FilterError> {
+    async fn status(&self, top_rules: usize) -> Result<Status, FilterError> {
+        let report = self.worker.report().await;
+        tokio::task::block_in_place(|| self.status_with(top_rules, report.as_ref().ok()))
+    }
+
+    /// The status, with the worker's counters if it answered.
+    fn status_with(
+        &self,
+        top_rules: usize,
+        report: Option<&WorkerReport>,
+    ) -> Result<Status, FilterError> {
         let (ipv4_entries, ipv6_entries) = self.list.family_sizes();
         let (v4, v6) = self.filter.lookups();
         Ok(Status {
@@ -167,15 +183,17 @@ impl State {
             capacity_per_family: self.filter.capacity(),
             counters: self.filter.counters()?,
             top_rules: self.filter.rule_hits(top_rules)?,
-            listeners: self.proxies.status(),
+            listeners: self.listeners.status(report.map(|r| r.listeners.as_slice())),
             fleet: self.fleet.as_ref().map(|health| health.snapshot()),
+            gate_pid: std::process::id(),
+            worker: self.worker.status(),
         })
     }
 
     /// Logs what is about to expire among the certificates and CRLs in force.
     pub(super) fn warn_of_expiry(&self) {
         let now = crate::tls::unix_now();
-        for listener in self.proxies.status() {
+        for listener in self.listeners.status(None) {
             for lifetime in &listener.lifetimes {
                 let at = format!("listener `{}`: `{}`", listener.name, lifetime.kind.key());
                 if let Some(finding) = preflight::judge_lifetime(&at, lifetime, now) {
@@ -186,10 +204,17 @@ impl State {
     }
 
     /// What `/metrics` and `/readyz` report.
-    pub fn observe(&self) -> Result<Observation, FilterError> {
-        let ready = self.filter.verify_attachments().and_then(|()| self.proxies.verify_accepting());
+    pub async fn observe(&self) -> Result<Observation, FilterError> {
+        let report = self.worker.report().await;
+        let ready = self.filter.verify_attachments().and_then(|()| {
+            self.worker.ready()?;
+            match &report {
+                Ok(report) => self.listeners.verify_accepting(&report.listeners),
+                Err(reason) => Err(NotReady::NoWorker { reason: reason.clone() }),
+            }
+        });
         Ok(Observation {
-            status: self.status(10)?,
+            status: tokio::task::block_in_place(|| self.status_with(10, report.as_ref().ok()))?,
             ready,
             reloads_ok: self.reloads_ok,
             reloads_failed: self.reloads_failed,
@@ -201,7 +226,7 @@ impl State {
     /// and CRLs. A config that does not parse changes nothing; a listener
     /// whose files are broken keeps its previous ones. Open connections are
     /// never disturbed.
-    pub fn reload(&mut self) -> Response {
+    pub async fn reload(&mut self) -> Response {
         let next = match Config::load(&self.config_path, &self.overrides) {
             Ok(next) => next,
             Err(e) => {
@@ -225,14 +250,37 @@ impl State {
                  `filter.ports` take effect at the next start"
             );
         }
-        let allowlist = self.reload_list();
+        let allowlist = tokio::task::block_in_place(|| self.reload_list());
         self.config.listeners = next.listeners;
         self.config.filter.ports = next.filter.ports;
         // Protect new listeners' ports before they accept anything.
         if let Err(e) = self.filter.set_ports(&self.config.protected_ports()) {
             tracing::error!("reload: cannot update the protected ports: {e}");
         }
-        let outcomes = self.proxies.reload(&self.config.listeners);
+        // The gate reads the files and binds; the worker then serves the
+        // result (a listener it refuses keeps what it had there too).
+        let mut outcomes =
+            tokio::task::block_in_place(|| self.listeners.reload(&self.config.listeners));
+        match self.worker.configure(&self.listeners).await {
+            Ok(refused) => {
+                for refusal in refused {
+                    if let Some(outcome) =
+                        outcomes.iter_mut().find(|o| o.listener == refusal.listener)
+                    {
+                        outcome.result =
+                            ReloadResult::KeptPrevious(format!("the worker: {}", refusal.reason));
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("reload: the proxy worker: {e}; a new one serves the reloaded listeners"),
+        }
+        for outcome in &outcomes {
+            if outcome.result.failed() {
+                tracing::warn!(listener = %outcome.listener, "reload: {}", outcome.result);
+            } else {
+                tracing::info!(listener = %outcome.listener, "reload: {}", outcome.result);
+            }
+        }
         if outcomes.iter().any(|o| o.result.failed())
             || matches!(allowlist, ListReload::Kept { .. })
         {

@@ -20,7 +20,7 @@ pub(super) async fn connect(
 ) -> Result<Box<dyn Stream>, String> {
     let config = &settings.config;
     let connect = async {
-        let stream = TcpStream::connect(&config.backend)
+        let stream = TcpStream::connect(settings.backend_addrs.as_slice())
             .await
             .map_err(|e| format!("backend {}: {e}", config.backend))?;
         let _ = stream.set_nodelay(true);

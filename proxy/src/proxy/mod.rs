@@ -8,11 +8,15 @@
 //! relay. Every connection ends in one access-log line; every rejection in
 //! one line with its reason.
 //!
+//! It runs in the sandboxed worker process (`privsep`), which receives the
+//! listening sockets and TLS material from the gate and binds or opens
+//! nothing itself.
+//!
 //! One module per stage: `accept` (the accept loop all the daemon's servers
 //! share, and the connection limit), `connection` (the stages in order and
 //! the access log), `backend`, `relay`, `proxy_protocol`, `rejection` (the
 //! reasons); `workers` runs connections on per-core threads. This file holds
-//! the listeners: start, reload, drain, status.
+//! the listeners: configure, drain, counters.
 //!
 //! Reload swaps a listener's certificates and settings atomically; open
 //! connections keep what they started with. Shutdown stops accepting, lets
@@ -45,8 +49,8 @@ use tracing::{info, warn};
 use crate::{
     allowlist::Allowlist,
     config::ListenerConfig,
-    status::{ListenerStatus, NotReady, ReloadOutcome, ReloadResult},
-    tls::{ListenerTls, TlsError},
+    privsep::protocol::{ListenerCounters, ListenerSpec, Refused},
+    tls::ListenerTls,
 };
 use accept::AcceptLoop;
 use rejection::Rejection;
@@ -55,33 +59,12 @@ use workers::Workers;
 /// The allowlist as the proxy sees it: swapped by the daemon after each change.
 pub type SharedAllowlist = Arc<ArcSwap<Allowlist>>;
 
-/// Why the listeners could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    /// A listener's TLS material is unusable.
-    #[error("listener `{listener}`: {source}")]
-    Tls {
-        listener: String,
-        #[source]
-        source: TlsError,
-    },
-    /// The bind address is taken or not local.
-    #[error("listener `{listener}`: cannot listen on {address}: {source}")]
-    Bind {
-        listener: String,
-        address: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-    /// The connection worker threads could not start.
-    #[error("cannot start the connection workers: {0}")]
-    Workers(#[source] io::Error),
-}
-
 /// A listener's settings and TLS material, replaced whole on reload.
 pub struct Settings {
     config: ListenerConfig,
     tls: ListenerTls,
+    /// `config.backend`, resolved by the gate.
+    backend_addrs: Vec<SocketAddr>,
 }
 
 /// Counters of one listener, for `edgegate status`.
@@ -111,7 +94,7 @@ struct Listener {
     accepting: tokio::task::JoinHandle<()>,
 }
 
-/// Every listener of the daemon, and the connections they accepted.
+/// Every listener of the worker, and the connections they accepted.
 pub struct Proxies {
     listeners: BTreeMap<String, Listener>,
     allowlist: SharedAllowlist,
@@ -121,45 +104,22 @@ pub struct Proxies {
     workers: Arc<Workers>,
 }
 
-/// Listeners with their TLS material loaded and their sockets bound, not
-/// accepting yet.
-pub struct Prepared(Vec<(Settings, std::net::TcpListener)>);
-
-impl Prepared {
-    /// Loads every listener's TLS material and binds every address; fails
-    /// whole, so that a daemon never starts with half its listeners.
-    pub fn new(configs: &[ListenerConfig]) -> Result<Self, ProxyError> {
-        configs.iter().map(prepare).collect::<Result<Vec<_>, _>>().map(Self)
-    }
-
-    /// Starts the connection workers, one per core, and accepting.
-    pub fn start(self, allowlist: SharedAllowlist) -> Result<Proxies, ProxyError> {
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        let workers = Workers::start(cores).map_err(ProxyError::Workers)?;
-        let mut proxies = Proxies {
+impl Proxies {
+    /// Starts the connection workers, one per core; no listener yet.
+    pub fn start(allowlist: SharedAllowlist, cores: usize) -> Result<Self, io::Error> {
+        Ok(Self {
             listeners: BTreeMap::new(),
             allowlist,
             connections: TaskTracker::new(),
             close_all: CancellationToken::new(),
-            workers: Arc::new(workers),
-        };
-        for (settings, socket) in self.0 {
-            proxies.spawn(settings, socket);
-        }
-        Ok(proxies)
+            workers: Arc::new(Workers::start(cores)?),
+        })
     }
-}
 
-impl Proxies {
-    fn spawn(&mut self, settings: Settings, socket: std::net::TcpListener) {
+    fn spawn(&mut self, settings: Settings, socket: std::net::TcpListener) -> io::Result<()> {
         let name = settings.config.name.clone();
-        let socket = match TcpListener::from_std(socket) {
-            Ok(socket) => socket,
-            Err(e) => {
-                warn!(listener = %name, "cannot listen: {e}");
-                return;
-            }
-        };
+        socket.set_nonblocking(true)?;
+        let socket = TcpListener::from_std(socket)?;
         info!(
             listener = %name,
             bind = %settings.config.bind,
@@ -183,61 +143,57 @@ impl Proxies {
         let accepting = tokio::spawn(accept.run(stop_accepting.clone()));
         self.listeners
             .insert(name, Listener { settings, counters, limit, stop_accepting, accepting });
+        Ok(())
     }
 
-    /// Applies a new set of listener configs. A listener whose new files do
-    /// not load keeps its previous settings, and the outcome says why.
-    /// Established connections are never touched.
-    pub fn reload(&mut self, configs: &[ListenerConfig]) -> Vec<ReloadOutcome> {
-        let mut outcomes = Vec::new();
-        let wanted: BTreeMap<&str, &ListenerConfig> =
-            configs.iter().map(|c| (c.name.as_str(), c)).collect();
-        let stale: Vec<String> = self
-            .listeners
-            .iter()
-            .filter(|(name, listener)| {
-                wanted
-                    .get(name.as_str())
-                    .is_none_or(|c| c.bind != listener.settings.load().config.bind)
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in stale {
-            if let Some(listener) = self.listeners.remove(&name) {
+    /// Serves exactly `listeners` (each with its listening socket): stops
+    /// the others, swaps the settings of those already running (open
+    /// connections keep theirs) and starts the new ones. A listener whose
+    /// material does not build keeps what it had (or does not start).
+    pub fn configure(
+        &mut self,
+        listeners: Vec<(ListenerSpec, std::net::TcpListener)>,
+    ) -> Vec<Refused> {
+        let wanted: BTreeMap<&str, SocketAddr> =
+            listeners.iter().map(|(spec, _)| (spec.config.name.as_str(), spec.config.bind)).collect();
+        self.listeners.retain(|name, listener| {
+            let keep = wanted.get(name.as_str()) == Some(&listener.settings.load().config.bind);
+            if !keep {
+                info!(listener = %name, "stopped accepting");
                 listener.stop_accepting.cancel();
-                outcomes.push(ReloadOutcome { listener: name, result: ReloadResult::Stopped });
             }
-        }
-        for config in configs {
-            let outcome = match self.listeners.get(&config.name) {
-                Some(listener) => match ListenerTls::load(config) {
-                    Ok(tls) => {
-                        resize(
-                            &listener.limit,
-                            listener.settings.load().config.max_connections,
-                            config.max_connections,
-                        );
-                        listener.settings.store(Arc::new(Settings { config: config.clone(), tls }));
-                        ReloadResult::Reloaded
-                    }
-                    Err(e) => ReloadResult::KeptPrevious(e.to_string()),
-                },
-                None => match prepare(config) {
-                    Ok((settings, socket)) => {
-                        self.spawn(settings, socket);
-                        ReloadResult::Started
-                    }
-                    Err(e) => ReloadResult::NotStarted(e.to_string()),
-                },
+            keep
+        });
+        let mut refused = Vec::new();
+        for (spec, socket) in listeners {
+            let ListenerSpec { config, backend_addrs, material } = spec;
+            let name = config.name.clone();
+            let settings = match ListenerTls::build(&config, &material) {
+                Ok(tls) => Settings { config, tls, backend_addrs },
+                Err(e) => {
+                    warn!(listener = %name, "cannot build its TLS config: {e}");
+                    refused.push(Refused { listener: name, reason: e.to_string() });
+                    continue;
+                }
             };
-            if outcome.failed() {
-                warn!(listener = %config.name, "reload: {outcome}");
-            } else {
-                info!(listener = %config.name, "reload: {outcome}");
+            match self.listeners.get(&name) {
+                Some(listener) => {
+                    resize(
+                        &listener.limit,
+                        listener.settings.load().config.max_connections,
+                        settings.config.max_connections,
+                    );
+                    listener.settings.store(Arc::new(settings));
+                }
+                None => {
+                    if let Err(e) = self.spawn(settings, socket) {
+                        warn!(listener = %name, "cannot listen: {e}");
+                        refused.push(Refused { listener: name, reason: e.to_string() });
+                    }
+                }
             }
-            outcomes.push(ReloadOutcome { listener: config.name.clone(), result: outcome });
         }
-        outcomes
+        refused
     }
 
     /// Stops accepting, waits up to `timeout` for open connections to
@@ -258,37 +214,22 @@ impl Proxies {
         }
     }
 
-    /// Whether every listener's accept loop is running.
-    pub fn verify_accepting(&self) -> Result<(), NotReady> {
-        match self.listeners.iter().find(|(_, l)| l.accepting.is_finished()) {
-            Some((name, _)) => Err(NotReady::NotAccepting { listener: name.clone() }),
-            None => Ok(()),
-        }
-    }
-
-    pub fn status(&self) -> Vec<ListenerStatus> {
+    /// Every listener's counters, for the gate's `status` and `/metrics`.
+    pub fn counters(&self) -> Vec<ListenerCounters> {
         self.listeners
             .iter()
             .map(|(name, listener)| {
-                let settings = listener.settings.load();
                 let counters = &listener.counters;
-                ListenerStatus {
+                ListenerCounters {
                     name: name.clone(),
-                    bind: settings.config.bind,
-                    backend: settings.config.backend.clone(),
+                    accepting: !listener.accepting.is_finished(),
                     active: counters.active.load(Ordering::Relaxed),
                     handshakes_ok: counters.handshakes_ok.load(Ordering::Relaxed),
-                    rejected: Rejection::ALL
-                        .iter()
-                        .zip(&counters.rejected)
-                        .map(|(r, c)| (r.as_str().to_owned(), c.load(Ordering::Relaxed)))
-                        .filter(|(_, n)| *n > 0)
-                        .collect(),
+                    rejected: counters.rejected.iter().map(|c| c.load(Ordering::Relaxed)).collect(),
                     bytes_from_clients: counters.bytes_in.load(Ordering::Relaxed),
                     bytes_to_clients: counters.bytes_out.load(Ordering::Relaxed),
                     backend_failures: counters.backend_failures.load(Ordering::Relaxed),
                     relay_errors: counters.relay_errors.load(Ordering::Relaxed),
-                    lifetimes: settings.tls.lifetimes.clone(),
                 }
             })
             .collect()
@@ -304,15 +245,4 @@ fn resize(limit: &Semaphore, old: usize, new: usize) {
         // converges as connections end.
         limit.forget_permits(old - new);
     }
-}
-
-/// Loads TLS material and binds the socket, without starting anything.
-fn prepare(config: &ListenerConfig) -> Result<(Settings, std::net::TcpListener), ProxyError> {
-    let tls = ListenerTls::load(config)
-        .map_err(|source| ProxyError::Tls { listener: config.name.clone(), source })?;
-    let bind_error =
-        |source| ProxyError::Bind { listener: config.name.clone(), address: config.bind, source };
-    let socket = std::net::TcpListener::bind(config.bind).map_err(bind_error)?;
-    socket.set_nonblocking(true).map_err(bind_error)?;
-    Ok((Settings { config: config.clone(), tls }, socket))
 }

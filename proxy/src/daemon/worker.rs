@@ -1,0 +1,788 @@
+//! The gate's side of the proxy worker: the listeners it hands over
+//! ([`Listeners`]: sockets bound, TLS files read and checked, backends
+//! resolved, all by the gate) and the worker process itself ([`Worker`]:
+//! started, checked from `/proc`, fed, asked for counters, restarted with
+//! backoff when it dies, drained at shutdown).
+//!
+//! Every frame from the worker is hostile: bounded, strictly decoded, and
+//! anything unexpected (an unknown message, an answer to nothing, a frame
+//! too big) gets the worker killed and replaced. Nothing it can say reaches
+//! the allowlist or the maps: it only ever answers for its counters.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    net::{SocketAddr, ToSocketAddrs as _},
+    os::fd::AsFd as _,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    net::UnixStream,
+    sync::{mpsc, oneshot, watch},
+    task::JoinHandle,
+    time::Instant,
+};
+
+use crate::{
+    allowlist::Allowlist,
+    config::ListenerConfig,
+    privsep::{
+        channel,
+        escape::{Attempt, Target},
+        protocol::{
+            self, FROM_WORKER_MAX, FrameError, FromWorker, ListenerCounters, ListenerSpec,
+            Refused, SandboxReport, ToWorker,
+        },
+        spawn::{self, Account, Launch},
+    },
+    proxy::rejection::Rejection,
+    status::{ListenerStatus, NotReady, ReloadOutcome, ReloadResult, WorkerStatus},
+    tls::{Lifetime, ListenerTls, Material, TlsError},
+};
+
+/// How long a new worker may take to sandbox itself and say so.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the worker may take to answer a request.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The first pause before starting a worker again; it doubles up to
+/// [`MAX_BACKOFF`], and starts over once a worker has served for
+/// [`STABLE_AFTER`].
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+
+/// Why a listener cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    /// Its TLS material is unusable.
+    #[error("listener `{listener}`: {source}")]
+    Tls {
+        listener: String,
+        #[source]
+        source: TlsError,
+    },
+    /// The bind address is taken or not local.
+    #[error("listener `{listener}`: cannot listen on {address}: {source}")]
+    Bind {
+        listener: String,
+        address: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    /// The backend's name does not resolve.
+    #[error("listener `{listener}`: backend `{backend}` does not resolve: {source}")]
+    Resolve {
+        listener: String,
+        backend: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// One listener as the gate holds it.
+struct Held {
+    config: ListenerConfig,
+    socket: Arc<std::net::TcpListener>,
+    material: Material,
+    backend_addrs: Vec<SocketAddr>,
+    lifetimes: Vec<Lifetime>,
+}
+
+impl Held {
+    /// Reads and checks the TLS files and resolves the backend; the socket
+    /// is bound by the caller, or kept from the running listener.
+    fn load(
+        config: &ListenerConfig,
+        socket: Arc<std::net::TcpListener>,
+    ) -> Result<Self, ListenerError> {
+        let listener = config.name.clone();
+        let tls_error = |source| ListenerError::Tls { listener: listener.clone(), source };
+        let material = Material::read(config).map_err(tls_error)?;
+        let tls = ListenerTls::build(config, &material).map_err(tls_error)?;
+        let backend_addrs = resolve(&config.backend).map_err(|source| ListenerError::Resolve {
+            listener: listener.clone(),
+            backend: config.backend.clone(),
+            source,
+        })?;
+        Ok(Self { config: config.clone(), socket, material, backend_addrs, lifetimes: tls.lifetimes })
+    }
+
+    fn bind(config: &ListenerConfig) -> Result<Arc<std::net::TcpListener>, ListenerError> {
+        let error = |source| ListenerError::Bind {
+            listener: config.name.clone(),
+            address: config.bind,
+            source,
+        };
+        Ok(Arc::new(std::net::TcpListener::bind(config.bind).map_err(error)?))
+    }
+
+    fn spec(&self) -> ListenerSpec {
+        ListenerSpec {
+            config: self.config.clone(),
+            backend_addrs: self.backend_addrs.clone(),
+            material: self.material.clone(),
+        }
+    }
+}
+
+/// Every address of `backend` (`host:port`); at least one.
+fn resolve(backend: &str) -> io::Result<Vec<SocketAddr>> {
+    let addrs: Vec<SocketAddr> = backend.to_socket_addrs()?.collect();
+    if addrs.is_empty() {
+        return Err(io::Error::other("no address"));
+    }
+    Ok(addrs)
+}
+
+/// The listeners, as handed to the worker.
+pub struct Listeners(BTreeMap<String, Held>);
+
+impl Listeners {
+    /// Reads every listener's files, resolves its backend and binds its
+    /// address; fails whole, so that a daemon never starts with half its
+    /// listeners.
+    pub fn prepare(configs: &[ListenerConfig]) -> Result<Self, ListenerError> {
+        let mut held = BTreeMap::new();
+        for config in configs {
+            held.insert(config.name.clone(), Held::load(config, Held::bind(config)?)?);
+        }
+        Ok(Self(held))
+    }
+
+    /// Applies a new set of listener configs. A listener whose new files do
+    /// not load keeps its previous ones, and the outcome says why.
+    pub fn reload(&mut self, configs: &[ListenerConfig]) -> Vec<ReloadOutcome> {
+        let mut outcomes = Vec::new();
+        let wanted: BTreeMap<&str, SocketAddr> =
+            configs.iter().map(|c| (c.name.as_str(), c.bind)).collect();
+        self.0.retain(|name, held| {
+            let keep = wanted.get(name.as_str()) == Some(&held.config.bind);
+            if !keep {
+                outcomes.push(ReloadOutcome { listener: name.clone(), result: ReloadResult::Stopped });
+            }
+            keep
+        });
+        for config in configs {
+            let result = match self.0.get(&config.name) {
+                Some(running) => match Held::load(config, Arc::clone(&running.socket)) {
+                    Ok(held) => {
+                        self.0.insert(config.name.clone(), held);
+                        ReloadResult::Reloaded
+                    }
+                    Err(e) => ReloadResult::KeptPrevious(e.to_string()),
+                },
+                None => match Held::bind(config).and_then(|socket| Held::load(config, socket)) {
+                    Ok(held) => {
+                        self.0.insert(config.name.clone(), held);
+                        ReloadResult::Started
+                    }
+                    Err(e) => ReloadResult::NotStarted(e.to_string()),
+                },
+            };
+            outcomes.push(ReloadOutcome { listener: config.name.clone(), result });
+        }
+        outcomes
+    }
+
+    fn desired(&self) -> Desired {
+        Desired {
+            specs: self.0.values().map(Held::spec).collect(),
+            sockets: self.0.values().map(|held| Arc::clone(&held.socket)).collect(),
+            connect_ports: self.0.values().flat_map(|h| h.backend_addrs.iter().map(SocketAddr::port)).collect(),
+        }
+    }
+
+    /// The listeners' status, with the counters the worker reported.
+    pub fn status(&self, report: Option<&[ListenerCounters]>) -> Vec<ListenerStatus> {
+        self.0
+            .values()
+            .map(|held| {
+                let counters = report.and_then(|r| r.iter().find(|c| c.name == held.config.name));
+                let count = |pick: fn(&ListenerCounters) -> u64| counters.map_or(0, pick);
+                ListenerStatus {
+                    name: held.config.name.clone(),
+                    bind: held.config.bind,
+                    backend: held.config.backend.clone(),
+                    active: count(|c| c.active),
+                    handshakes_ok: count(|c| c.handshakes_ok),
+                    rejected: counters
+                        .map(|c| {
+                            Rejection::ALL
+                                .iter()
+                                .zip(&c.rejected)
+                                .filter(|(_, n)| **n > 0)
+                                .map(|(r, n)| (r.as_str().to_owned(), *n))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    bytes_from_clients: count(|c| c.bytes_from_clients),
+                    bytes_to_clients: count(|c| c.bytes_to_clients),
+                    backend_failures: count(|c| c.backend_failures),
+                    relay_errors: count(|c| c.relay_errors),
+                    lifetimes: held.lifetimes.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Whether the worker accepts on every listener, per its report.
+    pub fn verify_accepting(&self, report: &[ListenerCounters]) -> Result<(), NotReady> {
+        match self.0.keys().find(|name| !report.iter().any(|c| &&c.name == name && c.accepting)) {
+            Some(name) => Err(NotReady::NotAccepting { listener: name.clone() }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// What every worker must serve: a new one gets it whole.
+#[derive(Clone)]
+struct Desired {
+    specs: Vec<ListenerSpec>,
+    sockets: Vec<Arc<std::net::TcpListener>>,
+    connect_ports: BTreeSet<u16>,
+}
+
+/// How the gate starts workers.
+pub struct Spawner {
+    pub account: Account,
+    pub log_format: String,
+    /// Test only: what each worker tries once sandboxed.
+    pub escape: Option<(Attempt, Target)>,
+}
+
+impl Spawner {
+    fn spawn(&self, connect_ports: &BTreeSet<u16>) -> io::Result<(std::process::Child, std::os::unix::net::UnixStream)> {
+        let ports: Vec<u16> = connect_ports.iter().copied().collect();
+        spawn::spawn(&Launch {
+            account: &self.account,
+            log_format: &self.log_format,
+            connect_ports: &ports,
+            escape: self.escape.as_ref().map(|(attempt, target)| (*attempt, target)),
+        })
+    }
+}
+
+/// A worker started (at start-up, before the runtime's threads exist) but
+/// not yet supervised.
+pub struct Started {
+    spawner: Spawner,
+    first: (std::process::Child, std::os::unix::net::UnixStream),
+    ports: BTreeSet<u16>,
+}
+
+/// Starts the first worker for `listeners`.
+pub fn start(spawner: Spawner, listeners: &Listeners) -> io::Result<Started> {
+    let ports = listeners.desired().connect_ports;
+    let first = spawner.spawn(&ports)?;
+    Ok(Started { spawner, first, ports })
+}
+
+/// Where the worker stands.
+#[derive(Clone, Debug)]
+enum Phase {
+    Starting,
+    Serving { pid: u32, sandbox: SandboxReport },
+    Down { reason: String },
+}
+
+enum Command {
+    Configure { reply: oneshot::Sender<Result<Vec<Refused>, String>>, desired: Desired },
+    Report { reply: oneshot::Sender<Result<WorkerReport, String>> },
+    Drain { timeout: Duration, reply: oneshot::Sender<()> },
+}
+
+/// The worker's answer to a report request.
+pub struct WorkerReport {
+    pub listeners: Vec<ListenerCounters>,
+}
+
+/// The gate's handle on the worker.
+pub struct Worker {
+    commands: mpsc::Sender<Command>,
+    phase: watch::Receiver<Phase>,
+    restarts: Arc<AtomicU64>,
+    user: String,
+    allowlist: watch::Sender<(u64, Arc<Allowlist>)>,
+    supervisor: JoinHandle<()>,
+}
+
+impl Worker {
+    /// Supervises the worker `started` started; `list` is the allowlist in
+    /// force; a worker replaced on reload drains for up to `drain_timeout`.
+    pub fn supervise(
+        started: Started,
+        listeners: &Listeners,
+        list: &Allowlist,
+        drain_timeout: Duration,
+    ) -> Self {
+        let (commands, receiver) = mpsc::channel(16);
+        let (phase_tx, phase) = watch::channel(Phase::Starting);
+        let (allowlist, allowlist_rx) = watch::channel((1, Arc::new(list.clone())));
+        let restarts = Arc::new(AtomicU64::new(0));
+        let user = started.spawner.account.name.clone();
+        let supervisor = Supervisor {
+            spawner: started.spawner,
+            desired: listeners.desired(),
+            commands: receiver,
+            phase: phase_tx,
+            allowlist: allowlist_rx,
+            restarts: Arc::clone(&restarts),
+            next_id: 0,
+            retire_timeout: drain_timeout,
+        };
+        let supervisor = tokio::spawn(supervisor.run(started.first, started.ports));
+        Self { commands, phase, restarts, user, allowlist, supervisor }
+    }
+
+    /// Sends the worker the allowlist now in force.
+    pub fn publish(&self, list: &Allowlist) {
+        self.allowlist.send_modify(|(generation, current)| {
+            *generation += 1;
+            *current = Arc::new(list.clone());
+        });
+    }
+
+    /// Has the worker serve `listeners` as they now are; the listeners it
+    /// refuses keep what they had.
+    pub async fn configure(&self, listeners: &Listeners) -> Result<Vec<Refused>, String> {
+        let (reply, answer) = oneshot::channel();
+        self.ask(Command::Configure { reply, desired: listeners.desired() }).await?;
+        answer.await.map_err(|_| "the supervisor stopped".to_owned())?
+    }
+
+    /// The worker's counters; an error while none serves.
+    pub async fn report(&self) -> Result<WorkerReport, String> {
+        let (reply, answer) = oneshot::channel();
+        self.ask(Command::Report { reply }).await?;
+        answer.await.map_err(|_| "the supervisor stopped".to_owned())?
+    }
+
+    /// Drains the worker's connections (up to `timeout`) and stops it.
+    pub async fn drain(&self, timeout: Duration) {
+        let (reply, answer) = oneshot::channel();
+        if self.ask(Command::Drain { timeout, reply }).await.is_ok() {
+            let _ = answer.await;
+        }
+    }
+
+    async fn ask(&self, command: Command) -> Result<(), String> {
+        self.commands.send(command).await.map_err(|_| "the supervisor stopped".to_owned())
+    }
+
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
+    /// Ready when a worker serves.
+    pub fn ready(&self) -> Result<(), NotReady> {
+        match &*self.phase.borrow() {
+            Phase::Serving { .. } => Ok(()),
+            Phase::Starting => Err(NotReady::NoWorker { reason: "one is starting".into() }),
+            Phase::Down { reason } => Err(NotReady::NoWorker { reason: reason.clone() }),
+        }
+    }
+
+    pub fn status(&self) -> WorkerStatus {
+        let (pid, down, sandbox) = match &*self.phase.borrow() {
+            Phase::Serving { pid, sandbox } => (Some(*pid), None, Some(sandbox.clone())),
+            Phase::Starting => (None, Some("starting".to_owned()), None),
+            Phase::Down { reason } => (None, Some(reason.clone()), None),
+        };
+        WorkerStatus { pid, user: self.user.clone(), down, restarts: self.restarts(), sandbox }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.supervisor.abort();
+    }
+}
+
+/// How one worker's life ended.
+enum Ended {
+    /// It failed (died, misbehaved, would not start): start another.
+    Failed(String),
+    /// The backends' ports changed beyond its sandbox: a new one takes
+    /// over at once, and this one drains in the background.
+    Replaced,
+    /// Drained at shutdown, or the gate is gone.
+    Stopped,
+}
+
+struct Supervisor {
+    spawner: Spawner,
+    desired: Desired,
+    commands: mpsc::Receiver<Command>,
+    phase: watch::Sender<Phase>,
+    allowlist: watch::Receiver<(u64, Arc<Allowlist>)>,
+    restarts: Arc<AtomicU64>,
+    next_id: u64,
+    /// How long a replaced worker may take to finish its connections.
+    retire_timeout: Duration,
+}
+
+impl Supervisor {
+    async fn run(
+        mut self,
+        first: (std::process::Child, std::os::unix::net::UnixStream),
+        ports: BTreeSet<u16>,
+    ) {
+        let mut next = Some((first, ports));
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            let ((child, stream), ports) = match next.take() {
+                Some(started) => started,
+                None => {
+                    let ports = self.desired.connect_ports.clone();
+                    match self.spawner.spawn(&ports) {
+                        Ok(started) => (started, ports),
+                        Err(e) => {
+                            let reason = format!("cannot start a worker: {e}");
+                            if self.pause(reason, &mut backoff).await {
+                                return;
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+            self.phase.send_replace(Phase::Starting);
+            let started = Instant::now();
+            match self.serve(child, stream, ports).await {
+                Ended::Stopped => return,
+                Ended::Replaced => backoff = MIN_BACKOFF,
+                Ended::Failed(reason) => {
+                    if started.elapsed() >= STABLE_AFTER {
+                        backoff = MIN_BACKOFF;
+                    }
+                    if self.pause(reason, &mut backoff).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Counts and logs a failure, then waits out the backoff while still
+    /// answering commands. Returns whether to stop.
+    async fn pause(&mut self, reason: String, backoff: &mut Duration) -> bool {
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+        tracing::error!("proxy worker: {reason}; the filter stays in force; starting another in {backoff:?}");
+        self.phase.send_replace(Phase::Down { reason: reason.clone() });
+        let until = Instant::now() + *backoff;
+        *backoff = (*backoff * 2).min(MAX_BACKOFF);
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => return false,
+                command = self.commands.recv() => match command {
+                    None => return true,
+                    Some(Command::Configure { reply, desired }) => {
+                        self.desired = desired;
+                        let _ = reply.send(Ok(Vec::new()));
+                    }
+                    Some(Command::Report { reply }) => {
+                        let _ = reply.send(Err(format!("no worker serves: {reason}")));
+                    }
+                    Some(Command::Drain { reply, .. }) => {
+                        let _ = reply.send(());
+                        return true;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Runs one worker to its end.
+    async fn serve(
+        &mut self,
+        child: std::process::Child,
+        stream: std::os::unix::net::UnixStream,
+        ports: BTreeSet<u16>,
+    ) -> Ended {
+        let mut link = match Link::new(child, stream) {
+            Ok(link) => link,
+            Err(e) => return Ended::Failed(format!("cannot talk to the worker: {e}")),
+        };
+        let pid = link.pid;
+        let sandbox = match tokio::time::timeout(READY_TIMEOUT, link.next()).await {
+            Ok(Ok(FromWorker::Ready { sandbox })) => sandbox,
+            Ok(Ok(other)) => return link.fail(format!("sent {other:?} before Ready")).await,
+            Ok(Err(e)) => return link.fail(e).await,
+            Err(_) => return link.fail(format!("not ready within {READY_TIMEOUT:?}")).await,
+        };
+        if let Err(e) = verify_confined(pid) {
+            return link.fail(format!("not confined: {e}")).await;
+        }
+        let (generation, list) = self.allowlist.borrow_and_update().clone();
+        if let Err(e) = link.send_allowlist(generation, &list).await {
+            return link.fail(e).await;
+        }
+        let desired = self.desired.clone();
+        match self.configure(&mut link, &desired).await {
+            Ok(_) => {}
+            Err(e) => return link.fail(e).await,
+        }
+        tracing::info!(pid, "proxy worker serves");
+        self.phase.send_replace(Phase::Serving { pid, sandbox });
+        loop {
+            tokio::select! {
+                status = &mut link.exited => {
+                    link.reaped = true;
+                    return Ended::Failed(describe_exit(pid, status));
+                }
+                message = link.messages.recv() => {
+                    let why = match message {
+                        Some(Ok(message)) => format!("sent {message:?} unasked"),
+                        Some(Err(e)) => e,
+                        None => "closed the channel".to_owned(),
+                    };
+                    return link.fail(why).await;
+                }
+                changed = self.allowlist.changed() => {
+                    if changed.is_err() {
+                        return link.stop().await;
+                    }
+                    let (generation, list) = self.allowlist.borrow_and_update().clone();
+                    if let Err(e) = link.send_allowlist(generation, &list).await {
+                        return link.fail(e).await;
+                    }
+                }
+                command = self.commands.recv() => match command {
+                    None => return link.stop().await,
+                    Some(Command::Configure { reply, desired }) => {
+                        let outgrown = !desired.connect_ports.is_subset(&ports);
+                        self.desired = desired.clone();
+                        if outgrown {
+                            // Landlock cannot widen: a new worker, with the
+                            // new ports, takes the listeners over.
+                            tracing::info!(pid, "backend ports changed: a new proxy worker takes over, this one drains");
+                            let _ = reply.send(Ok(Vec::new()));
+                            link.retire(self.retire_timeout);
+                            return Ended::Replaced;
+                        }
+                        match self.configure(&mut link, &desired).await {
+                            Ok(refused) => { let _ = reply.send(Ok(refused)); }
+                            Err(e) => {
+                                let _ = reply.send(Err(e.clone()));
+                                return link.fail(e).await;
+                            }
+                        }
+                    }
+                    Some(Command::Report { reply }) => {
+                        let id = self.id();
+                        let answer = link.ask(&ToWorker::Report { id }, &[]).await.and_then(|message| match message {
+                            FromWorker::Report { id: got, listeners, .. } if got == id => Ok(WorkerReport { listeners }),
+                            other => Err(format!("answered a report with {other:?}")),
+                        });
+                        match answer {
+                            Ok(report) => { let _ = reply.send(Ok(report)); }
+                            Err(e) => {
+                                let _ = reply.send(Err(e.clone()));
+                                return link.fail(e).await;
+                            }
+                        }
+                    }
+                    Some(Command::Drain { timeout, reply }) => {
+                        link.drain(timeout).await;
+                        self.phase.send_replace(Phase::Down { reason: "stopped".into() });
+                        let _ = reply.send(());
+                        return Ended::Stopped;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn configure(&mut self, link: &mut Link, desired: &Desired) -> Result<Vec<Refused>, String> {
+        let id = self.id();
+        let fds: Vec<_> = desired.sockets.iter().map(|s| s.as_fd()).collect();
+        let message = ToWorker::Configure { id, listeners: desired.specs.clone() };
+        match link.ask(&message, &fds).await? {
+            FromWorker::Configured { id: got, refused } if got == id => Ok(refused),
+            other => Err(format!("answered a configuration with {other:?}")),
+        }
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+}
+
+/// One running worker: its channel, and its exit.
+struct Link {
+    pid: u32,
+    stream: UnixStream,
+    messages: mpsc::Receiver<Result<FromWorker, String>>,
+    exited: JoinHandle<io::Result<std::process::ExitStatus>>,
+    reaped: bool,
+}
+
+impl Link {
+    fn new(child: std::process::Child, stream: std::os::unix::net::UnixStream) -> io::Result<Self> {
+        let pid = child.id();
+        let mut child = child;
+        let exited = tokio::task::spawn_blocking(move || child.wait());
+        stream.set_nonblocking(true)?;
+        let stream = UnixStream::from_std(stream)?;
+        // A second handle for the reader: frames are read in a task of
+        // their own, so that no select ever cuts one in half.
+        let reader = UnixStream::from_std(std::os::unix::net::UnixStream::from(stream.as_fd().try_clone_to_owned()?))?;
+        let (sender, messages) = mpsc::channel(4);
+        tokio::spawn(read_frames(reader, sender));
+        Ok(Self { pid, stream, messages, exited, reaped: false })
+    }
+
+    async fn next(&mut self) -> Result<FromWorker, String> {
+        match self.messages.recv().await {
+            Some(message) => message,
+            None => Err("closed the channel".into()),
+        }
+    }
+
+    async fn send(&mut self, message: &ToWorker, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<(), String> {
+        channel::send(&mut self.stream, &protocol::encode(message), fds)
+            .await
+            .map_err(|e| format!("cannot write to the worker: {e}"))
+    }
+
+    async fn ask(&mut self, message: &ToWorker, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<FromWorker, String> {
+        self.send(message, fds).await?;
+        match tokio::time::timeout(REPLY_TIMEOUT, self.next()).await {
+            Ok(answer) => answer,
+            Err(_) => Err(format!("no answer within {REPLY_TIMEOUT:?}")),
+        }
+    }
+
+    async fn send_allowlist(&mut self, generation: u64, list: &Allowlist) -> Result<(), String> {
+        let text = tokio::task::block_in_place(|| list.render());
+        self.send(&ToWorker::Allowlist { generation, text }, &[]).await
+    }
+
+    /// Kills the worker for `why`, and waits for it.
+    async fn fail(mut self, why: impl std::fmt::Display) -> Ended {
+        let pid = self.pid;
+        self.kill();
+        let status = (&mut self.exited).await;
+        self.reaped = true;
+        Ended::Failed(format!("{why}; {}", describe_exit(pid, status)))
+    }
+
+    /// The gate is going away without a drain: the worker goes too.
+    async fn stop(mut self) -> Ended {
+        self.kill();
+        let _ = (&mut self.exited).await;
+        self.reaped = true;
+        Ended::Stopped
+    }
+
+    async fn drain(&mut self, timeout: Duration) {
+        let pid = self.pid;
+        let drained = async {
+            self.send(&ToWorker::Drain { timeout }, &[]).await?;
+            match self.next().await? {
+                FromWorker::Drained => Ok(()),
+                other => Err(format!("answered a drain with {other:?}")),
+            }
+        };
+        match tokio::time::timeout(timeout + REPLY_TIMEOUT, drained).await {
+            Ok(Ok(())) => tracing::info!(pid, "proxy worker drained"),
+            Ok(Err(e)) => tracing::warn!(pid, "proxy worker drain: {e}"),
+            Err(_) => tracing::warn!(pid, "proxy worker did not drain in time"),
+        }
+        // It exits after `Drained`; anything left is killed.
+        if tokio::time::timeout(REPLY_TIMEOUT, &mut self.exited).await.is_err() {
+            self.kill();
+            let _ = (&mut self.exited).await;
+        }
+        self.reaped = true;
+    }
+
+    /// Drains in the background (a worker replaced on reload).
+    fn retire(mut self, timeout: Duration) {
+        tokio::spawn(async move { self.drain(timeout).await });
+    }
+
+    fn kill(&self) {
+        if !self.reaped && !self.exited.is_finished() {
+            let pid = nix::unistd::Pid::from_raw(self.pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Reads the worker's frames until one is bad or the channel closes.
+async fn read_frames(mut reader: UnixStream, messages: mpsc::Sender<Result<FromWorker, String>>) {
+    loop {
+        let message = match protocol::read_frame(&mut reader, FROM_WORKER_MAX).await {
+            Ok(body) => protocol::decode_from_worker(&body),
+            Err(e) => Err(e),
+        };
+        let last = message.is_err();
+        let message = message.map_err(|e| match e {
+            FrameError::Closed => "closed the channel".to_owned(),
+            e => format!("protocol violation: {e}"),
+        });
+        if messages.send(message).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+fn describe_exit(pid: u32, status: Result<io::Result<std::process::ExitStatus>, tokio::task::JoinError>) -> String {
+    use std::os::unix::process::ExitStatusExt as _;
+    match status {
+        Ok(Ok(status)) => match (status.code(), status.signal()) {
+            (_, Some(signal)) => {
+                let name = nix::sys::signal::Signal::try_from(signal).map_or_else(|_| signal.to_string(), |s| s.to_string());
+                let hint = if signal == libc::SIGSYS { " (a system call its seccomp filter forbids)" } else { "" };
+                format!("worker {pid} was killed by {name}{hint}")
+            }
+            (Some(code), None) => format!("worker {pid} exited with status {code}"),
+            (None, None) => format!("worker {pid} ended"),
+        },
+        Ok(Err(e)) => format!("worker {pid}: cannot wait for it: {e}"),
+        Err(e) => format!("worker {pid}: {e}"),
+    }
+}
+
+/// Checks from `/proc`, for every thread of `pid`, what the worker is
+/// supposed to have done to itself: not root, no capability in any set,
+/// `no_new_privs`, seccomp filtering.
+fn verify_confined(pid: u32) -> Result<(), String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| format!("/proc/{pid}/task: {e}"))?;
+    for task in tasks {
+        let path = task.map_err(|e| e.to_string())?.path().join("status");
+        let status = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+                .ok_or_else(|| format!("{}: no {name}", path.display()))
+        };
+        if field("Uid")?.split_whitespace().any(|uid| uid == "0") {
+            return Err(format!("{}: runs as root", path.display()));
+        }
+        for set in ["CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"] {
+            if u64::from_str_radix(field(set)?, 16).map_err(|e| e.to_string())? != 0 {
+                return Err(format!("{}: {set} is not empty", path.display()));
+            }
+        }
+        if field("NoNewPrivs")? != "1" || field("Seccomp")? != "2" {
+            return Err(format!("{}: no_new_privs or seccomp missing", path.display()));
+        }
+    }
+    Ok(())
+}

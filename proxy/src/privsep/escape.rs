@@ -1,0 +1,119 @@
+//! Test only (`edgegate run --worker-escape`): once sandboxed, the worker
+//! tries one forbidden thing and logs the outcome, so that the tests can
+//! watch each attempt fail from outside. seccomp kills the worker for most
+//! of them (the gate then starts a new one); the others come back refused.
+
+use std::{ffi::CString, io, path::PathBuf};
+
+use clap::ValueEnum;
+
+use super::protocol::{FromWorker, encode};
+
+/// Things a compromised worker would want to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Attempt {
+    /// `bpf(BPF_OBJ_GET)` on a pinned map: write access to the allowlist maps.
+    BpfObjGet,
+    /// Open the allowlist file for writing.
+    WriteAllowlist,
+    /// Read `/etc/shadow`.
+    ReadShadow,
+    /// Connect to the control socket (a UNIX socket).
+    ControlSocket,
+    /// `execve("/bin/sh")`.
+    ExecShell,
+    /// `ptrace(PTRACE_ATTACH)` on the gate.
+    PtraceGate,
+    /// Listen on a new port.
+    BindPort,
+    /// `kill(SIGKILL)` the gate.
+    KillGate,
+    /// Send the gate a frame bigger than it accepts.
+    OversizedMessage,
+    /// Send the gate a message type it does not know.
+    UnknownMessage,
+    /// Send the gate half a frame, then close.
+    TruncatedMessage,
+}
+
+/// What an attempt aims at: a path, or the gate's pid.
+pub struct Target {
+    pub path: PathBuf,
+    pub gate: u32,
+}
+
+/// The frames a protocol attempt sends instead of a real message; `None`
+/// for the other attempts.
+pub fn bad_frame(attempt: Attempt) -> Option<Vec<u8>> {
+    match attempt {
+        Attempt::OversizedMessage => {
+            let mut frame = (super::protocol::FROM_WORKER_MAX as u32 + 1).to_be_bytes().to_vec();
+            frame.extend(std::iter::repeat_n(b' ', 4096));
+            Some(frame)
+        }
+        Attempt::UnknownMessage => {
+            let body = br#"{"type":"allow","cidr":"0.0.0.0/0"}"#;
+            let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+            frame.extend_from_slice(body);
+            Some(frame)
+        }
+        Attempt::TruncatedMessage => {
+            let frame = encode(&FromWorker::Drained);
+            Some(frame[..frame.len() - 2].to_vec())
+        }
+        _ => None,
+    }
+}
+
+/// Makes a system-level attempt; returns only if it was refused (or, which
+/// the tests treat as a failure, if it succeeded).
+pub fn attempt(attempt: Attempt, target: &Target) -> io::Result<String> {
+    let path = CString::new(target.path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let gate = target.gate as libc::pid_t;
+    let check = |rc: libc::c_long| {
+        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(format!("returned {rc}")) }
+    };
+    match attempt {
+        Attempt::BpfObjGet => {
+            // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags.
+            #[repr(C)]
+            struct ObjGet {
+                pathname: u64,
+                bpf_fd: u32,
+                file_flags: u32,
+            }
+            let attr = ObjGet { pathname: path.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
+            // SAFETY: attr outlives the call and has the layout the kernel reads.
+            check(unsafe {
+                libc::syscall(libc::SYS_bpf, 7 /* BPF_OBJ_GET */, &attr, size_of::<ObjGet>())
+            })
+        }
+        Attempt::WriteAllowlist => {
+            std::fs::OpenOptions::new().append(true).open(&target.path)?;
+            Ok("opened for writing".into())
+        }
+        Attempt::ReadShadow => std::fs::read("/etc/shadow").map(|b| format!("read {} bytes", b.len())),
+        Attempt::ControlSocket => {
+            std::os::unix::net::UnixStream::connect(&target.path)?;
+            Ok("connected".into())
+        }
+        Attempt::ExecShell => {
+            let shell = c"/bin/sh";
+            let argv = [shell.as_ptr(), std::ptr::null()];
+            let envp = [std::ptr::null()];
+            // SAFETY: null-terminated argument and environment arrays.
+            check(unsafe { libc::execve(shell.as_ptr(), argv.as_ptr(), envp.as_ptr()) }.into())
+        }
+        Attempt::PtraceGate => {
+            // SAFETY: plain syscall; the result is checked.
+            check(unsafe { libc::ptrace(libc::PTRACE_ATTACH, gate, 0, 0) })
+        }
+        Attempt::BindPort => std::net::TcpListener::bind("127.0.0.1:0")
+            .map(|l| format!("listening on {:?}", l.local_addr())),
+        // SAFETY: plain syscall; the result is checked.
+        Attempt::KillGate => check(unsafe { libc::kill(gate, libc::SIGKILL) }.into()),
+        Attempt::OversizedMessage | Attempt::UnknownMessage | Attempt::TruncatedMessage => {
+            Err(io::Error::other("a protocol attempt, made by the worker's loop"))
+        }
+    }
+}

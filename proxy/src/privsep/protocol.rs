@@ -1,0 +1,282 @@
+//! The socketpair protocol between the gate and the proxy worker: frames of
+//! a 4-byte big-endian length and one JSON message, decoded strictly
+//! (unknown types and fields are errors). The gate treats every frame from
+//! the worker as hostile: bounded at [`FROM_WORKER_MAX`], and nothing in
+//! [`FromWorker`] can name a list entry, a map or a file.
+
+use std::{net::SocketAddr, time::Duration};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tokio::io::{AsyncRead, AsyncReadExt as _};
+
+use crate::{config::ListenerConfig, proxy::rejection::Rejection, tls::Material};
+
+/// The largest frame the gate reads from the worker: a report of every
+/// listener's counters fits many times over.
+pub const FROM_WORKER_MAX: usize = 1 << 20;
+/// The largest frame the worker reads from the gate: an allowlist snapshot of
+/// a million entries, or listeners' CRLs, fit.
+pub const TO_WORKER_MAX: usize = 256 << 20;
+
+/// Gate → worker.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ToWorker {
+    /// Serve exactly these listeners. The frame carries one listening socket
+    /// per listener, in this order.
+    Configure { id: u64, listeners: Vec<ListenerSpec> },
+    /// The allowlist in force (its file form), for PROXY-reported addresses.
+    Allowlist { generation: u64, text: String },
+    /// Answer with [`FromWorker::Report`].
+    Report { id: u64 },
+    /// Stop accepting, let open connections finish within `timeout`, exit.
+    Drain { timeout: Duration },
+}
+
+/// One listener as the worker serves it: the config, the backend's
+/// addresses (the gate resolves names: the worker has no resolver), and the
+/// contents of its TLS files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSpec {
+    pub config: ListenerConfig,
+    pub backend_addrs: Vec<SocketAddr>,
+    pub material: Material,
+}
+
+/// Worker → gate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FromWorker {
+    /// Sandboxed, waiting for its listeners.
+    Ready { sandbox: SandboxReport },
+    /// `Configure` `id` is in force, but for the listeners named in `refused`.
+    Configured { id: u64, refused: Vec<Refused> },
+    /// The answer to `Report` `id`.
+    Report { id: u64, allowlist_generation: u64, listeners: Vec<ListenerCounters> },
+    /// Every connection has finished (or was closed at the drain timeout).
+    Drained,
+}
+
+/// A listener whose material the worker could not build a TLS config from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Refused {
+    pub listener: String,
+    pub reason: String,
+}
+
+/// What the worker's sandbox enforces, as the worker saw it applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxReport {
+    /// The kernel's Landlock ABI version; 0 without Landlock.
+    pub landlock_abi: u32,
+    /// No file may be opened, read or written (Landlock file system rules).
+    pub file_system_denied: bool,
+    /// No TCP bind, and connect only to the backends' ports (Landlock ABI 4+).
+    pub network_restricted: bool,
+    /// No signals to, nor abstract sockets of, processes outside the worker (ABI 6+).
+    pub scoped: bool,
+    /// The seccomp filter is in force on every thread.
+    pub seccomp: bool,
+}
+
+/// One listener's counters, as the worker reports them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerCounters {
+    pub name: String,
+    pub accepting: bool,
+    pub active: u64,
+    pub handshakes_ok: u64,
+    /// Per [`Rejection::ALL`], in that order.
+    pub rejected: Vec<u64>,
+    pub bytes_from_clients: u64,
+    pub bytes_to_clients: u64,
+    pub backend_failures: u64,
+    pub relay_errors: u64,
+}
+
+/// Why a frame was not read or not understood.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The peer closed the socketpair between frames.
+    #[error("the channel is closed")]
+    Closed,
+    /// The peer closed it inside a frame.
+    #[error("the channel closed inside a frame")]
+    Truncated,
+    #[error("a frame of {len} bytes is over the limit of {max}")]
+    Oversized { len: usize, max: usize },
+    #[error("undecodable frame: {0}")]
+    Malformed(#[source] serde_json::Error),
+    /// `Report.rejected` does not have one counter per reason.
+    #[error("a report with {0} rejection counters")]
+    BadReport(usize),
+    #[error("cannot read the channel: {0}")]
+    Io(#[source] std::io::Error),
+}
+
+/// `message` as a frame.
+pub fn encode(message: &impl Serialize) -> Vec<u8> {
+    let body = serde_json::to_vec(message).expect("protocol messages always serialize");
+    let len = u32::try_from(body.len()).expect("frames stay under 4 GiB");
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// Reads one frame's body of at most `max` bytes; an oversized length is
+/// refused before anything is allocated for it.
+pub async fn read_frame(
+    reader: &mut (impl AsyncRead + Unpin),
+    max: usize,
+) -> Result<Vec<u8>, FrameError> {
+    let mut header = [0u8; 4];
+    let mut filled = 0;
+    while filled < header.len() {
+        match reader.read(&mut header[filled..]).await.map_err(FrameError::Io)? {
+            0 if filled == 0 => return Err(FrameError::Closed),
+            0 => return Err(FrameError::Truncated),
+            n => filled += n,
+        }
+    }
+    let len = u32::from_be_bytes(header) as usize;
+    if len > max {
+        return Err(FrameError::Oversized { len, max });
+    }
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
+        _ => FrameError::Io(e),
+    })?;
+    Ok(body)
+}
+
+/// Decodes a frame's body.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    serde_json::from_slice(body).map_err(FrameError::Malformed)
+}
+
+/// Decodes a frame from the worker, with the checks serde cannot express.
+pub fn decode_from_worker(body: &[u8]) -> Result<FromWorker, FrameError> {
+    let message: FromWorker = decode(body)?;
+    if let FromWorker::Report { listeners, .. } = &message
+        && let Some(bad) = listeners.iter().find(|l| l.rejected.len() != Rejection::ALL.len())
+    {
+        return Err(FrameError::BadReport(bad.rejected.len()));
+    }
+    Ok(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> FromWorker {
+        FromWorker::Report {
+            id: 7,
+            allowlist_generation: 3,
+            listeners: vec![ListenerCounters {
+                name: "edge".into(),
+                accepting: true,
+                active: 1,
+                handshakes_ok: 2,
+                rejected: vec![0; Rejection::ALL.len()],
+                bytes_from_clients: 3,
+                bytes_to_clients: 4,
+                backend_failures: 5,
+                relay_errors: 6,
+            }],
+        }
+    }
+
+    async fn read_one(bytes: &[u8]) -> Result<FromWorker, FrameError> {
+        let mut reader = bytes;
+        decode_from_worker(&read_frame(&mut reader, FROM_WORKER_MAX).await?)
+    }
+
+    #[tokio::test]
+    async fn messages_survive_a_round_trip() {
+        let sandbox = SandboxReport {
+            landlock_abi: 6,
+            file_system_denied: true,
+            network_restricted: true,
+            scoped: true,
+            seccomp: true,
+        };
+        for message in [report(), FromWorker::Ready { sandbox }, FromWorker::Drained] {
+            assert_eq!(read_one(&encode(&message)).await.expect("decodes"), message);
+        }
+    }
+
+    /// Every way a hostile worker can get a frame wrong is an error, never a
+    /// panic nor an allocation of the length it claims.
+    #[tokio::test]
+    async fn bad_frames_are_errors() {
+        let good = encode(&report());
+        let body = |json: &str| {
+            let mut frame = (json.len() as u32).to_be_bytes().to_vec();
+            frame.extend_from_slice(json.as_bytes());
+            frame
+        };
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", vec![]),
+            ("half a header", vec![0, 0]),
+            ("truncated body", good[..good.len() - 1].to_vec()),
+            ("oversized", u32::MAX.to_be_bytes().to_vec()),
+            ("just over the limit", ((FROM_WORKER_MAX + 1) as u32).to_be_bytes().to_vec()),
+            ("not JSON", body("\u{0}\u{1}garbage")),
+            ("unknown type", body(r#"{"type":"set_allowlist","text":"allow 0.0.0.0/0"}"#)),
+            ("no type", body(r#"{"id":1}"#)),
+            ("unknown field", body(r#"{"type":"drained","entries":["0.0.0.0/0"]}"#)),
+            ("wrong field type", body(r#"{"type":"configured","id":"1","refused":[]}"#)),
+            (
+                "short rejection counters",
+                body(&String::from_utf8(encode(&report())[4..].to_vec()).unwrap().replace(
+                    &format!("[{}]", vec!["0"; Rejection::ALL.len()].join(",")),
+                    "[0]",
+                )),
+            ),
+            ("a gate message", encode(&ToWorker::Report { id: 1 })),
+        ];
+        for (case, bytes) in cases {
+            assert!(read_one(&bytes).await.is_err(), "{case} was accepted");
+        }
+        assert!(matches!(read_one(&[]).await, Err(FrameError::Closed)));
+        assert!(matches!(
+            read_one(&u32::MAX.to_be_bytes()).await,
+            Err(FrameError::Oversized { len, .. }) if len == u32::MAX as usize
+        ));
+    }
+
+    /// Fuzz-style: random bytes, and random corruptions of a good frame.
+    #[tokio::test]
+    async fn random_bytes_never_panic_the_decoder() {
+        let good = encode(&report());
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..5000 {
+            let bytes: Vec<u8> = if round % 2 == 0 {
+                let len = (next() % 64) as usize;
+                (0..len).map(|_| next() as u8).collect()
+            } else {
+                let mut bytes = good.clone();
+                for _ in 0..1 + next() % 4 {
+                    let at = (next() as usize) % bytes.len();
+                    bytes[at] = next() as u8;
+                }
+                bytes.truncate(bytes.len() - (next() as usize % 3));
+                bytes
+            };
+            let _ = read_one(&bytes).await;
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The proxy worker's process (`edgegate worker`, started by the gate):
+//! check that it holds nothing, sandbox itself, then serve the listeners
+//! the gate sends until the gate says drain or goes away.
+
+use std::{
+    os::fd::{FromRawFd as _, OwnedFd, RawFd},
+    sync::Arc,
+};
+
+use arc_swap::ArcSwap;
+use tokio::{io::AsyncWriteExt as _, net::UnixStream};
+
+use super::{
+    channel::Receiver,
+    escape::{self, Attempt, Target},
+    protocol::{FrameError, FromWorker, SandboxReport, ToWorker, decode, encode},
+    sandbox::{self, SandboxError},
+};
+use crate::{allowlist::Allowlist, proxy::Proxies};
+
+/// How the gate started this worker (its command line).
+pub struct Options {
+    /// The worker's end of the socketpair.
+    pub channel: RawFd,
+    /// The backends' ports: the only ones it may connect to.
+    pub connect_ports: Vec<u16>,
+    /// Test only: what to try once sandboxed.
+    pub escape: Option<(Attempt, Target)>,
+}
+
+/// Why the worker stopped other than by a drain.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("refusing to serve with privileges: {0}")]
+    Privileged(String),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error("cannot start: {0}")]
+    Start(#[source] std::io::Error),
+    #[error("channel to the gate: {0}")]
+    Channel(#[from] FrameError),
+    #[error("channel to the gate: {0}")]
+    ChannelIo(#[source] std::io::Error),
+}
+
+/// Runs the worker; returns after a drain, or with why it cannot go on.
+pub fn run(options: Options) -> Result<(), WorkerError> {
+    refuse_privileges()?;
+    // Read what the sandbox will hide: the CPU quota (cgroup files).
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let landlock = sandbox::restrict_paths_and_network(&options.connect_ports)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(WorkerError::Start)?;
+    // SAFETY: the gate handed this descriptor over for this purpose alone.
+    let channel = unsafe { OwnedFd::from_raw_fd(options.channel) };
+    runtime.block_on(async move {
+        let allowlist = Arc::new(ArcSwap::from_pointee(Allowlist::default()));
+        // Every thread exists once the connection workers have started.
+        let proxies = Proxies::start(Arc::clone(&allowlist), cores).map_err(WorkerError::Start)?;
+        let sandbox = sandbox::confine_syscalls(&landlock)?;
+        log_sandbox(&sandbox);
+        let stream = std::os::unix::net::UnixStream::from(channel);
+        stream.set_nonblocking(true).map_err(WorkerError::Start)?;
+        let stream = UnixStream::from_std(stream).map_err(WorkerError::Start)?;
+        Serve { channel: Receiver::new(stream), proxies, allowlist, generation: 0 }
+            .run(sandbox, options.escape)
+            .await
+    })
+}
+
+/// The worker never runs with a capability or as root, whoever started it.
+fn refuse_privileges() -> Result<(), WorkerError> {
+    use caps::CapSet;
+    if nix::unistd::geteuid().is_root() || nix::unistd::getuid().is_root() {
+        return Err(WorkerError::Privileged("running as root".into()));
+    }
+    for set in [
+        CapSet::Effective,
+        CapSet::Permitted,
+        CapSet::Inheritable,
+        CapSet::Bounding,
+        CapSet::Ambient,
+    ] {
+        let held = caps::read(None, set).map_err(|e| WorkerError::Privileged(e.to_string()))?;
+        if !held.is_empty() {
+            return Err(WorkerError::Privileged(format!("{set:?} set holds {held:?}")));
+        }
+    }
+    Ok(())
+}
+
+fn log_sandbox(sandbox: &SandboxReport) {
+    let yes_no = |on: bool| if on { "enforced" } else { "NOT enforced (kernel too old)" };
+    if sandbox.landlock_abi == 0 {
+        tracing::warn!("worker sandbox: seccomp enforced; Landlock absent from this kernel");
+        return;
+    }
+    tracing::info!(
+        "worker sandbox: seccomp enforced; Landlock ABI {}: no file access {}, no bind and \
+         backend ports only {}, no signals outside {}",
+        sandbox.landlock_abi,
+        yes_no(sandbox.file_system_denied),
+        yes_no(sandbox.network_restricted),
+        yes_no(sandbox.scoped)
+    );
+}
+
+struct Serve {
+    channel: Receiver,
+    proxies: Proxies,
+    allowlist: Arc<ArcSwap<Allowlist>>,
+    generation: u64,
+}
+
+impl Serve {
+    async fn run(
+        mut self,
+        sandbox: SandboxReport,
+        mut escape: Option<(Attempt, Target)>,
+    ) -> Result<(), WorkerError> {
+        self.send(&FromWorker::Ready { sandbox }).await?;
+        loop {
+            let body = match self.channel.next().await {
+                Ok(body) => body,
+                // The gate is gone: nothing may run unsupervised.
+                Err(FrameError::Closed) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            match decode::<ToWorker>(&body)? {
+                ToWorker::Configure { id, listeners } => {
+                    let sockets = self.channel.take_fds(listeners.len()).map_err(WorkerError::ChannelIo)?;
+                    let sockets = sockets.into_iter().map(std::net::TcpListener::from);
+                    let refused = self.proxies.configure(listeners.into_iter().zip(sockets).collect());
+                    self.send(&FromWorker::Configured { id, refused }).await?;
+                    // Test only: serving, and sandboxed; now misbehave.
+                    if let Some((attempt, target)) = escape.take() {
+                        self.misbehave(attempt, &target).await?;
+                    }
+                }
+                ToWorker::Allowlist { generation, text } => match Allowlist::parse(&text) {
+                    Ok(list) => {
+                        self.allowlist.store(Arc::new(list));
+                        self.generation = generation;
+                    }
+                    Err(e) => tracing::error!("allowlist generation {generation} from the gate: {e}"),
+                },
+                ToWorker::Report { id } => {
+                    let report = FromWorker::Report {
+                        id,
+                        allowlist_generation: self.generation,
+                        listeners: self.proxies.counters(),
+                    };
+                    self.send(&report).await?;
+                }
+                ToWorker::Drain { timeout } => {
+                    self.proxies.drain(timeout).await;
+                    self.send(&FromWorker::Drained).await?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn send(&mut self, message: &FromWorker) -> Result<(), WorkerError> {
+        self.channel.stream_mut().write_all(&encode(message)).await.map_err(WorkerError::ChannelIo)
+    }
+
+    async fn misbehave(&mut self, attempt: Attempt, target: &Target) -> Result<(), WorkerError> {
+        tracing::warn!("escape attempt `{attempt:?}`: trying");
+        if let Some(frame) = escape::bad_frame(attempt) {
+            let stream = self.channel.stream_mut();
+            stream.write_all(&frame).await.map_err(WorkerError::ChannelIo)?;
+            if attempt == Attempt::TruncatedMessage {
+                stream.shutdown().await.map_err(WorkerError::ChannelIo)?;
+            }
+            return Ok(());
+        }
+        match escape::attempt(attempt, target) {
+            Ok(what) => tracing::error!("escape attempt `{attempt:?}`: SUCCEEDED ({what})"),
+            Err(e) => tracing::warn!("escape attempt `{attempt:?}`: refused: {e}"),
+        }
+        Ok(())
+    }
+}
