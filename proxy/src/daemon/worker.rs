@@ -522,10 +522,9 @@ impl Supervisor {
         if let Err(e) = link.send_allowlist(generation, &list).await {
             return link.fail(e).await;
         }
-        let desired = self.desired.clone();
-        match self.configure(&mut link, &desired).await {
-            Ok(_) => {}
-            Err(e) => return link.fail(e).await,
+        // A clone only for the call: a socket must close as soon as a reload drops it.
+        if let Err(e) = self.configure(&mut link, &self.desired.clone()).await {
+            return link.fail(e).await;
         }
         tracing::info!(pid, "proxy worker serves");
         self.phase.send_replace(Phase::Serving { pid, sandbox });

@@ -118,10 +118,27 @@ fn target_arch() -> TargetArch {
     return TargetArch::aarch64;
 }
 
+/// Opening and looking up paths (aws-lc, for one, looks for
+/// `/dev/sysgenid`): an error, not a kill.
 fn file_syscalls() -> Vec<i64> {
-    let mut calls = vec![libc::SYS_openat, libc::SYS_openat2];
+    let mut calls = vec![
+        libc::SYS_openat,
+        libc::SYS_openat2,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_faccessat,
+        libc::SYS_faccessat2,
+        libc::SYS_readlinkat,
+    ];
     #[cfg(target_arch = "x86_64")]
-    calls.extend([libc::SYS_open, libc::SYS_creat]);
+    calls.extend([
+        libc::SYS_open,
+        libc::SYS_creat,
+        libc::SYS_stat,
+        libc::SYS_lstat,
+        libc::SYS_access,
+        libc::SYS_readlink,
+    ]);
     calls
 }
 
@@ -180,14 +197,13 @@ fn allowed_syscalls() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
         libc::SYS_getsockname,
         libc::SYS_getpeername,
         libc::SYS_shutdown,
-        // Allowed here, refused with EACCES by the first filter.
-        libc::SYS_openat,
-        libc::SYS_openat2,
     ])
     .into_iter()
     .collect();
+    // Allowed here, refused with EACCES by the first filter.
+    rules.extend(any(&file_syscalls()));
     #[cfg(target_arch = "x86_64")]
-    rules.extend(any(&[libc::SYS_epoll_wait, libc::SYS_open, libc::SYS_creat]));
+    rules.extend(any(&[libc::SYS_epoll_wait]));
     // Backend connections: TCP over IPv4 or IPv6, nothing else (no UNIX,
     // netlink, packet or UDP sockets). The type may carry SOCK_NONBLOCK and
     // SOCK_CLOEXEC.
