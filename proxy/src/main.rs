@@ -625,6 +625,33 @@ fn print_status(status: &Status) {
         println!("interface:  {} ({} mode{how})", attachment.interface, attachment.mode);
     }
     println!("allowlist:  {}", status.allowlist.display());
+    let worker = &status.worker;
+    let serving = match (worker.pid, &worker.down) {
+        (Some(pid), _) => format!("worker pid {pid} (as `{}`)", worker.user),
+        (None, down) => format!("NO WORKER ({})", down.as_deref().unwrap_or("unknown")),
+    };
+    println!(
+        "processes:  gate pid {} (filter, maps, list); {serving}; {} restart(s)",
+        status.gate_pid, worker.restarts
+    );
+    if let Some(sandbox) = &worker.sandbox {
+        let on = |yes: bool| if yes { "yes" } else { "no" };
+        let landlock = if sandbox.landlock_abi == 0 {
+            "Landlock absent".to_owned()
+        } else {
+            format!(
+                "Landlock ABI {}: no files {}, network restricted {}, scoped {}",
+                sandbox.landlock_abi,
+                on(sandbox.file_system_denied),
+                on(sandbox.network_restricted),
+                on(sandbox.scoped)
+            )
+        };
+        println!(
+            "sandbox:    no capabilities, no_new_privs, seccomp {}; {landlock}",
+            on(sandbox.seccomp)
+        );
+    }
     println!(
         "entries:    {} IPv4 ({} lookup), {} IPv6 ({} lookup); capacity {} per family",
         status.ipv4_entries,

@@ -198,6 +198,15 @@ pub fn render(observation: &Observation) -> String {
     reloads.get_or_create(&vec![("result", "failed".into())]).inc_by(observation.reloads_failed);
     let ready = gauges(&mut registry, "ready", "1 when /readyz answers 200");
     ready.get_or_create(&vec![]).set(i64::from(observation.ready.is_ok()));
+    let worker = &status.worker;
+    let restarts = counters(
+        &mut registry,
+        "worker_restarts",
+        "Proxy workers started again after one died or misbehaved",
+    );
+    restarts.get_or_create(&vec![]).inc_by(worker.restarts);
+    let up = gauges(&mut registry, "worker_up", "1 while a sandboxed proxy worker serves");
+    up.get_or_create(&vec![]).set(i64::from(worker.pid.is_some()));
     if let Some(fleet) = &status.fleet {
         render_fleet(&mut registry, fleet, observation.fleet_propagation.clone());
     }
@@ -313,6 +322,14 @@ mod tests {
                 }],
                 listeners: vec![listener],
                 fleet: None,
+                gate_pid: 1,
+                worker: crate::status::WorkerStatus {
+                    pid: Some(2),
+                    user: "edgegate".into(),
+                    down: None,
+                    restarts: 3,
+                    sandbox: None,
+                },
             },
             ready,
             reloads_ok: 2,
@@ -346,6 +363,8 @@ mod tests {
             "edgegate_reloads_total{result=\"ok\"} 2",
             "edgegate_reloads_total{result=\"failed\"} 1",
             "edgegate_ready 1",
+            "edgegate_worker_restarts_total 3",
+            "edgegate_worker_up 1",
         ] {
             assert!(samples.contains(&expected), "missing {expected} in:\n{text}");
         }

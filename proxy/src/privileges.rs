@@ -114,13 +114,20 @@ pub fn reclaim(paths: &[&Path]) -> Result<(), PrivilegeError> {
 /// run while the process has a single thread: capabilities are per thread,
 /// and threads started later inherit the main thread's.
 pub fn confine_gate() -> Result<(), PrivilegeError> {
-    let kept: CapsHashSet = GATE_CAPABILITIES.into_iter().collect();
     let caps_error = |step| {
         move |e: caps::errors::CapsError| PrivilegeError::Drop {
             step,
             source: std::io::Error::other(e.to_string()),
         }
     };
+    // A service manager may have withheld some (systemd's
+    // CapabilityBoundingSet): keep what there is, and say what is missing.
+    let permitted = caps::read(None, CapSet::Permitted).map_err(caps_error("permitted set"))?;
+    let (kept, missing): (CapsHashSet, CapsHashSet) =
+        GATE_CAPABILITIES.into_iter().partition(|c| permitted.contains(c));
+    if !missing.is_empty() {
+        tracing::warn!("gate: started without {missing:?}; what needs them will fail");
+    }
     for capability in caps::all().difference(&kept) {
         caps::drop(None, CapSet::Bounding, *capability).map_err(caps_error("bounding set"))?;
     }
@@ -130,9 +137,8 @@ pub fn confine_gate() -> Result<(), PrivilegeError> {
     caps::set(None, CapSet::Permitted, &kept).map_err(caps_error("permitted set"))?;
     set_no_new_privs()
         .map_err(|e| PrivilegeError::Drop { step: "no_new_privs", source: e.into() })?;
-    tracing::info!(
-        "gate: uid 0 keeping only CAP_BPF, CAP_NET_BIND_SERVICE, CAP_DAC_OVERRIDE, CAP_SETUID, \
-         CAP_SETGID, CAP_SETPCAP and CAP_KILL"
-    );
+    let mut names: Vec<String> = kept.iter().map(ToString::to_string).collect();
+    names.sort();
+    tracing::info!("gate: uid 0 keeping only {}", names.join(", "));
     Ok(())
 }

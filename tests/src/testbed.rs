@@ -342,6 +342,14 @@ impl Testbed {
         })
     }
 
+    /// Whether client `index` completes a TCP handshake with `server:port`
+    /// within `timeout` (the filter drops a stranger's SYN).
+    pub fn tcp_connects(&self, index: usize, server: IpAddr, port: u16, timeout: Duration) -> bool {
+        self.clients[index]
+            .netns
+            .run(|| TcpStream::connect_timeout(&SocketAddr::new(server, port), timeout).is_ok())
+    }
+
     /// Sends a raw Ethernet frame from client `index`'s interface (AF_PACKET),
     /// for what the kernel would not send itself: VLAN tags, broken headers.
     pub fn inject(&self, index: usize, frame: &[u8]) {
@@ -387,6 +395,9 @@ impl Testbed {
 
 impl Drop for Testbed {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("daemon log:\n{}", self.daemon_log());
+        }
         let daemon = self.daemon.get_mut().map_or(None, Option::take);
         if let Some(mut child) = daemon {
             let _ = child.kill();

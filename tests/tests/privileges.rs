@@ -1,11 +1,16 @@
-//! Least privilege: after start-up, every thread of the daemon (those that
-//! parse TLS and PROXY headers included) runs as an unprivileged user with
-//! only CAP_BPF and CAP_NET_BIND_SERVICE, and no way to regain more.
+//! Least privilege, proven from `/proc`: the gate (uid 0) keeps seven
+//! capabilities and no way to regain more; the proxy worker, which parses
+//! every byte from the internet, runs as `daemon.user` with no capability in
+//! any set, `no_new_privs`, seccomp, and no descriptor but stdio, its
+//! socketpair and its sockets.
+
+use std::os::unix::fs::MetadataExt as _;
 
 use edgegate_tests::mtls::{BackendMode, MtlsBed};
 
-/// CAP_NET_BIND_SERVICE (10) and CAP_BPF (39).
-const RETAINED: u64 = (1 << 10) | (1 << 39);
+/// CAP_DAC_OVERRIDE (1), CAP_KILL (5), CAP_SETGID (6), CAP_SETUID (7),
+/// CAP_SETPCAP (8), CAP_NET_BIND_SERVICE (10), CAP_BPF (39).
+const GATE: u64 = (1 << 1) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 10) | (1 << 39);
 const NOBODY: &str = "65534";
 
 fn field<'a>(status: &'a str, name: &str) -> &'a str {
@@ -16,36 +21,96 @@ fn field<'a>(status: &'a str, name: &str) -> &'a str {
         .trim()
 }
 
+fn mask(status: &str, set: &str) -> u64 {
+    u64::from_str_radix(field(status, set), 16).expect("hex")
+}
+
+/// `/proc/<pid>/task/*/status`: every thread's.
+fn threads(pid: u32) -> Vec<(std::path::PathBuf, String)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .map(|task| {
+            let path = task.expect("task").path();
+            let status = std::fs::read_to_string(path.join("status")).expect("status");
+            (path, status)
+        })
+        .collect()
+}
+
 #[test]
-fn every_daemon_thread_runs_as_nobody_with_two_capabilities() {
+fn the_gate_keeps_seven_capabilities_and_the_worker_none() {
     let bed = MtlsBed::new(BackendMode::Echo);
     bed.write("", "user = \"nobody\"");
     bed.testbed.start_daemon();
-    // Serve traffic first, so that every worker thread has started.
+    // Serve traffic first, so that every thread has started.
     assert_eq!(bed.exchange(0, Some(&bed.client), b"before").expect("exchange"), b"before");
+    let gate = bed.testbed.daemon_pid();
+    let status = bed.testbed.status();
+    assert_eq!(status.gate_pid, gate);
+    let worker = status.worker.pid.expect("a worker serves");
+    assert_ne!(worker, gate);
+    assert_eq!(status.worker.user, "nobody");
+    let sandbox = status.worker.sandbox.expect("the worker reports its sandbox");
+    assert!(sandbox.seccomp, "{sandbox:?}");
 
-    let pid = bed.testbed.daemon_pid();
-    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .expect("tasks")
-        .map(|task| task.expect("task").path())
-        .collect();
-    assert!(tasks.len() > 1, "a multi-threaded daemon");
-    for task in tasks {
-        let status = std::fs::read_to_string(task.join("status")).expect("status");
-        let uids: Vec<&str> = field(&status, "Uid").split_whitespace().collect();
-        assert_eq!(uids, [NOBODY; 4], "{}: real, effective, saved, fs uid", task.display());
-        let gids: Vec<&str> = field(&status, "Gid").split_whitespace().collect();
-        assert_eq!(gids, [NOBODY; 4], "{}", task.display());
+    let gate_threads = threads(gate);
+    assert!(gate_threads.len() > 1, "a multi-threaded gate");
+    for (task, status) in &gate_threads {
+        let task = task.display();
+        assert_eq!(field(status, "Uid").split_whitespace().collect::<Vec<_>>(), ["0"; 4], "{task}");
         for set in ["CapEff", "CapPrm", "CapBnd"] {
-            let mask = u64::from_str_radix(field(&status, set), 16).expect("hex");
-            assert_eq!(mask, RETAINED, "{}: {set} {mask:#x}", task.display());
+            assert_eq!(mask(status, set), GATE, "{task}: {set} {:#x}", mask(status, set));
         }
-        assert_eq!(u64::from_str_radix(field(&status, "CapInh"), 16).expect("hex"), 0);
-        assert_eq!(field(&status, "NoNewPrivs"), "1", "{}", task.display());
+        assert_eq!(mask(status, "CapInh"), 0, "{task}");
+        assert_eq!(mask(status, "CapAmb"), 0, "{task}");
+        assert_eq!(field(status, "NoNewPrivs"), "1", "{task}");
     }
 
-    // Unprivileged, it still does its whole job: map updates and the list
-    // file, reloads that re-read certificates, readiness checks of the links.
+    let worker_threads = threads(worker);
+    assert!(worker_threads.len() > 1, "the worker runs its connection threads");
+    for (task, status) in &worker_threads {
+        let task = task.display();
+        let uids: Vec<&str> = field(status, "Uid").split_whitespace().collect();
+        assert_eq!(uids, [NOBODY; 4], "{task}: real, effective, saved, fs uid");
+        let gids: Vec<&str> = field(status, "Gid").split_whitespace().collect();
+        assert_eq!(gids, [NOBODY; 4], "{task}");
+        assert_eq!(field(status, "Groups"), "", "{task}: no supplementary groups");
+        for set in ["CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"] {
+            assert_eq!(mask(status, set), 0, "{task}: {set}");
+        }
+        assert_eq!(field(status, "NoNewPrivs"), "1", "{task}");
+        assert_eq!(field(status, "Seccomp"), "2", "{task}: seccomp filter mode");
+    }
+
+    // The worker's descriptors: stdin (/dev/null), the log, then sockets and
+    // the event loop's own; no BPF map, program or link, no other file.
+    let log = bed.testbed.dir.join("daemon.log");
+    for fd in std::fs::read_dir(format!("/proc/{worker}/fd")).expect("fds") {
+        let fd = fd.expect("fd").path();
+        let target = std::fs::read_link(&fd).expect("link").to_string_lossy().into_owned();
+        let number: u32 = fd.file_name().unwrap().to_str().unwrap().parse().unwrap();
+        let expected = match number {
+            0 => target == "/dev/null",
+            1 | 2 => std::path::Path::new(&target) == log,
+            _ => {
+                target.starts_with("socket:")
+                    || target == "anon_inode:[eventpoll]"
+                    || target == "anon_inode:[eventfd]"
+            }
+        };
+        assert!(expected, "worker fd {number} is {target}");
+        assert!(!target.contains("bpf"), "worker fd {number} is {target}");
+    }
+    // The gate holds the maps.
+    let gate_fds: Vec<String> = std::fs::read_dir(format!("/proc/{gate}/fd"))
+        .expect("fds")
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .map(|t| t.to_string_lossy().into_owned())
+        .collect();
+    assert!(gate_fds.iter().any(|t| t == "anon_inode:bpf-map"), "{gate_fds:?}");
+
+    // The gate still does its whole job: map updates and the list file,
+    // reloads that re-read certificates (and reach the worker).
     let listed = bed.testbed.cli_ok(&["allow", "add", "198.51.100.7"]);
     assert!(listed.contains("1 added"), "{listed}");
     let persisted = std::fs::read_to_string(bed.testbed.allowlist_path()).expect("list");
@@ -54,8 +119,10 @@ fn every_daemon_thread_runs_as_nobody_with_two_capabilities() {
     assert!(reloaded.contains("listener `edge`: reloaded"), "{reloaded}");
     assert_eq!(bed.testbed.http_get("/readyz").0, 200);
     assert_eq!(bed.exchange(0, Some(&bed.client), b"after").expect("exchange"), b"after");
+    let status = bed.testbed.cli_ok(&["status"]);
+    assert!(status.contains(&format!("gate pid {gate}")) && status.contains(&format!("worker pid {worker}")), "{status}");
 
-    // The control socket stays root's: the daemon's own user cannot use it.
+    // The control socket stays root's: the worker's user cannot use it.
     let as_nobody = std::process::Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(edgegate_tests::testbed::edgegate_binary())
@@ -70,50 +137,33 @@ fn every_daemon_thread_runs_as_nobody_with_two_capabilities() {
 }
 
 #[test]
-fn an_unknown_user_stops_the_start() {
+fn an_unknown_or_root_user_stops_the_start() {
     let bed = MtlsBed::new(BackendMode::Echo);
-    bed.write("", "user = \"no-such-edgegate-user\"");
-    let output = bed.testbed.refused_start(&[]);
-    let message = String::from_utf8_lossy(&output.stderr);
-    assert!(message.contains("`daemon.user`: no user `no-such-edgegate-user`"), "{message}");
-    assert!(!bed.testbed.bpffs_dir.exists(), "checked before anything is attached");
+    for (user, expected) in [
+        ("no-such-edgegate-user", "`daemon.user`: no user `no-such-edgegate-user`"),
+        ("root", "`daemon.user`: `root` has uid 0; the proxy worker never runs as root"),
+    ] {
+        bed.write("", &format!("user = \"{user}\""));
+        let output = bed.testbed.refused_start(&[]);
+        let message = String::from_utf8_lossy(&output.stderr);
+        assert!(message.contains(expected), "{message}");
+        assert!(!bed.testbed.bpffs_dir.exists(), "checked before anything is attached");
+    }
 }
 
-/// A state directory the daemon's user cannot reach (here: under a root-only
-/// 0700 directory) would make every allowlist change fail with "Permission
-/// denied" once the daemon runs; the start is refused instead, naming the
-/// directory in the way and the fix, before anything is attached.
+/// An older version handed the state directory to `daemon.user`; only the
+/// gate writes it now, so it comes back to root.
 #[test]
-fn a_state_directory_the_user_cannot_reach_stops_the_start() {
-    use std::os::unix::fs::PermissionsExt as _;
+fn a_state_directory_the_worker_user_owns_goes_back_to_root() {
     let bed = MtlsBed::new(BackendMode::Echo);
-    let locked = bed.testbed.dir.join("root-only");
-    std::fs::create_dir(&locked).expect("locked dir");
-    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-    let state_dir = locked.join("state");
     bed.write("", "user = \"nobody\"");
-    let state_override = ["--state-dir", state_dir.to_str().expect("UTF-8")];
-
-    let output = bed.testbed.refused_start(&state_override);
-    let message = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        message.contains(&format!(
-            "`daemon.user` `nobody` cannot update the allowlist in {}",
-            state_dir.display()
-        )),
-        "{message}"
-    );
-    assert!(message.contains("Permission denied"), "{message}");
-    assert!(
-        message.contains(&format!("`nobody` may not enter {}", locked.display()))
-            && message.contains(&format!("chmod o+x {}", locked.display())),
-        "{message}"
-    );
-    assert!(!bed.testbed.bpffs_dir.exists(), "refused before anything is attached");
-
-    // Made searchable, the same config starts and the daemon's user changes the list.
-    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o711)).expect("chmod");
-    bed.testbed.start_daemon_with(&state_override);
+    let state = bed.testbed.allowlist_path().parent().expect("state dir").to_owned();
+    std::fs::create_dir_all(&state).expect("state dir");
+    let nobody = Some(nix::unistd::Uid::from_raw(65534));
+    nix::unistd::chown(&state, nobody, None).expect("chown");
+    bed.testbed.start_daemon();
+    assert_eq!(std::fs::metadata(&state).expect("stat").uid(), 0);
     let changed = bed.testbed.cli_ok(&["allow", "add", "198.51.100.7"]);
     assert!(changed.contains("1 added"), "{changed}");
+    assert_eq!(std::fs::metadata(bed.testbed.allowlist_path()).expect("stat").uid(), 0);
 }

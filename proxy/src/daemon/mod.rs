@@ -301,7 +301,8 @@ pub async fn serve(
     fleet_tasks.iter().for_each(tokio::task::JoinHandle::abort);
     // Taking the lock waits for a change in flight: it finishes (and is
     // acknowledged) or never starts.
-    let state = state.lock().await;
+    let mut state = state.lock().await;
+    state.listeners.close();
     if let Err(e) = std::fs::remove_file(&socket) {
         tracing::warn!("cannot remove {}: {e}", socket.display());
     }

@@ -84,6 +84,19 @@ pub enum ListenerError {
     },
 }
 
+impl ListenerError {
+    /// What is wrong, without the listener's name (a reload outcome names it).
+    fn reason(&self) -> String {
+        match self {
+            Self::Tls { source, .. } => source.to_string(),
+            Self::Bind { address, source, .. } => format!("cannot listen on {address}: {source}"),
+            Self::Resolve { backend, source, .. } => {
+                format!("backend `{backend}` does not resolve: {source}")
+            }
+        }
+    }
+}
+
 /// One listener as the gate holds it.
 struct Held {
     config: ListenerConfig,
@@ -174,7 +187,7 @@ impl Listeners {
                         self.0.insert(config.name.clone(), held);
                         ReloadResult::Reloaded
                     }
-                    Err(e) => ReloadResult::KeptPrevious(e.to_string()),
+                    Err(e) => ReloadResult::KeptPrevious(e.reason()),
                 },
                 None => match Held::bind(config).and_then(|socket| Held::load(config, socket)) {
                     Ok(held) => {
@@ -195,6 +208,11 @@ impl Listeners {
             sockets: self.0.values().map(|held| Arc::clone(&held.socket)).collect(),
             connect_ports: self.0.values().flat_map(|h| h.backend_addrs.iter().map(SocketAddr::port)).collect(),
         }
+    }
+
+    /// Closes the gate's copies of the listening sockets (at shutdown).
+    pub fn close(&mut self) {
+        self.0.clear();
     }
 
     /// The listeners' status, with the counters the worker reported.
@@ -587,6 +605,9 @@ impl Supervisor {
                         }
                     }
                     Some(Command::Drain { timeout, reply }) => {
+                        // The last copies of the listening sockets close with
+                        // the worker's: new clients are refused, not queued.
+                        self.desired.sockets.clear();
                         link.drain(timeout).await;
                         self.phase.send_replace(Phase::Down { reason: "stopped".into() });
                         let _ = reply.send(());

@@ -8,6 +8,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use nix::sys::signal::{SigHandler, Signal};
 use tokio::{io::AsyncWriteExt as _, net::UnixStream};
 
 use super::{
@@ -46,6 +47,14 @@ pub enum WorkerError {
 /// Runs the worker; returns after a drain, or with why it cannot go on.
 pub fn run(options: Options) -> Result<(), WorkerError> {
     refuse_privileges()?;
+    // Stopping and reloading are the gate's: systemd signals the whole
+    // service (and a terminal its process group), but the worker drains
+    // only when the gate says so.
+    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        // SAFETY: ignoring a signal installs no handler.
+        unsafe { nix::sys::signal::signal(signal, SigHandler::SigIgn) }
+            .map_err(|e| WorkerError::Start(e.into()))?;
+    }
     // Read what the sandbox will hide: the CPU quota (cgroup files).
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let landlock = sandbox::restrict_paths_and_network(&options.connect_ports)?;
