@@ -88,9 +88,9 @@ pub fn inspect(path: &Path, overrides: &Overrides) -> Report {
     };
     let at = |key: &str| format!("config {}: `{key}`", path.display());
     match privileges::worker_account(config.daemon.user.as_deref()) {
-        Ok(account) => report
-            .passed
-            .push(format!("proxy worker user `{}`: uid {}", account.name, account.uid)),
+        Ok(account) => {
+            report.passed.push(format!("proxy worker user `{}`: uid {}", account.name, account.uid))
+        }
         Err(e) => report.error(format!("config {}: {e}", path.display())),
     }
     for interface in &config.filter.interfaces {

@@ -164,8 +164,8 @@ impl Material {
         let mut files = BTreeMap::new();
         for (key, path) in named {
             if !files.contains_key(path) {
-                let bytes =
-                    std::fs::read(path).map_err(|e| file_error(key, path)(FileProblem::Unreadable(e)))?;
+                let bytes = std::fs::read(path)
+                    .map_err(|e| file_error(key, path)(FileProblem::Unreadable(e)))?;
                 files.insert(path.to_owned(), bytes);
             }
         }

@@ -120,7 +120,11 @@ fn the_gate_keeps_seven_capabilities_and_the_worker_none() {
     assert_eq!(bed.testbed.http_get("/readyz").0, 200);
     assert_eq!(bed.exchange(0, Some(&bed.client), b"after").expect("exchange"), b"after");
     let status = bed.testbed.cli_ok(&["status"]);
-    assert!(status.contains(&format!("gate pid {gate}")) && status.contains(&format!("worker pid {worker}")), "{status}");
+    assert!(
+        status.contains(&format!("gate pid {gate}"))
+            && status.contains(&format!("worker pid {worker}")),
+        "{status}"
+    );
 
     // The control socket stays root's: the worker's user cannot use it.
     let as_nobody = std::process::Command::new("setpriv")

@@ -52,9 +52,7 @@ async fn handle(
             fleet.commit(change, empty_ok).await
         }
         (Ok(Request::FleetStatus), Some(fleet)) => fleet.view().await,
-        (Ok(request), _) => {
-            state.lock().await.handle(request).await
-        }
+        (Ok(request), _) => state.lock().await.handle(request).await,
         (Err(e), _) => Response::Error { message: format!("malformed request: {e}") },
     };
     let mut answer = serde_json::to_vec(&response).map_err(io::Error::other)?;

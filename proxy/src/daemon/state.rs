@@ -272,7 +272,9 @@ impl State {
                     }
                 }
             }
-            Err(e) => tracing::warn!("reload: the proxy worker: {e}; a new one serves the reloaded listeners"),
+            Err(e) => tracing::warn!(
+                "reload: the proxy worker: {e}; a new one serves the reloaded listeners"
+            ),
         }
         for outcome in &outcomes {
             if outcome.result.failed() {

@@ -35,8 +35,8 @@ use crate::{
         channel,
         escape::{Attempt, Target},
         protocol::{
-            self, FROM_WORKER_MAX, FrameError, FromWorker, ListenerCounters, ListenerSpec,
-            Refused, SandboxReport, ToWorker,
+            self, FROM_WORKER_MAX, FrameError, FromWorker, ListenerCounters, ListenerSpec, Refused,
+            SandboxReport, ToWorker,
         },
         spawn::{self, Account, Launch},
     },
@@ -122,7 +122,13 @@ impl Held {
             backend: config.backend.clone(),
             source,
         })?;
-        Ok(Self { config: config.clone(), socket, material, backend_addrs, lifetimes: tls.lifetimes })
+        Ok(Self {
+            config: config.clone(),
+            socket,
+            material,
+            backend_addrs,
+            lifetimes: tls.lifetimes,
+        })
     }
 
     fn bind(config: &ListenerConfig) -> Result<Arc<std::net::TcpListener>, ListenerError> {
@@ -176,7 +182,8 @@ impl Listeners {
         self.0.retain(|name, held| {
             let keep = wanted.get(name.as_str()) == Some(&held.config.bind);
             if !keep {
-                outcomes.push(ReloadOutcome { listener: name.clone(), result: ReloadResult::Stopped });
+                outcomes
+                    .push(ReloadOutcome { listener: name.clone(), result: ReloadResult::Stopped });
             }
             keep
         });
@@ -206,7 +213,11 @@ impl Listeners {
         Desired {
             specs: self.0.values().map(Held::spec).collect(),
             sockets: self.0.values().map(|held| Arc::clone(&held.socket)).collect(),
-            connect_ports: self.0.values().flat_map(|h| h.backend_addrs.iter().map(SocketAddr::port)).collect(),
+            connect_ports: self
+                .0
+                .values()
+                .flat_map(|h| h.backend_addrs.iter().map(SocketAddr::port))
+                .collect(),
         }
     }
 
@@ -274,7 +285,10 @@ pub struct Spawner {
 }
 
 impl Spawner {
-    fn spawn(&self, connect_ports: &BTreeSet<u16>) -> io::Result<(std::process::Child, std::os::unix::net::UnixStream)> {
+    fn spawn(
+        &self,
+        connect_ports: &BTreeSet<u16>,
+    ) -> io::Result<(std::process::Child, std::os::unix::net::UnixStream)> {
         let ports: Vec<u16> = connect_ports.iter().copied().collect();
         spawn::spawn(&Launch {
             account: &self.account,
@@ -490,7 +504,9 @@ impl Supervisor {
     /// answering commands. Returns whether to stop.
     async fn pause(&mut self, reason: String, backoff: &mut Duration) -> bool {
         self.restarts.fetch_add(1, Ordering::Relaxed);
-        tracing::error!("proxy worker: {reason}; the filter stays in force; starting another in {backoff:?}");
+        tracing::error!(
+            "proxy worker: {reason}; the filter stays in force; starting another in {backoff:?}"
+        );
         self.phase.send_replace(Phase::Down { reason: reason.clone() });
         let until = Instant::now() + *backoff;
         *backoff = (*backoff * 2).min(MAX_BACKOFF);
@@ -618,7 +634,11 @@ impl Supervisor {
         }
     }
 
-    async fn configure(&mut self, link: &mut Link, desired: &Desired) -> Result<Vec<Refused>, String> {
+    async fn configure(
+        &mut self,
+        link: &mut Link,
+        desired: &Desired,
+    ) -> Result<Vec<Refused>, String> {
         let id = self.id();
         let fds: Vec<_> = desired.sockets.iter().map(|s| s.as_fd()).collect();
         let message = ToWorker::Configure { id, listeners: desired.specs.clone() };
@@ -652,7 +672,9 @@ impl Link {
         let stream = UnixStream::from_std(stream)?;
         // A second handle for the reader: frames are read in a task of
         // their own, so that no select ever cuts one in half.
-        let reader = UnixStream::from_std(std::os::unix::net::UnixStream::from(stream.as_fd().try_clone_to_owned()?))?;
+        let reader = UnixStream::from_std(std::os::unix::net::UnixStream::from(
+            stream.as_fd().try_clone_to_owned()?,
+        ))?;
         let (sender, messages) = mpsc::channel(4);
         tokio::spawn(read_frames(reader, sender));
         Ok(Self { pid, stream, messages, exited, reaped: false })
@@ -665,13 +687,21 @@ impl Link {
         }
     }
 
-    async fn send(&mut self, message: &ToWorker, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<(), String> {
+    async fn send(
+        &mut self,
+        message: &ToWorker,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<(), String> {
         channel::send(&mut self.stream, &protocol::encode(message), fds)
             .await
             .map_err(|e| format!("cannot write to the worker: {e}"))
     }
 
-    async fn ask(&mut self, message: &ToWorker, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<FromWorker, String> {
+    async fn ask(
+        &mut self,
+        message: &ToWorker,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<FromWorker, String> {
         self.send(message, fds).await?;
         match tokio::time::timeout(REPLY_TIMEOUT, self.next()).await {
             Ok(answer) => answer,
@@ -760,13 +790,21 @@ async fn read_frames(mut reader: UnixStream, messages: mpsc::Sender<Result<FromW
     }
 }
 
-fn describe_exit(pid: u32, status: Result<io::Result<std::process::ExitStatus>, tokio::task::JoinError>) -> String {
+fn describe_exit(
+    pid: u32,
+    status: Result<io::Result<std::process::ExitStatus>, tokio::task::JoinError>,
+) -> String {
     use std::os::unix::process::ExitStatusExt as _;
     match status {
         Ok(Ok(status)) => match (status.code(), status.signal()) {
             (_, Some(signal)) => {
-                let name = nix::sys::signal::Signal::try_from(signal).map_or_else(|_| signal.to_string(), |s| s.to_string());
-                let hint = if signal == libc::SIGSYS { " (a system call its seccomp filter forbids)" } else { "" };
+                let name = nix::sys::signal::Signal::try_from(signal)
+                    .map_or_else(|_| signal.to_string(), |s| s.to_string());
+                let hint = if signal == libc::SIGSYS {
+                    " (a system call its seccomp filter forbids)"
+                } else {
+                    ""
+                };
                 format!("worker {pid} was killed by {name}{hint}")
             }
             (Some(code), None) => format!("worker {pid} exited with status {code}"),
@@ -781,10 +819,12 @@ fn describe_exit(pid: u32, status: Result<io::Result<std::process::ExitStatus>, 
 /// supposed to have done to itself: not root, no capability in any set,
 /// `no_new_privs`, seccomp filtering.
 fn verify_confined(pid: u32) -> Result<(), String> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| format!("/proc/{pid}/task: {e}"))?;
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map_err(|e| format!("/proc/{pid}/task: {e}"))?;
     for task in tasks {
         let path = task.map_err(|e| e.to_string())?.path().join("status");
-        let status = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let status =
+            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         let field = |name: &str| {
             status
                 .lines()

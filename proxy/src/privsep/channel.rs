@@ -25,14 +25,23 @@ pub async fn send(stream: &mut UnixStream, frame: &[u8], fds: &[BorrowedFd<'_>])
         return stream.write_all(frame).await;
     }
     if fds.len() > MAX_FDS {
-        return Err(io::Error::other(format!("{} sockets in one frame (at most {MAX_FDS})", fds.len())));
+        return Err(io::Error::other(format!(
+            "{} sockets in one frame (at most {MAX_FDS})",
+            fds.len()
+        )));
     }
     let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
     let sent = stream
         .async_io(Interest::WRITABLE, || {
             let control = [ControlMessage::ScmRights(&raw)];
-            sendmsg::<()>(stream.as_raw_fd(), &[IoSlice::new(frame)], &control, MsgFlags::MSG_NOSIGNAL, None)
-                .map_err(io::Error::from)
+            sendmsg::<()>(
+                stream.as_raw_fd(),
+                &[IoSlice::new(frame)],
+                &control,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(io::Error::from)
         })
         .await?;
     stream.write_all(&frame[sent..]).await
@@ -55,7 +64,8 @@ impl Receiver {
     pub async fn next(&mut self) -> Result<Vec<u8>, FrameError> {
         loop {
             if self.buffer.len() >= 4 {
-                let len = u32::from_be_bytes(self.buffer[..4].try_into().expect("4 bytes")) as usize;
+                let len =
+                    u32::from_be_bytes(self.buffer[..4].try_into().expect("4 bytes")) as usize;
                 if len > TO_WORKER_MAX {
                     return Err(FrameError::Oversized { len, max: TO_WORKER_MAX });
                 }
@@ -68,7 +78,11 @@ impl Receiver {
             let mut chunk = vec![0u8; 256 << 10];
             let read = self.read(&mut chunk).await.map_err(FrameError::Io)?;
             if read == 0 {
-                return Err(if self.buffer.is_empty() { FrameError::Closed } else { FrameError::Truncated });
+                return Err(if self.buffer.is_empty() {
+                    FrameError::Closed
+                } else {
+                    FrameError::Truncated
+                });
             }
             self.buffer.extend_from_slice(&chunk[..read]);
         }

@@ -68,7 +68,8 @@ pub fn bad_frame(attempt: Attempt) -> Option<Vec<u8>> {
 /// Makes a system-level attempt; returns only if it was refused (or, which
 /// the tests treat as a failure, if it succeeded).
 pub fn attempt(attempt: Attempt, target: &Target) -> io::Result<String> {
-    let path = CString::new(target.path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let path =
+        CString::new(target.path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
     let gate = target.gate as libc::pid_t;
     let check = |rc: libc::c_long| {
         if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(format!("returned {rc}")) }
@@ -92,7 +93,9 @@ pub fn attempt(attempt: Attempt, target: &Target) -> io::Result<String> {
             std::fs::OpenOptions::new().append(true).open(&target.path)?;
             Ok("opened for writing".into())
         }
-        Attempt::ReadShadow => std::fs::read("/etc/shadow").map(|b| format!("read {} bytes", b.len())),
+        Attempt::ReadShadow => {
+            std::fs::read("/etc/shadow").map(|b| format!("read {} bytes", b.len()))
+        }
         Attempt::ControlSocket => {
             std::os::unix::net::UnixStream::connect(&target.path)?;
             Ok("connected".into())

@@ -222,26 +222,27 @@ mod tests {
             frame.extend_from_slice(json.as_bytes());
             frame
         };
-        let cases: Vec<(&str, Vec<u8>)> = vec![
-            ("empty", vec![]),
-            ("half a header", vec![0, 0]),
-            ("truncated body", good[..good.len() - 1].to_vec()),
-            ("oversized", u32::MAX.to_be_bytes().to_vec()),
-            ("just over the limit", ((FROM_WORKER_MAX + 1) as u32).to_be_bytes().to_vec()),
-            ("not JSON", body("\u{0}\u{1}garbage")),
-            ("unknown type", body(r#"{"type":"set_allowlist","text":"allow 0.0.0.0/0"}"#)),
-            ("no type", body(r#"{"id":1}"#)),
-            ("unknown field", body(r#"{"type":"drained","entries":["0.0.0.0/0"]}"#)),
-            ("wrong field type", body(r#"{"type":"configured","id":"1","refused":[]}"#)),
-            (
-                "short rejection counters",
-                body(&String::from_utf8(encode(&report())[4..].to_vec()).unwrap().replace(
-                    &format!("[{}]", vec!["0"; Rejection::ALL.len()].join(",")),
-                    "[0]",
-                )),
-            ),
-            ("a gate message", encode(&ToWorker::Report { id: 1 })),
-        ];
+        let cases: Vec<(&str, Vec<u8>)> =
+            vec![
+                ("empty", vec![]),
+                ("half a header", vec![0, 0]),
+                ("truncated body", good[..good.len() - 1].to_vec()),
+                ("oversized", u32::MAX.to_be_bytes().to_vec()),
+                ("just over the limit", ((FROM_WORKER_MAX + 1) as u32).to_be_bytes().to_vec()),
+                ("not JSON", body("\u{0}\u{1}garbage")),
+                ("unknown type", body(r#"{"type":"set_allowlist","text":"allow 0.0.0.0/0"}"#)),
+                ("no type", body(r#"{"id":1}"#)),
+                ("unknown field", body(r#"{"type":"drained","entries":["0.0.0.0/0"]}"#)),
+                ("wrong field type", body(r#"{"type":"configured","id":"1","refused":[]}"#)),
+                (
+                    "short rejection counters",
+                    body(&String::from_utf8(encode(&report())[4..].to_vec()).unwrap().replace(
+                        &format!("[{}]", vec!["0"; Rejection::ALL.len()].join(",")),
+                        "[0]",
+                    )),
+                ),
+                ("a gate message", encode(&ToWorker::Report { id: 1 })),
+            ];
         for (case, bytes) in cases {
             assert!(read_one(&bytes).await.is_err(), "{case} was accepted");
         }

@@ -64,9 +64,7 @@ fn kernel_abi() -> u32 {
 }
 
 /// Step 1: Landlock. Call it while the process has a single thread.
-pub fn restrict_paths_and_network(
-    connect_ports: &[u16],
-) -> Result<LandlockOutcome, SandboxError> {
+pub fn restrict_paths_and_network(connect_ports: &[u16]) -> Result<LandlockOutcome, SandboxError> {
     let abi = kernel_abi();
     let mut ruleset = Ruleset::default().handle_access(AccessFs::from_all(LANDLOCK_TARGET))?;
     if abi >= 4 {
@@ -96,7 +94,12 @@ pub fn confine_syscalls(landlock: &LandlockOutcome) -> Result<SandboxReport, San
         SeccompAction::Errno(libc::EACCES as u32),
         arch,
     )?;
-    let allowed = SeccompFilter::new(allowed_syscalls()?, SeccompAction::KillProcess, SeccompAction::Allow, arch)?;
+    let allowed = SeccompFilter::new(
+        allowed_syscalls()?,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        arch,
+    )?;
     for filter in [deny_files, allowed] {
         let program: BpfProgram = filter.try_into()?;
         seccompiler::apply_filter_all_threads(&program)?;
@@ -147,7 +150,9 @@ fn file_syscalls() -> Vec<i64> {
 /// is a bug or an attack, and kills the worker.
 fn allowed_syscalls() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
     let any = |calls: &[i64]| calls.iter().map(|&n| (n, Vec::new())).collect::<Vec<_>>();
-    let arg = |index, value: u64| SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value);
+    let arg = |index, value: u64| {
+        SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+    };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = any(&[
         // Memory.
         libc::SYS_brk,

@@ -139,9 +139,11 @@ impl Serve {
             };
             match decode::<ToWorker>(&body)? {
                 ToWorker::Configure { id, listeners } => {
-                    let sockets = self.channel.take_fds(listeners.len()).map_err(WorkerError::ChannelIo)?;
+                    let sockets =
+                        self.channel.take_fds(listeners.len()).map_err(WorkerError::ChannelIo)?;
                     let sockets = sockets.into_iter().map(std::net::TcpListener::from);
-                    let refused = self.proxies.configure(listeners.into_iter().zip(sockets).collect());
+                    let refused =
+                        self.proxies.configure(listeners.into_iter().zip(sockets).collect());
                     self.send(&FromWorker::Configured { id, refused }).await?;
                     // Test only: serving, and sandboxed; now misbehave.
                     if let Some((attempt, target)) = escape.take() {
@@ -153,7 +155,9 @@ impl Serve {
                         self.allowlist.store(Arc::new(list));
                         self.generation = generation;
                     }
-                    Err(e) => tracing::error!("allowlist generation {generation} from the gate: {e}"),
+                    Err(e) => {
+                        tracing::error!("allowlist generation {generation} from the gate: {e}")
+                    }
                 },
                 ToWorker::Report { id } => {
                     let report = FromWorker::Report {

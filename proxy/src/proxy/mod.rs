@@ -154,8 +154,10 @@ impl Proxies {
         &mut self,
         listeners: Vec<(ListenerSpec, std::net::TcpListener)>,
     ) -> Vec<Refused> {
-        let wanted: BTreeMap<&str, SocketAddr> =
-            listeners.iter().map(|(spec, _)| (spec.config.name.as_str(), spec.config.bind)).collect();
+        let wanted: BTreeMap<&str, SocketAddr> = listeners
+            .iter()
+            .map(|(spec, _)| (spec.config.name.as_str(), spec.config.bind))
+            .collect();
         self.listeners.retain(|name, listener| {
             let keep = wanted.get(name.as_str()) == Some(&listener.settings.load().config.bind);
             if !keep {
