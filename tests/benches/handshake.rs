@@ -6,7 +6,7 @@
 //!
 //! The load generator (tokio + rustls) shares the machine's cores with the
 //! server, so handshakes/s understates differences; CPU µs per handshake
-//! (from /proc/<pid>/stat of the server) is the fairer figure.
+//! (from /proc/<pid>/stat of the server and the processes below it) is the fairer figure.
 
 use std::{
     process::Command,
@@ -16,7 +16,7 @@ use std::{
 
 use edgegate::demo::netns::Netns;
 use edgegate_tests::{
-    bench::{median, percentile, print_heading, process_cpu, save, spread},
+    bench::{median, percentile, print_heading, save, spread, tree_cpu},
     peers::{self, BACKEND_PORT, PeerBed},
 };
 use rustls::{ClientConfig, SupportedProtocolVersion, pki_types::ServerName};
@@ -260,13 +260,13 @@ fn main() {
                 failed: 0,
             };
             for _ in 0..settings.rounds {
-                let before = process_cpu(server.child.id());
+                let before = tree_cpu(server.child.id());
                 let started = Instant::now();
                 let (latencies, failed) =
                     load(&bed.netns, server.port, Arc::clone(&config), &settings);
                 row.failed += failed;
                 let elapsed = started.elapsed().as_secs_f64();
-                let cpu = process_cpu(server.child.id()) - before;
+                let cpu = tree_cpu(server.child.id()) - before;
                 assert!(
                     !latencies.is_empty(),
                     "{}: no handshake completed; its log:\n{}",

@@ -19,15 +19,20 @@ use edgegate_tests::{
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-/// Proportional set size of a process, in KiB.
+/// Proportional set size of a proxy, in KiB: its process and those below
+/// it (edgegate's gate and worker).
 fn pss_kib(pid: u32) -> u64 {
-    let rollup =
-        std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).expect("smaps_rollup");
-    rollup
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("Pss")
+    edgegate_tests::bench::process_tree(pid)
+        .into_iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok())
+        .map(|rollup| {
+            rollup
+                .lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .expect("Pss")
+        })
+        .sum()
 }
 
 fn main() {
@@ -153,7 +158,7 @@ fn main() {
     print_heading("memory");
     println!("{}", peers::versions());
     println!(
-        "{connections} idle established mTLS connections (TLS 1.3, one byte each way relayed), Pss growth of the proxy process, median of {rounds} rounds"
+        "{connections} idle established mTLS connections (TLS 1.3, one byte each way relayed), Pss growth of the proxy (all its processes), median of {rounds} rounds"
     );
     println!("\n| server | KiB per connection | (min–max) | edgegate ÷ this |");
     println!("|---|---:|---:|---:|");

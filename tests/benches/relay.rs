@@ -20,7 +20,7 @@ use std::{
 
 use edgegate::demo::netns::Netns;
 use edgegate_tests::{
-    bench::{median, percentile, print_heading, process_cpu, save, spread},
+    bench::{median, percentile, print_heading, save, spread, tree_cpu},
     peers::{self, BACKEND_PORT, PeerBed, Server},
 };
 use rustls::{ClientConfig, pki_types::ServerName};
@@ -242,13 +242,13 @@ fn main() {
                     Target::Proxy(server) => Some(server.child.id()),
                     Target::Direct => None,
                 };
-                let before = pid.map(process_cpu);
+                let before = pid.map(tree_cpu);
                 let (bytes, elapsed) =
                     throughput(&bed.netns, target, &config, connections, settings.seconds);
                 let gb = bytes as f64 / 1e9;
                 rates.push(gb / elapsed.as_secs_f64());
                 if let (Some(pid), Some(before)) = (pid, before) {
-                    cpu.push((process_cpu(pid) - before).as_secs_f64() / gb);
+                    cpu.push((tree_cpu(pid) - before).as_secs_f64() / gb);
                 }
             }
             eprintln!(

@@ -68,9 +68,40 @@ pub fn tool_version(program: &str, arg: &str) -> String {
     }
 }
 
+/// `pid` and every process below it: a proxy's whole footprint (edgegate's
+/// gate and its worker, a forking peer's children).
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|entry| {
+            let child: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
+            let after_name = &stat[stat.rfind(')')? + 2..];
+            let parent = after_name.split_whitespace().nth(1)?.parse().ok()?;
+            Some((child, parent))
+        })
+        .collect();
+    let mut tree = vec![pid];
+    let mut next = 0;
+    while next < tree.len() {
+        let parent = tree[next];
+        tree.extend(parents.iter().filter(|(_, p)| *p == parent).map(|(child, _)| *child));
+        next += 1;
+    }
+    tree
+}
+
+/// CPU time (user + system) `pid` and the processes below it have used so far.
+pub fn tree_cpu(pid: u32) -> Duration {
+    process_tree(pid).into_iter().map(process_cpu).sum()
+}
+
 /// CPU time (user + system) a process has used so far.
 pub fn process_cpu(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
+    // A process that just ended has used nothing more.
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
     let after_name = &stat[stat.rfind(')').expect("comm") + 2..];
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     // utime and stime are fields 14 and 15, i.e. 11 and 12 after the name.

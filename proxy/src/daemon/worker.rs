@@ -736,7 +736,7 @@ impl Link {
         let drained = async {
             self.send(&ToWorker::Drain { timeout }, &[]).await?;
             match self.next().await? {
-                FromWorker::Drained => Ok(()),
+                FromWorker::Drained {} => Ok(()),
                 other => Err(format!("answered a drain with {other:?}")),
             }
         };

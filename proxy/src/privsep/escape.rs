@@ -58,7 +58,7 @@ pub fn bad_frame(attempt: Attempt) -> Option<Vec<u8>> {
             Some(frame)
         }
         Attempt::TruncatedMessage => {
-            let frame = encode(&FromWorker::Drained);
+            let frame = encode(&FromWorker::Drained {});
             Some(frame[..frame.len() - 2].to_vec())
         }
         _ => None,

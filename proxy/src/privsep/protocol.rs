@@ -55,7 +55,8 @@ pub enum FromWorker {
     /// The answer to `Report` `id`.
     Report { id: u64, allowlist_generation: u64, listeners: Vec<ListenerCounters> },
     /// Every connection has finished (or was closed at the drain timeout).
-    Drained,
+    /// (A struct variant: serde refuses unknown fields only in those.)
+    Drained {},
 }
 
 /// A listener whose material the worker could not build a TLS config from.
@@ -207,9 +208,52 @@ mod tests {
             scoped: true,
             seccomp: true,
         };
-        for message in [report(), FromWorker::Ready { sandbox }, FromWorker::Drained] {
+        for message in [report(), FromWorker::Ready { sandbox }, FromWorker::Drained {}] {
             assert_eq!(read_one(&encode(&message)).await.expect("decodes"), message);
         }
+    }
+
+    /// The worker gets the listener config exactly as the gate parsed it.
+    #[test]
+    fn a_listener_config_survives_the_trip_to_the_worker() {
+        let config: ListenerConfig = toml::from_str(
+            r#"
+            name = "edge"
+            bind = "0.0.0.0:8443"
+            backend = "backend.internal:8080"
+            cert = "/etc/edgegate/server.pem"
+            key = "/etc/edgegate/server.key"
+            client_ca = "/etc/edgegate/ca.pem"
+            crl = ["/etc/edgegate/ca.crl"]
+            allow_dns = ["*.partner.example"]
+            proxy_protocol = "v2"
+            trusted_proxies = ["10.0.0.0/16", "fd00::/8"]
+            send_proxy_protocol = "v2"
+            min_tls_version = "1.3"
+            handshake_timeout = "2s 500ms"
+            connect_timeout = "750ms"
+            idle_timeout = "1h"
+            max_connections = 7
+            [backend_tls]
+            ca = "/etc/edgegate/backend-ca.pem"
+            server_name = "backend.internal"
+            "#,
+        )
+        .expect("a listener");
+        let message = ToWorker::Configure {
+            id: 1,
+            listeners: vec![ListenerSpec {
+                config: config.clone(),
+                backend_addrs: vec!["10.0.0.5:8080".parse().unwrap()],
+                material: Material::default(),
+            }],
+        };
+        let ToWorker::Configure { listeners, .. } =
+            decode(&encode(&message)[4..]).expect("decodes")
+        else {
+            panic!("another message");
+        };
+        assert_eq!(listeners[0].config, config);
     }
 
     /// Every way a hostile worker can get a frame wrong is an error, never a
@@ -233,6 +277,10 @@ mod tests {
                 ("unknown type", body(r#"{"type":"set_allowlist","text":"allow 0.0.0.0/0"}"#)),
                 ("no type", body(r#"{"id":1}"#)),
                 ("unknown field", body(r#"{"type":"drained","entries":["0.0.0.0/0"]}"#)),
+                (
+                    "extra field",
+                    body(r#"{"type":"configured","id":1,"refused":[],"allow":"0.0.0.0/0"}"#),
+                ),
                 ("wrong field type", body(r#"{"type":"configured","id":"1","refused":[]}"#)),
                 (
                     "short rejection counters",

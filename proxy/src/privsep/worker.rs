@@ -169,7 +169,7 @@ impl Serve {
                 }
                 ToWorker::Drain { timeout } => {
                     self.proxies.drain(timeout).await;
-                    self.send(&FromWorker::Drained).await?;
+                    self.send(&FromWorker::Drained {}).await?;
                     return Ok(());
                 }
             }
