@@ -18,6 +18,8 @@ use crate::privsep::spawn::Account;
 /// (the packages create it); otherwise `nobody`.
 pub const DEFAULT_WORKER_USER: &str = "edgegate";
 const FALLBACK_WORKER_USER: &str = "nobody";
+/// `nobody`'s ids where no account database names it (a minimal image).
+const NOBODY_ID: u32 = 65534;
 
 /// The capabilities the gate keeps after start-up, and why:
 pub const GATE_CAPABILITIES: [Capability; 7] = [
@@ -47,12 +49,6 @@ pub enum PrivilegeError {
     /// `[daemon] user` is root: the worker never runs as root.
     #[error("`daemon.user`: `{0}` has uid 0; the proxy worker never runs as root")]
     RootUser(String),
-    /// Neither the default account nor `nobody` exists.
-    #[error(
-        "no `daemon.user`, and neither `{DEFAULT_WORKER_USER}` nor `{FALLBACK_WORKER_USER}` \
-         exists: create one (`adduser --system {DEFAULT_WORKER_USER}`) or set `daemon.user`"
-    )]
-    NoDefaultUser,
     /// Looking the user up failed.
     #[error("`daemon.user`: cannot look up `{user}`: {source}")]
     Lookup {
@@ -85,9 +81,20 @@ pub fn worker_account(user: Option<&str>) -> Result<Account, PrivilegeError> {
     };
     let found = match user {
         Some(name) => lookup(name)?.ok_or_else(|| PrivilegeError::UnknownUser(name.to_owned()))?,
-        None => match lookup(DEFAULT_WORKER_USER)? {
+        // A host without an account database (no /etc/passwd) still gets
+        // an unprivileged worker: nobody's conventional ids.
+        None => match [DEFAULT_WORKER_USER, FALLBACK_WORKER_USER]
+            .into_iter()
+            .find_map(|name| lookup(name).ok().flatten())
+        {
             Some(user) => user,
-            None => lookup(FALLBACK_WORKER_USER)?.ok_or(PrivilegeError::NoDefaultUser)?,
+            None => {
+                return Ok(Account {
+                    name: FALLBACK_WORKER_USER.to_owned(),
+                    uid: Uid::from_raw(NOBODY_ID),
+                    gid: Gid::from_raw(NOBODY_ID),
+                });
+            }
         },
     };
     if found.uid.is_root() {
