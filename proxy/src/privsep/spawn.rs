@@ -95,8 +95,16 @@ impl Drop {
         unsafe {
             // Close-on-exec for all (std's own exec-error pipe is already),
             // and then not for the socketpair.
-            ok(libc::syscall(libc::SYS_close_range, 3u32, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC)
-                as libc::c_int)?;
+            // Kernels before 5.11 lack the flag; there, every descriptor
+            // Rust and tokio open is close-on-exec already.
+            let marked =
+                libc::syscall(libc::SYS_close_range, 3u32, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC);
+            if marked < 0 {
+                let errno = *libc::__errno_location();
+                if errno != libc::EINVAL && errno != libc::ENOSYS {
+                    return Err(io::Error::from_raw_os_error(errno));
+                }
+            }
             ok(libc::fcntl(self.channel.as_raw_fd(), libc::F_SETFD, 0))?;
             for cap in 0..=self.last_cap {
                 ok(libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0))?;
