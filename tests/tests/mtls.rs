@@ -11,9 +11,7 @@ use time::{Duration, OffsetDateTime};
 fn a_good_client_reaches_the_backend() {
     let bed = MtlsBed::new(BackendMode::Echo);
     bed.start("");
-    let answer = bed
-        .exchange(0, Some(&bed.client), b"ping")
-        .unwrap_or_else(|e| panic!("{e}: {}", bed.testbed.daemon_log()));
+    let answer = bed.exchange(0, Some(&bed.client), b"ping").expect("exchange");
     assert_eq!(answer, b"ping");
     assert_eq!(bed.backend.accepted(), 1);
     // The access line is written once the connection's counters are final.
