@@ -51,12 +51,17 @@ pub async fn send(stream: &mut UnixStream, frame: &[u8], fds: &[BorrowedFd<'_>])
 pub struct Receiver {
     stream: UnixStream,
     buffer: Vec<u8>,
+    /// What one `recvmsg` reads into, allocated once.
+    chunk: Box<[u8]>,
     fds: VecDeque<OwnedFd>,
 }
 
+/// How much one `recvmsg` may read.
+const CHUNK: usize = 256 << 10;
+
 impl Receiver {
     pub fn new(stream: UnixStream) -> Self {
-        Self { stream, buffer: Vec::new(), fds: VecDeque::new() }
+        Self { stream, buffer: Vec::new(), chunk: vec![0; CHUNK].into(), fds: VecDeque::new() }
     }
 
     /// The next frame's body. Descriptors that arrived with it (or before)
@@ -75,8 +80,7 @@ impl Receiver {
                     return Ok(body);
                 }
             }
-            let mut chunk = vec![0u8; 256 << 10];
-            let read = self.read(&mut chunk).await.map_err(FrameError::Io)?;
+            let read = self.read().await.map_err(FrameError::Io)?;
             if read == 0 {
                 return Err(if self.buffer.is_empty() {
                     FrameError::Closed
@@ -84,7 +88,7 @@ impl Receiver {
                     FrameError::Truncated
                 });
             }
-            self.buffer.extend_from_slice(&chunk[..read]);
+            self.buffer.extend_from_slice(&self.chunk[..read]);
         }
     }
 
@@ -104,12 +108,13 @@ impl Receiver {
         &mut self.stream
     }
 
-    async fn read(&mut self, chunk: &mut [u8]) -> io::Result<usize> {
+    /// One `recvmsg` into `chunk`; the descriptors it brings are queued.
+    async fn read(&mut self) -> io::Result<usize> {
         loop {
             self.stream.readable().await?;
             let mut control = nix::cmsg_space!([RawFd; MAX_FDS]);
             let received = self.stream.try_io(Interest::READABLE, || {
-                let mut iov = [IoSliceMut::new(chunk)];
+                let mut iov = [IoSliceMut::new(&mut self.chunk)];
                 let message = recvmsg::<()>(
                     self.stream.as_raw_fd(),
                     &mut iov,
