@@ -213,12 +213,13 @@ impl Listeners {
         Desired {
             specs: self.0.values().map(Held::spec).collect(),
             sockets: self.0.values().map(|held| Arc::clone(&held.socket)).collect(),
-            connect_ports: self
-                .0
-                .values()
-                .flat_map(|h| h.backend_addrs.iter().map(SocketAddr::port))
-                .collect(),
+            connect_ports: self.connect_ports(),
         }
+    }
+
+    /// The backends' ports: all a worker may connect to.
+    fn connect_ports(&self) -> BTreeSet<u16> {
+        self.0.values().flat_map(|h| h.backend_addrs.iter().map(SocketAddr::port)).collect()
     }
 
     /// Closes the gate's copies of the listening sockets (at shutdown).
@@ -309,7 +310,7 @@ pub struct Started {
 
 /// Starts the first worker for `listeners`.
 pub fn start(spawner: Spawner, listeners: &Listeners) -> io::Result<Started> {
-    let ports = listeners.desired().connect_ports;
+    let ports = listeners.connect_ports();
     let first = spawner.spawn(&ports)?;
     Ok(Started { spawner, first, ports })
 }
