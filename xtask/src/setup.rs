@@ -20,7 +20,7 @@ pub struct Options {
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
-    exec::install_missing("setup", &BUILD_TOOLS)?;
+    install_build_tools("setup")?;
     if !nightly_available() {
         println!("setup: installing the {TOOLCHAIN} toolchain");
         exec::run(Command::new("rustup").args([
@@ -51,17 +51,26 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
 }
 
 /// Commands the build itself runs, and their Debian packages.
-pub const BUILD_TOOLS: [(&str, &str); 1] = [("protoc", "protobuf-compiler")];
+const BUILD_TOOLS: [(&str, &str); 1] = [("protoc", "protobuf-compiler")];
+/// Files protoc imports (the well-known types), which `protobuf-compiler`
+/// only recommends.
+const BUILD_FILES: [(&str, &str); 1] =
+    [("/usr/include/google/protobuf/descriptor.proto", "libprotobuf-dev")];
 
 /// Runs setup when something is missing, saying why; other commands call this first.
 pub fn ensure() -> anyhow::Result<()> {
-    // The etcd client's build script generates its gRPC code with protoc.
-    exec::install_missing("build", &BUILD_TOOLS)?;
+    install_build_tools("build")?;
     if nightly_available() && rust_src_installed()? && bpf_linker_works() {
         return Ok(());
     }
     eprintln!("the eBPF toolchain is incomplete: running `cargo xtask setup` first");
     run(&Options::default())
+}
+
+/// The etcd client's build script generates its gRPC code with protoc.
+fn install_build_tools(what: &str) -> anyhow::Result<()> {
+    exec::install_missing(what, &BUILD_TOOLS)?;
+    exec::install_missing_files(what, &BUILD_FILES)
 }
 
 fn nightly_available() -> bool {

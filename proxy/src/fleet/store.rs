@@ -367,13 +367,45 @@ impl Store {
 /// An error that a retry may not see: no leader for a moment, a member down.
 fn transient(error: &etcd_client::Error) -> bool {
     match error {
-        etcd_client::Error::GRpcStatus(status) => {
-            matches!(
-                status.code(),
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-            )
-        }
+        etcd_client::Error::GRpcStatus(status) => match status.code() {
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                true
+            }
+            // A connection that a restarted member closed surfaces as
+            // Unknown, with the I/O error (a broken pipe) as its cause.
+            tonic::Code::Unknown => caused_by_io(status),
+            _ => false,
+        },
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
         _ => false,
+    }
+}
+
+fn caused_by_io(error: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(error.source(), |e| e.source()).any(|e| e.is::<std::io::Error>())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::*;
+
+    fn status(status: tonic::Status) -> etcd_client::Error {
+        etcd_client::Error::GRpcStatus(status)
+    }
+
+    #[test]
+    fn a_lost_connection_is_retried_and_a_refusal_is_not() {
+        let broken_pipe =
+            tonic::Status::from_error(Box::new(io::Error::from(io::ErrorKind::BrokenPipe)));
+        assert_eq!(broken_pipe.code(), tonic::Code::Unknown);
+        assert!(transient(&status(broken_pipe)));
+        assert!(transient(&status(tonic::Status::unavailable("no leader"))));
+        assert!(transient(&status(tonic::Status::deadline_exceeded("slow"))));
+
+        assert!(!transient(&status(tonic::Status::unknown("a server bug"))));
+        assert!(!transient(&status(tonic::Status::invalid_argument("too large"))));
+        assert!(!transient(&status(tonic::Status::permission_denied("no role"))));
     }
 }
