@@ -150,8 +150,22 @@ pub struct ListenerConfig {
     pub idle_timeout: Duration,
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Session-ticket keys shared by every host behind the load balancer
+    /// (`tls::tickets`); without them each worker seals tickets with a key of
+    /// its own, so a partner resumes only on the host that issued its ticket.
+    pub tls_ticket_keys: Option<PathBuf>,
+    /// How long a session may be resumed; `0s` turns resumption off.
+    #[serde(
+        default = "default_session_lifetime",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
+    pub session_lifetime: Duration,
     pub backend_tls: Option<BackendTlsConfig>,
 }
+
+/// RFC 8446 caps a ticket's lifetime at seven days.
+pub const MAX_SESSION_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// `[listener.backend_tls]`: encrypt (and verify) the connection to the backend.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -232,6 +246,9 @@ fn default_connect_timeout() -> Duration {
 }
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(3600)
+}
+fn default_session_lifetime() -> Duration {
+    Duration::from_secs(2 * 3600)
 }
 fn default_max_connections() -> usize {
     10_000
@@ -642,6 +659,16 @@ fn validate_listeners(listeners: &[ListenerConfig]) -> Vec<Invalid> {
         if listener.max_connections == 0 {
             problems.push(Invalid::new(key("max_connections"), "must be at least 1"));
         }
+        if listener.session_lifetime > MAX_SESSION_LIFETIME {
+            problems
+                .push(Invalid::new(key("session_lifetime"), "must be at most 7 days (RFC 8446)"));
+        }
+        if listener.session_lifetime.is_zero() && listener.tls_ticket_keys.is_some() {
+            problems.push(Invalid::new(
+                key("tls_ticket_keys"),
+                "session_lifetime = \"0s\" turns resumption off: remove one of the two",
+            ));
+        }
         if let Some(tls) = &listener.backend_tls
             && tls.cert.is_some() != tls.key.is_some()
         {
@@ -750,6 +777,11 @@ mod tests {
             ("allow_cn = [\"partner-[\"]", "listener.edge.allow_cn"),
             ("handshake_timeout = \"0s\"", "listener.edge.handshake_timeout"),
             ("max_connections = 0", "listener.edge.max_connections"),
+            ("session_lifetime = \"8d\"", "listener.edge.session_lifetime"),
+            (
+                "session_lifetime = \"0s\"\ntls_ticket_keys = \"keys\"",
+                "listener.edge.tls_ticket_keys",
+            ),
             (
                 "[listener.backend_tls]\nca = \"ca.pem\"\nserver_name = \"db\"\ncert = \"c.pem\"",
                 "listener.edge.backend_tls",

@@ -1,15 +1,25 @@
-//! `cargo xtask bench handshake`: new full mutual-TLS handshakes per second
-//! (ECDSA P-256 certificates, X25519, no resumption), and the server's CPU
-//! time per handshake, for edgegate, HAProxy and stunnel, all terminating
-//! the same client certificates and forwarding to the same backend, in one
-//! network namespace, in one run.
+//! `cargo xtask bench handshake`: the server's CPU time per mutual-TLS
+//! connection (ECDSA P-256 certificates, X25519) for edgegate, HAProxy and
+//! stunnel, all terminating the same client certificates and forwarding to
+//! the same backend, in one network namespace, in one run, under three loads:
 //!
-//! The load generator (tokio + rustls) shares the machine's cores with the
-//! server, so handshakes/s understates differences; CPU µs per handshake
-//! (from /proc/<pid>/stat of the server and the processes below it) is the fairer figure.
+//! - this project's generator (tokio + rustls): full handshakes, TLS 1.3 and
+//!   1.2, until the backend's first byte; then resumed handshakes;
+//! - OpenSSL's own client, `openssl s_time -new -www /`, as concurrent
+//!   processes: a full handshake and one HTTP request through the proxy;
+//! - bare `openssl s_time -new`, once, to show why it is not a fair load.
+//!
+//! Every peer runs in its defaults and in its best configuration for full
+//! handshakes (HAProxy without session cache and tickets, edgegate without
+//! resumption). The floors are the public-key work of one handshake and the
+//! CPU of HAProxy relaying the same connections as plain TCP.
+//!
+//! The load generators share the machine's cores with the server, so rates
+//! understate differences; CPU µs per connection (from /proc/<pid>/stat of
+//! the server and the processes below it) is the fairer figure.
 
 use std::{
-    process::Command,
+    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -17,25 +27,39 @@ use std::{
 use edgegate::demo::netns::Netns;
 use edgegate_tests::{
     bench::{median, percentile, print_heading, save, spread, tree_cpu},
-    peers::{self, BACKEND_PORT, PeerBed},
+    peers::{
+        self, BACKEND_PORT, EDGEGATE_NO_RESUMPTION_PORT, HAPROXY_FULL_PORT, HAPROXY_TCP_PORT,
+        PeerBed,
+    },
 };
-use rustls::{ClientConfig, SupportedProtocolVersion, pki_types::ServerName};
-use tokio::io::AsyncReadExt as _;
+use rustls::{ClientConfig, HandshakeKind, SupportedProtocolVersion, pki_types::ServerName};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 struct Settings {
     seconds: u64,
     rounds: usize,
     concurrency: usize,
-    /// Open loop: start this many handshakes per second whatever their fate,
-    /// instead of `concurrency` clients that each wait for the previous one.
-    rate: Option<u32>,
 }
 
-/// One full handshake against `port`, until the backend's first byte
-/// arrives through the proxy: its latency in µs, if it succeeded. (A TLS 1.3
-/// client is done before the server has checked its certificate; the
-/// backend's byte proves the server accepted it and connected the backend.)
-async fn handshake(connector: &tokio_rustls::TlsConnector, port: u16) -> Option<f64> {
+/// What the backend answers every connection, before reading anything.
+const RESPONSE: &[u8] = b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n";
+
+/// A server under a load: a name for the tables, its port and process.
+#[derive(Clone, Copy)]
+struct Target {
+    name: &'static str,
+    port: u16,
+    pid: u32,
+}
+
+/// How one handshake went: its latency in µs, and whether it resumed.
+type Outcome = Option<(f64, bool)>;
+
+/// One handshake against `port`, until the backend's first byte arrives
+/// through the proxy. (A TLS 1.3 client is done before the server has
+/// checked its certificate; the backend's byte proves the server accepted it
+/// and connected the backend.)
+async fn handshake(connector: &tokio_rustls::TlsConnector, port: u16) -> Outcome {
     let started = Instant::now();
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
     // As curl does. Without it, rustls's TLS 1.3 client sometimes sends its
@@ -46,17 +70,13 @@ async fn handshake(connector: &tokio_rustls::TlsConnector, port: u16) -> Option<
     let mut tls = connector.connect(name, tcp).await.ok()?;
     let mut byte = [0u8];
     tls.read_exact(&mut byte).await.ok()?;
-    Some(started.elapsed().as_secs_f64() * 1e6)
+    // The server's TLS 1.3 ticket came before that byte: the client has it.
+    let resumed = tls.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed);
+    Some((started.elapsed().as_secs_f64() * 1e6, resumed))
 }
 
-/// Runs the load for `seconds`: the latencies (µs) of the handshakes that
-/// completed, and how many failed.
-fn load(
-    netns: &Netns,
-    port: u16,
-    config: Arc<ClientConfig>,
-    settings: &Settings,
-) -> (Vec<f64>, usize) {
+/// The generator: `settings.concurrency` clients in a loop for `seconds`.
+fn load(netns: &Netns, port: u16, config: Arc<ClientConfig>, settings: &Settings) -> Vec<Outcome> {
     let connector = tokio_rustls::TlsConnector::from(config);
     let duration = Duration::from_secs(settings.seconds);
     netns.run(|| {
@@ -65,41 +85,128 @@ fn load(
         runtime.block_on(async {
             let deadline = tokio::time::Instant::now() + duration;
             let mut tasks = tokio::task::JoinSet::new();
-            match settings.rate {
-                Some(rate) => {
-                    let mut ticks =
-                        tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
-                    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-                    while ticks.tick().await < deadline {
-                        let connector = connector.clone();
-                        tasks.spawn(async move { vec![handshake(&connector, port).await] });
+            for _ in 0..settings.concurrency {
+                let connector = connector.clone();
+                tasks.spawn(async move {
+                    let mut outcomes = Vec::new();
+                    while tokio::time::Instant::now() < deadline {
+                        outcomes.push(handshake(&connector, port).await);
                     }
-                }
-                None => {
-                    for _ in 0..settings.concurrency {
-                        let connector = connector.clone();
-                        tasks.spawn(async move {
-                            let mut outcomes = Vec::new();
-                            while tokio::time::Instant::now() < deadline {
-                                outcomes.push(handshake(&connector, port).await);
-                            }
-                            outcomes
-                        });
-                    }
-                }
+                    outcomes
+                });
             }
-            let (mut latencies, mut failed) = (Vec::new(), 0);
-            while let Some(outcomes) = tasks.join_next().await {
-                for outcome in outcomes.expect("client task") {
-                    match outcome {
-                        Some(latency) => latencies.push(latency),
-                        None => failed += 1,
-                    }
-                }
+            let mut outcomes = Vec::new();
+            while let Some(done) = tasks.join_next().await {
+                outcomes.extend(done.expect("client task"));
             }
-            (latencies, failed)
+            outcomes
         })
     })
+}
+
+/// The same connections without TLS: connect, send a request, read to the end.
+fn plain_load(netns: &Netns, port: u16, settings: &Settings) -> usize {
+    let duration = Duration::from_secs(settings.seconds);
+    netns.run(|| {
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async {
+            let deadline = tokio::time::Instant::now() + duration;
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..settings.concurrency {
+                tasks.spawn(async move {
+                    let mut done = 0;
+                    while tokio::time::Instant::now() < deadline {
+                        let exchange = async {
+                            let mut tcp =
+                                tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                            tcp.set_nodelay(true)?;
+                            tcp.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
+                            let mut answer = Vec::new();
+                            tcp.read_to_end(&mut answer).await?;
+                            std::io::Result::Ok(answer.starts_with(b"HTTP/1.0 200"))
+                        };
+                        done += usize::from(exchange.await.unwrap_or(false));
+                    }
+                    done
+                });
+            }
+            let mut total = 0;
+            while let Some(done) = tasks.join_next().await {
+                total += done.expect("client task");
+            }
+            total
+        })
+    })
+}
+
+/// `instances` concurrent `openssl s_time` processes against `port`, TLS
+/// 1.3, for `seconds`, with `mode` (`-new`, `-reuse`) and `www` (fetch `/`
+/// through the proxy, or leave after the handshake): connections made.
+fn s_time(
+    bed: &PeerBed,
+    port: u16,
+    mode: &str,
+    www: bool,
+    instances: usize,
+    seconds: u64,
+) -> usize {
+    let children: Vec<_> = (0..instances)
+        .map(|_| {
+            let mut command = bed.netns.command("openssl");
+            command
+                .args(["s_time", "-tls1_3", mode, "-time", &seconds.to_string(), "-connect"])
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("-cert")
+                .arg(&bed.client.cert)
+                .arg("-key")
+                .arg(&bed.client.key)
+                .arg("-CAfile")
+                .arg(&bed.server_ca.cert);
+            if www {
+                command.args(["-www", "/"]);
+            }
+            command.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("openssl s_time")
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|child| {
+            let output = child.wait_with_output().expect("openssl s_time");
+            // "N connections in T real seconds, ..."
+            let text = String::from_utf8_lossy(&output.stdout);
+            text.lines()
+                .find(|l| l.contains("connections in") && l.contains("real seconds"))
+                .and_then(|l| l.split_whitespace().next()?.parse::<usize>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// A backend that answers at once and closes once the request (or the
+/// client's close) has arrived, for every load alike.
+fn start_backend(netns: &Netns) {
+    let listener =
+        netns.run(|| std::net::TcpListener::bind(("127.0.0.1", BACKEND_PORT)).expect("backend"));
+    listener.set_nonblocking(true).expect("non-blocking");
+    std::thread::spawn(move || {
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("backend");
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let _ = stream.set_nodelay(true);
+                    if stream.write_all(RESPONSE).await.is_err() {
+                        return;
+                    }
+                    let mut request = [0u8; 1024];
+                    let read = stream.read(&mut request);
+                    let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+                });
+            }
+        });
+    });
 }
 
 /// Server-side public-key work of one full TLS 1.3 mutual-TLS handshake with
@@ -181,41 +288,101 @@ fn openssl_floor_us() -> Option<f64> {
     Some(1e6 / signs + 2.0 * 1e6 / verifies + 2.0 * 1e6 / agreements)
 }
 
-/// `openssl s_time` against edgegate for `seconds`: new handshakes per second.
-fn s_time(bed: &PeerBed, seconds: u64) -> Option<f64> {
-    let mut command = bed.netns.command("openssl");
-    command
-        .args(["s_time", "-connect", "127.0.0.1:8443", "-new", "-time", &seconds.to_string()])
-        .arg("-cert")
-        .arg(&bed.client.cert)
-        .arg("-key")
-        .arg(&bed.client.key)
-        .arg("-CAfile")
-        .arg(&bed.server_ca.cert);
-    // s_time reports whole seconds only: time it here.
-    let started = Instant::now();
-    let output = command.output().ok()?;
-    let elapsed = started.elapsed().as_secs_f64();
-    // "N connections in T real seconds, ..."
-    let text = String::from_utf8_lossy(&output.stdout);
-    let line = text.lines().find(|l| l.contains("connections in") && l.contains("real seconds"))?;
-    let count: f64 = line.split_whitespace().next()?.parse().ok()?;
-    Some(count / elapsed)
+/// What one round of a load did.
+#[derive(Default)]
+struct Round {
+    connections: usize,
+    failed: usize,
+    resumed: usize,
+    latencies_us: Vec<f64>,
 }
 
-struct Row {
-    tls: &'static str,
-    server: &'static str,
-    rates: Vec<f64>,
-    cpu_us: Vec<f64>,
-    latencies_ms: [Vec<f64>; 3],
-    /// Handshakes that failed, over all rounds.
-    failed: usize,
+impl Round {
+    fn from_outcomes(outcomes: Vec<Outcome>) -> Self {
+        let mut round = Self::default();
+        for outcome in outcomes {
+            match outcome {
+                Some((latency, resumed)) => {
+                    round.connections += 1;
+                    round.resumed += usize::from(resumed);
+                    round.latencies_us.push(latency);
+                }
+                None => round.failed += 1,
+            }
+        }
+        round
+    }
+
+    fn counted(connections: usize) -> Self {
+        Self { connections, ..Self::default() }
+    }
 }
+
+/// One target under one load, over the rounds.
+struct Row {
+    load: String,
+    target: Target,
+    /// Connections per second, one per round.
+    rates: Vec<f64>,
+    /// The server's CPU µs per connection, one per round.
+    cpu_us: Vec<f64>,
+    /// p50, p99, p99.9 in ms, one per round (the generator's loads only).
+    latencies_ms: [Vec<f64>; 3],
+    failed: usize,
+    /// Share of the connections that resumed.
+    resumed: f64,
+}
+
+impl Row {
+    fn cpu(&self) -> f64 {
+        median(&self.cpu_us)
+    }
+}
+
+fn measure(load: &str, target: Target, rounds: usize, mut run: impl FnMut() -> Round) -> Row {
+    let mut row = Row {
+        load: load.to_owned(),
+        target,
+        rates: Vec::new(),
+        cpu_us: Vec::new(),
+        latencies_ms: Default::default(),
+        failed: 0,
+        resumed: 0.0,
+    };
+    let (mut connections, mut resumed) = (0, 0);
+    for _ in 0..rounds {
+        let before = tree_cpu(target.pid);
+        let started = Instant::now();
+        let round = run();
+        let elapsed = started.elapsed().as_secs_f64();
+        let cpu = tree_cpu(target.pid) - before;
+        assert!(round.connections > 0, "{}: no connection completed under {load}", target.name);
+        row.failed += round.failed;
+        connections += round.connections;
+        resumed += round.resumed;
+        row.rates.push(round.connections as f64 / elapsed);
+        row.cpu_us.push(cpu.as_secs_f64() * 1e6 / round.connections as f64);
+        if !round.latencies_us.is_empty() {
+            for (quantile, out) in [0.5, 0.99, 0.999].into_iter().zip(&mut row.latencies_ms) {
+                out.push(percentile(&round.latencies_us, quantile) / 1e3);
+            }
+        }
+    }
+    row.resumed = resumed as f64 / connections.max(1) as f64;
+    eprintln!("{load}, {}: {:.0}/s, {:.0} µs CPU each", target.name, median(&row.rates), row.cpu());
+    row
+}
+
+const EDGEGATE: &str = "edgegate (defaults: tickets)";
+const EDGEGATE_FULL: &str = "edgegate, resumption off";
+const HAPROXY: &str = "haproxy (defaults: session cache, tickets)";
+const HAPROXY_FULL: &str = "haproxy, cache and tickets off";
+const STUNNEL: &str = "stunnel (defaults)";
+const HAPROXY_TCP: &str = "haproxy mode tcp, no TLS";
 
 fn main() {
     edgegate_tests::require_root();
-    let mut settings = Settings { seconds: 3, rounds: 5, concurrency: 32, rate: None };
+    let mut settings = Settings { seconds: 3, rounds: 5, concurrency: 32 };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value =
@@ -226,178 +393,217 @@ fn main() {
             "--concurrency" => {
                 settings.concurrency = usize::try_from(value()).expect("concurrency");
             }
-            "--rate" => settings.rate = Some(u32::try_from(value()).expect("rate")),
             "--bench" => {}
-            other => panic!(
-                "unknown argument {other} (--seconds N, --rounds N, --concurrency N, --rate N)"
-            ),
+            other => panic!("unknown argument {other} (--seconds N, --rounds N, --concurrency N)"),
         }
     }
     let bed = PeerBed::new();
-    // The backend: sends one byte and closes.
-    let backend = bed
-        .netns
-        .run(|| std::net::TcpListener::bind(("127.0.0.1", BACKEND_PORT)).expect("backend"));
-    std::thread::spawn(move || {
-        for mut stream in backend.incoming().flatten() {
-            let _ = std::io::Write::write_all(&mut stream, b"x");
-        }
-    });
+    start_backend(&bed.netns);
     let servers = bed.start(5_000);
+    let variants = bed.start_haproxy_variants();
+    let target = |name: &'static str, server: &str, port: Option<u16>| {
+        let server = servers.iter().chain(&variants).find(|s| s.name == server).expect(server);
+        Target { name, port: port.unwrap_or(server.port), pid: server.child.id() }
+    };
+    let edgegate = target(EDGEGATE, "edgegate", None);
+    let edgegate_full = target(EDGEGATE_FULL, "edgegate", Some(EDGEGATE_NO_RESUMPTION_PORT));
+    let haproxy = target(HAPROXY, "haproxy", None);
+    let haproxy_full = target(HAPROXY_FULL, "haproxy-full", Some(HAPROXY_FULL_PORT));
+    let stunnel = target(STUNNEL, "stunnel", None);
+    let haproxy_tcp = target(HAPROXY_TCP, "haproxy-tcp", Some(HAPROXY_TCP_PORT));
+    let tls_targets = [edgegate, edgegate_full, haproxy, haproxy_full];
+    let rounds = settings.rounds;
 
+    let mut rows = Vec::new();
     let versions: [(&str, &'static SupportedProtocolVersion); 2] =
         [("TLS 1.3", &rustls::version::TLS13), ("TLS 1.2", &rustls::version::TLS12)];
-    let mut rows = Vec::new();
     for (tls, version) in versions {
         let config = bed.client_config(Some(version));
-        for server in &servers {
-            let mut row = Row {
-                tls,
-                server: server.name,
-                rates: Vec::new(),
-                cpu_us: Vec::new(),
-                latencies_ms: Default::default(),
-                failed: 0,
-            };
-            for _ in 0..settings.rounds {
-                let before = tree_cpu(server.child.id());
-                let started = Instant::now();
-                let (latencies, failed) =
-                    load(&bed.netns, server.port, Arc::clone(&config), &settings);
-                row.failed += failed;
-                let elapsed = started.elapsed().as_secs_f64();
-                let cpu = tree_cpu(server.child.id()) - before;
-                assert!(
-                    !latencies.is_empty(),
-                    "{}: no handshake completed; its log:\n{}",
-                    server.name,
-                    bed.log(server)
-                );
-                let handshakes = latencies.len() as f64;
-                row.rates.push(handshakes / elapsed);
-                row.cpu_us.push(cpu.as_secs_f64() * 1e6 / handshakes);
-                for (quantile, out) in [0.5, 0.99, 0.999].into_iter().zip(&mut row.latencies_ms) {
-                    out.push(percentile(&latencies, quantile) / 1e3);
-                }
-            }
-            eprintln!(
-                "{tls} {}: {:.0} handshakes/s, {:.0} µs CPU each",
-                server.name,
-                median(&row.rates),
-                median(&row.cpu_us)
-            );
-            rows.push(row);
+        let load_name = format!("generator, full, {tls}");
+        for target in tls_targets.into_iter().chain([stunnel]) {
+            rows.push(measure(&load_name, target, rounds, || {
+                Round::from_outcomes(load(&bed.netns, target.port, Arc::clone(&config), &settings))
+            }));
         }
     }
-
-    // Cross-checks, in the same run: OpenSSL's own client against edgegate
-    // next to this generator with one client, and the crypto floors.
-    let one_client = Settings { concurrency: 1, rate: None, ..settings };
-    let tls13 = bed.client_config(Some(&rustls::version::TLS13));
-    let ours_one =
-        load(&bed.netns, 8443, tls13, &one_client).0.len() as f64 / settings.seconds as f64;
-    let s_time_rate = s_time(&bed, settings.seconds);
-    drop(servers);
+    for instances in [4, 16] {
+        let load_name = format!("s_time -new -www, {instances}");
+        for target in tls_targets {
+            rows.push(measure(&load_name, target, rounds, || {
+                Round::counted(s_time(&bed, target.port, "-new", true, instances, settings.seconds))
+            }));
+        }
+    }
+    for target in tls_targets {
+        rows.push(measure("s_time -new, 4", target, 1, || {
+            Round::counted(s_time(&bed, target.port, "-new", false, 4, settings.seconds))
+        }));
+    }
+    for (tls, version) in versions {
+        let load_name = format!("generator, resumed, {tls}");
+        for target in [edgegate, haproxy] {
+            // A fresh session store per target: the first connection of
+            // each client is a full handshake, the rest resume.
+            let config = bed.resuming_client_config(Some(version));
+            rows.push(measure(&load_name, target, rounds, || {
+                Round::from_outcomes(load(&bed.netns, target.port, Arc::clone(&config), &settings))
+            }));
+        }
+    }
+    for target in [edgegate, haproxy] {
+        rows.push(measure("s_time -reuse -www, 4", target, rounds, || {
+            Round::counted(s_time(&bed, target.port, "-reuse", true, 4, settings.seconds))
+        }));
+    }
+    rows.push(measure("plain TCP, same requests", haproxy_tcp, rounds, || {
+        Round::counted(plain_load(&bed.netns, haproxy_tcp.port, &settings))
+    }));
+    drop((servers, variants));
     let floor = CryptoFloor::measure();
     let openssl_floor = openssl_floor_us();
-    report(&settings, &rows, &floor, openssl_floor, ours_one, s_time_rate);
+    report(&settings, &rows, &floor, openssl_floor);
 }
 
-fn report(
-    settings: &Settings,
-    rows: &[Row],
-    floor: &CryptoFloor,
-    openssl_floor: Option<f64>,
-    ours_one: f64,
-    s_time_rate: Option<f64>,
-) {
+fn find<'a>(rows: &'a [Row], load: &str, target: &str) -> &'a Row {
+    rows.iter()
+        .find(|r| r.load == load && r.target.name == target)
+        .unwrap_or_else(|| panic!("no row for {target} under {load}"))
+}
+
+fn print_table(rows: &[Row], loads: &[&str], with_latency: bool) {
+    print!(
+        "\n| load | server | conn/s | min–max | server CPU µs/conn | min–max | ÷ edgegate's CPU |"
+    );
+    if with_latency {
+        print!(" p50 ms | p99 ms | p99.9 ms | resumed | failed |");
+    }
+    println!();
+    let columns = if with_latency { 12 } else { 7 };
+    println!("|---|---|{}", "---:|".repeat(columns - 2));
+    for row in rows.iter().filter(|r| loads.contains(&r.load.as_str())) {
+        let ours = rows
+            .iter()
+            .find(|r| r.load == row.load && r.target.name == EDGEGATE)
+            .map_or(f64::NAN, Row::cpu);
+        let (rate_low, rate_high) = spread(&row.rates);
+        let (cpu_low, cpu_high) = spread(&row.cpu_us);
+        print!(
+            "| {} | {} | {:.0} | {rate_low:.0}–{rate_high:.0} | {:.0} | {cpu_low:.0}–{cpu_high:.0} | {:.2} |",
+            row.load,
+            row.target.name,
+            median(&row.rates),
+            row.cpu(),
+            row.cpu() / ours,
+        );
+        if with_latency {
+            print!(
+                " {:.1} | {:.1} | {:.1} | {:.0}% | {} |",
+                median(&row.latencies_ms[0]),
+                median(&row.latencies_ms[1]),
+                median(&row.latencies_ms[2]),
+                row.resumed * 100.0,
+                row.failed
+            );
+        }
+        println!();
+    }
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "**missed**" }
+}
+
+fn report(settings: &Settings, rows: &[Row], floor: &CryptoFloor, openssl_floor: Option<f64>) {
     print_heading("handshake");
     println!("{}", peers::versions());
-    let load = match settings.rate {
-        Some(rate) => format!("open loop, {rate} new handshakes/s"),
-        None => format!("{} closed-loop clients", settings.concurrency),
-    };
     println!(
-        "{load} (tokio + rustls, sharing the cores), {} s × {} rounds, ECDSA P-256, X25519, no resumption; medians",
+        "ECDSA P-256 certificates, X25519; {} s × {} rounds per row (bare s_time: 1 round); medians; \
+         CPU of the server's process tree per completed connection; the loads share the cores",
         settings.seconds, settings.rounds
     );
     println!(
-        "\n| TLS | server | handshakes/s | min–max | server CPU µs/handshake | min–max | edgegate ÷ this (CPU) | p50 ms | p99 ms | p99.9 ms | failed |"
+        "\nFull handshakes, this generator ({} clients, tokio + rustls, no resumption; done at the backend's first byte):",
+        settings.concurrency
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for row in rows {
-        let ours = rows
-            .iter()
-            .find(|r| r.tls == row.tls && r.server == "edgegate")
-            .map_or(f64::NAN, |r| median(&r.cpu_us));
-        let (rate_low, rate_high) = spread(&row.rates);
-        let (cpu_low, cpu_high) = spread(&row.cpu_us);
-        println!(
-            "| {} | {} | {:.0} | {rate_low:.0}–{rate_high:.0} | {:.0} | {cpu_low:.0}–{cpu_high:.0} | {:.2} | {:.1} | {:.1} | {:.1} | {} |",
-            row.tls,
-            row.server,
-            median(&row.rates),
-            median(&row.cpu_us),
-            ours / median(&row.cpu_us),
-            median(&row.latencies_ms[0]),
-            median(&row.latencies_ms[1]),
-            median(&row.latencies_ms[2]),
-            row.failed,
-        );
-    }
-    let ours = rows
-        .iter()
-        .find(|r| r.tls == "TLS 1.3" && r.server == "edgegate")
-        .map(|r| median(&r.cpu_us))
-        .expect("edgegate's TLS 1.3 row");
-    let haproxy = rows
-        .iter()
-        .find(|r| r.tls == "TLS 1.3" && r.server == "haproxy")
-        .map(|r| median(&r.cpu_us))
-        .expect("HAProxy's TLS 1.3 row");
+    print_table(rows, &["generator, full, TLS 1.3", "generator, full, TLS 1.2"], true);
     println!(
-        "\ncrypto floor of one TLS 1.3 mTLS handshake, server side (1 ECDSA P-256 sign, 2 verifies, 1 X25519 key pair + agreement):"
+        "\nOpenSSL's client: concurrent `openssl s_time -tls1_3 -new -www /` processes (full handshake, one HTTP request through the proxy, read to the backend's close):"
+    );
+    print_table(rows, &["s_time -new -www, 4", "s_time -new -www, 16"], false);
+    println!(
+        "\nNot a fair load, shown once: bare `s_time -new` leaves right after the handshake, before any proxy has connected its backend:"
+    );
+    print_table(rows, &["s_time -new, 4"], false);
+    println!(
+        "\nResumed handshakes (each client's first connection is full, the rest resume; HAProxy's defaults are its best configuration here):"
+    );
+    print_table(
+        rows,
+        &["generator, resumed, TLS 1.3", "generator, resumed, TLS 1.2", "s_time -reuse -www, 4"],
+        true,
+    );
+    let tcp = find(rows, "plain TCP, same requests", HAPROXY_TCP).cpu();
+    println!(
+        "\nfloors: public-key work of one TLS 1.3 mTLS handshake, server side (1 ECDSA P-256 sign, 2 verifies, 1 X25519 key pair + agreement):"
     );
     println!(
-        "- aws-lc (rustls): {:.0} µs (sign {:.1}, verify {:.1}, X25519 {:.1}); edgegate's CPU per handshake = {:.2}× it (target ≤ 1.3×)",
+        "- aws-lc (rustls): {:.0} µs (sign {:.1}, verify {:.1}, X25519 {:.1})",
         floor.total_us(),
         floor.sign_us,
         floor.verify_us,
-        floor.x25519_us,
-        ours / floor.total_us()
+        floor.x25519_us
     );
     match openssl_floor {
-        Some(us) => println!(
-            "- OpenSSL (`openssl speed`): {us:.0} µs; HAProxy's CPU per handshake = {:.2}× it",
-            haproxy / us
-        ),
+        Some(us) => println!("- OpenSSL (`openssl speed`): {us:.0} µs"),
         None => println!("- OpenSSL: `openssl speed` gave no figures"),
     }
     println!(
-        "- HAProxy's CPU per TLS 1.3 handshake = {:.2}× edgegate's (target ≥ 2×)",
-        haproxy / ours
+        "- {HAPROXY_TCP} relaying the same connections ({} clients): {tcp:.0} µs per connection",
+        settings.concurrency
     );
-    match s_time_rate {
-        Some(rate) => println!(
-            "\ncross-check, one client at a time against edgegate (TLS 1.3): `openssl s_time -new` {rate:.0} handshakes/s; this generator {ours_one:.0}/s"
-        ),
-        None => println!("\ncross-check: `openssl s_time` gave no figures"),
+
+    println!("\ntargets:");
+    for instances in [4, 16] {
+        let load = format!("s_time -new -www, {instances}");
+        let best = find(rows, &load, HAPROXY_FULL).cpu() / find(rows, &load, EDGEGATE_FULL).cpu();
+        let defaults = find(rows, &load, HAPROXY).cpu() / find(rows, &load, EDGEGATE).cpu();
+        println!(
+            "- `s_time -new -www`, {instances} processes: HAProxy's CPU per connection = {best:.2}× edgegate's, both in their best configuration for full handshakes ({defaults:.2}× in their defaults); target ≥ 3×: {}",
+            verdict(best >= 3.0)
+        );
+    }
+    let full = find(rows, "generator, full, TLS 1.3", EDGEGATE_FULL).cpu();
+    let floor_sum = floor.total_us() + tcp;
+    println!(
+        "- edgegate's CPU per full TLS 1.3 handshake ({full:.0} µs, resumption off) = {:.2}× (crypto floor {:.0} + plain TCP proxy {tcp:.0} µs); target ≤ 1.5×: {}",
+        full / floor_sum,
+        floor.total_us(),
+        verdict(full / floor_sum <= 1.5)
+    );
+    for load in
+        ["generator, resumed, TLS 1.3", "generator, resumed, TLS 1.2", "s_time -reuse -www, 4"]
+    {
+        let ratio = find(rows, load, HAPROXY).cpu() / find(rows, load, EDGEGATE).cpu();
+        println!(
+            "- resumed ({load}): edgegate completes {ratio:.2}× HAProxy's connections per CPU second; target ≥ 2×: {}",
+            verdict(ratio >= 2.0)
+        );
     }
 
     save(
         "handshake",
         &serde_json::json!({
             "rows": rows.iter().map(|r| serde_json::json!({
-                "tls": r.tls, "server": r.server, "handshakes_per_second": r.rates,
-                "cpu_us_per_handshake": r.cpu_us, "p50_ms": r.latencies_ms[0],
+                "load": r.load, "server": r.target.name, "connections_per_second": r.rates,
+                "cpu_us_per_connection": r.cpu_us, "p50_ms": r.latencies_ms[0],
                 "p99_ms": r.latencies_ms[1], "p999_ms": r.latencies_ms[2], "failed": r.failed,
+                "resumed_share": r.resumed,
             })).collect::<Vec<_>>(),
             "crypto_floor_us": {
                 "aws_lc": floor.total_us(), "sign": floor.sign_us, "verify": floor.verify_us,
                 "x25519": floor.x25519_us, "openssl": openssl_floor,
             },
-            "s_time_handshakes_per_second": s_time_rate,
-            "generator_one_client_handshakes_per_second": ours_one,
+            "plain_tcp_proxy_us": tcp,
         }),
     );
 }

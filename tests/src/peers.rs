@@ -19,6 +19,12 @@ use crate::bench::tool_version;
 
 /// Where every proxy forwards to; the benchmark provides the backend.
 pub const BACKEND_PORT: u16 = 18080;
+/// edgegate's second listener, with resumption off (no ticket sealed).
+pub const EDGEGATE_NO_RESUMPTION_PORT: u16 = 8448;
+/// HAProxy without session cache or tickets (see [`PeerBed::start_haproxy_variants`]).
+pub const HAPROXY_FULL_PORT: u16 = 8446;
+/// HAProxy `mode tcp` without TLS.
+pub const HAPROXY_TCP_PORT: u16 = 8447;
 
 /// One proxy under test, killed on drop.
 pub struct Server {
@@ -85,12 +91,15 @@ impl PeerBed {
             &format!(
                 "[filter]\ninterfaces = [\"lo\"]\nmode = \"skb\"\n\n[daemon]\ncontrol_socket = \"{d}/control.sock\"\n\
                  state_dir = \"{d}/state\"\nbpffs_dir = \"{}\"\n\n[[listener]]\nname = \"bench\"\n\
-                 bind = \"127.0.0.1:8443\"\nbackend = \"127.0.0.1:{BACKEND_PORT}\"\ncert = \"{}\"\nkey = \"{}\"\n\
-                 client_ca = \"{}\"\nmax_connections = {max_connections}\n",
+                 bind = \"127.0.0.1:8443\"\nbackend = \"127.0.0.1:{BACKEND_PORT}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
+                 client_ca = \"{ca}\"\nmax_connections = {max_connections}\n\n\
+                 [[listener]]\nname = \"no-resumption\"\nbind = \"127.0.0.1:{EDGEGATE_NO_RESUMPTION_PORT}\"\n\
+                 backend = \"127.0.0.1:{BACKEND_PORT}\"\ncert = \"{cert}\"\nkey = \"{key}\"\nclient_ca = \"{ca}\"\n\
+                 max_connections = {max_connections}\nsession_lifetime = \"0s\"\n",
                 self.bpffs_dir.display(),
-                cert.display(),
-                key.display(),
-                client_ca.display(),
+                cert = cert.display(),
+                key = key.display(),
+                ca = client_ca.display(),
                 d = dir.display(),
             ),
         );
@@ -120,8 +129,33 @@ impl PeerBed {
                 client_ca.display()
             ),
         );
+        // The same frontend without a session cache or tickets: HAProxy's
+        // best configuration for clients that never resume.
+        write(
+            &dir.join("haproxy-full.cfg"),
+            &format!(
+                "global\n  nbthread {workers}\n  maxconn {}\n  tune.ssl.cachesize 0\n  ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets\n  ssl-default-bind-curves X25519:P-256\n\
+                 defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n\
+                 frontend fe\n  bind 127.0.0.1:{HAPROXY_FULL_PORT} ssl crt {} ca-file {} verify required\n  default_backend be\n\
+                 backend be\n  server s1 127.0.0.1:{BACKEND_PORT}\n",
+                max_connections + 100,
+                combined.display(),
+                client_ca.display()
+            ),
+        );
+        // No TLS at all: the cost of the two TCP connections alone.
+        write(
+            &dir.join("haproxy-tcp.cfg"),
+            &format!(
+                "global\n  nbthread {workers}\n  maxconn {}\n\
+                 defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n\
+                 frontend fe\n  bind 127.0.0.1:{HAPROXY_TCP_PORT}\n  default_backend be\n\
+                 backend be\n  server s1 127.0.0.1:{BACKEND_PORT}\n",
+                max_connections + 100,
+            ),
+        );
         let edgegate = crate::testbed::edgegate_binary();
-        let mut servers = vec![
+        let servers = vec![
             self.spawn(
                 "edgegate",
                 8443,
@@ -137,6 +171,33 @@ impl PeerBed {
             self.spawn("stunnel", 8445, Path::new("stunnel"), &[&path(&dir.join("stunnel.conf"))]),
         ];
         std::thread::sleep(std::time::Duration::from_secs(2));
+        self.check_started(servers)
+    }
+
+    /// After [`Self::start`]: HAProxy without session cache and tickets
+    /// ([`HAPROXY_FULL_PORT`]) and HAProxy relaying plain TCP ([`HAPROXY_TCP_PORT`]).
+    pub fn start_haproxy_variants(&self) -> Vec<Server> {
+        let config = |name: &str| path(&self.dir.join(name));
+        let haproxy = Path::new("haproxy");
+        let servers = vec![
+            self.spawn(
+                "haproxy-full",
+                HAPROXY_FULL_PORT,
+                haproxy,
+                &["-db", "-f", &config("haproxy-full.cfg")],
+            ),
+            self.spawn(
+                "haproxy-tcp",
+                HAPROXY_TCP_PORT,
+                haproxy,
+                &["-db", "-f", &config("haproxy-tcp.cfg")],
+            ),
+        ];
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        self.check_started(servers)
+    }
+
+    fn check_started(&self, mut servers: Vec<Server>) -> Vec<Server> {
         for server in &mut servers {
             if let Ok(Some(status)) = server.child.try_wait() {
                 panic!(
@@ -174,6 +235,23 @@ impl PeerBed {
         &self,
         version: Option<&'static SupportedProtocolVersion>,
     ) -> Arc<ClientConfig> {
+        self.client_config_with(version, Resumption::disabled())
+    }
+
+    /// As [`Self::client_config`], resuming from an in-memory session store
+    /// shared by every connection made with it.
+    pub fn resuming_client_config(
+        &self,
+        version: Option<&'static SupportedProtocolVersion>,
+    ) -> Arc<ClientConfig> {
+        self.client_config_with(version, Resumption::in_memory_sessions(4096))
+    }
+
+    fn client_config_with(
+        &self,
+        version: Option<&'static SupportedProtocolVersion>,
+        resumption: Resumption,
+    ) -> Arc<ClientConfig> {
         let only = version.map(|v| [v]);
         let versions = only.as_ref().map_or(rustls::DEFAULT_VERSIONS, |v| v.as_slice());
         // X25519 for the key exchange: the peers' OpenSSL 3.0 has no
@@ -194,7 +272,7 @@ impl PeerBed {
             versions,
         )
         .expect("client config");
-        config.resumption = Resumption::disabled();
+        config.resumption = resumption;
         Arc::new(config)
     }
 }

@@ -8,6 +8,7 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
+use rustls::HandshakeKind;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
@@ -59,7 +60,7 @@ impl Connection {
         let duration_ms = started.elapsed().as_millis();
         match result {
             Outcome::Relayed(finished) => {
-                let Finished { client, identity, version, cipher, relayed } = finished;
+                let Finished { client, identity, version, cipher, resumed, relayed } = finished;
                 self.counters.bytes_in.fetch_add(relayed.client_to_backend, Ordering::Relaxed);
                 self.counters.bytes_out.fetch_add(relayed.backend_to_client, Ordering::Relaxed);
                 if relayed.reason == relay::CloseReason::Error {
@@ -76,6 +77,7 @@ impl Connection {
                     serial = %identity.serial,
                     tls_version = %version,
                     cipher = %cipher,
+                    resumed,
                     bytes_in = relayed.client_to_backend,
                     bytes_out = relayed.backend_to_client,
                     duration_ms,
@@ -163,8 +165,13 @@ impl Connection {
             // room twice in this task (async fn frames do not share the slot).
             Ok(Ok(tls)) => Box::new(tls),
         };
-        self.counters.handshakes_ok.fetch_add(1, Ordering::Relaxed);
         let (_, session) = tls.get_ref();
+        let resumed = session.handshake_kind() == Some(HandshakeKind::Resumed);
+        if resumed && let Err(e) = self.settings.tls.recheck(session.peer_certificates()) {
+            let detail = format!("resumed session refused: {e}");
+            return refuse(Rejection::from_tls_error(&e), client, detail);
+        }
+        self.counters.handshakes_ok.fetch_add(1, Ordering::Relaxed);
         let identity = session
             .peer_certificates()
             .and_then(|chain| chain.first())
@@ -183,7 +190,7 @@ impl Connection {
             Err(detail) => return Outcome::BackendFailed { client, identity, detail },
         };
         let relayed = relay::relay(tls, backend, config.idle_timeout).await;
-        Outcome::Relayed(Finished { client, identity, version, cipher, relayed })
+        Outcome::Relayed(Finished { client, identity, version, cipher, resumed, relayed })
     }
 }
 
@@ -193,6 +200,7 @@ struct Finished {
     identity: Identity,
     version: String,
     cipher: String,
+    resumed: bool,
     relayed: Relayed,
 }
 

@@ -72,9 +72,14 @@ impl Rejection {
 
     /// Classifies a failed server handshake.
     pub fn from_handshake_error(error: &io::Error) -> Self {
-        let Some(error) = error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
-            return Self::Handshake;
-        };
+        match error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+            Some(error) => Self::from_tls_error(error),
+            None => Self::Handshake,
+        }
+    }
+
+    /// Why the client's certificate, or its handshake, was refused.
+    pub fn from_tls_error(error: &rustls::Error) -> Self {
         match error {
             rustls::Error::NoCertificatesPresented => Self::NoCertificate,
             rustls::Error::InvalidCertificate(certificate) => match certificate {

@@ -4,7 +4,11 @@
 //!
 //! Identity rules are checked inside the handshake, by wrapping WebPKI's
 //! verifier: a client whose certificate is valid but not allowed gets a TLS
-//! alert (`access_denied`) and never reaches the backend.
+//! alert (`access_denied`) and never reaches the backend. A resumed session
+//! skips the verifier, so [`ListenerTls::recheck`] runs it again on the
+//! certificate the session carries: the rules and CRLs in force now decide.
+
+mod tickets;
 
 use std::{
     collections::BTreeMap,
@@ -30,11 +34,13 @@ use rustls::{
 };
 use tokio_rustls::TlsConnector;
 
+pub use self::tickets::{TicketKeys, TicketKeysError};
 use crate::config::{BackendTlsConfig, ListenerConfig, TlsVersion};
 
 /// What a listener needs for TLS, built from its files; swapped whole on reload.
 pub struct ListenerTls {
     pub server: Arc<ServerConfig>,
+    verifier: Arc<IdentityVerifier>,
     pub backend: Option<BackendTls>,
     /// When its certificates and CRLs stop being usable.
     pub lifetimes: Vec<Lifetime>,
@@ -112,6 +118,13 @@ pub enum TlsError {
         #[source]
         source: rustls::Error,
     },
+    /// The session-ticket key file holds no usable keys.
+    #[error("`tls_ticket_keys` {}: {source}", path.display())]
+    TicketKeys {
+        path: PathBuf,
+        #[source]
+        source: TicketKeysError,
+    },
     /// The client CA bundle or CRLs could not make a verifier.
     #[error("`client_ca`: {0}")]
     Verifier(#[source] rustls::server::VerifierBuilderError),
@@ -136,6 +149,11 @@ pub enum FileProblem {
     NoKey,
     #[error("holds a certificate the trust store refuses: {0}")]
     BadCa(String),
+    #[error(
+        "is readable by other users (mode {0:03o}): whoever reads it can decrypt recorded \
+         sessions; `chmod 600` it"
+    )]
+    Exposed(u32),
 }
 
 /// The contents of every file a listener's TLS names, by path. The gate
@@ -156,6 +174,7 @@ impl Material {
             ("client_ca", &listener.client_ca),
         ];
         named.extend(listener.crl.iter().map(|path| ("crl", path.as_path())));
+        named.extend(listener.tls_ticket_keys.as_deref().map(|path| ("tls_ticket_keys", path)));
         if let Some(tls) = &listener.backend_tls {
             named.push(("backend_tls.ca", &tls.ca));
             named.extend(tls.cert.as_deref().map(|path| ("backend_tls.cert", path)));
@@ -168,6 +187,9 @@ impl Material {
                     .map_err(|e| file_error(key, path)(FileProblem::Unreadable(e)))?;
                 files.insert(path.to_owned(), bytes);
             }
+        }
+        if let Some(path) = &listener.tls_ticket_keys {
+            private_to_owner(path).map_err(file_error("tls_ticket_keys", path))?;
         }
         Ok(Self { files })
     }
@@ -231,7 +253,7 @@ impl ListenerTls {
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(versions(listener.min_tls_version))
             .map_err(|source| TlsError::Rustls { key: "min_tls_version", source })?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(verifier.clone())
             .with_single_cert(chain.clone(), key)
             .map_err(|source| match source {
                 rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
@@ -246,12 +268,61 @@ impl ListenerTls {
         // The server picks the suite, in `SUITES` order: a client's own
         // preference (often AES-256 first) would cost every handshake SHA-384.
         server.ignore_client_order = true;
+        resumption(&mut server, listener, material)?;
         let backend = listener
             .backend_tls
             .as_ref()
             .map(|tls| backend_tls(tls, provider, material))
             .transpose()?;
-        Ok(Self { server: Arc::new(server), backend, lifetimes })
+        Ok(Self { server: Arc::new(server), verifier, backend, lifetimes })
+    }
+
+    /// Verifies a resumed session's client certificate as a full handshake
+    /// would now: a ticket issued before a revocation, an identity rule
+    /// change or the certificate's expiry must not outlive it.
+    pub fn recheck(&self, chain: Option<&[CertificateDer<'_>]>) -> Result<(), rustls::Error> {
+        let Some((end_entity, intermediates)) = chain.and_then(<[_]>::split_first) else {
+            return Err(rustls::Error::NoCertificatesPresented);
+        };
+        self.verifier.verify_client_cert(end_entity, intermediates, UnixTime::now()).map(drop)
+    }
+}
+
+/// Stateless resumption only: tickets sealed with the listener's shared keys
+/// (or a key of this process's own), never a session cache to fill.
+fn resumption(
+    server: &mut ServerConfig,
+    listener: &ListenerConfig,
+    material: &Material,
+) -> Result<(), TlsError> {
+    server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    if listener.session_lifetime.is_zero() {
+        server.send_tls13_tickets = 0;
+        return Ok(());
+    }
+    let keys = match &listener.tls_ticket_keys {
+        Some(path) => {
+            let text = material.get("tls_ticket_keys", path)?;
+            TicketKeys::parse(text, listener.session_lifetime)
+                .map_err(|source| TlsError::TicketKeys { path: path.clone(), source })?
+        }
+        None => TicketKeys::random(listener.session_lifetime)
+            .map_err(|source| TlsError::Rustls { key: "tls_ticket_keys", source })?,
+    };
+    server.ticketer = Arc::new(keys);
+    // One ticket per connection: a partner resumes its next connection with
+    // it and gets a fresh one; a second would cost every handshake a seal.
+    server.send_tls13_tickets = 1;
+    Ok(())
+}
+
+/// A key file must not be readable by anyone but its owner.
+fn private_to_owner(path: &Path) -> Result<(), FileProblem> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path).map_err(FileProblem::Unreadable)?.permissions().mode();
+    match mode & 0o077 {
+        0 => Ok(()),
+        _ => Err(FileProblem::Exposed(mode & 0o777)),
     }
 }
 
