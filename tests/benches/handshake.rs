@@ -142,7 +142,8 @@ fn plain_load(netns: &Netns, port: u16, settings: &Settings) -> usize {
 
 /// `instances` concurrent `openssl s_time` processes against `port`, TLS
 /// 1.3, for `seconds`, with `mode` (`-new`, `-reuse`) and `www` (fetch `/`
-/// through the proxy, or leave after the handshake): connections made.
+/// through the proxy, or leave after the handshake): connections made, and
+/// how many resumed.
 fn s_time(
     bed: &PeerBed,
     port: u16,
@@ -150,7 +151,7 @@ fn s_time(
     www: bool,
     instances: usize,
     seconds: u64,
-) -> usize {
+) -> Round {
     let children: Vec<_> = (0..instances)
         .map(|_| {
             let mut command = bed.netns.command("openssl");
@@ -169,18 +170,24 @@ fn s_time(
             command.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("openssl s_time")
         })
         .collect();
-    children
-        .into_iter()
-        .map(|child| {
-            let output = child.wait_with_output().expect("openssl s_time");
-            // "N connections in T real seconds, ..."
-            let text = String::from_utf8_lossy(&output.stdout);
-            text.lines()
-                .find(|l| l.contains("connections in") && l.contains("real seconds"))
-                .and_then(|l| l.split_whitespace().next()?.parse::<usize>().ok())
-                .unwrap_or(0)
-        })
-        .sum()
+    let mut round = Round::default();
+    for child in children {
+        let output = child.wait_with_output().expect("openssl s_time");
+        let text = String::from_utf8_lossy(&output.stdout);
+        // "N connections in T real seconds, ..."
+        round.connections += text
+            .lines()
+            .find(|l| l.contains("connections in") && l.contains("real seconds"))
+            .and_then(|l| l.split_whitespace().next()?.parse::<usize>().ok())
+            .unwrap_or(0);
+        // With -reuse, one character per connection: `r` when it resumed.
+        round.resumed += text
+            .lines()
+            .filter(|l| !l.is_empty() && l.chars().all(|c| "rt*123".contains(c)))
+            .map(|l| l.matches('r').count())
+            .sum::<usize>();
+    }
+    round
 }
 
 /// A backend that answers at once and closes once the request (or the
@@ -430,13 +437,13 @@ fn main() {
         let load_name = format!("s_time -new -www, {instances}");
         for target in tls_targets {
             rows.push(measure(&load_name, target, rounds, || {
-                Round::counted(s_time(&bed, target.port, "-new", true, instances, settings.seconds))
+                s_time(&bed, target.port, "-new", true, instances, settings.seconds)
             }));
         }
     }
     for target in tls_targets {
         rows.push(measure("s_time -new, 4", target, 1, || {
-            Round::counted(s_time(&bed, target.port, "-new", false, 4, settings.seconds))
+            s_time(&bed, target.port, "-new", false, 4, settings.seconds)
         }));
     }
     for (tls, version) in versions {
@@ -452,7 +459,7 @@ fn main() {
     }
     for target in [edgegate, haproxy] {
         rows.push(measure("s_time -reuse -www, 4", target, rounds, || {
-            Round::counted(s_time(&bed, target.port, "-reuse", true, 4, settings.seconds))
+            s_time(&bed, target.port, "-reuse", true, 4, settings.seconds)
         }));
     }
     rows.push(measure("plain TCP, same requests", haproxy_tcp, rounds, || {
@@ -496,11 +503,16 @@ fn print_table(rows: &[Row], loads: &[&str], with_latency: bool) {
             row.cpu() / ours,
         );
         if with_latency {
+            // `s_time` reports no latencies.
+            let ms = |samples: &[f64]| match samples.is_empty() {
+                true => "—".to_owned(),
+                false => format!("{:.1}", median(samples)),
+            };
             print!(
-                " {:.1} | {:.1} | {:.1} | {:.0}% | {} |",
-                median(&row.latencies_ms[0]),
-                median(&row.latencies_ms[1]),
-                median(&row.latencies_ms[2]),
+                " {} | {} | {} | {:.0}% | {} |",
+                ms(&row.latencies_ms[0]),
+                ms(&row.latencies_ms[1]),
+                ms(&row.latencies_ms[2]),
                 row.resumed * 100.0,
                 row.failed
             );

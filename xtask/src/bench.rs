@@ -40,8 +40,9 @@ enum Bench {
     /// Allowlist changes through the CLI: `allow add` until visible, and a
     /// 100k-entry `allow replace` under a flood that must lose nothing.
     Update,
-    /// Full mutual-TLS handshakes/s and server CPU per handshake: edgegate,
-    /// HAProxy and stunnel (installed from Debian if missing).
+    /// Server CPU per mutual-TLS connection, full and resumed, under this
+    /// project's generator and `openssl s_time`: edgegate, HAProxy (defaults
+    /// and without session cache/tickets), stunnel, and the floors.
     Handshake,
     /// Throughput (1 and 16 connections) and 64-byte echo latency through
     /// edgegate, HAProxy and stunnel, and directly to the backend.
