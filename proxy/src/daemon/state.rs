@@ -55,7 +55,10 @@ impl State {
                         .and_then(|next| self.change(next, Persist::Yes))
                 });
                 match changed {
-                    Ok(diff) => Response::Changed { diff, entries: self.list.len(), fleet: None },
+                    Ok(diff) => {
+                        self.worker.caught_up().await;
+                        Response::Changed { diff, entries: self.list.len(), fleet: None }
+                    }
                     Err(e) => Response::Error { message: e.to_string() },
                 }
             }
@@ -66,7 +69,11 @@ impl State {
                     generation: health.applied(),
                 }),
             },
-            Request::Reload => self.reload().await,
+            Request::Reload => {
+                let response = self.reload().await;
+                self.worker.caught_up().await;
+                response
+            }
             Request::Status { top_rules } => match self.status(top_rules).await {
                 Ok(status) => Response::Status(Box::new(status)),
                 Err(e) => Response::Error { message: e.to_string() },

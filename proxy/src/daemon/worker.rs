@@ -49,6 +49,8 @@ use crate::{
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the worker may take to answer a request.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an allowlist change waits for the worker to hold it too.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(2);
 /// The first pause before starting a worker again; it doubles up to
 /// [`MAX_BACKOFF`], and starts over once a worker has served for
 /// [`STABLE_AFTER`].
@@ -341,6 +343,8 @@ pub struct Worker {
     restarts: Arc<AtomicU64>,
     user: String,
     allowlist: watch::Sender<(u64, Arc<Allowlist>)>,
+    /// The allowlist generation the serving worker has confirmed.
+    applied: watch::Receiver<u64>,
     supervisor: JoinHandle<()>,
 }
 
@@ -356,6 +360,7 @@ impl Worker {
         let (commands, receiver) = mpsc::channel(16);
         let (phase_tx, phase) = watch::channel(Phase::Starting);
         let (allowlist, allowlist_rx) = watch::channel((1, Arc::new(list.clone())));
+        let (applied_tx, applied) = watch::channel(0);
         let restarts = Arc::new(AtomicU64::new(0));
         let user = started.spawner.account.name.clone();
         let supervisor = Supervisor {
@@ -364,12 +369,13 @@ impl Worker {
             commands: receiver,
             phase: phase_tx,
             allowlist: allowlist_rx,
+            applied: applied_tx,
             restarts: Arc::clone(&restarts),
             next_id: 0,
             retire_timeout: drain_timeout,
         };
         let supervisor = tokio::spawn(supervisor.run(started.first, started.ports));
-        Self { commands, phase, restarts, user, allowlist, supervisor }
+        Self { commands, phase, restarts, user, allowlist, applied, supervisor }
     }
 
     /// Sends the worker the allowlist now in force.
@@ -378,6 +384,34 @@ impl Worker {
             *generation += 1;
             *current = Arc::new(list.clone());
         });
+    }
+
+    /// Waits (up to [`CATCH_UP_TIMEOUT`]) until the worker checks clients
+    /// against the list published last, so that a change the CLI reports
+    /// done holds in the proxy as well as in the filter. Without a worker
+    /// there is nothing to wait for: the next one starts with that list.
+    pub async fn caught_up(&self) {
+        let target = self.allowlist.borrow().0;
+        let mut phase = self.phase.clone();
+        let mut applied = self.applied.clone();
+        let wait = async {
+            loop {
+                let down = matches!(*phase.borrow_and_update(), Phase::Down { .. });
+                if down || *applied.borrow_and_update() >= target {
+                    return;
+                }
+                tokio::select! {
+                    changed = phase.changed() => if changed.is_err() { return },
+                    changed = applied.changed() => if changed.is_err() { return },
+                }
+            }
+        };
+        if tokio::time::timeout(CATCH_UP_TIMEOUT, wait).await.is_err() {
+            tracing::warn!(
+                "the proxy worker has not confirmed allowlist generation {target} within \
+                 {CATCH_UP_TIMEOUT:?}; the filter has it"
+            );
+        }
     }
 
     /// Has the worker serve `listeners` as they now are; the listeners it
@@ -453,6 +487,7 @@ struct Supervisor {
     commands: mpsc::Receiver<Command>,
     phase: watch::Sender<Phase>,
     allowlist: watch::Receiver<(u64, Arc<Allowlist>)>,
+    applied: watch::Sender<u64>,
     restarts: Arc<AtomicU64>,
     next_id: u64,
     /// How long a replaced worker may take to finish its connections.
@@ -561,6 +596,8 @@ impl Supervisor {
         if let Err(e) = self.configure(&mut link, &self.desired.clone()).await {
             return link.fail(e).await;
         }
+        // The worker handles frames in order: configured, it holds the list.
+        self.applied.send_replace(generation);
         tracing::info!(pid, "proxy worker serves");
         self.phase.send_replace(Phase::Serving { pid, sandbox });
         loop {
@@ -585,6 +622,10 @@ impl Supervisor {
                     if let Err(e) = link.send_allowlist(generation, &list).await {
                         return link.fail(e).await;
                     }
+                    match self.report(&mut link).await {
+                        Ok((applied, _)) => { self.applied.send_replace(applied); }
+                        Err(e) => return link.fail(e).await,
+                    }
                 }
                 command = self.commands.recv() => match command {
                     None => return link.stop().await,
@@ -608,13 +649,8 @@ impl Supervisor {
                         }
                     }
                     Some(Command::Report { reply }) => {
-                        let id = self.id();
-                        let answer = link.ask(&ToWorker::Report { id }, &[]).await.and_then(|message| match message {
-                            FromWorker::Report { id: got, listeners, .. } if got == id => Ok(WorkerReport { listeners }),
-                            other => Err(format!("answered a report with {other:?}")),
-                        });
-                        match answer {
-                            Ok(report) => { let _ = reply.send(Ok(report)); }
+                        match self.report(&mut link).await {
+                            Ok((_, listeners)) => { let _ = reply.send(Ok(WorkerReport { listeners })); }
                             Err(e) => {
                                 let _ = reply.send(Err(e.clone()));
                                 return link.fail(e).await;
@@ -646,6 +682,17 @@ impl Supervisor {
         match link.ask(&message, &fds).await? {
             FromWorker::Configured { id: got, refused } if got == id => Ok(refused),
             other => Err(format!("answered a configuration with {other:?}")),
+        }
+    }
+
+    /// The worker's report: the allowlist generation it holds, and its counters.
+    async fn report(&mut self, link: &mut Link) -> Result<(u64, Vec<ListenerCounters>), String> {
+        let id = self.id();
+        match link.ask(&ToWorker::Report { id }, &[]).await? {
+            FromWorker::Report { id: got, allowlist_generation, listeners } if got == id => {
+                Ok((allowlist_generation, listeners))
+            }
+            other => Err(format!("answered a report with {other:?}")),
         }
     }
 
