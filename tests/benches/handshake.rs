@@ -75,9 +75,17 @@ async fn handshake(connector: &tokio_rustls::TlsConnector, port: u16) -> Outcome
     Some((started.elapsed().as_secs_f64() * 1e6, resumed))
 }
 
-/// The generator: `settings.concurrency` clients in a loop for `seconds`.
-fn load(netns: &Netns, port: u16, config: Arc<ClientConfig>, settings: &Settings) -> Vec<Outcome> {
-    let connector = tokio_rustls::TlsConnector::from(config);
+/// `settings.concurrency` clients in `netns`, each repeating `attempt` for
+/// `seconds`: every outcome.
+fn closed_loop<T, F>(
+    netns: &Netns,
+    settings: &Settings,
+    attempt: impl Fn() -> F + Clone + Send + Sync + 'static,
+) -> Vec<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T> + Send + 'static,
+{
     let duration = Duration::from_secs(settings.seconds);
     netns.run(|| {
         let runtime =
@@ -86,14 +94,15 @@ fn load(netns: &Netns, port: u16, config: Arc<ClientConfig>, settings: &Settings
             let deadline = tokio::time::Instant::now() + duration;
             let mut tasks = tokio::task::JoinSet::new();
             for _ in 0..settings.concurrency {
-                let connector = connector.clone();
-                tasks.spawn(async move {
+                let attempt = attempt.clone();
+                let client = async move {
                     let mut outcomes = Vec::new();
                     while tokio::time::Instant::now() < deadline {
-                        outcomes.push(handshake(&connector, port).await);
+                        outcomes.push(attempt().await);
                     }
                     outcomes
-                });
+                };
+                tasks.spawn(client);
             }
             let mut outcomes = Vec::new();
             while let Some(done) = tasks.join_next().await {
@@ -104,40 +113,30 @@ fn load(netns: &Netns, port: u16, config: Arc<ClientConfig>, settings: &Settings
     })
 }
 
-/// The same connections without TLS: connect, send a request, read to the end.
-fn plain_load(netns: &Netns, port: u16, settings: &Settings) -> usize {
-    let duration = Duration::from_secs(settings.seconds);
-    netns.run(|| {
-        let runtime =
-            tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-        runtime.block_on(async {
-            let deadline = tokio::time::Instant::now() + duration;
-            let mut tasks = tokio::task::JoinSet::new();
-            for _ in 0..settings.concurrency {
-                tasks.spawn(async move {
-                    let mut done = 0;
-                    while tokio::time::Instant::now() < deadline {
-                        let exchange = async {
-                            let mut tcp =
-                                tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-                            tcp.set_nodelay(true)?;
-                            tcp.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
-                            let mut answer = Vec::new();
-                            tcp.read_to_end(&mut answer).await?;
-                            std::io::Result::Ok(answer.starts_with(b"HTTP/1.0 200"))
-                        };
-                        done += usize::from(exchange.await.unwrap_or(false));
-                    }
-                    done
-                });
-            }
-            let mut total = 0;
-            while let Some(done) = tasks.join_next().await {
-                total += done.expect("client task");
-            }
-            total
-        })
+/// The generator: TLS handshakes against `port`.
+fn load(netns: &Netns, port: u16, config: Arc<ClientConfig>, settings: &Settings) -> Vec<Outcome> {
+    let connector = tokio_rustls::TlsConnector::from(config);
+    closed_loop(netns, settings, move || {
+        let connector = connector.clone();
+        async move { handshake(&connector, port).await }
     })
+}
+
+/// The same connections without TLS: connect, send a request, read to the
+/// end. How many were answered.
+fn plain_load(netns: &Netns, port: u16, settings: &Settings) -> usize {
+    let exchange = move || async move {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        tcp.set_nodelay(true)?;
+        tcp.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
+        let mut answer = Vec::new();
+        tcp.read_to_end(&mut answer).await?;
+        std::io::Result::Ok(answer.starts_with(b"HTTP/1.0 200"))
+    };
+    closed_loop(netns, settings, exchange)
+        .into_iter()
+        .filter(|answered| matches!(answered, Ok(true)))
+        .count()
 }
 
 /// `instances` concurrent `openssl s_time` processes against `port`, TLS

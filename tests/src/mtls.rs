@@ -160,6 +160,35 @@ impl MtlsBed {
         })
     }
 
+    /// `openssl s_client ARGS` from client 0 to the listener, trusting the
+    /// server CA: sends one HTTP request and waits for the server to close.
+    pub fn s_client_get<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        args: impl IntoIterator<Item = S>,
+    ) -> std::process::Output {
+        use std::process::Stdio;
+        let mut child = self.testbed.clients[0]
+            .netns
+            .command("openssl")
+            .arg("s_client")
+            .args(args)
+            .arg("-connect")
+            .arg(format!("{}:{LISTENER_PORT}", self.testbed.server_ipv4[0]))
+            .arg("-CAfile")
+            .arg(&self.server_ca.cert)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run openssl");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"GET / HTTP/1.1\r\nHost: edge\r\n\r\n").expect("request");
+        // openssl exits when the server closes; stdin stays open until then.
+        let output = child.wait_with_output().expect("openssl output");
+        drop(stdin);
+        output
+    }
+
     /// Runs async client code on a thread inside client `index`'s namespace.
     pub fn in_client<T: Send, F: Future<Output = T>>(
         &self,

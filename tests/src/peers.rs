@@ -103,22 +103,32 @@ impl PeerBed {
                 d = dir.display(),
             ),
         );
-        let workers = std::thread::available_parallelism().map_or(2, usize::from);
-        write(
-            &dir.join("haproxy.cfg"),
-            &format!(
-                // HAProxy sizes its descriptor needs from maxconn (two per
-                // connection) and refuses to start beyond the limit. Its TLS 1.2
-                // key exchange is P-256 only unless curves are named.
-                "global\n  nbthread {workers}\n  maxconn {}\n  ssl-default-bind-options ssl-min-ver TLSv1.2\n  ssl-default-bind-curves X25519:P-256\n\
-                 defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n\
-                 frontend fe\n  bind 127.0.0.1:8444 ssl crt {} ca-file {} verify required\n  default_backend be\n\
-                 backend be\n  server s1 127.0.0.1:{BACKEND_PORT}\n",
-                max_connections + 100,
+        // HAProxy's TLS 1.2 key exchange is P-256 only unless curves are named.
+        let tls_global = |options: &str| {
+            format!(
+                "ssl-default-bind-options ssl-min-ver TLSv1.2{options}\n  ssl-default-bind-curves X25519:P-256"
+            )
+        };
+        let tls_bind = |port: u16| {
+            format!(
+                "127.0.0.1:{port} ssl crt {} ca-file {} verify required",
                 combined.display(),
                 client_ca.display()
-            ),
+            )
+        };
+        let haproxy = |name: &str, global: &str, bind: &str| {
+            write(&dir.join(name), &haproxy_config(max_connections, global, bind));
+        };
+        haproxy("haproxy.cfg", &tls_global(""), &tls_bind(8444));
+        // The same frontend without a session cache or tickets: HAProxy's
+        // best configuration for clients that never resume.
+        haproxy(
+            "haproxy-full.cfg",
+            &format!("tune.ssl.cachesize 0\n  {}", tls_global(" no-tls-tickets")),
+            &tls_bind(HAPROXY_FULL_PORT),
         );
+        // No TLS at all: the cost of the two TCP connections alone.
+        haproxy("haproxy-tcp.cfg", "", &format!("127.0.0.1:{HAPROXY_TCP_PORT}"));
         write(
             &dir.join("stunnel.conf"),
             &format!(
@@ -127,31 +137,6 @@ impl PeerBed {
                 cert.display(),
                 key.display(),
                 client_ca.display()
-            ),
-        );
-        // The same frontend without a session cache or tickets: HAProxy's
-        // best configuration for clients that never resume.
-        write(
-            &dir.join("haproxy-full.cfg"),
-            &format!(
-                "global\n  nbthread {workers}\n  maxconn {}\n  tune.ssl.cachesize 0\n  ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets\n  ssl-default-bind-curves X25519:P-256\n\
-                 defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n\
-                 frontend fe\n  bind 127.0.0.1:{HAPROXY_FULL_PORT} ssl crt {} ca-file {} verify required\n  default_backend be\n\
-                 backend be\n  server s1 127.0.0.1:{BACKEND_PORT}\n",
-                max_connections + 100,
-                combined.display(),
-                client_ca.display()
-            ),
-        );
-        // No TLS at all: the cost of the two TCP connections alone.
-        write(
-            &dir.join("haproxy-tcp.cfg"),
-            &format!(
-                "global\n  nbthread {workers}\n  maxconn {}\n\
-                 defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n\
-                 frontend fe\n  bind 127.0.0.1:{HAPROXY_TCP_PORT}\n  default_backend be\n\
-                 backend be\n  server s1 127.0.0.1:{BACKEND_PORT}\n",
-                max_connections + 100,
             ),
         );
         let edgegate = crate::testbed::edgegate_binary();
@@ -282,6 +267,22 @@ impl Drop for PeerBed {
         let _ = edgegate::filter::detach_pinned(&self.bpffs_dir, None);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// HAProxy relaying TCP from `bind` to the backend, `nbthread` = cores, with
+/// `global` lines added.
+fn haproxy_config(max_connections: usize, global: &str, bind: &str) -> String {
+    let workers = std::thread::available_parallelism().map_or(2, usize::from);
+    // HAProxy sizes its descriptor needs from maxconn (two per connection)
+    // and refuses to start beyond the limit.
+    let maxconn = max_connections + 100;
+    let global = if global.is_empty() { String::new() } else { format!("  {global}\n") };
+    format!(
+        "global\n  nbthread {workers}\n  maxconn {maxconn}\n{global}\
+         defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n\
+         frontend fe\n  bind {bind}\n  default_backend be\n\
+         backend be\n  server s1 127.0.0.1:{BACKEND_PORT}\n"
+    )
 }
 
 fn write(path: &Path, text: &str) {

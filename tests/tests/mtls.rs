@@ -1,6 +1,8 @@
 //! The mutual-TLS proxy of the real daemon, in network namespaces: good and
 //! bad clients (rustls, curl, openssl), identity rules, revocation.
 
+use std::ffi::OsStr;
+
 use edgegate_tests::{
     mtls::{BackendMode, MtlsBed},
     pki::Leaf,
@@ -178,28 +180,12 @@ fn curl_and_openssl_reach_an_http_backend() {
     assert!(!without_cert.status.success(), "curl without a client certificate got through");
 
     let openssl = |with_cert: bool| {
-        let mut command = bed.testbed.clients[0].netns.command("openssl");
-        command
-            .args(["s_client", "-quiet", "-verify_return_error", "-connect"])
-            .arg(format!("{}:{}", bed.testbed.server_ipv4[0], edgegate_tests::mtls::LISTENER_PORT))
-            .arg("-CAfile")
-            .arg(&bed.server_ca.cert);
+        let mut args = vec![OsStr::new("-quiet"), OsStr::new("-verify_return_error")];
         if with_cert {
-            command.arg("-cert").arg(&bed.client.cert).arg("-key").arg(&bed.client.key);
+            args.extend([OsStr::new("-cert"), bed.client.cert.as_os_str()]);
+            args.extend([OsStr::new("-key"), bed.client.key.as_os_str()]);
         }
-        let mut child = command
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run openssl");
-        use std::io::Write as _;
-        let mut stdin = child.stdin.take().expect("stdin");
-        stdin.write_all(b"GET / HTTP/1.1\r\nHost: edge\r\n\r\n").expect("request");
-        // openssl exits when the server closes; keep stdin open until then.
-        let output = child.wait_with_output().expect("openssl output");
-        drop(stdin);
-        output
+        bed.s_client_get(args)
     };
     let output = openssl(true);
     let stdout = String::from_utf8_lossy(&output.stdout);

@@ -3,9 +3,9 @@
 //! host), expire with `session_lifetime`, and a resumed session still has to
 //! satisfy the identity rules in force now.
 
-use std::{io::Write as _, os::unix::fs::PermissionsExt as _, path::Path, process::Stdio};
+use std::{ffi::OsStr, os::unix::fs::PermissionsExt as _, path::Path};
 
-use edgegate_tests::mtls::{BackendMode, LISTENER_PORT, MtlsBed};
+use edgegate_tests::mtls::{BackendMode, MtlsBed};
 
 const KEYS: &str = "\
 # edgegate session-ticket keys: the first seals, all open
@@ -23,32 +23,14 @@ fn write_keys(bed: &MtlsBed, text: &str, mode: u32) -> String {
 /// session to `session` (and offering it, once it exists): whether the
 /// handshake was a resumption, and whether the backend answered.
 fn request(bed: &MtlsBed, session: &Path, tls: &str) -> (bool, bool) {
-    let mut command = bed.testbed.clients[0].netns.command("openssl");
-    command
-        .args(["s_client", tls, "-verify_return_error", "-connect"])
-        .arg(format!("{}:{LISTENER_PORT}", bed.testbed.server_ipv4[0]))
-        .arg("-CAfile")
-        .arg(&bed.server_ca.cert)
-        .arg("-cert")
-        .arg(&bed.client.cert)
-        .arg("-key")
-        .arg(&bed.client.key)
-        .arg("-sess_out")
-        .arg(session);
+    let mut args = vec![OsStr::new(tls), OsStr::new("-verify_return_error")];
+    args.extend([OsStr::new("-cert"), bed.client.cert.as_os_str()]);
+    args.extend([OsStr::new("-key"), bed.client.key.as_os_str()]);
+    args.extend([OsStr::new("-sess_out"), session.as_os_str()]);
     if session.exists() {
-        command.arg("-sess_in").arg(session);
+        args.extend([OsStr::new("-sess_in"), session.as_os_str()]);
     }
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run openssl");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(b"GET / HTTP/1.1\r\nHost: edge\r\n\r\n").expect("request");
-    // openssl exits when the server closes; stdin stays open until then.
-    let output = child.wait_with_output().expect("openssl output");
-    drop(stdin);
+    let output = bed.s_client_get(args);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let resumed = stdout.lines().any(|l| l.starts_with("Reused, TLSv1."));
     let new = stdout.lines().any(|l| l.starts_with("New, TLSv1."));
