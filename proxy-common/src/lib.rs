@@ -21,8 +21,28 @@ pub mod map {
     pub const V6_TRIE: &str = "EG_V6_TRIE";
     /// `PerCpuArray<Counter>` indexed by [`crate::counter_index`].
     pub const COUNTERS: &str = "EG_COUNTERS";
+    /// `PerCpuArray<Counter>` like [`COUNTERS`]: packets audit mode passed
+    /// that enforcing mode would have dropped.
+    pub const AUDITED: &str = "EG_AUDITED";
+    /// `LruHashMap<SourceKey, DroppedSource>`: a sample of the sources behind
+    /// `denied` and `unlisted` verdicts.
+    pub const DROPPED: &str = "EG_DROPPED";
+    /// `PerCpuArray<u32>` with one element: drops each CPU may still record
+    /// one by one before it samples (the daemon refills it every second).
+    pub const SAMPLE_BUDGET: &str = "EG_SAMPLE_BUDGET";
     /// All maps the daemon pins, so that filtering survives a restart.
-    pub const PINNED: [&str; 7] = [CONFIG, PORTS, V4_RULES, V4_TRIE, V6_RULES, V6_TRIE, COUNTERS];
+    pub const PINNED: [&str; 10] = [
+        CONFIG,
+        PORTS,
+        V4_RULES,
+        V4_TRIE,
+        V6_RULES,
+        V6_TRIE,
+        COUNTERS,
+        AUDITED,
+        DROPPED,
+        SAMPLE_BUDGET,
+    ];
 }
 
 /// Name of the XDP program in the object file.
@@ -103,6 +123,11 @@ pub struct FilterConfig {
     pub v4_lengths: u64,
     /// Bit `n % 64` of word `n / 64` is set when some IPv6 rule has prefix length `n` (0..=128).
     pub v6_lengths: [u64; 3],
+    /// Non-zero: audit mode. Packets are judged as always, but those the
+    /// list would drop are counted in [`map::AUDITED`] and passed.
+    pub audit: u32,
+    /// Explicit padding (always 0).
+    pub padding: u32,
 }
 
 impl FilterConfig {
@@ -115,7 +140,39 @@ impl FilterConfig {
         v6_lookup: Lookup::PerLength as u32,
         v4_lengths: 0,
         v6_lengths: [0; 3],
+        audit: 0,
+        padding: 0,
     };
+}
+
+/// Sources the drop sample holds; the least recently seen make room.
+pub const DROP_SAMPLE_ENTRIES: u32 = 4096;
+
+/// Drops each CPU records one by one per second (the daemon's refill).
+pub const DROP_SAMPLE_BUDGET: u32 = 256;
+
+/// Once its budget is spent, a CPU records one drop in this many (per
+/// family and reason), weighted by it: a flood costs one map update per
+/// `DROP_SAMPLE_EVERY` packets, and its counts become estimates.
+pub const DROP_SAMPLE_EVERY: u64 = 64;
+
+/// The drop sample's key: an IPv6 address, or an IPv4 one mapped into IPv6
+/// (`::ffff:a.b.c.d`).
+pub type SourceKey = [u8; 16];
+
+/// What the drop sample knows of one source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DroppedSource {
+    /// Packets recorded, each weighted by the sampling rate it was recorded at.
+    pub packets: u64,
+    /// `CLOCK_MONOTONIC` nanoseconds of the first and the latest record.
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    /// The [`Reason`] of the latest record, as `u32`.
+    pub reason: u32,
+    /// Explicit padding (always 0).
+    pub padding: u32,
 }
 
 /// What a matching rule does.
@@ -214,6 +271,11 @@ impl Reason {
         Self::Malformed,
     ];
 
+    /// The reason a map value holds, if it is one.
+    pub const fn from_raw(raw: u32) -> Option<Self> {
+        if (raw as usize) < Self::COUNT { Some(Self::ALL[raw as usize]) } else { None }
+    }
+
     pub const fn passes(self) -> bool {
         (self as u32) < Self::Denied as u32
     }
@@ -246,6 +308,8 @@ impl Reason {
 pub enum Verdict {
     Pass,
     Drop,
+    /// Audit mode passed a packet that enforcing mode would drop.
+    WouldDrop,
 }
 
 impl Verdict {
@@ -253,6 +317,7 @@ impl Verdict {
         match self {
             Self::Pass => "pass",
             Self::Drop => "drop",
+            Self::WouldDrop => "would_drop",
         }
     }
 }
@@ -294,9 +359,10 @@ pub const fn counter_index(family: Family, reason: Reason) -> u32 {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: all three are `#[repr(C)]`, made only of integers, without
+    // SAFETY: all four are `#[repr(C)]`, made only of integers, without
     // implicit padding, and valid for any bit pattern.
     unsafe impl aya::Pod for super::FilterConfig {}
+    unsafe impl aya::Pod for super::DroppedSource {}
     unsafe impl aya::Pod for super::Rule {}
     unsafe impl aya::Pod for super::Counter {}
 }

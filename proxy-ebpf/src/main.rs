@@ -3,9 +3,10 @@
 //! Parses Ethernet (and up to two VLAN tags), IPv4 or IPv6 (with options and
 //! extension headers) and the TCP/UDP/SCTP destination port; decides whether
 //! the packet is subject to the allowlist (see `Scope`); looks the source up
-//! with longest-prefix-match semantics; counts the outcome per CPU; and drops
-//! anything not allowed. The daemon owns every map; this program only reads
-//! them (and bumps counters).
+//! with longest-prefix-match semantics; counts the outcome per CPU; samples
+//! the sources it drops; and drops anything not allowed (in audit mode it
+//! counts those as would-be drops and passes them). The daemon owns every
+//! map; this program only reads them (and bumps counters and the sample).
 #![no_std]
 #![no_main]
 // The BPF target has no `Atomic*::fetch_add`; the intrinsic lowers to BPF's atomic add.
@@ -20,14 +21,14 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::bpf_ktime_get_ns,
     macros::{map, xdp},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use aya_log_ebpf::warn;
 use parse::{Ip, NeighborDiscovery, Outcome, Packet};
 use proxy_common::{
-    COUNTER_SLOTS, Counter, Family, FilterConfig, Lookup, MAX_PER_LENGTH_LOOKUPS, PORT_BITMAP_WORDS, Reason,
-    Rule, Scope, counter_index,
+    COUNTER_SLOTS, Counter, DROP_SAMPLE_ENTRIES, DROP_SAMPLE_EVERY, DroppedSource, Family, FilterConfig,
+    Lookup, MAX_PER_LENGTH_LOOKUPS, PORT_BITMAP_WORDS, Reason, Rule, Scope, SourceKey, counter_index,
 };
 
 /// Default capacity per family; the daemon sets the real one at load time.
@@ -58,6 +59,15 @@ static V6_TRIE: LpmTrie<[u8; 16], Rule> = LpmTrie::pinned(DEFAULT_MAX_RULES, 0);
 #[map(name = "EG_COUNTERS")]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 
+#[map(name = "EG_AUDITED")]
+static AUDITED: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+
+#[map(name = "EG_DROPPED")]
+static DROPPED: LruHashMap<SourceKey, DroppedSource> = LruHashMap::pinned(DROP_SAMPLE_ENTRIES, 0);
+
+#[map(name = "EG_SAMPLE_BUDGET")]
+static SAMPLE_BUDGET: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
+
 /// Per-CPU time of the last diagnostic log line, to rate-limit them.
 #[map(name = "EG_LOG_CLOCK")]
 static LOG_CLOCK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -75,35 +85,41 @@ pub fn edgegate(ctx: XdpContext) -> u32 {
         }
     }
     let packet = Packet::new(&ctx);
-    let (family, reason) = match CONFIG.get(0) {
-        Some(config) => classify(config, &packet),
+    let mut ip = Ip::new();
+    let (reason, audit) = match CONFIG.get(0) {
+        Some(config) => (classify(config, &packet, &mut ip), config.audit != 0),
         // Element 0 of an array map always exists; fail closed regardless.
-        None => (Family::Other, Reason::Malformed),
+        None => (Reason::Malformed, false),
     };
-    count(family, reason, packet.len());
-    if reason == Reason::Malformed {
-        log_malformed(&ctx, family);
+    let family = ip.family;
+    // Audit mode passes what it would drop, so it counts it apart: the
+    // `drop` counters keep meaning "dropped".
+    let counters = if audit && !reason.passes() { &AUDITED } else { &COUNTERS };
+    let counted = count(counters, family, reason, packet.len());
+    match reason {
+        Reason::Denied | Reason::Unlisted => sample_drop(&ip.source, family, reason, counted),
+        Reason::Malformed => log_malformed(&ctx, family),
+        _ => {}
     }
-    if reason.passes() {
+    if reason.passes() || audit {
         xdp_action::XDP_PASS
     } else {
         xdp_action::XDP_DROP
     }
 }
 
-fn classify(config: &FilterConfig, packet: &Packet) -> (Family, Reason) {
-    let mut ip = Ip::new();
-    match parse::parse(packet, &mut ip) {
+/// Why the packet passes or drops; `ip` holds what parsing found.
+fn classify(config: &FilterConfig, packet: &Packet, ip: &mut Ip) -> Reason {
+    match parse::parse(packet, ip) {
         Outcome::Ip => {}
-        Outcome::NotIp => return (Family::Other, Reason::NotIp),
-        Outcome::Malformed => return (ip.family, Reason::Malformed),
+        Outcome::NotIp => return Reason::NotIp,
+        Outcome::Malformed => return Reason::Malformed,
     }
-    let family = ip.family;
     let protected = ip.has_port && is_protected(ip.destination_port);
     let subject = if config.scope == Scope::Host as u32 {
         match ip.neighbor_discovery {
-            NeighborDiscovery::Yes => return (family, Reason::NeighborDiscovery),
-            NeighborDiscovery::Truncated => return (family, Reason::Malformed),
+            NeighborDiscovery::Yes => return Reason::NeighborDiscovery,
+            NeighborDiscovery::Truncated => return Reason::Malformed,
             NeighborDiscovery::No => {}
         }
         let reply = ip.has_port
@@ -111,7 +127,7 @@ fn classify(config: &FilterConfig, packet: &Packet) -> (Family, Reason) {
             && ip.destination_port >= config.ephemeral_first
             && ip.destination_port <= config.ephemeral_last;
         if reply {
-            return (family, Reason::EphemeralPort);
+            return Reason::EphemeralPort;
         }
         true
     } else {
@@ -120,9 +136,9 @@ fn classify(config: &FilterConfig, packet: &Packet) -> (Family, Reason) {
         protected || ip.later_fragment
     };
     if !subject {
-        return (family, Reason::OutOfScope);
+        return Reason::OutOfScope;
     }
-    let reason = match lookup(config, &ip) {
+    match lookup(config, ip) {
         Some(rule) => {
             // SAFETY: `rule` points into a map value, valid for this program run;
             // the counter is only ever updated atomically.
@@ -135,8 +151,7 @@ fn classify(config: &FilterConfig, packet: &Packet) -> (Family, Reason) {
             }
         }
         None => Reason::Unlisted,
-    };
-    (family, reason)
+    }
 }
 
 fn is_protected(port: u16) -> bool {
@@ -228,14 +243,77 @@ fn lookup_v6_per_length(lengths: &[u64; 3], addr: [u8; 16]) -> Option<*mut Rule>
     None
 }
 
-fn count(family: Family, reason: Reason, bytes: usize) {
-    if let Some(counter) = COUNTERS.get_ptr_mut(counter_index(family, reason)) {
-        // SAFETY: a per-CPU slot: nothing else writes it while this program runs.
-        unsafe {
-            (*counter).packets += 1;
-            (*counter).bytes += bytes as u64;
+/// Counts the packet; returns the slot's packet count on this CPU, which
+/// the drop sample uses as its clock.
+fn count(counters: &PerCpuArray<Counter>, family: Family, reason: Reason, bytes: usize) -> u64 {
+    let Some(counter) = counters.get_ptr_mut(counter_index(family, reason)) else {
+        return 0;
+    };
+    // SAFETY: a per-CPU slot: nothing else writes it while this program runs.
+    unsafe {
+        (*counter).packets += 1;
+        (*counter).bytes += bytes as u64;
+        (*counter).packets
+    }
+}
+
+/// Records a dropped packet's source in the sample. While this CPU has
+/// budget left (refilled every second by the daemon) every drop is recorded;
+/// after that one in `DROP_SAMPLE_EVERY`, so that a random-source flood
+/// costs a map update only every so many packets.
+fn sample_drop(source: &[u8; 16], family: Family, reason: Reason, counted: u64) {
+    let Some(budget) = SAMPLE_BUDGET.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: a per-CPU slot, as in `count` (the daemon's refill may race
+    // with this decrement; either value is fine).
+    let weight = unsafe {
+        if *budget > 0 {
+            *budget -= 1;
+            1
+        } else if counted % DROP_SAMPLE_EVERY == 0 {
+            DROP_SAMPLE_EVERY
+        } else {
+            return;
+        }
+    };
+    let key = source_key(source, family);
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match DROPPED.get_ptr_mut(&key) {
+        // SAFETY: `seen` points into a map value, valid for this program run;
+        // `packets` is only ever updated atomically, the rest are plain
+        // stores whose races only blur a timestamp or the latest reason.
+        Some(seen) => unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*seen).packets, weight);
+            (*seen).last_seen_ns = now;
+            (*seen).reason = reason as u32;
+        },
+        None => {
+            let value = DroppedSource {
+                packets: weight,
+                first_seen_ns: now,
+                last_seen_ns: now,
+                reason: reason as u32,
+                padding: 0,
+            };
+            // A full map evicts its least recently used source; a failed
+            // insert (another CPU raced us) only loses one record.
+            let _ = DROPPED.insert(&key, &value, 0);
         }
     }
+}
+
+/// IPv4 sources are kept as IPv4-mapped IPv6 addresses.
+fn source_key(source: &[u8; 16], family: Family) -> SourceKey {
+    if family == Family::Ipv6 {
+        return *source;
+    }
+    let mut key = [0u8; 16];
+    key[10] = 0xff;
+    key[11] = 0xff;
+    key[12..].copy_from_slice(&source[..4]);
+    key
 }
 
 /// Malformed packets are rare in normal traffic but can arrive in floods, so

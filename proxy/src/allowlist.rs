@@ -164,39 +164,20 @@ impl Allowlist {
     /// Parses the text format: one `[allow|deny] CIDR [# comment]` per line.
     pub fn parse(text: &str) -> Result<Self, ParseError> {
         let mut entries: BTreeMap<IpNet, (Entry, usize)> = BTreeMap::new();
-        for (index, raw) in text.lines().enumerate() {
-            let line = index + 1;
-            let (body, comment) = match raw.split_once('#') {
-                Some((body, comment)) => (body, Some(comment.trim()).filter(|c| !c.is_empty())),
-                None => (raw, None),
-            };
-            let words: Vec<&str> = body.split_whitespace().collect();
-            let (action, cidr) = match words.as_slice() {
-                [] => continue,
-                ["allow" | "deny"] => {
-                    return Err(ParseError::Syntax { line, text: raw.trim().to_owned() });
-                }
-                [cidr] => (Action::Allow, *cidr),
-                ["allow", cidr] => (Action::Allow, *cidr),
-                ["deny", cidr] => (Action::Deny, *cidr),
-                _ => {
-                    return Err(ParseError::Syntax { line, text: raw.trim().to_owned() });
-                }
-            };
-            let cidr = parse_cidr(cidr).map_err(|source| ParseError::Cidr { line, source })?;
-            if let Some((existing, other_line)) = entries.get(&cidr)
-                && existing.action != action
+        for parsed in parse_lines(text) {
+            let (line, entry) = parsed?;
+            if let Some((existing, other_line)) = entries.get(&entry.cidr)
+                && existing.action != entry.action
             {
                 return Err(ParseError::Conflict {
                     line,
-                    cidr,
-                    action,
+                    cidr: entry.cidr,
+                    action: entry.action,
                     other: existing.action,
                     other_line: *other_line,
                 });
             }
-            let comment = comment.map(str::to_owned);
-            entries.insert(cidr, (Entry { cidr, action, comment }, line));
+            entries.insert(entry.cidr, (entry, line));
         }
         Ok(Self::from_entries(entries.into_values().map(|(entry, _)| entry)))
     }
@@ -320,12 +301,47 @@ impl Allowlist {
 
     /// The longest matching entry's action for `addr`, or `None` if nothing matches.
     pub fn verdict(&self, addr: IpAddr) -> Option<Action> {
-        let max_len = if addr.is_ipv4() { 32 } else { 128 };
-        (0..=max_len).rev().find_map(|len| {
-            let net = IpNet::new(addr, len).ok()?.trunc();
-            self.entries.get(&net).map(|e| e.action)
-        })
+        self.deciding_entry(addr).map(|e| e.action)
     }
+
+    /// The entry that decides for `addr`: the longest matching prefix.
+    pub fn deciding_entry(&self, addr: IpAddr) -> Option<&Entry> {
+        let max_len = if addr.is_ipv4() { 32 } else { 128 };
+        (0..=max_len).rev().find_map(|len| self.entries.get(&IpNet::new(addr, len).ok()?.trunc()))
+    }
+}
+
+/// The entries of the text format with their line numbers, in file order.
+fn parse_lines(text: &str) -> impl Iterator<Item = Result<(usize, Entry), ParseError>> {
+    text.lines().enumerate().filter_map(|(index, raw)| {
+        let line = index + 1;
+        let (body, comment) = match raw.split_once('#') {
+            Some((body, comment)) => (body, Some(comment.trim()).filter(|c| !c.is_empty())),
+            None => (raw, None),
+        };
+        let words: Vec<&str> = body.split_whitespace().collect();
+        let (action, cidr) = match words.as_slice() {
+            [] => return None,
+            [cidr] if *cidr != "allow" && *cidr != "deny" => (Action::Allow, *cidr),
+            ["allow", cidr] => (Action::Allow, *cidr),
+            ["deny", cidr] => (Action::Deny, *cidr),
+            _ => return Some(Err(ParseError::Syntax { line, text: raw.trim().to_owned() })),
+        };
+        Some(match parse_cidr(cidr) {
+            Ok(cidr) => Ok((line, Entry { cidr, action, comment: comment.map(str::to_owned) })),
+            Err(source) => Err(ParseError::Cidr { line, source }),
+        })
+    })
+}
+
+/// The line of `text` (the list file) where `cidr` is listed; the last one
+/// when it is listed twice, as that line's comment is the one in force.
+pub fn line_of(text: &str, cidr: &IpNet) -> Option<usize> {
+    parse_lines(text)
+        .filter_map(Result::ok)
+        .filter(|(_, entry)| entry.cidr == *cidr)
+        .map(|(line, _)| line)
+        .last()
 }
 
 /// A change the CLI asks for: sent to the daemon, or applied to the file
@@ -583,6 +599,25 @@ mod tests {
         assert_eq!(err, ParseError::Syntax { line: 1, text: "permit 10.0.0.0/8".into() });
         let err = Allowlist::parse("10.0.0.0/8\ndeny 10.0.0.0/8\n").unwrap_err();
         assert!(matches!(err, ParseError::Conflict { line: 2, other_line: 1, .. }), "{err}");
+    }
+
+    #[test]
+    fn explanations_find_the_deciding_entry_and_its_line() {
+        let text = "# partners\n10.0.0.0/8 # corp\ndeny 10.1.0.0/16\n\n2001:db8::/32\n10.0.0.0/8 # again\n";
+        let list = Allowlist::parse(text).unwrap();
+        let decide = |addr: &str| list.deciding_entry(addr.parse().unwrap()).map(|e| e.cidr);
+        assert_eq!(decide("10.2.3.4"), Some(net("10.0.0.0/8")));
+        assert_eq!(decide("10.1.3.4"), Some(net("10.1.0.0/16")), "deny inside allow");
+        assert_eq!(decide("2001:db8::1"), Some(net("2001:db8::/32")));
+        assert_eq!(decide("192.0.2.1"), None);
+        assert_eq!(
+            line_of(text, &net("10.0.0.0/8")),
+            Some(6),
+            "the later line's comment is in force"
+        );
+        assert_eq!(line_of(text, &net("10.1.0.0/16")), Some(3));
+        assert_eq!(line_of(text, &net("2001:db8::/32")), Some(5));
+        assert_eq!(line_of(text, &net("192.0.2.0/24")), None);
     }
 
     #[test]

@@ -271,6 +271,10 @@ pub struct FilterConfig {
     /// Capacity of the rule maps, per address family.
     #[serde(default = "default_max_entries")]
     pub max_entries: u32,
+    /// Audit mode: judge every packet, but pass (and count) those the list
+    /// would drop. Switches on reload, both ways.
+    #[serde(default)]
+    pub audit: bool,
 }
 
 fn default_max_entries() -> u32 {

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     allowlist::{Change, Diff, Entry},
-    status::{FleetView, ListReload, ReloadOutcome, Status},
+    status::{Explanation, FleetView, ListReload, ReloadOutcome, Status},
 };
 
 /// Requests larger than this are refused (a 1M-entry replace is ~60 MB).
@@ -38,10 +38,17 @@ pub enum Request {
     List,
     /// Re-read the config and the listeners' certificates (as SIGHUP does).
     Reload,
-    /// Interfaces, counters and the `top_rules` busiest rules.
-    Status { top_rules: usize },
+    /// Interfaces, counters, the `top_rules` busiest rules and the
+    /// `dropped_sources` sampled sources with the most drops.
+    Status {
+        top_rules: usize,
+        #[serde(default)]
+        dropped_sources: usize,
+    },
     /// Fleet mode: the group's generation and what every host enforces.
     FleetStatus,
+    /// What decides for `address` on `port` (default: the first listener's).
+    Explain { address: std::net::IpAddr, port: Option<u16> },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,6 +76,8 @@ pub enum Response {
     Status(Box<Status>),
     /// Answer to `FleetStatus`.
     Fleet(FleetView),
+    /// Answer to `Explain`.
+    Explained(Box<Explanation>),
     /// The request was refused; nothing changed.
     Error { message: String },
 }

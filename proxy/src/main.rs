@@ -89,13 +89,17 @@ enum Command {
         #[command(subcommand)]
         command: DenyCommand,
     },
-    /// Show interfaces, list sizes, counters and the busiest rules.
+    /// Show the mode, interfaces, list sizes, counters and the busiest rules.
     Status {
         #[arg(long)]
         json: bool,
-        /// How many of the busiest rules to show.
+        /// How many of the busiest rules (and dropped sources) to show.
         #[arg(long, default_value_t = 10)]
         top: usize,
+        /// Also show the sampled sources with the most dropped (or, in audit
+        /// mode, would-be dropped) packets.
+        #[arg(long)]
+        dropped: bool,
     },
     /// Re-read the config and the listeners' certificates, keys, CAs and CRLs (as SIGHUP).
     Reload,
@@ -181,6 +185,16 @@ enum AllowCommand {
         offline: Offline,
         #[command(flatten)]
         commit: Commit,
+    },
+    /// Explain the verdict for a source: the deciding entry (and its line),
+    /// the port's scope, and what the loaded XDP program does with it.
+    Explain {
+        address: std::net::IpAddr,
+        /// The destination port (default: the first listener's).
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -338,6 +352,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             AllowCommand::Add(args) => add(&global, Action::Allow, args),
             AllowCommand::Del(args) => remove(&global, Action::Allow, args),
             AllowCommand::List { json } => list(&global, json, None),
+            AllowCommand::Explain { address, port, json } => explain(&global, address, port, json),
             AllowCommand::ImportAws { file, regions, services, replace, offline, commit } => {
                 let selection = edgegate::aws::Selection { regions, services };
                 let entries = edgegate::aws::read(&file, &selection)?;
@@ -357,7 +372,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             DenyCommand::Del(args) => remove(&global, Action::Deny, args),
             DenyCommand::List { json } => list(&global, json, Some(Action::Deny)),
         },
-        Command::Status { json, top } => status(&global, json, top),
+        Command::Status { json, top, dropped } => status(&global, json, top, dropped),
         Command::Detach { interface } => detach(&global, interface.as_deref()),
         Command::Fleet { command: FleetCommand::Status { json } } => fleet_status(&global, json),
     }
@@ -582,6 +597,64 @@ fn change_offline(
 
 /// Prints the list in force (only entries with `only`, if given), each entry
 /// with its action: the output is a valid allowlist file.
+fn explain(
+    global: &Global,
+    address: std::net::IpAddr,
+    port: Option<u16>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let Response::Explained(explanation) = call(global, &Request::Explain { address, port })?
+    else {
+        bail!("unexpected answer from the daemon");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&explanation)?);
+    } else {
+        print_explanation(&explanation);
+    }
+    if !explanation.agrees {
+        bail!(
+            "the loaded XDP program's verdict ({}) differs from the list's ({}): please report this",
+            explanation.kernel,
+            explanation.verdict
+        );
+    }
+    Ok(())
+}
+
+fn print_explanation(e: &edgegate::status::Explanation) {
+    use proxy_common::Reason;
+    let protected = if e.protected { "protected" } else { "not protected" };
+    println!(
+        "{} to port {} ({protected}, {} scope): {} ({})",
+        e.address,
+        e.port,
+        e.scope,
+        e.verdict.name().to_uppercase(),
+        e.reason
+    );
+    let consulted = matches!(e.reason, Reason::Allowed | Reason::Denied | Reason::Unlisted);
+    match &e.rule {
+        Some(rule) => {
+            let comment = rule.comment.as_deref().map(|c| format!("  # {c}")).unwrap_or_default();
+            let at = match rule.line {
+                Some(line) => format!("{} line {line}", rule.file.display()),
+                None => format!("not in {} (edited since?)", rule.file.display()),
+            };
+            let note = if consulted { "" } else { " (not consulted: the port is out of scope)" };
+            println!("  rule:    {} {}{comment}{note}", rule.action, rule.cidr);
+            println!("           {at}");
+        }
+        None if consulted => println!("  rule:    none: unlisted"),
+        None => println!("  rule:    none (and not consulted: the port is out of scope)"),
+    }
+    if e.audit {
+        println!("  mode:    AUDIT: nothing is dropped");
+    }
+    let check = if e.agrees { "agrees" } else { "DISAGREES" };
+    println!("  kernel:  {} (a test packet through the loaded XDP program {check})", e.kernel);
+}
+
 fn list(global: &Global, json: bool, only: Option<Action>) -> anyhow::Result<()> {
     let Response::List { mut entries, fleet } = call(global, &Request::List)? else {
         bail!("unexpected answer from the daemon");
@@ -604,19 +677,29 @@ fn list(global: &Global, json: bool, only: Option<Action>) -> anyhow::Result<()>
     Ok(())
 }
 
-fn status(global: &Global, json: bool, top: usize) -> anyhow::Result<()> {
-    let Response::Status(status) = call(global, &Request::Status { top_rules: top })? else {
+fn status(global: &Global, json: bool, top: usize, dropped: bool) -> anyhow::Result<()> {
+    let request =
+        Request::Status { top_rules: top, dropped_sources: if dropped { top } else { 0 } };
+    let Response::Status(status) = call(global, &request)? else {
         bail!("unexpected answer from the daemon");
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
-        print_status(&status);
+        print_status(&status, dropped);
     }
     Ok(())
 }
 
-fn print_status(status: &Status) {
+fn print_status(status: &Status, dropped: bool) {
+    if status.audit {
+        println!(
+            "mode:       AUDIT: nothing is dropped; packets the list would drop are counted as \
+             would_drop and passed (filter.audit = true)"
+        );
+    } else {
+        println!("mode:       enforcing");
+    }
     println!("scope:      {}", status.scope);
     let ports: Vec<String> = status.protected_ports.iter().map(u16::to_string).collect();
     println!("protected:  ports {}", ports.join(", "));
@@ -702,6 +785,39 @@ fn print_status(status: &Status) {
         for rule in &status.top_rules {
             println!("  {:<5} {:<43} {:>14} hits", rule.action, rule.cidr, rule.hits);
         }
+    }
+    if dropped {
+        print_dropped_sources(status);
+    }
+}
+
+fn print_dropped_sources(status: &Status) {
+    let verb = if status.audit { "would-be dropped" } else { "dropped" };
+    if status.dropped_sources.is_empty() {
+        println!(
+            "
+no {verb} sources sampled"
+        );
+        return;
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let ago = |ms: u64| format!("{}s ago", now_ms.saturating_sub(ms) / 1000);
+    println!(
+        "
+sources {verb} most (sampled; counts are estimates under floods):"
+    );
+    println!("  {:<40} {:<9} {:>14} {:>12} {:>12}", "source", "reason", "packets", "first", "last");
+    for source in &status.dropped_sources {
+        println!(
+            "  {:<40} {:<9} {:>14} {:>12} {:>12}",
+            source.source,
+            source.reason,
+            source.packets,
+            ago(source.first_seen_ms),
+            ago(source.last_seen_ms)
+        );
     }
 }
 

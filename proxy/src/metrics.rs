@@ -295,6 +295,8 @@ mod tests {
         };
         Observation {
             status: Status {
+                audit: false,
+                dropped_sources: Vec::new(),
                 interfaces: vec![Attachment {
                     interface: "eth0".into(),
                     mode: AttachedMode::Native,

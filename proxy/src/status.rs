@@ -24,6 +24,9 @@ use crate::{
 pub struct Status {
     pub interfaces: Vec<Attachment>,
     pub scope: Scope,
+    /// Audit mode: nothing is dropped; would-be drops are counted.
+    #[serde(default)]
+    pub audit: bool,
     /// The listeners' ports, `filter.ports`, and the metrics port when exposed.
     pub protected_ports: BTreeSet<u16>,
     pub allowlist: PathBuf,
@@ -34,6 +37,10 @@ pub struct Status {
     pub capacity_per_family: u32,
     pub counters: Vec<CounterSnapshot>,
     pub top_rules: Vec<RuleHits>,
+    /// The sampled sources with the most dropped (or, in audit mode,
+    /// would-be dropped) packets; only when asked for.
+    #[serde(default)]
+    pub dropped_sources: Vec<DroppedSourceStatus>,
     pub listeners: Vec<ListenerStatus>,
     /// With `[fleet]`: where this host stands in its group.
     pub fleet: Option<FleetStatus>,
@@ -174,6 +181,53 @@ pub struct RuleHits {
     pub cidr: IpNet,
     pub action: Action,
     pub hits: u64,
+}
+
+/// `edgegate allow explain`: what decides for one source and port, from
+/// the list in force and from the loaded program.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Explanation {
+    pub address: std::net::IpAddr,
+    pub port: u16,
+    pub scope: Scope,
+    /// The port is protected (a listener's, `filter.ports`, or the metrics port).
+    pub protected: bool,
+    pub audit: bool,
+    /// The longest matching entry; consulted only when the packet is subject
+    /// to the list (`reason` is then `allowed` or `denied`).
+    pub rule: Option<ExplainedRule>,
+    /// The list's decision, as the program names it.
+    pub reason: Reason,
+    /// What the list's decision means for the packet (`would_drop` in audit mode).
+    pub verdict: Verdict,
+    /// What the loaded program did with a test packet (`pass` or `drop`).
+    pub kernel: Verdict,
+    /// The kernel did what the verdict says.
+    pub agrees: bool,
+}
+
+/// The entry behind an explanation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExplainedRule {
+    pub cidr: IpNet,
+    pub action: Action,
+    pub comment: Option<String>,
+    /// Its line in the allowlist file, if the file lists it.
+    pub line: Option<usize>,
+    pub file: PathBuf,
+}
+
+/// One source of the drop sample.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DroppedSourceStatus {
+    pub source: std::net::IpAddr,
+    /// The verdict's reason at the latest record: `denied` or `unlisted`.
+    pub reason: Reason,
+    /// Exact while the drops are few; past the per-CPU budget an estimate
+    /// (one packet in 64 is recorded, counting for 64).
+    pub packets: u64,
+    pub first_seen_ms: u64,
+    pub last_seen_ms: u64,
 }
 
 /// What `edgegate status` shows for a listener.

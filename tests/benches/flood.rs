@@ -185,6 +185,7 @@ impl Bed {
                     ports: BTreeSet::new(),
                     max_entries: (prefixes.len() as u32 * 2).next_power_of_two().max(1024),
                     bpffs_dir: self.bpffs_dir.clone(),
+                    audit: false,
                 };
                 let allowlist = Allowlist::parse(&list.join("\n")).expect("allowlist");
                 let filter = self.sink.run(|| Filter::load(&options, &allowlist));

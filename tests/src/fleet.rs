@@ -305,7 +305,10 @@ impl Fleet {
     }
 
     pub fn status(&self, index: usize) -> Status {
-        match control::call(&self.hosts[index].socket, &Request::Status { top_rules: 0 }) {
+        match control::call(
+            &self.hosts[index].socket,
+            &Request::Status { top_rules: 0, dropped_sources: 0 },
+        ) {
             Ok(Response::Status(status)) => *status,
             other => panic!("host {index}: status: {other:?}"),
         }

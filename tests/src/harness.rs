@@ -10,6 +10,8 @@ use edgegate::{
     filter::{Filter, FilterOptions},
 };
 
+use proxy_common::Verdict;
+
 use crate::unique_name;
 
 pub const XDP_DROP: u32 = 1;
@@ -48,6 +50,7 @@ impl XdpHarness {
             ports: ports.iter().copied().collect::<BTreeSet<u16>>(),
             max_entries,
             bpffs_dir: PathBuf::from("/sys/fs/bpf").join(unique_name("egxdp")),
+            audit: false,
         };
         let pins = PinDir(options.bpffs_dir.clone());
         let list = Allowlist::parse(list).expect("a valid test list");
@@ -66,12 +69,23 @@ impl XdpHarness {
         run(&self.filter, frame)
     }
 
-    /// Packets counted per (family, reason), in a fixed order.
+    /// Packets counted per (family, reason), in a fixed order; audit mode's
+    /// would-be drops are not among them (see [`Self::would_drop_counters`]).
     pub fn counters(&self) -> Vec<((String, String), u64)> {
+        self.counters_as(|verdict| verdict != Verdict::WouldDrop)
+    }
+
+    /// Packets audit mode passed per (family, reason) that it would have dropped.
+    pub fn would_drop_counters(&self) -> Vec<((String, String), u64)> {
+        self.counters_as(|verdict| verdict == Verdict::WouldDrop)
+    }
+
+    fn counters_as(&self, counted: impl Fn(Verdict) -> bool) -> Vec<((String, String), u64)> {
         self.filter
             .counters()
             .expect("read counters")
             .into_iter()
+            .filter(|c| counted(c.verdict))
             .map(|c| ((c.family.name().to_owned(), c.reason.name().to_owned()), c.packets))
             .collect()
     }

@@ -25,6 +25,7 @@ use edgegate::{
     control::{self, Request, Response},
     status::Status,
 };
+use proxy_common::Verdict;
 
 use crate::{netns::Netns, unique_name};
 
@@ -312,18 +313,28 @@ impl Testbed {
     }
 
     pub fn status(&self) -> Status {
-        match control::call(&self.socket, &Request::Status { top_rules: 10 }).expect("status") {
+        let request = Request::Status { top_rules: 10, dropped_sources: 50 };
+        match control::call(&self.socket, &request).expect("status") {
             Response::Status(status) => *status,
             other => panic!("unexpected answer: {other:?}"),
         }
     }
 
-    /// Packets counted for (family, reason) so far.
+    /// Packets counted for (family, reason) so far (passed or dropped).
     pub fn counted(&self, family: &str, reason: &str) -> u64 {
+        self.counted_as(family, reason, Verdict::Pass)
+            + self.counted_as(family, reason, Verdict::Drop)
+    }
+
+    /// Packets counted for (family, reason) with `verdict` so far: audit
+    /// mode counts what it would drop apart, as `would_drop`.
+    pub fn counted_as(&self, family: &str, reason: &str, verdict: Verdict) -> u64 {
         self.status()
             .counters
             .iter()
-            .find(|c| c.family.name() == family && c.reason.name() == reason)
+            .find(|c| {
+                c.family.name() == family && c.reason.name() == reason && c.verdict == verdict
+            })
             .map_or(0, |c| c.packets)
     }
 

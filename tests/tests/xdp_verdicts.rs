@@ -53,6 +53,47 @@ fn expect(harness: &XdpHarness, frame: &[u8], verdict: u32, family: &str, reason
     }
 }
 
+/// Audit mode: every frame is judged as in enforcing mode, passed, and a
+/// would-be drop is counted apart, as would_drop with its reason.
+#[track_caller]
+fn expect_audited(harness: &XdpHarness, frame: &[u8], family: &str, reason: &str, drops: bool) {
+    let (before, audited_before) = (harness.counters(), harness.would_drop_counters());
+    assert_eq!(harness.run(frame), XDP_PASS, "audit verdict for {family}/{reason}");
+    let (after, audited_after) = (harness.counters(), harness.would_drop_counters());
+    let moved = |before: &[((String, String), u64)], after: &[((String, String), u64)]| {
+        before
+            .iter()
+            .zip(after)
+            .filter(|(old, new)| new.1 != old.1)
+            .map(|(old, new)| (old.0.clone(), new.1 - old.1))
+            .collect::<Vec<_>>()
+    };
+    let slot = vec![((family.to_owned(), reason.to_owned()), 1)];
+    let (enforced, audited) = if drops { (vec![], slot) } else { (slot, vec![]) };
+    assert_eq!(moved(&before, &after), enforced, "pass counters for {family}/{reason}");
+    assert_eq!(moved(&audited_before, &audited_after), audited, "would_drop for {family}/{reason}");
+}
+
+#[test]
+fn audit_mode_passes_everything_and_counts_would_be_drops_by_reason() {
+    let mut h = ports_scope();
+    h.filter.set_audit(true).expect("audit on");
+    expect_audited(&h, &v4(ALLOWED_V4, TCP).bytes, "ipv4", "allowed", false);
+    expect_audited(&h, &v4(DENIED_V4, TCP).bytes, "ipv4", "denied", true);
+    expect_audited(&h, &v4(UNLISTED_V4, TCP).bytes, "ipv4", "unlisted", true);
+    expect_audited(&h, &v6(UNLISTED_V6, &[], TCP).bytes, "ipv6", "unlisted", true);
+    expect_audited(&h, &v6(DENIED_V6, &[], TCP).bytes, "ipv6", "denied", true);
+    let mut broken = v4(ALLOWED_V4, TCP);
+    broken.bytes[14] = 0x43; // IHL 3: shorter than the minimal header
+    expect_audited(&h, &broken.bytes, "ipv4", "malformed", true);
+    let unprotected = Transport::Tcp { dst_port: PORT + 1 };
+    expect_audited(&h, &v4(UNLISTED_V4, unprotected).bytes, "ipv4", "out_of_scope", false);
+    // And back: the same frames are dropped again.
+    h.filter.set_audit(false).expect("audit off");
+    expect(&h, &v4(UNLISTED_V4, TCP).bytes, XDP_DROP, "ipv4", "unlisted");
+    expect(&h, &v4(DENIED_V4, TCP).bytes, XDP_DROP, "ipv4", "denied");
+}
+
 fn ports_scope() -> XdpHarness {
     XdpHarness::new(LIST, Scope::Ports, &[PORT])
 }

@@ -16,6 +16,7 @@
 //!   their sockets and files, its start, restarts and drain.
 
 mod control;
+mod explain;
 mod fleet;
 mod state;
 mod worker;
@@ -86,6 +87,9 @@ pub enum DaemonError {
 /// How often the certificates in force are checked for nearing expiry.
 const EXPIRY_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
 
+/// How often each CPU's drop-sample budget (`DROP_SAMPLE_BUDGET`) is refilled.
+const SAMPLE_REFILL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How `edgegate run` was asked to run.
 pub struct Options {
     pub overrides: Overrides,
@@ -149,7 +153,14 @@ pub fn start(config_path: PathBuf, options: Options) -> Result<Startup, DaemonEr
         ports: config.protected_ports(),
         max_entries: config.filter.max_entries,
         bpffs_dir: config.daemon.bpffs_dir.clone(),
+        audit: config.filter.audit,
     };
+    if config.filter.audit {
+        tracing::warn!(
+            "AUDIT MODE (filter.audit = true): nothing is dropped; packets the list would drop \
+             are counted as would_drop and passed"
+        );
+    }
     if !list_path.exists() {
         tracing::warn!(
             "{} does not exist yet: protected traffic is dropped until `edgegate allow add`",
@@ -228,7 +239,7 @@ pub async fn serve(
     filter.forward_logs();
     let socket = config.daemon.control_socket.clone();
     let drain_timeout = config.daemon.drain_timeout;
-    let worker = Worker::supervise(worker, &listeners, &list, drain_timeout);
+    let worker = Worker::supervise(worker, &listeners, &list, config.filter.audit, drain_timeout);
     let capacity = config.filter.max_entries;
     let health = fleet.as_ref().map(|setup| {
         Arc::new(Health::new(&setup.config.group, &setup.host, setup.cached, list.len()))
@@ -278,11 +289,18 @@ pub async fn serve(
         tokio::time::Instant::now() + EXPIRY_CHECK_INTERVAL,
         EXPIRY_CHECK_INTERVAL,
     );
+    let mut sample_refill = tokio::time::interval(SAMPLE_REFILL_INTERVAL);
+    sample_refill.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             _ = expiry_check.tick() => state.lock().await.warn_of_expiry(),
+            _ = sample_refill.tick() => {
+                if let Err(e) = state.lock().await.filter.refill_sample_budget() {
+                    tracing::warn!("cannot refill the drop sample's budget: {e}");
+                }
+            }
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: reloading");
                 let reloading = sd_notify::NotifyState::monotonic_usec_now()

@@ -74,10 +74,18 @@ impl State {
                 self.worker.caught_up().await;
                 response
             }
-            Request::Status { top_rules } => match self.status(top_rules).await {
-                Ok(status) => Response::Status(Box::new(status)),
-                Err(e) => Response::Error { message: e.to_string() },
-            },
+            Request::Status { top_rules, dropped_sources } => {
+                match self.status(top_rules, dropped_sources).await {
+                    Ok(status) => Response::Status(Box::new(status)),
+                    Err(e) => Response::Error { message: e.to_string() },
+                }
+            }
+            Request::Explain { address, port } => {
+                match tokio::task::block_in_place(|| self.explain(address, port)) {
+                    Ok(explanation) => Response::Explained(Box::new(explanation)),
+                    Err(e) => Response::Error { message: e.to_string() },
+                }
+            }
             Request::FleetStatus => Response::Error {
                 message: "not in fleet mode: the config has no `[fleet]` table".into(),
             },
@@ -140,7 +148,7 @@ impl State {
             next.len()
         );
         self.list = next;
-        self.worker.publish(&self.list);
+        self.worker.publish(&self.list, self.filter.audit());
         Ok(diff)
     }
 
@@ -165,15 +173,16 @@ impl State {
         ListReload::Kept { reason }
     }
 
-    async fn status(&self, top_rules: usize) -> Result<Status, FilterError> {
+    async fn status(&self, top_rules: usize, dropped: usize) -> Result<Status, FilterError> {
         let report = self.worker.report().await;
-        tokio::task::block_in_place(|| self.status_with(top_rules, report.as_ref().ok()))
+        tokio::task::block_in_place(|| self.status_with(top_rules, dropped, report.as_ref().ok()))
     }
 
     /// The status, with the worker's counters if it answered.
     fn status_with(
         &self,
         top_rules: usize,
+        dropped: usize,
         report: Option<&WorkerReport>,
     ) -> Result<Status, FilterError> {
         let (ipv4_entries, ipv6_entries) = self.list.family_sizes();
@@ -181,6 +190,7 @@ impl State {
         Ok(Status {
             interfaces: self.filter.attachments().to_vec(),
             scope: self.config.filter.scope,
+            audit: self.filter.audit(),
             protected_ports: self.config.protected_ports(),
             allowlist: self.list_path.clone(),
             ipv4_entries,
@@ -190,6 +200,7 @@ impl State {
             capacity_per_family: self.filter.capacity(),
             counters: self.filter.counters()?,
             top_rules: self.filter.rule_hits(top_rules)?,
+            dropped_sources: self.filter.dropped_sources(dropped)?,
             listeners: self.listeners.status(report.map(|r| r.listeners.as_slice())),
             fleet: self.fleet.as_ref().map(|health| health.snapshot()),
             gate_pid: std::process::id(),
@@ -221,7 +232,7 @@ impl State {
             }
         });
         Ok(Observation {
-            status: tokio::task::block_in_place(|| self.status_with(10, report.as_ref().ok()))?,
+            status: tokio::task::block_in_place(|| self.status_with(10, 0, report.as_ref().ok()))?,
             ready,
             reloads_ok: self.reloads_ok,
             reloads_failed: self.reloads_failed,
@@ -242,9 +253,10 @@ impl State {
                 return Response::Error { message: format!("nothing reloaded: {e}") };
             }
         };
-        // Only `filter.ports` (and the listeners) change in place.
+        // Only `filter.ports`, `filter.audit` (and the listeners) change in place.
         let running_with_new_ports = crate::config::FilterConfig {
             ports: next.filter.ports.clone(),
+            audit: next.filter.audit,
             ..self.config.filter.clone()
         };
         if running_with_new_ports != next.filter
@@ -254,8 +266,19 @@ impl State {
         {
             tracing::warn!(
                 "reload: [filter], [daemon], [metrics] and [fleet] changes other than \
-                 `filter.ports` take effect at the next start"
+                 `filter.ports` and `filter.audit` take effect at the next start"
             );
+        }
+        if next.filter.audit != self.config.filter.audit {
+            match self.filter.set_audit(next.filter.audit) {
+                Ok(()) if next.filter.audit => tracing::warn!(
+                    "reload: AUDIT MODE on: nothing is dropped; would-be drops are counted"
+                ),
+                Ok(()) => tracing::info!("reload: audit mode off: the list is enforced"),
+                Err(e) => tracing::error!("reload: cannot switch audit mode: {e}"),
+            }
+            self.config.filter.audit = self.filter.audit();
+            self.worker.publish(&self.list, self.config.filter.audit);
         }
         let allowlist = tokio::task::block_in_place(|| self.reload_list());
         self.config.listeners = next.listeners;

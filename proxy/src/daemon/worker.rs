@@ -40,6 +40,7 @@ use crate::{
         },
         spawn::{self, Account, Launch},
     },
+    proxy::ClientCheck,
     proxy::rejection::Rejection,
     status::{ListenerStatus, NotReady, ReloadOutcome, ReloadResult, WorkerStatus},
     tls::{Lifetime, ListenerTls, Material, TlsError},
@@ -342,7 +343,7 @@ pub struct Worker {
     phase: watch::Receiver<Phase>,
     restarts: Arc<AtomicU64>,
     user: String,
-    allowlist: watch::Sender<(u64, Arc<Allowlist>)>,
+    allowlist: watch::Sender<(u64, Arc<ClientCheck>)>,
     /// The allowlist generation the serving worker has confirmed.
     applied: watch::Receiver<u64>,
     supervisor: JoinHandle<()>,
@@ -350,16 +351,19 @@ pub struct Worker {
 
 impl Worker {
     /// Supervises the worker `started` started; `list` is the allowlist in
-    /// force; a worker replaced on reload drains for up to `drain_timeout`.
+    /// force (only audited with `audit`); a worker replaced on reload drains
+    /// for up to `drain_timeout`.
     pub fn supervise(
         started: Started,
         listeners: &Listeners,
         list: &Allowlist,
+        audit: bool,
         drain_timeout: Duration,
     ) -> Self {
         let (commands, receiver) = mpsc::channel(16);
         let (phase_tx, phase) = watch::channel(Phase::Starting);
-        let (allowlist, allowlist_rx) = watch::channel((1, Arc::new(list.clone())));
+        let (allowlist, allowlist_rx) =
+            watch::channel((1, Arc::new(ClientCheck { list: list.clone(), audit })));
         let (applied_tx, applied) = watch::channel(0);
         let restarts = Arc::new(AtomicU64::new(0));
         let user = started.spawner.account.name.clone();
@@ -378,11 +382,11 @@ impl Worker {
         Self { commands, phase, restarts, user, allowlist, applied, supervisor }
     }
 
-    /// Sends the worker the allowlist now in force.
-    pub fn publish(&self, list: &Allowlist) {
+    /// Sends the worker the allowlist now in force, and whether it is only audited.
+    pub fn publish(&self, list: &Allowlist, audit: bool) {
         self.allowlist.send_modify(|(generation, current)| {
             *generation += 1;
-            *current = Arc::new(list.clone());
+            *current = Arc::new(ClientCheck { list: list.clone(), audit });
         });
     }
 
@@ -486,7 +490,7 @@ struct Supervisor {
     desired: Desired,
     commands: mpsc::Receiver<Command>,
     phase: watch::Sender<Phase>,
-    allowlist: watch::Receiver<(u64, Arc<Allowlist>)>,
+    allowlist: watch::Receiver<(u64, Arc<ClientCheck>)>,
     applied: watch::Sender<u64>,
     restarts: Arc<AtomicU64>,
     next_id: u64,
@@ -757,9 +761,9 @@ impl Link {
         }
     }
 
-    async fn send_allowlist(&mut self, generation: u64, list: &Allowlist) -> Result<(), String> {
-        let text = tokio::task::block_in_place(|| list.render());
-        self.send(&ToWorker::Allowlist { generation, text }, &[]).await
+    async fn send_allowlist(&mut self, generation: u64, check: &ClientCheck) -> Result<(), String> {
+        let text = tokio::task::block_in_place(|| check.list.render());
+        self.send(&ToWorker::Allowlist { generation, text, audit: check.audit }, &[]).await
     }
 
     /// Kills the worker for `why`, and waits for it.

@@ -309,7 +309,7 @@ impl Bed {
     }
 
     fn status(&self) -> anyhow::Result<Status> {
-        match control::call(&self.socket, &Request::Status { top_rules: 5 })? {
+        match control::call(&self.socket, &Request::Status { top_rules: 5, dropped_sources: 0 })? {
             Response::Status(status) => Ok(*status),
             other => bail!("unexpected answer: {other:?}"),
         }

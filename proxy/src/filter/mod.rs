@@ -15,11 +15,15 @@
 //! errors; `rules` keeps the rule maps equal to the list (in an order that
 //! never drops a source both lists allow); `pins` is the bpffs layout and
 //! attaching, adopting and detaching links; `stats` reads the counters;
+//! `sample` reads the sample of dropped sources; `probe` runs one packet
+//! through the loaded program (`allow explain`);
 //! `sys` holds the raw system calls aya does not wrap, and with them every
 //! `unsafe` of the module.
 
 mod pins;
+mod probe;
 mod rules;
+mod sample;
 mod stats;
 mod sys;
 
@@ -37,7 +41,7 @@ use aya::{
     programs::{ProgramError, Xdp, links::LinkError},
 };
 use ipnet::IpNet;
-use proxy_common::{Counter, FilterConfig as KernelConfig, Rule, map};
+use proxy_common::{Counter, DroppedSource, FilterConfig as KernelConfig, Rule, SourceKey, map};
 
 pub use pins::{Detached, detach_pinned};
 pub use sys::{interface_mtu, interface_names};
@@ -130,6 +134,9 @@ pub enum FilterError {
         #[source]
         source: io::Error,
     },
+    /// BPF_PROG_TEST_RUN of the loaded program failed.
+    #[error("cannot run a test packet through the XDP program: {0}")]
+    Probe(#[source] ProgramError),
     /// The list (while replacing: old and new together) would not fit in the maps.
     #[error(
         "the {family} rules need room for {needed} entries while they change, but the maps hold \
@@ -148,6 +155,7 @@ pub struct FilterOptions {
     pub ports: BTreeSet<u16>,
     pub max_entries: u32,
     pub bpffs_dir: PathBuf,
+    pub audit: bool,
 }
 
 /// The loaded program, its maps and its links.
@@ -159,6 +167,9 @@ pub struct Filter {
     v6_rules: HashMap<MapData, Key<[u8; 16]>, Rule>,
     v6_trie: LpmTrie<MapData, [u8; 16], Rule>,
     counters: PerCpuArray<MapData, Counter>,
+    audited: PerCpuArray<MapData, Counter>,
+    dropped: HashMap<MapData, SourceKey, DroppedSource>,
+    sample_budget: PerCpuArray<MapData, u32>,
     /// What the rule maps hold, mirrored so that changes can be diffed.
     installed: BTreeMap<IpNet, Action>,
     /// Entries per family the maps can hold.
@@ -220,6 +231,7 @@ impl Filter {
         prepare_bpffs(&options.bpffs_dir)?;
         let maps_dir = options.bpffs_dir.join("maps");
         create_dir(&maps_dir)?;
+        discard_outdated_config(&maps_dir)?;
 
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
@@ -247,6 +259,9 @@ impl Filter {
             v6_rules: take_map(&mut ebpf, map::V6_RULES)?,
             v6_trie: take_map(&mut ebpf, map::V6_TRIE)?,
             counters: take_map(&mut ebpf, map::COUNTERS)?,
+            audited: take_map(&mut ebpf, map::AUDITED)?,
+            dropped: take_map(&mut ebpf, map::DROPPED)?,
+            sample_budget: take_map(&mut ebpf, map::SAMPLE_BUDGET)?,
             installed: BTreeMap::new(),
             capacity,
             attachments: Vec::new(),
@@ -261,10 +276,12 @@ impl Filter {
                 Scope::Ports => proxy_common::Scope::Ports as u32,
                 Scope::Host => proxy_common::Scope::Host as u32,
             },
+            audit: u32::from(options.audit),
             ..lookup_config(&filter.installed, KernelConfig::EMPTY)
         };
         (filter.config.ephemeral_first, filter.config.ephemeral_last) = ephemeral_port_range();
         filter.write_config()?;
+        filter.refill_sample_budget()?;
         filter.set_ports(&options.ports)?;
         filter.apply(list)?;
         filter.program_mut().load().map_err(FilterError::Verify)?;
@@ -327,6 +344,22 @@ impl Filter {
     pub fn capacity(&self) -> u32 {
         self.capacity
     }
+}
+
+/// The daemon rewrites the config map whole at every start, so one pinned
+/// by an edgegate whose `FilterConfig` had another size is replaced rather
+/// than reused (the verifier would refuse the program against it). The
+/// program still attached keeps its own reference until it is swapped.
+fn discard_outdated_config(maps_dir: &Path) -> Result<(), FilterError> {
+    let pin = maps_dir.join(map::CONFIG);
+    let Ok(info) = MapInfo::from_pin(&pin) else {
+        return Ok(());
+    };
+    if info.value_size() as usize == size_of::<KernelConfig>() {
+        return Ok(());
+    }
+    tracing::info!("replacing {} pinned by an older edgegate", pin.display());
+    fs::remove_file(&pin).map_err(|source| FilterError::Io { op: "remove", path: pin, source })
 }
 
 fn create_dir(dir: &Path) -> Result<(), FilterError> {

@@ -148,6 +148,22 @@ impl Filter {
         Ok(())
     }
 
+    /// Switches audit mode: the program reads the config map on every
+    /// packet, so the next packet is judged in the new mode.
+    pub fn set_audit(&mut self, audit: bool) -> Result<(), FilterError> {
+        self.config.audit = u32::from(audit);
+        self.write_config()
+    }
+
+    pub fn audit(&self) -> bool {
+        self.config.audit != 0
+    }
+
+    /// The local ephemeral port range, as host scope exempts it.
+    pub fn ephemeral_ports(&self) -> (u16, u16) {
+        (self.config.ephemeral_first, self.config.ephemeral_last)
+    }
+
     /// The lookup strategy in force per family: (IPv4, IPv6).
     pub fn lookups(&self) -> (Lookup, Lookup) {
         (Lookup::from_raw(self.config.v4_lookup), Lookup::from_raw(self.config.v6_lookup))

@@ -3,7 +3,7 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use ipnet::IpNet;
-use proxy_common::{Family, Reason, Rule, counter_index, map};
+use proxy_common::{Family, Reason, Rule, Verdict, counter_index, map};
 
 use super::{
     Filter, FilterError, map_error,
@@ -15,22 +15,24 @@ use crate::{
 };
 
 impl Filter {
-    /// Per-(family, reason) counters summed over CPUs.
+    /// Per-(family, reason) counters summed over CPUs; then, per dropping
+    /// reason, what audit mode passed (verdict `would_drop`).
     pub fn counters(&self) -> Result<Vec<CounterSnapshot>, FilterError> {
         let mut snapshots = Vec::new();
-        for family in Family::ALL {
-            for reason in Reason::ALL {
-                let per_cpu = self
-                    .counters
-                    .get(&counter_index(family, reason), 0)
-                    .map_err(map_error(map::COUNTERS))?;
-                snapshots.push(CounterSnapshot {
-                    family,
-                    reason,
-                    verdict: reason.verdict(),
-                    packets: per_cpu.iter().map(|c| c.packets).sum(),
-                    bytes: per_cpu.iter().map(|c| c.bytes).sum(),
-                });
+        let maps = [(&self.counters, map::COUNTERS, false), (&self.audited, map::AUDITED, true)];
+        for (counters, name, audited) in maps {
+            for family in Family::ALL {
+                for reason in Reason::ALL.into_iter().filter(|r| !audited || !r.passes()) {
+                    let per_cpu =
+                        counters.get(&counter_index(family, reason), 0).map_err(map_error(name))?;
+                    snapshots.push(CounterSnapshot {
+                        family,
+                        reason,
+                        verdict: if audited { Verdict::WouldDrop } else { reason.verdict() },
+                        packets: per_cpu.iter().map(|c| c.packets).sum(),
+                        bytes: per_cpu.iter().map(|c| c.bytes).sum(),
+                    });
+                }
             }
         }
         Ok(snapshots)

@@ -25,8 +25,9 @@ pub enum ToWorker {
     /// Serve exactly these listeners. The frame carries one listening socket
     /// per listener, in this order.
     Configure { id: u64, listeners: Vec<ListenerSpec> },
-    /// The allowlist in force (its file form), for PROXY-reported addresses.
-    Allowlist { generation: u64, text: String },
+    /// The allowlist in force (its file form), for PROXY-reported
+    /// addresses; with `audit`, clients it does not allow are only logged.
+    Allowlist { generation: u64, text: String, audit: bool },
     /// Answer with [`FromWorker::Report`].
     Report { id: u64 },
     /// Stop accepting, let open connections finish within `timeout`, exit.

@@ -17,7 +17,10 @@ use super::{
     protocol::{FrameError, FromWorker, SandboxReport, ToWorker, decode, encode},
     sandbox::{self, SandboxError},
 };
-use crate::{allowlist::Allowlist, proxy::Proxies};
+use crate::{
+    allowlist::Allowlist,
+    proxy::{ClientCheck, Proxies},
+};
 
 /// How the gate started this worker (its command line).
 pub struct Options {
@@ -65,7 +68,7 @@ pub fn run(options: Options) -> Result<(), WorkerError> {
     // SAFETY: the gate handed this descriptor over for this purpose alone.
     let channel = unsafe { OwnedFd::from_raw_fd(options.channel) };
     runtime.block_on(async move {
-        let allowlist = Arc::new(ArcSwap::from_pointee(Allowlist::default()));
+        let allowlist = Arc::new(ArcSwap::from_pointee(ClientCheck::default()));
         // Every thread exists once the connection workers have started.
         let proxies = Proxies::start(Arc::clone(&allowlist), cores).map_err(WorkerError::Start)?;
         let sandbox = sandbox::confine_syscalls(&landlock)?;
@@ -119,7 +122,7 @@ fn log_sandbox(sandbox: &SandboxReport) {
 struct Serve {
     channel: Receiver,
     proxies: Proxies,
-    allowlist: Arc<ArcSwap<Allowlist>>,
+    allowlist: Arc<ArcSwap<ClientCheck>>,
     generation: u64,
 }
 
@@ -150,9 +153,9 @@ impl Serve {
                         self.misbehave(attempt, &target).await?;
                     }
                 }
-                ToWorker::Allowlist { generation, text } => match Allowlist::parse(&text) {
+                ToWorker::Allowlist { generation, text, audit } => match Allowlist::parse(&text) {
                     Ok(list) => {
-                        self.allowlist.store(Arc::new(list));
+                        self.allowlist.store(Arc::new(ClientCheck { list, audit }));
                         self.generation = generation;
                     }
                     Err(e) => {

@@ -142,9 +142,20 @@ impl Connection {
             }
         };
         let client = SocketAddr::new(canonical(client.ip()), client.port());
-        if self.allowlist.load().verdict(client.ip()) != Some(Action::Allow) {
+        let check = self.allowlist.load();
+        if check.list.verdict(client.ip()) != Some(Action::Allow) {
             let detail = format!("{} is not allowed by the allowlist", client.ip());
-            return refuse(Rejection::SourceNotAllowed, client, detail);
+            if !check.audit {
+                return refuse(Rejection::SourceNotAllowed, client, detail);
+            }
+            warn!(
+                target: "edgegate::access",
+                listener = %config.name,
+                client = %client,
+                peer = %peer,
+                reason = %Rejection::SourceNotAllowed,
+                "audit mode: served a connection enforcing mode would refuse: {detail}"
+            );
         }
 
         // The handshake's state is large and short-lived: boxed, it is freed

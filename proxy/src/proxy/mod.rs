@@ -56,8 +56,17 @@ use accept::AcceptLoop;
 use rejection::Rejection;
 use workers::Workers;
 
-/// The allowlist as the proxy sees it: swapped by the daemon after each change.
-pub type SharedAllowlist = Arc<ArcSwap<Allowlist>>;
+/// What the proxy checks client addresses against.
+#[derive(Debug, Default)]
+pub struct ClientCheck {
+    pub list: Allowlist,
+    /// Audit mode (`filter.audit`): a client the list does not allow is
+    /// logged as one that would be refused, and served.
+    pub audit: bool,
+}
+
+/// The client check as the proxy sees it: swapped by the daemon after each change.
+pub type SharedAllowlist = Arc<ArcSwap<ClientCheck>>;
 
 /// A listener's settings and TLS material, replaced whole on reload.
 pub struct Settings {
