@@ -21,9 +21,6 @@ pub mod map {
     pub const V6_TRIE: &str = "EG_V6_TRIE";
     /// `PerCpuArray<Counter>` indexed by [`crate::counter_index`].
     pub const COUNTERS: &str = "EG_COUNTERS";
-    /// `PerCpuArray<Counter>` like [`COUNTERS`]: packets audit mode passed
-    /// that enforcing mode would have dropped.
-    pub const AUDITED: &str = "EG_AUDITED";
     /// `LruHashMap<SourceKey, DroppedSource>`: a sample of the sources behind
     /// `denied` and `unlisted` verdicts.
     pub const DROPPED: &str = "EG_DROPPED";
@@ -31,18 +28,8 @@ pub mod map {
     /// one by one before it samples (the daemon refills it every second).
     pub const SAMPLE_BUDGET: &str = "EG_SAMPLE_BUDGET";
     /// All maps the daemon pins, so that filtering survives a restart.
-    pub const PINNED: [&str; 10] = [
-        CONFIG,
-        PORTS,
-        V4_RULES,
-        V4_TRIE,
-        V6_RULES,
-        V6_TRIE,
-        COUNTERS,
-        AUDITED,
-        DROPPED,
-        SAMPLE_BUDGET,
-    ];
+    pub const PINNED: [&str; 9] =
+        [CONFIG, PORTS, V4_RULES, V4_TRIE, V6_RULES, V6_TRIE, COUNTERS, DROPPED, SAMPLE_BUDGET];
 }
 
 /// Name of the XDP program in the object file.
@@ -124,7 +111,7 @@ pub struct FilterConfig {
     /// Bit `n % 64` of word `n / 64` is set when some IPv6 rule has prefix length `n` (0..=128).
     pub v6_lengths: [u64; 3],
     /// Non-zero: audit mode. Packets are judged as always, but those the
-    /// list would drop are counted in [`map::AUDITED`] and passed.
+    /// list would drop are passed, and counted apart (see [`counter_index`]).
     pub audit: u32,
     /// Explicit padding (always 0).
     pub padding: u32,
@@ -349,12 +336,20 @@ pub struct Counter {
     pub bytes: u64,
 }
 
-/// Entries in [`map::COUNTERS`].
-pub const COUNTER_SLOTS: u32 = (Family::ALL.len() * Reason::COUNT) as u32;
+/// Counters per mode: one per (family, reason).
+const SLOTS_PER_MODE: u32 = (Family::ALL.len() * Reason::COUNT) as u32;
 
-/// Index of the (family, reason) counter in [`map::COUNTERS`].
-pub const fn counter_index(family: Family, reason: Reason) -> u32 {
-    family as u32 * Reason::COUNT as u32 + reason as u32
+/// Entries in [`map::COUNTERS`]: every (family, reason), then the same
+/// again for what audit mode passed but would have dropped.
+pub const COUNTER_SLOTS: u32 = 2 * SLOTS_PER_MODE;
+
+/// Index of the (family, reason) counter in [`map::COUNTERS`]; `audited`:
+/// of the packets audit mode passed that enforcing mode would drop. One map
+/// for both, so the program's lookup stays a constant map (the verifier
+/// inlines it; a map chosen at run time costs a helper call).
+pub const fn counter_index(family: Family, reason: Reason, audited: bool) -> u32 {
+    let index = family as u32 * Reason::COUNT as u32 + reason as u32;
+    if audited { SLOTS_PER_MODE + index } else { index }
 }
 
 #[cfg(feature = "user")]

@@ -59,9 +59,6 @@ static V6_TRIE: LpmTrie<[u8; 16], Rule> = LpmTrie::pinned(DEFAULT_MAX_RULES, 0);
 #[map(name = "EG_COUNTERS")]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 
-#[map(name = "EG_AUDITED")]
-static AUDITED: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
-
 #[map(name = "EG_DROPPED")]
 static DROPPED: LruHashMap<SourceKey, DroppedSource> = LruHashMap::pinned(DROP_SAMPLE_ENTRIES, 0);
 
@@ -94,8 +91,7 @@ pub fn edgegate(ctx: XdpContext) -> u32 {
     let family = ip.family;
     // Audit mode passes what it would drop, so it counts it apart: the
     // `drop` counters keep meaning "dropped".
-    let counters = if audit && !reason.passes() { &AUDITED } else { &COUNTERS };
-    let counted = count(counters, family, reason, packet.len());
+    let counted = count(counter_index(family, reason, audit && !reason.passes()), packet.len());
     match reason {
         Reason::Denied | Reason::Unlisted => sample_drop(&ip.source, family, reason, counted),
         Reason::Malformed => log_malformed(&ctx, family),
@@ -245,8 +241,8 @@ fn lookup_v6_per_length(lengths: &[u64; 3], addr: [u8; 16]) -> Option<*mut Rule>
 
 /// Counts the packet; returns the slot's packet count on this CPU, which
 /// the drop sample uses as its clock.
-fn count(counters: &PerCpuArray<Counter>, family: Family, reason: Reason, bytes: usize) -> u64 {
-    let Some(counter) = counters.get_ptr_mut(counter_index(family, reason)) else {
+fn count(index: u32, bytes: usize) -> u64 {
+    let Some(counter) = COUNTERS.get_ptr_mut(index) else {
         return 0;
     };
     // SAFETY: a per-CPU slot: nothing else writes it while this program runs.

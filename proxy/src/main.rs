@@ -744,12 +744,12 @@ fn print_status(status: &Status, dropped: bool) {
         status.capacity_per_family
     );
     println!(
-        "\n{:<7} {:<7} {:<20} {:>14} {:>16}",
+        "\n{:<7} {:<10} {:<20} {:>14} {:>16}",
         "family", "verdict", "reason", "packets", "bytes"
     );
     for counter in status.counters.iter().filter(|c| c.packets > 0) {
         println!(
-            "{:<7} {:<7} {:<20} {:>14} {:>16}",
+            "{:<7} {:<10} {:<20} {:>14} {:>16}",
             counter.family, counter.verdict, counter.reason, counter.packets, counter.bytes
         );
     }

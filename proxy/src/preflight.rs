@@ -96,6 +96,13 @@ pub fn inspect(path: &Path, overrides: &Overrides) -> Report {
     for interface in &config.filter.interfaces {
         inspect_interface(&mut report, &at("filter.interfaces"), interface, config.filter.mode);
     }
+    if config.filter.audit {
+        report.warning(format!(
+            "{}: audit mode: nothing is dropped and unlisted clients are served; set it to \
+             false and reload to enforce (README: Audit first, then enforce)",
+            at("filter.audit")
+        ));
+    }
     let list = inspect_allowlist(&mut report, &config, &at);
     let now = unix_now();
     for listener in &config.listeners {

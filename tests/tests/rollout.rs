@@ -42,6 +42,13 @@ fn audit_mode_passes_and_counts_would_be_drops_and_switches_on_reload_both_ways(
     let text = testbed.cli_ok(&["status"]);
     assert!(text.contains("mode:       AUDIT"), "{text}");
     assert!(testbed.status().audit);
+    let check = testbed.check();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(check.status.success() && said.contains("audit mode: nothing is dropped"), "{said}");
 
     assert!(testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
     assert!(testbed.connects(1, testbed.server_v6(1), PROTECTED_PORT, CONNECT_TIMEOUT));

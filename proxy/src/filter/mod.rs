@@ -167,7 +167,6 @@ pub struct Filter {
     v6_rules: HashMap<MapData, Key<[u8; 16]>, Rule>,
     v6_trie: LpmTrie<MapData, [u8; 16], Rule>,
     counters: PerCpuArray<MapData, Counter>,
-    audited: PerCpuArray<MapData, Counter>,
     dropped: HashMap<MapData, SourceKey, DroppedSource>,
     sample_budget: PerCpuArray<MapData, u32>,
     /// What the rule maps hold, mirrored so that changes can be diffed.
@@ -231,7 +230,7 @@ impl Filter {
         prepare_bpffs(&options.bpffs_dir)?;
         let maps_dir = options.bpffs_dir.join("maps");
         create_dir(&maps_dir)?;
-        discard_outdated_config(&maps_dir)?;
+        discard_outdated(&maps_dir)?;
 
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
@@ -259,7 +258,6 @@ impl Filter {
             v6_rules: take_map(&mut ebpf, map::V6_RULES)?,
             v6_trie: take_map(&mut ebpf, map::V6_TRIE)?,
             counters: take_map(&mut ebpf, map::COUNTERS)?,
-            audited: take_map(&mut ebpf, map::AUDITED)?,
             dropped: take_map(&mut ebpf, map::DROPPED)?,
             sample_budget: take_map(&mut ebpf, map::SAMPLE_BUDGET)?,
             installed: BTreeMap::new(),
@@ -346,20 +344,30 @@ impl Filter {
     }
 }
 
-/// The daemon rewrites the config map whole at every start, so one pinned
-/// by an edgegate whose `FilterConfig` had another size is replaced rather
-/// than reused (the verifier would refuse the program against it). The
-/// program still attached keeps its own reference until it is swapped.
-fn discard_outdated_config(maps_dir: &Path) -> Result<(), FilterError> {
-    let pin = maps_dir.join(map::CONFIG);
-    let Ok(info) = MapInfo::from_pin(&pin) else {
-        return Ok(());
-    };
-    if info.value_size() as usize == size_of::<KernelConfig>() {
-        return Ok(());
+/// Maps an older edgegate pinned with another shape are replaced rather than
+/// reused (the verifier would refuse the program against them): the config
+/// map, which the daemon rewrites whole at every start, and the counters,
+/// which then start again from 0. The program still attached keeps its own
+/// references until it is swapped.
+fn discard_outdated(maps_dir: &Path) -> Result<(), FilterError> {
+    let shapes = [
+        (map::CONFIG, size_of::<KernelConfig>(), 1),
+        (map::COUNTERS, size_of::<Counter>(), proxy_common::COUNTER_SLOTS),
+    ];
+    for (name, value_size, max_entries) in shapes {
+        let pin = maps_dir.join(name);
+        let Ok(info) = MapInfo::from_pin(&pin) else { continue };
+        if info.value_size() as usize == value_size && info.max_entries() == max_entries {
+            continue;
+        }
+        tracing::warn!("replacing {} pinned by an older edgegate", pin.display());
+        fs::remove_file(&pin).map_err(|source| FilterError::Io {
+            op: "remove",
+            path: pin,
+            source,
+        })?;
     }
-    tracing::info!("replacing {} pinned by an older edgegate", pin.display());
-    fs::remove_file(&pin).map_err(|source| FilterError::Io { op: "remove", path: pin, source })
+    Ok(())
 }
 
 fn create_dir(dir: &Path) -> Result<(), FilterError> {

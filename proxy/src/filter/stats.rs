@@ -19,12 +19,13 @@ impl Filter {
     /// reason, what audit mode passed (verdict `would_drop`).
     pub fn counters(&self) -> Result<Vec<CounterSnapshot>, FilterError> {
         let mut snapshots = Vec::new();
-        let maps = [(&self.counters, map::COUNTERS, false), (&self.audited, map::AUDITED, true)];
-        for (counters, name, audited) in maps {
+        for audited in [false, true] {
             for family in Family::ALL {
                 for reason in Reason::ALL.into_iter().filter(|r| !audited || !r.passes()) {
-                    let per_cpu =
-                        counters.get(&counter_index(family, reason), 0).map_err(map_error(name))?;
+                    let per_cpu = self
+                        .counters
+                        .get(&counter_index(family, reason, audited), 0)
+                        .map_err(map_error(map::COUNTERS))?;
                     snapshots.push(CounterSnapshot {
                         family,
                         reason,
