@@ -372,11 +372,15 @@ pub enum Refusal {
     /// A replacement list does not parse.
     #[error(transparent)]
     Parse(#[from] ParseError),
+    /// A comment would break the file's one-entry-per-line format.
+    #[error("the comment {0:?} holds a line break or another control character")]
+    Comment(String),
 }
 
 impl Change {
     /// Checks what does not depend on the list: every CIDR, the replacement's text.
     pub fn validate(&self) -> Result<(), Refusal> {
+        self.check_comments()?;
         match self {
             Self::Add { cidrs, .. } | Self::Remove { cidrs, .. } => {
                 cidrs.iter().try_for_each(|c| parse_cidr(c).map(drop))?;
@@ -389,6 +393,7 @@ impl Change {
 
     /// The list `list` becomes; validated whole.
     pub fn apply_to(&self, list: &Allowlist) -> Result<Allowlist, Refusal> {
+        self.check_comments()?;
         let parse_all = |cidrs: &[String]| -> Result<Vec<IpNet>, CidrError> {
             cidrs.iter().map(|c| parse_cidr(c)).collect()
         };
@@ -400,6 +405,24 @@ impl Change {
             Self::Import { entries, tag, replace } => list.with_imported(entries, tag, *replace)?,
             Self::Replace { text } => Allowlist::parse(text)?,
         })
+    }
+}
+
+impl Change {
+    /// A comment is the rest of its entry's line: a line break in one would
+    /// put whatever follows it on the list as an entry of its own.
+    fn check_comments(&self) -> Result<(), Refusal> {
+        let comments: Vec<&str> = match self {
+            Self::Add { comment, .. } => comment.as_deref().into_iter().collect(),
+            Self::Import { entries, .. } => {
+                entries.iter().filter_map(|e| e.comment.as_deref()).collect()
+            }
+            Self::Remove { .. } | Self::Replace { .. } => Vec::new(),
+        };
+        match comments.into_iter().find(|c| c.chars().any(char::is_control)) {
+            Some(bad) => Err(Refusal::Comment(bad.to_owned())),
+            None => Ok(()),
+        }
     }
 }
 
@@ -461,6 +484,12 @@ pub fn load(path: &Path) -> Result<Allowlist, StoreError> {
 /// Replaces the list file atomically: after a crash, the file holds either
 /// the old list or the new one, never a mix or nothing.
 pub fn store(path: &Path, list: &Allowlist) -> Result<(), StoreError> {
+    replace_file(path, list.render().as_bytes())
+}
+
+/// Replaces `path` with `contents` atomically (a synced temporary file
+/// renamed over it), creating its directory if need be.
+pub fn replace_file(path: &Path, contents: &[u8]) -> Result<(), StoreError> {
     let io_error = |op, path: &Path| {
         let path = path.to_owned();
         move |source| StoreError::Io { op, path, source }
@@ -471,7 +500,7 @@ pub fn store(path: &Path, list: &Allowlist) -> Result<(), StoreError> {
     temp_name.push(".tmp");
     let temp = dir.join(temp_name);
     let mut file = File::create(&temp).map_err(io_error("create", &temp))?;
-    file.write_all(list.render().as_bytes()).map_err(io_error("write", &temp))?;
+    file.write_all(contents).map_err(io_error("write", &temp))?;
     file.sync_all().map_err(io_error("sync", &temp))?;
     fs::rename(&temp, path).map_err(io_error("rename into place", path))?;
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_error("sync directory", dir))
@@ -526,6 +555,37 @@ mod tests {
         ));
         let replace = Change::Replace { text: "allow\n".into() };
         assert!(matches!(replace.apply_to(&list), Err(Refusal::Parse(ParseError::Syntax { .. }))));
+    }
+
+    #[test]
+    fn a_comment_cannot_smuggle_an_entry_onto_the_next_line() {
+        let list = Allowlist::default();
+        for comment in ["partner\n0.0.0.0/0", "partner\r", "tab\there", "nul\0"] {
+            let add = Change::Add {
+                action: Action::Allow,
+                cidrs: vec!["198.51.100.7".into()],
+                comment: Some(comment.into()),
+            };
+            assert!(matches!(add.validate(), Err(Refusal::Comment(_))), "{comment:?}");
+            assert!(matches!(add.apply_to(&list), Err(Refusal::Comment(_))), "{comment:?}");
+            let import = Change::Import {
+                entries: vec![Entry {
+                    cidr: net("198.51.100.7/32"),
+                    action: Action::Allow,
+                    comment: Some(comment.into()),
+                }],
+                tag: "learned".into(),
+                replace: false,
+            };
+            assert!(matches!(import.apply_to(&list), Err(Refusal::Comment(_))), "{comment:?}");
+        }
+        let fine = Change::Add {
+            action: Action::Allow,
+            cidrs: vec!["198.51.100.7".into()],
+            comment: Some("partner # ünïcode is fine".into()),
+        };
+        let next = fine.apply_to(&list).expect("a one-line comment");
+        assert_eq!(Allowlist::parse(&next.render()).unwrap(), next);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     allowlist::{Change, Diff, Entry},
+    learned::Suggestion,
     status::{Explanation, FleetView, ListReload, ReloadOutcome, Status},
 };
 
@@ -49,6 +50,8 @@ pub enum Request {
     FleetStatus,
     /// What decides for `address` on `port` (default: the first listener's).
     Explain { address: std::net::IpAddr, port: Option<u16> },
+    /// Allow entries for the authenticated clients the list does not allow.
+    Suggest,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -78,6 +81,10 @@ pub enum Response {
     Fleet(FleetView),
     /// Answer to `Explain`.
     Explained(Box<Explanation>),
+    /// Answer to `Suggest`: out of the `learned` sources kept, those the
+    /// list does not decide, as entries; `audit` says whether the filter
+    /// is in audit mode (the only mode in which new sources are learned).
+    Suggested { suggestions: Vec<Suggestion>, learned: usize, audit: bool },
     /// The request was refused; nothing changed.
     Error { message: String },
 }

@@ -12,6 +12,7 @@
 //! - [`daemon`]: `edgegate run`, holding the list and the filter together;
 //! - [`control`]: the Unix-socket protocol between CLI and daemon;
 //! - [`fleet`]: fleet mode: the group's list in etcd, followed by every host;
+//! - [`learned`]: authenticated clients the list does not allow, as suggested entries;
 //! - [`tls`]: rustls configs, client identity rules, rejection reasons;
 //! - [`proxy`]: the mTLS listeners: accept, PROXY protocol, handshake, relay;
 //! - [`metrics`]: `/metrics`, `/healthz` and `/readyz` over HTTP;
@@ -27,6 +28,7 @@ pub mod daemon;
 pub mod demo;
 pub mod filter;
 pub mod fleet;
+pub mod learned;
 pub mod metrics;
 pub mod preflight;
 pub mod privileges;

@@ -196,6 +196,18 @@ enum AllowCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Suggest allow entries for clients that authenticated (mTLS) from
+    /// addresses the list does not allow, as audit mode lets them: grouped
+    /// per certificate name into the narrowest CIDRs.
+    Suggest {
+        #[arg(long, conflicts_with = "apply")]
+        json: bool,
+        /// Add every suggestion, as one change, each commented with its identities.
+        #[arg(long)]
+        apply: bool,
+        #[command(flatten)]
+        commit: Commit,
+    },
 }
 
 #[derive(Subcommand)]
@@ -353,6 +365,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             AllowCommand::Del(args) => remove(&global, Action::Allow, args),
             AllowCommand::List { json } => list(&global, json, None),
             AllowCommand::Explain { address, port, json } => explain(&global, address, port, json),
+            AllowCommand::Suggest { json, apply, commit } => suggest(&global, json, apply, &commit),
             AllowCommand::ImportAws { file, regions, services, replace, offline, commit } => {
                 let selection = edgegate::aws::Selection { regions, services };
                 let entries = edgegate::aws::read(&file, &selection)?;
@@ -595,8 +608,8 @@ fn change_offline(
     Ok((list.diff(&next), next.len(), path))
 }
 
-/// Prints the list in force (only entries with `only`, if given), each entry
-/// with its action: the output is a valid allowlist file.
+/// Asks the daemon what decides for `address`, and checks that the loaded
+/// program agrees.
 fn explain(
     global: &Global,
     address: std::net::IpAddr,
@@ -653,6 +666,53 @@ fn print_explanation(e: &edgegate::status::Explanation) {
     }
     let check = if e.agrees { "agrees" } else { "DISAGREES" };
     println!("  kernel:  {} (a test packet through the loaded XDP program {check})", e.kernel);
+}
+
+fn suggest(global: &Global, json: bool, apply: bool, commit: &Commit) -> anyhow::Result<()> {
+    let Response::Suggested { suggestions, learned, audit } = call(global, &Request::Suggest)?
+    else {
+        bail!("unexpected answer from the daemon");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&suggestions)?);
+        return Ok(());
+    }
+    if suggestions.is_empty() {
+        let how = if audit {
+            "clients from unlisted addresses are learned as they authenticate"
+        } else {
+            "sources are learned only in audit mode (`[filter] audit = true`), where unlisted \
+             clients get to authenticate"
+        };
+        println!(
+            "nothing to suggest ({learned} source(s) learned, all decided by the list); {how}"
+        );
+        return Ok(());
+    }
+    println!("authenticated clients the list does not allow ({learned} source(s) learned):");
+    let now = u64::try_from(edgegate::tls::unix_now()).unwrap_or(0);
+    for suggestion in &suggestions {
+        let names: Vec<String> = suggestion.names.iter().map(ToString::to_string).collect();
+        println!(
+            "  allow {:<40} {} connection(s) from {} address(es), last {}s ago: {}",
+            suggestion.cidr,
+            suggestion.connections,
+            suggestion.addresses.len(),
+            now.saturating_sub(suggestion.last_seen),
+            names.join("; ")
+        );
+    }
+    if !apply {
+        println!(
+            "review them (a compromised proxy worker could invent sources), then add them with \
+             `edgegate allow suggest --apply`"
+        );
+        return Ok(());
+    }
+    let entries = suggestions.iter().map(edgegate::learned::Suggestion::entry).collect();
+    let tag = edgegate::learned::COMMENT_TAG.to_owned();
+    let offline = Offline { offline: false, config: None };
+    change(global, Change::Import { entries, tag, replace: false }, &offline, commit)
 }
 
 fn list(global: &Global, json: bool, only: Option<Action>) -> anyhow::Result<()> {

@@ -4,7 +4,8 @@
 //!
 //! Each figure is the median over distinct source addresses (half of them
 //! matching the list, half not) of the kernel's per-run average over
-//! `--repeat` runs. Results also go to `target/bench/xdp.json`.
+//! `--repeat` runs; `pass` and `drop` are the medians over each half alone.
+//! Results also go to `target/bench/xdp.json`.
 
 use std::{
     collections::BTreeSet,
@@ -148,8 +149,11 @@ fn frames(family: Family, prefixes: &[IpNet], count: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Median ns/packet of `program` over `frames`.
-fn measure(program: &Xdp, frames: &[Vec<u8>], repeat: u32) -> f64 {
+/// Medians of ns/packet of `program` over `frames`: all of them, the
+/// listed sources' (even frames: the pass path) and the others' (the drop
+/// path). The median of all falls between the two paths, so it moves with
+/// either: the per-path figures say which.
+fn measure(program: &Xdp, frames: &[Vec<u8>], repeat: u32) -> Paths {
     let ns: Vec<f64> = frames
         .iter()
         .map(|frame| {
@@ -160,7 +164,15 @@ fn measure(program: &Xdp, frames: &[Vec<u8>], repeat: u32) -> f64 {
             result.duration.as_nanos() as f64
         })
         .collect();
-    median(&ns)
+    let path = |parity| -> Vec<f64> { ns.iter().skip(parity).step_by(2).copied().collect() };
+    Paths { all: median(&ns), pass: median(&path(0)), drop: median(&path(1)) }
+}
+
+#[derive(Clone, Copy)]
+struct Paths {
+    all: f64,
+    pass: f64,
+    drop: f64,
 }
 
 fn load_xdp(ebpf: &mut Ebpf, name: &str) {
@@ -177,6 +189,8 @@ struct Row {
     shape: &'static str,
     entries: usize,
     edgegate_ns: f64,
+    edgegate_pass_ns: f64,
+    edgegate_drop_ns: f64,
     lookup: &'static str,
     lpm_ns: f64,
     setup_s: f64,
@@ -198,31 +212,39 @@ fn main() {
                 let frames = frames(family, &prefixes, settings.sources);
                 // The baseline is measured between rows, so that drift over
                 // the run shows up in it rather than skewing the ratios.
-                baseline.push(measure(xdp(&drop_only, "bench_drop"), &frames, settings.repeat));
+                baseline.push(measure(xdp(&drop_only, "bench_drop"), &frames, settings.repeat).all);
 
                 let started = Instant::now();
                 let text: String = prefixes.iter().map(|p| format!("{p}\n")).collect();
                 let capacity = u32::try_from(max_size.next_power_of_two()).expect("capacity");
                 let harness = XdpHarness::with_capacity(&text, Scope::Ports, &[PORT], capacity);
                 let setup_s = started.elapsed().as_secs_f64();
-                let edgegate_ns = measure(harness.filter.program(), &frames, settings.repeat);
+                let edgegate = measure(harness.filter.program(), &frames, settings.repeat);
                 let (v4, v6) = harness.filter.lookups();
                 let lookup = if family == Family::V4 { v4.name() } else { v6.name() };
                 drop(harness);
 
-                let lpm_ns = measure_plain_lpm(&prefixes, &frames, settings.repeat);
+                let lpm_ns = measure_plain_lpm(&prefixes, &frames, settings.repeat).all;
                 let row = Row {
                     family: if family == Family::V4 { "ipv4" } else { "ipv6" },
                     shape: shape.name(family),
                     entries: size,
-                    edgegate_ns,
+                    edgegate_ns: edgegate.all,
+                    edgegate_pass_ns: edgegate.pass,
+                    edgegate_drop_ns: edgegate.drop,
                     lookup,
                     lpm_ns,
                     setup_s,
                 };
                 eprintln!(
-                    "{} {} {}: edgegate {:.1} ns, lpm {:.1} ns",
-                    row.family, row.shape, row.entries, row.edgegate_ns, row.lpm_ns
+                    "{} {} {}: edgegate {:.1} ns (pass {:.1}, drop {:.1}), lpm {:.1} ns",
+                    row.family,
+                    row.shape,
+                    row.entries,
+                    row.edgegate_ns,
+                    row.edgegate_pass_ns,
+                    row.edgegate_drop_ns,
+                    row.lpm_ns
                 );
                 rows.push(row);
             }
@@ -231,7 +253,7 @@ fn main() {
     report(&settings, &rows, &baseline);
 }
 
-fn measure_plain_lpm(prefixes: &[IpNet], frames: &[Vec<u8>], repeat: u32) -> f64 {
+fn measure_plain_lpm(prefixes: &[IpNet], frames: &[Vec<u8>], repeat: u32) -> Paths {
     let mut ebpf = Ebpf::load(reference::PLAIN_LPM).expect("load the LPM program");
     load_xdp(&mut ebpf, "bench_lpm");
     fill_trie(
@@ -273,21 +295,23 @@ fn report(settings: &Settings, rows: &[Row], baseline: &[f64]) {
         "DROP-only baseline: {base:.1} ns/packet (min {base_min:.0}, max {base_max:.0} across rows)\n"
     );
     println!(
-        "| family | list | entries | lookup | edgegate ns | ÷ baseline | ÷ own 10-entry | plain LPM ns | edgegate ÷ LPM | load s |"
+        "| family | list | entries | lookup | edgegate ns | pass ns | drop ns | ÷ baseline | ÷ own 10-entry | plain LPM ns | edgegate ÷ LPM | load s |"
     );
-    println!("|---|---|---:|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for row in rows {
         let own_10 = rows
             .iter()
             .find(|r| r.family == row.family && r.shape == row.shape && r.entries == 10)
             .map_or(f64::NAN, |r| row.edgegate_ns / r.edgegate_ns);
         println!(
-            "| {} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} |",
+            "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} |",
             row.family,
             row.shape,
             row.entries,
             row.lookup,
             row.edgegate_ns,
+            row.edgegate_pass_ns,
+            row.edgegate_drop_ns,
             row.edgegate_ns / base,
             own_10,
             row.lpm_ns,
@@ -306,7 +330,9 @@ fn report(settings: &Settings, rows: &[Row], baseline: &[f64]) {
         "baseline_ns": base,
         "rows": rows.iter().map(|r| serde_json::json!({
             "family": r.family, "list": r.shape, "entries": r.entries, "lookup": r.lookup,
-            "edgegate_ns": r.edgegate_ns, "plain_lpm_ns": r.lpm_ns, "load_seconds": r.setup_s,
+            "edgegate_ns": r.edgegate_ns, "edgegate_pass_ns": r.edgegate_pass_ns,
+            "edgegate_drop_ns": r.edgegate_drop_ns, "plain_lpm_ns": r.lpm_ns,
+            "load_seconds": r.setup_s,
         })).collect::<Vec<_>>(),
     });
     save("xdp", &json);

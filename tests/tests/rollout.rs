@@ -1,11 +1,16 @@
 //! Safe rollout against the real daemon on veth pairs: audit mode switched
-//! by reload both ways, the sample of dropped sources, and `allow explain`
-//! checked against the loaded program.
+//! by reload both ways, the sample of dropped sources, `allow explain`
+//! checked against the loaded program, and `allow suggest` learning from
+//! real mTLS clients.
 
 use std::{net::IpAddr, time::Duration};
 
-use edgegate::status::{Explanation, Status};
+use edgegate::{
+    learned::Suggestion,
+    status::{Explanation, Status},
+};
 use edgegate_tests::{
+    mtls::{BackendMode, MtlsBed},
     packet::{ETHERTYPE_IPV4, ETHERTYPE_IPV6, Fragment, Transport, ethernet, ipv4, ipv6},
     testbed::{OPEN_PORT, PROTECTED_PORT, Testbed},
 };
@@ -206,4 +211,64 @@ fn explain_names_the_deciding_rule_and_matches_the_kernel() {
         (Reason::Denied, Verdict::WouldDrop, Verdict::Pass)
     );
     assert!(e.audit && e.agrees, "{e:?}");
+}
+
+fn suggestions(testbed: &Testbed) -> Vec<Suggestion> {
+    serde_json::from_str(&testbed.cli_ok(&["allow", "suggest", "--json"])).expect("suggest --json")
+}
+
+#[test]
+fn allow_suggest_learns_authenticated_strangers_in_audit_mode_and_apply_lets_them_in() {
+    let bed = MtlsBed::new(BackendMode::Echo);
+    let listener = bed.listener_toml("");
+    bed.testbed.write_config_with("audit = true", &listener);
+    bed.testbed.start_daemon();
+    let testbed = &bed.testbed;
+    let stranger = IpAddr::V4(testbed.clients[1].ipv4);
+    let said = testbed.cli_ok(&["allow", "suggest"]);
+    assert!(said.contains("nothing to suggest (0 source(s) learned"), "{said}");
+
+    // Client 1 is not listed: audit mode lets it authenticate. Client 0 is
+    // listed, and a client without a certificate proves nothing: neither
+    // is learned.
+    for _ in 0..2 {
+        assert_eq!(bed.exchange(1, Some(&bed.client), b"ping").as_deref(), Ok(&b"ping"[..]));
+    }
+    assert!(bed.exchange(1, None, b"ping").is_err(), "no certificate, no service");
+    assert_eq!(bed.exchange(0, Some(&bed.client), b"ping").as_deref(), Ok(&b"ping"[..]));
+    let learned = suggestions(testbed);
+    assert_eq!(learned.len(), 1, "{learned:?}");
+    let suggestion = &learned[0];
+    assert_eq!(suggestion.cidr.to_string(), format!("{stranger}/32"));
+    assert_eq!(suggestion.addresses, [stranger]);
+    assert_eq!(suggestion.connections, 2);
+    assert_eq!(suggestion.listeners.iter().collect::<Vec<_>>(), ["edge"]);
+    let identity = "CN=partner, DNS=api.partner.example, URI=spiffe://partner.example/gateway";
+    assert_eq!(suggestion.names.iter().map(ToString::to_string).collect::<Vec<_>>(), [identity]);
+    let said = testbed.cli_ok(&["allow", "suggest"]);
+    assert!(said.contains(&format!("{stranger}/32")) && said.contains(identity), "{said}");
+    assert!(said.contains("2 connection(s) from 1 address(es)"), "{said}");
+
+    // Kept on disk: a crash loses nothing that was taken in...
+    testbed.kill_daemon();
+    testbed.start_daemon();
+    assert_eq!(suggestions(testbed)[0].connections, 2, "after a crash");
+    // ...and a stop takes in what the worker saw last.
+    assert!(bed.exchange(1, Some(&bed.client), b"ping").is_ok());
+    assert!(testbed.stop_daemon().success());
+    testbed.start_daemon();
+    assert_eq!(suggestions(testbed)[0].connections, 3, "after a stop");
+
+    // --apply adds it, commented with the identity; then enforcing lets it in.
+    let said = testbed.cli_ok(&["allow", "suggest", "--apply"]);
+    assert!(said.contains("ok: 1 added"), "{said}");
+    let file = std::fs::read_to_string(testbed.allowlist_path()).expect("allowlist file");
+    let line = file.lines().find(|l| l.starts_with(&format!("{stranger}/32"))).expect("added");
+    assert!(line.ends_with(&format!("# learned from mTLS: {identity}")), "{line}");
+    assert!(testbed.cli_ok(&["allow", "suggest"]).contains("nothing to suggest (1 source(s)"));
+    testbed.write_config_with("", &listener);
+    testbed.cli_ok(&["reload"]);
+    assert!(!testbed.status().audit);
+    assert_eq!(bed.exchange(1, Some(&bed.client), b"ping").as_deref(), Ok(&b"ping"[..]));
+    assert!(suggestions(testbed).is_empty());
 }

@@ -38,6 +38,7 @@ use crate::{
     control::BindError,
     filter::{Filter, FilterError, FilterOptions},
     fleet::Health,
+    learned::{self, LearnedSources},
     metrics, preflight, privileges,
     privsep::escape::{Attempt, Target},
 };
@@ -89,6 +90,9 @@ const EXPIRY_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_sec
 
 /// How often each CPU's drop-sample budget (`DROP_SAMPLE_BUDGET`) is refilled.
 const SAMPLE_REFILL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How often the worker's sightings are taken in and kept on disk.
+const LEARN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How `edgegate run` was asked to run.
 pub struct Options {
@@ -244,6 +248,11 @@ pub async fn serve(
     let health = fleet.as_ref().map(|setup| {
         Arc::new(Health::new(&setup.config.group, &setup.host, setup.cached, list.len()))
     });
+    let learned_path = config.daemon.state_dir.join(learned::FILE_NAME);
+    let learned = LearnedSources::load(learned_path.clone()).unwrap_or_else(|e| {
+        tracing::warn!("{e}; starting with no learned sources (the next one replaces the file)");
+        LearnedSources::empty(learned_path)
+    });
     let state = Arc::new(Mutex::new(State {
         list,
         list_path,
@@ -256,6 +265,7 @@ pub async fn serve(
         reloads_ok: 0,
         reloads_failed: 0,
         fleet: health.clone(),
+        learned,
     }));
     let (member, fleet_tasks) = match fleet.zip(health) {
         Some((setup, health)) => {
@@ -291,6 +301,8 @@ pub async fn serve(
     );
     let mut sample_refill = tokio::time::interval(SAMPLE_REFILL_INTERVAL);
     sample_refill.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut learn = tokio::time::interval(LEARN_INTERVAL);
+    learn.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -301,6 +313,7 @@ pub async fn serve(
                     tracing::warn!("cannot refill the drop sample's budget: {e}");
                 }
             }
+            _ = learn.tick() => state.lock().await.learn().await,
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: reloading");
                 let reloading = sd_notify::NotifyState::monotonic_usec_now()
@@ -324,6 +337,8 @@ pub async fn serve(
     if let Err(e) = std::fs::remove_file(&socket) {
         tracing::warn!("cannot remove {}: {e}", socket.display());
     }
+    // What the worker saw last is kept before it goes.
+    state.learn().await;
     state.worker.drain(drain_timeout).await;
     Ok(())
 }

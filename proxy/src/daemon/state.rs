@@ -13,6 +13,7 @@ use crate::{
     control::{ListSource, Request, Response},
     filter::{Filter, FilterError},
     fleet::Health,
+    learned::LearnedSources,
     preflight,
     status::{ListReload, NotReady, Observation, ReloadResult, Status},
 };
@@ -36,6 +37,8 @@ pub struct State {
     pub(super) reloads_failed: u64,
     /// Fleet mode: where this host stands in its group.
     pub(super) fleet: Option<Arc<Health>>,
+    /// Authenticated clients the list does not allow, for `allow suggest`.
+    pub(super) learned: LearnedSources,
 }
 
 impl State {
@@ -84,6 +87,14 @@ impl State {
                 match tokio::task::block_in_place(|| self.explain(address, port)) {
                     Ok(explanation) => Response::Explained(Box::new(explanation)),
                     Err(e) => Response::Error { message: e.to_string() },
+                }
+            }
+            Request::Suggest => {
+                self.learn().await;
+                Response::Suggested {
+                    suggestions: self.learned.suggest(&self.list),
+                    learned: self.learned.len(),
+                    audit: self.filter.audit(),
                 }
             }
             Request::FleetStatus => Response::Error {
@@ -206,6 +217,19 @@ impl State {
             gate_pid: std::process::id(),
             worker: self.worker.status(),
         })
+    }
+
+    /// Takes the worker's sightings into the learned sources, and keeps
+    /// them on disk.
+    pub(super) async fn learn(&mut self) {
+        let sightings = self.worker.take_sightings().await;
+        if sightings.is_empty() {
+            return;
+        }
+        self.learned.record(sightings);
+        if let Err(e) = tokio::task::block_in_place(|| self.learned.save()) {
+            tracing::warn!("cannot keep the learned sources: {e}; they are kept in memory");
+        }
     }
 
     /// Logs what is about to expire among the certificates and CRLs in force.

@@ -7,7 +7,8 @@
 //! Every frame from the worker is hostile: bounded, strictly decoded, and
 //! anything unexpected (an unknown message, an answer to nothing, a frame
 //! too big) gets the worker killed and replaced. Nothing it can say reaches
-//! the allowlist or the maps: it only ever answers for its counters.
+//! the allowlist or the maps: it only ever answers for its counters and its
+//! sightings (which `allow suggest` shows an operator, who decides).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -15,7 +16,7 @@ use std::{
     net::{SocketAddr, ToSocketAddrs as _},
     os::fd::AsFd as _,
     sync::{
-        Arc,
+        Arc, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -35,8 +36,8 @@ use crate::{
         channel,
         escape::{Attempt, Target},
         protocol::{
-            self, FROM_WORKER_MAX, FrameError, FromWorker, ListenerCounters, ListenerSpec, Refused,
-            SandboxReport, ToWorker,
+            self, FROM_WORKER_MAX, FrameError, FromWorker, ListenerCounters, ListenerSpec,
+            MAX_SIGHTINGS, Refused, SandboxReport, Sighting, ToWorker,
         },
         spawn::{self, Account, Launch},
     },
@@ -58,6 +59,8 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(2);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const STABLE_AFTER: Duration = Duration::from_secs(30);
+/// How many reported sightings wait, at most, for the gate to take them.
+const MAX_WAITING_SIGHTINGS: usize = 4 * MAX_SIGHTINGS;
 
 /// Why a listener cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -346,8 +349,13 @@ pub struct Worker {
     allowlist: watch::Sender<(u64, Arc<ClientCheck>)>,
     /// The allowlist generation the serving worker has confirmed.
     applied: watch::Receiver<u64>,
+    /// What the worker's reports brought, until the gate learns it.
+    sightings: Sightings,
     supervisor: JoinHandle<()>,
 }
+
+/// Sightings the supervisor has received and the gate not yet taken.
+type Sightings = Arc<std::sync::Mutex<Vec<Sighting>>>;
 
 impl Worker {
     /// Supervises the worker `started` started; `list` is the allowlist in
@@ -366,6 +374,7 @@ impl Worker {
             watch::channel((1, Arc::new(ClientCheck { list: list.clone(), audit })));
         let (applied_tx, applied) = watch::channel(0);
         let restarts = Arc::new(AtomicU64::new(0));
+        let sightings = Sightings::default();
         let user = started.spawner.account.name.clone();
         let supervisor = Supervisor {
             spawner: started.spawner,
@@ -375,11 +384,12 @@ impl Worker {
             allowlist: allowlist_rx,
             applied: applied_tx,
             restarts: Arc::clone(&restarts),
+            sightings: Arc::clone(&sightings),
             next_id: 0,
             retire_timeout: drain_timeout,
         };
         let supervisor = tokio::spawn(supervisor.run(started.first, started.ports));
-        Self { commands, phase, restarts, user, allowlist, applied, supervisor }
+        Self { commands, phase, restarts, user, allowlist, applied, sightings, supervisor }
     }
 
     /// Sends the worker the allowlist now in force, and whether it is only audited.
@@ -431,6 +441,15 @@ impl Worker {
         let (reply, answer) = oneshot::channel();
         self.ask(Command::Report { reply }).await?;
         answer.await.map_err(|_| "the supervisor stopped".to_owned())?
+    }
+
+    /// The sightings reported since the last call; asks for a report first,
+    /// so that the newest are in.
+    pub async fn take_sightings(&self) -> Vec<Sighting> {
+        if let Err(e) = self.report().await {
+            tracing::debug!("no report for the sightings: {e}");
+        }
+        std::mem::take(&mut *self.sightings.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Drains the worker's connections (up to `timeout`) and stops it.
@@ -493,6 +512,7 @@ struct Supervisor {
     allowlist: watch::Receiver<(u64, Arc<ClientCheck>)>,
     applied: watch::Sender<u64>,
     restarts: Arc<AtomicU64>,
+    sightings: Sightings,
     next_id: u64,
     /// How long a replaced worker may take to finish its connections.
     retire_timeout: Duration,
@@ -693,7 +713,13 @@ impl Supervisor {
     async fn report(&mut self, link: &mut Link) -> Result<(u64, Vec<ListenerCounters>), String> {
         let id = self.id();
         match link.ask(&ToWorker::Report { id }, &[]).await? {
-            FromWorker::Report { id: got, allowlist_generation, listeners } if got == id => {
+            FromWorker::Report { id: got, allowlist_generation, listeners, sightings }
+                if got == id =>
+            {
+                let mut waiting = self.sightings.lock().unwrap_or_else(PoisonError::into_inner);
+                // Bounded while nobody takes them (the gate does every few seconds).
+                let room = MAX_WAITING_SIGHTINGS.saturating_sub(waiting.len());
+                waiting.extend(sightings.into_iter().take(room));
                 Ok((allowlist_generation, listeners))
             }
             other => Err(format!("answered a report with {other:?}")),

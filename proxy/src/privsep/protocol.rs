@@ -4,12 +4,19 @@
 //! the worker as hostile: bounded at [`FROM_WORKER_MAX`], and nothing in
 //! [`FromWorker`] can name a list entry, a map or a file.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 
-use crate::{config::ListenerConfig, proxy::rejection::Rejection, tls::Material};
+use crate::{
+    config::ListenerConfig,
+    proxy::rejection::Rejection,
+    tls::{ClientName, Material},
+};
 
 /// The largest frame the gate reads from the worker: a report of every
 /// listener's counters fits many times over.
@@ -53,8 +60,15 @@ pub enum FromWorker {
     Ready { sandbox: SandboxReport },
     /// `Configure` `id` is in force, but for the listeners named in `refused`.
     Configured { id: u64, refused: Vec<Refused> },
-    /// The answer to `Report` `id`.
-    Report { id: u64, allowlist_generation: u64, listeners: Vec<ListenerCounters> },
+    /// The answer to `Report` `id`, with the clients that authenticated
+    /// from unallowed addresses since the last report.
+    Report {
+        id: u64,
+        allowlist_generation: u64,
+        listeners: Vec<ListenerCounters>,
+        #[serde(default)]
+        sightings: Vec<Sighting>,
+    },
     /// Every connection has finished (or was closed at the drain timeout).
     /// (A struct variant: serde refuses unknown fields only in those.)
     Drained {},
@@ -100,6 +114,28 @@ pub struct ListenerCounters {
     pub relay_errors: u64,
 }
 
+/// A client that completed the mTLS handshake from an address the
+/// allowlist does not allow (audit mode lets it through): what `allow
+/// suggest` learns from. Times are Unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sighting {
+    pub listener: String,
+    pub address: IpAddr,
+    pub name: ClientName,
+    pub connections: u64,
+    pub first_seen: u64,
+    pub last_seen: u64,
+}
+
+/// At most this many sightings per report: the worker keeps no more
+/// between two reports.
+pub const MAX_SIGHTINGS: usize = 1024;
+/// Bounds on a sighting's names, so that a hostile worker cannot make the
+/// gate store (and an operator paste) a novel.
+pub const MAX_NAMES: usize = 16;
+pub const MAX_NAME_BYTES: usize = 256;
+
 /// Why a frame was not read or not understood.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -116,6 +152,9 @@ pub enum FrameError {
     /// `Report.rejected` does not have one counter per reason.
     #[error("a report with {0} rejection counters")]
     BadReport(usize),
+    /// A sighting beyond the bounds: too many, or names too many or too long.
+    #[error("a report with a sighting out of bounds: {0}")]
+    BadSighting(&'static str),
     #[error("cannot read the channel: {0}")]
     Io(#[source] std::io::Error),
 }
@@ -165,12 +204,32 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
 /// Decodes a frame from the worker, with the checks serde cannot express.
 pub fn decode_from_worker(body: &[u8]) -> Result<FromWorker, FrameError> {
     let message: FromWorker = decode(body)?;
-    if let FromWorker::Report { listeners, .. } = &message
-        && let Some(bad) = listeners.iter().find(|l| l.rejected.len() != Rejection::ALL.len())
-    {
-        return Err(FrameError::BadReport(bad.rejected.len()));
+    if let FromWorker::Report { listeners, sightings, .. } = &message {
+        if let Some(bad) = listeners.iter().find(|l| l.rejected.len() != Rejection::ALL.len()) {
+            return Err(FrameError::BadReport(bad.rejected.len()));
+        }
+        check_sightings(sightings)?;
     }
     Ok(message)
+}
+
+fn check_sightings(sightings: &[Sighting]) -> Result<(), FrameError> {
+    if sightings.len() > MAX_SIGHTINGS {
+        return Err(FrameError::BadSighting("too many"));
+    }
+    for sighting in sightings {
+        if sighting.name.names().count() > MAX_NAMES {
+            return Err(FrameError::BadSighting("too many names"));
+        }
+        let too_long = |name: &str| name.len() > MAX_NAME_BYTES;
+        if sighting.name.names().any(too_long) || too_long(&sighting.listener) {
+            return Err(FrameError::BadSighting("a name too long"));
+        }
+        if sighting.connections == 0 || sighting.first_seen > sighting.last_seen {
+            return Err(FrameError::BadSighting("inconsistent counts or times"));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -192,7 +251,30 @@ mod tests {
                 backend_failures: 5,
                 relay_errors: 6,
             }],
+            sightings: vec![sighting()],
         }
+    }
+
+    fn sighting() -> Sighting {
+        Sighting {
+            listener: "edge".into(),
+            address: "198.51.100.7".parse().unwrap(),
+            name: ClientName {
+                common_name: Some("partner-a".into()),
+                dns: vec!["api.partner-a.example".into()],
+                uris: vec![],
+            },
+            connections: 3,
+            first_seen: 1_700_000_000,
+            last_seen: 1_700_000_060,
+        }
+    }
+
+    fn report_with(sightings: Vec<Sighting>) -> Vec<u8> {
+        let FromWorker::Report { id, allowlist_generation, listeners, .. } = report() else {
+            unreachable!()
+        };
+        encode(&FromWorker::Report { id, allowlist_generation, listeners, sightings })
     }
 
     async fn read_one(bytes: &[u8]) -> Result<FromWorker, FrameError> {
@@ -267,35 +349,69 @@ mod tests {
             frame.extend_from_slice(json.as_bytes());
             frame
         };
-        let cases: Vec<(&str, Vec<u8>)> =
-            vec![
-                ("empty", vec![]),
-                ("half a header", vec![0, 0]),
-                ("truncated body", good[..good.len() - 1].to_vec()),
-                ("oversized", u32::MAX.to_be_bytes().to_vec()),
-                ("just over the limit", ((FROM_WORKER_MAX + 1) as u32).to_be_bytes().to_vec()),
-                ("not JSON", body("\u{0}\u{1}garbage")),
-                ("unknown type", body(r#"{"type":"set_allowlist","text":"allow 0.0.0.0/0"}"#)),
-                ("no type", body(r#"{"id":1}"#)),
-                ("unknown field", body(r#"{"type":"drained","entries":["0.0.0.0/0"]}"#)),
-                (
-                    "extra field",
-                    body(r#"{"type":"configured","id":1,"refused":[],"allow":"0.0.0.0/0"}"#),
-                ),
-                ("wrong field type", body(r#"{"type":"configured","id":"1","refused":[]}"#)),
-                (
-                    "short rejection counters",
-                    body(&String::from_utf8(encode(&report())[4..].to_vec()).unwrap().replace(
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", vec![]),
+            ("half a header", vec![0, 0]),
+            ("truncated body", good[..good.len() - 1].to_vec()),
+            ("oversized", u32::MAX.to_be_bytes().to_vec()),
+            ("just over the limit", ((FROM_WORKER_MAX + 1) as u32).to_be_bytes().to_vec()),
+            ("not JSON", body("\u{0}\u{1}garbage")),
+            ("unknown type", body(r#"{"type":"set_allowlist","text":"allow 0.0.0.0/0"}"#)),
+            ("no type", body(r#"{"id":1}"#)),
+            ("unknown field", body(r#"{"type":"drained","entries":["0.0.0.0/0"]}"#)),
+            (
+                "extra field",
+                body(r#"{"type":"configured","id":1,"refused":[],"allow":"0.0.0.0/0"}"#),
+            ),
+            ("wrong field type", body(r#"{"type":"configured","id":"1","refused":[]}"#)),
+            (
+                "short rejection counters",
+                body(
+                    &String::from_utf8(encode(&report())[4..].to_vec()).unwrap().replace(
                         &format!("[{}]", vec!["0"; Rejection::ALL.len()].join(",")),
                         "[0]",
-                    )),
+                    ),
                 ),
-                ("a gate message", encode(&ToWorker::Report { id: 1 })),
-            ];
+            ),
+            ("a gate message", encode(&ToWorker::Report { id: 1 })),
+            ("too many sightings", report_with(vec![sighting(); MAX_SIGHTINGS + 1])),
+            ("too many names", {
+                let mut s = sighting();
+                s.name.dns = vec!["a.example".into(); MAX_NAMES];
+                report_with(vec![s])
+            }),
+            ("a name too long", {
+                let mut s = sighting();
+                s.name.uris = vec!["u".repeat(MAX_NAME_BYTES + 1)];
+                report_with(vec![s])
+            }),
+            ("a listener name too long", {
+                let mut s = sighting();
+                s.listener = "l".repeat(MAX_NAME_BYTES + 1);
+                report_with(vec![s])
+            }),
+            ("no connections", {
+                let mut s = sighting();
+                s.connections = 0;
+                report_with(vec![s])
+            }),
+            ("last seen before first", {
+                let mut s = sighting();
+                s.last_seen = s.first_seen - 1;
+                report_with(vec![s])
+            }),
+            (
+                "a sighting without an address",
+                body(
+                    r#"{"type":"report","id":1,"allowlist_generation":1,"listeners":[],"sightings":[{"listener":"e","name":{},"connections":1,"first_seen":1,"last_seen":1}]}"#,
+                ),
+            ),
+        ];
         for (case, bytes) in cases {
             assert!(read_one(&bytes).await.is_err(), "{case} was accepted");
         }
         assert!(matches!(read_one(&[]).await, Err(FrameError::Closed)));
+        assert!(read_one(&report_with(vec![sighting(); MAX_SIGHTINGS])).await.is_ok());
         assert!(matches!(
             read_one(&u32::MAX.to_be_bytes()).await,
             Err(FrameError::Oversized { len, .. }) if len == u32::MAX as usize

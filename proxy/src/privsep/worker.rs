@@ -167,6 +167,7 @@ impl Serve {
                         id,
                         allowlist_generation: self.generation,
                         listeners: self.proxies.counters(),
+                        sightings: self.proxies.take_sightings(),
                     };
                     self.send(&report).await?;
                 }

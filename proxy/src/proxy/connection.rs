@@ -143,7 +143,8 @@ impl Connection {
         };
         let client = SocketAddr::new(canonical(client.ip()), client.port());
         let check = self.allowlist.load();
-        if check.list.verdict(client.ip()) != Some(Action::Allow) {
+        let allowed = check.list.verdict(client.ip()) == Some(Action::Allow);
+        if !allowed {
             let detail = format!("{} is not allowed by the allowlist", client.ip());
             if !check.audit {
                 return refuse(Rejection::SourceNotAllowed, client, detail);
@@ -188,6 +189,9 @@ impl Connection {
             .and_then(|chain| chain.first())
             .and_then(|cert| Identity::from_der(cert))
             .unwrap_or_default();
+        if !allowed {
+            self.counters.sightings.record(client.ip(), identity.name());
+        }
         let version = session.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
         let cipher = session
             .negotiated_cipher_suite()

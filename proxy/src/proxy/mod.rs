@@ -15,7 +15,8 @@
 //! One module per stage: `accept` (the accept loop all the daemon's servers
 //! share, and the connection limit), `connection` (the stages in order and
 //! the access log), `backend`, `relay`, `proxy_protocol`, `rejection` (the
-//! reasons); `workers` runs connections on per-core threads. This file holds
+//! reasons), `sightings` (clients that authenticated from unallowed
+//! addresses, for `allow suggest`); `workers` runs connections on per-core threads. This file holds
 //! the listeners: configure, drain, counters.
 //!
 //! Reload swaps a listener's certificates and settings atomically; open
@@ -28,6 +29,7 @@ mod connection;
 pub mod proxy_protocol;
 pub mod rejection;
 pub mod relay;
+mod sightings;
 mod workers;
 
 use std::{
@@ -49,7 +51,7 @@ use tracing::{info, warn};
 use crate::{
     allowlist::Allowlist,
     config::ListenerConfig,
-    privsep::protocol::{ListenerCounters, ListenerSpec, Refused},
+    privsep::protocol::{ListenerCounters, ListenerSpec, Refused, Sighting},
     tls::ListenerTls,
 };
 use accept::AcceptLoop;
@@ -86,6 +88,7 @@ struct Counters {
     bytes_out: AtomicU64,
     backend_failures: AtomicU64,
     relay_errors: AtomicU64,
+    sightings: sightings::Sightings,
 }
 
 impl Counters {
@@ -243,6 +246,17 @@ impl Proxies {
                     relay_errors: counters.relay_errors.load(Ordering::Relaxed),
                 }
             })
+            .collect()
+    }
+}
+
+impl Proxies {
+    /// Every listener's sightings since the last call, for the gate's report.
+    pub fn take_sightings(&self) -> Vec<Sighting> {
+        self.listeners
+            .iter()
+            .flat_map(|(name, listener)| listener.counters.sightings.take(name))
+            .take(crate::privsep::protocol::MAX_SIGHTINGS)
             .collect()
     }
 }

@@ -575,6 +575,72 @@ impl Identity {
     }
 }
 
+impl Identity {
+    /// The names the certificate is known by (its serial aside: a renewed
+    /// certificate is the same partner).
+    pub fn name(&self) -> ClientName {
+        ClientName {
+            common_name: self.common_name.clone(),
+            dns: self.dns.clone(),
+            uris: self.uris.clone(),
+        }
+    }
+}
+
+/// Who a client certificate names: its CN and SANs.
+#[derive(
+    Debug,
+    Clone,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(deny_unknown_fields)]
+pub struct ClientName {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub common_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uris: Vec<String>,
+}
+
+impl ClientName {
+    /// Every name, for bounds checks on what a worker reports.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.common_name.iter().chain(&self.dns).chain(&self.uris).map(String::as_str)
+    }
+}
+
+/// `CN=a, DNS=b, URI=c`; names are printed as the certificate has them,
+/// control characters (which no list comment may hold) as `?`.
+impl fmt::Display for ClientName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let labelled = self
+            .common_name
+            .iter()
+            .map(|n| ("CN", n))
+            .chain(self.dns.iter().map(|n| ("DNS", n)))
+            .chain(self.uris.iter().map(|n| ("URI", n)));
+        let mut first = true;
+        for (label, name) in labelled {
+            let clean: String =
+                name.chars().map(|c| if c.is_control() { '?' } else { c }).collect();
+            write!(f, "{}{label}={clean}", if first { "" } else { ", " })?;
+            first = false;
+        }
+        if first {
+            f.write_str("(no name)")?;
+        }
+        Ok(())
+    }
+}
+
 /// WebPKI's client verifier plus the listener's identity rules.
 struct IdentityVerifier {
     inner: Arc<dyn ClientCertVerifier>,
