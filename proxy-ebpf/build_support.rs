@@ -21,6 +21,31 @@ const SETUP_HINT: &str = "run `cargo xtask setup` once to install it";
 /// Builds the eBPF crate's `programs` (binaries of `proxy-ebpf`) and leaves
 /// each as `<program>.bpf.o` in `OUT_DIR`.
 pub fn build(programs: &[&str]) {
+    // Test-only program variants (see `cargo xtask integration-test --vm --broken-program`).
+    println!("cargo:rerun-if-env-changed=EDGEGATE_EBPF_FEATURES");
+    let features = env::var("EDGEGATE_EBPF_FEATURES").unwrap_or_default();
+    let built = compile(programs, &features, "ebpf-target");
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
+    for program in programs {
+        copy(&built.join(program), &out_dir.join(format!("{program}.bpf.o")));
+    }
+}
+
+/// Builds `program` with the crate's `features` and leaves it as
+/// `<name>.bpf.o` in `OUT_DIR` (a variant a benchmark compares with).
+#[allow(
+    dead_code,
+    reason = "only tests/build.rs, of the two scripts sharing this file, builds variants"
+)]
+pub fn build_variant(program: &str, features: &str, name: &str) {
+    // A target directory of its own: builds with other features do not undo it.
+    let built = compile(&[program], features, &format!("ebpf-target-{name}"));
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
+    copy(&built.join(program), &out_dir.join(format!("{name}.bpf.o")));
+}
+
+/// Runs the BPF build in `OUT_DIR/<target>`; returns where the binaries are.
+fn compile(programs: &[&str], features: &str, target: &str) -> PathBuf {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let ebpf_dir = manifest_dir.join("../proxy-ebpf");
     let common_dir = manifest_dir.join("../proxy-common");
@@ -31,18 +56,14 @@ pub fn build(programs: &[&str]) {
     }
 
     check_toolchain();
-    // Test-only program variants (see `cargo xtask integration-test --vm --broken-program`).
-    println!("cargo:rerun-if-env-changed=EDGEGATE_EBPF_FEATURES");
-    let features = env::var("EDGEGATE_EBPF_FEATURES").unwrap_or_default();
-
-    let target_dir = out_dir.join("ebpf-target");
+    let target_dir = out_dir.join(target);
     let mut rustflags = OsString::from("-Cdebuginfo=2");
     // BTF lets the kernel's verifier print source lines and lets bpftool show the maps.
     rustflags.push("\x1f-Clink-arg=--btf");
     let status = Command::new("rustup")
         .args(["run", TOOLCHAIN, "cargo", "build", "--release"])
         .args(programs.iter().flat_map(|program| ["--bin", program]))
-        .args(["--target", TARGET, "-Z", "build-std=core", "--features", &features])
+        .args(["--target", TARGET, "-Z", "build-std=core", "--features", features])
         .arg("--manifest-path")
         .arg(ebpf_dir.join("Cargo.toml"))
         .arg("--target-dir")
@@ -57,11 +78,7 @@ pub fn build(programs: &[&str]) {
             panic!("cannot run rustup to build the XDP program: {e}; {SETUP_HINT}")
         });
     assert!(status.success(), "building the XDP program (proxy-ebpf) failed: {status}");
-
-    let built = target_dir.join(TARGET).join("release");
-    for program in programs {
-        copy(&built.join(program), &out_dir.join(format!("{program}.bpf.o")));
-    }
+    target_dir.join(TARGET).join("release")
 }
 
 /// Fails the build with one actionable message when the eBPF toolchain is missing.

@@ -13,6 +13,10 @@
 #![feature(core_intrinsics)]
 #![expect(internal_features, reason = "atomic_xadd is the only way to emit BPF_ATOMIC_ADD")]
 
+#[cfg_attr(
+    feature = "without-drop-sample",
+    expect(dead_code, reason = "the bench variant never reads a source again")
+)]
 mod parse;
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
@@ -27,7 +31,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use parse::{Ip, NeighborDiscovery, Outcome, Packet};
 use proxy_common::{
-    COUNTER_SLOTS, Counter, DROP_SAMPLE_ENTRIES, DROP_SAMPLE_EVERY, DroppedSource, Family, FilterConfig,
+    COUNTER_SLOTS, Counter, DROP_SAMPLE_BUDGET, DROP_SAMPLE_ENTRIES, DROP_SAMPLE_EVERY, DroppedSource, Family,
+    FilterConfig,
     Lookup, MAX_PER_LENGTH_LOOKUPS, PORT_BITMAP_WORDS, Reason, Rule, Scope, SourceKey, counter_index,
 };
 
@@ -62,9 +67,6 @@ static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 #[map(name = "EG_DROPPED")]
 static DROPPED: LruHashMap<SourceKey, DroppedSource> = LruHashMap::pinned(DROP_SAMPLE_ENTRIES, 0);
 
-#[map(name = "EG_SAMPLE_BUDGET")]
-static SAMPLE_BUDGET: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
-
 /// Per-CPU time of the last diagnostic log line, to rate-limit them.
 #[map(name = "EG_LOG_CLOCK")]
 static LOG_CLOCK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -91,9 +93,18 @@ pub fn edgegate(ctx: XdpContext) -> u32 {
     let family = ip.family;
     // Audit mode passes what it would drop, so it counts it apart: the
     // `drop` counters keep meaning "dropped".
-    let counted = count(counter_index(family, reason, audit && !reason.passes()), packet.len());
+    let counter = count(counter_index(family, reason, audit && !reason.passes()), packet.len());
     match reason {
-        Reason::Denied | Reason::Unlisted => sample_drop(&ip.source, family, reason, counted),
+        #[cfg(not(feature = "without-drop-sample"))]
+        Reason::Denied | Reason::Unlisted => {
+            if let Some(counter) = counter {
+                sample_drop(&packet, &ip, reason, counter);
+            }
+        }
+        #[cfg(feature = "without-drop-sample")]
+        Reason::Denied | Reason::Unlisted => {
+            let _ = counter;
+        }
         Reason::Malformed => log_malformed(&ctx, family),
         _ => {}
     }
@@ -239,41 +250,44 @@ fn lookup_v6_per_length(lengths: &[u64; 3], addr: [u8; 16]) -> Option<*mut Rule>
     None
 }
 
-/// Counts the packet; returns the slot's packet count on this CPU, which
-/// the drop sample uses as its clock.
-fn count(index: u32, bytes: usize) -> u64 {
-    let Some(counter) = COUNTERS.get_ptr_mut(index) else {
-        return 0;
-    };
+/// Counts the packet; returns its counter slot (this CPU's), which also
+/// holds the drop sample's budget.
+fn count(index: u32, bytes: usize) -> Option<*mut Counter> {
+    let counter = COUNTERS.get_ptr_mut(index)?;
     // SAFETY: a per-CPU slot: nothing else writes it while this program runs.
     unsafe {
         (*counter).packets += 1;
         (*counter).bytes += bytes as u64;
-        (*counter).packets
     }
+    Some(counter)
 }
 
-/// Records a dropped packet's source in the sample. While this CPU has
-/// budget left (refilled every second by the daemon) every drop is recorded;
-/// after that one in `DROP_SAMPLE_EVERY`, so that a random-source flood
-/// costs a map update only every so many packets.
-fn sample_drop(source: &[u8; 16], family: Family, reason: Reason, counted: u64) {
-    let Some(budget) = SAMPLE_BUDGET.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: a per-CPU slot, as in `count` (the daemon's refill may race
-    // with this decrement; either value is fine).
+/// Records a dropped packet's source in the sample. The first
+/// `DROP_SAMPLE_BUDGET` drops of each counter slot per second (the
+/// daemon's `second`) are recorded one by one; after that one in
+/// `DROP_SAMPLE_EVERY`, so that a random-source flood costs a map update
+/// only every so many packets.
+#[cfg_attr(feature = "without-drop-sample", expect(dead_code, reason = "bench variant"))]
+fn sample_drop(packet: &Packet, ip: &Ip, reason: Reason, counter: *mut Counter) {
+    let second = CONFIG.get(0).map_or(0, |config| config.sample_second);
+    // SAFETY: a per-CPU slot, as in `count`.
     let weight = unsafe {
-        if *budget > 0 {
-            *budget -= 1;
+        if (*counter).sample_second != second {
+            (*counter).sample_second = second;
+            (*counter).sampled = 0;
+        }
+        if (*counter).sampled < DROP_SAMPLE_BUDGET {
+            (*counter).sampled += 1;
             1
-        } else if counted % DROP_SAMPLE_EVERY == 0 {
+        } else if (*counter).packets % DROP_SAMPLE_EVERY == 0 {
             DROP_SAMPLE_EVERY
         } else {
             return;
         }
     };
-    let key = source_key(source, family);
+    let Some(key) = packet.source_as_ipv6(ip) else {
+        return;
+    };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     match DROPPED.get_ptr_mut(&key) {
@@ -298,18 +312,6 @@ fn sample_drop(source: &[u8; 16], family: Family, reason: Reason, counted: u64) 
             let _ = DROPPED.insert(&key, &value, 0);
         }
     }
-}
-
-/// IPv4 sources are kept as IPv4-mapped IPv6 addresses.
-fn source_key(source: &[u8; 16], family: Family) -> SourceKey {
-    if family == Family::Ipv6 {
-        return *source;
-    }
-    let mut key = [0u8; 16];
-    key[10] = 0xff;
-    key[11] = 0xff;
-    key[12..].copy_from_slice(&source[..4]);
-    key
 }
 
 /// Malformed packets are rare in normal traffic but can arrive in floods, so

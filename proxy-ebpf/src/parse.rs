@@ -73,6 +73,20 @@ impl Packet {
     fn u16_at(&self, offset: usize) -> Option<u16> {
         self.bytes::<2>(offset).map(u16::from_be_bytes)
     }
+
+    /// The source address of `ip`, read again from the packet, as an IPv6
+    /// address (IPv4 sources as IPv4-mapped). Reading it again where it is
+    /// needed after the verdict costs less than keeping `ip.source` alive
+    /// that long: its 16 bytes then live in as many stack slots, spilled and
+    /// reloaded on every path, the pass path included.
+    #[inline(always)]
+    pub fn source_as_ipv6(&self, ip: &Ip) -> Option<[u8; 16]> {
+        if ip.family == Family::Ipv6 {
+            return self.bytes::<16>(ip.source_offset);
+        }
+        let [a, b, c, d] = self.bytes::<4>(ip.source_offset)?;
+        Some([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d])
+    }
 }
 
 /// What the filter needs to know about an IP packet.
@@ -85,6 +99,8 @@ pub struct Ip {
     pub family: Family,
     /// The source address; IPv4 uses the first 4 bytes.
     pub source: [u8; 16],
+    /// Where the source address starts in the packet.
+    pub source_offset: usize,
     /// TCP/UDP/SCTP destination port; meaningful only when `has_port`.
     pub destination_port: u16,
     /// False for protocols without ports and for later fragments.
@@ -99,6 +115,7 @@ impl Ip {
         Self {
             family: Family::Other,
             source: [0; 16],
+            source_offset: 0,
             destination_port: 0,
             has_port: false,
             later_fragment: false,
@@ -181,6 +198,7 @@ fn parse_ipv4(packet: &Packet, offset: usize, ip: &mut Ip) -> bool {
     }
     let fragment_offset = u16::from_be_bytes([header[6], header[7]]) & 0x1fff;
     ip.source[..4].copy_from_slice(&header[12..16]);
+    ip.source_offset = offset + 12;
     ip.later_fragment = fragment_offset != 0;
     ip.later_fragment || transport_port(packet, header[9], offset + header_len, ip)
 }
@@ -195,6 +213,7 @@ fn parse_ipv6(packet: &Packet, offset: usize, ip: &mut Ip) -> bool {
         return false;
     }
     ip.source.copy_from_slice(&header[8..24]);
+    ip.source_offset = offset + 8;
 
     let mut next_header = header[6];
     let mut offset = offset + IPV6_HEADER_LEN;

@@ -7,7 +7,8 @@
 //! Traffic: a generator XDP program run by BPF_PROG_TEST_RUN in live-frames
 //! mode rewrites the source of a TCP SYN to a random address and redirects
 //! it into a veth pair whose other end, in a second namespace, carries the
-//! filter. The generator thread is pinned to one CPU; the receiving side runs
+//! filter. edgegate also runs built without its drop sample (a bench-only
+//! build), to show what the sample costs. The generator thread is pinned to one CPU; the receiving side runs
 //! in the softirq that the same CPU raises when the batch is flushed, within
 //! the run, so the run's time is that CPU's time for generator and filter
 //! (its busy time from /proc/stat is printed as a cross-check). A run of the
@@ -83,6 +84,7 @@ impl Settings {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Edgegate,
+    EdgegateWithoutSample,
     Nftables,
     Ipset,
     NoFilter,
@@ -90,12 +92,19 @@ enum Kind {
 }
 
 impl Kind {
-    const ALL: [Self; 5] =
-        [Self::Edgegate, Self::Nftables, Self::Ipset, Self::NoFilter, Self::DropOnly];
+    const ALL: [Self; 6] = [
+        Self::Edgegate,
+        Self::EdgegateWithoutSample,
+        Self::Nftables,
+        Self::Ipset,
+        Self::NoFilter,
+        Self::DropOnly,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Self::Edgegate => "edgegate (XDP)",
+            Self::EdgegateWithoutSample => "edgegate built without its drop sample",
             Self::Nftables => "nftables netdev ingress, interval set",
             Self::Ipset => "iptables raw PREROUTING, ipset hash:net",
             Self::NoFilter => "no filter (the stack discards)",
@@ -177,7 +186,12 @@ impl Bed {
         std::fs::create_dir_all(&dir).expect("temp dir");
         let list: Vec<String> = prefixes.iter().map(|p| format!("{p}/24")).collect();
         let installed = match kind {
-            Kind::Edgegate => {
+            Kind::Edgegate | Kind::EdgegateWithoutSample => {
+                let object = if kind == Kind::Edgegate {
+                    edgegate::filter::PROGRAM_OBJECT
+                } else {
+                    reference::FILTER_WITHOUT_DROP_SAMPLE
+                };
                 let options = FilterOptions {
                     interfaces: vec![SINK_IF.to_owned()],
                     mode: AttachMode::Native,
@@ -188,7 +202,7 @@ impl Bed {
                     audit: false,
                 };
                 let allowlist = Allowlist::parse(&list.join("\n")).expect("allowlist");
-                let filter = self.sink.run(|| Filter::load(&options, &allowlist));
+                let filter = self.sink.run(|| Filter::load_object(object, &options, &allowlist));
                 Installed::Edgegate(Box::new(filter.expect("load edgegate's filter")))
             }
             Kind::Nftables => {
@@ -564,6 +578,10 @@ fn report(settings: &Settings, generator_ns: &[f64], busy_share: f64, rows: &[Ro
         println!(
             "\n{size} prefixes: edgegate drops {:.1}× the packets/s of the best of nftables and ipset per core{target}",
             best_peer / of(Kind::Edgegate)
+        );
+        println!(
+            "{size} prefixes: the drop sample costs {:+.1}% per packet (target: ≤ 5%)",
+            (of(Kind::Edgegate) / of(Kind::EdgegateWithoutSample) - 1.0) * 100.0
         );
     }
 

@@ -42,6 +42,18 @@ impl XdpHarness {
     }
 
     pub fn with_capacity(list: &str, scope: Scope, ports: &[u16], max_entries: u32) -> Self {
+        Self::with_object(edgegate::filter::PROGRAM_OBJECT, list, scope, ports, max_entries)
+    }
+
+    /// As [`Self::with_capacity`], with another build of the program (see
+    /// [`crate::reference::FILTER_WITHOUT_DROP_SAMPLE`]).
+    pub fn with_object(
+        object: &[u8],
+        list: &str,
+        scope: Scope,
+        ports: &[u16],
+        max_entries: u32,
+    ) -> Self {
         crate::require_root();
         let options = FilterOptions {
             interfaces: Vec::new(),
@@ -54,7 +66,7 @@ impl XdpHarness {
         };
         let pins = PinDir(options.bpffs_dir.clone());
         let list = Allowlist::parse(list).expect("a valid test list");
-        let filter = Filter::open(&options, &list).expect("load the XDP program");
+        let filter = Filter::open_object(object, &options, &list).expect("load the XDP program");
         Self { filter, options, _pins: pins }
     }
 

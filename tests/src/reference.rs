@@ -13,3 +13,8 @@ pub static PLAIN_LPM: &[u8] =
 /// `flood_drop` (the same rewrite, then dropped).
 pub static FLOOD_GENERATOR: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-flood.bpf.o"));
+/// The filter built without its drop sample (feature `without-drop-sample`):
+/// what `bench xdp` and `bench flood` compare the filter with to show the
+/// sample's cost. Loaded with `Filter::open_object`, it uses the same maps.
+pub static FILTER_WITHOUT_DROP_SAMPLE: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/edgegate-without-drop-sample.bpf.o"));

@@ -168,7 +168,6 @@ pub struct Filter {
     v6_trie: LpmTrie<MapData, [u8; 16], Rule>,
     counters: PerCpuArray<MapData, Counter>,
     dropped: HashMap<MapData, SourceKey, DroppedSource>,
-    sample_budget: PerCpuArray<MapData, u32>,
     /// What the rule maps hold, mirrored so that changes can be diffed.
     installed: BTreeMap<IpNet, Action>,
     /// Entries per family the maps can hold.
@@ -189,13 +188,23 @@ impl Filter {
     /// Rules are in place before any new attachment, so a fresh interface
     /// never passes through a moment with an empty list.
     pub fn load(options: &FilterOptions, list: &Allowlist) -> Result<Self, FilterError> {
+        Self::load_object(PROGRAM_OBJECT, options, list)
+    }
+
+    /// As [`Self::load`], with another build of the program (a benchmark's
+    /// variant, compared with [`PROGRAM_OBJECT`] in the same run).
+    pub fn load_object(
+        object: &[u8],
+        options: &FilterOptions,
+        list: &Allowlist,
+    ) -> Result<Self, FilterError> {
         let if_indexes = options
             .interfaces
             .iter()
             .map(|name| if_index(name).map(|index| (name.clone(), index)))
             .collect::<Result<Vec<_>, _>>()?;
         let first_start = !options.bpffs_dir.exists();
-        let loaded = Self::open(options, list).and_then(|mut filter| {
+        let loaded = Self::open_object(object, options, list).and_then(|mut filter| {
             let links_dir = options.bpffs_dir.join("links");
             create_dir(&links_dir)?;
             for (name, index) in &if_indexes {
@@ -227,6 +236,15 @@ impl Filter {
     /// Loads the program and fills its maps without attaching it anywhere:
     /// what `load` does first, and what tests and benchmarks run packets through.
     pub fn open(options: &FilterOptions, list: &Allowlist) -> Result<Self, FilterError> {
+        Self::open_object(PROGRAM_OBJECT, options, list)
+    }
+
+    /// As [`Self::open`], with another build of the program (see [`Self::load_object`]).
+    pub fn open_object(
+        object: &[u8],
+        options: &FilterOptions,
+        list: &Allowlist,
+    ) -> Result<Self, FilterError> {
         prepare_bpffs(&options.bpffs_dir)?;
         let maps_dir = options.bpffs_dir.join("maps");
         create_dir(&maps_dir)?;
@@ -238,7 +256,7 @@ impl Filter {
             .map_max_entries(map::V4_TRIE, options.max_entries)
             .map_max_entries(map::V6_RULES, options.max_entries)
             .map_max_entries(map::V6_TRIE, options.max_entries)
-            .load(PROGRAM_OBJECT)
+            .load(object)
             .map_err(FilterError::Load)?;
         let capacity = MapInfo::from_pin(maps_dir.join(map::V4_RULES))
             .map(|info| info.max_entries())
@@ -259,7 +277,6 @@ impl Filter {
             v6_trie: take_map(&mut ebpf, map::V6_TRIE)?,
             counters: take_map(&mut ebpf, map::COUNTERS)?,
             dropped: take_map(&mut ebpf, map::DROPPED)?,
-            sample_budget: take_map(&mut ebpf, map::SAMPLE_BUDGET)?,
             installed: BTreeMap::new(),
             capacity,
             attachments: Vec::new(),
@@ -279,7 +296,7 @@ impl Filter {
         };
         (filter.config.ephemeral_first, filter.config.ephemeral_last) = ephemeral_port_range();
         filter.write_config()?;
-        filter.refill_sample_budget()?;
+        filter.start_sample_second()?;
         filter.set_ports(&options.ports)?;
         filter.apply(list)?;
         filter.program_mut().load().map_err(FilterError::Verify)?;
@@ -361,13 +378,23 @@ fn discard_outdated(maps_dir: &Path) -> Result<(), FilterError> {
             continue;
         }
         tracing::warn!("replacing {} pinned by an older edgegate", pin.display());
-        fs::remove_file(&pin).map_err(|source| FilterError::Io {
-            op: "remove",
-            path: pin,
-            source,
-        })?;
+        remove_pin(pin)?;
+    }
+    for name in map::RETIRED {
+        let pin = maps_dir.join(name);
+        if pin.exists() {
+            tracing::info!(
+                "removing {}, pinned by an older edgegate and no longer used",
+                pin.display()
+            );
+            remove_pin(pin)?;
+        }
     }
     Ok(())
+}
+
+fn remove_pin(pin: PathBuf) -> Result<(), FilterError> {
+    fs::remove_file(&pin).map_err(|source| FilterError::Io { op: "remove", path: pin, source })
 }
 
 fn create_dir(dir: &Path) -> Result<(), FilterError> {

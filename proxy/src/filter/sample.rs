@@ -6,25 +6,22 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use aya::maps::PerCpuValues;
 use nix::time::{ClockId, clock_gettime};
-use proxy_common::{DROP_SAMPLE_BUDGET, DroppedSource, Reason, SourceKey, map};
+use proxy_common::{DroppedSource, Reason, SourceKey, map};
 
 use super::{Filter, FilterError, map_error};
 use crate::status::DroppedSourceStatus;
 
 impl Filter {
-    /// Gives every CPU its budget of drops recorded one by one; the daemon
-    /// calls this every second. Past the budget the program samples.
-    pub fn refill_sample_budget(&mut self) -> Result<(), FilterError> {
-        let cpus = aya::util::nr_cpus().map_err(|(_, source)| FilterError::Io {
-            op: "count CPUs of",
-            path: "/sys/devices/system/cpu/possible".into(),
-            source,
-        })?;
-        let budget = PerCpuValues::try_from(vec![DROP_SAMPLE_BUDGET; cpus])
-            .expect("one value per possible CPU");
-        self.sample_budget.set(0, budget, 0).map_err(map_error(map::SAMPLE_BUDGET))
+    /// Starts a new second of the drop sample: every counter slot gets its
+    /// budget of drops recorded one by one again (the program resets a
+    /// slot's budget when it sees a new `sample_second`). The daemon calls
+    /// this every second; past a slot's budget the program samples.
+    pub fn start_sample_second(&mut self) -> Result<(), FilterError> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        // Any change starts a new second; wrapping after 2106 is fine.
+        self.config.sample_second = now.as_secs() as u32;
+        self.write_config()
     }
 
     /// The `limit` sources with the most dropped packets, most first.
