@@ -31,9 +31,9 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use parse::{Ip, NeighborDiscovery, Outcome, Packet};
 use proxy_common::{
-    COUNTER_SLOTS, Counter, DROP_SAMPLE_BUDGET, DROP_SAMPLE_ENTRIES, DROP_SAMPLE_EVERY, DroppedSource, Family,
-    FilterConfig,
-    Lookup, MAX_PER_LENGTH_LOOKUPS, PORT_BITMAP_WORDS, Reason, Rule, Scope, SourceKey, counter_index,
+    COUNTER_SLOTS, Counter, DROP_SAMPLE_BUDGET, DROP_SAMPLE_ENTRIES, DROP_SAMPLE_EVERY,
+    DROP_SAMPLE_NEW_EVERY, DroppedSource, Family, FilterConfig, Lookup, MAX_PER_LENGTH_LOOKUPS,
+    PORT_BITMAP_WORDS, Reason, Rule, Scope, SourceKey, counter_index,
 };
 
 /// Default capacity per family; the daemon sets the real one at load time.
@@ -108,11 +108,7 @@ pub fn edgegate(ctx: XdpContext) -> u32 {
         Reason::Malformed => log_malformed(&ctx, family),
         _ => {}
     }
-    if reason.passes() || audit {
-        xdp_action::XDP_PASS
-    } else {
-        xdp_action::XDP_DROP
-    }
+    if reason.passes() || audit { xdp_action::XDP_PASS } else { xdp_action::XDP_DROP }
 }
 
 /// Why the packet passes or drops; `ip` holds what parsing found.
@@ -149,7 +145,9 @@ fn classify(config: &FilterConfig, packet: &Packet, ip: &mut Ip) -> Reason {
         Some(rule) => {
             // SAFETY: `rule` points into a map value, valid for this program run;
             // the counter is only ever updated atomically.
-            unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*rule).hits, 1) };
+            unsafe {
+                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*rule).hits, 1)
+            };
             // SAFETY: as above; the daemon writes `action` only through map updates.
             if unsafe { (*rule).action } == proxy_common::Action::Allow as u32 {
                 Reason::Allowed
@@ -264,9 +262,10 @@ fn count(index: u32, bytes: usize) -> Option<*mut Counter> {
 
 /// Records a dropped packet's source in the sample. The first
 /// `DROP_SAMPLE_BUDGET` drops of each counter slot per second (the
-/// daemon's `second`) are recorded one by one; after that one in
-/// `DROP_SAMPLE_EVERY`, so that a random-source flood costs a map update
-/// only every so many packets.
+/// daemon's `sample_second`) are recorded one by one; after that one in
+/// `DROP_SAMPLE_EVERY`, and a source not in the sample yet only one in
+/// `DROP_SAMPLE_NEW_EVERY`, so that a random-source flood costs a map
+/// insert only every so many packets.
 #[cfg_attr(feature = "without-drop-sample", expect(dead_code, reason = "bench variant"))]
 fn sample_drop(packet: &Packet, ip: &Ip, reason: Reason, counter: *mut Counter) {
     let second = CONFIG.get(0).map_or(0, |config| config.sample_second);
@@ -299,6 +298,9 @@ fn sample_drop(packet: &Packet, ip: &Ip, reason: Reason, counter: *mut Counter) 
             (*seen).last_seen_ns = now;
             (*seen).reason = reason as u32;
         },
+        // Past the budget (`weight` > 1), new sources get in more rarely.
+        // SAFETY: a per-CPU slot, as in `count`.
+        None if weight > 1 && unsafe { (*counter).packets } % DROP_SAMPLE_NEW_EVERY != 0 => {}
         None => {
             let value = DroppedSource {
                 packets: weight,
