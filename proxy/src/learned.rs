@@ -109,7 +109,7 @@ pub struct LearnedSources {
 impl LearnedSources {
     /// What `path` holds; nothing if it does not exist.
     pub fn load(path: PathBuf) -> Result<Self, LoadError> {
-        let mut learned = Self { path, sources: HashMap::new(), unsaved: false };
+        let mut learned = Self::empty(path);
         let text = match fs::read_to_string(&learned.path) {
             Ok(text) => text,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(learned),
@@ -118,7 +118,7 @@ impl LearnedSources {
         let file: LearnedFile = serde_json::from_str(&text)
             .map_err(|source| LoadError::Parse { path: learned.path.clone(), source })?;
         for mut source in file.sources {
-            source.address = canonical(source.address);
+            source.address = source.address.to_canonical();
             learned.sources.insert((source.address, source.name.clone()), source);
         }
         learned.evict();
@@ -142,7 +142,8 @@ impl LearnedSources {
     pub fn record(&mut self, sightings: Vec<Sighting>) {
         for sighting in sightings {
             self.unsaved = true;
-            let key = (canonical(sighting.address), sighting.name);
+            // IPv4 clients of a dual-stack socket as IPv4, as the list knows them.
+            let key = (sighting.address.to_canonical(), sighting.name);
             match self.sources.get_mut(&key) {
                 Some(source) => {
                     source.listeners.insert(sighting.listener);
@@ -240,14 +241,6 @@ impl LearnedSources {
             self.sources.remove(key);
         }
         self.unsaved = true;
-    }
-}
-
-/// IPv4 clients of a dual-stack socket as IPv4, as the list knows them.
-fn canonical(address: IpAddr) -> IpAddr {
-    match address {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, IpAddr::V4),
-        v4 => v4,
     }
 }
 

@@ -4,7 +4,7 @@
 //! relay; and its one access-log line.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::{Arc, atomic::Ordering},
 };
 
@@ -141,7 +141,9 @@ impl Connection {
                 Ok(Ok((reported, rest))) => (reported.unwrap_or(peer), rest),
             }
         };
-        let client = SocketAddr::new(canonical(client.ip()), client.port());
+        // IPv4 clients of a dual-stack socket arrive as `::ffff:a.b.c.d`; the
+        // allowlist (like the wire) knows them as IPv4.
+        let client = SocketAddr::new(client.ip().to_canonical(), client.port());
         let check = self.allowlist.load();
         let allowed = check.list.verdict(client.ip()) == Some(Action::Allow);
         if !allowed {
@@ -217,13 +219,4 @@ struct Finished {
     cipher: String,
     resumed: bool,
     relayed: Relayed,
-}
-
-/// IPv4 clients of a dual-stack socket arrive as `::ffff:a.b.c.d`; the
-/// allowlist (like the wire) knows them as IPv4.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    }
 }
