@@ -16,8 +16,8 @@
 //! share, and the connection limit), `connection` (the stages in order and
 //! the access log), `backend`, `relay`, `proxy_protocol`, `rejection` (the
 //! reasons), `sightings` (clients that authenticated from unallowed
-//! addresses, for `allow suggest`); `workers` runs connections on per-core threads. This file holds
-//! the listeners: configure, drain, counters.
+//! addresses, for `allow suggest`); `workers` runs connections on per-core
+//! threads. This file holds the listeners: configure, drain, counters.
 //!
 //! Reload swaps a listener's certificates and settings atomically; open
 //! connections keep what they started with. Shutdown stops accepting, lets
@@ -248,9 +248,7 @@ impl Proxies {
             })
             .collect()
     }
-}
 
-impl Proxies {
     /// Every listener's sightings since the last call, for the gate's report.
     pub fn take_sightings(&self) -> Vec<Sighting> {
         self.listeners

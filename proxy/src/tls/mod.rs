@@ -573,9 +573,7 @@ impl Identity {
         }
         Some(identity)
     }
-}
 
-impl Identity {
     /// The names the certificate is known by (its serial aside: a renewed
     /// certificate is the same partner).
     pub fn name(&self) -> ClientName {
