@@ -216,9 +216,7 @@ struct Row {
     family: &'static str,
     shape: &'static str,
     entries: usize,
-    edgegate_ns: f64,
-    edgegate_pass_ns: f64,
-    edgegate_drop_ns: f64,
+    edgegate: Paths,
     /// The same, built without the drop sample.
     unsampled: Paths,
     lookup: &'static str,
@@ -271,9 +269,7 @@ fn main() {
                     family: if family == Family::V4 { "ipv4" } else { "ipv6" },
                     shape: shape.name(family),
                     entries: size,
-                    edgegate_ns: edgegate.all,
-                    edgegate_pass_ns: edgegate.pass,
-                    edgegate_drop_ns: edgegate.drop,
+                    edgegate,
                     unsampled: unsampled_ns,
                     lookup,
                     lpm_ns,
@@ -284,9 +280,9 @@ fn main() {
                     row.family,
                     row.shape,
                     row.entries,
-                    row.edgegate_ns,
-                    row.edgegate_pass_ns,
-                    row.edgegate_drop_ns,
+                    row.edgegate.all,
+                    row.edgegate.pass,
+                    row.edgegate.drop,
                     row.lpm_ns
                 );
                 rows.push(row);
@@ -345,20 +341,20 @@ fn report(settings: &Settings, rows: &[Row], baseline: &[f64]) {
         let own_10 = rows
             .iter()
             .find(|r| r.family == row.family && r.shape == row.shape && r.entries == 10)
-            .map_or(f64::NAN, |r| row.edgegate_ns / r.edgegate_ns);
+            .map_or(f64::NAN, |r| row.edgegate.all / r.edgegate.all);
         println!(
             "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} |",
             row.family,
             row.shape,
             row.entries,
             row.lookup,
-            row.edgegate_ns,
-            row.edgegate_pass_ns,
-            row.edgegate_drop_ns,
-            row.edgegate_ns / base,
+            row.edgegate.all,
+            row.edgegate.pass,
+            row.edgegate.drop,
+            row.edgegate.all / base,
             own_10,
             row.lpm_ns,
-            row.edgegate_ns / row.lpm_ns,
+            row.edgegate.all / row.lpm_ns,
             row.setup_s
         );
     }
@@ -381,12 +377,12 @@ fn report(settings: &Settings, rows: &[Row], baseline: &[f64]) {
             row.family,
             row.shape,
             row.entries,
-            row.edgegate_pass_ns,
+            row.edgegate.pass,
             row.unsampled.pass,
-            cost(row.edgegate_pass_ns, row.unsampled.pass),
-            row.edgegate_drop_ns,
+            cost(row.edgegate.pass, row.unsampled.pass),
+            row.edgegate.drop,
             row.unsampled.drop,
-            cost(row.edgegate_drop_ns, row.unsampled.drop)
+            cost(row.edgegate.drop, row.unsampled.drop)
         );
     }
     let median_cost = |path: fn(&Row) -> (f64, f64)| {
@@ -402,8 +398,8 @@ fn report(settings: &Settings, rows: &[Row], baseline: &[f64]) {
     println!(
         "\nmedian sample cost over the rows: pass path {:+.1}%, drop path {:+.1}% \
          (targets: nothing measurable on the pass path; ≤ 5% on the drop path)",
-        median_cost(|r| (r.edgegate_pass_ns, r.unsampled.pass)),
-        median_cost(|r| (r.edgegate_drop_ns, r.unsampled.drop))
+        median_cost(|r| (r.edgegate.pass, r.unsampled.pass)),
+        median_cost(|r| (r.edgegate.drop, r.unsampled.drop))
     );
 
     let json = serde_json::json!({
@@ -413,8 +409,8 @@ fn report(settings: &Settings, rows: &[Row], baseline: &[f64]) {
         "baseline_ns": base,
         "rows": rows.iter().map(|r| serde_json::json!({
             "family": r.family, "list": r.shape, "entries": r.entries, "lookup": r.lookup,
-            "edgegate_ns": r.edgegate_ns, "edgegate_pass_ns": r.edgegate_pass_ns,
-            "edgegate_drop_ns": r.edgegate_drop_ns,
+            "edgegate_ns": r.edgegate.all, "edgegate_pass_ns": r.edgegate.pass,
+            "edgegate_drop_ns": r.edgegate.drop,
             "without_drop_sample_pass_ns": r.unsampled.pass,
             "without_drop_sample_drop_ns": r.unsampled.drop, "plain_lpm_ns": r.lpm_ns,
             "load_seconds": r.setup_s,
