@@ -82,7 +82,7 @@ pub struct FleetStatus {
     /// Seconds since etcd last answered (0 while connected; `None`: never).
     pub stale_seconds: Option<f64>,
     pub watch_restarts: BTreeMap<String, u64>,
-    /// Newer generations found by re-reading rather than by the watch.
+    /// Newer generations put in force after a re-read rather than by the watch.
     pub resyncs: u64,
     pub apply_errors: u64,
     pub last_error: Option<String>,

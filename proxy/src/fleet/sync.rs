@@ -313,9 +313,6 @@ async fn catch_up(
     if pointer.generation == health.applied() {
         return Ok(());
     }
-    if via == Via::Reread {
-        health.inner().resyncs += 1;
-    }
     let list = match store.fetch(&pointer).await {
         Ok(list) => list,
         Err(e @ StoreError::Unreachable(_)) => return Err(e),
@@ -334,6 +331,11 @@ async fn catch_up(
     match enforcer.enforce(list, &pointer).await {
         Ok(diff) => {
             health.enforced(&pointer);
+            // Counted once in force: a fetch cut short by etcd retries the
+            // same generation and must not count twice.
+            if via == Via::Reread {
+                health.inner().resyncs += 1;
+            }
             tracing::info!(
                 "fleet: generation {} in force ({} added, {} removed, {} updated; {} entries), \
                  committed by {}",
