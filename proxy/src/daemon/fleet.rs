@@ -91,8 +91,12 @@ struct StateEnforcer(Arc<Mutex<State>>);
 impl Enforcer for StateEnforcer {
     async fn enforce(&self, list: Allowlist, pointer: &Pointer) -> Result<Diff, String> {
         let mut state = self.0.lock().await;
-        tokio::task::block_in_place(|| state.adopt(list, pointer.generation))
-            .map_err(|e| e.to_string())
+        let diff = tokio::task::block_in_place(|| state.adopt(list, pointer.generation))
+            .map_err(|e| e.to_string())?;
+        // This host's record (and so `--wait` on any host) says "in force"
+        // only once the proxy checks clients against it too, as a local change.
+        state.worker.caught_up().await;
+        Ok(diff)
     }
 }
 
