@@ -24,9 +24,24 @@ pub mod map {
     /// `LruHashMap<SourceKey, DroppedSource>`: a sample of the sources behind
     /// `denied` and `unlisted` verdicts.
     pub const DROPPED: &str = "EG_DROPPED";
+    /// `Array<u64>`, memory-mapped by the daemon: which IPv4 sources any
+    /// rule could match (see [`crate::PREFILTER_WORDS`]).
+    pub const V4_PREFILTER: &str = "EG_V4_PREFILTER";
+    /// The same for IPv6, over the first 24 bits of the address.
+    pub const V6_PREFILTER: &str = "EG_V6_PREFILTER";
     /// All maps the daemon pins, so that filtering survives a restart.
-    pub const PINNED: [&str; 8] =
-        [CONFIG, PORTS, V4_RULES, V4_TRIE, V6_RULES, V6_TRIE, COUNTERS, DROPPED];
+    pub const PINNED: [&str; 10] = [
+        CONFIG,
+        PORTS,
+        V4_RULES,
+        V4_TRIE,
+        V6_RULES,
+        V6_TRIE,
+        V4_PREFILTER,
+        V6_PREFILTER,
+        COUNTERS,
+        DROPPED,
+    ];
     /// Maps earlier builds pinned and this one no longer has: removed at start.
     pub const RETIRED: [&str; 1] = ["EG_SAMPLE_BUDGET"];
 }
@@ -36,6 +51,20 @@ pub const PROGRAM_NAME: &str = "edgegate";
 
 /// Words in the protected-port bitmap (65536 ports, 64 per word).
 pub const PORT_BITMAP_WORDS: u32 = 65536 / 64;
+
+/// The prefilter in front of the rule lookup: a source whose 24-bit prefix
+/// (an IPv4 /24; the first 24 bits of an IPv6 address) no rule overlaps is
+/// unlisted without a lookup. Random sources miss the rule maps' cache
+/// lines on every lookup; most of them stop here, at a cost that does not
+/// grow with the list. Words `0..PREFILTER_SUMMARY_WORDS` hold one bit per
+/// 16-bit prefix (8 KiB, in L1), set when any of its 24-bit prefixes is;
+/// the words after them one bit per 24-bit prefix (2 MiB). The daemon keeps
+/// the bits a superset of what the rules need, so a bit can only send a
+/// packet on to the full lookup, never decide it.
+pub const PREFILTER_SUMMARY_WORDS: u32 = (1 << 16) / 64;
+
+/// Words in each family's prefilter map (see [`PREFILTER_SUMMARY_WORDS`]).
+pub const PREFILTER_WORDS: u32 = PREFILTER_SUMMARY_WORDS + (1 << 24) / 64;
 
 /// VLAN tags (802.1Q, 802.1ad) the parser looks through.
 pub const MAX_VLAN_TAGS: usize = 2;

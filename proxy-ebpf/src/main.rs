@@ -33,13 +33,17 @@ use parse::{Ip, NeighborDiscovery, Outcome, Packet};
 use proxy_common::{
     COUNTER_SLOTS, Counter, DROP_SAMPLE_BUDGET, DROP_SAMPLE_ENTRIES, DROP_SAMPLE_EVERY,
     DROP_SAMPLE_NEW_EVERY, DroppedSource, Family, FilterConfig, Lookup, MAX_PER_LENGTH_LOOKUPS,
-    PORT_BITMAP_WORDS, Reason, Rule, Scope, SourceKey, counter_index,
+    PORT_BITMAP_WORDS, PREFILTER_SUMMARY_WORDS, PREFILTER_WORDS, Reason, Rule, Scope, SourceKey,
+    counter_index,
 };
 
 /// Default capacity per family; the daemon sets the real one at load time.
 const DEFAULT_MAX_RULES: u32 = 1 << 18;
 /// Hash maps allocate entries on insert: capacity costs nothing until used.
 const BPF_F_NO_PREALLOC: u32 = 1;
+/// The daemon writes the prefilters through a shared mapping, not a
+/// system call per word.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 #[map(name = "EG_CONFIG")]
 static CONFIG: Array<FilterConfig> = Array::pinned(1, 0);
@@ -60,6 +64,12 @@ static V6_RULES: HashMap<Key<[u8; 16]>, Rule> =
 
 #[map(name = "EG_V6_TRIE")]
 static V6_TRIE: LpmTrie<[u8; 16], Rule> = LpmTrie::pinned(DEFAULT_MAX_RULES, 0);
+
+#[map(name = "EG_V4_PREFILTER")]
+static V4_PREFILTER: Array<u64> = Array::pinned(PREFILTER_WORDS, BPF_F_MMAPABLE);
+
+#[map(name = "EG_V6_PREFILTER")]
+static V6_PREFILTER: Array<u64> = Array::pinned(PREFILTER_WORDS, BPF_F_MMAPABLE);
 
 #[map(name = "EG_COUNTERS")]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
@@ -166,18 +176,35 @@ fn is_protected(port: u16) -> bool {
 
 /// The longest-prefix rule matching the packet's source, if any.
 fn lookup(config: &FilterConfig, ip: &Ip) -> Option<*mut Rule> {
+    let prefix = u32::from_be_bytes([0, ip.source[0], ip.source[1], ip.source[2]]);
     if ip.family == Family::Ipv4 {
+        if !may_match(&V4_PREFILTER, prefix) {
+            return None;
+        }
         let addr = [ip.source[0], ip.source[1], ip.source[2], ip.source[3]];
         if config.v4_lookup == Lookup::Trie as u32 {
             trie_rule(V4_TRIE.get(Key::new(32, addr)))
         } else {
             lookup_v4_per_length(config.v4_lengths, u32::from_be_bytes(addr))
         }
+    } else if !may_match(&V6_PREFILTER, prefix) {
+        None
     } else if config.v6_lookup == Lookup::Trie as u32 {
         trie_rule(V6_TRIE.get(Key::new(128, ip.source)))
     } else {
         lookup_v6_per_length(&config.v6_lengths, ip.source)
     }
+}
+
+/// Whether any rule could match a source whose first 24 bits are `prefix`
+/// (see [`PREFILTER_SUMMARY_WORDS`]): the summary first, then the full bitmap.
+fn may_match(prefilter: &Array<u64>, prefix: u32) -> bool {
+    let is_set = |index: u32, bit: u32| {
+        // Element `index` always exists; were it ever missing, the full lookup decides.
+        prefilter.get(index).map_or(true, |word| word & (1 << (bit % 64)) != 0)
+    };
+    let summary = prefix >> 8;
+    is_set(summary / 64, summary) && is_set(PREFILTER_SUMMARY_WORDS + prefix / 64, prefix)
 }
 
 fn trie_rule(rule: Option<&Rule>) -> Option<*mut Rule> {

@@ -15,12 +15,14 @@
 //! errors; `rules` keeps the rule maps equal to the list (in an order that
 //! never drops a source both lists allow); `pins` is the bpffs layout and
 //! attaching, adopting and detaching links; `stats` reads the counters;
-//! `sample` reads the sample of dropped sources; `probe` runs one packet
+//! `prefilter` keeps the bitmaps in front of the rule lookup; `sample`
+//! reads the sample of dropped sources; `probe` runs one packet
 //! through the loaded program (`allow explain`);
 //! `sys` holds the raw system calls aya does not wrap, and with them every
 //! `unsafe` of the module.
 
 mod pins;
+mod prefilter;
 mod probe;
 mod rules;
 mod sample;
@@ -47,6 +49,7 @@ pub use pins::{Detached, detach_pinned};
 pub use sys::{interface_mtu, interface_names};
 
 use pins::{attach, link_pin_name, prepare_bpffs, release_unconfigured_links};
+use prefilter::Prefilter;
 use rules::lookup_config;
 use sys::{if_index, link_ifindex, open_pinned, spawn_log_forwarder};
 
@@ -85,6 +88,13 @@ pub enum FilterError {
     /// The verifier rejected the program; the message holds its log.
     #[error("the kernel refused the XDP program: {0}")]
     Verify(#[source] ProgramError),
+    /// A map the daemon writes as memory could not be mapped.
+    #[error("cannot map {name} into memory: {source}")]
+    Mmap {
+        name: &'static str,
+        #[source]
+        source: io::Error,
+    },
     /// A map operation failed.
     #[error("map {name}: {source}")]
     Map {
@@ -166,6 +176,8 @@ pub struct Filter {
     v4_trie: LpmTrie<MapData, [u8; 4], Rule>,
     v6_rules: HashMap<MapData, Key<[u8; 16]>, Rule>,
     v6_trie: LpmTrie<MapData, [u8; 16], Rule>,
+    v4_prefilter: Prefilter,
+    v6_prefilter: Prefilter,
     counters: PerCpuArray<MapData, Counter>,
     dropped: HashMap<MapData, SourceKey, DroppedSource>,
     /// What the rule maps hold, mirrored so that changes can be diffed.
@@ -275,6 +287,8 @@ impl Filter {
             v4_trie: take_map(&mut ebpf, map::V4_TRIE)?,
             v6_rules: take_map(&mut ebpf, map::V6_RULES)?,
             v6_trie: take_map(&mut ebpf, map::V6_TRIE)?,
+            v4_prefilter: take_prefilter(&mut ebpf, map::V4_PREFILTER)?,
+            v6_prefilter: take_prefilter(&mut ebpf, map::V6_PREFILTER)?,
             counters: take_map(&mut ebpf, map::COUNTERS)?,
             dropped: take_map(&mut ebpf, map::DROPPED)?,
             installed: BTreeMap::new(),
@@ -286,6 +300,10 @@ impl Filter {
             ebpf,
         };
         filter.installed = filter.read_installed()?;
+        // Maps pinned by an older edgegate come without prefilters: the new
+        // ones start empty and must cover the installed rules before this
+        // program can replace the running one.
+        filter.write_prefilters(&filter.installed);
         filter.config = KernelConfig {
             scope: match options.scope {
                 Scope::Ports => proxy_common::Scope::Ports as u32,
@@ -411,6 +429,17 @@ where
 {
     let map = ebpf.take_map(name).expect("the object defines every map in proxy_common::map");
     T::try_from(map).map_err(|source| FilterError::Map { name, source })
+}
+
+/// A prefilter map, mapped into this process.
+fn take_prefilter(ebpf: &mut Ebpf, name: &'static str) -> Result<Prefilter, FilterError> {
+    let map = ebpf.take_map(name).expect("the object defines every map in proxy_common::map");
+    let aya::maps::Map::Array(data) = map else {
+        return Err(FilterError::Map { name, source: MapError::InvalidName { name: name.into() } });
+    };
+    let mapped = sys::MappedWords::new(data, proxy_common::PREFILTER_WORDS as usize)
+        .map_err(|source| FilterError::Mmap { name, source })?;
+    Ok(Prefilter::new(mapped))
 }
 
 fn map_error(name: &'static str) -> impl Fn(MapError) -> FilterError {

@@ -10,7 +10,7 @@ use aya::maps::{Array, MapData, MapError, lpm_trie::Key};
 use ipnet::IpNet;
 use proxy_common::{FilterConfig as KernelConfig, Lookup, PORT_BITMAP_WORDS, Rule, map};
 
-use super::{Filter, FilterError, map_error};
+use super::{Filter, FilterError, map_error, prefilter};
 use crate::allowlist::{Action, Allowlist};
 
 impl Filter {
@@ -44,6 +44,7 @@ impl Filter {
         union.extend(desired.iter().map(|(c, a)| (*c, *a)));
         self.config = lookup_config(&union, self.config);
         self.write_config()?;
+        self.write_prefilters(&union);
         for (cidr, action) in upserts {
             self.insert_rule(cidr, action)?;
             self.installed.insert(cidr, action);
@@ -53,7 +54,15 @@ impl Filter {
             self.installed.remove(&cidr);
         }
         self.config = lookup_config(&self.installed, self.config);
-        self.write_config()
+        self.write_config()?;
+        self.write_prefilters(&self.installed);
+        Ok(())
+    }
+
+    /// Makes both prefilters hold what `rules` need.
+    pub(super) fn write_prefilters(&self, rules: &BTreeMap<IpNet, Action>) {
+        self.v4_prefilter.write(&prefilter::bits(rules.keys(), false));
+        self.v6_prefilter.write(&prefilter::bits(rules.keys(), true));
     }
 
     /// Refuses, before touching any map, a list that would not fit while it replaces the current one.

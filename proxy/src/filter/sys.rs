@@ -134,3 +134,58 @@ pub(super) fn spawn_log_forwarder(logger: aya_log::EbpfLogger<&'static dyn log::
         }
     });
 }
+
+/// A BPF array of `u64` created with BPF_F_MMAPABLE, mapped into this
+/// process: its words are written as memory, with no system call each.
+pub(super) struct MappedWords {
+    words: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+    len: usize,
+    /// Keeps the map alive as long as the mapping (the mapping also holds
+    /// its own reference; this one makes ownership plain).
+    _map: aya::maps::MapData,
+}
+
+// SAFETY: the mapping belongs to this value alone, and every access to it
+// goes through `AtomicU64`, which may be shared between threads.
+unsafe impl Send for MappedWords {}
+// SAFETY: as above.
+unsafe impl Sync for MappedWords {}
+
+impl MappedWords {
+    /// Maps the first `len` words of `map`.
+    pub(super) fn new(map: aya::maps::MapData, len: usize) -> io::Result<Self> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: a fresh shared mapping of a descriptor we hold; the kernel
+        // checks that the map is mmapable and at least this long.
+        let address = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len * size_of::<u64>(),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if address == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let words = std::ptr::NonNull::new(address.cast()).ok_or_else(io::Error::last_os_error)?;
+        Ok(Self { words, len, _map: map })
+    }
+
+    pub(super) fn words(&self) -> &[std::sync::atomic::AtomicU64] {
+        // SAFETY: `len` words, page-aligned, mapped until `drop`; the XDP
+        // program reads them concurrently, which atomics allow.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for MappedWords {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped; no reference from
+        // `words` outlives `self`.
+        unsafe { libc::munmap(self.words.as_ptr().cast(), self.len * size_of::<u64>()) };
+    }
+}
