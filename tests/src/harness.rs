@@ -76,6 +76,11 @@ impl XdpHarness {
         Filter::open(&self.options, list).expect("reload the XDP program")
     }
 
+    /// Where the maps and links are pinned.
+    pub fn bpffs_dir(&self) -> &std::path::Path {
+        &self.options.bpffs_dir
+    }
+
     /// The program's verdict for one frame.
     pub fn run(&self, frame: &[u8]) -> u32 {
         run(&self.filter, frame)

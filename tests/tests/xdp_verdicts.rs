@@ -489,8 +489,12 @@ fn lookups_agree_with_the_model_for_random_lists() {
 /// window long enough for the prober to see it.
 #[test]
 fn replace_never_drops_a_source_allowed_before_and_after() {
-    let mut old = String::from("10.0.0.0/8\ndeny 10.2.0.0/16\n10.2.3.0/24\n2001:db8:1::/48\n");
-    let mut new = String::from("10.0.0.0/8\ndeny 10.3.0.0/16\n10.3.3.0/24\n2001:db8:1::/64\n");
+    // 192.0.2.7: the prefilter's bit for its /24 is needed by a different
+    // rule on each side.
+    let mut old =
+        String::from("10.0.0.0/8\ndeny 10.2.0.0/16\n10.2.3.0/24\n2001:db8:1::/48\n192.0.2.7/32\n");
+    let mut new =
+        String::from("10.0.0.0/8\ndeny 10.3.0.0/16\n10.3.3.0/24\n2001:db8:1::/64\n192.0.0.0/22\n");
     for i in 0..2000u32 {
         old.push_str(&format!("{}/20\n", Ipv4Addr::from(0xac00_0000 + (i << 12))));
         new.push_str(&format!("{}/20\n", Ipv4Addr::from(0xad00_0000 + (i << 12))));
@@ -502,6 +506,7 @@ fn replace_never_drops_a_source_allowed_before_and_after() {
         v4(Ipv4Addr::new(10, 2, 3, 4), TCP),
         v4(Ipv4Addr::new(10, 3, 3, 3), TCP),
         v6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 5), &[], TCP),
+        v4(Ipv4Addr::new(192, 0, 2, 7), TCP),
     ];
     for source in &sources {
         assert_eq!(h.run(&source.bytes), XDP_PASS);
@@ -528,4 +533,27 @@ fn replace_never_drops_a_source_allowed_before_and_after() {
         prober.join().expect("prober")
     });
     assert!(probes > 100, "the prober ran concurrently ({probes} probes)");
+}
+
+/// Maps pinned by an edgegate without the prefilter: a restart creates
+/// the prefilter maps empty and fills them from the installed rules before
+/// its program can run, so a listed source is never dropped by them.
+#[test]
+fn a_restart_over_maps_pinned_without_prefilters_fills_them_first() {
+    let list = "192.0.2.0/24\n2001:db8::/32\n";
+    let h = XdpHarness::new(list, Scope::Ports, &[PORT]);
+    for name in [proxy_common::map::V4_PREFILTER, proxy_common::map::V6_PREFILTER] {
+        std::fs::remove_file(h.bpffs_dir().join("maps").join(name)).expect("remove the pin");
+    }
+    // The same list: the rule maps need no change, so only the fill at load
+    // can make the new prefilters right.
+    let restarted = h.reopen(&Allowlist::parse(list).expect("list"));
+    let listed = [
+        v4(Ipv4Addr::new(192, 0, 2, 9), TCP),
+        v6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 9), &[], TCP),
+    ];
+    for frame in &listed {
+        assert_eq!(run(&restarted, &frame.bytes), XDP_PASS);
+    }
+    assert_eq!(run(&restarted, &v4(Ipv4Addr::new(198, 51, 100, 9), TCP).bytes), XDP_DROP);
 }
