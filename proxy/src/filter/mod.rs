@@ -433,9 +433,8 @@ where
 
 /// A prefilter map, mapped into this process.
 fn take_prefilter(ebpf: &mut Ebpf, name: &'static str) -> Result<Prefilter, FilterError> {
-    let map = ebpf.take_map(name).expect("the object defines every map in proxy_common::map");
-    let aya::maps::Map::Array(data) = map else {
-        return Err(FilterError::Map { name, source: MapError::InvalidName { name: name.into() } });
+    let Some(aya::maps::Map::Array(data)) = ebpf.take_map(name) else {
+        panic!("the object defines {name} as an array");
     };
     let mapped = sys::MappedWords::new(data, proxy_common::PREFILTER_WORDS as usize)
         .map_err(|source| FilterError::Mmap { name, source })?;
