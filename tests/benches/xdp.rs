@@ -341,9 +341,13 @@ fn report(settings: &Settings, rows: &[Row], baseline: &[f64]) {
         let own_10 = rows
             .iter()
             .find(|r| r.family == row.family && r.shape == row.shape && r.entries == 10)
-            .map_or(f64::NAN, |r| row.edgegate.all / r.edgegate.all);
+            // Without a 10-entry run (`--sizes` left it out) there is no ratio.
+            .map_or_else(
+                || "—".to_owned(),
+                |r| format!("{:.2}", row.edgegate.all / r.edgegate.all),
+            );
         println!(
-            "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} |",
+            "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {} | {:.1} | {:.2} | {:.2} |",
             row.family,
             row.shape,
             row.entries,
