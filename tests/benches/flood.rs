@@ -616,21 +616,16 @@ fn report(settings: &Settings, totals: &Totals, rows: &[Row]) {
         );
     }
     for &size in &settings.sizes {
-        let of = |kind: Kind| {
-            rows.iter()
-                .find(|r| r.size == size && r.kind == kind)
-                .map(|r| median(&r.path_ns))
-                .expect("row")
+        let rounds = |kind: Kind| {
+            &rows.iter().find(|r| r.size == size && r.kind == kind).expect("row").path_ns
         };
+        let of = |kind: Kind| median(rounds(kind));
         let best_peer = of(Kind::Nftables).min(of(Kind::Ipset));
         let target = if size == 10_000 { " (target: ≥ 5×)" } else { "" };
         println!(
             "\n{size} prefixes: edgegate drops {:.1}× the packets/s of the best of nftables and ipset per core{target}",
             best_peer / of(Kind::Edgegate)
         );
-        let rounds = |kind: Kind| {
-            &rows.iter().find(|r| r.size == size && r.kind == kind).expect("row").path_ns
-        };
         let ratios: Vec<f64> = rounds(Kind::Edgegate)
             .iter()
             .zip(rounds(Kind::EdgegateWithoutSample))

@@ -5,7 +5,7 @@
 //! the maps need: a bit set too many sends a packet on to the full lookup,
 //! a bit missing would drop a listed source.
 
-use std::sync::atomic::Ordering;
+use std::{net::IpAddr, sync::atomic::Ordering};
 
 use ipnet::IpNet;
 use proxy_common::{PREFILTER_SUMMARY_WORDS, PREFILTER_WORDS};
@@ -18,12 +18,8 @@ use super::sys::MappedWords;
 pub(super) fn bits<'a>(cidrs: impl IntoIterator<Item = &'a IpNet>, ipv6: bool) -> Vec<u64> {
     let mut words = vec![0u64; PREFILTER_WORDS as usize];
     let (summary, detail) = words.split_at_mut(PREFILTER_SUMMARY_WORDS as usize);
-    for cidr in cidrs {
-        let (top, len) = match cidr {
-            IpNet::V4(net) if !ipv6 => (u32::from(net.network()) >> 8, net.prefix_len()),
-            IpNet::V6(net) if ipv6 => ((u128::from(net.network()) >> 104) as u32, net.prefix_len()),
-            _ => continue,
-        };
+    for cidr in cidrs.into_iter().filter(|cidr| cidr.network().is_ipv6() == ipv6) {
+        let (top, len) = (top_24_bits(cidr.network()), cidr.prefix_len());
         // A rule as long as a 24-bit prefix or longer lies within one; a
         // shorter one covers 2^(24 - len) of them, aligned.
         let count = 1u32 << 24u8.saturating_sub(len);
@@ -31,6 +27,14 @@ pub(super) fn bits<'a>(cidrs: impl IntoIterator<Item = &'a IpNet>, ipv6: bool) -
         set_bits(summary, top >> 8, (count >> 8).max(1));
     }
     words
+}
+
+/// The 24-bit prefix the program indexes the prefilter by.
+fn top_24_bits(address: IpAddr) -> u32 {
+    match address {
+        IpAddr::V4(a) => u32::from(a) >> 8,
+        IpAddr::V6(a) => (u128::from(a) >> 104) as u32,
+    }
 }
 
 /// Sets `count` bits from bit `first` on.
@@ -72,16 +76,11 @@ impl Prefilter {
 
 #[cfg(test)]
 mod tests {
-    use std::net::IpAddr;
-
     use super::*;
 
     /// Whether `bits` let `source` on to the full lookup, as the program reads them.
     pub(super) fn passes(bits: &[u64], source: IpAddr) -> bool {
-        let top = match source {
-            IpAddr::V4(a) => u32::from(a) >> 8,
-            IpAddr::V6(a) => (u128::from(a) >> 104) as u32,
-        };
+        let top = top_24_bits(source);
         let is_set = |index: u32| bits[(index / 64) as usize] & (1 << (index % 64)) != 0;
         is_set(top >> 8) && is_set(PREFILTER_SUMMARY_WORDS * 64 + top)
     }
@@ -145,7 +144,7 @@ mod tests {
 
 #[cfg(test)]
 mod property {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
 
