@@ -1,7 +1,7 @@
 //! Accepting connections: the one accept loop every server of the daemon
 //! runs (the listeners, the control socket, the metrics endpoint), and the
-//! listener's first stage, which holds a connection to `max_connections` and
-//! hands it to a worker.
+//! listener's first stage, which runs on every worker, holds a connection to
+//! `max_connections` and serves it on the worker that accepted it.
 
 use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -13,10 +13,7 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::warn;
 
-use super::{
-    Counters, Settings, SharedAllowlist, connection::Connection, rejection::Rejection,
-    workers::Workers,
-};
+use super::{Counters, Settings, SharedAllowlist, connection::Connection, rejection::Rejection};
 
 /// The first pause after a failed accept; it doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(5);
@@ -47,28 +44,41 @@ pub async fn accept_loop<S, F: Future<Output = io::Result<S>>>(
     }
 }
 
+/// One worker's accept loop on one listener. Every worker accepts on its own
+/// descriptor of the listening socket: whichever is free takes the next
+/// connection from the one queue, and serves it without a hand-over to
+/// another thread (a wake-up and two `epoll_ctl` calls per connection).
+#[derive(Clone)]
 pub(super) struct AcceptLoop {
-    pub(super) socket: TcpListener,
     pub(super) settings: Arc<ArcSwap<Settings>>,
     pub(super) counters: Arc<Counters>,
     pub(super) limit: Arc<Semaphore>,
     pub(super) allowlist: SharedAllowlist,
     pub(super) connections: TaskTracker,
     pub(super) close_all: CancellationToken,
-    pub(super) workers: Arc<Workers>,
 }
 
 impl AcceptLoop {
-    /// Accepts until `stop` is cancelled.
-    pub(super) async fn run(self, stop: CancellationToken) {
-        let what = format!("listener `{}`", self.settings.load().config.name);
+    /// Accepts on `socket` until `stop` is cancelled. Runs on the worker
+    /// that is to serve the connections: adopting the socket registers it
+    /// with that worker's epoll.
+    pub(super) async fn run(self, socket: std::net::TcpListener, stop: CancellationToken) {
+        let name = self.settings.load().config.name.clone();
+        let socket = match TcpListener::from_std(socket) {
+            Ok(socket) => socket,
+            Err(e) => {
+                warn!(listener = %name, "cannot accept on a worker: {e}");
+                return;
+            }
+        };
+        let what = format!("listener `{name}`");
         tokio::select! {
             () = stop.cancelled() => {}
-            () = accept_loop(&what, || self.socket.accept(), |(stream, peer)| self.admit(stream, peer)) => {}
+            () = accept_loop(&what, || socket.accept(), |(stream, peer)| self.admit(stream, peer)) => {}
         }
     }
 
-    /// Counts the connection against the limit and hands it to a worker.
+    /// Counts the connection against the limit and serves it on this worker.
     fn admit(&self, stream: TcpStream, peer: SocketAddr) {
         let settings = self.settings.load_full();
         // Over the limit: refuse at once (close), so the accept loop never waits.
@@ -91,23 +101,8 @@ impl AcceptLoop {
             peer,
             _permit: permit,
         };
-        // Accepted here, served on a worker: the socket moves to its epoll.
-        let stream = match stream.into_std() {
-            Ok(stream) => stream,
-            Err(e) => {
-                warn!(listener = %connection.settings.config.name, peer = %peer, "cannot hand over a connection: {e}");
-                return;
-            }
-        };
         let close_all = self.close_all.clone();
-        self.workers.spawn(self.connections.track_future(async move {
-            let stream = match TcpStream::from_std(stream) {
-                Ok(stream) => stream,
-                Err(e) => {
-                    warn!(listener = %connection.settings.config.name, peer = %peer, "cannot take over a connection: {e}");
-                    return;
-                }
-            };
+        tokio::spawn(self.connections.track_future(async move {
             tokio::select! {
                 () = connection.serve(stream) => {}
                 () = close_all.cancelled() => {}

@@ -16,7 +16,7 @@
 //! share, and the connection limit), `connection` (the stages in order and
 //! the access log), `backend`, `relay`, `proxy_protocol`, `rejection` (the
 //! reasons), `sightings` (clients that authenticated from unallowed
-//! addresses, for `allow suggest`); `workers` runs connections on per-core
+//! addresses, for `allow suggest`); `workers` runs the accept loops and the connections on per-core
 //! threads. This file holds the listeners: configure, drain, counters.
 //!
 //! Reload swaps a listener's certificates and settings atomically; open
@@ -44,7 +44,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
@@ -103,7 +103,8 @@ struct Listener {
     counters: Arc<Counters>,
     limit: Arc<Semaphore>,
     stop_accepting: CancellationToken,
-    accepting: tokio::task::JoinHandle<()>,
+    /// Each worker's accept loop.
+    accepting: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Every listener of the worker, and the connections they accepted.
@@ -113,7 +114,7 @@ pub struct Proxies {
     connections: TaskTracker,
     /// Cancelled when the drain timeout is over: open connections close.
     close_all: CancellationToken,
-    workers: Arc<Workers>,
+    workers: Workers,
 }
 
 impl Proxies {
@@ -124,14 +125,13 @@ impl Proxies {
             allowlist,
             connections: TaskTracker::new(),
             close_all: CancellationToken::new(),
-            workers: Arc::new(Workers::start(cores)?),
+            workers: Workers::start(cores)?,
         })
     }
 
     fn spawn(&mut self, settings: Settings, socket: std::net::TcpListener) -> io::Result<()> {
         let name = settings.config.name.clone();
         socket.set_nonblocking(true)?;
-        let socket = TcpListener::from_std(socket)?;
         info!(
             listener = %name,
             bind = %settings.config.bind,
@@ -143,16 +143,20 @@ impl Proxies {
         let limit = Arc::new(Semaphore::new(settings.load().config.max_connections));
         let stop_accepting = CancellationToken::new();
         let accept = AcceptLoop {
-            socket,
             settings: Arc::clone(&settings),
             counters: Arc::clone(&counters),
             limit: Arc::clone(&limit),
             allowlist: Arc::clone(&self.allowlist),
             connections: self.connections.clone(),
             close_all: self.close_all.clone(),
-            workers: Arc::clone(&self.workers),
         };
-        let accepting = tokio::spawn(accept.run(stop_accepting.clone()));
+        let mut sockets = (1..self.workers.count())
+            .map(|_| socket.try_clone())
+            .collect::<io::Result<Vec<_>>>()?;
+        sockets.push(socket);
+        let accepting = self.workers.spawn_each(
+            sockets.into_iter().map(|socket| accept.clone().run(socket, stop_accepting.clone())),
+        );
         self.listeners
             .insert(name, Listener { settings, counters, limit, stop_accepting, accepting });
         Ok(())
@@ -236,7 +240,7 @@ impl Proxies {
                 let counters = &listener.counters;
                 ListenerCounters {
                     name: name.clone(),
-                    accepting: !listener.accepting.is_finished(),
+                    accepting: listener.accepting.iter().all(|task| !task.is_finished()),
                     active: counters.active.load(Ordering::Relaxed),
                     handshakes_ok: counters.handshakes_ok.load(Ordering::Relaxed),
                     rejected: counters.rejected.iter().map(|c| c.load(Ordering::Relaxed)).collect(),

@@ -134,6 +134,21 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
+    /// rustls hands a whole flight over as one list of records (ServerHello,
+    /// ChangeCipherSpec, the encrypted rest): passed on, it leaves in one
+    /// `writev`, where the default would send each record by itself.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
@@ -213,6 +228,25 @@ mod tests {
         let mut remainder = Vec::new();
         rest.read_to_end(&mut remainder).await?;
         Ok((client, remainder))
+    }
+
+    /// A TLS flight of several records goes out in one write, not one each.
+    #[tokio::test]
+    async fn a_vectored_write_reaches_the_socket_whole() {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sending = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut receiving, _) = listener.accept().await.unwrap();
+        let mut stream = Prefixed::plain(sending);
+        assert!(stream.is_write_vectored());
+        let records: [&[u8]; 3] = [b"server hello", b"ccs", b"encrypted rest"];
+        let slices = records.map(io::IoSlice::new);
+        let written = stream.write_vectored(&slices).await.unwrap();
+        assert_eq!(written, records.concat().len(), "one call took every record");
+        drop(stream);
+        let mut received = Vec::new();
+        receiving.read_to_end(&mut received).await.unwrap();
+        assert_eq!(received, records.concat());
     }
 
     #[tokio::test]
