@@ -1,28 +1,31 @@
 //! `cargo xtask bench flood`: how many packets per second each filter drops
-//! per core under a flood of random IPv4 sources, and the CPU it spends per
-//! million packets: edgegate's XDP program, nftables (netdev ingress, an
-//! interval set), iptables (raw PREROUTING, an ipset hash:net) and no filter
-//! at all, with the same allowlist of 10, 10k and 100k /24 prefixes.
+//! per core under a flood of random sources, IPv4 and IPv6, on one core and
+//! on two, and the CPU it spends per million packets: edgegate's XDP
+//! program, nftables (netdev ingress, an interval set), iptables/ip6tables
+//! (raw PREROUTING, an ipset hash:net) and no filter at all, with the same
+//! allowlist of 10, 10k and 100k prefixes (IPv4 /24s, IPv6 /48s).
 //!
 //! Traffic: a generator XDP program run by BPF_PROG_TEST_RUN in live-frames
 //! mode rewrites the source of a TCP SYN to a random address and redirects
 //! it into a veth pair whose other end, in a second namespace, carries the
 //! filter. edgegate also runs built without its drop sample (a bench-only
-//! build), to show what the sample costs: the two builds take turns round
-//! by round, and the cost is the median of the pairs' ratios. The generator
-//! thread is pinned to one CPU; the receiving side runs
-//! in the softirq that the same CPU raises when the batch is flushed, within
-//! the run, so the run's time is that CPU's time for generator and filter
-//! (its busy time from /proc/stat is printed as a cross-check). A run of the
-//! generator that drops its frames itself measures its own share, which is
+//! build), to show what the sample costs (IPv4, one core): the two builds
+//! take turns round by round, and the cost is the median of the pairs'
+//! ratios. Each generator thread is pinned to its CPU; the receiving side
+//! runs in the softirq that the same CPU raises when the batch is flushed
+//! (into the veth's receive queue of that CPU), within the run, so the
+//! run's time is those CPUs' time for generator and filter (their busy time
+//! from /proc/stat is printed as a cross-check). A run of the generator
+//! that drops its frames itself measures its own share, which is
 //! subtracted: what remains is the receive path (veth, filter, freeing).
 //!
 //! Results also go to `target/bench/flood.json`.
 
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     process::{Command, Stdio},
+    sync::Barrier,
     time::{Duration, Instant},
 };
 
@@ -33,7 +36,7 @@ use aya::{
 use edgegate::{
     allowlist::Allowlist,
     config::{AttachMode, Scope},
-    demo::netns::{Netns, veth_pair},
+    demo::netns::{Netns, ip},
     filter::{Filter, FilterOptions},
 };
 use edgegate_tests::{
@@ -47,9 +50,10 @@ const SINK_IF: &str = "egfsink";
 const SINK_MAC: [u8; 6] = [0x02, 0xe9, 0, 0, 0, 0x02];
 const GENERATOR_MAC: [u8; 6] = [0x02, 0xe9, 0, 0, 0, 0x01];
 const SINK_ADDR: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+const SINK_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 2);
 const PORT: u16 = 443;
-/// The CPU the generator, and so the receive path, runs on.
-const CPU: usize = 0;
+/// The most CPUs that flood at once: the veth has a receive queue for each.
+const MAX_CPUS: usize = 2;
 /// Frames per live-frames batch: the kernel flushes redirects (and the veth
 /// peer polls them) once per batch.
 const BATCH: u32 = 64;
@@ -58,14 +62,24 @@ const BATCH: u32 = 64;
 const PAIRED_ROUNDS_FACTOR: usize = 3;
 
 struct Settings {
+    /// Per flooding CPU and round.
     packets: u32,
     rounds: usize,
     sizes: Vec<usize>,
+    families: Vec<Family>,
+    /// How many CPUs flood at once, for each configuration in turn.
+    cpus: Vec<usize>,
 }
 
 impl Settings {
     fn from_args() -> Self {
-        let mut settings = Self { packets: 3_000_000, rounds: 5, sizes: vec![10, 10_000, 100_000] };
+        let mut settings = Self {
+            packets: 3_000_000,
+            rounds: 5,
+            sizes: vec![10, 10_000, 100_000],
+            families: vec![Family::V4, Family::V6],
+            cpus: vec![1, MAX_CPUS],
+        };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
             let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
@@ -76,13 +90,83 @@ impl Settings {
                     settings.sizes =
                         value().split(',').map(|s| s.parse().expect("--sizes N,N,..")).collect();
                 }
-                "--bench" => {}
-                other => {
-                    panic!("unknown argument {other} (--packets N, --rounds N, --sizes N,N,..)")
+                "--families" => {
+                    settings.families = value()
+                        .split(',')
+                        .map(|f| match f {
+                            "4" => Family::V4,
+                            "6" => Family::V6,
+                            other => panic!("--families 4,6: not a family: {other}"),
+                        })
+                        .collect();
                 }
+                "--cpus" => {
+                    settings.cpus = value()
+                        .split(',')
+                        .map(|n| match n.parse() {
+                            Ok(n @ 1..=MAX_CPUS) => n,
+                            _ => panic!("--cpus N,N: each 1 to {MAX_CPUS}, not {n}"),
+                        })
+                        .collect();
+                }
+                "--bench" => {}
+                other => panic!(
+                    "unknown argument {other} (--packets N, --rounds N, --sizes N,N,.., \
+                     --families 4,6, --cpus 1,2)"
+                ),
             }
         }
+        let available = std::thread::available_parallelism().map_or(1, usize::from);
+        settings.cpus.retain(|&cpus| {
+            let fits = cpus <= available;
+            if !fits {
+                eprintln!(
+                    "bench flood: skipping {cpus} flooding CPUs, this machine has {available}"
+                );
+            }
+            fits
+        });
+        assert!(!settings.cpus.is_empty(), "no flooding CPU count fits this machine");
         settings
+    }
+}
+
+/// The address family of the flood and of the allowlist.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn name(self) -> &'static str {
+        match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        }
+    }
+
+    /// The generator's programs: (send the frame on, drop it).
+    fn programs(self) -> (&'static str, &'static str) {
+        match self {
+            Self::V4 => ("flood_redirect", "flood_drop"),
+            Self::V6 => ("flood6_redirect", "flood6_drop"),
+        }
+    }
+
+    fn iptables(self) -> &'static str {
+        match self {
+            Self::V4 => "iptables",
+            Self::V6 => "ip6tables",
+        }
+    }
+
+    /// The length of the listed prefixes: what a partner's range looks like.
+    fn prefix_len(self) -> u8 {
+        match self {
+            Self::V4 => 24,
+            Self::V6 => 48,
+        }
     }
 }
 
@@ -127,7 +211,6 @@ struct Bed {
     generator_ns: Netns,
     sink: Netns,
     generator: aya::Ebpf,
-    frame: Vec<u8>,
     bpffs_dir: std::path::PathBuf,
 }
 
@@ -136,12 +219,24 @@ impl Bed {
         edgegate_tests::require_root();
         let generator_ns = Netns::new("egfg");
         let sink = Netns::new("egfs");
-        veth_pair(&generator_ns, GENERATOR_IF, &sink, SINK_IF);
+        // One receive queue per flooding CPU: a redirect lands in the queue
+        // of the CPU it runs on, and each queue is polled there.
+        let queues = MAX_CPUS.to_string();
+        let queues = ["numtxqueues", queues.as_str(), "numrxqueues", queues.as_str()];
+        ip(&[
+            &["link", "add", GENERATOR_IF, "netns", generator_ns.name()][..],
+            &queues,
+            &["type", "veth", "peer", "name", SINK_IF, "netns", sink.name()],
+            &queues,
+        ]
+        .concat());
         let mac = |m: [u8; 6]| m.map(|b| format!("{b:02x}")).join(":");
         generator_ns.ip(&["link", "set", GENERATOR_IF, "address", &mac(GENERATOR_MAC), "up"]);
         generator_ns.ip(&["addr", "add", "10.99.0.1/24", "dev", GENERATOR_IF]);
         sink.ip(&["link", "set", SINK_IF, "address", &mac(SINK_MAC), "up"]);
         sink.ip(&["addr", "add", &format!("{SINK_ADDR}/24"), "dev", SINK_IF]);
+        // No duplicate address detection: a tentative address takes no traffic.
+        sink.ip(&["-6", "addr", "add", &format!("{SINK_ADDR6}/64"), "dev", SINK_IF, "nodad"]);
         // A veth accepts redirected frames only with NAPI on: an XDP program
         // on the receiving end (edgegate's) or GRO (for everything else).
         run(sink.command("ethtool").args(["-K", SINK_IF, "gro", "on"]));
@@ -153,59 +248,77 @@ impl Bed {
             .override_global("TARGET_IFINDEX", &ifindex, true)
             .load(reference::FLOOD_GENERATOR)
             .expect("load the generator");
-        for name in ["flood_redirect", "flood_drop"] {
+        for name in [Family::V4, Family::V6].into_iter().flat_map(|f| <[_; 2]>::from(f.programs()))
+        {
             let program: &mut Xdp =
                 generator.program_mut(name).expect(name).try_into().expect("an XDP program");
             program.load().expect("load the generator program");
         }
         let bpffs_dir = std::path::PathBuf::from("/sys/fs/bpf").join(unique_name("egflood"));
-        Self { generator_ns, sink, generator, frame: syn_frame(), bpffs_dir }
+        Self { generator_ns, sink, generator, bpffs_dir }
     }
 
-    /// Runs `program` for `packets` frames on [`CPU`]: the time the run
-    /// took, and that CPU's busy time over it (a cross-check that the
-    /// receive path ran within the run, on that CPU).
-    fn flood(&self, program: &str, packets: u32) -> Run {
+    /// Runs `program` for `packets` frames on each of the first `cpus` CPUs
+    /// at once: the time the run took (until every CPU was done), and those
+    /// CPUs' busy time over it (a cross-check that the receive path ran
+    /// within the run, on them).
+    fn flood(&self, program: &str, family: Family, cpus: usize, packets: u32) -> Run {
         let program: &Xdp =
             self.generator.program(program).expect(program).try_into().expect("XDP");
-        self.generator_ns.run(|| {
-            let mut cpus = nix::sched::CpuSet::new();
-            cpus.set(CPU).expect("CPU");
-            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).expect("pin");
-            let busy_before = cpu_busy(CPU);
+        let frame = syn_frame(family);
+        let start = Barrier::new(cpus + 1);
+        let busy_before: Duration = (0..cpus).map(cpu_busy).sum();
+        let elapsed = std::thread::scope(|scope| {
+            for cpu in 0..cpus {
+                let (start, frame) = (&start, &frame);
+                scope.spawn(move || {
+                    self.generator_ns.run(|| {
+                        let mut set = nix::sched::CpuSet::new();
+                        set.set(cpu).expect("CPU");
+                        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                            .expect("pin");
+                        start.wait();
+                        program
+                            .test_run(TestRunOptions {
+                                data_in: Some(frame),
+                                repeat: packets,
+                                attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
+                                ..TestRunOptions::new()
+                            })
+                            .expect("live-frames test run");
+                    })
+                });
+            }
+            start.wait();
             let started = Instant::now();
-            program
-                .test_run(TestRunOptions {
-                    data_in: Some(&self.frame),
-                    repeat: packets,
-                    attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
-                    ..TestRunOptions::new()
-                })
-                .expect("live-frames test run");
-            let elapsed = started.elapsed();
-            // Let the scheduler tick account for the end of the run.
-            std::thread::sleep(Duration::from_millis(20));
-            Run { elapsed, busy: cpu_busy(CPU) - busy_before }
+            // Leaving the scope joins every flooding thread.
+            started
         })
+        .elapsed();
+        // Let the scheduler tick account for the end of the run.
+        std::thread::sleep(Duration::from_millis(20));
+        let busy_after: Duration = (0..cpus).map(cpu_busy).sum();
+        Run { elapsed, busy: busy_after - busy_before }
     }
 
     /// Installs `row`'s filter with `prefixes`, floods it for `rounds`
-    /// rounds of `packets` and removes it, adding to `row` and `totals`.
+    /// rounds of `packets` per CPU and removes it, adding to `row` and `totals`.
     fn measure(
         &self,
         row: &mut Row,
-        prefixes: &[Ipv4Addr],
+        prefixes: &[String],
         rounds: usize,
         packets: u32,
         totals: &mut Totals,
     ) {
         let per_packet = |run: &Run| run.elapsed.as_secs_f64() * 1e9 / f64::from(packets);
-        let installed = self.install(row.kind, prefixes);
-        self.flood("flood_redirect", 100_000); // warm-up
-        let dropped_before = self.dropped(&installed);
+        let (redirect, drop) = row.family.programs();
+        let installed = self.install(row.kind, row.family, prefixes);
+        self.flood(redirect, row.family, row.cpus, 100_000); // warm-up
+        let dropped_before = self.dropped(&installed, row.family);
         for _ in 0..rounds {
-            let own = self.flood("flood_drop", packets);
-            let total = self.flood("flood_redirect", packets);
+            let own = self.flood(drop, row.family, row.cpus, packets);
+            let total = self.flood(redirect, row.family, row.cpus, packets);
             let path = per_packet(&total) - per_packet(&own);
             assert!(
                 path > 0.0,
@@ -213,21 +326,24 @@ impl Bed {
                 row.kind.name()
             );
             totals.generator_ns.push(per_packet(&own));
-            totals.elapsed += total.elapsed;
+            totals.elapsed += total.elapsed * row.cpus as u32;
             totals.busy += total.busy;
             row.total_ns.push(per_packet(&total));
             row.path_ns.push(path);
         }
-        row.dropped += self.dropped(&installed) - dropped_before;
-        row.sent += u64::from(packets) * rounds as u64;
-        self.remove(installed);
+        row.dropped += self.dropped(&installed, row.family) - dropped_before;
+        row.sent += u64::from(packets) * (rounds * row.cpus) as u64;
+        self.remove(installed, row.family);
     }
 
-    /// Installs `kind` with `prefixes` on the sink's interface.
-    fn install(&self, kind: Kind, prefixes: &[Ipv4Addr]) -> Installed {
+    /// Installs `kind` with `list` (of `family`'s prefixes) on the sink's interface.
+    fn install(&self, kind: Kind, family: Family, list: &[String]) -> Installed {
         let dir = std::env::temp_dir().join(unique_name("edgegate-flood-"));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let list: Vec<String> = prefixes.iter().map(|p| format!("{p}/24")).collect();
+        let (nft_type, nft_match, ipset_family) = match family {
+            Family::V4 => ("ipv4_addr", "ip", "inet"),
+            Family::V6 => ("ipv6_addr", "ip6", "inet6"),
+        };
         let installed = match kind {
             Kind::Edgegate | Kind::EdgegateWithoutSample => {
                 let object = if kind == Kind::Edgegate {
@@ -240,7 +356,7 @@ impl Bed {
                     mode: AttachMode::Native,
                     scope: Scope::Host,
                     ports: BTreeSet::new(),
-                    max_entries: (prefixes.len() as u32 * 2).next_power_of_two().max(1024),
+                    max_entries: (list.len() as u32 * 2).next_power_of_two().max(1024),
                     bpffs_dir: self.bpffs_dir.clone(),
                     audit: false,
                 };
@@ -250,9 +366,9 @@ impl Bed {
             }
             Kind::Nftables => {
                 let rules = format!(
-                    "table netdev edgegate_bench {{\n  set allowed {{ type ipv4_addr; flags interval; elements = {{ {} }} }}\n\
+                    "table netdev edgegate_bench {{\n  set allowed {{ type {nft_type}; flags interval; elements = {{ {} }} }}\n\
                      \x20 counter dropped {{ }}\n  chain ingress {{\n    type filter hook ingress device \"{SINK_IF}\" priority -500; policy accept;\n\
-                     \x20   ip saddr != @allowed counter name \"dropped\" drop\n  }}\n}}\n",
+                     \x20   {nft_match} saddr != @allowed counter name \"dropped\" drop\n  }}\n}}\n",
                     list.join(", ")
                 );
                 let file = dir.join("rules.nft");
@@ -262,17 +378,17 @@ impl Bed {
             }
             Kind::Ipset => {
                 let mut restore = format!(
-                    "create edgegate_bench hash:net family inet hashsize {} maxelem {}\n",
-                    prefixes.len().next_power_of_two().max(1024),
-                    (prefixes.len() * 2).max(65_536)
+                    "create edgegate_bench hash:net family {ipset_family} hashsize {} maxelem {}\n",
+                    list.len().next_power_of_two().max(1024),
+                    (list.len() * 2).max(65_536)
                 );
-                for cidr in &list {
+                for cidr in list {
                     restore.push_str(&format!("add edgegate_bench {cidr}\n"));
                 }
                 let file = dir.join("ipset.restore");
                 std::fs::write(&file, restore).expect("ipset file");
                 run(self.sink.command("ipset").args(["restore", "-file"]).arg(&file));
-                run(self.sink.command("iptables").args([
+                run(self.sink.command(family.iptables()).args([
                     "-t",
                     "raw",
                     "-A",
@@ -311,7 +427,7 @@ impl Bed {
 
     /// Packets `installed` has dropped so far (for no filter: packets the
     /// IP layer received, all of which it discards).
-    fn dropped(&self, installed: &Installed) -> u64 {
+    fn dropped(&self, installed: &Installed, family: Family) -> u64 {
         match installed {
             Installed::Edgegate(filter) => filter
                 .counters()
@@ -336,7 +452,7 @@ impl Bed {
                     .expect("the nft counter")
             }
             Installed::Ipset => {
-                let text = output(self.sink.command("iptables").args([
+                let text = output(self.sink.command(family.iptables()).args([
                     "-t",
                     "raw",
                     "-nvxL",
@@ -349,30 +465,46 @@ impl Bed {
                     .expect("the iptables rule's packet count")
             }
             Installed::DropOnly(_) => {
-                // The veth's own count of frames its XDP program dropped.
+                // The veth's own count of frames its XDP program dropped, per queue.
                 let stats = output(self.sink.command("ethtool").args(["-S", SINK_IF]));
                 stats
                     .lines()
-                    .filter_map(|l| l.trim().strip_prefix("rx_queue_0_xdp_drops:"))
+                    .filter_map(|l| {
+                        let (name, value) = l.trim().split_once(':')?;
+                        let queue = name.strip_prefix("rx_queue_")?.strip_suffix("_xdp_drops")?;
+                        queue.parse::<usize>().ok().map(|_| value)
+                    })
                     .map(|v| v.trim().parse::<u64>().expect("xdp_drops"))
                     .sum()
             }
-            Installed::NoFilter => {
-                let snmp = output(self.sink.command("cat").arg("/proc/net/snmp"));
-                let mut ip = snmp.lines().filter(|l| l.starts_with("Ip:"));
-                let (names, values) = (ip.next().expect("Ip names"), ip.next().expect("Ip values"));
-                let index =
-                    names.split_whitespace().position(|n| n == "InReceives").expect("InReceives");
-                values
-                    .split_whitespace()
-                    .nth(index)
-                    .and_then(|v| v.parse().ok())
-                    .expect("InReceives value")
-            }
+            Installed::NoFilter => match family {
+                Family::V4 => {
+                    let snmp = output(self.sink.command("cat").arg("/proc/net/snmp"));
+                    let mut ip = snmp.lines().filter(|l| l.starts_with("Ip:"));
+                    let (names, values) =
+                        (ip.next().expect("Ip names"), ip.next().expect("Ip values"));
+                    let index = names
+                        .split_whitespace()
+                        .position(|n| n == "InReceives")
+                        .expect("InReceives");
+                    values
+                        .split_whitespace()
+                        .nth(index)
+                        .and_then(|v| v.parse().ok())
+                        .expect("InReceives value")
+                }
+                Family::V6 => {
+                    let snmp = output(self.sink.command("cat").arg("/proc/net/snmp6"));
+                    snmp.lines()
+                        .find_map(|l| l.strip_prefix("Ip6InReceives"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .expect("Ip6InReceives")
+                }
+            },
         }
     }
 
-    fn remove(&self, installed: Installed) {
+    fn remove(&self, installed: Installed, family: Family) {
         match installed {
             Installed::Edgegate(filter) => {
                 drop(filter);
@@ -382,7 +514,7 @@ impl Bed {
                 run(self.sink.command("nft").args(["delete", "table", "netdev", "edgegate_bench"]));
             }
             Installed::Ipset => {
-                run(self.sink.command("iptables").args(["-t", "raw", "-F", "PREROUTING"]));
+                run(self.sink.command(family.iptables()).args(["-t", "raw", "-F", "PREROUTING"]));
                 run(self.sink.command("ipset").args(["destroy", "edgegate_bench"]));
             }
             Installed::NoFilter => {}
@@ -413,22 +545,7 @@ enum Installed {
 }
 
 /// A TCP SYN from the generator to the sink's port 443 with valid checksums.
-fn syn_frame() -> Vec<u8> {
-    let mut frame = Vec::with_capacity(54);
-    frame.extend_from_slice(&SINK_MAC);
-    frame.extend_from_slice(&GENERATOR_MAC);
-    frame.extend_from_slice(&0x0800u16.to_be_bytes());
-    let source = Ipv4Addr::new(198, 18, 0, 1);
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-    ip[6] = 0x40; // don't fragment
-    ip[8] = 64;
-    ip[9] = 6;
-    ip[12..16].copy_from_slice(&source.octets());
-    ip[16..20].copy_from_slice(&SINK_ADDR.octets());
-    let checksum = internet_checksum(&[&ip]);
-    ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+fn syn_frame(family: Family) -> Vec<u8> {
     let mut tcp = [0u8; 20];
     tcp[0..2].copy_from_slice(&40_000u16.to_be_bytes());
     tcp[2..4].copy_from_slice(&PORT.to_be_bytes());
@@ -436,13 +553,49 @@ fn syn_frame() -> Vec<u8> {
     tcp[12] = 5 << 4;
     tcp[13] = 0x02; // SYN
     tcp[14..16].copy_from_slice(&64_240u16.to_be_bytes());
-    let mut pseudo = [0u8; 12];
-    pseudo[0..4].copy_from_slice(&source.octets());
-    pseudo[4..8].copy_from_slice(&SINK_ADDR.octets());
-    pseudo[9] = 6;
-    pseudo[10..12].copy_from_slice(&20u16.to_be_bytes());
+    let (ethertype, ip, pseudo) = match family {
+        Family::V4 => {
+            let source = Ipv4Addr::new(198, 18, 0, 1);
+            let mut ip = vec![0u8; 20];
+            ip[0] = 0x45;
+            ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+            ip[6] = 0x40; // don't fragment
+            ip[8] = 64;
+            ip[9] = 6;
+            ip[12..16].copy_from_slice(&source.octets());
+            ip[16..20].copy_from_slice(&SINK_ADDR.octets());
+            let checksum = internet_checksum(&[&ip]);
+            ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+            let mut pseudo = vec![0u8; 12];
+            pseudo[0..4].copy_from_slice(&source.octets());
+            pseudo[4..8].copy_from_slice(&SINK_ADDR.octets());
+            pseudo[9] = 6;
+            pseudo[10..12].copy_from_slice(&20u16.to_be_bytes());
+            (0x0800u16, ip, pseudo)
+        }
+        Family::V6 => {
+            let source = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+            let mut ip = vec![0u8; 40];
+            ip[0] = 0x60;
+            ip[4..6].copy_from_slice(&20u16.to_be_bytes());
+            ip[6] = 6; // TCP
+            ip[7] = 64;
+            ip[8..24].copy_from_slice(&source.octets());
+            ip[24..40].copy_from_slice(&SINK_ADDR6.octets());
+            let mut pseudo = vec![0u8; 40];
+            pseudo[0..16].copy_from_slice(&source.octets());
+            pseudo[16..32].copy_from_slice(&SINK_ADDR6.octets());
+            pseudo[32..36].copy_from_slice(&20u32.to_be_bytes());
+            pseudo[39] = 6;
+            (0x86ddu16, ip, pseudo)
+        }
+    };
     let checksum = internet_checksum(&[&pseudo, &tcp]);
     tcp[16..18].copy_from_slice(&checksum.to_be_bytes());
+    let mut frame = Vec::with_capacity(14 + ip.len() + tcp.len());
+    frame.extend_from_slice(&SINK_MAC);
+    frame.extend_from_slice(&GENERATOR_MAC);
+    frame.extend_from_slice(&ethertype.to_be_bytes());
     frame.extend_from_slice(&ip);
     frame.extend_from_slice(&tcp);
     frame
@@ -461,15 +614,30 @@ fn internet_checksum(parts: &[&[u8]]) -> u16 {
     !(sum as u16)
 }
 
-/// `n` distinct /24 networks, the same ones on every run, none of them the bed's own.
-fn prefixes(n: usize) -> Vec<Ipv4Addr> {
+/// `n` distinct networks of `family`'s prefix length, the same ones on
+/// every run, none of them the bed's own.
+fn prefixes(family: Family, n: usize) -> Vec<String> {
     let mut lcg = Lcg::new(0x0f10_0d00);
-    let mut seen = BTreeSet::from([u32::from(SINK_ADDR) & 0xffff_ff00]);
+    let length = family.prefix_len();
+    let own = match family {
+        Family::V4 => u128::from(u32::from(SINK_ADDR)) << 96,
+        Family::V6 => u128::from(SINK_ADDR6),
+    };
+    let mask = !(u128::MAX >> length);
+    let mut seen = BTreeSet::from([own & mask]);
     let mut prefixes = Vec::with_capacity(n);
     while prefixes.len() < n {
-        let network = (lcg.next_u64() as u32) & 0xffff_ff00;
+        let random = lcg.next_u64();
+        let network = match family {
+            Family::V4 => u128::from(random as u32) << 96,
+            // The generator's 53 bits, at the top, cover the /48.
+            Family::V6 => u128::from(random) << 75,
+        } & mask;
         if seen.insert(network) {
-            prefixes.push(Ipv4Addr::from(network));
+            prefixes.push(match family {
+                Family::V4 => format!("{}/{length}", Ipv4Addr::from((network >> 96) as u32)),
+                Family::V6 => format!("{}/{length}", Ipv6Addr::from(network)),
+            });
         }
     }
     prefixes
@@ -501,9 +669,12 @@ fn output(command: &mut Command) -> String {
     String::from_utf8(result.stdout).expect("UTF-8")
 }
 
-/// One filter with one list size: per-round receive-path CPU ns per packet
-/// and the packets it was sent and dropped.
+/// One filter with one list size, family and number of flooding CPUs:
+/// per-round receive-path CPU ns per packet and the packets it was sent and
+/// dropped.
 struct Row {
+    family: Family,
+    cpus: usize,
     size: usize,
     kind: Kind,
     path_ns: Vec<f64>,
@@ -513,17 +684,35 @@ struct Row {
 }
 
 impl Row {
-    fn new(size: usize, kind: Kind) -> Self {
-        Self { size, kind, path_ns: Vec::new(), total_ns: Vec::new(), sent: 0, dropped: 0 }
+    fn new(family: Family, cpus: usize, size: usize, kind: Kind) -> Self {
+        Self {
+            family,
+            cpus,
+            size,
+            kind,
+            path_ns: Vec::new(),
+            total_ns: Vec::new(),
+            sent: 0,
+            dropped: 0,
+        }
     }
 
     fn dropped_share(&self) -> f64 {
         self.dropped as f64 / self.sent as f64
     }
+
+    fn is(&self, family: Family, cpus: usize, size: usize, kind: Kind) -> bool {
+        (self.family, self.cpus, self.size, self.kind) == (family, cpus, size, kind)
+    }
+
+    /// Median receive-path CPU ns per packet.
+    fn ns(&self) -> f64 {
+        median(&self.path_ns)
+    }
 }
 
 /// What every round adds up to: the generator's own cost, and the flooding
-/// CPU's busy time against the elapsed time.
+/// CPUs' busy time against the time they had.
 #[derive(Default)]
 struct Totals {
     generator_ns: Vec<f64>,
@@ -536,29 +725,43 @@ fn main() {
     let bed = Bed::new();
     let mut totals = Totals::default();
     let mut rows = Vec::new();
-    for &size in &settings.sizes {
-        let list = prefixes(size);
-        // The sample's cost is a few percent of a noisy figure: its two
-        // builds take turns, round by round, so drift hits both alike.
-        let mut paired =
-            [Kind::Edgegate, Kind::EdgegateWithoutSample].map(|kind| Row::new(size, kind));
-        for _ in 0..settings.rounds * PAIRED_ROUNDS_FACTOR {
-            for row in &mut paired {
-                bed.measure(row, &list, 1, settings.packets, &mut totals);
+    for &family in &settings.families {
+        for &cpus in &settings.cpus {
+            for &size in &settings.sizes {
+                let list = prefixes(family, size);
+                let mut kinds: Vec<Kind> =
+                    Kind::ALL.into_iter().filter(|k| !k.is_edgegate()).collect();
+                if (family, cpus) == (Family::V4, 1) {
+                    // The sample's cost is a few percent of a noisy figure: its
+                    // two builds take turns, round by round, so drift hits both alike.
+                    let mut paired = [Kind::Edgegate, Kind::EdgegateWithoutSample]
+                        .map(|kind| Row::new(family, cpus, size, kind));
+                    for _ in 0..settings.rounds * PAIRED_ROUNDS_FACTOR {
+                        for row in &mut paired {
+                            bed.measure(row, &list, 1, settings.packets, &mut totals);
+                        }
+                    }
+                    rows.extend(paired);
+                } else {
+                    kinds.insert(0, Kind::Edgegate);
+                }
+                for kind in kinds {
+                    let mut row = Row::new(family, cpus, size, kind);
+                    bed.measure(&mut row, &list, settings.rounds, settings.packets, &mut totals);
+                    rows.push(row);
+                }
+                for row in rows
+                    .iter()
+                    .filter(|row| (row.family, row.cpus, row.size) == (family, cpus, size))
+                {
+                    eprintln!(
+                        "{} on {cpus} CPU(s), {size:>7} prefixes, {:<45} {:>5.0} ns/packet",
+                        family.name(),
+                        row.kind.name(),
+                        row.ns()
+                    );
+                }
             }
-        }
-        rows.extend(paired);
-        for kind in Kind::ALL.into_iter().filter(|kind| !kind.is_edgegate()) {
-            let mut row = Row::new(size, kind);
-            bed.measure(&mut row, &list, settings.rounds, settings.packets, &mut totals);
-            rows.push(row);
-        }
-        for row in rows.iter().filter(|row| row.size == size) {
-            eprintln!(
-                "{size:>7} prefixes, {:<45} {:>5.0} ns/packet",
-                row.kind.name(),
-                median(&row.path_ns)
-            );
         }
     }
     drop(bed);
@@ -575,78 +778,114 @@ fn report(settings: &Settings, totals: &Totals, rows: &[Row]) {
         tool_version("ipset", "--version")
     );
     println!(
-        "traffic: TCP SYNs from random IPv4 sources, {} per round, {} rounds ({} for edgegate's two builds, \
-         taking turns), generator pinned to CPU {CPU} (its own {:.0} ns/packet subtracted); \
-         allowlists of distinct /24s",
+        "traffic: TCP SYNs from random sources, {} per flooding CPU and round, {} rounds ({} for edgegate's \
+         two builds, taking turns, IPv4 on one CPU), each generator thread pinned to its CPU (its own \
+         {:.0} ns/packet subtracted); allowlists of distinct IPv4 /24s or IPv6 /48s",
         settings.packets,
         settings.rounds,
         settings.rounds * PAIRED_ROUNDS_FACTOR,
         median(&totals.generator_ns)
     );
     println!(
-        "figures are the flooding CPU's time per packet; its busy time (/proc/stat) was {:.1}% of that time",
+        "figures are the flooding CPUs' time per packet; their busy time (/proc/stat) was {:.1}% of that time",
         busy_share * 100.0
     );
     println!(
-        "\n| prefixes | filter | Mpps per core (median) | min–max | CPU s per Mpkt | dropped / sent | edgegate ÷ this |"
+        "\n| family | CPUs | prefixes | filter | Mpps per core (median) | min–max | Mpps, all CPUs | CPU s per Mpkt | dropped / sent | edgegate ÷ this |"
     );
-    println!("|---:|---|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|");
     let mpps = |ns: f64| 1e3 / ns;
+    let find = |family, cpus, size, kind| {
+        rows.iter().find(|r| r.is(family, cpus, size, kind)).expect("a measured row")
+    };
     for row in rows {
-        let edgegate = rows
-            .iter()
-            .find(|r| r.size == row.size && r.kind == Kind::Edgegate)
-            .map(|r| median(&r.path_ns))
-            .expect("edgegate's row");
+        let edgegate = find(row.family, row.cpus, row.size, Kind::Edgegate).ns();
         // The fastest round has the fewest ns per packet.
         let (fastest, slowest) = spread(&row.path_ns);
         let (low, high) = (mpps(slowest), mpps(fastest));
         let ratio = if row.kind == Kind::Edgegate {
             "—".to_owned()
         } else {
-            format!("{:.2}×", median(&row.path_ns) / edgegate)
+            format!("{:.2}×", row.ns() / edgegate)
         };
         println!(
-            "| {} | {} | {:.2} | {low:.2}–{high:.2} | {:.3} | {:.1}% | {ratio} |",
+            "| {} | {} | {} | {} | {:.2} | {low:.2}–{high:.2} | {:.2} | {:.3} | {:.1}% | {ratio} |",
+            row.family.name(),
+            row.cpus,
             row.size,
             row.kind.name(),
-            mpps(median(&row.path_ns)),
-            median(&row.path_ns) / 1e3,
+            mpps(row.ns()),
+            mpps(row.ns()) * row.cpus as f64,
+            row.ns() / 1e3,
             row.dropped_share() * 100.0,
         );
     }
-    for &size in &settings.sizes {
-        let rounds = |kind: Kind| {
-            &rows.iter().find(|r| r.size == size && r.kind == kind).expect("row").path_ns
-        };
-        let of = |kind: Kind| median(rounds(kind));
-        let best_peer = of(Kind::Nftables).min(of(Kind::Ipset));
-        let target = if size == 10_000 { " (target: ≥ 5×)" } else { "" };
-        println!(
-            "\n{size} prefixes: edgegate drops {:.1}× the packets/s of the best of nftables and ipset per core{target}",
-            best_peer / of(Kind::Edgegate)
-        );
-        let ratios: Vec<f64> = rounds(Kind::Edgegate)
-            .iter()
-            .zip(rounds(Kind::EdgegateWithoutSample))
-            .map(|(with, without)| with / without)
-            .collect();
-        let (low, high) = spread(&ratios);
-        println!(
-            "{size} prefixes: the drop sample costs {:+.1}% per packet, median of {} back-to-back pairs \
-             ({:+.1}%..{:+.1}%; target: ≤ 5%)",
-            (median(&ratios) - 1.0) * 100.0,
-            ratios.len(),
-            (low - 1.0) * 100.0,
-            (high - 1.0) * 100.0,
-        );
+    println!();
+    for &family in &settings.families {
+        for &cpus in &settings.cpus {
+            let of = |size, kind| find(family, cpus, size, kind).ns();
+            for &size in &settings.sizes {
+                let best_peer = of(size, Kind::Nftables).min(of(size, Kind::Ipset));
+                println!(
+                    "{} on {cpus} CPU(s), {size} prefixes: edgegate drops {:.1}× the packets/s of the \
+                     best of nftables and ipset per core (target: ≥ 5×)",
+                    family.name(),
+                    best_peer / of(size, Kind::Edgegate)
+                );
+            }
+            let (smallest, largest) = (settings.sizes[0], settings.sizes[settings.sizes.len() - 1]);
+            if smallest != largest {
+                println!(
+                    "{} on {cpus} CPU(s): edgegate at {largest} prefixes drops {:.2}× its packets/s at \
+                     {smallest} (target at 1M against 10: ≥ 0.8×)",
+                    family.name(),
+                    of(smallest, Kind::Edgegate) / of(largest, Kind::Edgegate)
+                );
+            }
+        }
+        if let [one, .., many] = settings.cpus[..] {
+            for &size in &settings.sizes {
+                let all =
+                    |cpus: usize, kind| mpps(find(family, cpus, size, kind).ns()) * cpus as f64;
+                let scaling = |kind| all(many, kind) / all(one, kind);
+                println!(
+                    "{}, {size} prefixes: on {many} CPUs edgegate drops {:.2}× the packets/s of {one} \
+                     (nftables {:.2}×, ipset {:.2}×)",
+                    family.name(),
+                    scaling(Kind::Edgegate),
+                    scaling(Kind::Nftables),
+                    scaling(Kind::Ipset)
+                );
+            }
+        }
+    }
+    if settings.families.contains(&Family::V4) && settings.cpus.contains(&1) {
+        for &size in &settings.sizes {
+            let rounds = |kind| &find(Family::V4, 1, size, kind).path_ns;
+            let ratios: Vec<f64> = rounds(Kind::Edgegate)
+                .iter()
+                .zip(rounds(Kind::EdgegateWithoutSample))
+                .map(|(with, without)| with / without)
+                .collect();
+            let (low, high) = spread(&ratios);
+            println!(
+                "IPv4 on 1 CPU, {size} prefixes: the drop sample costs {:+.1}% per packet, median of {} \
+                 back-to-back pairs ({:+.1}%..{:+.1}%; target: ≤ 5%)",
+                (median(&ratios) - 1.0) * 100.0,
+                ratios.len(),
+                (low - 1.0) * 100.0,
+                (high - 1.0) * 100.0,
+            );
+        }
     }
 
     let json = serde_json::json!({
-        "packets_per_round": settings.packets,
+        "packets_per_cpu_and_round": settings.packets,
         "generator_ns_per_packet": totals.generator_ns,
         "busy_share_of_elapsed": busy_share,
         "rows": rows.iter().map(|r| serde_json::json!({
+            "family": r.family.name(),
+            "flooding_cpus": r.cpus,
             "prefixes": r.size,
             "filter": r.kind.name(),
             "receive_path_ns_per_packet": r.path_ns,
