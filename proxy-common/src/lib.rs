@@ -55,16 +55,30 @@ pub const PORT_BITMAP_WORDS: u32 = 65536 / 64;
 /// The prefilter in front of the rule lookup: a source whose 24-bit prefix
 /// (an IPv4 /24; the first 24 bits of an IPv6 address) no rule overlaps is
 /// unlisted without a lookup. Random sources miss the rule maps' cache
-/// lines on every lookup; most of them stop here, at a cost that does not
-/// grow with the list. Words `0..PREFILTER_SUMMARY_WORDS` hold one bit per
-/// 16-bit prefix (8 KiB, in L1), set when any of its 24-bit prefixes is;
-/// the words after them one bit per 24-bit prefix (2 MiB). The daemon keeps
-/// the bits a superset of what the rules need, so a bit can only send a
-/// packet on to the full lookup, never decide it.
-pub const PREFILTER_SUMMARY_WORDS: u32 = (1 << 16) / 64;
+/// lines on every lookup; most of them stop here, at a cost that grows
+/// little with the list. Each level holds one bit per prefix of its length,
+/// set when any 24-bit prefix within it is: 16 bits (8 KiB, in L1), 20 bits
+/// (128 KiB, in L2), 24 bits (2 MiB). A source goes on to the next level
+/// only if its bit is set, so a list that sets most 16-bit bits (100k random
+/// /24s set 78% of them) still stops most sources in L2 rather than in the
+/// 2 MiB level, which random sources read from memory. The daemon keeps the
+/// bits a superset of what the rules need, so a bit can only send a packet
+/// on to the full lookup, never decide it.
+pub const PREFILTER_LEVELS: [u32; 3] = [16, 20, 24];
 
-/// Words in each family's prefilter map (see [`PREFILTER_SUMMARY_WORDS`]).
-pub const PREFILTER_WORDS: u32 = PREFILTER_SUMMARY_WORDS + (1 << 24) / 64;
+/// The first word of level `level` of [`PREFILTER_LEVELS`] in the map.
+pub const fn prefilter_level_offset(level: usize) -> u32 {
+    let mut offset = 0;
+    let mut coarser = 0;
+    while coarser < level {
+        offset += (1 << PREFILTER_LEVELS[coarser]) / 64;
+        coarser += 1;
+    }
+    offset
+}
+
+/// Words in each family's prefilter map (see [`PREFILTER_LEVELS`]).
+pub const PREFILTER_WORDS: u32 = prefilter_level_offset(PREFILTER_LEVELS.len());
 
 /// VLAN tags (802.1Q, 802.1ad) the parser looks through.
 pub const MAX_VLAN_TAGS: usize = 2;

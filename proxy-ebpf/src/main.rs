@@ -33,8 +33,8 @@ use parse::{Ip, NeighborDiscovery, Outcome, Packet};
 use proxy_common::{
     COUNTER_SLOTS, Counter, DROP_SAMPLE_BUDGET, DROP_SAMPLE_ENTRIES, DROP_SAMPLE_EVERY,
     DROP_SAMPLE_NEW_EVERY, DroppedSource, Family, FilterConfig, Lookup, MAX_PER_LENGTH_LOOKUPS,
-    PORT_BITMAP_WORDS, PREFILTER_SUMMARY_WORDS, PREFILTER_WORDS, Reason, Rule, Scope, SourceKey,
-    counter_index,
+    PORT_BITMAP_WORDS, PREFILTER_LEVELS, PREFILTER_WORDS, Reason, Rule, Scope, SourceKey,
+    counter_index, prefilter_level_offset,
 };
 
 /// Default capacity per family; the daemon sets the real one at load time.
@@ -95,10 +95,12 @@ pub fn edgegate(ctx: XdpContext) -> u32 {
     }
     let packet = Packet::new(&ctx);
     let mut ip = Ip::new();
-    let (reason, audit) = match CONFIG.get(0) {
-        Some(config) => (classify(config, &packet, &mut ip), config.audit != 0),
+    let (reason, audit, sample_second) = match CONFIG.get(0) {
+        Some(config) => {
+            (classify(config, &packet, &mut ip), config.audit != 0, config.sample_second)
+        }
         // Element 0 of an array map always exists; fail closed regardless.
-        None => (Reason::Malformed, false),
+        None => (Reason::Malformed, false, 0),
     };
     let family = ip.family;
     // Audit mode passes what it would drop, so it counts it apart: the
@@ -108,12 +110,12 @@ pub fn edgegate(ctx: XdpContext) -> u32 {
         #[cfg(not(feature = "without-drop-sample"))]
         Reason::Denied | Reason::Unlisted => {
             if let Some(counter) = counter {
-                sample_drop(&packet, &ip, reason, counter);
+                sample_drop(&packet, &ip, reason, counter, sample_second);
             }
         }
         #[cfg(feature = "without-drop-sample")]
         Reason::Denied | Reason::Unlisted => {
-            let _ = counter;
+            let _ = (counter, sample_second);
         }
         Reason::Malformed => log_malformed(&ctx, family),
         _ => {}
@@ -197,14 +199,15 @@ fn lookup(config: &FilterConfig, ip: &Ip) -> Option<*mut Rule> {
 }
 
 /// Whether any rule could match a source whose first 24 bits are `prefix`
-/// (see [`PREFILTER_SUMMARY_WORDS`]): the summary first, then the full bitmap.
+/// (see [`PREFILTER_LEVELS`]): each level in turn, coarsest first.
 fn may_match(prefilter: &Array<u64>, prefix: u32) -> bool {
-    let is_set = |index: u32, bit: u32| {
+    let is_set = |level: usize| {
+        let bit = prefix >> (24 - PREFILTER_LEVELS[level]);
+        let index = prefilter_level_offset(level) + bit / 64;
         // Element `index` always exists; were it ever missing, the full lookup decides.
         prefilter.get(index).map_or(true, |word| word & (1 << (bit % 64)) != 0)
     };
-    let summary = prefix >> 8;
-    is_set(summary / 64, summary) && is_set(PREFILTER_SUMMARY_WORDS + prefix / 64, prefix)
+    is_set(0) && is_set(1) && is_set(2)
 }
 
 fn trie_rule(rule: Option<&Rule>) -> Option<*mut Rule> {
@@ -292,10 +295,10 @@ fn count(index: u32, bytes: usize) -> Option<*mut Counter> {
 /// daemon's `sample_second`) are recorded one by one; after that one in
 /// `DROP_SAMPLE_EVERY`, and a source not in the sample yet only one in
 /// `DROP_SAMPLE_NEW_EVERY`, so that a random-source flood costs a map
-/// insert only every so many packets.
+/// insert only every so many packets. `second` is the config's
+/// `sample_second`, read once per packet with the rest of the config.
 #[cfg_attr(feature = "without-drop-sample", expect(dead_code, reason = "bench variant"))]
-fn sample_drop(packet: &Packet, ip: &Ip, reason: Reason, counter: *mut Counter) {
-    let second = CONFIG.get(0).map_or(0, |config| config.sample_second);
+fn sample_drop(packet: &Packet, ip: &Ip, reason: Reason, counter: *mut Counter, second: u32) {
     // SAFETY: a per-CPU slot, as in `count`.
     let weight = unsafe {
         if (*counter).sample_second != second {

@@ -540,10 +540,30 @@ fn replace_never_drops_a_source_allowed_before_and_after() {
 /// its program can run, so a listed source is never dropped by them.
 #[test]
 fn a_restart_over_maps_pinned_without_prefilters_fills_them_first() {
+    restart_with_prefilter_pins(|pin| std::fs::remove_file(pin).expect("remove the pin"));
+}
+
+/// Prefilters pinned by an edgegate whose prefilter had two levels (16 and
+/// 24 bits, 263,168 words): a restart replaces them with today's shape and
+/// fills those, rather than failing to load against them.
+#[test]
+fn a_restart_over_prefilters_of_an_older_shape_replaces_and_fills_them() {
+    restart_with_prefilter_pins(|pin| {
+        std::fs::remove_file(pin).expect("remove the pin");
+        let mmapable = 1 << 10;
+        let older = aya::maps::Array::<aya::maps::MapData, u64>::create(263_168, mmapable)
+            .expect("create a prefilter of the older shape");
+        older.pin(pin).expect("pin it");
+    });
+}
+
+/// Lets `replace` do what an older edgegate left at each prefilter's pin,
+/// restarts over that, and checks listed sources pass and others drop.
+fn restart_with_prefilter_pins(replace: impl Fn(&std::path::Path)) {
     let list = "192.0.2.0/24\n2001:db8::/32\n";
     let h = XdpHarness::new(list, Scope::Ports, &[PORT]);
     for name in [proxy_common::map::V4_PREFILTER, proxy_common::map::V6_PREFILTER] {
-        std::fs::remove_file(h.bpffs_dir().join("maps").join(name)).expect("remove the pin");
+        replace(&h.bpffs_dir().join("maps").join(name));
     }
     // The same list: the rule maps need no change, so only the fill at load
     // can make the new prefilters right.

@@ -381,13 +381,17 @@ impl Filter {
 
 /// Maps an older edgegate pinned with another shape are replaced rather than
 /// reused (the verifier would refuse the program against them): the config
-/// map, which the daemon rewrites whole at every start, and the counters,
-/// which then start again from 0. The program still attached keeps its own
-/// references until it is swapped.
+/// map, which the daemon rewrites whole at every start, the counters, which
+/// then start again from 0, and the prefilters, which `open_object` fills
+/// from the installed rules before the new program runs. The program still
+/// attached keeps its own references until it is swapped.
 fn discard_outdated(maps_dir: &Path) -> Result<(), FilterError> {
+    let prefilter = (size_of::<u64>(), proxy_common::PREFILTER_WORDS);
     let shapes = [
         (map::CONFIG, size_of::<KernelConfig>(), 1),
         (map::COUNTERS, size_of::<Counter>(), proxy_common::COUNTER_SLOTS),
+        (map::V4_PREFILTER, prefilter.0, prefilter.1),
+        (map::V6_PREFILTER, prefilter.0, prefilter.1),
     ];
     for (name, value_size, max_entries) in shapes {
         let pin = maps_dir.join(name);

@@ -1,6 +1,6 @@
 //! The prefilters in front of the rule lookup (see
-//! [`proxy_common::PREFILTER_SUMMARY_WORDS`]): per family, which 24-bit
-//! source prefixes any rule overlaps, and which 16-bit ones. They are written
+//! [`proxy_common::PREFILTER_LEVELS`]): per family, which 24-bit source
+//! prefixes any rule overlaps, and which 20- and 16-bit ones. They are written
 //! through a shared mapping, and only ever as a superset of what the rules in
 //! the maps need: a bit set too many sends a packet on to the full lookup,
 //! a bit missing would drop a listed source.
@@ -8,23 +8,26 @@
 use std::{net::IpAddr, sync::atomic::Ordering};
 
 use ipnet::IpNet;
-use proxy_common::{PREFILTER_SUMMARY_WORDS, PREFILTER_WORDS};
+use proxy_common::{PREFILTER_LEVELS, PREFILTER_WORDS, prefilter_level_offset};
 
 use super::sys::MappedWords;
 
 /// Bits of the prefilter the rules in `cidrs` of one family (`ipv6` or not)
-/// need: for each rule, every 24-bit prefix it overlaps and the 16-bit
-/// prefixes those are in.
+/// need: for each rule, every 24-bit prefix it overlaps and, on each
+/// coarser level, the prefixes those are in.
 pub(super) fn bits<'a>(cidrs: impl IntoIterator<Item = &'a IpNet>, ipv6: bool) -> Vec<u64> {
     let mut words = vec![0u64; PREFILTER_WORDS as usize];
-    let (summary, detail) = words.split_at_mut(PREFILTER_SUMMARY_WORDS as usize);
     for cidr in cidrs.into_iter().filter(|cidr| cidr.network().is_ipv6() == ipv6) {
         let (top, len) = (top_24_bits(cidr.network()), cidr.prefix_len());
         // A rule as long as a 24-bit prefix or longer lies within one; a
         // shorter one covers 2^(24 - len) of them, aligned.
         let count = 1u32 << 24u8.saturating_sub(len);
-        set_bits(detail, top, count);
-        set_bits(summary, top >> 8, (count >> 8).max(1));
+        for (level, bits) in PREFILTER_LEVELS.into_iter().enumerate() {
+            let shift = 24 - bits;
+            let start = prefilter_level_offset(level) as usize;
+            let end = prefilter_level_offset(level + 1) as usize;
+            set_bits(&mut words[start..end], top >> shift, (count >> shift).max(1));
+        }
     }
     words
 }
@@ -81,8 +84,11 @@ mod tests {
     /// Whether `bits` let `source` on to the full lookup, as the program reads them.
     pub(super) fn passes(bits: &[u64], source: IpAddr) -> bool {
         let top = top_24_bits(source);
-        let is_set = |index: u32| bits[(index / 64) as usize] & (1 << (index % 64)) != 0;
-        is_set(top >> 8) && is_set(PREFILTER_SUMMARY_WORDS * 64 + top)
+        PREFILTER_LEVELS.into_iter().enumerate().all(|(level, length)| {
+            let bit = top >> (24 - length);
+            let word = prefilter_level_offset(level) + bit / 64;
+            bits[word as usize] & (1 << (bit % 64)) != 0
+        })
     }
 
     fn cidrs(list: &[&str]) -> Vec<IpNet> {
@@ -105,6 +111,7 @@ mod tests {
             ("10.1.2.9", true),
             ("10.1.3.9", true),
             ("10.1.4.9", false),
+            ("10.1.16.9", false), // same /16, another /20
             ("10.1.1.9", false),
             ("192.0.2.1", false),
         ];
@@ -128,7 +135,14 @@ mod tests {
         assert!(none.iter().all(|&w| w == 0), "an IPv4 rule sets no IPv6 bit");
         let eight = bits(&cidrs(&["10.0.0.0/8"]), false);
         let set: u32 = eight.iter().map(|w| w.count_ones()).sum();
-        assert_eq!(set, (1 << 16) + (1 << 8), "65536 /24s and 256 /16s");
+        assert_eq!(set, (1 << 16) + (1 << 12) + (1 << 8), "65536 /24s, 4096 /20s, 256 /16s");
+        // One /24 sets one bit on each level, in the level's own words.
+        let one = bits(&cidrs(&["10.1.2.0/24"]), false);
+        let at = |level: usize| {
+            let (start, end) = (prefilter_level_offset(level), prefilter_level_offset(level + 1));
+            one[start as usize..end as usize].iter().map(|w| w.count_ones()).sum::<u32>()
+        };
+        assert_eq!([at(0), at(1), at(2)], [1, 1, 1]);
     }
 
     #[test]
