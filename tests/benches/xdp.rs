@@ -179,14 +179,18 @@ fn measure_side_by_side<const N: usize>(
     rounds: usize,
 ) -> [Paths; N] {
     let mut ns = [(); N].map(|()| vec![f64::INFINITY; frames.len()]);
-    for _ in 0..rounds {
+    for round in 0..rounds {
         for (index, frame) in frames.iter().enumerate() {
-            for (program, ns) in programs.iter().zip(&mut ns) {
+            // Each program goes first in turn: the one run right after
+            // another frame's runs is not always the same one.
+            let mut order: [usize; N] = std::array::from_fn(|i| i);
+            order.rotate_left((round + index) % N);
+            for program in order {
                 let mut options = TestRunOptions::new();
                 options.data_in = Some(frame);
                 options.repeat = repeat;
-                let result = program.test_run(options).expect("BPF_PROG_TEST_RUN");
-                ns[index] = ns[index].min(result.duration.as_nanos() as f64);
+                let result = programs[program].test_run(options).expect("BPF_PROG_TEST_RUN");
+                ns[program][index] = ns[program][index].min(result.duration.as_nanos() as f64);
             }
         }
     }
