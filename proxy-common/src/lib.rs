@@ -155,10 +155,8 @@ pub struct FilterConfig {
     /// Non-zero: audit mode. Packets are judged as always, but those the
     /// list would drop are passed, and counted apart (see [`counter_index`]).
     pub audit: u32,
-    /// The drop sample's second: the daemon sets it (to the Unix time) once
-    /// a second, and a counter slot whose [`Counter::sample_second`] differs
-    /// starts a new budget of [`DROP_SAMPLE_BUDGET`] exact records.
-    pub sample_second: u32,
+    /// Zero; keeps the layout free of implicit padding.
+    pub padding: u32,
 }
 
 impl FilterConfig {
@@ -172,27 +170,27 @@ impl FilterConfig {
         v4_lengths: 0,
         v6_lengths: [0; 3],
         audit: 0,
-        sample_second: 0,
+        padding: 0,
     };
 }
 
 /// Sources the drop sample holds; the least recently seen make room.
 pub const DROP_SAMPLE_ENTRIES: u32 = 4096;
 
-/// Drops each CPU records one by one per second and per counter slot
-/// (family, reason and mode).
-pub const DROP_SAMPLE_BUDGET: u32 = 256;
+/// Drops a counter slot (family, reason and mode) of one CPU records per
+/// [`DROP_SAMPLE_WINDOW_NS`]: every one while it drops no more, about this
+/// many (each weighted by the drops it stands for) while it drops more.
+pub const DROP_SAMPLE_BUDGET: u64 = 256;
 
-/// Once a slot's budget is spent, a CPU records one of its drops in this
-/// many, weighted by it: a flood costs one map update per
-/// `DROP_SAMPLE_EVERY` packets, and its counts become estimates.
-pub const DROP_SAMPLE_EVERY: u64 = 64;
+/// The window over which a counter slot's drop rate sets its sampling.
+pub const DROP_SAMPLE_WINDOW_NS: u64 = 1_000_000_000;
 
-/// Past the budget, a source the sample does not hold yet is added only by
-/// one drop in this many: in a random-source flood nearly every sampled drop
-/// is a new source, and an insert into the full LRU map (with its eviction)
-/// costs microseconds, where updating a known source costs nanoseconds.
-pub const DROP_SAMPLE_NEW_EVERY: u64 = 1024;
+/// The sparsest sampling: one drop in this many. Past a few hundred
+/// thousand drops a second the records no longer cost anything measurable
+/// per packet; the cap bounds how many drops a slot can leave unrecorded
+/// after a flood ends (twice this at most) before its records find the rate
+/// low again.
+pub const DROP_SAMPLE_MAX_EVERY: u64 = 1024;
 
 /// The drop sample's key: an IPv6 address, or an IPv4 one mapped into IPv6
 /// (`::ffff:a.b.c.d`).
@@ -380,20 +378,78 @@ macro_rules! display_by_name {
 display_by_name!(Family, Reason, Verdict, Lookup);
 
 /// Packets and bytes counted for one (family, reason) pair on one CPU, and
-/// the drop sample's budget for them. Only the program writes it: the
-/// budget lives here, in the cache line the count has just touched, rather
-/// than in a map of its own that every drop would look up (that lookup
-/// cost about 10% of the drop path).
+/// how the drop sample paces itself for them. Only the program writes it:
+/// the pacing lives here, in the cache line the count has just touched, and
+/// is one mask that a flood's drop tests against `packets` (a map of its own
+/// cost about 10% of the drop path, a per-second budget check 20%).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counter {
     pub packets: u64,
     pub bytes: u64,
-    /// The [`FilterConfig::sample_second`] of `sampled`.
-    pub sample_second: u32,
-    /// Drops recorded one by one in that second.
-    pub sampled: u32,
+    /// The drop sample records a drop when `packets & sample_mask` is zero
+    /// (see [`Counter::records`]).
+    pub sample_mask: u32,
+    /// The low 32 bits of `packets` when the current window opened.
+    pub window_packets: u32,
+    /// When the current window opened (`bpf_ktime_get_ns`).
+    pub window_start_ns: u64,
 }
+
+impl Counter {
+    /// Whether the drop sample records the drop just counted; `packets` is
+    /// [`Counter::packets`] with it (the program has it in a register).
+    #[inline(always)]
+    pub const fn records(&self, packets: u64) -> bool {
+        packets & self.sample_mask as u64 == 0
+    }
+
+    /// Paces the drop sample for a drop it records at `now`; returns how many
+    /// drops the record stands for. The mask is set from the slot's drop rate
+    /// when a window ends, and as soon as the slot drops more than
+    /// [`DROP_SAMPLE_BUDGET`] within one: a flood is sampled from its first
+    /// few hundred drops on, and a slot that drops little is exact again at
+    /// the first record after a quiet window.
+    #[inline(always)]
+    pub fn pace_sample(&mut self, now: u64) -> u64 {
+        let weight = self.sample_mask as u64 + 1;
+        let elapsed = now.wrapping_sub(self.window_start_ns);
+        // Only the low bits are kept; a window never counts 2^32 drops.
+        let counted = (self.packets as u32).wrapping_sub(self.window_packets) as u64;
+        let window_over = elapsed >= DROP_SAMPLE_WINDOW_NS;
+        if window_over || (self.sample_mask == 0 && counted > DROP_SAMPLE_BUDGET) {
+            // `elapsed` is not zero here, but the division must not trap.
+            let per_window = counted * DROP_SAMPLE_WINDOW_NS / elapsed.max(1);
+            self.sample_mask = sample_mask(per_window);
+        }
+        if window_over {
+            self.window_start_ns = now;
+            self.window_packets = self.packets as u32;
+        }
+        weight
+    }
+}
+
+/// The mask that records about [`DROP_SAMPLE_BUDGET`] of `per_window` drops:
+/// zero (every drop) up to it, then a power of two minus one, capped at
+/// [`DROP_SAMPLE_MAX_EVERY`] (BPF has no count-leading-zeros: the bits are
+/// smeared down by hand).
+const fn sample_mask(per_window: u64) -> u32 {
+    let mut mask = per_window / DROP_SAMPLE_BUDGET;
+    if mask >= DROP_SAMPLE_MAX_EVERY {
+        mask = DROP_SAMPLE_MAX_EVERY - 1;
+    }
+    mask |= mask >> 1;
+    mask |= mask >> 2;
+    mask |= mask >> 4;
+    mask |= mask >> 8;
+    mask as u32
+}
+
+const _: () = assert!(
+    DROP_SAMPLE_MAX_EVERY.is_power_of_two() && DROP_SAMPLE_MAX_EVERY <= 1 << 16,
+    "the smear in `sample_mask` covers 16 bits"
+);
 
 /// Counters per mode: one per (family, reason).
 const SLOTS_PER_MODE: u32 = (Family::ALL.len() * Reason::COUNT) as u32;
@@ -419,4 +475,113 @@ mod user {
     unsafe impl aya::Pod for super::DroppedSource {}
     unsafe impl aya::Pod for super::Rule {}
     unsafe impl aya::Pod for super::Counter {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::vec::Vec;
+
+    use super::*;
+
+    /// Counts a drop at each of `times` (ns) in `counter`, as the
+    /// program does; returns the weights of those the sample recorded.
+    fn drive(counter: &mut Counter, times: impl IntoIterator<Item = u64>) -> Vec<u64> {
+        let mut weights = Vec::new();
+        for now in times {
+            counter.packets += 1;
+            if counter.records(counter.packets) {
+                weights.push(counter.pace_sample(now));
+            }
+        }
+        weights
+    }
+
+    /// `count` drops evenly spread over `seconds`, from `start_ns` on.
+    fn evenly(start_ns: u64, count: u64, seconds: u64) -> impl Iterator<Item = u64> {
+        let step = seconds * DROP_SAMPLE_WINDOW_NS / count;
+        (0..count).map(move |i| start_ns + i * step)
+    }
+
+    const START: u64 = 5 * DROP_SAMPLE_WINDOW_NS;
+
+    #[test]
+    fn the_mask_records_about_the_budget_of_each_rate() {
+        for (per_window, mask) in [
+            (0, 0),
+            (1, 0),
+            (255, 0),
+            (256, 1),
+            (511, 1),
+            (512, 3),
+            (100_000, 511),
+            (1 << 30, DROP_SAMPLE_MAX_EVERY as u32 - 1),
+            (u64::MAX, DROP_SAMPLE_MAX_EVERY as u32 - 1),
+        ] {
+            assert_eq!(sample_mask(per_window), mask, "{per_window} drops a window");
+        }
+    }
+
+    #[test]
+    fn a_slot_that_drops_little_records_every_drop() {
+        let mut counter = Counter::default();
+        let weights = drive(&mut counter, evenly(START, 2_000, 10));
+        assert_eq!(weights.len(), 2_000);
+        assert!(weights.iter().all(|&w| w == 1));
+        // The budget per window, at once, is still exact.
+        let burst = (0..DROP_SAMPLE_BUDGET).map(|i| START + 20 * DROP_SAMPLE_WINDOW_NS + i);
+        assert!(drive(&mut counter, burst).iter().all(|&w| w == 1));
+    }
+
+    #[test]
+    fn a_flood_is_sampled_from_past_the_budget_and_its_weights_add_up() {
+        for per_second in [1_000, 30_000, 1_000_000, 20_000_000] {
+            let mut counter = Counter::default();
+            let seconds = 3;
+            let drops = per_second * seconds;
+            let weights = drive(&mut counter, evenly(START, drops, seconds));
+            assert!(weights[..DROP_SAMPLE_BUDGET as usize].iter().all(|&w| w == 1));
+            assert!(weights.len() as u64 > DROP_SAMPLE_BUDGET, "{per_second}/s");
+            // No more than twice the budget per window after the first, and
+            // the first pays at most the budget plus one record per mask.
+            let bound = DROP_SAMPLE_BUDGET * (2 * seconds + 1)
+                + drops / DROP_SAMPLE_MAX_EVERY
+                + DROP_SAMPLE_BUDGET;
+            assert!((weights.len() as u64) <= bound, "{per_second}/s: {} records", weights.len());
+            let estimate: u64 = weights.iter().sum();
+            assert!(
+                estimate.abs_diff(drops) <= 2 * DROP_SAMPLE_MAX_EVERY,
+                "{per_second}/s: estimate {estimate} of {drops}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_sparsest_sampling_is_capped() {
+        let mut counter = Counter::default();
+        let weights = drive(&mut counter, evenly(START, 200_000_000, 2));
+        assert_eq!(weights.iter().copied().max(), Some(DROP_SAMPLE_MAX_EVERY));
+    }
+
+    #[test]
+    fn after_a_flood_a_trickle_is_exact_again_within_two_caps() {
+        let mut counter = Counter::default();
+        drive(&mut counter, evenly(START, 10_000_000, 1));
+        assert_eq!(counter.sample_mask, DROP_SAMPLE_MAX_EVERY as u32 - 1);
+        // A trickle, one drop a second: the first record after the flood
+        // still sees some of it in its window, the second no longer does.
+        let trickled = 3 * DROP_SAMPLE_MAX_EVERY;
+        let trickle = (0..trickled).map(|i| START + (10 + i) * DROP_SAMPLE_WINDOW_NS);
+        let weights = drive(&mut counter, trickle);
+        let exact = weights.iter().rev().take_while(|&&w| w == 1).count() as u64;
+        assert!(
+            trickled - exact <= 2 * DROP_SAMPLE_MAX_EVERY,
+            "exact only after {}",
+            trickled - exact
+        );
+        assert_eq!(counter.sample_mask, 0);
+        // The first record also stands for the flood's last unrecorded drops.
+        let estimate = weights.iter().sum::<u64>();
+        assert!(estimate.abs_diff(trickled) < DROP_SAMPLE_MAX_EVERY, "{estimate} of {trickled}");
+    }
 }

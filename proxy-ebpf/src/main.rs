@@ -31,8 +31,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use parse::{Ip, NeighborDiscovery, Outcome, Packet};
 use proxy_common::{
-    COUNTER_SLOTS, Counter, DROP_SAMPLE_BUDGET, DROP_SAMPLE_ENTRIES, DROP_SAMPLE_EVERY,
-    DROP_SAMPLE_NEW_EVERY, DroppedSource, Family, FilterConfig, Lookup, MAX_PER_LENGTH_LOOKUPS,
+    COUNTER_SLOTS, Counter, DROP_SAMPLE_ENTRIES, DroppedSource, Family, FilterConfig, Lookup, MAX_PER_LENGTH_LOOKUPS,
     PORT_BITMAP_WORDS, PREFILTER_LEVELS, PREFILTER_WORDS, Reason, Rule, Scope, SourceKey,
     counter_index, prefilter_level_offset,
 };
@@ -95,30 +94,23 @@ pub fn edgegate(ctx: XdpContext) -> u32 {
     }
     let packet = Packet::new(&ctx);
     let mut ip = Ip::new();
-    let (reason, audit, sample_second) = match CONFIG.get(0) {
-        Some(config) => {
-            (classify(config, &packet, &mut ip), config.audit != 0, config.sample_second)
-        }
+    let (reason, audit) = match CONFIG.get(0) {
+        Some(config) => (classify(config, &packet, &mut ip), config.audit != 0),
         // Element 0 of an array map always exists; fail closed regardless.
-        None => (Reason::Malformed, false, 0),
+        None => (Reason::Malformed, false),
     };
     let family = ip.family;
     // Audit mode passes what it would drop, so it counts it apart: the
     // `drop` counters keep meaning "dropped".
     let counter = count(counter_index(family, reason, audit && !reason.passes()), packet.len());
-    match reason {
-        #[cfg(not(feature = "without-drop-sample"))]
-        Reason::Denied | Reason::Unlisted => {
-            if let Some(counter) = counter {
-                sample_drop(&packet, &ip, reason, counter, sample_second);
-            }
+    // Passing packets, the common case, leave after one test.
+    if !reason.passes() {
+        match (reason, counter) {
+            (Reason::Malformed, _) => log_malformed(&ctx, family),
+            #[cfg(not(feature = "without-drop-sample"))]
+            (_, Some(counter)) => sample_drop(&packet, &ip, reason, counter),
+            _ => {}
         }
-        #[cfg(feature = "without-drop-sample")]
-        Reason::Denied | Reason::Unlisted => {
-            let _ = (counter, sample_second);
-        }
-        Reason::Malformed => log_malformed(&ctx, family),
-        _ => {}
     }
     if reason.passes() || audit { xdp_action::XDP_PASS } else { xdp_action::XDP_DROP }
 }
@@ -278,47 +270,42 @@ fn lookup_v6_per_length(lengths: &[u64; 3], addr: [u8; 16]) -> Option<*mut Rule>
     None
 }
 
-/// Counts the packet; returns its counter slot (this CPU's), which also
-/// holds the drop sample's budget.
-fn count(index: u32, bytes: usize) -> Option<*mut Counter> {
-    let counter = COUNTERS.get_ptr_mut(index)?;
-    // SAFETY: a per-CPU slot: nothing else writes it while this program runs.
-    unsafe {
-        (*counter).packets += 1;
-        (*counter).bytes += bytes as u64;
-    }
-    Some(counter)
+/// A packet just counted: its counter slot (this CPU's), which also paces
+/// the drop sample, and the slot's packets with this one.
+struct Counted {
+    slot: *mut Counter,
+    packets: u64,
 }
 
-/// Records a dropped packet's source in the sample. The first
-/// `DROP_SAMPLE_BUDGET` drops of each counter slot per second (the
-/// daemon's `sample_second`) are recorded one by one; after that one in
-/// `DROP_SAMPLE_EVERY`, and a source not in the sample yet only one in
-/// `DROP_SAMPLE_NEW_EVERY`, so that a random-source flood costs a map
-/// insert only every so many packets. `second` is the config's
-/// `sample_second`, read once per packet with the rest of the config.
+/// Counts the packet. The count is handed on in a register: reading it back
+/// from the slot just written is a store-to-load stall on every drop.
+fn count(index: u32, bytes: usize) -> Option<Counted> {
+    let slot = COUNTERS.get_ptr_mut(index)?;
+    // SAFETY: a per-CPU slot: nothing else writes it while this program runs.
+    unsafe {
+        let packets = (*slot).packets + 1;
+        (*slot).packets = packets;
+        (*slot).bytes += bytes as u64;
+        Some(Counted { slot, packets })
+    }
+}
+
+/// Records a dropped packet's source in the sample, when its counter slot's
+/// pacing says so (see `Counter::pace_sample`): what most drops of a flood
+/// pay here is one mask test.
 #[cfg_attr(feature = "without-drop-sample", expect(dead_code, reason = "bench variant"))]
-fn sample_drop(packet: &Packet, ip: &Ip, reason: Reason, counter: *mut Counter, second: u32) {
+fn sample_drop(packet: &Packet, ip: &Ip, reason: Reason, counted: Counted) {
     // SAFETY: a per-CPU slot, as in `count`.
-    let weight = unsafe {
-        if (*counter).sample_second != second {
-            (*counter).sample_second = second;
-            (*counter).sampled = 0;
-        }
-        if (*counter).sampled < DROP_SAMPLE_BUDGET {
-            (*counter).sampled += 1;
-            1
-        } else if (*counter).packets % DROP_SAMPLE_EVERY == 0 {
-            DROP_SAMPLE_EVERY
-        } else {
-            return;
-        }
-    };
+    let counter = unsafe { &mut *counted.slot };
+    if !counter.records(counted.packets) {
+        return;
+    }
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let weight = counter.pace_sample(now);
     let Some(key) = packet.source_as_ipv6(ip) else {
         return;
     };
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     match DROPPED.get_ptr_mut(&key) {
         // SAFETY: `seen` points into a map value, valid for this program run;
         // `packets` is only ever updated atomically, the rest are plain
@@ -328,9 +315,6 @@ fn sample_drop(packet: &Packet, ip: &Ip, reason: Reason, counter: *mut Counter, 
             (*seen).last_seen_ns = now;
             (*seen).reason = reason as u32;
         },
-        // Past the budget (`weight` > 1), new sources get in more rarely.
-        // SAFETY: a per-CPU slot, as in `count`.
-        None if weight > 1 && unsafe { (*counter).packets } % DROP_SAMPLE_NEW_EVERY != 0 => {}
         None => {
             let value = DroppedSource {
                 packets: weight,

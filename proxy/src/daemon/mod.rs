@@ -88,10 +88,6 @@ pub enum DaemonError {
 /// How often the certificates in force are checked for nearing expiry.
 const EXPIRY_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
 
-/// How often the drop sample starts a new second (and so a new budget of
-/// exact records, `DROP_SAMPLE_BUDGET`, per CPU and counter slot).
-const SAMPLE_SECOND: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// How often the worker's sightings are taken in and kept on disk.
 const LEARN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -300,8 +296,6 @@ pub async fn serve(
         tokio::time::Instant::now() + EXPIRY_CHECK_INTERVAL,
         EXPIRY_CHECK_INTERVAL,
     );
-    let mut sample_second = tokio::time::interval(SAMPLE_SECOND);
-    sample_second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut learn = tokio::time::interval(LEARN_INTERVAL);
     learn.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -309,11 +303,6 @@ pub async fn serve(
         tokio::select! {
             () = &mut shutdown => break,
             _ = expiry_check.tick() => state.lock().await.warn_of_expiry(),
-            _ = sample_second.tick() => {
-                if let Err(e) = state.lock().await.filter.start_sample_second() {
-                    tracing::warn!("cannot start the drop sample's next second: {e}");
-                }
-            }
             _ = learn.tick() => state.lock().await.learn().await,
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: reloading");

@@ -314,7 +314,6 @@ impl Filter {
         };
         (filter.config.ephemeral_first, filter.config.ephemeral_last) = ephemeral_port_range();
         filter.write_config()?;
-        filter.start_sample_second()?;
         filter.set_ports(&options.ports)?;
         filter.apply(list)?;
         filter.program_mut().load().map_err(FilterError::Verify)?;

@@ -13,17 +13,6 @@ use super::{Filter, FilterError, map_error};
 use crate::status::DroppedSourceStatus;
 
 impl Filter {
-    /// Starts a new second of the drop sample: every counter slot gets its
-    /// budget of drops recorded one by one again (the program resets a
-    /// slot's budget when it sees a new `sample_second`). The daemon calls
-    /// this every second; past a slot's budget the program samples.
-    pub fn start_sample_second(&mut self) -> Result<(), FilterError> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        // Any change starts a new second; wrapping after 2106 is fine.
-        self.config.sample_second = now.as_secs() as u32;
-        self.write_config()
-    }
-
     /// The `limit` sources with the most dropped packets, most first.
     pub fn dropped_sources(&self, limit: usize) -> Result<Vec<DroppedSourceStatus>, FilterError> {
         if limit == 0 {
