@@ -192,6 +192,13 @@ pub const DROP_SAMPLE_WINDOW_NS: u64 = 1_000_000_000;
 /// low again.
 pub const DROP_SAMPLE_MAX_EVERY: u64 = 1024;
 
+/// At the sparsest sampling, a source the sample does not hold yet is added
+/// only by one drop in this many: in a random-source flood nearly every
+/// record is a new source, and an insert into the full LRU map (an eviction
+/// under its lock) costs microseconds, where updating a known source costs
+/// nanoseconds. At 28 Mpps on one core, one insert per 1024 drops cost ~5%.
+pub const DROP_SAMPLE_NEW_EVERY: u64 = 16 * DROP_SAMPLE_MAX_EVERY;
+
 /// The drop sample's key: an IPv6 address, or an IPv4 one mapped into IPv6
 /// (`::ffff:a.b.c.d`).
 pub type SourceKey = [u8; 16];

@@ -31,9 +31,10 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use parse::{Ip, NeighborDiscovery, Outcome, Packet};
 use proxy_common::{
-    COUNTER_SLOTS, Counter, DROP_SAMPLE_ENTRIES, DroppedSource, Family, FilterConfig, Lookup, MAX_PER_LENGTH_LOOKUPS,
-    PORT_BITMAP_WORDS, PREFILTER_LEVELS, PREFILTER_WORDS, Reason, Rule, Scope, SourceKey,
-    counter_index, prefilter_level_offset,
+    COUNTER_SLOTS, Counter, DROP_SAMPLE_ENTRIES, DROP_SAMPLE_MAX_EVERY, DROP_SAMPLE_NEW_EVERY,
+    DroppedSource, Family, FilterConfig, Lookup, MAX_PER_LENGTH_LOOKUPS, PORT_BITMAP_WORDS,
+    PREFILTER_LEVELS, PREFILTER_WORDS, Reason, Rule, Scope, SourceKey, counter_index,
+    prefilter_level_offset,
 };
 
 /// Default capacity per family; the daemon sets the real one at load time.
@@ -315,6 +316,9 @@ fn sample_drop(packet: &Packet, ip: &Ip, reason: Reason, counted: Counted) {
             (*seen).last_seen_ns = now;
             (*seen).reason = reason as u32;
         },
+        // A flood's new sources get in more rarely.
+        None if weight == DROP_SAMPLE_MAX_EVERY && counted.packets % DROP_SAMPLE_NEW_EVERY != 0 => {
+        }
         None => {
             let value = DroppedSource {
                 packets: weight,
