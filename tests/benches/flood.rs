@@ -3,7 +3,8 @@
 //! on two, and the CPU it spends per million packets: edgegate's XDP
 //! program, nftables (netdev ingress, an interval set), iptables/ip6tables
 //! (raw PREROUTING, an ipset hash:net) and no filter at all, with the same
-//! allowlist of 10, 10k and 100k prefixes (IPv4 /24s, IPv6 /48s).
+//! allowlist of 10, 10k and 100k prefixes (IPv4 /24s, IPv6 /48s; with
+//! `--hosts`, /32s and /128s, as in a partner list of single addresses).
 //!
 //! Traffic: a generator XDP program run by BPF_PROG_TEST_RUN in live-frames
 //! mode rewrites the source of a TCP SYN to a random address and redirects
@@ -69,6 +70,7 @@ struct Settings {
     families: Vec<Family>,
     /// How many CPUs flood at once, for each configuration in turn.
     cpus: Vec<usize>,
+    listed: Listed,
 }
 
 impl Settings {
@@ -79,6 +81,7 @@ impl Settings {
             sizes: vec![10, 10_000, 100_000],
             families: vec![Family::V4, Family::V6],
             cpus: vec![1, MAX_CPUS],
+            listed: Listed::Networks,
         };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
@@ -109,10 +112,11 @@ impl Settings {
                         })
                         .collect();
                 }
+                "--hosts" => settings.listed = Listed::Hosts,
                 "--bench" => {}
                 other => panic!(
                     "unknown argument {other} (--packets N, --rounds N, --sizes N,N,.., \
-                     --families 4,6, --cpus 1,2)"
+                     --families 4,6, --cpus 1,2, --hosts)"
                 ),
             }
         }
@@ -161,13 +165,26 @@ impl Family {
         }
     }
 
-    /// The length of the listed prefixes: what a partner's range looks like.
-    fn prefix_len(self) -> u8 {
-        match self {
-            Self::V4 => 24,
-            Self::V6 => 48,
+    /// The length of the listed prefixes.
+    fn prefix_len(self, listed: Listed) -> u8 {
+        match (self, listed) {
+            (Self::V4, Listed::Networks) => 24,
+            (Self::V6, Listed::Networks) => 48,
+            (Self::V4, Listed::Hosts) => 32,
+            (Self::V6, Listed::Hosts) => 128,
         }
     }
+}
+
+/// What the allowlist holds. Its share of the address space is the share
+/// of a random-source flood that every filter must pass up the stack:
+/// 1M IPv4 /24s are 6% of it, 1M /32s 0.02%.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Listed {
+    /// A partner's ranges: IPv4 /24s, IPv6 /48s.
+    Networks,
+    /// Single addresses: IPv4 /32s, IPv6 /128s.
+    Hosts,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -614,16 +631,17 @@ fn internet_checksum(parts: &[&[u8]]) -> u16 {
     !(sum as u16)
 }
 
-/// `n` distinct networks of `family`'s prefix length, the same ones on
-/// every run, none of them the bed's own.
-fn prefixes(family: Family, n: usize) -> Vec<String> {
+/// `n` distinct networks of `family`'s prefix length for `listed`, the same
+/// ones on every run, none of them the bed's own.
+fn prefixes(family: Family, listed: Listed, n: usize) -> Vec<String> {
     let mut lcg = Lcg::new(0x0f10_0d00);
-    let length = family.prefix_len();
+    let length = family.prefix_len(listed);
     let own = match family {
         Family::V4 => u128::from(u32::from(SINK_ADDR)) << 96,
         Family::V6 => u128::from(SINK_ADDR6),
     };
-    let mask = !(u128::MAX >> length);
+    // Checked: a /0 would shift by 128.
+    let mask = u128::MAX.checked_shl(128 - u32::from(length)).unwrap_or(0);
     let mut seen = BTreeSet::from([own & mask]);
     let mut prefixes = Vec::with_capacity(n);
     while prefixes.len() < n {
@@ -728,7 +746,7 @@ fn main() {
     for &family in &settings.families {
         for &cpus in &settings.cpus {
             for &size in &settings.sizes {
-                let list = prefixes(family, size);
+                let list = prefixes(family, settings.listed, size);
                 let mut kinds: Vec<Kind> =
                     Kind::ALL.into_iter().filter(|k| !k.is_edgegate()).collect();
                 if (family, cpus) == (Family::V4, 1) {
@@ -783,11 +801,13 @@ fn report(settings: &Settings, totals: &Totals, rows: &[Row]) {
     println!(
         "traffic: TCP SYNs from random sources, {} per flooding CPU and round, {} rounds ({} for edgegate's \
          two builds, taking turns, IPv4 on one CPU), each generator thread pinned to its CPU (its own \
-         {:.0} ns/packet subtracted); allowlists of distinct IPv4 /24s or IPv6 /48s",
+         {:.0} ns/packet subtracted); allowlists of distinct IPv4 /{}s or IPv6 /{}s",
         settings.packets,
         settings.rounds,
         settings.rounds * PAIRED_ROUNDS_FACTOR,
-        median(&totals.generator_ns)
+        median(&totals.generator_ns),
+        Family::V4.prefix_len(settings.listed),
+        Family::V6.prefix_len(settings.listed),
     );
     println!(
         "figures are the flooding CPUs' time per packet; their busy time (/proc/stat) was {:.1}% of that time",
@@ -884,6 +904,10 @@ fn report(settings: &Settings, totals: &Totals, rows: &[Row]) {
 
     let json = serde_json::json!({
         "packets_per_cpu_and_round": settings.packets,
+        "listed_prefix_lengths": {
+            "IPv4": Family::V4.prefix_len(settings.listed),
+            "IPv6": Family::V6.prefix_len(settings.listed),
+        },
         "generator_ns_per_packet": totals.generator_ns,
         "busy_share_of_elapsed": busy_share,
         "rows": rows.iter().map(|r| serde_json::json!({
