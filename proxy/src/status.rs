@@ -223,8 +223,8 @@ pub struct DroppedSourceStatus {
     pub source: std::net::IpAddr,
     /// The verdict's reason at the latest record: `denied` or `unlisted`.
     pub reason: Reason,
-    /// Exact while the drops are few; past the per-CPU budget an estimate
-    /// (one packet in 64 is recorded, counting for 64).
+    /// Exact while the drops are few; past 256 a second per CPU an estimate
+    /// (one drop in up to 1024 is recorded, counting for that many).
     pub packets: u64,
     pub first_seen_ms: u64,
     pub last_seen_ms: u64,
