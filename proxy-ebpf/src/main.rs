@@ -307,6 +307,8 @@ fn sample_drop(packet: &Packet, ip: &Ip, reason: Reason, counted: Counted) {
     let Some(key) = packet.source_as_ipv6(ip) else {
         return;
     };
+    // A flood's new sources get in more rarely.
+    let admits_new = weight < DROP_SAMPLE_MAX_EVERY || counted.packets % DROP_SAMPLE_NEW_EVERY == 0;
     match DROPPED.get_ptr_mut(&key) {
         // SAFETY: `seen` points into a map value, valid for this program run;
         // `packets` is only ever updated atomically, the rest are plain
@@ -316,9 +318,7 @@ fn sample_drop(packet: &Packet, ip: &Ip, reason: Reason, counted: Counted) {
             (*seen).last_seen_ns = now;
             (*seen).reason = reason as u32;
         },
-        // A flood's new sources get in more rarely.
-        None if weight == DROP_SAMPLE_MAX_EVERY && counted.packets % DROP_SAMPLE_NEW_EVERY != 0 => {
-        }
+        None if !admits_new => {}
         None => {
             let value = DroppedSource {
                 packets: weight,
