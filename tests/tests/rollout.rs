@@ -129,9 +129,8 @@ fn the_drop_sample_names_the_strangers_with_their_counts() {
     assert!(text.contains("192.0.2.5") && text.contains("unlisted"), "{text}");
 
     // Past its budget a CPU samples, one drop in a power of two picked from
-    // its drop rate (here, tens of thousands a second: 1 in 64 or 128), and
-    // weighs each record by it; each switch of mode can be off by one mask
-    // per CPU.
+    // its drop rate, and weighs each record by it; each switch of mode can
+    // be off by one mask per CPU.
     let flood = ethernet(
         &[],
         ETHERTYPE_IPV4,
