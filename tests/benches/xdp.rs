@@ -5,6 +5,8 @@
 //! Each figure is the median over distinct source addresses (half of them
 //! matching the list, half not) of the kernel's per-run average over
 //! `--repeat` runs; `pass` and `drop` are the medians over each half alone.
+//! The drop sample's cost, a fraction of a nanosecond, is read from the
+//! kernel's run-time statistics instead (see [`Clock`]).
 //! Results also go to `target/bench/xdp.json`.
 
 use std::{
@@ -33,7 +35,7 @@ const PORT: u16 = 443;
 struct Settings {
     repeat: u32,
     /// How often the filter and its build without the drop sample each see
-    /// every frame (the fastest round counts).
+    /// every frame by the kernel's clock (the fastest round counts).
     rounds: usize,
     sources: usize,
     sizes: Vec<usize>,
@@ -159,25 +161,44 @@ fn frames(family: Family, prefixes: &[IpNet], count: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Medians of ns/packet of `program` over `frames`: all of them, the
-/// listed sources' (even frames: the pass path) and the others' (the drop
-/// path). The median of all falls between the two paths, so it moves with
-/// either: the per-path figures say which.
+/// Medians of ns/packet of `program` over `frames`, by the kernel's clock.
 fn measure(program: &Xdp, frames: &[Vec<u8>], repeat: u32) -> Paths {
-    let [paths] = measure_side_by_side([program], frames, repeat, 1);
-    paths
+    let [ns] = times([program], frames, repeat, 1, Clock::Kernel);
+    Paths::of(&ns)
 }
 
-/// As [`measure`], for programs compared with each other: each frame runs
-/// through each in turn, `rounds` times, and counts with its fastest round,
-/// so that the machine's drift and preemptions (which only ever add time)
+/// How a run is timed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Clock {
+    /// The duration BPF_PROG_TEST_RUN reports: the whole per-packet loop,
+    /// in whole nanoseconds (the kernel divides integers).
+    Kernel,
+    /// The program alone, from the kernel's run-time statistics
+    /// (BPF_ENABLE_STATS): nanosecond totals over every run, so fractions
+    /// of a nanosecond show. Each run carries two clock reads too, the same
+    /// for every program, so only differences between programs mean anything.
+    ProgramStats,
+}
+
+/// ns per run of each program for each frame: each frame runs through each
+/// program in turn, `rounds` times, and counts with its fastest round, so
+/// that the machine's drift and preemptions (which only ever add time)
 /// touch neither side more than the other.
-fn measure_side_by_side<const N: usize>(
+fn times<const N: usize>(
     programs: [&Xdp; N],
     frames: &[Vec<u8>],
     repeat: u32,
     rounds: usize,
-) -> [Paths; N] {
+    clock: Clock,
+) -> [Vec<f64>; N] {
+    // Statistics cost two clock reads per run, so they are on only while
+    // they are the clock; the handle switches them off when dropped.
+    let _stats = (clock == Clock::ProgramStats)
+        .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS"));
+    let run_time = |program: &Xdp| {
+        let info = program.info().expect("program info");
+        (info.run_time().as_nanos() as f64, info.run_count())
+    };
     let mut ns = [(); N].map(|()| vec![f64::INFINITY; frames.len()]);
     for round in 0..rounds {
         for (index, frame) in frames.iter().enumerate() {
@@ -189,22 +210,37 @@ fn measure_side_by_side<const N: usize>(
                 let mut options = TestRunOptions::new();
                 options.data_in = Some(frame);
                 options.repeat = repeat;
+                let before = (clock == Clock::ProgramStats).then(|| run_time(programs[program]));
                 let result = programs[program].test_run(options).expect("BPF_PROG_TEST_RUN");
-                ns[program][index] = ns[program][index].min(result.duration.as_nanos() as f64);
+                let per_run = match before {
+                    None => result.duration.as_nanos() as f64,
+                    Some((time_before, count_before)) => {
+                        let (time_after, count_after) = run_time(programs[program]);
+                        (time_after - time_before) / (count_after - count_before) as f64
+                    }
+                };
+                ns[program][index] = ns[program][index].min(per_run);
             }
         }
     }
-    ns.map(|ns| {
-        let path = |parity| -> Vec<f64> { ns.iter().skip(parity).step_by(2).copied().collect() };
-        Paths { all: median(&ns), pass: median(&path(0)), drop: median(&path(1)) }
-    })
+    ns
 }
 
+/// Medians over all frames, the listed sources' (even frames: the pass
+/// path) and the others' (the drop path). The median of all falls between
+/// the two paths, so it moves with either: the per-path figures say which.
 #[derive(Clone, Copy)]
 struct Paths {
     all: f64,
     pass: f64,
     drop: f64,
+}
+
+impl Paths {
+    fn of(ns: &[f64]) -> Self {
+        let path = |parity| -> Vec<f64> { ns.iter().skip(parity).step_by(2).copied().collect() };
+        Self { all: median(ns), pass: median(&path(0)), drop: median(&path(1)) }
+    }
 }
 
 fn load_xdp(ebpf: &mut Ebpf, name: &str) {
@@ -223,6 +259,10 @@ struct Row {
     edgegate: Paths,
     /// The same, built without the drop sample.
     unsampled: Paths,
+    /// What the drop sample adds to the program's own time (see [`sample_cost`]).
+    sample_ns: Paths,
+    /// How far apart loads of one build are, the noise that figure stands on.
+    load_spread_ns: Paths,
     lookup: &'static str,
     lpm_ns: f64,
     setup_s: f64,
@@ -246,27 +286,27 @@ fn main() {
                 // the run shows up in it rather than skewing the ratios.
                 baseline.push(measure(xdp(&drop_only, "bench_drop"), &frames, settings.repeat).all);
 
-                let started = Instant::now();
                 let text: String = prefixes.iter().map(|p| format!("{p}\n")).collect();
                 let capacity = u32::try_from(max_size.next_power_of_two()).expect("capacity");
-                let harness = XdpHarness::with_capacity(&text, Scope::Ports, &[PORT], capacity);
+                let load = |object: &[u8]| {
+                    XdpHarness::with_object(object, &text, Scope::Ports, &[PORT], capacity)
+                };
+                let started = Instant::now();
+                let harness = load(edgegate::filter::PROGRAM_OBJECT);
                 let setup_s = started.elapsed().as_secs_f64();
-                let unsampled = XdpHarness::with_object(
-                    reference::FILTER_WITHOUT_DROP_SAMPLE,
-                    &text,
-                    Scope::Ports,
-                    &[PORT],
-                    capacity,
-                );
-                let [edgegate, unsampled_ns] = measure_side_by_side(
+                let unsampled = load(reference::FILTER_WITHOUT_DROP_SAMPLE);
+                let [edgegate, unsampled_ns] = times(
                     [harness.filter.program(), unsampled.filter.program()],
                     &frames,
                     settings.repeat,
                     settings.rounds,
-                );
+                    Clock::Kernel,
+                )
+                .map(|ns| Paths::of(&ns));
                 let (v4, v6) = harness.filter.lookups();
                 let lookup = if family == Family::V4 { v4.name() } else { v6.name() };
                 drop((harness, unsampled));
+                let (sample_ns, load_spread_ns) = sample_cost(load, &frames, &settings);
 
                 let lpm_ns = measure_plain_lpm(&prefixes, &frames, settings.repeat).all;
                 let row = Row {
@@ -275,6 +315,8 @@ fn main() {
                     entries: size,
                     edgegate,
                     unsampled: unsampled_ns,
+                    sample_ns,
+                    load_spread_ns,
                     lookup,
                     lpm_ns,
                     setup_s,
@@ -294,6 +336,49 @@ fn main() {
         }
     }
     report(&settings, &rows, &baseline);
+}
+
+/// How often each build is loaded to measure the drop sample's cost.
+const SAMPLE_LOADS: usize = 3;
+
+/// What the drop sample adds to the program's own time
+/// ([`Clock::ProgramStats`]), per frame, and how far apart loads of one build
+/// are. Where the JIT places an image moves its time by up to a nanosecond,
+/// as much as the sample costs (a build measured against a second load of
+/// itself shows it), so each build is loaded [`SAMPLE_LOADS`] times and
+/// counts with its median over loads.
+fn sample_cost(
+    load: impl Fn(&[u8]) -> XdpHarness,
+    frames: &[Vec<u8>],
+    settings: &Settings,
+) -> (Paths, Paths) {
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..SAMPLE_LOADS {
+        let sampled = load(edgegate::filter::PROGRAM_OBJECT);
+        let unsampled = load(reference::FILTER_WITHOUT_DROP_SAMPLE);
+        let [with_ns, without_ns] = times(
+            [sampled.filter.program(), unsampled.filter.program()],
+            frames,
+            settings.repeat,
+            // The statistics leave out the time between runs, where
+            // preemptions land, so the loads are the rounds here.
+            1,
+            Clock::ProgramStats,
+        );
+        with.push(with_ns);
+        without.push(without_ns);
+    }
+    let over_loads = |loads: &[Vec<f64>], frame: usize| -> Vec<f64> {
+        loads.iter().map(|ns| ns[frame]).collect()
+    };
+    let (cost, spread): (Vec<f64>, Vec<f64>) = (0..frames.len())
+        .map(|frame| {
+            let (with, without) = (over_loads(&with, frame), over_loads(&without, frame));
+            let (low, high) = spread(&with);
+            (median(&with) - median(&without), high - low)
+        })
+        .unzip();
+    (Paths::of(&cost), Paths::of(&spread))
 }
 
 fn measure_plain_lpm(prefixes: &[IpNet], frames: &[Vec<u8>], repeat: u32) -> Paths {
@@ -335,7 +420,7 @@ fn report(settings: &Settings, rows: &[Row], baseline: &[f64]) {
         settings.repeat, settings.sources
     );
     println!(
-        "DROP-only baseline: {base:.1} ns/packet (min {base_min:.0}, max {base_max:.0} across rows)\n"
+        "DROP-only baseline: {base:.1} ns/packet (min {base_min:.1}, max {base_max:.1} across rows)\n"
     );
     println!(
         "| family | list | entries | lookup | edgegate ns | pass ns | drop ns | ÷ baseline | ÷ own 10-entry | plain LPM ns | edgegate ÷ LPM | load s |"
@@ -372,42 +457,46 @@ fn report(settings: &Settings, rows: &[Row], baseline: &[f64]) {
 
     println!(
         "\nthe drop sample's cost: the filter against its build without the sample \
-         (feature `without-drop-sample`), same list, same frames\n"
+         (feature `without-drop-sample`), same list, same frames. ns per packet by the \
+         kernel's clock (whole ns); Δ is the program's own time with the sample minus \
+         without, by the run-time statistics (fractions of a ns), each side the median of \
+         {SAMPLE_LOADS} loads; ± is how far apart those loads of the sampled build are; \
+         cost is Δ over the packet's ns without the sample\n"
     );
     println!(
-        "| family | list | entries | pass ns | without sample | pass cost | drop ns | without sample | drop cost |"
+        "| family | list | entries | pass ns with / without | pass Δ ns | ± | pass cost | drop ns with / without | drop Δ ns | ± | drop cost |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
-    let cost = |with: f64, without: f64| (with / without - 1.0) * 100.0;
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let cost =
+        |row: &Row, path: fn(&Paths) -> f64| path(&row.sample_ns) / path(&row.unsampled) * 100.0;
+    let pass = |paths: &Paths| paths.pass;
+    let drop = |paths: &Paths| paths.drop;
     for row in rows {
         println!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:+.0}% | {:.1} | {:.1} | {:+.0}% |",
+            "| {} | {} | {} | {:.0} / {:.0} | {:+.2} | {:.2} | {:+.1}% | {:.0} / {:.0} | {:+.2} | {:.2} | {:+.1}% |",
             row.family,
             row.shape,
             row.entries,
             row.edgegate.pass,
             row.unsampled.pass,
-            cost(row.edgegate.pass, row.unsampled.pass),
+            row.sample_ns.pass,
+            row.load_spread_ns.pass,
+            cost(row, pass),
             row.edgegate.drop,
             row.unsampled.drop,
-            cost(row.edgegate.drop, row.unsampled.drop)
+            row.sample_ns.drop,
+            row.load_spread_ns.drop,
+            cost(row, drop)
         );
     }
-    let median_cost = |path: fn(&Row) -> (f64, f64)| {
-        let costs: Vec<f64> = rows
-            .iter()
-            .map(|r| {
-                let (a, b) = path(r);
-                cost(a, b)
-            })
-            .collect();
-        median(&costs)
+    let median_cost = |path: fn(&Paths) -> f64| {
+        median(&rows.iter().map(|row| cost(row, path)).collect::<Vec<_>>())
     };
     println!(
         "\nmedian sample cost over the rows: pass path {:+.1}%, drop path {:+.1}% \
          (targets: nothing measurable on the pass path; ≤ 5% on the drop path)",
-        median_cost(|r| (r.edgegate.pass, r.unsampled.pass)),
-        median_cost(|r| (r.edgegate.drop, r.unsampled.drop))
+        median_cost(pass),
+        median_cost(drop)
     );
 
     let json = serde_json::json!({
@@ -420,7 +509,11 @@ fn report(settings: &Settings, rows: &[Row], baseline: &[f64]) {
             "edgegate_ns": r.edgegate.all, "edgegate_pass_ns": r.edgegate.pass,
             "edgegate_drop_ns": r.edgegate.drop,
             "without_drop_sample_pass_ns": r.unsampled.pass,
-            "without_drop_sample_drop_ns": r.unsampled.drop, "plain_lpm_ns": r.lpm_ns,
+            "without_drop_sample_drop_ns": r.unsampled.drop,
+            "drop_sample_pass_delta_ns": r.sample_ns.pass,
+            "drop_sample_drop_delta_ns": r.sample_ns.drop,
+            "load_spread_pass_ns": r.load_spread_ns.pass,
+            "load_spread_drop_ns": r.load_spread_ns.drop, "plain_lpm_ns": r.lpm_ns,
             "load_seconds": r.setup_s,
         })).collect::<Vec<_>>(),
     });
