@@ -259,6 +259,24 @@ fn an_idle_connection_is_closed_at_the_idle_timeout() {
 }
 
 #[test]
+fn the_listener_queues_as_many_connections_as_the_host_allows() {
+    let bed = MtlsBed::new(BackendMode::Echo);
+    bed.start("");
+    let server = &bed.testbed.server;
+    let host_limit = server.run(|| std::fs::read_to_string("/proc/sys/net/core/somaxconn"));
+    // `ss` shows a listening socket's queue limit as its Send-Q.
+    let listening = server
+        .command("ss")
+        .args(["-Hltn", &format!("sport = :{LISTENER_PORT}")])
+        .output()
+        .expect("ss");
+    let listening = String::from_utf8_lossy(&listening.stdout);
+    let queue_limits: Vec<&str> =
+        listening.lines().filter_map(|line| line.split_whitespace().nth(2)).collect();
+    assert_eq!(queue_limits, [host_limit.expect("somaxconn").trim()], "{listening}");
+}
+
+#[test]
 fn connections_over_the_limit_are_refused_at_once() {
     let bed = MtlsBed::new(BackendMode::Echo);
     bed.start("max_connections = 2");

@@ -143,7 +143,7 @@ impl Held {
             address: config.bind,
             source,
         };
-        Ok(Arc::new(std::net::TcpListener::bind(config.bind).map_err(error)?))
+        Ok(Arc::new(listen(config.bind).map_err(error)?))
     }
 
     fn spec(&self) -> ListenerSpec {
@@ -153,6 +153,20 @@ impl Held {
             material: self.material.clone(),
         }
     }
+}
+
+/// A listening socket on `address` whose queue of connections not yet
+/// accepted is as deep as the host allows (`net.core.somaxconn`, 4096 by
+/// default). The standard library's 128 is too shallow for a proxy whose
+/// handshakes cost CPU: a burst of new connections while the workers are
+/// busy would have its SYNs dropped past it, each client then waiting a
+/// second or more to retry.
+fn listen(address: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = std::net::TcpListener::bind(address)?;
+    // On a listening socket listen() only sets the queue's length; -1 asks
+    // for the host's limit.
+    nix::sys::socket::listen(&socket, nix::sys::socket::Backlog::MAXALLOWABLE)?;
+    Ok(socket)
 }
 
 /// Every address of `backend` (`host:port`); at least one.
@@ -923,4 +937,30 @@ fn verify_confined(pid: u32) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::TcpStream, time::Duration};
+
+    use super::*;
+
+    #[test]
+    fn the_listen_queue_is_as_deep_as_the_host_allows() {
+        let host_limit: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .expect("net.core.somaxconn")
+            .trim()
+            .parse()
+            .expect("a number");
+        // Past the standard library's 128, below anything a test should open.
+        let burst = host_limit.min(300);
+        let socket = listen("127.0.0.1:0".parse().unwrap()).expect("listen");
+        let address = socket.local_addr().unwrap();
+        // Nothing accepts: each connection waits in the queue. One that
+        // does not fit has its SYN dropped and would time out.
+        let queued: Vec<TcpStream> = (0..burst)
+            .map_while(|_| TcpStream::connect_timeout(&address, Duration::from_millis(500)).ok())
+            .collect();
+        assert_eq!(queued.len(), burst, "connections queued before one was refused");
+    }
 }
