@@ -109,7 +109,7 @@ pub fn edgegate(ctx: XdpContext) -> u32 {
         match (reason, counter) {
             (Reason::Malformed, _) => log_malformed(&ctx, family),
             #[cfg(not(feature = "without-drop-sample"))]
-            (_, Some(counter)) => sample_drop(&packet, &ip, reason, counter),
+            (_, Some(counter)) => sample_drop(&ctx, &ip, reason, counter),
             _ => {}
         }
     }
@@ -295,7 +295,7 @@ fn count(index: u32, bytes: usize) -> Option<Counted> {
 /// pacing says so (see `Counter::pace_sample`): what most drops of a flood
 /// pay here is one mask test.
 #[cfg_attr(feature = "without-drop-sample", expect(dead_code, reason = "bench variant"))]
-fn sample_drop(packet: &Packet, ip: &Ip, reason: Reason, counted: Counted) {
+fn sample_drop(ctx: &XdpContext, ip: &Ip, reason: Reason, counted: Counted) {
     // SAFETY: a per-CPU slot, as in `count`.
     let counter = unsafe { &mut *counted.slot };
     if !counter.records(counted.packets) {
@@ -304,7 +304,11 @@ fn sample_drop(packet: &Packet, ip: &Ip, reason: Reason, counted: Counted) {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let weight = counter.pace_sample(now);
-    let Some(key) = packet.source_as_ipv6(ip) else {
+    // The packet's bounds are read from the context again: carried here
+    // from the parse, they would hold two registers through the whole
+    // program, and every bounds check before would reload its end from the
+    // stack, the pass path's included.
+    let Some(key) = Packet::new(ctx).source_as_ipv6(ip) else {
         return;
     };
     // A flood's new sources get in more rarely.
