@@ -49,6 +49,10 @@ impl Filter {
             self.insert_rule(cidr, action)?;
             self.installed.insert(cidr, action);
         }
+        // With nothing to remove the union is the result, already written.
+        if removals.is_empty() {
+            return Ok(());
+        }
         for cidr in removals {
             self.remove_rule(cidr)?;
             self.installed.remove(&cidr);
