@@ -124,7 +124,7 @@ fn target_arch() -> TargetArch {
 /// Opening and looking up paths (aws-lc, for one, looks for
 /// `/dev/sysgenid`): an error, not a kill.
 fn file_syscalls() -> Vec<i64> {
-    let mut calls = vec![
+    let at_calls = [
         libc::SYS_openat,
         libc::SYS_openat2,
         libc::SYS_newfstatat,
@@ -133,16 +133,19 @@ fn file_syscalls() -> Vec<i64> {
         libc::SYS_faccessat2,
         libc::SYS_readlinkat,
     ];
+    // aarch64 has only the `*at` forms.
     #[cfg(target_arch = "x86_64")]
-    calls.extend([
+    let legacy_calls = [
         libc::SYS_open,
         libc::SYS_creat,
         libc::SYS_stat,
         libc::SYS_lstat,
         libc::SYS_access,
         libc::SYS_readlink,
-    ]);
-    calls
+    ];
+    #[cfg(not(target_arch = "x86_64"))]
+    let legacy_calls: [i64; 0] = [];
+    at_calls.into_iter().chain(legacy_calls).collect()
 }
 
 /// Every syscall the worker makes once it serves, some only with certain
