@@ -72,8 +72,8 @@ impl Connection {
                     client = %client,
                     peer = %self.peer,
                     subject = %identity.subject,
-                    san_dns = ?identity.dns,
-                    san_uri = ?identity.uris,
+                    san_dns = ?identity.name.dns,
+                    san_uri = ?identity.name.uris,
                     serial = %identity.serial,
                     tls_version = %version,
                     cipher = %cipher,
@@ -192,7 +192,7 @@ impl Connection {
             .and_then(|cert| Identity::from_der(cert))
             .unwrap_or_default();
         if !allowed {
-            self.counters.sightings.record(client.ip(), identity.name());
+            self.counters.sightings.record(client.ip(), identity.name.clone());
         }
         let version = session.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
         let cipher = session

@@ -198,7 +198,7 @@ pub fn backend_header(
     };
     sub_tlv(PP2_SUBTYPE_SSL_VERSION, tls_version.as_bytes());
     sub_tlv(PP2_SUBTYPE_SSL_CIPHER, cipher.as_bytes());
-    if let Some(cn) = &identity.common_name {
+    if let Some(cn) = &identity.name.common_name {
         sub_tlv(PP2_SUBTYPE_SSL_CN, cn.as_bytes());
     }
     let mut builder = v2::Builder::with_addresses(
@@ -207,10 +207,10 @@ pub fn backend_header(
         (client, local),
     )
     .write_tlv(PP2_TYPE_SSL, &ssl)?;
-    for name in &identity.dns {
+    for name in &identity.name.dns {
         builder = builder.write_tlv(PP2_TYPE_EDGEGATE_SAN_DNS, name.as_bytes())?;
     }
-    for uri in &identity.uris {
+    for uri in &identity.name.uris {
         builder = builder.write_tlv(PP2_TYPE_EDGEGATE_SAN_URI, uri.as_bytes())?;
     }
     builder.build()
@@ -219,6 +219,7 @@ pub fn backend_header(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tls::ClientName;
 
     async fn read(
         bytes: &[u8],
@@ -260,9 +261,11 @@ mod tests {
     #[tokio::test]
     async fn v2_round_trips_with_tlvs() {
         let identity = Identity {
-            common_name: Some("partner".into()),
-            dns: vec!["api.partner.example".into()],
-            uris: vec!["spiffe://partner/ns/prod".into()],
+            name: ClientName {
+                common_name: Some("partner".into()),
+                dns: vec!["api.partner.example".into()],
+                uris: vec!["spiffe://partner/ns/prod".into()],
+            },
             ..Identity::default()
         };
         let client = "[2001:db8::7]:40000".parse().unwrap();

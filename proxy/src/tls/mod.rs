@@ -526,9 +526,10 @@ impl IdentityRules {
         if self.common_name.is_empty() && self.dns.is_empty() && self.uri.is_empty() {
             return true;
         }
-        identity.common_name.as_ref().is_some_and(|cn| self.common_name.is_match(cn))
-            || identity.dns.iter().any(|name| self.dns.is_match(name))
-            || identity.uris.iter().any(|uri| self.uri.is_match(uri))
+        let name = &identity.name;
+        name.common_name.as_ref().is_some_and(|cn| self.common_name.is_match(cn))
+            || name.dns.iter().any(|dns| self.dns.is_match(dns))
+            || name.uris.iter().any(|uri| self.uri.is_match(uri))
     }
 }
 
@@ -536,9 +537,9 @@ impl IdentityRules {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Identity {
     pub subject: String,
-    pub common_name: Option<String>,
-    pub dns: Vec<String>,
-    pub uris: Vec<String>,
+    /// The names the certificate is known by, which the identity rules
+    /// match (its serial aside: a renewed certificate is the same partner).
+    pub name: ClientName,
     pub serial: String,
 }
 
@@ -556,32 +557,21 @@ impl Identity {
             .next()
             .and_then(|cn| cn.as_str().ok())
             .map(str::to_owned);
-        let mut identity = Self {
-            subject: certificate.subject().to_string(),
-            common_name,
-            serial: certificate.raw_serial_as_string(),
-            ..Self::default()
-        };
+        let mut name = ClientName { common_name, ..ClientName::default() };
         if let Ok(Some(san)) = certificate.subject_alternative_name() {
-            for name in &san.value.general_names {
-                match name {
-                    GeneralName::DNSName(dns) => identity.dns.push((*dns).to_owned()),
-                    GeneralName::URI(uri) => identity.uris.push((*uri).to_owned()),
+            for general_name in &san.value.general_names {
+                match general_name {
+                    GeneralName::DNSName(dns) => name.dns.push((*dns).to_owned()),
+                    GeneralName::URI(uri) => name.uris.push((*uri).to_owned()),
                     _ => {}
                 }
             }
         }
-        Some(identity)
-    }
-
-    /// The names the certificate is known by (its serial aside: a renewed
-    /// certificate is the same partner).
-    pub fn name(&self) -> ClientName {
-        ClientName {
-            common_name: self.common_name.clone(),
-            dns: self.dns.clone(),
-            uris: self.uris.clone(),
-        }
+        Some(Self {
+            subject: certificate.subject().to_string(),
+            name,
+            serial: certificate.raw_serial_as_string(),
+        })
     }
 }
 
@@ -746,10 +736,10 @@ mod tests {
             &["api.partner.example", "b.partner.example"],
             &["spiffe://partner.example/gateway"],
         );
-        assert_eq!(identity.common_name.as_deref(), Some("gateway"));
+        assert_eq!(identity.name.common_name.as_deref(), Some("gateway"));
         assert!(identity.subject.contains("CN=gateway"), "{}", identity.subject);
-        assert_eq!(identity.dns, ["api.partner.example", "b.partner.example"]);
-        assert_eq!(identity.uris, ["spiffe://partner.example/gateway"]);
+        assert_eq!(identity.name.dns, ["api.partner.example", "b.partner.example"]);
+        assert_eq!(identity.name.uris, ["spiffe://partner.example/gateway"]);
         assert!(!identity.serial.is_empty());
         assert_eq!(Identity::from_der(b"not a certificate"), None);
     }
