@@ -151,6 +151,14 @@ impl Testbed {
 
     /// As [`Self::start_daemon_with`], with extra environment variables.
     pub fn start_daemon_with_env(&self, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) {
+        self.start_daemon_prepared(|command| {
+            command.args(args).envs(env.iter().copied());
+        });
+    }
+
+    /// As [`Self::start_daemon`], with the command changed by `prepare`
+    /// first (arguments, environment, what runs between fork and exec).
+    pub fn start_daemon_prepared(&self, prepare: impl FnOnce(&mut Command)) {
         let mut daemon = self.daemon.lock().expect("daemon lock");
         assert!(daemon.is_none(), "the daemon is already running");
         let log = std::fs::File::options()
@@ -158,10 +166,10 @@ impl Testbed {
             .append(true)
             .open(self.dir.join("daemon.log"))
             .expect("daemon log");
-        let child = self
-            .in_server(&["run", "--config", self.config.to_str().expect("UTF-8 path")])
-            .args(args)
-            .envs(env.iter().copied())
+        let mut command =
+            self.in_server(&["run", "--config", self.config.to_str().expect("UTF-8 path")]);
+        prepare(&mut command);
+        let child = command
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
             .spawn()

@@ -82,25 +82,7 @@ fn the_gate_keeps_seven_capabilities_and_the_worker_none() {
         assert_eq!(field(status, "Seccomp"), "2", "{task}: seccomp filter mode");
     }
 
-    // The worker's descriptors: stdin (/dev/null), the log, then sockets and
-    // the event loop's own; no BPF map, program or link, no other file.
-    let log = bed.testbed.dir.join("daemon.log");
-    for fd in std::fs::read_dir(format!("/proc/{worker}/fd")).expect("fds") {
-        let fd = fd.expect("fd").path();
-        let target = std::fs::read_link(&fd).expect("link").to_string_lossy().into_owned();
-        let number: u32 = fd.file_name().unwrap().to_str().unwrap().parse().unwrap();
-        let expected = match number {
-            0 => target == "/dev/null",
-            1 | 2 => std::path::Path::new(&target) == log,
-            _ => {
-                target.starts_with("socket:")
-                    || target == "anon_inode:[eventpoll]"
-                    || target == "anon_inode:[eventfd]"
-            }
-        };
-        assert!(expected, "worker fd {number} is {target}");
-        assert!(!target.contains("bpf"), "worker fd {number} is {target}");
-    }
+    assert_worker_descriptors(worker, &bed.testbed.dir.join("daemon.log"));
     // The gate holds the maps.
     let gate_fds: Vec<String> = std::fs::read_dir(format!("/proc/{gate}/fd"))
         .expect("fds")
@@ -138,6 +120,70 @@ fn the_gate_keeps_seven_capabilities_and_the_worker_none() {
     let message = String::from_utf8_lossy(&as_nobody.stderr);
     assert!(!as_nobody.status.success());
     assert!(message.contains("permission denied") && message.contains("root-only"), "{message}");
+}
+
+/// The worker's descriptors: stdin (/dev/null), the log, then sockets and
+/// the event loop's own; no BPF map, program or link, no other file.
+fn assert_worker_descriptors(worker: u32, log: &std::path::Path) {
+    for fd in std::fs::read_dir(format!("/proc/{worker}/fd")).expect("fds") {
+        let fd = fd.expect("fd").path();
+        let target = std::fs::read_link(&fd).expect("link").to_string_lossy().into_owned();
+        let number: u32 = fd.file_name().unwrap().to_str().unwrap().parse().unwrap();
+        let expected = match number {
+            0 => target == "/dev/null",
+            1 | 2 => std::path::Path::new(&target) == log,
+            _ => {
+                target.starts_with("socket:")
+                    || target == "anon_inode:[eventpoll]"
+                    || target == "anon_inode:[eventfd]"
+            }
+        };
+        assert!(expected, "worker fd {number} is {target}");
+        assert!(!target.contains("bpf"), "worker fd {number} is {target}");
+    }
+}
+
+/// Kernels before 5.11 have no `close_range(CLOSE_RANGE_CLOEXEC)`. With
+/// the call failing as it does there (a seccomp filter answers ENOSYS),
+/// the worker still gets no descriptor but its own, not even one the
+/// daemon inherited without close-on-exec from whatever started it.
+#[test]
+fn without_close_range_the_worker_inherits_no_descriptor() {
+    const INHERITED: i32 = 100;
+    let bed = MtlsBed::new(BackendMode::Echo);
+    bed.write("", "user = \"nobody\"");
+    let rules = [(libc::SYS_close_range, vec![])].into_iter().collect();
+    let no_close_range: seccompiler::BpfProgram = seccompiler::SeccompFilter::new(
+        rules,
+        seccompiler::SeccompAction::Allow,
+        seccompiler::SeccompAction::Errno(libc::ENOSYS as u32),
+        std::env::consts::ARCH.try_into().expect("a seccomp architecture"),
+    )
+    .and_then(TryInto::try_into)
+    .expect("filter");
+    let null = std::fs::File::open("/dev/null").expect("/dev/null");
+    let null_fd = std::os::fd::AsRawFd::as_raw_fd(&null);
+    bed.testbed.start_daemon_prepared(|command| {
+        // SAFETY: between fork and exec only system calls, on memory
+        // prepared before the fork.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(command, move || {
+                // `dup2` leaves the copy without close-on-exec.
+                if libc::dup2(null_fd, INHERITED) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                seccompiler::apply_filter(&no_close_range).map_err(std::io::Error::other)
+            });
+        }
+    });
+    let gate = bed.testbed.daemon_pid();
+    let gate_status = std::fs::read_to_string(format!("/proc/{gate}/status")).expect("status");
+    assert_eq!(field(&gate_status, "Seccomp"), "2", "the gate runs without close_range");
+    let inherited = std::fs::read_link(format!("/proc/{gate}/fd/{INHERITED}"));
+    assert_eq!(inherited.expect("the gate inherited it"), std::path::Path::new("/dev/null"));
+    assert_eq!(bed.exchange(0, Some(&bed.client), b"served").expect("exchange"), b"served");
+    let worker = bed.testbed.status().worker.pid.expect("a worker serves");
+    assert_worker_descriptors(worker, &bed.testbed.dir.join("daemon.log"));
 }
 
 #[test]

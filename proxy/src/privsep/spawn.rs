@@ -66,6 +66,8 @@ struct Drop {
     gid: libc::gid_t,
     last_cap: libc::c_int,
     parent: libc::pid_t,
+    /// The highest descriptor open before the fork (see `apply`).
+    highest_fd: libc::c_int,
 }
 
 impl Drop {
@@ -77,12 +79,17 @@ impl Drop {
         if account.uid.is_root() {
             return Err(io::Error::other("the worker may not run as root"));
         }
+        let highest_fd = std::fs::read_dir("/proc/self/fd")?
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+            .max()
+            .unwrap_or(libc::STDERR_FILENO);
         Ok(Self {
             channel: channel.into(),
             uid: account.uid.as_raw(),
             gid: account.gid.as_raw(),
             last_cap,
             parent: std::process::id() as libc::pid_t,
+            highest_fd,
         })
     }
 
@@ -95,14 +102,19 @@ impl Drop {
         unsafe {
             // Close-on-exec for all (std's own exec-error pipe is already),
             // and then not for the socketpair.
-            // Kernels before 5.11 lack the flag; there, every descriptor
-            // Rust and tokio open is close-on-exec already.
             let marked =
                 libc::syscall(libc::SYS_close_range, 3u32, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC);
             if marked < 0 {
                 let errno = *libc::__errno_location();
                 if errno != libc::EINVAL && errno != libc::ENOSYS {
                     return Err(io::Error::from_raw_os_error(errno));
+                }
+                // Kernels before 5.11 lack the flag: mark one by one. Rust
+                // and tokio open every descriptor close-on-exec, so only
+                // those the daemon inherited may lack it, and they are all
+                // below the highest open before the fork. Not open: EBADF.
+                for fd in 3..=self.highest_fd {
+                    libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
                 }
             }
             ok(libc::fcntl(self.channel.as_raw_fd(), libc::F_SETFD, 0))?;
