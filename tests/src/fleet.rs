@@ -326,6 +326,22 @@ impl Fleet {
         self.status(index).fleet.expect("fleet mode").applied_generation
     }
 
+    /// Waits until host `index` says its watch is `connected` to etcd (or
+    /// not): a watch notices an outage only by its keep-alive, and after
+    /// one retries on a backoff that grew meanwhile.
+    pub fn await_connected(&self, index: usize, connected: bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.status(index).fleet.expect("fleet mode").connected != connected {
+            assert!(
+                Instant::now() < deadline,
+                "host {index} never became {}:\n{}",
+                if connected { "connected" } else { "disconnected" },
+                self.daemon_log(index)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits until every host enforces `generation` or later.
     pub fn await_generation(&self, generation: u64, timeout: Duration) {
         let deadline = Instant::now() + timeout;

@@ -118,11 +118,7 @@ fn an_etcd_outage_keeps_every_host_enforcing() {
         assert!(!fleet.stranger_connects(host), "stranger during the outage, host {host}");
     }
     // Staleness shows once the watches notice (keep-alive: a few seconds).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while fleet.status(1).fleet.expect("fleet").connected {
-        assert!(Instant::now() < deadline, "host 1 never noticed the outage");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    fleet.await_connected(1, false);
     let status = fleet.cli_ok(1, &["status"]);
     assert!(status.contains("STALE"), "{status}");
 
@@ -139,13 +135,8 @@ fn an_etcd_outage_keeps_every_host_enforcing() {
     fleet.cli_ok(2, &["allow", "add", &STRANGER.to_string(), "--wait", "--wait-timeout", "30s"]);
     for host in 0..HOSTS {
         assert!(fleet.stranger_connects(host), "after the outage, host {host}");
-        // A watch may still be retrying a member that came back a moment
-        // ago (its backoff grew during the outage): connected soon, not at once.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !fleet.status(host).fleet.expect("fleet").connected {
-            assert!(Instant::now() < deadline, "host {host} never reconnected after the outage");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        // A watch may still be retrying a member that came back a moment ago.
+        fleet.await_connected(host, true);
     }
 }
 

@@ -6,7 +6,10 @@
 
 use std::os::unix::fs::MetadataExt as _;
 
-use edgegate_tests::mtls::{BackendMode, MtlsBed};
+use edgegate_tests::{
+    mtls::{BackendMode, MtlsBed},
+    testbed::Testbed,
+};
 
 /// CAP_DAC_OVERRIDE (1), CAP_KILL (5), CAP_SETGID (6), CAP_SETUID (7),
 /// CAP_SETPCAP (8), CAP_NET_BIND_SERVICE (10), CAP_BPF (39).
@@ -82,7 +85,7 @@ fn the_gate_keeps_seven_capabilities_and_the_worker_none() {
         assert_eq!(field(status, "Seccomp"), "2", "{task}: seccomp filter mode");
     }
 
-    assert_worker_descriptors(worker, &bed.testbed.dir.join("daemon.log"));
+    assert_worker_descriptors(&bed.testbed, worker);
     // The gate holds the maps.
     let gate_fds: Vec<String> = std::fs::read_dir(format!("/proc/{gate}/fd"))
         .expect("fds")
@@ -124,14 +127,15 @@ fn the_gate_keeps_seven_capabilities_and_the_worker_none() {
 
 /// The worker's descriptors: stdin (/dev/null), the log, then sockets and
 /// the event loop's own; no BPF map, program or link, no other file.
-fn assert_worker_descriptors(worker: u32, log: &std::path::Path) {
+fn assert_worker_descriptors(testbed: &Testbed, worker: u32) {
+    let log = testbed.dir.join("daemon.log");
     for fd in std::fs::read_dir(format!("/proc/{worker}/fd")).expect("fds") {
         let fd = fd.expect("fd").path();
         let target = std::fs::read_link(&fd).expect("link").to_string_lossy().into_owned();
         let number: u32 = fd.file_name().unwrap().to_str().unwrap().parse().unwrap();
         let expected = match number {
             0 => target == "/dev/null",
-            1 | 2 => std::path::Path::new(&target) == log,
+            1 | 2 => std::path::Path::new(&target) == log.as_path(),
             _ => {
                 target.starts_with("socket:")
                     || target == "anon_inode:[eventpoll]"
@@ -183,7 +187,7 @@ fn without_close_range_the_worker_inherits_no_descriptor() {
     assert_eq!(inherited.expect("the gate inherited it"), std::path::Path::new("/dev/null"));
     assert_eq!(bed.exchange(0, Some(&bed.client), b"served").expect("exchange"), b"served");
     let worker = bed.testbed.status().worker.pid.expect("a worker serves");
-    assert_worker_descriptors(worker, &bed.testbed.dir.join("daemon.log"));
+    assert_worker_descriptors(&bed.testbed, worker);
 }
 
 #[test]
