@@ -57,6 +57,58 @@ pub struct FleetConfig {
     /// Each etcd request (and connection attempt) fails after this long.
     #[serde(default = "default_fleet_timeout", deserialize_with = "duration")]
     pub timeout: Duration,
+    /// Public keys (`ed25519:…`, from `edgegate fleet keygen`) whose
+    /// signature a generation needs before this host enforces it. Empty:
+    /// anyone who can write the group's keys in etcd decides the list.
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
+    /// Accept `http://` endpoints beyond loopback (the list and credentials
+    /// cross the network unprotected).
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+}
+
+impl FleetConfig {
+    /// The parsed `trusted_keys` (validated with the config).
+    pub fn trusted_keys(
+        &self,
+    ) -> Result<crate::fleet::trust::TrustedKeys, crate::fleet::trust::BadPublicKey> {
+        let keys = self.trusted_keys.iter().map(|k| k.parse()).collect::<Result<_, _>>()?;
+        Ok(crate::fleet::trust::TrustedKeys::new(keys))
+    }
+}
+
+/// A file read only for its `[fleet]` table (and `filter.max_entries`): a
+/// gate's config, or an admin's file that holds nothing else.
+#[derive(Deserialize)]
+struct FleetFile {
+    fleet: Option<FleetConfig>,
+    filter: Option<FleetFileFilter>,
+}
+
+#[derive(Deserialize)]
+struct FleetFileFilter {
+    #[serde(default = "default_max_entries")]
+    max_entries: u32,
+}
+
+/// Where changes are made with a signing key: the `[fleet]` table of
+/// `path` and the maps' capacity (`filter.max_entries`, default if absent).
+pub fn load_fleet(path: &Path) -> Result<(FleetConfig, u32), ConfigError> {
+    let text = fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let file: FleetFile = toml::from_str(&text)
+        .map_err(|e| ConfigError::Syntax { path: path.to_owned(), source: Box::new(e) })?;
+    let Some(fleet) = file.fleet else {
+        let problem =
+            Invalid::new("fleet", "this file has no `[fleet]` table: name the group and its etcd");
+        return Err(ConfigError::Invalid { path: path.to_owned(), problems: vec![problem] });
+    };
+    let problems = validate_fleet(&fleet);
+    if !problems.is_empty() {
+        return Err(ConfigError::Invalid { path: path.to_owned(), problems });
+    }
+    Ok((fleet, file.filter.map_or_else(default_max_entries, |f| f.max_entries)))
 }
 
 fn default_fleet_prefix() -> String {
@@ -394,7 +446,7 @@ pub struct Invalid {
 }
 
 impl Invalid {
-    fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+    pub fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
         Self { key: key.into(), problem: problem.into() }
     }
 }
@@ -564,6 +616,33 @@ fn validate_fleet(fleet: &FleetConfig) -> Vec<Invalid> {
             "https:// endpoints need the CA that issued the members' certificates",
         ));
     }
+    let beyond_loopback = |endpoint: &&String| {
+        let host = endpoint
+            .strip_prefix("http://")
+            .and_then(|authority| authority.rsplit_once(':'))
+            .map(|(host, _)| host.trim_start_matches('[').trim_end_matches(']'));
+        host.is_some_and(|host| {
+            host != "localhost"
+                && !host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        })
+    };
+    if let Some(endpoint) = fleet.endpoints.iter().find(beyond_loopback)
+        && !fleet.insecure_plaintext
+    {
+        problems.push(Invalid::new(
+            "fleet.endpoints",
+            format!(
+                "`{endpoint}` is plaintext beyond loopback: anyone on the path could read the \
+                 credentials and change what every host enforces. Use https:// with `ca` (and \
+                 `cert`/`key`), or set `insecure_plaintext = true` to accept that risk"
+            ),
+        ));
+    }
+    for key in &fleet.trusted_keys {
+        if let Err(e) = key.parse::<crate::fleet::trust::PublicKey>() {
+            problems.push(Invalid::new("fleet.trusted_keys", e.to_string()));
+        }
+    }
     if !tls && (fleet.ca.is_some() || fleet.cert.is_some()) {
         problems.push(Invalid::new(
             "fleet.endpoints",
@@ -726,13 +805,70 @@ mod tests {
     fn a_fleet_table_gets_defaults() {
         let config = parse(
             "[filter]\ninterfaces = [\"eth0\"]\nports = [1]\n[fleet]\n\
-             endpoints = [\"http://10.0.1.10:2379\"]\ngroup = \"partner-gate\"\n",
+             endpoints = [\"http://127.0.0.1:2379\"]\ngroup = \"partner-gate\"\n",
         )
         .unwrap();
         let fleet = config.fleet.expect("fleet mode");
         assert_eq!(fleet.prefix, "/edgegate");
         assert_eq!(fleet.resync_interval, Duration::from_secs(60));
         assert_eq!(fleet.host_id, None);
+        assert!(fleet.trusted_keys.is_empty() && !fleet.insecure_plaintext);
+    }
+
+    /// Plaintext only on loopback, or when the config accepts the risk by name.
+    #[test]
+    fn plaintext_etcd_beyond_loopback_needs_consent() {
+        let fleet = |endpoint: &str, extra: &str| {
+            parse(&format!(
+                "[filter]\ninterfaces = [\"eth0\"]\nports = [1]\n[fleet]\n\
+                 endpoints = [\"{endpoint}\"]\ngroup = \"g\"\n{extra}"
+            ))
+        };
+        for loopback in [
+            "http://127.0.0.1:2379",
+            "http://127.9.0.1:2379",
+            "http://[::1]:2379",
+            "http://localhost:2379",
+        ] {
+            assert!(fleet(loopback, "").is_ok(), "{loopback}");
+        }
+        let error = fleet("http://10.0.1.10:2379", "").expect_err("plaintext").to_string();
+        assert!(error.contains("insecure_plaintext") && error.contains("https://"), "{error}");
+        assert!(fleet("http://10.0.1.10:2379", "insecure_plaintext = true").is_ok());
+    }
+
+    #[test]
+    fn trusted_keys_must_be_ed25519_public_keys() {
+        let text = |key: &str| {
+            format!(
+                "[filter]\ninterfaces = [\"eth0\"]\nports = [1]\n[fleet]\n\
+                 endpoints = [\"http://127.0.0.1:2379\"]\ngroup = \"g\"\ntrusted_keys = [\"{key}\"]\n"
+            )
+        };
+        let good = format!("ed25519:{}", "A".repeat(43) + "=");
+        let config = parse(&text(&good)).expect("a key");
+        assert!(config.fleet.expect("fleet").trusted_keys().expect("parses").required());
+        let error = parse(&text("ssh-ed25519 AAAA")).expect_err("not a key").to_string();
+        assert!(
+            error.contains("`fleet.trusted_keys`") && error.contains("fleet keygen"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn an_admin_file_needs_only_a_fleet_table() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("admin.toml");
+        std::fs::write(
+            &path,
+            "[fleet]\nendpoints = [\"https://10.0.1.10:2379\"]\ngroup = \"g\"\nca = \"/ca\"\n",
+        )
+        .expect("write");
+        let (fleet, capacity) = load_fleet(&path).expect("admin file");
+        assert_eq!((fleet.group.as_str(), capacity), ("g", DEFAULT_MAX_ENTRIES));
+        std::fs::write(&path, "[filter]\ninterfaces = [\"eth0\"]\n").expect("write");
+        let error = load_fleet(&path).expect_err("no fleet").to_string();
+        assert!(error.contains("`fleet`"), "{error}");
     }
 
     /// Every `[fleet]` mistake, each named by its key.

@@ -144,6 +144,16 @@ enum FleetCommand {
     Status {
         #[arg(long)]
         json: bool,
+        /// Read etcd directly with this file's `[fleet]` table (no daemon needed).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Write a new signing key pair: FILE.key (private, 0600) and FILE.pub
+    /// (the line for `[fleet] trusted_keys`). Keep the private key off the gate hosts.
+    Keygen {
+        /// Path without extension, e.g. /etc/edgegate/admin-2026.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -257,8 +267,9 @@ struct Offline {
     #[arg(long)]
     offline: bool,
     /// With --offline: the config whose allowlist file and `max_entries` to
-    /// use (default: `allowlist` in the state directory).
-    #[arg(long, requires = "offline")]
+    /// use (default: `allowlist` in the state directory). With
+    /// --signing-key: the file whose `[fleet]` table names the group and etcd.
+    #[arg(long)]
     config: Option<PathBuf>,
 }
 
@@ -275,6 +286,10 @@ struct Commit {
     /// every source on every host).
     #[arg(long)]
     force: bool,
+    /// Fleet mode with `trusted_keys`: sign the change with this private key
+    /// and commit it to etcd directly (needs --config), without a daemon.
+    #[arg(long, env = "EDGEGATE_SIGNING_KEY", conflicts_with = "offline")]
+    signing_key: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -387,7 +402,10 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         },
         Command::Status { json, top, dropped } => status(&global, json, top, dropped),
         Command::Detach { interface } => detach(&global, interface.as_deref()),
-        Command::Fleet { command: FleetCommand::Status { json } } => fleet_status(&global, json),
+        Command::Fleet { command: FleetCommand::Status { json, config } } => {
+            fleet_status(&global, json, config.as_deref())
+        }
+        Command::Fleet { command: FleetCommand::Keygen { out } } => keygen(&out),
     }
 }
 
@@ -461,6 +479,15 @@ fn change(
     commit: &Commit,
 ) -> anyhow::Result<()> {
     change.validate()?;
+    if let Some(key) = &commit.signing_key {
+        let Some(config) = &offline.config else {
+            bail!("--signing-key needs --config: the file whose `[fleet]` table names the group");
+        };
+        return change_signed(change, config, key, commit);
+    }
+    if offline.config.is_some() && !offline.offline {
+        bail!("--config goes with --offline or --signing-key");
+    }
     if offline.offline {
         let (diff, entries, path) = change_offline(global, &change, offline.config.as_deref())?;
         println!(
@@ -489,27 +516,66 @@ fn change(
         fleet.generation
     );
     if commit.wait {
-        wait_for_fleet(global, fleet.generation, commit.wait_timeout)?;
+        wait_for_daemon_fleet(global, fleet.generation, commit.wait_timeout)?;
     }
     Ok(())
 }
 
-/// Polls `fleet status` until every live host enforces `generation`.
-fn wait_for_fleet(
+/// Signs `change` and commits it to etcd from here (`--signing-key`).
+fn change_signed(
+    change: Change,
+    config: &std::path::Path,
+    key: &std::path::Path,
+    commit: &Commit,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let committer = edgegate::fleet::committer_name();
+    let admin = runtime.block_on(edgegate::fleet::Admin::connect(config, Some(key), &committer))?;
+    let committed = runtime.block_on(admin.commit(&change, commit.force))?;
+    let diff = committed.diff;
+    println!(
+        "ok: {} added, {} removed, {} updated; {} entries; committed and signed as the group's \
+         generation {} (by {committer})",
+        diff.added, diff.removed, diff.updated, committed.entries, committed.generation
+    );
+    if commit.wait {
+        wait_for_fleet(committed.generation, commit.wait_timeout, || {
+            runtime.block_on(admin.view()).map_err(anyhow::Error::from)
+        })?;
+    }
+    Ok(())
+}
+
+/// Polls `fleet status` (through the daemon) until every live host enforces `generation`.
+fn wait_for_daemon_fleet(
     global: &Global,
     generation: u64,
     timeout: std::time::Duration,
 ) -> anyhow::Result<()> {
+    wait_for_fleet(generation, timeout, || match call(global, &Request::FleetStatus)? {
+        Response::Fleet(view) => Ok(view),
+        _ => bail!("unexpected answer from the daemon"),
+    })
+}
+
+/// Polls `view` until every live host enforces `generation`.
+fn wait_for_fleet(
+    generation: u64,
+    timeout: std::time::Duration,
+    mut view: impl FnMut() -> anyhow::Result<edgegate::status::FleetView>,
+) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        let behind: Vec<String> = match call(global, &Request::FleetStatus) {
-            Ok(Response::Fleet(view)) => view
+        let behind: Vec<String> = match view() {
+            Ok(view) => view
                 .hosts
                 .iter()
                 .filter(|h| h.alive && h.generation < generation)
                 .map(|h| format!("{} (at generation {})", h.host, h.generation))
                 .collect(),
-            Ok(_) => bail!("unexpected answer from the daemon"),
             Err(e) => vec![format!("unknown: {e}")],
         };
         if behind.is_empty() {
@@ -527,9 +593,39 @@ fn wait_for_fleet(
     }
 }
 
-fn fleet_status(global: &Global, json: bool) -> anyhow::Result<()> {
-    let Response::Fleet(view) = call(global, &Request::FleetStatus)? else {
-        bail!("unexpected answer from the daemon");
+/// `fleet keygen`: a new key pair, and what to do with each half.
+fn keygen(out: &std::path::Path) -> anyhow::Result<()> {
+    let (public, [key, public_file]) = edgegate::fleet::trust::SigningKey::generate(out)?;
+    println!("private key: {} (mode 0600; keep it off the gate hosts)", key.display());
+    println!("public key:  {}", public_file.display());
+    println!(
+        "\nadd to the [fleet] table of every host (and of the admin file), then restart the daemons:"
+    );
+    println!("  trusted_keys = [\"{public}\"]");
+    Ok(())
+}
+
+fn fleet_status(
+    global: &Global,
+    json: bool,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let view = match config {
+        Some(config) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")?;
+            let committer = edgegate::fleet::committer_name();
+            runtime.block_on(async {
+                let admin = edgegate::fleet::Admin::connect(config, None, &committer).await?;
+                anyhow::Ok(admin.view().await?)
+            })?
+        }
+        None => match call(global, &Request::FleetStatus)? {
+            Response::Fleet(view) => view,
+            _ => bail!("unexpected answer from the daemon"),
+        },
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&view)?);
@@ -825,6 +921,21 @@ fn print_status(status: &Status, dropped: bool) {
         }
         if let Some(error) = &fleet.last_error {
             println!("            last error: {error}");
+        }
+        if let Some(refusal) = &fleet.last_refusal {
+            println!("            REFUSING etcd's list: {refusal}");
+        }
+        if !fleet.refusals.is_empty() {
+            let counts: Vec<String> =
+                fleet.refusals.iter().map(|(reason, n)| format!("{reason} {n}")).collect();
+            println!("            refused generations: {}", counts.join(", "));
+        }
+        match fleet.trust_warning() {
+            Some(warning) => println!("            WARNING: {warning}"),
+            None => println!(
+                "            generations need a signature by a trusted key ({})",
+                fleet.trusted_keys.join(", ")
+            ),
         }
     }
     for listener in &status.listeners {

@@ -66,12 +66,18 @@ async fn respond(
         // Stale fleet data is still ready: the host filters with the last
         // list it knew. The body says how stale.
         "/readyz" => match observe().await.and_then(|o| o.ready.map(|()| o.status.fleet)) {
-            Ok(fleet) => match fleet.as_ref().and_then(crate::status::FleetStatus::staleness) {
-                Some(stale) => {
-                    reply(StatusCode::OK, "text/plain", format!("ready; stale: {stale}\n"))
+            Ok(fleet) => {
+                let mut body = String::from("ready");
+                if let Some(fleet) = &fleet {
+                    if let Some(stale) = fleet.staleness() {
+                        body += &format!("; stale: {stale}");
+                    }
+                    if let Some(refusal) = &fleet.last_refusal {
+                        body += &format!("; refusing etcd's list: {refusal}");
+                    }
                 }
-                None => reply(StatusCode::OK, "text/plain", "ready\n".into()),
-            },
+                reply(StatusCode::OK, "text/plain", body + "\n")
+            }
             Err(reason) => reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",
@@ -252,6 +258,26 @@ fn render_fleet(registry: &mut Registry, fleet: &FleetStatus, propagation: Optio
     let errors =
         counters(registry, "fleet_apply_errors", "Generations refused or not applied here");
     errors.get_or_create(&vec![]).inc_by(fleet.apply_errors);
+    let refusals = counters(
+        registry,
+        "fleet_refusals",
+        "Generations in etcd refused here, by reason (unsigned, untrusted_key, rollback, …)",
+    );
+    for (reason, count) in &fleet.refusals {
+        refusals.get_or_create(&vec![("reason", reason.clone())]).inc_by(*count);
+    }
+    let signed = gauges(
+        registry,
+        "fleet_signatures_required",
+        "1 when generations need a signature by a trusted key; 0: any etcd writer decides",
+    );
+    signed.get_or_create(&vec![]).set(i64::from(!fleet.trusted_keys.is_empty()));
+    let follower = counters(
+        registry,
+        "fleet_follower_restarts",
+        "Times the follower of the group's list stopped and was started again",
+    );
+    follower.get_or_create(&vec![]).inc_by(fleet.follower_restarts);
     if let Some(histogram) = propagation {
         registry.register(
             "fleet_propagation_seconds",
@@ -400,6 +426,10 @@ mod tests {
             resyncs: 1,
             apply_errors: 3,
             last_error: None,
+            refusals: [("unsigned".to_owned(), 2)].into(),
+            last_refusal: Some("generation 43: unsigned".into()),
+            trusted_keys: vec!["0011223344556677".into()],
+            follower_restarts: 1,
         });
         let histogram = Histogram::new([0.01, 0.1]);
         histogram.observe(0.004);
@@ -414,6 +444,9 @@ mod tests {
             "edgegate_fleet_watch_restarts_total{reason=\"compacted\"} 2",
             "edgegate_fleet_resyncs_total 1",
             "edgegate_fleet_apply_errors_total 3",
+            "edgegate_fleet_refusals_total{reason=\"unsigned\"} 2",
+            "edgegate_fleet_signatures_required 1",
+            "edgegate_fleet_follower_restarts_total 1",
             "edgegate_fleet_propagation_seconds_bucket{le=\"0.01\"} 1",
             "edgegate_fleet_propagation_seconds_count 1",
         ] {

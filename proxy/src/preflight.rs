@@ -103,6 +103,23 @@ pub fn inspect(path: &Path, overrides: &Overrides) -> Report {
             at("filter.audit")
         ));
     }
+    if let Some(fleet) = &config.fleet {
+        if fleet.trusted_keys.is_empty() {
+            report.warning(format!(
+                "{}: unset: anyone who can write the group's keys in etcd (any gate host \
+                 included) decides what every host enforces; sign the list (README: Fleet \
+                 mode, who decides the list)",
+                at("fleet.trusted_keys")
+            ));
+        }
+        if fleet.insecure_plaintext && fleet.endpoints.iter().any(|e| e.starts_with("http://")) {
+            report.warning(format!(
+                "{}: plaintext etcd beyond loopback: the list and the credentials cross the \
+                 network unprotected",
+                at("fleet.insecure_plaintext")
+            ));
+        }
+    }
     let list = inspect_allowlist(&mut report, &config, &at);
     let now = unix_now();
     for listener in &config.listeners {

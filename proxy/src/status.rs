@@ -86,9 +86,30 @@ pub struct FleetStatus {
     pub resyncs: u64,
     pub apply_errors: u64,
     pub last_error: Option<String>,
+    /// Generations in etcd refused here, by reason (`unsigned`, `rollback`, …).
+    #[serde(default)]
+    pub refusals: BTreeMap<String, u64>,
+    /// Why the newest refused generation was refused, until one is put in force.
+    #[serde(default)]
+    pub last_refusal: Option<String>,
+    /// Fingerprints of `trusted_keys` (empty: any etcd writer decides the list).
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
+    /// Times the follower of the group's list stopped and was started again.
+    #[serde(default)]
+    pub follower_restarts: u64,
 }
 
 impl FleetStatus {
+    /// What an operator must know about who decides this host's list.
+    pub fn trust_warning(&self) -> Option<String> {
+        self.trusted_keys.is_empty().then(|| {
+            "no `trusted_keys`: anyone who can write the group's keys in etcd decides this \
+             host's list"
+                .to_owned()
+        })
+    }
+
     /// Why this host may enforce an outdated list, if it may.
     pub fn staleness(&self) -> Option<String> {
         if self.connected {

@@ -8,7 +8,11 @@
 //!   the real sync loop (watch, fetch, verify) with an enforcer that only
 //!   records the time, to show how fan-out grows;
 //! - a 100k-entry `allow replace` (IPv4 and IPv6), from starting the CLI
-//!   until every host's status says it enforces the new generation.
+//!   until every host's status says it enforces the new generation;
+//! - the cost of signed generations: the same changes committed by one
+//!   long-lived admin connection, unsigned (hosts without `trusted_keys`)
+//!   and signed (hosts verifying the admin's Ed25519 signature), in
+//!   alternating blocks of the same run.
 //!
 //! Anchor: an AWS security group rule change takes seconds to apply.
 //! Results also go to `target/bench/fleet.json`.
@@ -19,9 +23,9 @@ use std::{
 };
 
 use edgegate::{
-    allowlist::{Allowlist, Diff},
+    allowlist::{Allowlist, Change, Diff},
     config::Config,
-    fleet::{Credentials, Enforcer, Health, Store, follow, layout::Pointer},
+    fleet::{Admin, Authority, Credentials, Enforcer, Health, Store, follow, layout::Pointer},
 };
 use edgegate_tests::{
     bench::{percentile, print_heading, save},
@@ -63,10 +67,17 @@ fn main() {
     fleet.start_daemons();
     fleet.cli_ok(0, &["allow", "add", &ALLOWED.to_string(), "--wait"]);
 
-    let alone = propagation(&fleet, rounds, aliases, &[]);
+    let alone = propagation(&fleet, rounds, aliases, &[], &mut |source, adding| {
+        cli(&fleet, source, adding)
+    });
     let recorders = start_watchers(&fleet, watchers);
-    let with_watchers = propagation(&fleet, rounds, aliases, &recorders.0);
+    let with_watchers =
+        propagation(&fleet, rounds, aliases, &recorders.0, &mut |source, adding| {
+            cli(&fleet, source, adding)
+        });
+    drop(recorders);
     let replace = big_replace(&fleet);
+    let (unsigned, signed) = signing_cost(&fleet, rounds, aliases);
 
     print_heading("fleet");
     println!("3 hosts, 3-member etcd {}", edgegate_tests::bench::tool_version("etcd", "--version"));
@@ -87,37 +98,116 @@ fn main() {
     );
     println!("\n100k-entry `allow replace` enforced on all 3 hosts: {replace:.2} s");
     println!("(anchor: an AWS security group change takes seconds)");
+    println!("\n| one admin connection commits → enforced on every host | p50 | p99 | max |");
+    println!("|---|---|---|---|");
+    row(&format!("unsigned ({} changes)", unsigned.len()), &unsigned);
+    row(&format!("signed, verified by every host ({} changes)", signed.len()), &signed);
+    let ratio = |q| percentile(&signed, q) / percentile(&unsigned, q);
+    println!(
+        "\nsigned ÷ unsigned: p50 {:.3}, p99 {:.3} (target: within 10%, i.e. ≤ 1.10)",
+        ratio(0.5),
+        ratio(0.99)
+    );
     save(
         "fleet",
         &serde_json::json!({
             "propagation_ms": { "p50": percentile(&alone, 0.5), "p99": percentile(&alone, 0.99) },
             "with_watchers": { "watchers": watchers, "p50": percentile(&with_watchers, 0.5), "p99": percentile(&with_watchers, 0.99) },
             "replace_100k_seconds": replace,
+            "unsigned_ms": { "p50": percentile(&unsigned, 0.5), "p99": percentile(&unsigned, 0.99) },
+            "signed_ms": { "p50": percentile(&signed, 0.5), "p99": percentile(&signed, 0.99) },
         }),
     );
-    drop(recorders);
 }
 
-/// Milliseconds per change until every host (and every recorder) has it.
-fn propagation(
+/// Starts `edgegate allow add|del SOURCE` on host 0; the returned closure waits for it.
+fn cli(fleet: &Fleet, source: std::net::Ipv4Addr, adding: bool) -> Box<dyn FnOnce() + '_> {
+    let verb = if adding { "add" } else { "del" };
+    let mut child = std::process::Command::new(edgegate_tests::testbed::edgegate_binary())
+        .arg("--control-socket")
+        .arg(&fleet.hosts[0].socket)
+        .args(["allow", verb, &source.to_string()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("edgegate allow");
+    Box::new(move || assert!(child.wait().expect("wait").success(), "allow {verb} failed"))
+}
+
+/// Propagation of changes committed by one admin connection, unsigned and
+/// signed, in alternating blocks (the hosts restarted with or without
+/// `trusted_keys` between blocks).
+fn signing_cost(fleet: &Fleet, rounds: usize, aliases: usize) -> (Vec<f64>, Vec<f64>) {
+    let unsigned_config = fleet.dir.join("admin-unsigned.toml");
+    let text = std::fs::read_to_string(&fleet.admin_config).expect("admin config");
+    let text: String =
+        text.lines().filter(|l| !l.starts_with("trusted_keys")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&unsigned_config, text).expect("write");
+    let runtime = fleet.hosts[0].netns.run(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    });
+    let connect = |config: &std::path::Path, key: Option<&std::path::Path>| {
+        runtime.block_on(Admin::connect(config, key, "bench-admin")).expect("admin connection")
+    };
+    let unsigned_admin = connect(&unsigned_config, None);
+    let signed_admin = connect(&fleet.admin_config, Some(&fleet.signing_key));
+    let block = (rounds / 4).max(2) & !1;
+    let (mut unsigned, mut signed) = (Vec::new(), Vec::new());
+    for signing in [false, true, false, true] {
+        let trusted = if signing {
+            format!("trusted_keys = [\"{}\"]", fleet.trusted_key)
+        } else {
+            String::new()
+        };
+        for host in 0..HOSTS {
+            fleet.write_config(host, &trusted);
+            fleet.kill_daemon(host);
+            fleet.start_daemon(host);
+        }
+        let admin = if signing { &signed_admin } else { &unsigned_admin };
+        // A replacement starts each block: it builds on no earlier list, so an
+        // unsigned one is not refused as a base, and every block runs on the same list.
+        let replace = Change::Replace { text: format!("{ALLOWED}/32\n") };
+        runtime.block_on(admin.commit(&replace, false)).expect("re-commit");
+        let generation = fleet.view(0).current_generation.expect("a generation");
+        fleet.await_generation(generation, Duration::from_secs(10));
+        let samples = propagation(fleet, block, aliases, &[], &mut |source, adding| {
+            let cidrs = vec![source.to_string()];
+            let action = edgegate::allowlist::Action::Allow;
+            let change = if adding {
+                Change::Add { action, cidrs, comment: None }
+            } else {
+                Change::Remove { action, cidrs }
+            };
+            runtime.block_on(admin.commit(&change, false)).expect("commit");
+            Box::new(|| {})
+        });
+        if signing { signed.extend(samples) } else { unsigned.extend(samples) }
+    }
+    for host in 0..HOSTS {
+        fleet.write_config(host, "");
+    }
+    (unsigned, signed)
+}
+
+/// Milliseconds per change until every host (and every recorder) has it;
+/// `start` makes the change and returns what waits for its maker.
+fn propagation<'a>(
     fleet: &Fleet,
     rounds: usize,
     aliases: usize,
     recorders: &[Arc<Recorder>],
+    start: &mut dyn FnMut(std::net::Ipv4Addr, bool) -> Box<dyn FnOnce() + 'a>,
 ) -> Vec<f64> {
     let mut samples = Vec::with_capacity(rounds);
     for round in 0..rounds {
         let source = stranger_alias((round / 2) % aliases);
         let adding = round % 2 == 0;
-        let verb = if adding { "add" } else { "del" };
         let started = Instant::now();
-        let mut cli = std::process::Command::new(edgegate_tests::testbed::edgegate_binary())
-            .arg("--control-socket")
-            .arg(&fleet.hosts[0].socket)
-            .args(["allow", verb, &source.to_string()])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("edgegate allow");
+        let finish = start(source, adding);
         let mut pending: Vec<usize> = (0..HOSTS).collect();
         let deadline = started + Duration::from_secs(10);
         while !pending.is_empty() {
@@ -148,7 +238,7 @@ fn propagation(
             .max()
             .map_or(Duration::ZERO, |at| at.saturating_duration_since(started));
         samples.push(started.elapsed().max(last).as_secs_f64() * 1e3);
-        assert!(cli.wait().expect("wait").success(), "allow {verb} failed");
+        finish();
     }
     samples
 }
@@ -170,9 +260,21 @@ fn start_watchers(fleet: &Fleet, count: usize) -> (Vec<Arc<Recorder>>, tokio::ru
             .map(|n| {
                 let recorder = Arc::new(Recorder(Mutex::new(Vec::new())));
                 let store = runtime
-                    .block_on(Store::connect(&fleet_config, &credentials, &format!("watcher{n}")))
+                    .block_on(Store::connect(
+                        &fleet_config,
+                        &credentials,
+                        &format!("watcher{n}"),
+                        config.filter.max_entries,
+                        Authority::default(),
+                    ))
                     .expect("connect");
-                let health = Arc::new(Health::new(&fleet_config.group, "watcher", 0, 0));
+                let health = Arc::new(Health::new(
+                    &fleet_config.group,
+                    "watcher",
+                    0,
+                    0,
+                    &Default::default(),
+                ));
                 runtime.spawn(follow(
                     store,
                     Arc::clone(&recorder),

@@ -2,6 +2,13 @@
 //! real etcd cluster and the real `edgegate` daemon in fleet mode, and two
 //! clients, all joined by a bridge in a namespace of their own.
 //!
+//! etcd runs as in production: TLS with client certificates
+//! (`--client-cert-auth`) and auth on, each host its own user whose role may
+//! read the group and write only its own `hosts/` and `alive/` keys (and,
+//! in an unsigned fleet, the list). `edgegate-admin` writes the list; `root`
+//! is the test's hostile writer. A signed fleet's hosts trust one key,
+//! `admin.key`, used by [`Fleet::admin_cli`].
+//!
 //! ```text
 //!             fabric ns: bridge
 //!   ┌───────────┬──────┴─────┬────────────┬──────────┐
@@ -24,6 +31,8 @@ use edgegate::{
     control::{self, Request, Response},
     status::{FleetView, Status},
 };
+
+use edgegate::demo::pki::{Authority, Issued, Leaf};
 
 use crate::{
     netns::{self, Netns},
@@ -59,19 +68,49 @@ pub struct Host {
     _server: TcpServer,
 }
 
+/// etcd users (the certificates' common names).
+pub const ROOT_USER: &str = "root";
+pub const ADMIN_USER: &str = "edgegate-admin";
+
+pub fn host_user(index: usize) -> String {
+    format!("edgegate-host{index}")
+}
+
 pub struct Fleet {
     pub hosts: Vec<Host>,
     pub allowed: Netns,
     pub stranger: Netns,
     pub dir: PathBuf,
+    /// The CA of etcd's members and clients.
+    pub ca: PathBuf,
+    /// Client certificates by etcd user.
+    certs: std::collections::BTreeMap<String, Issued>,
+    /// The hosts require the admin's signature (`trusted_keys`).
+    pub signed: bool,
+    /// The trusted key pair: `admin.key`, and `admin.pub`'s line.
+    pub signing_key: PathBuf,
+    pub trusted_key: String,
+    /// The `[fleet]` file the admin commits with.
+    pub admin_config: PathBuf,
     // Last: the bridge goes once every link to it is gone.
     _fabric: Netns,
 }
 
 impl Fleet {
-    /// Namespaces, links, the etcd cluster (healthy) and the daemons' configs;
-    /// no daemon runs yet.
+    /// An unsigned fleet: the hosts commit changes themselves.
     pub fn new(stranger_aliases: usize) -> Self {
+        Self::with(stranger_aliases, false)
+    }
+
+    /// A signed fleet: the hosts enforce only what `admin.key` signed, and
+    /// their etcd users may not write the list.
+    pub fn signed(stranger_aliases: usize) -> Self {
+        Self::with(stranger_aliases, true)
+    }
+
+    /// Namespaces, links, the etcd cluster (healthy, TLS, auth on) and the
+    /// daemons' configs; no daemon runs yet.
+    fn with(stranger_aliases: usize, signed: bool) -> Self {
         crate::require_root();
         let fabric = Netns::new("egf");
         fabric.ip(&["link", "add", "br0", "type", "bridge"]);
@@ -120,34 +159,144 @@ impl Fleet {
                 &stranger_link,
             ]);
         }
-        let fleet = Self { hosts, allowed, stranger, dir, _fabric: fabric };
+        let pki = dir.join("pki");
+        std::fs::create_dir_all(&pki).expect("pki dir");
+        let authority = Authority::new(&pki, "etcd-ca");
+        let both = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        for index in 0..HOSTS {
+            let address = host_address(index).to_string();
+            let leaf = Leaf { usages: both.clone(), ..Leaf::server(&[&address]) };
+            authority.issue(&format!("member{index}"), &leaf);
+        }
+        let users = [ROOT_USER.to_owned(), ADMIN_USER.to_owned()]
+            .into_iter()
+            .chain((0..HOSTS).map(host_user));
+        let certs = users.map(|user| (user.clone(), authority.issue(&user, &Leaf::client(&user))));
+        let signing_stem = dir.join("admin");
+        let keygen = Command::new(edgegate_binary())
+            .args(["fleet", "keygen", "--out"])
+            .arg(&signing_stem)
+            .output()
+            .expect("edgegate fleet keygen");
+        assert!(keygen.status.success(), "keygen: {}", String::from_utf8_lossy(&keygen.stderr));
+        let trusted_key =
+            std::fs::read_to_string(dir.join("admin.pub")).expect("admin.pub").trim().to_owned();
+        let fleet = Self {
+            hosts,
+            allowed,
+            stranger,
+            ca: authority.cert.clone(),
+            certs: certs.collect(),
+            signed,
+            signing_key: dir.join("admin.key"),
+            trusted_key,
+            admin_config: dir.join("admin.toml"),
+            dir,
+            _fabric: fabric,
+        };
         for index in 0..HOSTS {
             fleet.write_config(index, "");
             fleet.start_member(index);
         }
+        fleet.write_admin_config(ADMIN_USER);
         fleet.await_etcd_healthy();
+        fleet.enable_auth();
         fleet
     }
 
     pub fn endpoints(&self) -> String {
-        (0..HOSTS).map(|i| format!("http://{}:2379", host_address(i))).collect::<Vec<_>>().join(",")
+        (0..HOSTS)
+            .map(|i| format!("https://{}:2379", host_address(i)))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
-    /// Writes host `index`'s config; `extra_fleet` goes into its `[fleet]` table.
+    /// The client certificate of etcd user `user`.
+    pub fn cert(&self, user: &str) -> &Issued {
+        &self.certs[user]
+    }
+
+    /// Roles as the README gives them: hosts read the group and write their
+    /// own records (and the list, unless the fleet is signed); the admin
+    /// writes the list. Then auth goes on.
+    fn enable_auth(&self) {
+        let group = format!("/edgegate/{GROUP}/");
+        let list = format!("{group}list/");
+        self.etcdctl_ok(&["user", "add", ROOT_USER, "--no-password"]);
+        self.etcdctl_ok(&["user", "grant-role", ROOT_USER, "root"]);
+        self.etcdctl_ok(&["role", "add", ADMIN_USER]);
+        self.etcdctl_ok(&["role", "grant-permission", ADMIN_USER, "read", &group, "--prefix"]);
+        self.etcdctl_ok(&["role", "grant-permission", ADMIN_USER, "readwrite", &list, "--prefix"]);
+        self.etcdctl_ok(&["user", "add", ADMIN_USER, "--no-password"]);
+        self.etcdctl_ok(&["user", "grant-role", ADMIN_USER, ADMIN_USER]);
+        for index in 0..HOSTS {
+            let user = host_user(index);
+            self.etcdctl_ok(&["role", "add", &user]);
+            self.etcdctl_ok(&["role", "grant-permission", &user, "read", &group, "--prefix"]);
+            for own in [format!("{group}hosts/host{index}"), format!("{group}alive/host{index}")] {
+                self.etcdctl_ok(&["role", "grant-permission", &user, "readwrite", &own]);
+            }
+            if !self.signed {
+                self.etcdctl_ok(&[
+                    "role",
+                    "grant-permission",
+                    &user,
+                    "readwrite",
+                    &list,
+                    "--prefix",
+                ]);
+            }
+            self.etcdctl_ok(&["user", "add", &user, "--no-password"]);
+            self.etcdctl_ok(&["user", "grant-role", &user, &user]);
+        }
+        self.etcdctl_ok(&["auth", "enable"]);
+    }
+
+    /// The admin's file: only a `[fleet]` table, with `user`'s credentials.
+    pub fn write_admin_config(&self, user: &str) {
+        let cert = self.cert(user);
+        let endpoints: Vec<String> =
+            self.endpoints().split(',').map(|e| format!("\"{e}\"")).collect();
+        let config = format!(
+            "[fleet]\nendpoints = [{}]\ngroup = \"{GROUP}\"\nca = \"{}\"\ncert = \"{}\"\n\
+             key = \"{}\"\ntimeout = \"1s\"\ntrusted_keys = [\"{}\"]\n",
+            endpoints.join(", "),
+            self.ca.display(),
+            cert.cert.display(),
+            cert.key.display(),
+            self.trusted_key,
+        );
+        std::fs::write(&self.admin_config, config).expect("write admin config");
+    }
+
+    /// Writes host `index`'s config; `extra_fleet` goes into its `[fleet]`
+    /// table. A signed fleet's hosts trust the admin's key.
     pub fn write_config(&self, index: usize, extra_fleet: &str) {
         let host = &self.hosts[index];
         let endpoints: Vec<String> =
             self.endpoints().split(',').map(|e| format!("\"{e}\"")).collect();
+        let cert = self.cert(&host_user(index));
+        let trusted = if self.signed {
+            format!("trusted_keys = [\"{}\"]\n", self.trusted_key)
+        } else {
+            String::new()
+        };
         let config = format!(
             "[filter]\ninterfaces = [\"{}\"]\nports = [{PROTECTED_PORT}]\n\n\
              [daemon]\ncontrol_socket = \"{}\"\nstate_dir = \"{}\"\nbpffs_dir = \"{}\"\n\n\
              [fleet]\nendpoints = [{}]\ngroup = \"{GROUP}\"\nhost_id = \"host{index}\"\n\
-             timeout = \"1s\"\n{extra_fleet}\n",
+             timeout = \"1s\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{trusted}{extra_fleet}\n",
             host.interface,
             host.socket.display(),
             host.dir.join("state").display(),
             host.bpffs_dir.display(),
             endpoints.join(", "),
+            self.ca.display(),
+            cert.cert.display(),
+            cert.key.display(),
         );
         std::fs::write(&host.config, config).expect("write config");
     }
@@ -158,6 +307,7 @@ impl Fleet {
         let address = host_address(index);
         let cluster: Vec<String> =
             (0..HOSTS).map(|i| format!("m{i}=http://{}:2380", host_address(i))).collect();
+        let pki = self.dir.join("pki");
         let log = std::fs::File::create(host.dir.join(format!("etcd-{}.log", unique_name(""))))
             .expect("etcd log");
         let child = host
@@ -166,8 +316,15 @@ impl Fleet {
             .args(["--name", &format!("m{index}")])
             .arg("--data-dir")
             .arg(host.dir.join("etcd"))
-            .args(["--listen-client-urls", &format!("http://{address}:2379")])
-            .args(["--advertise-client-urls", &format!("http://{address}:2379")])
+            .args(["--listen-client-urls", &format!("https://{address}:2379")])
+            .args(["--advertise-client-urls", &format!("https://{address}:2379")])
+            .arg("--cert-file")
+            .arg(pki.join(format!("member{index}.pem")))
+            .arg("--key-file")
+            .arg(pki.join(format!("member{index}.key")))
+            .arg("--trusted-ca-file")
+            .arg(&self.ca)
+            .arg("--client-cert-auth")
             .args(["--listen-peer-urls", &format!("http://{address}:2380")])
             .args(["--initial-advertise-peer-urls", &format!("http://{address}:2380")])
             .args(["--initial-cluster", &cluster.join(",")])
@@ -189,12 +346,21 @@ impl Fleet {
         }
     }
 
-    /// `etcdctl ARGS` against the cluster, from host 0's namespace.
+    /// `etcdctl ARGS` against the cluster as `root`, from host 0's namespace.
     pub fn etcdctl(&self, args: &[&str]) -> Output {
+        self.etcdctl_as(ROOT_USER, args)
+    }
+
+    /// `etcdctl ARGS` as etcd user `user` (by its client certificate).
+    pub fn etcdctl_as(&self, user: &str, args: &[&str]) -> Output {
+        let cert = self.cert(user);
         self.hosts[0]
             .netns
             .command("etcdctl")
             .arg(format!("--endpoints={}", self.endpoints()))
+            .arg(format!("--cacert={}", self.ca.display()))
+            .arg(format!("--cert={}", cert.cert.display()))
+            .arg(format!("--key={}", cert.key.display()))
             .args(["--command-timeout=5s"])
             .args(args)
             .env("ETCDCTL_API", "3")
@@ -290,6 +456,40 @@ impl Fleet {
             .stdin(Stdio::null())
             .output()
             .expect("run the edgegate CLI")
+    }
+
+    /// `edgegate ARGS --signing-key admin.key --config admin.toml`: a change
+    /// made where the key is, straight to etcd (from host 0's namespace,
+    /// which reaches the cluster).
+    pub fn admin_cli(&self, args: &[&str]) -> Output {
+        self.admin_cli_with(args, &self.signing_key)
+    }
+
+    /// As [`Self::admin_cli`], signed with `key`.
+    pub fn admin_cli_with(&self, args: &[&str], key: &std::path::Path) -> Output {
+        self.hosts[0]
+            .netns
+            .command(edgegate_binary().to_str().expect("UTF-8"))
+            .args(args)
+            .arg("--signing-key")
+            .arg(key)
+            .arg("--config")
+            .arg(&self.admin_config)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the edgegate CLI")
+    }
+
+    pub fn admin_cli_ok(&self, args: &[&str]) -> String {
+        let output = self.admin_cli(args);
+        assert!(
+            output.status.success(),
+            "admin: edgegate {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("UTF-8")
     }
 
     pub fn cli_ok(&self, index: usize, args: &[&str]) -> String {

@@ -100,8 +100,10 @@ fn a_revoked_certificate_is_rejected() {
 #[test]
 fn a_server_auth_only_certificate_is_rejected() {
     let bed = MtlsBed::new(BackendMode::Echo);
-    let leaf =
-        Leaf { usage: rcgen::ExtendedKeyUsagePurpose::ServerAuth, ..Leaf::client("partner") };
+    let leaf = Leaf {
+        usages: vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth],
+        ..Leaf::client("partner")
+    };
     let cert = bed.client_ca.issue("server-only", &leaf);
     bed.start("");
     assert_rejected(&bed, Some(&cert), "wrong_key_usage");

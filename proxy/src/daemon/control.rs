@@ -45,16 +45,28 @@ async fn handle(
     tokio::io::AsyncReadExt::take(tokio::io::BufReader::new(read), MAX_REQUEST_BYTES)
         .read_line(&mut line)
         .await?;
-    let response = match (serde_json::from_str::<Request>(&line), fleet) {
-        // Fleet mode: the group's list changes in etcd, outside the state
-        // lock; the watch then applies it here as on every other host.
-        (Ok(Request::Change { change, empty_ok }), Some(fleet)) => {
-            fleet.commit(change, empty_ok).await
+    // Answered on a task of its own, so that a bug in handling a request
+    // reaches the CLI as an error, never as a closed connection.
+    let answering = tokio::spawn(async move {
+        match (serde_json::from_str::<Request>(&line), fleet) {
+            // Fleet mode: the group's list changes in etcd, outside the state
+            // lock; the watch then applies it here as on every other host.
+            (Ok(Request::Change { change, empty_ok }), Some(fleet)) => {
+                fleet.commit(change, empty_ok).await
+            }
+            (Ok(Request::FleetStatus), Some(fleet)) => fleet.view().await,
+            (Ok(request), _) => state.lock().await.handle(request).await,
+            (Err(e), _) => Response::Error { message: format!("malformed request: {e}") },
         }
-        (Ok(Request::FleetStatus), Some(fleet)) => fleet.view().await,
-        (Ok(request), _) => state.lock().await.handle(request).await,
-        (Err(e), _) => Response::Error { message: format!("malformed request: {e}") },
-    };
+    });
+    let response = answering.await.unwrap_or_else(|e| {
+        tracing::error!("control request failed: {e}");
+        Response::Error {
+            message: format!(
+                "the daemon failed to answer ({e}); see its log. Nothing was acknowledged"
+            ),
+        }
+    });
     let mut answer = serde_json::to_vec(&response).map_err(io::Error::other)?;
     answer.push(b'\n');
     write.write_all(&answer).await

@@ -14,8 +14,9 @@ use crate::{
     allowlist::{Allowlist, Change, Diff},
     config::FleetConfig,
     control::{FleetCommit, Response},
-    fleet::{self, Credentials, Enforcer, Health, Store, layout::Pointer},
-    status::{FleetHost, FleetView},
+    fleet::{
+        self, Authority, Credentials, Enforcer, Health, Store, layout::Pointer, trust::TrustedKeys,
+    },
 };
 
 /// How long a commit waits for this host to enforce it before answering anyway.
@@ -28,6 +29,8 @@ pub struct Setup {
     pub host: String,
     /// The generation the local file holds, per its marker.
     pub cached: u64,
+    /// Whose signatures a generation needs.
+    pub trusted: TrustedKeys,
 }
 
 impl Setup {
@@ -43,8 +46,15 @@ impl Setup {
                 .to_string_lossy()
                 .into_owned(),
         };
+        if !fleet::layout::valid_committer(&host) {
+            return Err(format!(
+                "`fleet.host_id`: the hostname {host:?} does not fit an etcd key; set `host_id` \
+                 (letters, digits, `-`, `_`, `.`)"
+            ));
+        }
+        let trusted = config.trusted_keys().map_err(|e| format!("`fleet.trusted_keys`: {e}"))?;
         let cached = Marker::read(list_path).filter(|m| m.group == config.group);
-        Ok(Self { config, credentials, host, cached: cached.map_or(0, |m| m.generation) })
+        Ok(Self { config, credentials, host, cached: cached.map_or(0, |m| m.generation), trusted })
     }
 }
 
@@ -83,6 +93,8 @@ pub struct Member {
     health: Arc<Health>,
     capacity: u32,
     group: String,
+    /// Generations need a signature this host cannot make.
+    signatures_required: bool,
 }
 
 /// Applies the watched generations to the daemon's state.
@@ -109,8 +121,10 @@ impl Member {
         state: Arc<Mutex<State>>,
         capacity: u32,
     ) -> Result<(Self, Vec<tokio::task::JoinHandle<()>>), fleet::StoreError> {
-        let Setup { config, credentials, host, cached: _ } = setup;
-        let store = Store::connect(&config, &credentials, &host).await?;
+        let Setup { config, credentials, host, cached: _, trusted } = setup;
+        let signatures_required = trusted.required();
+        let authority = Authority { trusted, signer: None };
+        let store = Store::connect(&config, &credentials, &host, capacity, authority).await?;
         let tasks = vec![
             tokio::spawn(fleet::follow(
                 store.clone(),
@@ -120,7 +134,7 @@ impl Member {
             )),
             tokio::spawn(fleet::announce(store.clone(), Arc::clone(&health))),
         ];
-        Ok((Self { store, health, capacity, group: config.group }, tasks))
+        Ok((Self { store, health, capacity, group: config.group, signatures_required }, tasks))
     }
 
     /// Commits `change` to the group's list, then waits (briefly) for this
@@ -128,6 +142,18 @@ impl Member {
     pub async fn commit(&self, change: Change, empty_ok: bool) -> Response {
         if let Err(e) = change.validate() {
             return Response::Error { message: e.to_string() };
+        }
+        if self.signatures_required {
+            // The hosts hold no signing key: a change is made where the key is.
+            return Response::Error {
+                message: format!(
+                    "group `{}` accepts only lists signed by its `trusted_keys`, and gate hosts \
+                     hold no signing key; nothing changed. Make the change where the key is: \
+                     the same command with `--signing-key FILE --config FILE` (the file with \
+                     this `[fleet]` table and an admin's etcd credentials)",
+                    self.group
+                ),
+            };
         }
         match self.store.commit(&change, self.capacity, empty_ok).await {
             Ok(committed) => {
@@ -144,33 +170,8 @@ impl Member {
 
     /// The group's generation and every host's, read from etcd.
     pub async fn view(&self) -> Response {
-        let read = async {
-            let current = self.store.current().await?;
-            let hosts = self.store.hosts().await?;
-            Ok::<_, fleet::StoreError>((current, hosts))
-        };
-        match read.await {
-            Ok((current, hosts)) => {
-                let generation = current.pointer.as_ref().map(|p| p.generation);
-                let hosts = hosts
-                    .into_iter()
-                    .map(|entry| FleetHost {
-                        lag: generation.unwrap_or(0).saturating_sub(entry.record.generation),
-                        host: entry.record.host,
-                        alive: entry.alive,
-                        generation: entry.record.generation,
-                        applied_at_ms: entry.record.applied_at_ms,
-                        version: entry.record.version,
-                    })
-                    .collect();
-                Response::Fleet(FleetView {
-                    group: self.group.clone(),
-                    current_generation: generation,
-                    committed_at_ms: current.pointer.as_ref().map(|p| p.committed_at_ms),
-                    committed_by: current.pointer.map(|p| p.committed_by),
-                    hosts,
-                })
-            }
+        match self.store.view().await {
+            Ok(view) => Response::Fleet(view),
             Err(e) => {
                 let here = self.health.snapshot();
                 Response::Error {

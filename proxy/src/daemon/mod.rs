@@ -243,7 +243,13 @@ pub async fn serve(
     let worker = Worker::supervise(worker, &listeners, &list, config.filter.audit, drain_timeout);
     let capacity = config.filter.max_entries;
     let health = fleet.as_ref().map(|setup| {
-        Arc::new(Health::new(&setup.config.group, &setup.host, setup.cached, list.len()))
+        Arc::new(Health::new(
+            &setup.config.group,
+            &setup.host,
+            setup.cached,
+            list.len(),
+            &setup.trusted,
+        ))
     });
     let learned_path = config.daemon.state_dir.join(learned::FILE_NAME);
     let learned = LearnedSources::load(learned_path.clone()).unwrap_or_else(|e| {

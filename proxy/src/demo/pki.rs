@@ -27,7 +27,7 @@ pub struct Leaf {
     pub common_name: String,
     pub dns: Vec<String>,
     pub uris: Vec<String>,
-    pub usage: ExtendedKeyUsagePurpose,
+    pub usages: Vec<ExtendedKeyUsagePurpose>,
     pub not_before: OffsetDateTime,
     pub not_after: OffsetDateTime,
 }
@@ -40,7 +40,7 @@ impl Leaf {
             common_name: common_name.to_owned(),
             dns: Vec::new(),
             uris: Vec::new(),
-            usage: ExtendedKeyUsagePurpose::ClientAuth,
+            usages: vec![ExtendedKeyUsagePurpose::ClientAuth],
             not_before: now - Duration::days(1),
             not_after: now + Duration::days(365),
         }
@@ -50,7 +50,7 @@ impl Leaf {
     pub fn server(names: &[&str]) -> Self {
         Self {
             dns: names.iter().map(|n| (*n).to_owned()).collect(),
-            usage: ExtendedKeyUsagePurpose::ServerAuth,
+            usages: vec![ExtendedKeyUsagePurpose::ServerAuth],
             ..Self::client(names.first().copied().unwrap_or("server"))
         }
     }
@@ -102,7 +102,7 @@ impl Authority {
             })
             .chain(leaf.uris.iter().map(|uri| SanType::URI(uri.clone().try_into().expect("URI"))))
             .collect();
-        params.extended_key_usages = vec![leaf.usage.clone()];
+        params.extended_key_usages = leaf.usages.clone();
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.not_before = leaf.not_before;
         params.not_after = leaf.not_after;

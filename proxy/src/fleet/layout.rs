@@ -13,24 +13,76 @@
 //! compare-and-swap. Readers fetch the chunks the pointer names and verify
 //! them whole (count and SHA-256) before applying anything. Daemons watch
 //! only the pointer: chunk and host writes never wake them.
+//!
+//! Everything read from etcd is hostile until checked: a pointer is parsed
+//! from a bounded value and validated ([`Pointer::parse`]) before any field
+//! is used, against [`Limits`] derived from this host's map capacity.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use super::trust::Signature;
 use crate::allowlist::{Allowlist, ParseError};
 
 /// Largest chunk value: well under etcd's default 1.5 MiB request limit.
 pub const CHUNK_BYTES: usize = 1 << 20;
 
+/// Largest pointer value read: a real one is about 600 bytes.
+pub const MAX_POINTER_BYTES: usize = 4096;
+
+/// Text budget per entry: a CIDR, its action and a comment of a few hundred bytes.
+const BYTES_PER_ENTRY: usize = 512;
+/// The list file's header comment.
+const HEADER_BYTES: usize = 4096;
+/// `committed_by` is logged and shown: a short, printable name.
+const MAX_COMMITTER_BYTES: usize = 128;
+
+/// What a host accepts from etcd, derived from its maps' capacity: a list
+/// larger than these could not be enforced anyway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Entries of both families.
+    pub max_entries: usize,
+    /// Bytes of all chunks together.
+    pub max_bytes: usize,
+    pub max_chunks: usize,
+}
+
+impl Limits {
+    /// For maps of `capacity` entries per family (`filter.max_entries`).
+    pub fn for_capacity(capacity: u32) -> Self {
+        let max_entries = 2 * capacity as usize;
+        let max_bytes = HEADER_BYTES + max_entries * BYTES_PER_ENTRY;
+        // Chunks are cut at line boundaries so that two neighbours together
+        // exceed CHUNK_BYTES: at most two chunks per CHUNK_BYTES, plus one.
+        Self { max_entries, max_bytes, max_chunks: 2 * max_bytes.div_ceil(CHUNK_BYTES) + 1 }
+    }
+}
+
 /// The keys of one group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
+    prefix: String,
+    group: String,
     root: String,
 }
 
 impl Keys {
     pub fn new(prefix: &str, group: &str) -> Self {
-        Self { root: format!("{}/{group}", prefix.trim_end_matches('/')) }
+        let prefix = prefix.trim_end_matches('/');
+        Self {
+            root: format!("{prefix}/{group}"),
+            prefix: prefix.to_owned(),
+            group: group.to_owned(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn group(&self) -> &str {
+        &self.group
     }
 
     /// The pointer to the generation in force.
@@ -47,6 +99,22 @@ impl Keys {
     /// sort by generation and older ones are one key range.
     pub fn generation_dir(&self, generation: u64, nonce: u64) -> String {
         format!("{}{generation:020}-{nonce:016x}/", self.generations())
+    }
+
+    /// Where the chunks of `generation` start: every key of an older
+    /// generation sorts below this, and above [`Self::generations`].
+    pub fn generations_from(&self, generation: u64) -> String {
+        format!("{}{generation:020}-", self.generations())
+    }
+
+    /// Whether `dir` is a chunk directory of `generation` in this group,
+    /// exactly as [`Self::generation_dir`] writes one.
+    fn is_generation_dir(&self, dir: &str, generation: u64) -> bool {
+        dir.strip_prefix(&self.generations_from(generation))
+            .and_then(|rest| rest.strip_suffix('/'))
+            .is_some_and(|nonce| {
+                nonce.len() == 16 && nonce.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            })
     }
 
     pub fn hosts(&self) -> String {
@@ -69,8 +137,11 @@ impl Keys {
 /// The value of `list/current`: which chunks make up the list in force.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pointer {
-    /// Counts up by one per committed change.
+    /// Counts up per committed change; hosts never go back to a lower one.
     pub generation: u64,
+    /// The generation this one was computed from (0: none).
+    #[serde(default)]
+    pub previous: u64,
     /// The chunks' key directory ([`Keys::generation_dir`]).
     pub dir: String,
     pub chunks: usize,
@@ -83,13 +154,103 @@ pub struct Pointer {
     /// An empty list is applied only when its writer said so (`--force`).
     #[serde(default)]
     pub empty_forced: bool,
+    /// Required by hosts with `trusted_keys` ([`super::trust`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<Signature>,
+}
+
+/// Why a value in `list/current` is not a pointer this host may act on.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidPointer {
+    #[error("the pointer is {bytes} bytes, more than the {MAX_POINTER_BYTES} a pointer may have")]
+    TooLarge { bytes: usize },
+    #[error("the pointer is not an edgegate pointer: {0}")]
+    Syntax(#[from] serde_json::Error),
+    #[error("the pointer names generation 0, which no commit writes")]
+    ZeroGeneration,
+    #[error("generation {generation}: its chunk directory {dir:?} is not one of this group's")]
+    Dir { generation: u64, dir: String },
+    #[error("generation {generation}: {chunks} chunks, where this host accepts 1 to {max}")]
+    Chunks { generation: u64, chunks: usize, max: usize },
+    #[error(
+        "generation {generation}: {entries} entries, more than the {max} this host's maps hold"
+    )]
+    Entries { generation: u64, entries: usize, max: usize },
+    #[error("generation {generation}: its SHA-256 is not 64 hex digits")]
+    Digest { generation: u64 },
+    #[error("generation {generation}: `committed_by` is not a short printable name")]
+    Committer { generation: u64 },
+    #[error("generation {generation}: an empty list with {entries} entries")]
+    Empty { generation: u64, entries: usize },
+}
+
+impl InvalidPointer {
+    /// The label of `edgegate_fleet_refusals_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::TooLarge { .. } | Self::Syntax(_) => "malformed",
+            _ => "out_of_bounds",
+        }
+    }
 }
 
 impl Pointer {
+    /// Parses and validates `value`, bounded before anything is allocated
+    /// from it, so that a hostile writer of etcd can make a host refuse a
+    /// generation but never make it allocate, loop or delete from a number
+    /// or a key it chose.
+    pub fn parse(value: &[u8], keys: &Keys, limits: &Limits) -> Result<Self, InvalidPointer> {
+        if value.len() > MAX_POINTER_BYTES {
+            return Err(InvalidPointer::TooLarge { bytes: value.len() });
+        }
+        let pointer: Self = serde_json::from_slice(value)?;
+        pointer.validate(keys, limits)?;
+        Ok(pointer)
+    }
+
+    fn validate(&self, keys: &Keys, limits: &Limits) -> Result<(), InvalidPointer> {
+        let generation = self.generation;
+        if generation == 0 {
+            return Err(InvalidPointer::ZeroGeneration);
+        }
+        if !keys.is_generation_dir(&self.dir, generation) {
+            let dir = self.dir.chars().take(120).collect();
+            return Err(InvalidPointer::Dir { generation, dir });
+        }
+        if !(1..=limits.max_chunks).contains(&self.chunks) {
+            let max = limits.max_chunks;
+            return Err(InvalidPointer::Chunks { generation, chunks: self.chunks, max });
+        }
+        if self.entries > limits.max_entries {
+            let max = limits.max_entries;
+            return Err(InvalidPointer::Entries { generation, entries: self.entries, max });
+        }
+        if self.empty_forced && self.entries != 0 {
+            return Err(InvalidPointer::Empty { generation, entries: self.entries });
+        }
+        if self.sha256.len() != 64
+            || !self.sha256.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(InvalidPointer::Digest { generation });
+        }
+        if !valid_committer(&self.committed_by) {
+            return Err(InvalidPointer::Committer { generation });
+        }
+        Ok(())
+    }
+
     /// The key of chunk `index`.
     pub fn chunk_key(&self, index: usize) -> String {
         format!("{}{index:06}", self.dir)
     }
+}
+
+/// Whether `name` may stand in `committed_by`: it is logged, shown and signed
+/// one per line.
+pub fn valid_committer(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_COMMITTER_BYTES
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@:".contains(c))
 }
 
 /// A list cut into chunks at line boundaries, with what its pointer records.
@@ -97,6 +258,13 @@ pub struct Encoded {
     pub chunks: Vec<String>,
     pub sha256: String,
     pub entries: usize,
+}
+
+impl Encoded {
+    /// Bytes of all chunks together.
+    pub fn bytes(&self) -> usize {
+        self.chunks.iter().map(String::len).sum()
+    }
 }
 
 /// Cuts `list`'s text format into chunks of at most [`CHUNK_BYTES`].
@@ -134,6 +302,8 @@ pub enum CorruptGeneration {
     },
     #[error("generation {generation}: {found} entries where the pointer says {expected}")]
     Entries { generation: u64, expected: usize, found: usize },
+    #[error("generation {generation}: its chunks hold more than the {max} bytes this host accepts")]
+    TooLarge { generation: u64, max: usize },
 }
 
 /// The list `chunks` make up, verified whole against `pointer`.
@@ -196,6 +366,7 @@ mod tests {
     fn pointer(encoded: &Encoded) -> Pointer {
         Pointer {
             generation: 7,
+            previous: 6,
             dir: Keys::new("/edgegate", "g").generation_dir(7, 1),
             chunks: encoded.chunks.len(),
             entries: encoded.entries,
@@ -203,6 +374,7 @@ mod tests {
             committed_at_ms: 0,
             committed_by: "a".into(),
             empty_forced: false,
+            signature: None,
         }
     }
 
@@ -267,5 +439,69 @@ mod tests {
         let (a, b) = (keys.generation_dir(9, u64::MAX), keys.generation_dir(10, 0));
         assert!(a < b && a.starts_with(&keys.generations()));
         assert!(keys.host("h1").starts_with(&keys.hosts()));
+    }
+
+    fn parse(value: &serde_json::Value) -> Result<Pointer, InvalidPointer> {
+        let keys = Keys::new("/edgegate", "g");
+        Pointer::parse(value.to_string().as_bytes(), &keys, &Limits::for_capacity(1000))
+    }
+
+    /// Every hostile pointer the audit wrote, and more: each refused before
+    /// any field is used.
+    #[test]
+    fn hostile_pointers_are_refused_before_use() {
+        let good = serde_json::to_value(pointer(&encode(&list(3)))).expect("JSON");
+        assert!(parse(&good).is_ok());
+        let with = |field: &str, value: serde_json::Value| {
+            let mut pointer = good.clone();
+            pointer[field] = value;
+            parse(&pointer)
+        };
+        let dir_of = |generation: u64| Keys::new("/edgegate", "g").generation_dir(generation, 1);
+        let cases: Vec<(&str, Result<Pointer, InvalidPointer>)> = vec![
+            ("2^40 chunks", with("chunks", (1u64 << 40).into())),
+            ("2^64-1 chunks", with("chunks", u64::MAX.into())),
+            ("0 chunks", with("chunks", 0.into())),
+            ("huge entries", with("entries", u64::MAX.into())),
+            ("entries over capacity", with("entries", 2001.into())),
+            ("NUL dir", with("dir", "\u{0}".into())),
+            ("other app's dir", with("dir", "/zzz-other-app/".into())),
+            ("group root", with("dir", "/edgegate/g/".into())),
+            ("other group", with("dir", dir_of(7).replace("/g/", "/h/").into())),
+            ("other generation's dir", with("dir", dir_of(6).into())),
+            ("dir with a suffix", with("dir", format!("{}x/", dir_of(7)).into())),
+            ("upper-case nonce", with("dir", dir_of(7).to_uppercase().into())),
+            ("generation 0", with("generation", 0.into())),
+            ("short digest", with("sha256", "ab".into())),
+            ("non-hex digest", with("sha256", "zz".repeat(32).into())),
+            ("committer with a line break", with("committed_by", "a\nprevious 9".into())),
+            ("long committer", with("committed_by", "a".repeat(200).into())),
+            ("forced empty with entries", with("empty_forced", true.into())),
+            ("negative chunks", with("chunks", (-1).into())),
+            (
+                "2^64 chunks",
+                with("chunks", serde_json::from_str("18446744073709551616").expect("n")),
+            ),
+        ];
+        for (name, result) in cases {
+            assert!(result.is_err(), "{name}: accepted");
+        }
+        for garbage in [&b"not json"[..], b"{}", b"[]", b"null", &[b' '; MAX_POINTER_BYTES + 1]] {
+            let keys = Keys::new("/edgegate", "g");
+            assert!(Pointer::parse(garbage, &keys, &Limits::for_capacity(1)).is_err());
+        }
+    }
+
+    #[test]
+    fn limits_admit_a_full_list() {
+        let limits = Limits::for_capacity(5000);
+        let encoded = encode_with(&list(5000), 4096);
+        assert!(encoded.entries <= limits.max_entries && encoded.bytes() <= limits.max_bytes);
+        let full = encode(&list(10_000));
+        let limits = Limits::for_capacity(5000);
+        assert!(full.chunks.len() <= limits.max_chunks);
+        let keys = Keys::new("/edgegate", "g");
+        assert!(keys.generations_from(10) > keys.generation_dir(9, u64::MAX));
+        assert!(keys.generations_from(10) < keys.generation_dir(10, 0));
     }
 }

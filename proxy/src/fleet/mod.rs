@@ -4,18 +4,23 @@
 //! - `store`: etcd requests: read, fetch, compare-and-swap commits, host records;
 //! - `sync`: the watch that puts each committed generation in force here,
 //!   re-reading the whole state after any gap, and the [`Health`] it publishes;
-//! - `presence`: this host's lease and record, for `edgegate fleet status`.
+//! - `presence`: this host's lease and record, for `edgegate fleet status`;
+//! - `trust`: who may decide the list: signatures by `trusted_keys`;
+//! - `admin`: changes made where the signing key is, straight to etcd.
 //!
 //! The daemon plugs in through [`Enforcer`]; the local allowlist file stays
 //! the cache that a host enforces while etcd is unreachable.
 
+mod admin;
 pub mod layout;
 mod presence;
 mod store;
 mod sync;
+pub mod trust;
 
+pub use admin::{Admin, AdminError, committer_name};
 pub use presence::announce;
-pub use store::{CommitError, Committed, Credentials, HostEntry, Store, StoreError};
+pub use store::{Authority, CommitError, Committed, Credentials, HostEntry, Store, StoreError};
 pub use sync::{Enforcer, Health, follow};
 
 /// Now, in Unix milliseconds: commit and apply times cross hosts in etcd.

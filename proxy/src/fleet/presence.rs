@@ -16,6 +16,9 @@ const RETRY_AFTER: Duration = Duration::from_secs(2);
 /// lease (etcd down longer than the TTL) is granted anew.
 pub async fn announce(store: Store, health: Arc<Health>) {
     let mut applied = health.subscribe();
+    // A refusal republishes the record, so that a committer sees the
+    // generation in force here even after etcd lost it (a restored backup).
+    let mut refused = health.subscribe_refusals();
     loop {
         let lease = match store.announce(LEASE_TTL).await {
             Ok(lease) => lease,
@@ -51,6 +54,12 @@ pub async fn announce(store: Store, health: Arc<Health>) {
                     }
                 }
                 changed = applied.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    published = publish(&store, &health).await;
+                }
+                changed = refused.changed() => {
                     if changed.is_err() {
                         return;
                     }

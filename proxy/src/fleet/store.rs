@@ -10,11 +10,18 @@ use etcd_client::{
     WatchOptions, WatchStream,
 };
 
-use super::layout::{self, CorruptGeneration, HostRecord, Keys, Pointer};
+use super::{
+    layout::{self, CorruptGeneration, HostRecord, InvalidPointer, Keys, Limits, Pointer},
+    trust::{SigningKey, TrustedKeys, Untrusted},
+};
 use crate::{
     allowlist::{Allowlist, Change, Diff, Refusal},
     config::FleetConfig,
+    status::{FleetHost, FleetView},
 };
+
+/// Largest host record read; a real one is about 150 bytes.
+const MAX_RECORD_BYTES: usize = 4096;
 
 /// A commit that keeps losing the race to other writers gives up after this many tries.
 const COMMIT_ATTEMPTS: usize = 20;
@@ -49,12 +56,12 @@ pub enum StoreError {
     /// No answer from a member with a leader within the deadline.
     #[error("etcd is unreachable ({0})")]
     Unreachable(#[from] etcd_client::Error),
-    /// `list/current` is not a pointer this version understands.
-    #[error("`{key}` in etcd is not an edgegate pointer: {source}")]
+    /// `list/current` is not a pointer this host may act on.
+    #[error("`{key}` in etcd is refused: {source}")]
     Pointer {
         key: String,
         #[source]
-        source: serde_json::Error,
+        source: InvalidPointer,
     },
     /// The chunks do not add up to the list the pointer describes.
     #[error("the group's list in etcd is corrupt: {0}")]
@@ -90,6 +97,32 @@ pub enum CommitError {
          {capacity} per family; nothing changed"
     )]
     Capacity { ipv4: usize, ipv6: usize, capacity: u32 },
+    /// The list in etcd is not one a trusted key signed: a change must not build on it.
+    #[error(
+        "the group's list in etcd (generation {generation}) is refused: {source}; nothing \
+         changed. Check what the hosts enforce (`edgegate allow list` on one), then write the \
+         list whole with `allow replace --file … --signing-key …`"
+    )]
+    Untrusted {
+        generation: u64,
+        #[source]
+        source: Untrusted,
+    },
+    /// The pointer in etcd is not usable: only a replacement repairs it.
+    #[error("{0}; nothing changed: write the list whole with `allow replace --file …`")]
+    Invalid(#[source] StoreError),
+    /// The list's text would exceed what the hosts accept.
+    #[error(
+        "the list's text would be {bytes} bytes, more than the {max} hosts accept for this \
+         `max_entries` (shorter comments fit more); nothing changed"
+    )]
+    TooLarge { bytes: usize, max: usize },
+    /// A host reports a generation no later one can follow.
+    #[error(
+        "host `{host}` reports generation {generation}, and no generation can follow it; \
+         delete its record (`etcdctl del {key}`) if that host is not yours; nothing changed"
+    )]
+    GenerationExhausted { host: String, generation: u64, key: String },
     /// Other writers won every compare-and-swap.
     #[error(
         "other writers committed first {COMMIT_ATTEMPTS} times in a row; nothing changed, try again"
@@ -99,7 +132,8 @@ pub enum CommitError {
 
 /// The pointer as read, with the revisions a watch and a compare-and-swap need.
 pub struct Current {
-    pub pointer: Option<Pointer>,
+    /// `None`: no list yet; `Some(Err(_))`: a value this host refuses.
+    pub pointer: Option<Result<Pointer, StoreError>>,
     /// `list/current`'s mod revision (0: absent).
     pub mod_revision: i64,
     /// The store's revision when it was read.
@@ -121,21 +155,46 @@ pub struct HostEntry {
     pub alive: bool,
 }
 
+impl Current {
+    /// The generation of a valid pointer.
+    pub fn generation(&self) -> Option<u64> {
+        match &self.pointer {
+            Some(Ok(pointer)) => Some(pointer.generation),
+            _ => None,
+        }
+    }
+}
+
+/// Who may decide the list, as this side of the connection sees it.
+#[derive(Clone, Default)]
+pub struct Authority {
+    /// Whose signatures a generation needs (empty: none).
+    pub trusted: TrustedKeys,
+    /// Signs this side's commits (only where changes are made, never on a gate host).
+    pub signer: Option<std::sync::Arc<SigningKey>>,
+}
+
 /// A connection to etcd for one group.
 #[derive(Clone)]
 pub struct Store {
     client: Client,
     keys: Keys,
+    limits: Limits,
+    authority: Authority,
     host: String,
 }
 
 impl Store {
     /// Sets up the connection. It is made lazily: etcd being down at start
     /// shows up in the first request, not here.
+    /// `capacity`: `filter.max_entries`, which bounds what is read; `host`:
+    /// this side's name in host records and `committed_by`.
     pub async fn connect(
         config: &FleetConfig,
         credentials: &Credentials,
         host: &str,
+        capacity: u32,
+        authority: Authority,
     ) -> Result<Self, StoreError> {
         let mut options = ConnectOptions::new()
             .with_require_leader(true)
@@ -154,11 +213,26 @@ impl Store {
             options = options.with_tls(tls);
         }
         let client = Client::connect(&config.endpoints, Some(options)).await?;
-        Ok(Self { client, keys: Keys::new(&config.prefix, &config.group), host: host.to_owned() })
+        Ok(Self {
+            client,
+            keys: Keys::new(&config.prefix, &config.group),
+            limits: Limits::for_capacity(capacity),
+            authority,
+            host: host.to_owned(),
+        })
     }
 
     pub fn host(&self) -> &str {
         &self.host
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Whether a trusted key signed `pointer` (always, without `trusted_keys`).
+    pub fn check_trust(&self, pointer: &Pointer) -> Result<(), Untrusted> {
+        self.authority.trusted.check(self.keys.prefix(), self.keys.group(), pointer)
     }
 
     /// Reads the pointer (linearizable: through the leader).
@@ -169,26 +243,33 @@ impl Store {
         let Some(kv) = response.kvs().first() else {
             return Ok(Current { pointer: None, mod_revision: 0, revision });
         };
-        let pointer = self.parse_pointer(kv.value())?;
+        let pointer = self.parse_pointer(kv.value());
         Ok(Current { pointer: Some(pointer), mod_revision: kv.mod_revision(), revision })
     }
 
+    /// A pointer value, validated against this group and these limits.
     pub fn parse_pointer(&self, value: &[u8]) -> Result<Pointer, StoreError> {
-        serde_json::from_slice(value)
+        Pointer::parse(value, &self.keys, &self.limits)
             .map_err(|source| StoreError::Pointer { key: self.keys.current(), source })
     }
 
-    /// The list `pointer` names, verified whole.
+    /// The list a validated `pointer` names, verified whole. Nothing is
+    /// allocated ahead from the pointer's numbers, and reading stops at
+    /// this host's byte limit.
     pub async fn fetch(&self, pointer: &Pointer) -> Result<Allowlist, StoreError> {
         let mut client = self.client.clone();
-        let mut chunks = Vec::with_capacity(pointer.chunks);
+        let mut chunks = Vec::new();
+        let mut bytes = 0usize;
         // One chunk per request: each answer stays far below gRPC's 4 MiB.
         for index in 0..pointer.chunks {
             let response = client.get(pointer.chunk_key(index), None).await?;
-            match response.kvs().first() {
-                Some(kv) => chunks.push(kv.value().to_vec()),
-                None => break,
+            let Some(kv) = response.kvs().first() else { break };
+            bytes = bytes.saturating_add(kv.value().len());
+            if bytes > self.limits.max_bytes {
+                let (generation, max) = (pointer.generation, self.limits.max_bytes);
+                return Err(CorruptGeneration::TooLarge { generation, max }.into());
             }
+            chunks.push(kv.value().to_vec());
         }
         Ok(layout::decode(pointer, &chunks)?)
     }
@@ -241,23 +322,35 @@ impl Store {
     ) -> Result<Option<Committed>, CommitError> {
         let mut client = self.client.clone();
         let current = self.current().await?;
-        let generation = current.pointer.as_ref().map_or(0, |p| p.generation);
-        let base = match &current.pointer {
-            Some(pointer) => match self.fetch(pointer).await {
-                Ok(list) => list,
-                // A replacement does not build on the list: it is how an
-                // operator repairs a corrupt generation.
-                Err(StoreError::Corrupt(e)) if matches!(change, Change::Replace { .. }) => {
-                    tracing::warn!("fleet: replacing a corrupt list: {e}");
-                    Allowlist::default()
-                }
-                Err(e) => return Err(e.into()),
-            },
-            None => Allowlist::default(),
+        // A replacement does not build on the list: it is how an operator
+        // repairs an invalid, corrupt or untrusted generation.
+        let replacing = matches!(change, Change::Replace { .. });
+        let repair = |problem: &dyn std::fmt::Display| -> Option<(Pointer, Allowlist)> {
+            tracing::warn!("fleet: replacing a list that is refused: {problem}");
+            None
         };
-        let next = change.apply_to(&base).map_err(|source| match lost_before {
+        let base: Option<(Pointer, Allowlist)> = match current.pointer {
+            None => None,
+            Some(Err(e)) if replacing => repair(&e),
+            Some(Err(e)) => return Err(CommitError::Invalid(e)),
+            Some(Ok(pointer)) => match self.check_trust(&pointer) {
+                Err(e) if replacing => repair(&e),
+                Err(source) => {
+                    return Err(CommitError::Untrusted { generation: pointer.generation, source });
+                }
+                Ok(()) => match self.fetch(&pointer).await {
+                    Ok(list) => Some((pointer, list)),
+                    Err(e @ StoreError::Corrupt(_)) if replacing => repair(&e),
+                    Err(e) => return Err(e.into()),
+                },
+            },
+        };
+        let previous = base.as_ref().map_or(0, |(pointer, _)| pointer.generation);
+        let empty = Allowlist::default();
+        let base_list = base.as_ref().map_or(&empty, |(_, list)| list);
+        let next = change.apply_to(base_list).map_err(|source| match lost_before {
             false => CommitError::Refused(source),
-            true => CommitError::Conflict { generation, source },
+            true => CommitError::Conflict { generation: previous, source },
         })?;
         if next.is_empty() && !empty_ok {
             return Err(CommitError::Empty);
@@ -267,16 +360,28 @@ impl Store {
             return Err(CommitError::Capacity { ipv4, ipv6, capacity });
         }
         let encoded = layout::encode(&next);
-        let pointer = Pointer {
-            generation: generation + 1,
-            dir: self.keys.generation_dir(generation + 1, super::random_u64()),
+        if encoded.bytes() > self.limits.max_bytes {
+            return Err(CommitError::TooLarge {
+                bytes: encoded.bytes(),
+                max: self.limits.max_bytes,
+            });
+        }
+        let generation = self.next_generation(previous).await?;
+        let mut pointer = Pointer {
+            generation,
+            previous,
+            dir: self.keys.generation_dir(generation, super::random_u64()),
             chunks: encoded.chunks.len(),
             entries: encoded.entries,
             sha256: encoded.sha256,
             committed_at_ms: super::unix_now_ms(),
             committed_by: self.host.clone(),
             empty_forced: next.is_empty(),
+            signature: None,
         };
+        if let Some(signer) = &self.authority.signer {
+            signer.sign(self.keys.prefix(), self.keys.group(), &mut pointer);
+        }
         for (index, chunk) in encoded.chunks.into_iter().enumerate() {
             client.put(pointer.chunk_key(index), chunk, None).await.map_err(StoreError::from)?;
         }
@@ -291,33 +396,51 @@ impl Store {
             Ok(response) => response.succeeded(),
             // The answer was lost, not necessarily the swap: the pointer says.
             Err(e) => match self.current().await {
-                Ok(now) if now.pointer.as_ref().is_some_and(|p| p.dir == pointer.dir) => true,
-                Ok(_) => false,
+                Ok(now) => now.pointer.is_some_and(|p| p.is_ok_and(|p| p.dir == pointer.dir)),
                 Err(_) => return Err(StoreError::from(e).into()),
             },
         };
         if !swapped {
-            // Another writer won: drop this attempt's chunks.
+            // Another writer won: drop this attempt's chunks (a directory
+            // this attempt named itself).
             let own = DeleteOptions::new().with_prefix();
             if let Err(e) = client.delete(pointer.dir.as_str(), Some(own)).await {
                 tracing::warn!("fleet: cannot remove the chunks of a lost commit: {e}");
             }
             return Ok(None);
         }
-        if let Some(previous) = &current.pointer {
-            self.forget_before(&previous.dir).await;
+        if previous > 0 {
+            self.forget_below(previous).await;
         }
         Ok(Some(Committed {
             generation: pointer.generation,
-            diff: base.diff(&next),
+            diff: base_list.diff(&next),
             entries: next.len(),
         }))
     }
 
-    /// Deletes every generation older than the one in `dir` (which a reader
-    /// may still be fetching). Failing only leaves garbage for the next commit.
-    async fn forget_before(&self, dir: &str) {
-        let range = DeleteOptions::new().with_range(dir);
+    /// The generation a commit on `previous` gets: above it and above every
+    /// generation a host reports, so that after etcd is restored from an
+    /// older backup the next change is one the hosts move forward to.
+    async fn next_generation(&self, previous: u64) -> Result<u64, CommitError> {
+        let highest = self
+            .hosts()
+            .await?
+            .into_iter()
+            .map(|entry| entry.record)
+            .max_by_key(|record| record.generation);
+        let floor = highest.as_ref().map_or(0, |record| record.generation).max(previous);
+        floor.checked_add(1).ok_or_else(|| {
+            let host = highest.map(|r| r.host).unwrap_or_default();
+            CommitError::GenerationExhausted { key: self.keys.host(&host), host, generation: floor }
+        })
+    }
+
+    /// Deletes every generation older than `generation` (which a reader may
+    /// still be fetching): a key range computed from a number, strictly
+    /// inside `list/gen/`. Failing only leaves garbage for the next commit.
+    async fn forget_below(&self, generation: u64) {
+        let range = DeleteOptions::new().with_range(self.keys.generations_from(generation));
         if let Err(e) = self.client.clone().delete(self.keys.generations(), Some(range)).await {
             tracing::warn!("fleet: cannot remove old generations: {e}");
         }
@@ -347,6 +470,32 @@ impl Store {
         Ok(self.client.clone().lease_keep_alive(lease).await?)
     }
 
+    /// The group's generation and every host's, for `edgegate fleet status`.
+    pub async fn view(&self) -> Result<FleetView, StoreError> {
+        let current = self.current().await?;
+        let hosts = self.hosts().await?;
+        let generation = current.generation();
+        let pointer = current.pointer.and_then(Result::ok);
+        let hosts = hosts
+            .into_iter()
+            .map(|entry| FleetHost {
+                lag: generation.unwrap_or(0).saturating_sub(entry.record.generation),
+                host: entry.record.host,
+                alive: entry.alive,
+                generation: entry.record.generation,
+                applied_at_ms: entry.record.applied_at_ms,
+                version: entry.record.version,
+            })
+            .collect();
+        Ok(FleetView {
+            group: self.keys.group().to_owned(),
+            current_generation: generation,
+            committed_at_ms: pointer.as_ref().map(|p| p.committed_at_ms),
+            committed_by: pointer.map(|p| p.committed_by),
+            hosts,
+        })
+    }
+
     /// Every host that ever reported, and whether its lease is alive.
     pub async fn hosts(&self) -> Result<Vec<HostEntry>, StoreError> {
         let mut client = self.client.clone();
@@ -355,10 +504,19 @@ impl Store {
         let alive = client.get(self.keys.alive_hosts(), prefix()).await?;
         let alive: std::collections::BTreeSet<&[u8]> =
             alive.kvs().iter().map(etcd_client::KeyValue::value).collect();
+        // Records are other hosts' words: bounded, and only under their own key.
         Ok(records
             .kvs()
             .iter()
-            .filter_map(|kv| serde_json::from_slice::<HostRecord>(kv.value()).ok())
+            .filter(|kv| kv.value().len() <= MAX_RECORD_BYTES)
+            .filter_map(|kv| {
+                let record = serde_json::from_slice::<HostRecord>(kv.value()).ok()?;
+                (layout::valid_committer(&record.host)
+                    && kv.key() == self.keys.host(&record.host).as_bytes()
+                    && record.version.len() <= 64
+                    && record.version.chars().all(|c| c.is_ascii_graphic()))
+                .then_some(record)
+            })
             .map(|record| HostEntry { alive: alive.contains(record.host.as_bytes()), record })
             .collect())
     }

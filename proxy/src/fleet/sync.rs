@@ -8,6 +8,13 @@
 //!
 //! Nothing here clears or shrinks the list because etcd is unreachable:
 //! failing reads leave the list in force as it is.
+//!
+//! A generation is put in force only if its pointer is valid, it is newer
+//! than the one in force (never back: a replayed pointer is refused), a
+//! trusted key signed it (with `trusted_keys`), and its chunks verify.
+//! Each refusal is counted by reason and shown; the list in force stays.
+//! The follower itself is supervised: if it ever ends or panics, that is
+//! reported and it starts again after a backoff.
 
 use std::{
     collections::BTreeMap,
@@ -23,6 +30,7 @@ use tokio::sync::watch;
 use super::{
     layout::Pointer,
     store::{Store, StoreError},
+    trust::TrustedKeys,
 };
 use crate::{
     allowlist::{Allowlist, Diff},
@@ -49,12 +57,18 @@ pub struct Health {
     inner: Mutex<Inner>,
     /// The generation in force here; commits wait on it.
     applied: watch::Sender<u64>,
+    /// Refusals so far: this host's record is republished on each.
+    refused: watch::Sender<u64>,
+    trusted_keys: Vec<String>,
     propagation: Histogram,
 }
 
 #[derive(Default)]
 struct Inner {
     connected: bool,
+    refusals: BTreeMap<&'static str, u64>,
+    last_refusal: Option<String>,
+    follower_restarts: u64,
     applied_entries: usize,
     applied_at_ms: Option<u64>,
     current: Option<u64>,
@@ -66,16 +80,30 @@ struct Inner {
 }
 
 impl Health {
-    /// `applied`: the generation the local file holds (0: none), of `entries` entries.
-    pub fn new(group: &str, host: &str, applied: u64, entries: usize) -> Self {
+    /// `applied`: the generation the local file holds (0: none), of
+    /// `entries` entries; `trusted`: whose signatures generations need.
+    pub fn new(
+        group: &str,
+        host: &str,
+        applied: u64,
+        entries: usize,
+        trusted: &TrustedKeys,
+    ) -> Self {
         let buckets = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
         Self {
             group: group.to_owned(),
             host: host.to_owned(),
             inner: Mutex::new(Inner { applied_entries: entries, ..Inner::default() }),
             applied: watch::Sender::new(applied),
+            refused: watch::Sender::new(0),
+            trusted_keys: trusted.fingerprints(),
             propagation: Histogram::new(buckets),
         }
+    }
+
+    /// Wakes on every refusal.
+    pub fn subscribe_refusals(&self) -> watch::Receiver<u64> {
+        self.refused.subscribe()
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -123,6 +151,10 @@ impl Health {
             resyncs: inner.resyncs,
             apply_errors: inner.apply_errors,
             last_error: inner.last_error.clone(),
+            refusals: inner.refusals.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+            last_refusal: inner.last_refusal.clone(),
+            trusted_keys: self.trusted_keys.clone(),
+            follower_restarts: inner.follower_restarts,
         }
     }
 
@@ -148,6 +180,25 @@ impl Health {
         inner.last_error = Some(error);
     }
 
+    /// A generation in etcd that this host will not put in force.
+    fn refused(&self, reason: &'static str, error: String) {
+        self.failed(error.clone());
+        let mut inner = self.inner();
+        *inner.refusals.entry(reason).or_default() += 1;
+        inner.last_refusal = Some(error);
+        drop(inner);
+        self.refused.send_modify(|count| *count += 1);
+    }
+
+    /// The follower ended (it never should): reported until it is back.
+    fn follower_stopped(&self, why: &str) {
+        tracing::error!("fleet: the watch on the group's list stopped ({why}); restarting it");
+        let mut inner = self.inner();
+        inner.connected = false;
+        inner.follower_restarts += 1;
+        inner.last_error = Some(format!("the watch on the group's list stopped: {why}"));
+    }
+
     fn enforced(&self, pointer: &Pointer) {
         let now = super::unix_now_ms();
         // Clocks of different hosts: a negative delay is skew, not speed.
@@ -157,6 +208,7 @@ impl Health {
         inner.applied_at_ms = Some(now);
         inner.applied_entries = pointer.entries;
         inner.last_error = None;
+        inner.last_refusal = None;
         drop(inner);
         self.applied.send_replace(pointer.generation);
     }
@@ -189,8 +241,44 @@ impl Restart {
     }
 }
 
-/// Follows the group's list forever (until the task is dropped).
+/// Follows the group's list until the task is dropped. The follower runs
+/// as a task of its own: should it end or panic, that is counted and shown
+/// (`connected` false, `last_error`), and it starts again after a backoff.
 pub async fn follow<E: Enforcer>(
+    store: Store,
+    enforcer: Arc<E>,
+    health: Arc<Health>,
+    resync_interval: Duration,
+) {
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let follower = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(follow_forever(
+            store.clone(),
+            Arc::clone(&enforcer),
+            Arc::clone(&health),
+            resync_interval,
+        )));
+        let why = match follower.await {
+            Ok(()) => "it ended".to_owned(),
+            Err(e) if e.is_panic() => {
+                let panic = e.into_panic();
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                format!("it panicked: {message}")
+            }
+            Err(_) => return,
+        };
+        health.follower_stopped(&why);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// The follower: watch sessions one after another, never returning.
+async fn follow_forever<E: Enforcer>(
     store: Store,
     enforcer: Arc<E>,
     health: Arc<Health>,
@@ -261,13 +349,7 @@ async fn watch_once(
                     tracing::error!("fleet: the group's list was deleted from etcd; the list in force stays");
                 }
                 let Some(kv) = latest else { continue };
-                let pointer = match store.parse_pointer(kv.value()) {
-                    Ok(pointer) => pointer,
-                    Err(e) => {
-                        health.failed(e.to_string());
-                        continue;
-                    }
-                };
+                let pointer = store.parse_pointer(kv.value());
                 if let Err(e) = catch_up(store, enforcer, health, Some(pointer), Via::Watch).await {
                     return e.into();
                 }
@@ -294,38 +376,63 @@ enum Via {
     Reread,
 }
 
-/// Puts `pointer`'s generation in force unless it already is. A generation
-/// that does not verify, or an empty list not forced by its writer, is
-/// refused and counted; the list in force stays. Only an unreachable etcd
-/// is an error: the session restarts.
+/// Puts `pointer`'s generation in force if this host may: the pointer is
+/// valid, newer than the generation in force, signed by a trusted key (when
+/// keys are configured), and its chunks verify; an empty list only when its
+/// writer forced it. Anything else is refused and counted, and the list in
+/// force stays. Only an unreachable etcd is an error: the session restarts.
 async fn catch_up(
     store: &Store,
     enforcer: &impl Enforcer,
     health: &Health,
-    pointer: Option<Pointer>,
+    pointer: Option<Result<Pointer, StoreError>>,
     via: Via,
 ) -> Result<(), StoreError> {
-    let Some(pointer) = pointer else {
+    let pointer = match pointer {
         // A group with no list yet: keep the local one.
-        return Ok(());
+        None => return Ok(()),
+        Some(Ok(pointer)) => pointer,
+        Some(Err(e)) => {
+            let reason = match &e {
+                StoreError::Pointer { source, .. } => source.reason(),
+                _ => "malformed",
+            };
+            health.refused(reason, format!("{e}; refused"));
+            return Ok(());
+        }
     };
-    health.inner().current = Some(pointer.generation);
-    if pointer.generation == health.applied() {
+    let generation = pointer.generation;
+    health.inner().current = Some(generation);
+    let applied = health.applied();
+    if generation <= applied {
+        if generation < applied {
+            health.refused(
+                "rollback",
+                format!(
+                    "generation {generation} in etcd is older than generation {applied} in force \
+                     here (a replayed pointer, or etcd restored from a backup); refused"
+                ),
+            );
+        }
+        return Ok(());
+    }
+    if let Err(e) = store.check_trust(&pointer) {
+        health.refused(e.reason(), format!("generation {generation}: {e}; refused"));
         return Ok(());
     }
     let list = match store.fetch(&pointer).await {
         Ok(list) => list,
         Err(e @ StoreError::Unreachable(_)) => return Err(e),
         Err(e) => {
-            health.failed(e.to_string());
+            health.refused("corrupt", e.to_string());
             return Ok(());
         }
     };
     if list.is_empty() && !pointer.empty_forced {
-        health.failed(format!(
-            "generation {} is an empty list its writer did not force; refused",
-            pointer.generation
-        ));
+        health.refused(
+            "empty",
+            format!("generation {generation} is an empty list its writer did not force; refused"),
+        );
         return Ok(());
     }
     match enforcer.enforce(list, &pointer).await {
@@ -337,17 +444,22 @@ async fn catch_up(
                 health.inner().resyncs += 1;
             }
             tracing::info!(
-                "fleet: generation {} in force ({} added, {} removed, {} updated; {} entries), \
-                 committed by {}",
-                pointer.generation,
+                "fleet: generation {generation} in force ({} added, {} removed, {} updated; {} \
+                 entries), committed by {}{}",
                 diff.added,
                 diff.removed,
                 diff.updated,
                 pointer.entries,
-                pointer.committed_by
+                pointer.committed_by,
+                pointer
+                    .signature
+                    .as_ref()
+                    .and_then(|s| s.key.parse::<super::trust::PublicKey>().ok())
+                    .map(|key| format!(", signed by key {}", key.fingerprint()))
+                    .unwrap_or_default()
             );
         }
-        Err(e) => health.failed(format!("generation {}: {e}", pointer.generation)),
+        Err(e) => health.failed(format!("generation {generation}: {e}")),
     }
     Ok(())
 }
