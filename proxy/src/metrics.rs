@@ -71,6 +71,9 @@ async fn respond(
                 if let Some(fleet) = &fleet {
                     if let Some(stale) = fleet.staleness() {
                         body += &format!("; stale: {stale}");
+                        if let Some(error) = &fleet.last_error {
+                            body += &format!(" ({error})");
+                        }
                     }
                     if let Some(refusal) = &fleet.last_refusal {
                         body += &format!("; refusing etcd's list: {refusal}");

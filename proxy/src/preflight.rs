@@ -326,4 +326,26 @@ mod tests {
         let (severity, _) = judge(LifetimeKind::ClientCa, NOW - 900 * DAY, NOW - DAY).unwrap();
         assert_eq!(severity, Severity::Warning, "an expired client CA does not stop the start");
     }
+
+    /// `check` says who decides a fleet's list when nothing is signed.
+    #[test]
+    fn an_unsigned_fleet_is_a_warning_naming_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("edgegate.toml");
+        let fleet = "[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\ngroup = \"g\"\n";
+        let write = |extra: &str| {
+            std::fs::write(
+                &config,
+                format!("[filter]\ninterfaces = [\"lo\"]\nports = [1]\n{fleet}{extra}"),
+            )
+            .expect("write");
+        };
+        let warned = |report: &Report| {
+            report.warnings().any(|w| w.text.contains("`fleet.trusted_keys`: unset"))
+        };
+        write("");
+        assert!(warned(&inspect(&config, &Overrides::default())));
+        write(&format!("trusted_keys = [\"ed25519:{}=\"]\n", "A".repeat(43)));
+        assert!(!warned(&inspect(&config, &Overrides::default())));
+    }
 }
