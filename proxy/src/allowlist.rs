@@ -13,9 +13,7 @@
 
 use std::{
     collections::BTreeMap,
-    fmt,
-    fs::{self, File},
-    io::{self, Write as _},
+    fmt, fs, io,
     net::IpAddr,
     path::{Path, PathBuf},
     str::FromStr,
@@ -487,23 +485,10 @@ pub fn store(path: &Path, list: &Allowlist) -> Result<(), StoreError> {
     replace_file(path, list.render().as_bytes())
 }
 
-/// Replaces `path` with `contents` atomically (a synced temporary file
-/// renamed over it), creating its directory if need be.
+/// Replaces `path` with `contents` atomically ([`crate::files::replace`]).
 pub fn replace_file(path: &Path, contents: &[u8]) -> Result<(), StoreError> {
-    let io_error = |op, path: &Path| {
-        let path = path.to_owned();
-        move |source| StoreError::Io { op, path, source }
-    };
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(io_error("create directory", dir))?;
-    let mut temp_name = path.file_name().unwrap_or_default().to_owned();
-    temp_name.push(".tmp");
-    let temp = dir.join(temp_name);
-    let mut file = File::create(&temp).map_err(io_error("create", &temp))?;
-    file.write_all(contents).map_err(io_error("write", &temp))?;
-    file.sync_all().map_err(io_error("sync", &temp))?;
-    fs::rename(&temp, path).map_err(io_error("rename into place", path))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_error("sync directory", dir))
+    crate::files::replace(path, contents)
+        .map_err(|crate::files::FileError { op, path, source }| StoreError::Io { op, path, source })
 }
 
 #[cfg(test)]

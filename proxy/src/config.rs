@@ -127,6 +127,11 @@ fn default_fleet_timeout() -> Duration {
 pub struct MetricsConfig {
     #[serde(default = "default_metrics_bind")]
     pub bind: SocketAddr,
+    /// A connection may start with a PROXY v1/v2 header, read and ignored:
+    /// an NLB target group with proxy protocol on sends one on its health
+    /// checks too. Plain HTTP requests are served either way.
+    #[serde(default)]
+    pub accept_proxy_protocol: bool,
 }
 
 impl MetricsConfig {
@@ -138,7 +143,7 @@ impl MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        Self { bind: default_metrics_bind() }
+        Self { bind: default_metrics_bind(), accept_proxy_protocol: false }
     }
 }
 

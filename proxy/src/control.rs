@@ -3,11 +3,14 @@
 //! socket's creation); the daemon answers it in `daemon::control`.
 //!
 //! One JSON request line per connection, answered by one JSON response line.
-//! The socket is mode 0600 in a 0700 directory: only root may change the list.
+//! The socket is created 0600 (under a restrictive umask, never a moment
+//! wider) in a root-owned 0700 directory, and both ends check the other's
+//! credentials (`SO_PEERCRED`): the daemon answers only root, and the CLI
+//! talks only to a root daemon, whatever the socket's mode became later.
 
 use std::{
     io::{self, BufRead as _, BufReader, Write as _},
-    os::unix::{fs::PermissionsExt as _, net::UnixStream as StdUnixStream},
+    os::unix::net::UnixStream as StdUnixStream,
     path::{Path, PathBuf},
 };
 
@@ -127,6 +130,23 @@ pub enum ClientError {
     /// The answer is not the protocol (a different version?).
     #[error("the daemon sent an unreadable answer: {0}")]
     Protocol(#[source] serde_json::Error),
+    /// The process behind the socket is not root: not an edgegate daemon.
+    #[error(
+        "the process listening on {} runs as uid {uid}, not root: it is not the edgegate daemon",
+        socket.display()
+    )]
+    NotTheDaemon { socket: PathBuf, uid: u32 },
+}
+
+/// How long the CLI waits for an answer (a 1M-entry replace takes seconds).
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The uid of the process at the other end of `stream`.
+pub fn peer_uid(stream: &impl std::os::fd::AsFd) -> io::Result<u32> {
+    let credentials =
+        nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+            .map_err(io::Error::from)?;
+    Ok(credentials.uid())
 }
 
 /// Sends one request and waits for its answer.
@@ -141,6 +161,11 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
         _ => ClientError::Io { socket: socket.to_owned(), source },
     };
     let mut stream = StdUnixStream::connect(socket).map_err(io_error)?;
+    let uid = peer_uid(&stream).map_err(io_error)?;
+    if uid != 0 {
+        return Err(ClientError::NotTheDaemon { socket: socket.to_owned(), uid });
+    }
+    stream.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(io_error)?;
     let mut line = serde_json::to_vec(request).map_err(ClientError::Protocol)?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io_error)?;
@@ -155,6 +180,14 @@ pub enum BindError {
     /// A live daemon owns the socket.
     #[error("another edgegate daemon already listens on {}", socket.display())]
     InUse { socket: PathBuf },
+    /// The socket's directory could let another user replace the socket.
+    #[error(
+        "{} holds the control socket but is {problem}: it must be a directory owned by root \
+         with mode 0700 (`chown root:root {0} && chmod 700 {0}`), or set \
+         `daemon.control_socket` to a path in one",
+        dir.display()
+    )]
+    UnsafeDirectory { dir: PathBuf, problem: String },
     /// Creating the socket or its directory failed.
     #[error("cannot {op} {}: {source}", path.display())]
     Io {
@@ -166,18 +199,34 @@ pub enum BindError {
 }
 
 /// Binds the control socket, replacing a stale one left by a killed daemon.
-/// A std listener: start-up binds before the runtime (and its threads) exist.
+/// A std listener: start-up binds before the runtime (and its threads) exist,
+/// which also makes the umask change below safe (it is per process).
 pub fn bind(socket: &Path) -> Result<std::os::unix::net::UnixListener, BindError> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
     let io_error = |op, path: &Path| {
         let path = path.to_owned();
         move |source| BindError::Io { op, path, source }
     };
-    if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(io_error("create", dir))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(io_error("set permissions of", dir))?;
-        }
+    let dir = socket.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_error("create", dir))?;
+    }
+    let metadata = std::fs::symlink_metadata(dir).map_err(io_error("inspect", dir))?;
+    let problem = if !metadata.is_dir() {
+        Some("not a directory (a link?)".to_owned())
+    } else if metadata.uid() != nix::unistd::geteuid().as_raw() {
+        Some(format!("owned by uid {}", metadata.uid()))
+    } else if metadata.mode() & 0o077 != 0 {
+        Some(format!("mode {:04o}", metadata.mode() & 0o7777))
+    } else {
+        None
+    };
+    if let Some(problem) = problem {
+        return Err(BindError::UnsafeDirectory { dir: dir.to_owned(), problem });
     }
     if socket.exists() {
         if StdUnixStream::connect(socket).is_ok() {
@@ -185,10 +234,42 @@ pub fn bind(socket: &Path) -> Result<std::os::unix::net::UnixListener, BindError
         }
         std::fs::remove_file(socket).map_err(io_error("remove stale", socket))?;
     }
-    let listener =
-        std::os::unix::net::UnixListener::bind(socket).map_err(io_error("bind", socket))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .map_err(io_error("set permissions of", socket))?;
+    // Created 0600: no moment at which another user could connect.
+    let previous = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = std::os::unix::net::UnixListener::bind(socket);
+    nix::sys::stat::umask(previous);
+    let listener = bound.map_err(io_error("bind", socket))?;
     listener.set_nonblocking(true).map_err(io_error("configure", socket))?;
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn the_socket_is_born_0600_in_a_private_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("run/control.sock");
+        let _listener = bind(&socket).expect("bind");
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&socket), 0o600);
+        assert_eq!(mode(socket.parent().expect("dir")), 0o700);
+    }
+
+    #[test]
+    fn a_directory_others_can_write_is_refused_naming_the_fix() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).expect("mkdir");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let error = bind(&open.join("control.sock")).expect_err("refused").to_string();
+        assert!(error.contains("mode 0777") && error.contains("chmod 700"), "{error}");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path(), &link).expect("symlink");
+        let error = bind(&link.join("control.sock")).expect_err("refused").to_string();
+        assert!(error.contains("not a directory"), "{error}");
+    }
 }

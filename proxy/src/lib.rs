@@ -18,7 +18,8 @@
 //! - [`metrics`]: `/metrics`, `/healthz` and `/readyz` over HTTP;
 //! - [`privileges`]: what the gate keeps of root after start-up, and who the worker runs as;
 //! - [`privsep`]: the sandboxed proxy worker, its start and its protocol with the gate;
-//! - [`aws`]: AWS's published address ranges, for `allow import-aws`.
+//! - [`aws`]: AWS's published address ranges, for `allow import-aws`;
+//! - [`files`]: atomic, link-safe state files and the state lock.
 
 pub mod allowlist;
 pub mod aws;
@@ -26,6 +27,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod demo;
+pub mod files;
 pub mod filter;
 pub mod fleet;
 pub mod learned;

@@ -691,6 +691,14 @@ fn change_offline(
             socket.display()
         );
     }
+    // A daemon starting meanwhile waits for this change: it holds the same lock.
+    let _lock = match edgegate::files::StateLock::acquire(&path) {
+        Err(edgegate::files::LockError::Held { path: lock }) => bail!(
+            "a daemon (or another --offline change) holds {}: drop --offline if the daemon runs",
+            lock.display()
+        ),
+        locked => locked?,
+    };
     let list = allowlist::load(&path)?;
     let next = change.apply_to(&list)?;
     let (ipv4, ipv6) = next.family_sizes();

@@ -9,40 +9,58 @@
 //!   every listener accepts; 503 with the reason otherwise. Point an NLB
 //!   target group's HTTP health check here.
 
-use std::{convert::Infallible, future::Future, pin::Pin, sync::Arc};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use tokio::net::TcpListener;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{Semaphore, watch},
+};
 
 use crate::{
-    proxy::accept::accept_loop,
+    config::ProxyProtocol,
+    proxy::{accept::accept_loop, proxy_protocol},
     status::{FleetStatus, NotReady, Observation},
 };
 
-/// Takes an observation of the daemon (or says why it cannot).
-pub type Observe = Arc<
-    dyn Fn() -> Pin<Box<dyn Future<Output = Result<Observation, NotReady>> + Send>> + Send + Sync,
->;
+/// The daemon's newest observation (or why none could be taken), refreshed
+/// by the daemon in the background: a request never waits on the daemon's
+/// state, so no number of probes can slow a change down.
+pub type Observed = watch::Receiver<Arc<Result<Observation, NotReady>>>;
 
-/// Serves until the task is dropped.
-pub async fn serve(listener: TcpListener, observe: Observe) {
-    let handle = |(stream, _)| {
-        let observe = Arc::clone(&observe);
+/// Connections served at once; more are closed at accept.
+const MAX_CONNECTIONS: usize = 64;
+/// A client has this long to send a request's headers (a PROXY header too).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection is closed after this long, whatever it does.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+
+/// Serves until the task is dropped. With `accept_proxy_header`, a
+/// connection may start with a PROXY v1/v2 header (an NLB target group with
+/// proxy protocol on sends one on its health checks too): it is read and
+/// ignored.
+pub async fn serve(listener: TcpListener, observed: Observed, accept_proxy_header: bool) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let handle = |(stream, _): (TcpStream, _)| {
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::debug!("metrics: {MAX_CONNECTIONS} connections already; closing a new one");
+            return;
+        };
+        let observed = observed.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let observe = Arc::clone(&observe);
-                async move { Ok::<_, Infallible>(respond(&request, &observe).await) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = connection.await {
+            let _slot = slot;
+            let served = tokio::time::timeout(
+                CONNECTION_LIFETIME,
+                serve_connection(stream, observed, accept_proxy_header),
+            );
+            if let Ok(Err(e)) = served.await {
                 tracing::debug!("metrics connection: {e}");
             }
         });
@@ -50,9 +68,59 @@ pub async fn serve(listener: TcpListener, observe: Observe) {
     accept_loop("metrics", || listener.accept(), handle).await;
 }
 
-async fn respond(
+async fn serve_connection(
+    stream: TcpStream,
+    observed: Observed,
+    accept_proxy_header: bool,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let stream = if accept_proxy_header
+        && tokio::time::timeout(HEADER_TIMEOUT, starts_with_proxy_header(&stream)).await??
+    {
+        let reading = proxy_protocol::read_header(stream, ProxyProtocol::Any);
+        tokio::time::timeout(HEADER_TIMEOUT, reading).await??.1
+    } else {
+        proxy_protocol::Prefixed::plain(stream)
+    };
+    let service = service_fn(move |request| {
+        let observation = Arc::clone(&observed.borrow());
+        async move { Ok::<_, Infallible>(respond(&request, &observation)) }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .await?;
+    Ok(())
+}
+
+/// Whether the connection starts with a PROXY header (v2's 12-byte
+/// signature, or v1's `PROXY `): no HTTP request starts like either.
+async fn starts_with_proxy_header(stream: &TcpStream) -> std::io::Result<bool> {
+    const V2: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+    const V1: &[u8] = b"PROXY ";
+    let mut first = [0u8; 12];
+    loop {
+        let seen = stream.peek(&mut first).await?;
+        if seen == 0 {
+            return Ok(false);
+        }
+        let seen = &first[..seen];
+        let could_be =
+            |signature: &[u8]| signature.starts_with(&seen[..seen.len().min(signature.len())]);
+        if seen.starts_with(V2) || seen.starts_with(V1) {
+            return Ok(true);
+        }
+        if !could_be(V2) && !could_be(V1) {
+            return Ok(false);
+        }
+        // A signature's beginning: wait for the rest (bounded by the caller).
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn respond(
     request: &Request<hyper::body::Incoming>,
-    observe: &Observe,
+    observation: &Result<Observation, NotReady>,
 ) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, content_type: &str, body: String| {
         Response::builder()
@@ -65,10 +133,14 @@ async fn respond(
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         // Stale fleet data is still ready: the host filters with the last
         // list it knew. The body says how stale.
-        "/readyz" => match observe().await.and_then(|o| o.ready.map(|()| o.status.fleet)) {
+        "/readyz" => match observation
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|o| o.ready.clone().map(|()| o.status.fleet.as_ref()))
+        {
             Ok(fleet) => {
                 let mut body = String::from("ready");
-                if let Some(fleet) = &fleet {
+                if let Some(fleet) = fleet {
                     if let Some(stale) = fleet.staleness() {
                         body += &format!("; stale: {stale}");
                         if let Some(error) = &fleet.last_error {
@@ -87,11 +159,11 @@ async fn respond(
                 format!("not ready: {reason}\n"),
             ),
         },
-        "/metrics" => match observe().await {
+        "/metrics" => match observation {
             Ok(observation) => reply(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                render(&observation),
+                render(observation),
             ),
             Err(reason) => {
                 reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{reason}\n"))

@@ -77,7 +77,9 @@ fn main() {
         });
     drop(recorders);
     let replace = big_replace(&fleet);
-    let (unsigned, signed) = signing_cost(&fleet, rounds, aliases);
+    // Twice the rounds, in eight alternating blocks: the two are compared
+    // on the tail, which needs samples.
+    let (unsigned, signed) = signing_cost(&fleet, 2 * rounds, aliases);
 
     print_heading("fleet");
     println!("3 hosts, 3-member etcd {}", edgegate_tests::bench::tool_version("etcd", "--version"));
@@ -102,6 +104,10 @@ fn main() {
     println!("|---|---|---|---|");
     row(&format!("unsigned ({} changes)", unsigned.len()), &unsigned);
     row(&format!("signed, verified by every host ({} changes)", signed.len()), &signed);
+    let (sign_us, verify_us) = signature_cost(&fleet);
+    println!(
+        "\nper generation: signing {sign_us:.1} µs (once, by the admin), verifying {verify_us:.1} µs (on each host)"
+    );
     let ratio = |q| percentile(&signed, q) / percentile(&unsigned, q);
     println!(
         "\nsigned ÷ unsigned: p50 {:.3}, p99 {:.3} (target: within 10%, i.e. ≤ 1.10)",
@@ -116,8 +122,43 @@ fn main() {
             "replace_100k_seconds": replace,
             "unsigned_ms": { "p50": percentile(&unsigned, 0.5), "p99": percentile(&unsigned, 0.99) },
             "signed_ms": { "p50": percentile(&signed, 0.5), "p99": percentile(&signed, 0.99) },
+            "sign_us": sign_us,
+            "verify_us": verify_us,
         }),
     );
+}
+
+/// Microseconds to sign and to verify one pointer (the median of 2000).
+fn signature_cost(fleet: &Fleet) -> (f64, f64) {
+    use edgegate::fleet::{
+        layout::{Keys, Pointer},
+        trust::{SigningKey, TrustedKeys},
+    };
+    let key = SigningKey::load(&fleet.signing_key).expect("signing key");
+    let trusted = TrustedKeys::new(vec![key.public_key()]);
+    let keys = Keys::new("/edgegate", "partner-gate");
+    let mut pointer = Pointer {
+        generation: 2,
+        previous: 1,
+        dir: keys.generation_dir(2, 7),
+        chunks: 1,
+        entries: 1,
+        sha256: "ab".repeat(32),
+        committed_at_ms: 0,
+        committed_by: "bench".into(),
+        empty_forced: false,
+        signature: None,
+    };
+    let (mut signing, mut verifying) = (Vec::new(), Vec::new());
+    for _ in 0..2000 {
+        let started = Instant::now();
+        key.sign("/edgegate", "partner-gate", &mut pointer);
+        signing.push(started.elapsed().as_secs_f64() * 1e6);
+        let started = Instant::now();
+        trusted.check("/edgegate", "partner-gate", &pointer).expect("verifies");
+        verifying.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    (percentile(&signing, 0.5), percentile(&verifying, 0.5))
 }
 
 /// Starts `edgegate allow add|del SOURCE` on host 0; the returned closure waits for it.
@@ -133,9 +174,9 @@ fn cli(fleet: &Fleet, source: std::net::Ipv4Addr, adding: bool) -> Box<dyn FnOnc
     Box::new(move || assert!(child.wait().expect("wait").success(), "allow {verb} failed"))
 }
 
-/// Propagation of changes committed by one admin connection, unsigned and
-/// signed, in alternating blocks (the hosts restarted with or without
-/// `trusted_keys` between blocks).
+/// Propagation of `rounds` changes committed by one admin connection, half
+/// unsigned and half signed, in alternating blocks (the hosts restarted
+/// with or without `trusted_keys` between blocks).
 fn signing_cost(fleet: &Fleet, rounds: usize, aliases: usize) -> (Vec<f64>, Vec<f64>) {
     let unsigned_config = fleet.dir.join("admin-unsigned.toml");
     let text = std::fs::read_to_string(&fleet.admin_config).expect("admin config");
@@ -154,9 +195,10 @@ fn signing_cost(fleet: &Fleet, rounds: usize, aliases: usize) -> (Vec<f64>, Vec<
     };
     let unsigned_admin = connect(&unsigned_config, None);
     let signed_admin = connect(&fleet.admin_config, Some(&fleet.signing_key));
-    let block = (rounds / 4).max(2) & !1;
+    const BLOCKS: usize = 8;
+    let block = (rounds / BLOCKS).max(2) & !1;
     let (mut unsigned, mut signed) = (Vec::new(), Vec::new());
-    for signing in [false, true, false, true] {
+    for signing in (0..BLOCKS).map(|b| b % 2 == 1) {
         let trusted = if signing {
             format!("trusted_keys = [\"{}\"]", fleet.trusted_key)
         } else {

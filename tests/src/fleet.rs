@@ -134,7 +134,7 @@ impl Fleet {
                 std::fs::create_dir_all(&host_dir).expect("host dir");
                 let server = TcpServer::start(&netns, PROTECTED_PORT);
                 Host {
-                    socket: host_dir.join("control.sock"),
+                    socket: host_dir.join("run/control.sock"),
                     config: host_dir.join("edgegate.toml"),
                     bpffs_dir: PathBuf::from("/sys/fs/bpf").join(unique_name("egfleet")),
                     dir: host_dir,

@@ -89,7 +89,7 @@ impl PeerBed {
         write(
             &dir.join("edgegate.toml"),
             &format!(
-                "[filter]\ninterfaces = [\"lo\"]\nmode = \"skb\"\n\n[daemon]\ncontrol_socket = \"{d}/control.sock\"\n\
+                "[filter]\ninterfaces = [\"lo\"]\nmode = \"skb\"\n\n[daemon]\ncontrol_socket = \"{d}/run/control.sock\"\n\
                  state_dir = \"{d}/state\"\nbpffs_dir = \"{}\"\n\n[[listener]]\nname = \"bench\"\n\
                  bind = \"127.0.0.1:8443\"\nbackend = \"127.0.0.1:{BACKEND_PORT}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
                  client_ca = \"{ca}\"\nmax_connections = {max_connections}\n\n\

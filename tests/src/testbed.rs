@@ -70,7 +70,7 @@ impl Testbed {
             server_ipv6: Vec::new(),
             clients: Vec::new(),
             interfaces: Vec::new(),
-            socket: dir.join("control.sock"),
+            socket: dir.join("run/control.sock"),
             config: dir.join("edgegate.toml"),
             bpffs_dir,
             dir,
@@ -297,6 +297,30 @@ impl Testbed {
             .stdin(Stdio::null())
             .output()
             .expect("run the edgegate CLI")
+    }
+
+    /// As [`Self::cli_ok`], failing (instead of hanging) if the CLI takes
+    /// longer than `limit`: it runs under coreutils' `timeout`.
+    pub fn cli_within(&self, limit: Duration, args: &[&str]) -> String {
+        let started = Instant::now();
+        let output = Command::new("timeout")
+            .arg("--kill-after=1")
+            .arg(format!("{}", limit.as_secs_f64()))
+            .arg(edgegate_binary())
+            .arg("--control-socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the edgegate CLI under timeout");
+        assert!(
+            output.status.success(),
+            "edgegate {} (after {:?}, limit {limit:?}): {}",
+            args.join(" "),
+            started.elapsed(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("UTF-8 output")
     }
 
     /// `edgegate check` of the testbed's config, in the server namespace

@@ -123,6 +123,28 @@ fn the_gate_keeps_seven_capabilities_and_the_worker_none() {
     let message = String::from_utf8_lossy(&as_nobody.stderr);
     assert!(!as_nobody.status.success());
     assert!(message.contains("permission denied") && message.contains("root-only"), "{message}");
+
+    // Even with the socket and its directory opened to everyone, the daemon
+    // asks the kernel who connects (SO_PEERCRED) and refuses anyone but root.
+    use std::os::unix::fs::PermissionsExt as _;
+    let open = |path: &std::path::Path, mode| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    };
+    open(bed.testbed.socket.parent().expect("socket dir"), 0o755);
+    open(&bed.testbed.socket, 0o666);
+    let as_nobody = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(edgegate_tests::testbed::edgegate_binary())
+        .arg("--control-socket")
+        .arg(&bed.testbed.socket)
+        .args(["allow", "add", "0.0.0.0/0"])
+        .output()
+        .expect("run the CLI as nobody");
+    let message = String::from_utf8_lossy(&as_nobody.stderr);
+    assert!(!as_nobody.status.success());
+    assert!(message.contains("permission denied") && message.contains("root only"), "{message}");
+    let listed = bed.testbed.cli_ok(&["allow", "list"]);
+    assert!(!listed.contains("0.0.0.0/0"), "{listed}");
 }
 
 /// The worker's descriptors: stdin (/dev/null), the log, then sockets and

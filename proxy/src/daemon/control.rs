@@ -10,7 +10,7 @@ use tokio::{
     sync::Mutex,
 };
 
-use super::{State, fleet::Member};
+use super::{State, fleet::Member, worker::Prober};
 use crate::{
     control::{MAX_REQUEST_BYTES, Request, Response},
     proxy::accept::accept_loop,
@@ -22,12 +22,14 @@ pub(super) async fn serve(
     listener: UnixListener,
     state: Arc<Mutex<State>>,
     fleet: Option<Arc<Member>>,
+    prober: Prober,
 ) {
     let answer = |(stream, _): (UnixStream, _)| {
         let state = Arc::clone(&state);
         let fleet = fleet.clone();
+        let prober = prober.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, state, fleet).await {
+            if let Err(e) = handle(stream, state, fleet, prober).await {
                 tracing::warn!("control connection failed: {e}");
             }
         });
@@ -39,7 +41,25 @@ async fn handle(
     stream: UnixStream,
     state: Arc<Mutex<State>>,
     fleet: Option<Arc<Member>>,
+    prober: Prober,
 ) -> io::Result<()> {
+    // Only root may ask: whatever the socket's mode, the kernel says who asks.
+    match stream.peer_cred() {
+        Ok(peer) if peer.uid() == 0 => {}
+        refused => {
+            let who = refused.map_or_else(|e| format!("unknown ({e})"), |p| p.uid().to_string());
+            tracing::warn!("control socket: refused a client running as uid {who}");
+            let answer = Response::Error {
+                message: format!(
+                    "permission denied: the daemon answers root only (you are uid {who})"
+                ),
+            };
+            let mut stream = stream;
+            let mut line = serde_json::to_vec(&answer).map_err(io::Error::other)?;
+            line.push(b'\n');
+            return stream.write_all(&line).await;
+        }
+    }
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     tokio::io::AsyncReadExt::take(tokio::io::BufReader::new(read), MAX_REQUEST_BYTES)
@@ -55,7 +75,17 @@ async fn handle(
                 fleet.commit(change, empty_ok).await
             }
             (Ok(Request::FleetStatus), Some(fleet)) => fleet.view().await,
-            (Ok(request), _) => state.lock().await.handle(request).await,
+            (Ok(request), _) => {
+                // The newest sightings are fetched before the lock is taken.
+                if matches!(request, Request::Suggest) {
+                    prober.refresh().await;
+                }
+                let (response, catch_up) = state.lock().await.handle(request).await;
+                if let Some(catch_up) = catch_up {
+                    catch_up.await;
+                }
+                response
+            }
             (Err(e), _) => Response::Error { message: format!("malformed request: {e}") },
         }
     });

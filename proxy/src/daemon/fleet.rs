@@ -79,11 +79,9 @@ impl Marker {
 
     /// Written after the list: a crash in between leaves an older marker,
     /// and the list is fetched again, which changes nothing.
-    pub fn write(&self, list_path: &std::path::Path) -> std::io::Result<()> {
-        let path = Self::path(list_path);
-        let temp = path.with_extension("generation.tmp");
-        std::fs::write(&temp, serde_json::to_vec(self).map_err(std::io::Error::other)?)?;
-        std::fs::rename(&temp, &path)
+    pub fn write(&self, list_path: &std::path::Path) -> Result<(), crate::files::FileError> {
+        let text = serde_json::to_vec(self).expect("a marker serializes");
+        crate::files::replace(&Self::path(list_path), &text)
     }
 }
 
@@ -105,9 +103,11 @@ impl Enforcer for StateEnforcer {
         let mut state = self.0.lock().await;
         let diff = tokio::task::block_in_place(|| state.adopt(list, pointer.generation))
             .map_err(|e| e.to_string())?;
+        let caught_up = state.worker.caught_up();
+        drop(state);
         // This host's record (and so `--wait` on any host) says "in force"
         // only once the proxy checks clients against it too, as a local change.
-        state.worker.caught_up().await;
+        caught_up.await;
         Ok(diff)
     }
 }

@@ -76,6 +76,9 @@ pub enum DaemonError {
     /// The etcd client cannot be set up (a bad URL or TLS material).
     #[error("`[fleet]`: {0}")]
     Fleet(#[from] crate::fleet::StoreError),
+    /// Another daemon (or an `--offline` change) holds the state.
+    #[error(transparent)]
+    StateLocked(#[from] crate::files::LockError),
     /// The metrics endpoint cannot listen.
     #[error("`metrics.bind` {address}: {source}")]
     Metrics {
@@ -103,6 +106,8 @@ pub struct Options {
 /// What start-up prepared with root privileges, before any thread but the
 /// main one exists; [`serve`] runs it.
 pub struct Startup {
+    /// Held while the daemon runs: `--offline` changes wait for its end.
+    lock: crate::files::StateLock,
     list: Allowlist,
     list_path: PathBuf,
     filter: Filter,
@@ -134,6 +139,7 @@ pub fn start(config_path: PathBuf, options: Options) -> Result<Startup, DaemonEr
     };
     let account = privileges::worker_account(config.daemon.user.as_deref())?;
     let list_path = config.allowlist_path();
+    let lock = crate::files::StateLock::acquire(&list_path)?;
     // The etcd TLS files are read now, as root; the list file is the cache.
     let fleet = config
         .fleet
@@ -201,6 +207,7 @@ pub fn start(config_path: PathBuf, options: Options) -> Result<Startup, DaemonEr
     let worker = worker::start(spawner, &listeners).map_err(DaemonError::Worker)?;
     privileges::confine_gate()?;
     Ok(Startup {
+        lock,
         list,
         list_path,
         filter,
@@ -222,6 +229,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     let Startup {
+        lock,
         list,
         list_path,
         mut filter,
@@ -241,6 +249,7 @@ pub async fn serve(
     let socket = config.daemon.control_socket.clone();
     let drain_timeout = config.daemon.drain_timeout;
     let worker = Worker::supervise(worker, &listeners, &list, config.filter.audit, drain_timeout);
+    let prober = worker.prober();
     let capacity = config.filter.max_entries;
     let health = fleet.as_ref().map(|setup| {
         Arc::new(Health::new(
@@ -257,6 +266,7 @@ pub async fn serve(
         LearnedSources::empty(learned_path)
     });
     let state = Arc::new(Mutex::new(State {
+        _lock: lock,
         list,
         list_path,
         filter,
@@ -279,21 +289,13 @@ pub async fn serve(
         None => (None, Vec::new()),
     };
 
-    let control = tokio::spawn(control::serve(control_listener, Arc::clone(&state), member));
-    let observe: metrics::Observe = {
-        let state = Arc::clone(&state);
-        Arc::new(move || {
-            let state = Arc::clone(&state);
-            Box::pin(async move {
-                let state = state.lock().await;
-                state
-                    .observe()
-                    .await
-                    .map_err(|e| crate::status::NotReady::Unobservable { reason: e.to_string() })
-            })
-        })
-    };
-    let metrics = tokio::spawn(metrics::serve(metrics_listener, observe));
+    let control =
+        tokio::spawn(control::serve(control_listener, Arc::clone(&state), member, prober));
+    // `/metrics` and `/readyz` read an observation taken here in the
+    // background, so that probes never wait for the state lock.
+    let (observed, observer) = observe_in_background(Arc::clone(&state)).await;
+    let accept_proxy_protocol = state.lock().await.config.metrics.accept_proxy_protocol;
+    let metrics = tokio::spawn(metrics::serve(metrics_listener, observed, accept_proxy_protocol));
     notify_systemd(&[sd_notify::NotifyState::Ready]);
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .expect("installing a signal handler cannot fail");
@@ -309,7 +311,7 @@ pub async fn serve(
         tokio::select! {
             () = &mut shutdown => break,
             _ = expiry_check.tick() => state.lock().await.warn_of_expiry(),
-            _ = learn.tick() => state.lock().await.learn().await,
+            _ = learn.tick() => state.lock().await.learn(),
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: reloading");
                 let reloading = sd_notify::NotifyState::monotonic_usec_now()
@@ -325,6 +327,7 @@ pub async fn serve(
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     control.abort();
     metrics.abort();
+    observer.abort();
     fleet_tasks.iter().for_each(tokio::task::JoinHandle::abort);
     // Taking the lock waits for a change in flight: it finishes (and is
     // acknowledged) or never starts.
@@ -334,9 +337,34 @@ pub async fn serve(
         tracing::warn!("cannot remove {}: {e}", socket.display());
     }
     // What the worker saw last is kept before it goes.
-    state.learn().await;
+    state.learn();
     state.worker.drain(drain_timeout).await;
     Ok(())
+}
+
+/// How often `/metrics` and `/readyz`'s observation is taken.
+const OBSERVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Takes an observation now, then every [`OBSERVE_INTERVAL`] in a task.
+async fn observe_in_background(
+    state: Arc<Mutex<State>>,
+) -> (metrics::Observed, tokio::task::JoinHandle<()>) {
+    let take = |state: &State| {
+        let observation = tokio::task::block_in_place(|| state.observe())
+            .map_err(|e| crate::status::NotReady::Unobservable { reason: e.to_string() });
+        Arc::new(observation)
+    };
+    let (sender, observed) = tokio::sync::watch::channel(take(&*state.lock().await));
+    let task = tokio::spawn(async move {
+        let mut every = tokio::time::interval(OBSERVE_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let observation = take(&*state.lock().await);
+            sender.send_replace(observation);
+        }
+    });
+    (observed, task)
 }
 
 /// Tells systemd (`Type=notify`) where the daemon is; a no-op elsewhere.

@@ -22,6 +22,8 @@ use super::worker::{Listeners, Worker, WorkerReport};
 
 /// The list and what enforces it; changed only under a lock.
 pub struct State {
+    /// The state lock, held while the daemon runs.
+    pub(super) _lock: crate::files::StateLock,
     pub(super) list: Allowlist,
     pub(super) list_path: PathBuf,
     pub(super) filter: Filter,
@@ -41,12 +43,18 @@ pub struct State {
     pub(super) learned: LearnedSources,
 }
 
+/// What a caller awaits after releasing the state lock: the worker's
+/// confirmation that it holds the list too (bounded), never under the lock.
+pub type CatchUp = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 impl State {
     /// Answers one control request. A change is validated whole, persisted,
     /// applied to the maps and only then acknowledged; a refused change
-    /// leaves file and maps as they were.
-    pub async fn handle(&mut self, request: Request) -> Response {
-        match request {
+    /// leaves file and maps as they were. The caller awaits the returned
+    /// [`CatchUp`] (after releasing the lock) before sending the answer.
+    pub async fn handle(&mut self, request: Request) -> (Response, Option<CatchUp>) {
+        let catch_up = |worker: &Worker| -> Option<CatchUp> { Some(Box::pin(worker.caught_up())) };
+        let response = match request {
             Request::Ping => Response::Pong,
             // In fleet mode, `daemon::control` sends changes to etcd instead.
             Request::Change { change, empty_ok: _ } => {
@@ -59,8 +67,9 @@ impl State {
                 });
                 match changed {
                     Ok(diff) => {
-                        self.worker.caught_up().await;
-                        Response::Changed { diff, entries: self.list.len(), fleet: None }
+                        let response =
+                            Response::Changed { diff, entries: self.list.len(), fleet: None };
+                        return (response, catch_up(&self.worker));
                     }
                     Err(e) => Response::Error { message: e.to_string() },
                 }
@@ -74,11 +83,10 @@ impl State {
             },
             Request::Reload => {
                 let response = self.reload().await;
-                self.worker.caught_up().await;
-                response
+                return (response, catch_up(&self.worker));
             }
             Request::Status { top_rules, dropped_sources } => {
-                match self.status(top_rules, dropped_sources).await {
+                match self.status(top_rules, dropped_sources) {
                     Ok(status) => Response::Status(Box::new(status)),
                     Err(e) => Response::Error { message: e.to_string() },
                 }
@@ -90,7 +98,7 @@ impl State {
                 }
             }
             Request::Suggest => {
-                self.learn().await;
+                self.learn();
                 Response::Suggested {
                     suggestions: self.learned.suggest(&self.list),
                     learned: self.learned.len(),
@@ -100,7 +108,8 @@ impl State {
             Request::FleetStatus => Response::Error {
                 message: "not in fleet mode: the config has no `[fleet]` table".into(),
             },
-        }
+        };
+        (response, None)
     }
 
     /// Puts the group's `generation` in force (fleet mode), as a change read
@@ -184,8 +193,8 @@ impl State {
         ListReload::Kept { reason }
     }
 
-    async fn status(&self, top_rules: usize, dropped: usize) -> Result<Status, FilterError> {
-        let report = self.worker.report().await;
+    fn status(&self, top_rules: usize, dropped: usize) -> Result<Status, FilterError> {
+        let report = self.worker.report();
         tokio::task::block_in_place(|| self.status_with(top_rules, dropped, report.as_ref().ok()))
     }
 
@@ -221,8 +230,8 @@ impl State {
 
     /// Takes the worker's sightings into the learned sources, and keeps
     /// them on disk.
-    pub(super) async fn learn(&mut self) {
-        let sightings = self.worker.take_sightings().await;
+    pub(super) fn learn(&mut self) {
+        let sightings = self.worker.take_sightings();
         if sightings.is_empty() {
             return;
         }
@@ -245,9 +254,10 @@ impl State {
         }
     }
 
-    /// What `/metrics` and `/readyz` report.
-    pub async fn observe(&self) -> Result<Observation, FilterError> {
-        let report = self.worker.report().await;
+    /// What `/metrics` and `/readyz` report (with the worker's newest
+    /// counters: never a wait on the worker).
+    pub fn observe(&self) -> Result<Observation, FilterError> {
+        let report = self.worker.report();
         let ready = self.filter.verify_attachments().and_then(|()| {
             self.worker.ready()?;
             match &report {

@@ -51,6 +51,16 @@ use crate::{
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the worker may take to answer a request.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a frame to the worker may take to go out: a worker that stops
+/// reading (stopped, stuck, hostile) fills the socket's buffer, and is then
+/// killed and replaced instead of stalling the gate.
+const SEND_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the gate waits for the supervisor to act on a request: every
+/// step of the supervisor is bounded, so this only guards against a bug.
+const ASK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the serving worker is asked for its counters: `status`,
+/// `/metrics` and `/readyz` read the newest answer, and never wait on it.
+const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long an allowlist change waits for the worker to hold it too.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(2);
 /// The first pause before starting a worker again; it doubles up to
@@ -306,10 +316,7 @@ pub struct Spawner {
 }
 
 impl Spawner {
-    fn spawn(
-        &self,
-        connect_ports: &BTreeSet<u16>,
-    ) -> io::Result<(std::process::Child, std::os::unix::net::UnixStream)> {
+    fn spawn(&self, connect_ports: &BTreeSet<u16>) -> io::Result<Spawned> {
         let ports: Vec<u16> = connect_ports.iter().copied().collect();
         spawn::spawn(&Launch {
             account: &self.account,
@@ -320,11 +327,47 @@ impl Spawner {
     }
 }
 
+/// A started worker and the gate's end of its socketpair.
+type Spawned = (std::process::Child, std::os::unix::net::UnixStream);
+
+/// Where respawns happen: one thread that lives as long as the process.
+/// The kernel sends a worker its `PR_SET_PDEATHSIG` when the *thread* that
+/// forked it exits, not the process, and runtime threads come and go
+/// (`block_in_place` retires them): a worker forked on one would be killed
+/// with every connection it holds some time later.
+struct SpawnThread {
+    requests: std::sync::mpsc::Sender<(BTreeSet<u16>, oneshot::Sender<io::Result<Spawned>>)>,
+}
+
+impl SpawnThread {
+    fn start(spawner: Spawner) -> io::Result<Self> {
+        let (requests, received) =
+            std::sync::mpsc::channel::<(BTreeSet<u16>, oneshot::Sender<_>)>();
+        std::thread::Builder::new().name("edgegate-spawn".into()).spawn(move || {
+            for (ports, reply) in received {
+                let _ = reply.send(spawner.spawn(&ports));
+            }
+            // Never exit: a worker forked here lives until the gate does.
+            loop {
+                std::thread::park();
+            }
+        })?;
+        Ok(Self { requests })
+    }
+
+    async fn spawn(&self, ports: &BTreeSet<u16>) -> io::Result<Spawned> {
+        let (reply, answer) = oneshot::channel();
+        let gone = || io::Error::other("the spawning thread is gone");
+        self.requests.send((ports.clone(), reply)).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
 /// A worker started (at start-up, before the runtime's threads exist) but
 /// not yet supervised.
 pub struct Started {
     spawner: Spawner,
-    first: (std::process::Child, std::os::unix::net::UnixStream),
+    first: Spawned,
     ports: BTreeSet<u16>,
 }
 
@@ -350,6 +393,7 @@ enum Command {
 }
 
 /// The worker's answer to a report request.
+#[derive(Clone)]
 pub struct WorkerReport {
     pub listeners: Vec<ListenerCounters>,
 }
@@ -365,7 +409,31 @@ pub struct Worker {
     applied: watch::Receiver<u64>,
     /// What the worker's reports brought, until the gate learns it.
     sightings: Sightings,
+    /// The serving worker's newest report (none while none serves).
+    report: watch::Receiver<Option<WorkerReport>>,
     supervisor: JoinHandle<()>,
+}
+
+/// Asks the supervisor for a fresh report without the gate's state: the
+/// control socket uses it before `allow suggest`, outside the state lock.
+#[derive(Clone)]
+pub struct Prober {
+    commands: mpsc::Sender<Command>,
+}
+
+impl Prober {
+    /// A fresh report (its sightings go where [`Worker::take_sightings`]
+    /// finds them); bounded, and quiet when none serves.
+    pub async fn refresh(&self) {
+        let (reply, answer) = oneshot::channel();
+        let asked = async {
+            self.commands.send(Command::Report { reply }).await.ok()?;
+            answer.await.ok()
+        };
+        if let Ok(Some(Err(e))) = tokio::time::timeout(ASK_TIMEOUT, asked).await {
+            tracing::debug!("no fresh report from the worker: {e}");
+        }
+    }
 }
 
 /// Sightings the supervisor has received and the gate not yet taken.
@@ -387,23 +455,30 @@ impl Worker {
         let (allowlist, allowlist_rx) =
             watch::channel((1, Arc::new(ClientCheck { list: list.clone(), audit })));
         let (applied_tx, applied) = watch::channel(0);
+        let (report_tx, report) = watch::channel(None);
         let restarts = Arc::new(AtomicU64::new(0));
         let sightings = Sightings::default();
         let user = started.spawner.account.name.clone();
+        let spawner = SpawnThread::start(started.spawner);
         let supervisor = Supervisor {
-            spawner: started.spawner,
+            spawner,
             desired: listeners.desired(),
             commands: receiver,
             phase: phase_tx,
             allowlist: allowlist_rx,
             applied: applied_tx,
+            report: report_tx,
             restarts: Arc::clone(&restarts),
             sightings: Arc::clone(&sightings),
             next_id: 0,
             retire_timeout: drain_timeout,
         };
         let supervisor = tokio::spawn(supervisor.run(started.first, started.ports));
-        Self { commands, phase, restarts, user, allowlist, applied, sightings, supervisor }
+        Self { commands, phase, restarts, user, allowlist, applied, sightings, report, supervisor }
+    }
+
+    pub fn prober(&self) -> Prober {
+        Prober { commands: self.commands.clone() }
     }
 
     /// Sends the worker the allowlist now in force, and whether it is only audited.
@@ -418,27 +493,31 @@ impl Worker {
     /// against the list published last, so that a change the CLI reports
     /// done holds in the proxy as well as in the filter. Without a worker
     /// there is nothing to wait for: the next one starts with that list.
-    pub async fn caught_up(&self) {
+    /// The future holds nothing of the gate's state: await it after
+    /// releasing the state lock.
+    pub fn caught_up(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let target = self.allowlist.borrow().0;
         let mut phase = self.phase.clone();
         let mut applied = self.applied.clone();
-        let wait = async {
-            loop {
-                let down = matches!(*phase.borrow_and_update(), Phase::Down { .. });
-                if down || *applied.borrow_and_update() >= target {
-                    return;
+        async move {
+            let wait = async {
+                loop {
+                    let down = matches!(*phase.borrow_and_update(), Phase::Down { .. });
+                    if down || *applied.borrow_and_update() >= target {
+                        return;
+                    }
+                    tokio::select! {
+                        changed = phase.changed() => if changed.is_err() { return },
+                        changed = applied.changed() => if changed.is_err() { return },
+                    }
                 }
-                tokio::select! {
-                    changed = phase.changed() => if changed.is_err() { return },
-                    changed = applied.changed() => if changed.is_err() { return },
-                }
+            };
+            if tokio::time::timeout(CATCH_UP_TIMEOUT, wait).await.is_err() {
+                tracing::warn!(
+                    "the proxy worker has not confirmed allowlist generation {target} within \
+                     {CATCH_UP_TIMEOUT:?}; the filter has it"
+                );
             }
-        };
-        if tokio::time::timeout(CATCH_UP_TIMEOUT, wait).await.is_err() {
-            tracing::warn!(
-                "the proxy worker has not confirmed allowlist generation {target} within \
-                 {CATCH_UP_TIMEOUT:?}; the filter has it"
-            );
         }
     }
 
@@ -446,36 +525,51 @@ impl Worker {
     /// refuses keep what they had.
     pub async fn configure(&self, listeners: &Listeners) -> Result<Vec<Refused>, String> {
         let (reply, answer) = oneshot::channel();
-        self.ask(Command::Configure { reply, desired: listeners.desired() }).await?;
-        answer.await.map_err(|_| "the supervisor stopped".to_owned())?
+        self.ask(Command::Configure { reply, desired: listeners.desired() }, answer, ASK_TIMEOUT)
+            .await?
     }
 
-    /// The worker's counters; an error while none serves.
-    pub async fn report(&self) -> Result<WorkerReport, String> {
-        let (reply, answer) = oneshot::channel();
-        self.ask(Command::Report { reply }).await?;
-        answer.await.map_err(|_| "the supervisor stopped".to_owned())?
-    }
-
-    /// The sightings reported since the last call; asks for a report first,
-    /// so that the newest are in.
-    pub async fn take_sightings(&self) -> Vec<Sighting> {
-        if let Err(e) = self.report().await {
-            tracing::debug!("no report for the sightings: {e}");
+    /// The serving worker's newest counters (at most [`REPORT_INTERVAL`]
+    /// old); an error while none serves. Never waits on the worker.
+    pub fn report(&self) -> Result<WorkerReport, String> {
+        match (&*self.phase.borrow(), &*self.report.borrow()) {
+            (Phase::Serving { .. }, Some(report)) => Ok(report.clone()),
+            (Phase::Serving { .. }, None) | (Phase::Starting, _) => {
+                Err("the worker is starting".to_owned())
+            }
+            (Phase::Down { reason }, _) => Err(reason.clone()),
         }
+    }
+
+    /// The sightings reported since the last call (the periodic reports and
+    /// [`Prober::refresh`] bring them).
+    pub fn take_sightings(&self) -> Vec<Sighting> {
         std::mem::take(&mut *self.sightings.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Drains the worker's connections (up to `timeout`) and stops it.
     pub async fn drain(&self, timeout: Duration) {
         let (reply, answer) = oneshot::channel();
-        if self.ask(Command::Drain { timeout, reply }).await.is_ok() {
-            let _ = answer.await;
+        let limit = timeout + REPLY_TIMEOUT + SEND_TIMEOUT + ASK_TIMEOUT;
+        if let Err(e) = self.ask(Command::Drain { timeout, reply }, answer, limit).await {
+            tracing::warn!("proxy worker drain: {e}");
         }
     }
 
-    async fn ask(&self, command: Command) -> Result<(), String> {
-        self.commands.send(command).await.map_err(|_| "the supervisor stopped".to_owned())
+    /// Sends `command` to the supervisor and waits (up to `limit`) for `answer`.
+    async fn ask<T>(
+        &self,
+        command: Command,
+        answer: oneshot::Receiver<T>,
+        limit: Duration,
+    ) -> Result<T, String> {
+        let asked = async {
+            self.commands.send(command).await.map_err(|_| "the supervisor stopped".to_owned())?;
+            answer.await.map_err(|_| "the supervisor stopped".to_owned())
+        };
+        tokio::time::timeout(limit, asked)
+            .await
+            .map_err(|_| format!("the supervisor did not answer within {limit:?}"))?
     }
 
     pub fn restarts(&self) -> u64 {
@@ -519,12 +613,14 @@ enum Ended {
 }
 
 struct Supervisor {
-    spawner: Spawner,
+    /// `Err` if the thread could not start: every respawn then fails, counted.
+    spawner: io::Result<SpawnThread>,
     desired: Desired,
     commands: mpsc::Receiver<Command>,
     phase: watch::Sender<Phase>,
     allowlist: watch::Receiver<(u64, Arc<ClientCheck>)>,
     applied: watch::Sender<u64>,
+    report: watch::Sender<Option<WorkerReport>>,
     restarts: Arc<AtomicU64>,
     sightings: Sightings,
     next_id: u64,
@@ -533,11 +629,7 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    async fn run(
-        mut self,
-        first: (std::process::Child, std::os::unix::net::UnixStream),
-        ports: BTreeSet<u16>,
-    ) {
+    async fn run(mut self, first: Spawned, ports: BTreeSet<u16>) {
         let mut next = Some((first, ports));
         let mut backoff = MIN_BACKOFF;
         loop {
@@ -545,7 +637,11 @@ impl Supervisor {
                 Some(started) => started,
                 None => {
                     let ports = self.desired.connect_ports.clone();
-                    match self.spawner.spawn(&ports) {
+                    let spawned = match &self.spawner {
+                        Ok(thread) => thread.spawn(&ports).await,
+                        Err(e) => Err(io::Error::new(e.kind(), format!("no spawning thread: {e}"))),
+                    };
+                    match spawned {
                         Ok(started) => (started, ports),
                         Err(e) => {
                             let reason = format!("cannot start a worker: {e}");
@@ -558,6 +654,7 @@ impl Supervisor {
                 }
             };
             self.phase.send_replace(Phase::Starting);
+            self.report.send_replace(None);
             let started = Instant::now();
             match self.serve(child, stream, ports).await {
                 Ended::Stopped => return,
@@ -636,10 +733,21 @@ impl Supervisor {
         }
         // The worker handles frames in order: configured, it holds the list.
         self.applied.send_replace(generation);
+        if let Err(e) = self.report(&mut link).await {
+            return link.fail(e).await;
+        }
         tracing::info!(pid, "proxy worker serves");
         self.phase.send_replace(Phase::Serving { pid, sandbox });
+        let mut reports =
+            tokio::time::interval_at(Instant::now() + REPORT_INTERVAL, REPORT_INTERVAL);
+        reports.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = reports.tick() => {
+                    if let Err(e) = self.report(&mut link).await {
+                        return link.fail(e).await;
+                    }
+                }
                 status = &mut link.exited => {
                     link.reaped = true;
                     return Ended::Failed(describe_exit(pid, status));
@@ -660,9 +768,8 @@ impl Supervisor {
                     if let Err(e) = link.send_allowlist(generation, &list).await {
                         return link.fail(e).await;
                     }
-                    match self.report(&mut link).await {
-                        Ok((applied, _)) => { self.applied.send_replace(applied); }
-                        Err(e) => return link.fail(e).await,
+                    if let Err(e) = self.report(&mut link).await {
+                        return link.fail(e).await;
                     }
                 }
                 command = self.commands.recv() => match command {
@@ -688,7 +795,7 @@ impl Supervisor {
                     }
                     Some(Command::Report { reply }) => {
                         match self.report(&mut link).await {
-                            Ok((_, listeners)) => { let _ = reply.send(Ok(WorkerReport { listeners })); }
+                            Ok(report) => { let _ = reply.send(Ok(report)); }
                             Err(e) => {
                                 let _ = reply.send(Err(e.clone()));
                                 return link.fail(e).await;
@@ -723,8 +830,10 @@ impl Supervisor {
         }
     }
 
-    /// The worker's report: the allowlist generation it holds, and its counters.
-    async fn report(&mut self, link: &mut Link) -> Result<(u64, Vec<ListenerCounters>), String> {
+    /// Asks for the worker's report: the allowlist generation it holds
+    /// (published as applied), its counters (cached for `status`) and its
+    /// sightings (kept for the gate to take).
+    async fn report(&mut self, link: &mut Link) -> Result<WorkerReport, String> {
         let id = self.id();
         match link.ask(&ToWorker::Report { id }, &[]).await? {
             FromWorker::Report { id: got, allowlist_generation, listeners, sightings }
@@ -734,7 +843,11 @@ impl Supervisor {
                 // Bounded while nobody takes them (the gate does every few seconds).
                 let room = MAX_WAITING_SIGHTINGS.saturating_sub(waiting.len());
                 waiting.extend(sightings.into_iter().take(room));
-                Ok((allowlist_generation, listeners))
+                drop(waiting);
+                self.applied.send_replace(allowlist_generation);
+                let report = WorkerReport { listeners };
+                self.report.send_replace(Some(report.clone()));
+                Ok(report)
             }
             other => Err(format!("answered a report with {other:?}")),
         }
@@ -784,9 +897,14 @@ impl Link {
         message: &ToWorker,
         fds: &[std::os::fd::BorrowedFd<'_>],
     ) -> Result<(), String> {
-        channel::send(&mut self.stream, &protocol::encode(message), fds)
-            .await
-            .map_err(|e| format!("cannot write to the worker: {e}"))
+        let frame = protocol::encode(message);
+        match tokio::time::timeout(SEND_TIMEOUT, channel::send(&mut self.stream, &frame, fds)).await
+        {
+            Ok(sent) => sent.map_err(|e| format!("cannot write to the worker: {e}")),
+            Err(_) => {
+                Err(format!("it took in no frame within {SEND_TIMEOUT:?} (stopped or stuck)"))
+            }
+        }
     }
 
     async fn ask(

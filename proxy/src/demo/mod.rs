@@ -182,7 +182,8 @@ struct Bed {
 impl Bed {
     fn new() -> anyhow::Result<Self> {
         let subnet = u8::try_from(std::process::id() % 200).expect("< 200") + 20;
-        let dir = std::env::temp_dir().join(unique_name("edgegate-demo-"));
+        // Fresh and private: a directory planted under /tmp is never reused.
+        let dir = crate::files::private_dir("edgegate-demo-")?;
         std::fs::create_dir_all(dir.join("pki"))?;
         let host = Netns::new("egdh");
         let partner_ns = Netns::new("egdp");
