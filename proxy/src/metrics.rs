@@ -2,14 +2,19 @@
 //! checks.
 //!
 //! - `/metrics`: Prometheus text format (via `prometheus-client`), built from
-//!   a fresh observation of the daemon at each scrape, so there is no second
-//!   set of counters to keep in step;
+//!   an observation of the daemon (at most 100 ms old while it is idle, the
+//!   newest one there is while it is busy: a scrape never waits more than a
+//!   fraction of a second), so there is no second set of counters to keep in step;
 //! - `/healthz`: 200 while the process serves HTTP at all;
 //! - `/readyz`: 200 when XDP is attached on every configured interface and
 //!   every listener accepts; 503 with the reason otherwise. Point an NLB
 //!   target group's HTTP health check here.
+//!
+//! Hardened for a port other hosts may reach: at most 64 connections at
+//! once, 5 s to send a request's headers, and (`accept_proxy_protocol`) a
+//! PROXY header in front of a request is read and ignored.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{convert::Infallible, future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
@@ -21,7 +26,7 @@ use prometheus_client::{
 };
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{Semaphore, watch},
+    sync::Semaphore,
 };
 
 use crate::{
@@ -30,10 +35,14 @@ use crate::{
     status::{FleetStatus, NotReady, Observation},
 };
 
-/// The daemon's newest observation (or why none could be taken), refreshed
-/// by the daemon in the background: a request never waits on the daemon's
-/// state, so no number of probes can slow a change down.
-pub type Observed = watch::Receiver<Arc<Result<Observation, NotReady>>>;
+/// The daemon's newest observation (or why none could be taken). The daemon
+/// bounds how long this waits (a fraction of a second) and lets one caller
+/// at a time refresh it, so no number of probes can slow a change down.
+pub type Observe = Arc<
+    dyn Fn() -> Pin<Box<dyn Future<Output = Arc<Result<Observation, NotReady>>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// Connections served at once; more are closed at accept.
 const MAX_CONNECTIONS: usize = 64;
@@ -46,19 +55,19 @@ const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
 /// connection may start with a PROXY v1/v2 header (an NLB target group with
 /// proxy protocol on sends one on its health checks too): it is read and
 /// ignored.
-pub async fn serve(listener: TcpListener, observed: Observed, accept_proxy_header: bool) {
+pub async fn serve(listener: TcpListener, observe: Observe, accept_proxy_header: bool) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let handle = |(stream, _): (TcpStream, _)| {
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
             tracing::debug!("metrics: {MAX_CONNECTIONS} connections already; closing a new one");
             return;
         };
-        let observed = observed.clone();
+        let observe = Arc::clone(&observe);
         tokio::spawn(async move {
             let _slot = slot;
             let served = tokio::time::timeout(
                 CONNECTION_LIFETIME,
-                serve_connection(stream, observed, accept_proxy_header),
+                serve_connection(stream, observe, accept_proxy_header),
             );
             if let Ok(Err(e)) = served.await {
                 tracing::debug!("metrics connection: {e}");
@@ -70,7 +79,7 @@ pub async fn serve(listener: TcpListener, observed: Observed, accept_proxy_heade
 
 async fn serve_connection(
     stream: TcpStream,
-    observed: Observed,
+    observe: Observe,
     accept_proxy_header: bool,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let stream = if accept_proxy_header
@@ -82,8 +91,15 @@ async fn serve_connection(
         proxy_protocol::Prefixed::plain(stream)
     };
     let service = service_fn(move |request| {
-        let observation = Arc::clone(&observed.borrow());
-        async move { Ok::<_, Infallible>(respond(&request, &observation)) }
+        let observe = Arc::clone(&observe);
+        async move {
+            // `/healthz` answers without the daemon's state.
+            let observation = match request.uri().path() {
+                "/healthz" => Arc::new(Err(NotReady::Unobservable { reason: String::new() })),
+                _ => observe().await,
+            };
+            Ok::<_, Infallible>(respond(&request, &observation))
+        }
     });
     hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())

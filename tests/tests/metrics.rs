@@ -1,6 +1,6 @@
 //! `/metrics`, `/healthz` and `/readyz` of the running daemon.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use edgegate_tests::{
     mtls::{BackendMode, MtlsBed},
@@ -116,4 +116,132 @@ fn an_exposed_metrics_port_is_protected_by_the_filter() {
     let stranger = testbed.http_get_from(1, metrics_at(1), "/metrics");
     assert!(stranger.is_err(), "a stranger read the metrics: {stranger:?}");
     assert!(testbed.counted("ipv4", "unlisted") > unlisted_before, "its SYN is counted");
+}
+
+/// A PROXY v2 header for `source` → `destination`, as an NLB target group
+/// with proxy protocol on sends before its health checks.
+fn proxy_v2_header(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    let (SocketAddr::V4(source), SocketAddr::V4(destination)) = (source, destination) else {
+        panic!("IPv4 only");
+    };
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    header.extend([0x21, 0x11, 0, 12]);
+    header.extend(source.ip().octets());
+    header.extend(destination.ip().octets());
+    header.extend(source.port().to_be_bytes());
+    header.extend(destination.port().to_be_bytes());
+    header
+}
+
+/// `GET path` on the metrics endpoint from the server's namespace, after
+/// `preamble`: the status line (empty if the connection closed first).
+fn get_after(testbed: &Testbed, preamble: &[u8], path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let address = SocketAddr::from(([127, 0, 0, 1], 9901));
+    testbed.server.run(|| {
+        let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2))
+            .expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        stream.write_all(preamble).expect("preamble");
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: edgegate\r\nConnection: close\r\n\r\n")
+            .expect("request");
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response.lines().next().unwrap_or_default().to_owned()
+    })
+}
+
+/// Behind an NLB with proxy protocol v2, health checks arrive with a PROXY
+/// header: with `accept_proxy_protocol`, `/readyz` reads past it; plain
+/// requests still work; without the key, such a request is not served.
+#[test]
+fn readyz_answers_health_checks_that_start_with_a_proxy_header() {
+    let bed = MtlsBed::new(BackendMode::Echo);
+    bed.write("", "[metrics]\naccept_proxy_protocol = true");
+    bed.testbed.start_daemon();
+    await_ready(&bed.testbed);
+    let header = proxy_v2_header(
+        SocketAddr::from(([10, 0, 0, 9], 41_000)),
+        SocketAddr::from(([10, 0, 0, 1], 9901)),
+    );
+    assert_eq!(get_after(&bed.testbed, &header, "/readyz"), "HTTP/1.1 200 OK");
+    let v1 = b"PROXY TCP4 10.0.0.9 10.0.0.1 41000 9901\r\n";
+    assert_eq!(get_after(&bed.testbed, v1, "/readyz"), "HTTP/1.1 200 OK");
+    assert_eq!(get_after(&bed.testbed, b"", "/readyz"), "HTTP/1.1 200 OK");
+    // A client that sends half a header and stalls is cut off, not waited for.
+    let started = std::time::Instant::now();
+    let stalled = get_after(&bed.testbed, &header[..8], "/readyz");
+    assert!(!stalled.contains("200"), "{stalled}");
+    assert!(started.elapsed() < Duration::from_secs(9), "{:?}", started.elapsed());
+
+    bed.testbed.stop_daemon();
+    bed.write("", "");
+    bed.testbed.start_daemon();
+    await_ready(&bed.testbed);
+    assert!(!get_after(&bed.testbed, &header, "/readyz").contains("200"));
+}
+
+/// Probes never take the daemon's state lock: 500 concurrent `/readyz`
+/// requests (more than the endpoint serves at once) do not slow a change.
+#[test]
+fn a_flood_of_probes_does_not_slow_a_change() {
+    let bed = MtlsBed::new(BackendMode::Echo);
+    bed.start("");
+    await_ready(&bed.testbed);
+    let quiet = timed(|| bed.testbed.cli_ok(&["allow", "add", "198.51.100.1"]));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (loud, served) = std::thread::scope(|scope| {
+        let flood = scope.spawn(|| {
+            bed.testbed.server.run(|| {
+                edgegate_tests::mtls::runtime().block_on(async {
+                    let mut served = 0u32;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let probes = (0..500).map(|_| tokio::spawn(probe()));
+                        for probe in probes.collect::<Vec<_>>() {
+                            served += u32::from(probe.await.unwrap_or(false));
+                        }
+                    }
+                    served
+                })
+            })
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let loud = timed(|| bed.testbed.cli_ok(&["allow", "add", "198.51.100.2"]));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (loud, flood.join().expect("flood"))
+    });
+    assert!(served > 0, "no probe was served");
+    assert!(loud < quiet + Duration::from_secs(1), "{loud:?} under probes, {quiet:?} without");
+}
+
+/// One `/readyz` probe; whether it got a 200.
+async fn probe() -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let address = SocketAddr::from(([127, 0, 0, 1], 9901));
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+        stream
+            .write_all(b"GET /readyz HTTP/1.1\r\nHost: e\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.ok()?;
+        Some(response.starts_with(b"HTTP/1.1 200"))
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange).await.ok().flatten().unwrap_or(false)
+}
+
+fn timed<T>(f: impl FnOnce() -> T) -> Duration {
+    let started = std::time::Instant::now();
+    f();
+    started.elapsed()
+}
+
+/// Waits (bounded) until `/readyz` says ready.
+fn await_ready(testbed: &Testbed) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while testbed.http_get("/readyz").0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "never ready:\n{}", testbed.daemon_log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

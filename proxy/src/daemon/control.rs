@@ -16,6 +16,10 @@ use crate::{
     proxy::accept::accept_loop,
 };
 
+/// How long `status` and `allow suggest` wait for a fresh report from the
+/// worker before answering with the newest one there is.
+const FRESH_REPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Serves requests until the task is dropped. Changes are applied one at a
 /// time, in arrival order, under the state lock.
 pub(super) async fn serve(
@@ -76,9 +80,10 @@ async fn handle(
             }
             (Ok(Request::FleetStatus), Some(fleet)) => fleet.view().await,
             (Ok(request), _) => {
-                // The newest sightings are fetched before the lock is taken.
-                if matches!(request, Request::Suggest) {
-                    prober.refresh().await;
+                // Fresh counters and sightings are asked for before the lock
+                // is taken, and for a moment only.
+                if matches!(request, Request::Suggest | Request::Status { .. }) {
+                    prober.refresh(FRESH_REPORT_WAIT).await;
                 }
                 let (response, catch_up) = state.lock().await.handle(request).await;
                 if let Some(catch_up) = catch_up {

@@ -289,13 +289,21 @@ pub async fn serve(
         None => (None, Vec::new()),
     };
 
-    let control =
-        tokio::spawn(control::serve(control_listener, Arc::clone(&state), member, prober));
-    // `/metrics` and `/readyz` read an observation taken here in the
-    // background, so that probes never wait for the state lock.
-    let (observed, observer) = observe_in_background(Arc::clone(&state)).await;
+    let control = tokio::spawn(control::serve(
+        control_listener,
+        Arc::clone(&state),
+        member,
+        prober.clone(),
+    ));
+    // Probes of `/metrics` and `/readyz` never wait long for the state: see `Observer`.
+    let observer = Observer::new(Arc::clone(&state), prober.clone()).await;
+    let keep_recent = observer.keep_recent();
+    let observe: metrics::Observe = Arc::new(move || {
+        let observer = Arc::clone(&observer);
+        Box::pin(async move { observer.current(FRESH_FOR).await })
+    });
     let accept_proxy_protocol = state.lock().await.config.metrics.accept_proxy_protocol;
-    let metrics = tokio::spawn(metrics::serve(metrics_listener, observed, accept_proxy_protocol));
+    let metrics = tokio::spawn(metrics::serve(metrics_listener, observe, accept_proxy_protocol));
     notify_systemd(&[sd_notify::NotifyState::Ready]);
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .expect("installing a signal handler cannot fail");
@@ -327,7 +335,7 @@ pub async fn serve(
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     control.abort();
     metrics.abort();
-    observer.abort();
+    keep_recent.abort();
     fleet_tasks.iter().for_each(tokio::task::JoinHandle::abort);
     // Taking the lock waits for a change in flight: it finishes (and is
     // acknowledged) or never starts.
@@ -342,29 +350,74 @@ pub async fn serve(
     Ok(())
 }
 
-/// How often `/metrics` and `/readyz`'s observation is taken.
+/// `/metrics` and `/readyz` see an observation at most this old when the
+/// daemon is not busy...
+const FRESH_FOR: std::time::Duration = std::time::Duration::from_millis(100);
+/// ...and a refresh waits at most this long for the worker, then as long
+/// for the state lock, before the newest observation there is is served.
+const REFRESH_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+/// The observation is also taken this often in the background, so that it
+/// stays recent while the state is busy with a long change.
 const OBSERVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Takes an observation now, then every [`OBSERVE_INTERVAL`] in a task.
-async fn observe_in_background(
+type Observed = Arc<Result<crate::status::Observation, crate::status::NotReady>>;
+
+/// What `/metrics` and `/readyz` read: the newest observation, refreshed
+/// by one caller at a time, within bounded waits (never a wait on a stuck
+/// worker or a long change).
+struct Observer {
     state: Arc<Mutex<State>>,
-) -> (metrics::Observed, tokio::task::JoinHandle<()>) {
-    let take = |state: &State| {
+    prober: worker::Prober,
+    latest: std::sync::Mutex<(Observed, tokio::time::Instant)>,
+    refreshing: Mutex<()>,
+}
+
+impl Observer {
+    async fn new(state: Arc<Mutex<State>>, prober: worker::Prober) -> Arc<Self> {
+        let first = Self::take(&*state.lock().await);
+        let latest = std::sync::Mutex::new((first, tokio::time::Instant::now()));
+        Arc::new(Self { state, prober, latest, refreshing: Mutex::new(()) })
+    }
+
+    fn take(state: &State) -> Observed {
         let observation = tokio::task::block_in_place(|| state.observe())
             .map_err(|e| crate::status::NotReady::Unobservable { reason: e.to_string() });
         Arc::new(observation)
-    };
-    let (sender, observed) = tokio::sync::watch::channel(take(&*state.lock().await));
-    let task = tokio::spawn(async move {
-        let mut every = tokio::time::interval(OBSERVE_INTERVAL);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            every.tick().await;
-            let observation = take(&*state.lock().await);
-            sender.send_replace(observation);
+    }
+
+    fn latest(&self) -> (Observed, tokio::time::Instant) {
+        self.latest.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// The newest observation, refreshed first if it is older than `fresh_for`.
+    async fn current(&self, fresh_for: std::time::Duration) -> Observed {
+        let Ok(_only_refresher) = self.refreshing.try_lock() else {
+            return self.latest().0;
+        };
+        if self.latest().1.elapsed() >= fresh_for {
+            self.prober.refresh(REFRESH_WAIT).await;
+            if let Ok(state) = tokio::time::timeout(REFRESH_WAIT, self.state.lock()).await {
+                let observation = Self::take(&state);
+                drop(state);
+                *self.latest.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    (observation, tokio::time::Instant::now());
+            }
         }
-    });
-    (observed, task)
+        self.latest().0
+    }
+
+    /// Keeps the observation recent in the background.
+    fn keep_recent(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let observer = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(OBSERVE_INTERVAL);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                observer.current(OBSERVE_INTERVAL / 2).await;
+            }
+        })
+    }
 }
 
 /// Tells systemd (`Type=notify`) where the daemon is; a no-op elsewhere.

@@ -422,15 +422,17 @@ pub struct Prober {
 }
 
 impl Prober {
-    /// A fresh report (its sightings go where [`Worker::take_sightings`]
-    /// finds them); bounded, and quiet when none serves.
-    pub async fn refresh(&self) {
+    /// A fresh report (its counters go where [`Worker::report`] reads them,
+    /// its sightings where [`Worker::take_sightings`] finds them), waited
+    /// for up to `limit`: a worker slower than that is the supervisor's
+    /// business, and the caller goes on with the newest report there is.
+    pub async fn refresh(&self, limit: Duration) {
         let (reply, answer) = oneshot::channel();
         let asked = async {
             self.commands.send(Command::Report { reply }).await.ok()?;
             answer.await.ok()
         };
-        if let Ok(Some(Err(e))) = tokio::time::timeout(ASK_TIMEOUT, asked).await {
+        if let Ok(Some(Err(e))) = tokio::time::timeout(limit, asked).await {
             tracing::debug!("no fresh report from the worker: {e}");
         }
     }
