@@ -168,7 +168,12 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
     stream.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(io_error)?;
     let mut line = serde_json::to_vec(request).map_err(ClientError::Protocol)?;
     line.push(b'\n');
-    stream.write_all(&line).map_err(io_error)?;
+    // A daemon that refuses the client (not root) answers and closes before
+    // reading: the request then cannot be written, but the answer is there.
+    match stream.write_all(&line) {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => return Err(io_error(e)),
+        _ => {}
+    }
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer).map_err(io_error)?;
     serde_json::from_str(&answer).map_err(ClientError::Protocol)

@@ -288,7 +288,7 @@ struct Commit {
     force: bool,
     /// Fleet mode with `trusted_keys`: sign the change with this private key
     /// and commit it to etcd directly (needs --config), without a daemon.
-    #[arg(long, env = "EDGEGATE_SIGNING_KEY", conflicts_with = "offline")]
+    #[arg(long, env = "EDGEGATE_SIGNING_KEY")]
     signing_key: Option<PathBuf>,
 }
 
@@ -354,7 +354,11 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("cannot start the runtime")?;
-            runtime.block_on(daemon::serve(startup, shutdown_signal()))?;
+            let served = runtime.block_on(daemon::serve(startup, shutdown_signal()));
+            // Not a wait for blocking tasks: one waits on a worker that was
+            // handed over and drains on after this process is gone.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            served?;
             Ok(())
         }
         Command::Worker(args) => {
@@ -480,6 +484,11 @@ fn change(
 ) -> anyhow::Result<()> {
     change.validate()?;
     if let Some(key) = &commit.signing_key {
+        if offline.offline {
+            bail!(
+                "--signing-key commits to the group's list in etcd; --offline changes a local file"
+            );
+        }
         let Some(config) = &offline.config else {
             bail!("--signing-key needs --config: the file whose `[fleet]` table names the group");
         };

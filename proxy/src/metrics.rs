@@ -2,9 +2,10 @@
 //! checks.
 //!
 //! - `/metrics`: Prometheus text format (via `prometheus-client`), built from
-//!   an observation of the daemon (at most 100 ms old while it is idle, the
-//!   newest one there is while it is busy: a scrape never waits more than a
-//!   fraction of a second), so there is no second set of counters to keep in step;
+//!   an observation of the daemon taken after the request arrived (or, while
+//!   the daemon is busy, the newest one there is: a scrape never waits more
+//!   than a fraction of a second), so there is no second set of counters to
+//!   keep in step;
 //! - `/healthz`: 200 while the process serves HTTP at all;
 //! - `/readyz`: 200 when XDP is attached on every configured interface and
 //!   every listener accepts; 503 with the reason otherwise. Point an NLB

@@ -13,6 +13,7 @@ pub mod mtls;
 pub mod packet;
 pub mod peers;
 pub mod reference;
+pub mod service;
 pub mod testbed;
 
 /// Panics unless running as root: CI runs as root, so a root-only test

@@ -159,6 +159,30 @@ impl Testbed {
     /// As [`Self::start_daemon`], with the command changed by `prepare`
     /// first (arguments, environment, what runs between fork and exec).
     pub fn start_daemon_prepared(&self, prepare: impl FnOnce(&mut Command)) {
+        let mut command =
+            self.in_server(&["run", "--config", self.config.to_str().expect("UTF-8 path")]);
+        prepare(&mut command);
+        self.start_daemon_command(command);
+    }
+
+    /// Starts `binary` (another build, or a copy: an upgrade) as systemd
+    /// starts the service, with `manager`'s notification socket and store.
+    pub fn start_daemon_as_service(
+        &self,
+        manager: &crate::service::ServiceManager,
+        binary: &std::path::Path,
+    ) {
+        let config = self.config.to_str().expect("UTF-8 path");
+        let wrapped = crate::service::ServiceManager::wrap(binary, &["run", "--config", config]);
+        let mut command = self.server.command(&wrapped[0]);
+        command.args(&wrapped[1..]);
+        manager.prepare(&mut command);
+        self.start_daemon_command(command);
+    }
+
+    /// Starts `command` as the daemon (its output to the log) and waits for
+    /// its control socket.
+    fn start_daemon_command(&self, mut command: Command) {
         let mut daemon = self.daemon.lock().expect("daemon lock");
         assert!(daemon.is_none(), "the daemon is already running");
         let log = std::fs::File::options()
@@ -166,9 +190,6 @@ impl Testbed {
             .append(true)
             .open(self.dir.join("daemon.log"))
             .expect("daemon log");
-        let mut command =
-            self.in_server(&["run", "--config", self.config.to_str().expect("UTF-8 path")]);
-        prepare(&mut command);
         let child = command
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
@@ -181,6 +202,14 @@ impl Testbed {
                 panic!("the daemon exited with {status}:\n{}", self.daemon_log());
             }
             assert!(Instant::now() < deadline, "the daemon did not start:\n{}", self.daemon_log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(daemon);
+        // The proxy worker starts after the control socket: wait (bounded)
+        // until it serves, or says why it does not.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.status().worker.down.as_deref() == Some("starting") && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(20));
         }
     }

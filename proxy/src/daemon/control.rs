@@ -10,7 +10,7 @@ use tokio::{
     sync::Mutex,
 };
 
-use super::{State, fleet::Member, worker::Prober};
+use super::{State, fleet::Member, supervisor::Prober};
 use crate::{
     control::{MAX_REQUEST_BYTES, Request, Response},
     proxy::accept::accept_loop,

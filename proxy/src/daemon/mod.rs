@@ -12,14 +12,17 @@
 //! - `state`: the list, the filter and the listeners, and every change to them;
 //! - `control`: the control socket's server loop;
 //! - `fleet`: fleet mode: changes committed to etcd, generations adopted from it;
-//! - `worker`: the sandboxed proxy worker the listeners run in (`privsep`):
-//!   their sockets and files, its start, restarts and drain.
+//! - `listeners`: the listeners' sockets, TLS files and backends, held by the gate;
+//! - `supervisor`: the sandboxed proxy worker the listeners run in
+//!   (`privsep`): its start, restarts, bounded channel and drain.
 
 mod control;
 mod explain;
 mod fleet;
+mod handover;
+mod listeners;
 mod state;
-mod worker;
+mod supervisor;
 
 use std::{
     future::Future,
@@ -29,8 +32,9 @@ use std::{
 
 use tokio::sync::Mutex;
 
+use listeners::{ListenerError, Listeners};
 use state::State;
-use worker::{ListenerError, Listeners, Spawner, Worker};
+use supervisor::{Spawner, Worker};
 
 use crate::{
     allowlist::{self, Allowlist, StoreError},
@@ -112,13 +116,15 @@ pub struct Startup {
     list_path: PathBuf,
     filter: Filter,
     listeners: Listeners,
-    worker: worker::Started,
+    worker: supervisor::Started,
     control: std::os::unix::net::UnixListener,
     metrics: std::net::TcpListener,
     config: Config,
     config_path: PathBuf,
     overrides: Overrides,
     fleet: Option<fleet::Setup>,
+    /// The listening sockets are in systemd's store: SIGTERM hands over.
+    hand_over: bool,
 }
 
 /// Everything that needs root: reads the config and the list, reads the
@@ -149,7 +155,10 @@ pub fn start(config_path: PathBuf, options: Options) -> Result<Startup, DaemonEr
         .map_err(|problem| DaemonError::Refused { problems: vec![problem] })?;
     // Certificates and sockets first: a listener that cannot start must not
     // leave a freshly attached filter behind.
-    let listeners = Listeners::prepare(&config.listeners)?;
+    let mut inherited = handover::Inherited::take();
+    let listeners = Listeners::prepare(&config.listeners, &mut inherited)?;
+    inherited.forget_rest();
+    let hand_over = handover::store(listeners.sockets());
     let metrics_error = |source| DaemonError::Metrics { address: config.metrics.bind, source };
     let metrics = std::net::TcpListener::bind(config.metrics.bind).map_err(metrics_error)?;
     metrics.set_nonblocking(true).map_err(metrics_error)?;
@@ -204,7 +213,7 @@ pub fn start(config_path: PathBuf, options: Options) -> Result<Startup, DaemonEr
         (attempt, Target { path, gate: std::process::id() })
     });
     let spawner = Spawner { account, log_format, escape };
-    let worker = worker::start(spawner, &listeners).map_err(DaemonError::Worker)?;
+    let worker = supervisor::start(spawner, &listeners).map_err(DaemonError::Worker)?;
     privileges::confine_gate()?;
     Ok(Startup {
         lock,
@@ -219,6 +228,7 @@ pub fn start(config_path: PathBuf, options: Options) -> Result<Startup, DaemonEr
         config_path,
         overrides,
         fleet,
+        hand_over,
     })
 }
 
@@ -241,6 +251,7 @@ pub async fn serve(
         config_path,
         overrides,
         fleet,
+        hand_over,
     } = startup;
     let io_error = |source| DaemonError::Runtime { source };
     let control_listener = tokio::net::UnixListener::from_std(control).map_err(io_error)?;
@@ -289,22 +300,21 @@ pub async fn serve(
         None => (None, Vec::new()),
     };
 
-    let control = tokio::spawn(control::serve(
-        control_listener,
-        Arc::clone(&state),
-        member,
-        prober.clone(),
-    ));
+    let control =
+        tokio::spawn(control::serve(control_listener, Arc::clone(&state), member, prober.clone()));
     // Probes of `/metrics` and `/readyz` never wait long for the state: see `Observer`.
     let observer = Observer::new(Arc::clone(&state), prober.clone()).await;
     let keep_recent = observer.keep_recent();
     let observe: metrics::Observe = Arc::new(move || {
         let observer = Arc::clone(&observer);
-        Box::pin(async move { observer.current(FRESH_FOR).await })
+        Box::pin(async move { observer.current().await })
     });
     let accept_proxy_protocol = state.lock().await.config.metrics.accept_proxy_protocol;
     let metrics = tokio::spawn(metrics::serve(metrics_listener, observe, accept_proxy_protocol));
     notify_systemd(&[sd_notify::NotifyState::Ready]);
+    // Workers an earlier gate handed over end by their deadline.
+    let leftovers =
+        tokio::spawn(handover::end_leftovers(state.lock().await.config.daemon.state_dir.clone()));
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .expect("installing a signal handler cannot fail");
     // Start-up has logged expiry warnings already; repeat them twice a day.
@@ -336,6 +346,7 @@ pub async fn serve(
     control.abort();
     metrics.abort();
     keep_recent.abort();
+    leftovers.abort();
     fleet_tasks.iter().for_each(tokio::task::JoinHandle::abort);
     // Taking the lock waits for a change in flight: it finishes (and is
     // acknowledged) or never starts.
@@ -346,15 +357,26 @@ pub async fn serve(
     }
     // What the worker saw last is kept before it goes.
     state.learn();
-    state.worker.drain(drain_timeout).await;
+    if !hand_over {
+        state.worker.drain(drain_timeout).await;
+        return Ok(());
+    }
+    // A restart: the next gate takes the listening sockets from systemd's
+    // store, and this worker finishes its connections meanwhile.
+    if let Some(pid) = state.worker.hand_off(drain_timeout).await {
+        handover::record_draining(&state.config.daemon.state_dir, pid, drain_timeout);
+        tracing::info!(
+            pid,
+            "handed over: the worker finishes its connections (up to {drain_timeout:?}) while \
+             the next gate serves the listeners"
+        );
+    }
     Ok(())
 }
 
-/// `/metrics` and `/readyz` see an observation at most this old when the
-/// daemon is not busy...
-const FRESH_FOR: std::time::Duration = std::time::Duration::from_millis(100);
-/// ...and a refresh waits at most this long for the worker, then as long
-/// for the state lock, before the newest observation there is is served.
+/// A refresh of the observation waits at most this long for the worker,
+/// then as long for the state lock, before the newest observation there is
+/// is served.
 const REFRESH_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 /// The observation is also taken this often in the background, so that it
 /// stays recent while the state is busy with a long change.
@@ -363,17 +385,18 @@ const OBSERVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 type Observed = Arc<Result<crate::status::Observation, crate::status::NotReady>>;
 
 /// What `/metrics` and `/readyz` read: the newest observation, refreshed
-/// by one caller at a time, within bounded waits (never a wait on a stuck
-/// worker or a long change).
+/// by one caller at a time while the others wait for it, every wait bounded
+/// (never a wait on a stuck worker or a long change).
 struct Observer {
     state: Arc<Mutex<State>>,
-    prober: worker::Prober,
+    prober: supervisor::Prober,
+    /// The newest observation, and when the refresh that took it started.
     latest: std::sync::Mutex<(Observed, tokio::time::Instant)>,
     refreshing: Mutex<()>,
 }
 
 impl Observer {
-    async fn new(state: Arc<Mutex<State>>, prober: worker::Prober) -> Arc<Self> {
+    async fn new(state: Arc<Mutex<State>>, prober: supervisor::Prober) -> Arc<Self> {
         let first = Self::take(&*state.lock().await);
         let latest = std::sync::Mutex::new((first, tokio::time::Instant::now()));
         Arc::new(Self { state, prober, latest, refreshing: Mutex::new(()) })
@@ -389,18 +412,24 @@ impl Observer {
         self.latest.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
-    /// The newest observation, refreshed first if it is older than `fresh_for`.
-    async fn current(&self, fresh_for: std::time::Duration) -> Observed {
-        let Ok(_only_refresher) = self.refreshing.try_lock() else {
+    /// An observation taken after this call began: a refresh that starts
+    /// now, or one that started meanwhile (callers waiting together share
+    /// one). Every wait is bounded: past it, the newest one there is.
+    async fn current(&self) -> Observed {
+        let asked = tokio::time::Instant::now();
+        let Ok(_only_refresher) =
+            tokio::time::timeout(2 * REFRESH_WAIT, self.refreshing.lock()).await
+        else {
             return self.latest().0;
         };
-        if self.latest().1.elapsed() >= fresh_for {
+        if self.latest().1 < asked {
+            let started = tokio::time::Instant::now();
             self.prober.refresh(REFRESH_WAIT).await;
             if let Ok(state) = tokio::time::timeout(REFRESH_WAIT, self.state.lock()).await {
                 let observation = Self::take(&state);
                 drop(state);
                 *self.latest.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-                    (observation, tokio::time::Instant::now());
+                    (observation, started);
             }
         }
         self.latest().0
@@ -414,7 +443,7 @@ impl Observer {
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 every.tick().await;
-                observer.current(OBSERVE_INTERVAL / 2).await;
+                observer.current().await;
             }
         })
     }

@@ -18,7 +18,10 @@ use crate::{
     status::{ListReload, NotReady, Observation, ReloadResult, Status},
 };
 
-use super::worker::{Listeners, Worker, WorkerReport};
+use super::{
+    listeners::Listeners,
+    supervisor::{Worker, WorkerReport},
+};
 
 /// The list and what enforces it; changed only under a lock.
 pub struct State {
@@ -262,7 +265,7 @@ impl State {
             self.worker.ready()?;
             match &report {
                 Ok(report) => self.listeners.verify_accepting(&report.listeners),
-                Err(reason) => Err(NotReady::NoWorker { reason: reason.clone() }),
+                Err(reason) => Err(NotReady::NoWorker { reason: reason.to_string() }),
             }
         });
         Ok(Observation {
@@ -325,6 +328,8 @@ impl State {
         // result (a listener it refuses keeps what it had there too).
         let mut outcomes =
             tokio::task::block_in_place(|| self.listeners.reload(&self.config.listeners));
+        // New listeners' sockets go into systemd's store too (a no-op elsewhere).
+        super::handover::store(self.listeners.sockets());
         match self.worker.configure(&self.listeners).await {
             Ok(refused) => {
                 for refusal in refused {

@@ -38,7 +38,13 @@ pub enum ToWorker {
     /// Answer with [`FromWorker::Report`].
     Report { id: u64 },
     /// Stop accepting, let open connections finish within `timeout`, exit.
-    Drain { timeout: Duration },
+    /// With `detach`, answer [`FromWorker::Detached`] at once and drain
+    /// without the gate (a restart hands the listeners to the next gate).
+    Drain {
+        timeout: Duration,
+        #[serde(default)]
+        detach: bool,
+    },
 }
 
 /// One listener as the worker serves it: the config, the backend's
@@ -72,6 +78,9 @@ pub enum FromWorker {
     /// Every connection has finished (or was closed at the drain timeout).
     /// (A struct variant: serde refuses unknown fields only in those.)
     Drained {},
+    /// No longer accepting, and draining on its own, no longer tied to the
+    /// gate's life (the answer to a detached `Drain`).
+    Detached {},
 }
 
 /// A listener whose material the worker could not build a TLS config from.

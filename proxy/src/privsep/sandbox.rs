@@ -214,7 +214,8 @@ fn allowed_syscalls() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
     rules.extend(any(&[libc::SYS_epoll_wait]));
     // Backend connections: TCP over IPv4 or IPv6, nothing else (no UNIX,
     // netlink, packet or UDP sockets). The type may carry SOCK_NONBLOCK and
-    // SOCK_CLOEXEC.
+    // SOCK_CLOEXEC. The protocol is 0 or TCP: a stream socket of another
+    // protocol (MPTCP) would escape what Landlock's TCP rules cover.
     let stream = || {
         SeccompCondition::new(
             1,
@@ -223,12 +224,22 @@ fn allowed_syscalls() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
             libc::SOCK_STREAM as u64,
         )
     };
+    let mut sockets = Vec::new();
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        for protocol in [0, libc::IPPROTO_TCP] {
+            sockets.push(SeccompRule::new(vec![
+                arg(0, family as u64)?,
+                stream()?,
+                arg(2, protocol as u64)?,
+            ])?);
+        }
+    }
+    rules.insert(libc::SYS_socket, sockets);
+    // A hand-over drain outlives the gate: the worker lets go of its
+    // parent-death signal then, and may change nothing else with prctl.
     rules.insert(
-        libc::SYS_socket,
-        vec![
-            SeccompRule::new(vec![arg(0, libc::AF_INET as u64)?, stream()?])?,
-            SeccompRule::new(vec![arg(0, libc::AF_INET6 as u64)?, stream()?])?,
-        ],
+        libc::SYS_prctl,
+        vec![SeccompRule::new(vec![arg(0, libc::PR_SET_PDEATHSIG as u64)?, arg(1, 0)?])?],
     );
     // Non-blocking mode, the only ioctl.
     rules.insert(libc::SYS_ioctl, vec![SeccompRule::new(vec![arg(1, libc::FIONBIO)?])?]);

@@ -171,9 +171,24 @@ impl Serve {
                     };
                     self.send(&report).await?;
                 }
-                ToWorker::Drain { timeout } => {
+                ToWorker::Drain { timeout, detach: false } => {
                     self.proxies.drain(timeout).await;
                     self.send(&FromWorker::Drained {}).await?;
+                    return Ok(());
+                }
+                ToWorker::Drain { timeout, detach: true } => {
+                    // The gate exits next; its successor serves the
+                    // listeners. Open connections finish here, bounded by
+                    // `timeout` (and by the successor, which kills this
+                    // process at that deadline whatever it does).
+                    // SAFETY: prctl with integer arguments only.
+                    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0) } < 0 {
+                        return Err(WorkerError::ChannelIo(std::io::Error::last_os_error()));
+                    }
+                    self.proxies.stop_accepting();
+                    self.send(&FromWorker::Detached {}).await?;
+                    tracing::info!("handed over: draining open connections for up to {timeout:?}");
+                    self.proxies.drain(timeout).await;
                     return Ok(());
                 }
             }

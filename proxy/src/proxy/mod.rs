@@ -16,7 +16,7 @@
 //! share, and the connection limit), `connection` (the stages in order and
 //! the access log), `backend`, `relay`, `proxy_protocol`, `rejection` (the
 //! reasons), `sightings` (clients that authenticated from unallowed
-//! addresses, for `allow suggest`); `workers` runs the accept loops and the connections on per-core
+//! addresses, for `allow suggest`); `cores` runs the accept loops and the connections on per-core
 //! threads. This file holds the listeners: configure, drain, counters.
 //!
 //! Reload swaps a listener's certificates and settings atomically; open
@@ -26,11 +26,11 @@
 pub mod accept;
 mod backend;
 mod connection;
+mod cores;
 pub mod proxy_protocol;
 pub mod rejection;
 pub mod relay;
 mod sightings;
-mod workers;
 
 use std::{
     collections::BTreeMap,
@@ -55,8 +55,8 @@ use crate::{
     tls::ListenerTls,
 };
 use accept::AcceptLoop;
+use cores::Cores;
 use rejection::Rejection;
-use workers::Workers;
 
 /// What the proxy checks client addresses against.
 #[derive(Debug, Default)]
@@ -103,7 +103,7 @@ struct Listener {
     counters: Arc<Counters>,
     limit: Arc<Semaphore>,
     stop_accepting: CancellationToken,
-    /// Each worker's accept loop.
+    /// Each core's accept loop.
     accepting: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -114,18 +114,18 @@ pub struct Proxies {
     connections: TaskTracker,
     /// Cancelled when the drain timeout is over: open connections close.
     close_all: CancellationToken,
-    workers: Workers,
+    cores: Cores,
 }
 
 impl Proxies {
-    /// Starts the connection workers, one per core; no listener yet.
+    /// Starts one runtime per core; no listener yet.
     pub fn start(allowlist: SharedAllowlist, cores: usize) -> Result<Self, io::Error> {
         Ok(Self {
             listeners: BTreeMap::new(),
             allowlist,
             connections: TaskTracker::new(),
             close_all: CancellationToken::new(),
-            workers: Workers::start(cores)?,
+            cores: Cores::start(cores)?,
         })
     }
 
@@ -150,11 +150,10 @@ impl Proxies {
             connections: self.connections.clone(),
             close_all: self.close_all.clone(),
         };
-        let mut sockets = (1..self.workers.count())
-            .map(|_| socket.try_clone())
-            .collect::<io::Result<Vec<_>>>()?;
+        let mut sockets =
+            (1..self.cores.count()).map(|_| socket.try_clone()).collect::<io::Result<Vec<_>>>()?;
         sockets.push(socket);
-        let accepting = self.workers.spawn_each(
+        let accepting = self.cores.spawn_each(
             sockets.into_iter().map(|socket| accept.clone().run(socket, stop_accepting.clone())),
         );
         self.listeners
@@ -214,12 +213,17 @@ impl Proxies {
         refused
     }
 
-    /// Stops accepting, waits up to `timeout` for open connections to
-    /// finish, then closes the rest.
-    pub async fn drain(&mut self, timeout: Duration) {
+    /// Stops every accept loop (each closes its copy of the listening socket).
+    pub fn stop_accepting(&self) {
         for listener in self.listeners.values() {
             listener.stop_accepting.cancel();
         }
+    }
+
+    /// Stops accepting, waits up to `timeout` for open connections to
+    /// finish, then closes the rest.
+    pub async fn drain(&mut self, timeout: Duration) {
+        self.stop_accepting();
         self.connections.close();
         let open = self.connections.len();
         if open > 0 {

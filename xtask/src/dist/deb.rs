@@ -27,6 +27,9 @@ if [ \"$1\" = configure ]; then
         install -m 0600 \"$DPKG_ROOT/usr/share/edgegate/allowlist.empty\" \"$DPKG_ROOT/var/lib/edgegate/allowlist\"
     if [ -z \"$DPKG_ROOT\" ] && [ -d /run/systemd/system ]; then
         systemctl daemon-reload || true
+        # An upgrade restarts a running gate with the new binary: the
+        # listening sockets are handed over, no connection is refused.
+        if [ -n \"$2\" ]; then systemctl try-restart edgegate || true; fi
     fi
 fi
 ";

@@ -1,0 +1,84 @@
+//! Starting workers. The first starts at start-up, before the runtime's
+//! threads exist; every later one on one thread that lives as long as the
+//! gate (see [`SpawnThread`]).
+
+use std::{collections::BTreeSet, io};
+
+use tokio::sync::oneshot;
+
+use super::super::listeners::Listeners;
+use crate::privsep::{
+    escape::{Attempt, Target},
+    spawn::{self, Account, Launch},
+};
+
+/// How the gate starts workers.
+pub struct Spawner {
+    pub account: Account,
+    pub log_format: String,
+    /// Test only: what each worker tries once sandboxed.
+    pub escape: Option<(Attempt, Target)>,
+}
+
+impl Spawner {
+    fn spawn(&self, connect_ports: &BTreeSet<u16>) -> io::Result<Spawned> {
+        let ports: Vec<u16> = connect_ports.iter().copied().collect();
+        spawn::spawn(&Launch {
+            account: &self.account,
+            log_format: &self.log_format,
+            connect_ports: &ports,
+            escape: self.escape.as_ref().map(|(attempt, target)| (*attempt, target)),
+        })
+    }
+}
+
+/// A started worker and the gate's end of its socketpair.
+pub(super) type Spawned = (std::process::Child, std::os::unix::net::UnixStream);
+
+/// Where respawns happen: one thread that lives as long as the process.
+/// The kernel sends a worker its `PR_SET_PDEATHSIG` when the *thread* that
+/// forked it exits, not the process, and runtime threads come and go
+/// (`block_in_place` retires them): a worker forked on one would be killed
+/// with every connection it holds some time later.
+pub(super) struct SpawnThread {
+    requests: std::sync::mpsc::Sender<(BTreeSet<u16>, oneshot::Sender<io::Result<Spawned>>)>,
+}
+
+impl SpawnThread {
+    pub(super) fn start(spawner: Spawner) -> io::Result<Self> {
+        let (requests, received) =
+            std::sync::mpsc::channel::<(BTreeSet<u16>, oneshot::Sender<_>)>();
+        std::thread::Builder::new().name("edgegate-spawn".into()).spawn(move || {
+            for (ports, reply) in received {
+                let _ = reply.send(spawner.spawn(&ports));
+            }
+            // Never exit: a worker forked here lives until the gate does.
+            loop {
+                std::thread::park();
+            }
+        })?;
+        Ok(Self { requests })
+    }
+
+    pub(super) async fn spawn(&self, ports: &BTreeSet<u16>) -> io::Result<Spawned> {
+        let (reply, answer) = oneshot::channel();
+        let gone = || io::Error::other("the spawning thread is gone");
+        self.requests.send((ports.clone(), reply)).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+/// A worker started (at start-up, before the runtime's threads exist) but
+/// not yet supervised.
+pub struct Started {
+    pub(super) spawner: Spawner,
+    pub(super) first: Spawned,
+    pub(super) ports: BTreeSet<u16>,
+}
+
+/// Starts the first worker for `listeners`.
+pub fn start(spawner: Spawner, listeners: &Listeners) -> io::Result<Started> {
+    let ports = listeners.connect_ports();
+    let first = spawner.spawn(&ports)?;
+    Ok(Started { spawner, first, ports })
+}
