@@ -498,3 +498,40 @@ fn ctrl_c_stops_the_demo_and_it_cleans_up() {
         "pins left behind"
     );
 }
+
+/// Links planted where the state files' temporary copies used to be named
+/// (`allowlist.tmp`, …) never make the gate, root, write through them; and
+/// `--offline` refuses while the daemon holds the state lock.
+#[test]
+fn planted_links_and_a_running_daemon_never_redirect_a_state_write() {
+    let testbed = Testbed::new(2);
+    let state = testbed.allowlist_path().parent().expect("dir").to_owned();
+    std::fs::create_dir_all(&state).expect("state dir");
+    let canary = testbed.dir.join("canary");
+    std::fs::write(&canary, "untouched").expect("canary");
+    for name in ["allowlist.tmp", "allowlist.generation.tmp", "learned.json.tmp"] {
+        std::os::unix::fs::symlink(&canary, state.join(name)).expect("plant a link");
+    }
+    let list = format!("{}/32\n", testbed.clients[0].ipv4);
+    std::fs::write(testbed.allowlist_path(), list).expect("write allowlist");
+    testbed.start_daemon();
+    testbed.cli_ok(&["allow", "add", "198.51.100.7"]);
+    testbed.cli_ok(&["allow", "del", "198.51.100.7"]);
+    assert_eq!(std::fs::read_to_string(&canary).expect("canary"), "untouched");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(testbed.allowlist_path()).expect("list").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // The daemon holds the state: an --offline change to its file is refused.
+    let offline = testbed.cli(&[
+        "allow",
+        "add",
+        "192.0.2.1",
+        "--offline",
+        "--config",
+        testbed.config.to_str().expect("UTF-8"),
+    ]);
+    assert!(!offline.status.success());
+    let message = String::from_utf8_lossy(&offline.stderr);
+    assert!(message.contains("drop --offline"), "{message}");
+}

@@ -56,6 +56,26 @@ fn the_gate_keeps_seven_capabilities_and_the_worker_none() {
     let sandbox = status.worker.sandbox.expect("the worker reports its sandbox");
     assert!(sandbox.seccomp, "{sandbox:?}");
 
+    // Not dumpable: another process of the worker's own user can neither
+    // read its memory nor attach to it.
+    let as_worker_user = |args: &[&str]| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(args)
+            .output()
+            .expect("run as the worker's user")
+    };
+    let memory = as_worker_user(&["dd", &format!("if=/proc/{worker}/mem"), "bs=1", "count=1"]);
+    assert!(!memory.status.success(), "read the worker's memory");
+    let environ = as_worker_user(&["cat", &format!("/proc/{worker}/environ")]);
+    let refused = String::from_utf8_lossy(&environ.stderr);
+    assert!(!environ.status.success() && refused.contains("Permission denied"), "{refused}");
+    assert_eq!(std::fs::metadata(format!("/proc/{worker}/status")).expect("proc").uid(), 0);
+    let attach = "import ctypes, sys; libc = ctypes.CDLL(None, use_errno=True); \
+                  sys.exit(0 if libc.ptrace(16, int(sys.argv[1]), 0, 0) == 0 else 1)";
+    let ptrace = as_worker_user(&["/usr/bin/python3", "-c", attach, &worker.to_string()]);
+    assert_eq!(ptrace.status.code(), Some(1), "PTRACE_ATTACH: {ptrace:?}");
+
     let gate_threads = threads(gate);
     assert!(gate_threads.len() > 1, "a multi-threaded gate");
     for (task, status) in &gate_threads {
@@ -112,16 +132,19 @@ fn the_gate_keeps_seven_capabilities_and_the_worker_none() {
     );
 
     // The control socket stays root's: the worker's user cannot use it.
-    let as_nobody = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(edgegate_tests::testbed::edgegate_binary())
-        .arg("--control-socket")
-        .arg(&bed.testbed.socket)
-        .args(["allow", "add", "0.0.0.0/0"])
-        .output()
-        .expect("run the CLI as nobody");
-    let message = String::from_utf8_lossy(&as_nobody.stderr);
-    assert!(!as_nobody.status.success());
+    let add_as_nobody = || {
+        let output = as_worker_user(&[
+            edgegate_tests::testbed::edgegate_binary().to_str().expect("UTF-8"),
+            "--control-socket",
+            bed.testbed.socket.to_str().expect("UTF-8"),
+            "allow",
+            "add",
+            "0.0.0.0/0",
+        ]);
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let message = add_as_nobody();
     assert!(message.contains("permission denied") && message.contains("root-only"), "{message}");
 
     // Even with the socket and its directory opened to everyone, the daemon
@@ -132,16 +155,7 @@ fn the_gate_keeps_seven_capabilities_and_the_worker_none() {
     };
     open(bed.testbed.socket.parent().expect("socket dir"), 0o755);
     open(&bed.testbed.socket, 0o666);
-    let as_nobody = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(edgegate_tests::testbed::edgegate_binary())
-        .arg("--control-socket")
-        .arg(&bed.testbed.socket)
-        .args(["allow", "add", "0.0.0.0/0"])
-        .output()
-        .expect("run the CLI as nobody");
-    let message = String::from_utf8_lossy(&as_nobody.stderr);
-    assert!(!as_nobody.status.success());
+    let message = add_as_nobody();
     assert!(message.contains("permission denied") && message.contains("root only"), "{message}");
     let listed = bed.testbed.cli_ok(&["allow", "list"]);
     assert!(!listed.contains("0.0.0.0/0"), "{listed}");

@@ -348,6 +348,8 @@ pub async fn serve(
     keep_recent.abort();
     leftovers.abort();
     fleet_tasks.iter().for_each(tokio::task::JoinHandle::abort);
+    // What the worker saw last is asked for (briefly) and kept before it goes.
+    prober.refresh(std::time::Duration::from_secs(1)).await;
     // Taking the lock waits for a change in flight: it finishes (and is
     // acknowledged) or never starts.
     let mut state = state.lock().await;
@@ -355,7 +357,6 @@ pub async fn serve(
     if let Err(e) = std::fs::remove_file(&socket) {
         tracing::warn!("cannot remove {}: {e}", socket.display());
     }
-    // What the worker saw last is kept before it goes.
     state.learn();
     if !hand_over {
         state.worker.drain(drain_timeout).await;

@@ -28,6 +28,13 @@ pub enum Attempt {
     BindPort,
     /// `kill(SIGKILL)` the gate.
     KillGate,
+    /// A stream socket of another protocol (MPTCP), which Landlock's TCP
+    /// rules do not cover.
+    MptcpSocket,
+    /// `setsockopt(TCP_ULP)`: a kernel upper-layer protocol on a socket.
+    TcpUlp,
+    /// `prctl(PR_SET_DUMPABLE, 1)`: only `prctl(PR_SET_PDEATHSIG, 0)` passes.
+    Prctl,
     /// Send the gate a frame bigger than it accepts.
     OversizedMessage,
     /// Send the gate a message type it does not know.
@@ -115,6 +122,24 @@ pub fn attempt(attempt: Attempt, target: &Target) -> io::Result<String> {
             .map(|l| format!("listening on {:?}", l.local_addr())),
         // SAFETY: plain syscall; the result is checked.
         Attempt::KillGate => check(unsafe { libc::kill(gate, libc::SIGKILL) }.into()),
+        Attempt::MptcpSocket => {
+            const IPPROTO_MPTCP: libc::c_int = 262;
+            // SAFETY: plain syscall; the result is checked.
+            check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, IPPROTO_MPTCP) }.into())
+        }
+        Attempt::TcpUlp => {
+            let ulp = c"tls";
+            // SAFETY: plain syscalls on values that outlive them; results are checked.
+            check(
+                unsafe {
+                    let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                    libc::setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_ULP, ulp.as_ptr().cast(), 4)
+                }
+                .into(),
+            )
+        }
+        // SAFETY: plain syscall; the result is checked.
+        Attempt::Prctl => check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) }.into()),
         Attempt::OversizedMessage | Attempt::UnknownMessage | Attempt::TruncatedMessage => {
             Err(io::Error::other("a protocol attempt, made by the worker's loop"))
         }

@@ -200,8 +200,6 @@ fn allowed_syscalls() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
         libc::SYS_sendto,
         libc::SYS_recvmsg,
         libc::SYS_sendmsg,
-        libc::SYS_getsockopt,
-        libc::SYS_setsockopt,
         libc::SYS_getsockname,
         libc::SYS_getpeername,
         libc::SYS_shutdown,
@@ -240,6 +238,23 @@ fn allowed_syscalls() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
     rules.insert(
         libc::SYS_prctl,
         vec![SeccompRule::new(vec![arg(0, libc::PR_SET_PDEATHSIG as u64)?, arg(1, 0)?])?],
+    );
+    // Socket options: only those the worker sets (TCP_NODELAY on both legs)
+    // and reads (SO_ERROR, a connect's outcome). No TCP_ULP (kernel TLS or
+    // MPTCP upgrades), no SO_BINDTODEVICE, no filters attached.
+    rules.insert(
+        libc::SYS_setsockopt,
+        vec![SeccompRule::new(vec![
+            arg(1, libc::IPPROTO_TCP as u64)?,
+            arg(2, libc::TCP_NODELAY as u64)?,
+        ])?],
+    );
+    rules.insert(
+        libc::SYS_getsockopt,
+        vec![SeccompRule::new(vec![
+            arg(1, libc::SOL_SOCKET as u64)?,
+            arg(2, libc::SO_ERROR as u64)?,
+        ])?],
     );
     // Non-blocking mode, the only ioctl.
     rules.insert(libc::SYS_ioctl, vec![SeccompRule::new(vec![arg(1, libc::FIONBIO)?])?]);

@@ -50,6 +50,12 @@ pub enum WorkerError {
 /// Runs the worker; returns after a drain, or with why it cannot go on.
 pub fn run(options: Options) -> Result<(), WorkerError> {
     refuse_privileges()?;
+    // Not dumpable: no other process of this user may ptrace it or read
+    // its memory (which holds TLS keys), and no core file is written.
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } < 0 {
+        return Err(WorkerError::Start(std::io::Error::last_os_error()));
+    }
     // Stopping and reloading are the gate's: systemd signals the whole
     // service (and a terminal its process group), but the worker drains
     // only when the gate says so.

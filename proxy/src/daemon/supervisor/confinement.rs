@@ -4,8 +4,16 @@
 
 /// Checks from `/proc`, for every thread of `pid`, what the worker is
 /// supposed to have done to itself: not root, no capability in any set,
-/// `no_new_privs`, seccomp filtering.
+/// `no_new_privs`, seccomp filtering, and not dumpable (the kernel then
+/// gives the files in its `/proc` directory to root instead of the
+/// worker's user).
 pub(super) fn verify_confined(pid: u32) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let status = format!("/proc/{pid}/status");
+    let owner = std::fs::metadata(&status).map_err(|e| format!("{status}: {e}"))?.uid();
+    if owner != 0 {
+        return Err(format!("dumpable: {status} belongs to uid {owner}, not root"));
+    }
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
         .map_err(|e| format!("/proc/{pid}/task: {e}"))?;
     for task in tasks {
