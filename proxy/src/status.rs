@@ -19,6 +19,19 @@ use crate::{
     config::Scope,
 };
 
+/// Text the worker sent (or a peer's certificate carried), made safe to
+/// print and log: control characters escaped (`\u{1b}`, `\n`), so that it can
+/// neither forge a log line nor reach a terminal as a command.
+pub fn quoted(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> =
+                if c.is_control() { c.escape_default().collect() } else { vec![c] };
+            escaped
+        })
+        .collect()
+}
+
 /// What `edgegate status` shows.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
@@ -380,4 +393,20 @@ pub enum NotReady {
     /// The filter's maps could not be read.
     #[error("cannot read the filter's state: {reason}")]
     Unobservable { reason: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quoted;
+
+    #[test]
+    fn worker_text_cannot_forge_a_line_or_drive_a_terminal() {
+        assert_eq!(quoted("edge: bad key"), "edge: bad key");
+        assert_eq!(
+            quoted("a\n2026-12-06T00:00:00Z INFO forged"),
+            "a\\n2026-12-06T00:00:00Z INFO forged"
+        );
+        assert_eq!(quoted("\u{1b}[2Jx\r\t"), "\\u{1b}[2Jx\\r\\t");
+        assert_eq!(quoted("CN=Grüße"), "CN=Grüße");
+    }
 }

@@ -234,9 +234,18 @@ impl State {
     /// Takes the worker's sightings into the learned sources, and keeps
     /// them on disk.
     pub(super) fn learn(&mut self) {
-        let sightings = self.worker.take_sightings();
+        let mut sightings = self.worker.take_sightings();
         if sightings.is_empty() {
             return;
+        }
+        // Names from the worker are shown to operators and end up in list
+        // comments: no control character goes further than this.
+        for sighting in &mut sightings {
+            let name = &mut sighting.name;
+            let names = name.common_name.iter_mut().chain(&mut name.dns).chain(&mut name.uris);
+            names
+                .chain([&mut sighting.listener])
+                .for_each(|text| *text = crate::status::quoted(text));
         }
         self.learned.record(sightings);
         if let Err(e) = tokio::task::block_in_place(|| self.learned.save()) {
@@ -336,8 +345,10 @@ impl State {
                     if let Some(outcome) =
                         outcomes.iter_mut().find(|o| o.listener == refusal.listener)
                     {
-                        outcome.result =
-                            ReloadResult::KeptPrevious(format!("the worker: {}", refusal.reason));
+                        outcome.result = ReloadResult::KeptPrevious(format!(
+                            "the worker: {}",
+                            crate::status::quoted(&refusal.reason)
+                        ));
                     }
                 }
             }

@@ -168,7 +168,7 @@ async fn read_frames(
         let last = message.is_err();
         let message = message.map_err(|e| match e {
             FrameError::Closed => SupervisorError::Closed,
-            e => SupervisorError::Protocol(e.to_string()),
+            e => SupervisorError::Protocol(crate::status::quoted(&e.to_string())),
         });
         if messages.send(message).await.is_err() || last {
             return;
