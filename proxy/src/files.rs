@@ -45,18 +45,36 @@ pub fn replace(path: &Path, contents: &[u8]) -> Result<(), FileError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(error("sync directory", dir))
 }
 
-/// `.{name}.{random}.tmp` next to `path`, created with `O_EXCL|O_NOFOLLOW`.
+/// The contents of `path`, refused (`InvalidData`) if longer than `max`
+/// bytes: a state file is read without trusting its size.
+pub fn read_bounded(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut contents = Vec::new();
+    File::open(path)?.take(max + 1).read_to_end(&mut contents)?;
+    if contents.len() as u64 > max {
+        let message = format!("longer than the {max} bytes such a file may have");
+        return Err(io::Error::new(io::ErrorKind::InvalidData, message));
+    }
+    Ok(contents)
+}
+
+/// A new file at `path` with `mode`: created exclusively (`O_EXCL`), never
+/// through a link (`O_NOFOLLOW`), so nothing that was there is written.
+pub fn create_new(path: &Path, mode: u32) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// `.{name}.{random}.tmp` next to `path`, from [`create_new`].
 fn create_temporary(dir: &Path, path: &Path) -> Result<(PathBuf, File), FileError> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     loop {
         let temp = dir.join(format!(".{name}.{}.tmp", random_hex()));
-        match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&temp)
-        {
+        match create_new(&temp, 0o600) {
             Ok(file) => return Ok((temp, file)),
             // Someone else's file by that name: draw another.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -166,6 +184,16 @@ mod tests {
             .filter(|name| name.ends_with(".tmp") && name != "allowlist.tmp")
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn an_oversized_file_is_refused_not_read_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state");
+        fs::write(&path, [b'x'; 11]).expect("write");
+        assert_eq!(read_bounded(&path, 11).expect("fits").len(), 11);
+        let error = read_bounded(&path, 10).expect_err("too long");
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
     }
 
     #[test]

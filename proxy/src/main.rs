@@ -537,12 +537,7 @@ fn change_signed(
     key: &std::path::Path,
     commit: &Commit,
 ) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
-    let committer = edgegate::fleet::committer_name();
-    let admin = runtime.block_on(edgegate::fleet::Admin::connect(config, Some(key), &committer))?;
+    let (runtime, admin, committer) = connect_admin(config, Some(key))?;
     let committed = runtime.block_on(admin.commit(&change, commit.force))?;
     let diff = committed.diff;
     println!(
@@ -556,6 +551,22 @@ fn change_signed(
         })?;
     }
     Ok(())
+}
+
+/// The CLI's own connection to the group's etcd (no daemon), on a runtime
+/// of its own, as this machine's committer.
+fn connect_admin(
+    config: &std::path::Path,
+    signing_key: Option<&std::path::Path>,
+) -> anyhow::Result<(tokio::runtime::Runtime, edgegate::fleet::Admin, String)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let committer = edgegate::fleet::committer_name();
+    let admin =
+        runtime.block_on(edgegate::fleet::Admin::connect(config, signing_key, &committer))?;
+    Ok((runtime, admin, committer))
 }
 
 /// Polls `fleet status` (through the daemon) until every live host enforces `generation`.
@@ -621,15 +632,8 @@ fn fleet_status(
 ) -> anyhow::Result<()> {
     let view = match config {
         Some(config) => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the runtime")?;
-            let committer = edgegate::fleet::committer_name();
-            runtime.block_on(async {
-                let admin = edgegate::fleet::Admin::connect(config, None, &committer).await?;
-                anyhow::Ok(admin.view().await?)
-            })?
+            let (runtime, admin, _) = connect_admin(config, None)?;
+            runtime.block_on(admin.view())?
         }
         None => match call(global, &Request::FleetStatus)? {
             Response::Fleet(view) => view,

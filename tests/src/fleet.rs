@@ -370,14 +370,7 @@ impl Fleet {
     }
 
     pub fn etcdctl_ok(&self, args: &[&str]) -> String {
-        let output = self.etcdctl(args);
-        assert!(
-            output.status.success(),
-            "etcdctl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).expect("UTF-8")
+        succeeded(self.etcdctl(args), &format!("etcdctl {}", args.join(" ")))
     }
 
     pub fn await_etcd_healthy(&self) {
@@ -481,27 +474,11 @@ impl Fleet {
     }
 
     pub fn admin_cli_ok(&self, args: &[&str]) -> String {
-        let output = self.admin_cli(args);
-        assert!(
-            output.status.success(),
-            "admin: edgegate {}: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).expect("UTF-8")
+        succeeded(self.admin_cli(args), &format!("admin: edgegate {}", args.join(" ")))
     }
 
     pub fn cli_ok(&self, index: usize, args: &[&str]) -> String {
-        let output = self.cli(index, args);
-        assert!(
-            output.status.success(),
-            "host {index}: edgegate {}: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).expect("UTF-8")
+        succeeded(self.cli(index, args), &format!("host {index}: edgegate {}", args.join(" ")))
     }
 
     pub fn status(&self, index: usize) -> Status {
@@ -580,6 +557,17 @@ impl Fleet {
         let host = &self.hosts[index];
         host.netns.ip(&["link", "set", &host.interface, if up { "up" } else { "down" }]);
     }
+}
+
+/// `output`'s stdout, asserting that `what` succeeded (its output otherwise).
+fn succeeded(output: Output, what: &str) -> String {
+    assert!(
+        output.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("UTF-8")
 }
 
 /// A connection from `source` (bound first) to `target`, greeting read.

@@ -73,8 +73,9 @@ impl Marker {
     }
 
     fn read(list_path: &std::path::Path) -> Option<Self> {
-        let text = std::fs::read_to_string(Self::path(list_path)).ok()?;
-        serde_json::from_str(&text).ok()
+        // A real marker is a few dozen bytes.
+        let text = crate::files::read_bounded(&Self::path(list_path), 4096).ok()?;
+        serde_json::from_slice(&text).ok()
     }
 
     /// Written after the list: a crash in between leaves an older marker,

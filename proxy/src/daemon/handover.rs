@@ -117,10 +117,19 @@ fn draining_path(state_dir: &Path) -> PathBuf {
     state_dir.join(DRAINING_FILE)
 }
 
+/// At most a few entries (one per restart within drain_timeout); the file
+/// is read only up to this size.
+const MAX_DRAINING_BYTES: u64 = 64 * 1024;
+
 fn read_draining(state_dir: &Path) -> Vec<Draining> {
-    let Ok(text) = std::fs::read_to_string(draining_path(state_dir)) else { return Vec::new() };
-    // At most a few entries (one per restart within drain_timeout).
-    serde_json::from_str::<Vec<Draining>>(&text).unwrap_or_default().into_iter().take(64).collect()
+    let Ok(text) = crate::files::read_bounded(&draining_path(state_dir), MAX_DRAINING_BYTES) else {
+        return Vec::new();
+    };
+    serde_json::from_slice::<Vec<Draining>>(&text)
+        .unwrap_or_default()
+        .into_iter()
+        .take(64)
+        .collect()
 }
 
 fn start_time(pid: u32) -> Option<String> {

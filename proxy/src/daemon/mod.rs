@@ -271,7 +271,9 @@ pub async fn serve(
             &setup.trusted,
         ))
     });
-    let learned_path = config.daemon.state_dir.join(learned::FILE_NAME);
+    let state_dir = config.daemon.state_dir.clone();
+    let accept_proxy_protocol = config.metrics.accept_proxy_protocol;
+    let learned_path = state_dir.join(learned::FILE_NAME);
     let learned = LearnedSources::load(learned_path.clone()).unwrap_or_else(|e| {
         tracing::warn!("{e}; starting with no learned sources (the next one replaces the file)");
         LearnedSources::empty(learned_path)
@@ -309,12 +311,10 @@ pub async fn serve(
         let observer = Arc::clone(&observer);
         Box::pin(async move { observer.current().await })
     });
-    let accept_proxy_protocol = state.lock().await.config.metrics.accept_proxy_protocol;
     let metrics = tokio::spawn(metrics::serve(metrics_listener, observe, accept_proxy_protocol));
     notify_systemd(&[sd_notify::NotifyState::Ready]);
     // Workers an earlier gate handed over end by their deadline.
-    let leftovers =
-        tokio::spawn(handover::end_leftovers(state.lock().await.config.daemon.state_dir.clone()));
+    let leftovers = tokio::spawn(handover::end_leftovers(state_dir));
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .expect("installing a signal handler cannot fail");
     // Start-up has logged expiry warnings already; repeat them twice a day.

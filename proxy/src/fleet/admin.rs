@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::{
     Authority, Committed, Credentials, Store, StoreError,
-    layout::valid_committer,
+    layout::{committer_from, valid_committer},
     trust::{SigningKey, SigningKeyError},
 };
 use crate::{
@@ -76,10 +76,6 @@ pub fn committer_name() -> String {
     let user = std::env::var("USER").unwrap_or_else(|_| "admin".into());
     let host =
         nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
-    let name: String = format!("{user}@{host}")
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || "-_.@".contains(*c))
-        .take(128)
-        .collect();
+    let name = committer_from(&format!("{user}@{host}"));
     if valid_committer(&name) { name } else { "admin".into() }
 }

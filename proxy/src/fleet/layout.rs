@@ -248,9 +248,16 @@ impl Pointer {
 /// Whether `name` may stand in `committed_by`: it is logged, shown and signed
 /// one per line.
 pub fn valid_committer(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_COMMITTER_BYTES
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@:".contains(c))
+    !name.is_empty() && name.len() <= MAX_COMMITTER_BYTES && name.chars().all(committer_char)
+}
+
+/// `name` reduced to what [`valid_committer`] accepts (possibly empty).
+pub fn committer_from(name: &str) -> String {
+    name.chars().filter(|c| committer_char(*c)).take(MAX_COMMITTER_BYTES).collect()
+}
+
+fn committer_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "-_.@:".contains(c)
 }
 
 /// A list cut into chunks at line boundaries, with what its pointer records.
@@ -498,7 +505,6 @@ mod tests {
         let encoded = encode_with(&list(5000), 4096);
         assert!(encoded.entries <= limits.max_entries && encoded.bytes() <= limits.max_bytes);
         let full = encode(&list(10_000));
-        let limits = Limits::for_capacity(5000);
         assert!(full.chunks.len() <= limits.max_chunks);
         let keys = Keys::new("/edgegate", "g");
         assert!(keys.generations_from(10) > keys.generation_dir(9, u64::MAX));

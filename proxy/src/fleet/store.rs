@@ -226,10 +226,6 @@ impl Store {
         &self.host
     }
 
-    pub fn keys(&self) -> &Keys {
-        &self.keys
-    }
-
     /// Whether a trusted key signed `pointer` (always, without `trusted_keys`).
     pub fn check_trust(&self, pointer: &Pointer) -> Result<(), Untrusted> {
         self.authority.trusted.check(self.keys.prefix(), self.keys.group(), pointer)

@@ -202,12 +202,8 @@ const MAX_KEY_FILE_BYTES: u64 = 16 * 1024;
 
 impl SigningKey {
     pub fn load(path: &Path) -> Result<Self, SigningKeyError> {
-        use std::io::Read as _;
-        let read_error = |source| SigningKeyError::Read { path: path.to_owned(), source };
-        let mut pem = Vec::new();
-        std::fs::File::open(path)
-            .and_then(|file| file.take(MAX_KEY_FILE_BYTES).read_to_end(&mut pem))
-            .map_err(read_error)?;
+        let pem = crate::files::read_bounded(path, MAX_KEY_FILE_BYTES)
+            .map_err(|source| SigningKeyError::Read { path: path.to_owned(), source })?;
         let format = || SigningKeyError::Format { path: path.to_owned() };
         let der = PrivatePkcs8KeyDer::from_pem_slice(&pem).map_err(|_| format())?;
         let pair = Ed25519KeyPair::from_pkcs8(der.secret_pkcs8_der()).map_err(|_| format())?;
@@ -233,7 +229,7 @@ impl SigningKey {
     /// Writes a new key pair: `{stem}.key` (PKCS#8 PEM, mode 0600, never
     /// over an existing file) and `{stem}.pub` (the `trusted_keys` line).
     pub fn generate(stem: &Path) -> Result<(PublicKey, [std::path::PathBuf; 2]), SigningKeyError> {
-        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+        use std::io::Write as _;
         let document = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
             .map_err(|_| SigningKeyError::Generate)?;
         let pair =
@@ -246,12 +242,7 @@ impl SigningKey {
         };
         let (key_path, pub_path) = (with(".key"), with(".pub"));
         let write = |path: &Path, mode: u32, text: &str| {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(mode)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(path)
+            crate::files::create_new(path, mode)
                 .and_then(|mut file| file.write_all(text.as_bytes()).and_then(|()| file.sync_all()))
                 .map_err(|source| SigningKeyError::Write { path: path.to_owned(), source })
         };

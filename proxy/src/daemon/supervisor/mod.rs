@@ -144,7 +144,8 @@ pub struct WorkerReport {
 
 /// The gate's handle on the worker.
 pub struct Worker {
-    commands: mpsc::Sender<Command>,
+    /// The way to the supervisor task.
+    prober: Prober,
     phase: watch::Receiver<Phase>,
     restarts: Arc<AtomicU64>,
     user: String,
@@ -158,8 +159,9 @@ pub struct Worker {
     supervisor: JoinHandle<()>,
 }
 
-/// Asks the supervisor for a fresh report without the gate's state: the
-/// control socket uses it before `allow suggest`, outside the state lock.
+/// The way to the supervisor task, usable without the gate's state: the
+/// control socket, `/metrics` and shutdown ask for fresh reports through it
+/// outside the state lock, and [`Worker`] sends its commands through it.
 #[derive(Clone)]
 pub struct Prober {
     commands: mpsc::Sender<Command>,
@@ -172,13 +174,25 @@ impl Prober {
     /// business, and the caller goes on with the newest report there is.
     pub async fn refresh(&self, limit: Duration) {
         let (reply, answer) = oneshot::channel();
-        let asked = async {
-            self.commands.send(Command::Report { reply }).await.ok()?;
-            answer.await.ok()
-        };
-        if let Ok(Some(Err(e))) = tokio::time::timeout(limit, asked).await {
-            tracing::debug!("no fresh report from the worker: {e}");
+        match self.ask(Command::Report { reply }, answer, limit).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!("no fresh report from the worker: {e}"),
+            Err(e) => tracing::debug!("no fresh report within {limit:?}: {e}"),
         }
+    }
+
+    /// Sends `command` to the supervisor and waits (up to `limit`) for `answer`.
+    async fn ask<T>(
+        &self,
+        command: Command,
+        answer: oneshot::Receiver<T>,
+        limit: Duration,
+    ) -> Result<T, SupervisorError> {
+        let asked = async {
+            self.commands.send(command).await.map_err(|_| SupervisorError::Stopped)?;
+            answer.await.map_err(|_| SupervisorError::Stopped)
+        };
+        tokio::time::timeout(limit, asked).await.map_err(|_| SupervisorError::Unanswered(limit))?
     }
 }
 
@@ -220,11 +234,12 @@ impl Worker {
             retire_timeout: drain_timeout,
         };
         let supervisor = tokio::spawn(supervisor.run(started.first, started.ports));
-        Self { commands, phase, restarts, user, allowlist, applied, sightings, report, supervisor }
+        let prober = Prober { commands };
+        Self { prober, phase, restarts, user, allowlist, applied, sightings, report, supervisor }
     }
 
     pub fn prober(&self) -> Prober {
-        Prober { commands: self.commands.clone() }
+        self.prober.clone()
     }
 
     /// Sends the worker the allowlist now in force, and whether it is only audited.
@@ -271,7 +286,8 @@ impl Worker {
     /// refuses keep what they had.
     pub async fn configure(&self, listeners: &Listeners) -> Result<Vec<Refused>, SupervisorError> {
         let (reply, answer) = oneshot::channel();
-        self.ask(Command::Configure { reply, desired: listeners.desired() }, answer, ASK_TIMEOUT)
+        self.prober
+            .ask(Command::Configure { reply, desired: listeners.desired() }, answer, ASK_TIMEOUT)
             .await?
     }
 
@@ -295,7 +311,7 @@ impl Worker {
     pub async fn drain(&self, timeout: Duration) {
         let (reply, answer) = oneshot::channel();
         let limit = timeout + REPLY_TIMEOUT + SEND_TIMEOUT + ASK_TIMEOUT;
-        if let Err(e) = self.ask(Command::Drain { timeout, reply }, answer, limit).await {
+        if let Err(e) = self.prober.ask(Command::Drain { timeout, reply }, answer, limit).await {
             tracing::warn!("proxy worker drain: {e}");
         }
     }
@@ -305,27 +321,13 @@ impl Worker {
     pub async fn hand_off(&self, timeout: Duration) -> Option<u32> {
         let (reply, answer) = oneshot::channel();
         let limit = timeout + REPLY_TIMEOUT + SEND_TIMEOUT + ASK_TIMEOUT;
-        match self.ask(Command::HandOff { timeout, reply }, answer, limit).await {
+        match self.prober.ask(Command::HandOff { timeout, reply }, answer, limit).await {
             Ok(handed) => handed,
             Err(e) => {
                 tracing::warn!("proxy worker hand-over: {e}");
                 None
             }
         }
-    }
-
-    /// Sends `command` to the supervisor and waits (up to `limit`) for `answer`.
-    async fn ask<T>(
-        &self,
-        command: Command,
-        answer: oneshot::Receiver<T>,
-        limit: Duration,
-    ) -> Result<T, SupervisorError> {
-        let asked = async {
-            self.commands.send(command).await.map_err(|_| SupervisorError::Stopped)?;
-            answer.await.map_err(|_| SupervisorError::Stopped)
-        };
-        tokio::time::timeout(limit, asked).await.map_err(|_| SupervisorError::Unanswered(limit))?
     }
 
     pub fn restarts(&self) -> u64 {
