@@ -474,6 +474,49 @@ pub const fn counter_index(family: Family, reason: Reason, audited: bool) -> u32
     if audited { SLOTS_PER_MODE + index } else { index }
 }
 
+/// The worker's egress filter (`egress` program): which backend addresses
+/// and ports a worker may connect to.
+pub mod egress {
+    /// The map of allowed destinations, [`super::EgressKey`] → 1.
+    pub const ALLOWED: &str = "EG_EGRESS_ALLOWED";
+    /// One `u64`: connections refused since the programs were loaded.
+    pub const REFUSED: &str = "EG_EGRESS_REFUSED";
+    /// The programs, attached to the worker's cgroup.
+    pub const CONNECT4: &str = "egress_connect4";
+    pub const CONNECT6: &str = "egress_connect6";
+    /// How many destinations the map holds at most; more backends than
+    /// this are refused at start and on reload.
+    pub const MAX_DESTINATIONS: u32 = 1024;
+}
+
+/// An allowed destination: an IPv6 address, or an IPv4 one mapped into IPv6
+/// (`::ffff:a.b.c.d`, which is also how an IPv6 socket reaches IPv4), and a
+/// port, both in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EgressKey {
+    pub address: [u8; 16],
+    pub port: [u8; 2],
+    /// Explicit padding (always 0), so that the key has no implicit padding.
+    pub padding: [u8; 2],
+}
+
+impl EgressKey {
+    /// An IPv4 destination, as its mapped IPv6 form.
+    pub const fn v4(address: [u8; 4], port: [u8; 2]) -> Self {
+        let [a, b, c, d] = address;
+        Self {
+            address: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d],
+            port,
+            padding: [0; 2],
+        }
+    }
+
+    pub const fn v6(address: [u8; 16], port: [u8; 2]) -> Self {
+        Self { address, port, padding: [0; 2] }
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all four are `#[repr(C)]`, made only of integers, without
@@ -482,6 +525,7 @@ mod user {
     unsafe impl aya::Pod for super::DroppedSource {}
     unsafe impl aya::Pod for super::Rule {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::EgressKey {}
 }
 
 #[cfg(test)]

@@ -379,6 +379,10 @@ pub struct DaemonConfig {
     pub drain_timeout: Duration,
     /// The unprivileged user to run as after start-up (see `privileges`).
     pub user: Option<String>,
+    /// Start even where the worker's connections cannot be limited to the
+    /// backends (no cgroup v2, no `cgroup/connect` programs): `status` says so.
+    #[serde(default)]
+    pub allow_unconfined_egress: bool,
 }
 
 impl Default for DaemonConfig {
@@ -389,6 +393,7 @@ impl Default for DaemonConfig {
             bpffs_dir: default_bpffs_dir(),
             drain_timeout: default_drain_timeout(),
             user: None,
+            allow_unconfined_egress: false,
         }
     }
 }

@@ -70,6 +70,9 @@ enum Command {
         /// Test only: every proxy worker tries this once sandboxed.
         #[arg(long, value_enum, hide = true)]
         worker_escape: Option<edgegate::privsep::escape::Attempt>,
+        /// Test only: where a connection attempt of `--worker-escape` goes.
+        #[arg(long, hide = true, requires = "worker_escape")]
+        worker_escape_address: Option<std::net::SocketAddr>,
     },
     /// The sandboxed proxy worker; `run` starts it.
     #[command(hide = true)]
@@ -136,6 +139,8 @@ struct WorkerArgs {
     escape_target: Option<PathBuf>,
     #[arg(long)]
     escape_gate: Option<u32>,
+    #[arg(long)]
+    escape_address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -337,14 +342,14 @@ fn report(error: &anyhow::Error) -> String {
 fn execute(cli: Cli) -> anyhow::Result<()> {
     let Cli { global, command } = cli;
     match command {
-        Command::Run { config, log_format, worker_escape } => {
+        Command::Run { config, log_format, worker_escape, worker_escape_address } => {
             init_logging(log_format);
             // Start-up (and dropping privileges) happens before the runtime's
             // threads exist: they inherit the reduced credentials.
             let options = daemon::Options {
                 overrides: global.overrides(),
                 log_format: log_format.name().to_owned(),
-                escape: worker_escape,
+                escape: worker_escape.map(|attempt| (attempt, worker_escape_address)),
             };
             let startup = daemon::start(config, options)?;
             // Connections run on per-core workers of their own (proxy::workers);
@@ -363,9 +368,10 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Worker(args) => {
             init_logging(args.log_format);
+            let address = args.escape_address;
             let escape = args.escape.zip(args.escape_target.zip(args.escape_gate)).map(
                 |(attempt, (path, gate))| {
-                    (attempt, edgegate::privsep::escape::Target { path, gate })
+                    (attempt, edgegate::privsep::escape::Target { path, gate, address })
                 },
             );
             let options = edgegate::privsep::worker::Options {
@@ -911,6 +917,19 @@ fn print_status(status: &Status, dropped: bool) {
             "sandbox:    no capabilities, no_new_privs, seccomp {}; {landlock}",
             on(sandbox.seccomp)
         );
+    }
+    let egress = &worker.egress;
+    match &egress.unconfined_reason {
+        None => println!(
+            "egress:     only to {} (cgroup {}); {} connection(s) refused",
+            egress.destinations.join(", "),
+            egress.cgroup.as_deref().unwrap_or("?"),
+            egress.refused
+        ),
+        Some(reason) => println!(
+            "egress:     UNCONFINED: the worker may connect anywhere ({reason}; \
+             daemon.allow_unconfined_egress = true)"
+        ),
     }
     println!(
         "entries:    {} IPv4 ({} lookup), {} IPv6 ({} lookup); capacity {} per family",

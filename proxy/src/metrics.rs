@@ -305,6 +305,18 @@ pub fn render(observation: &Observation) -> String {
     restarts.get_or_create(&vec![]).inc_by(worker.restarts);
     let up = gauges(&mut registry, "worker_up", "1 while a sandboxed proxy worker serves");
     up.get_or_create(&vec![]).set(i64::from(worker.pid.is_some()));
+    let confined = gauges(
+        &mut registry,
+        "worker_egress_confined",
+        "1 when the worker may connect only to its backends",
+    );
+    confined.get_or_create(&vec![]).set(i64::from(worker.egress.confined));
+    let refused = counters(
+        &mut registry,
+        "worker_egress_refused",
+        "Worker connections to a destination other than a backend, refused",
+    );
+    refused.get_or_create(&vec![]).inc_by(worker.egress.refused);
     if let Some(fleet) = &status.fleet {
         render_fleet(&mut registry, fleet, observation.fleet_propagation.clone());
     }
@@ -449,6 +461,13 @@ mod tests {
                     down: None,
                     restarts: 3,
                     sandbox: None,
+                    egress: crate::status::EgressStatus {
+                        confined: true,
+                        cgroup: Some("/edgegate-worker.1".into()),
+                        destinations: vec!["127.0.0.1:8080".into()],
+                        refused: 4,
+                        unconfined_reason: None,
+                    },
                 },
             },
             ready,
@@ -484,6 +503,8 @@ mod tests {
             "edgegate_reloads_total{result=\"failed\"} 1",
             "edgegate_ready 1",
             "edgegate_worker_restarts_total 3",
+            "edgegate_worker_egress_confined 1",
+            "edgegate_worker_egress_refused_total 4",
             "edgegate_worker_up 1",
         ] {
             assert!(samples.contains(&expected), "missing {expected} in:\n{text}");

@@ -93,6 +93,20 @@ pub fn inspect(path: &Path, overrides: &Overrides) -> Report {
         }
         Err(e) => report.error(format!("config {}: {e}", path.display())),
     }
+    match crate::daemon::egress::workers_cgroup_parent() {
+        Ok((parent, _)) => report.passed.push(format!(
+            "proxy worker egress: limited to the backends by a cgroup under {}",
+            parent.display()
+        )),
+        Err(e) if config.daemon.allow_unconfined_egress => report.warning(format!(
+            "{}: the proxy worker may connect anywhere: {e}",
+            at("daemon.allow_unconfined_egress")
+        )),
+        Err(e) => report.error(format!(
+            "proxy worker egress: {e}; or set `daemon.allow_unconfined_egress = true` to run \
+             without that limit"
+        )),
+    }
     for interface in &config.filter.interfaces {
         inspect_interface(&mut report, &at("filter.interfaces"), interface, config.filter.mode);
     }

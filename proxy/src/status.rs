@@ -77,6 +77,23 @@ pub struct WorkerStatus {
     /// What its sandbox enforces (as the worker reports it; uid, capabilities,
     /// `no_new_privs` and seccomp are checked by the gate from `/proc`).
     pub sandbox: Option<crate::privsep::protocol::SandboxReport>,
+    /// Where it may connect to (enforced by the gate, see `daemon::egress`).
+    pub egress: EgressStatus,
+}
+
+/// The worker's egress filter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressStatus {
+    /// Connections are limited to `destinations`.
+    pub confined: bool,
+    /// The workers' cgroup, in the cgroup v2 hierarchy.
+    pub cgroup: Option<String>,
+    /// The backends' addresses and ports: all the worker may connect to.
+    pub destinations: Vec<String>,
+    /// Connections the filter refused since the gate started.
+    pub refused: u64,
+    /// Why it is not confined (`daemon.allow_unconfined_egress` let the gate start).
+    pub unconfined_reason: Option<String>,
 }
 
 /// This host's view of its group (fleet mode).

@@ -485,13 +485,13 @@ impl Drop for Testbed {
 }
 
 /// A TCP server in a namespace that greets every connection with "hello".
-pub(crate) struct TcpServer {
+pub struct TcpServer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl TcpServer {
-    pub(crate) fn start(netns: &Netns, port: u16) -> Self {
+    pub fn start(netns: &Netns, port: u16) -> Self {
         let listener = netns.run(|| {
             // Dual-stack: IPv4 clients arrive as IPv4-mapped addresses.
             TcpListener::bind(("::", port)).expect("bind the test server")

@@ -4,7 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use edgegate_tests::mtls::{BackendMode, LISTENER_PORT, MtlsBed};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+
+use edgegate_tests::{
+    mtls::{BACKEND_PORT, BackendMode, LISTENER_PORT, MtlsBed},
+    testbed::{OPEN_PORT, TcpServer},
+};
 
 /// Client 1 is a stranger: not on the allowlist.
 const STRANGER: usize = 1;
@@ -131,6 +136,126 @@ fn killing_the_worker_in_a_loop_never_opens_the_filter() {
     assert!(metrics.contains(&format!("edgegate_worker_restarts_total {kills}")), "{metrics}");
     assert!(metrics.contains("edgegate_worker_up 1"), "{metrics}");
     assert_eq!(bed.testbed.http_get("/readyz").0, 200);
+}
+
+/// Where a compromised worker would go: the instance metadata service,
+/// etcd, the backend's port on another address, any other port, IPv6.
+/// Each is reachable from the server's namespace by anyone but the worker.
+struct Strangers {
+    addresses: Vec<SocketAddr>,
+    _servers: Vec<TcpServer>,
+    _listener: TcpListener,
+}
+
+/// Metadata, etcd, and the backend's port on another loopback address.
+const METADATA: &str = "169.254.169.254:80";
+const ETCD: &str = "127.0.0.1:2379";
+
+fn strangers(bed: &MtlsBed) -> Strangers {
+    let server = &bed.testbed.server;
+    server.ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"]);
+    let servers = vec![TcpServer::start(server, 80), TcpServer::start(server, 2379)];
+    let other_backend: SocketAddr = ([127, 0, 0, 2], BACKEND_PORT).into();
+    let listener = server.run(|| TcpListener::bind(other_backend).expect("bind"));
+    let addresses = vec![
+        METADATA.parse().unwrap(),
+        ETCD.parse().unwrap(),
+        other_backend,
+        ([127, 0, 0, 1], OPEN_PORT).into(),
+        (bed.testbed.server_v6(0), OPEN_PORT).into(),
+    ];
+    for address in &addresses {
+        let reached = server.run(|| TcpStream::connect_timeout(address, Duration::from_secs(1)));
+        assert!(reached.is_ok(), "{address} is not reachable even from outside the worker");
+    }
+    Strangers { addresses, _servers: servers, _listener: listener }
+}
+
+#[test]
+fn the_worker_connects_to_its_backends_and_nowhere_else() {
+    let bed = MtlsBed::new(BackendMode::Echo);
+    let strangers = strangers(&bed);
+    let other_backend: SocketAddr = ([127, 0, 0, 2], BACKEND_PORT).into();
+    let mut attempts: Vec<(&str, SocketAddr)> =
+        strangers.addresses.iter().map(|address| ("connect", *address)).collect();
+    for address in [METADATA.parse().unwrap(), other_backend] {
+        attempts.push(("connect-mapped", address));
+        attempts.push(("fast-open", address));
+    }
+    bed.write("", "");
+    for (attempt, address) in attempts {
+        let what = format!("{attempt} to {address}");
+        let from = bed.testbed.daemon_log().len();
+        let target = address.to_string();
+        bed.testbed.start_daemon_with(&[
+            "--worker-escape",
+            attempt,
+            "--worker-escape-address",
+            &target,
+        ]);
+        let log = watch(&bed, from, &what, |log| {
+            log.contains(": refused: ") || log.contains("SUCCEEDED")
+        });
+        assert!(!log.contains("SUCCEEDED"), "{what}:\n{log}");
+        // The cgroup's filter refuses with EPERM; Landlock (Linux 6.7), where
+        // it knows the port is not a backend's, first with EACCES.
+        let refused_by_address = log.contains("Operation not permitted");
+        assert!(refused_by_address || log.contains("Permission denied"), "{what}:\n{log}");
+        if address == other_backend {
+            assert!(refused_by_address, "{what}: the backend's port elsewhere:\n{log}");
+        }
+        // The backend itself stays reachable.
+        assert_eq!(bed.exchange(0, Some(&bed.client), b"on").expect("exchange"), b"on", "{what}");
+        let egress = bed.testbed.status().worker.egress;
+        assert!(egress.confined, "{what}: {egress:?}");
+        assert_eq!(egress.destinations, [format!("127.0.0.1:{BACKEND_PORT}")], "{what}");
+        if refused_by_address {
+            assert!(egress.refused >= 1, "{what}: {egress:?}");
+        }
+        bed.testbed.stop_daemon();
+    }
+}
+
+#[test]
+fn a_reload_that_moves_the_backend_moves_the_permission() {
+    let bed = MtlsBed::new(BackendMode::Echo);
+    // The new backend: another address and port, greeting with "hello".
+    let moved: SocketAddr = ([127, 0, 0, 2], BACKEND_PORT + 1).into();
+    let _greeter = TcpServer::start(&bed.testbed.server, moved.port());
+    bed.write("", "");
+    let target = moved.to_string();
+    // Every worker tries the new backend once, when it starts; a port
+    // outside the running worker's Landlock rules makes a reload start one.
+    bed.testbed.start_daemon_with(&[
+        "--worker-escape",
+        "connect",
+        "--worker-escape-address",
+        &target,
+    ]);
+    let log = watch(&bed, 0, "before", |log| log.contains(": refused: "));
+    assert!(!log.contains("SUCCEEDED"), "{log}");
+
+    let original = std::fs::read_to_string(&bed.testbed.config).expect("config");
+    let at = |backend: &str| {
+        let config = original.replace(&format!("127.0.0.1:{BACKEND_PORT}"), backend);
+        std::fs::write(&bed.testbed.config, config).expect("config");
+        let from = bed.testbed.daemon_log().len();
+        bed.testbed.cli_ok(&["reload"]);
+        let log = watch(&bed, from, backend, |log| {
+            log.contains(": refused: ") || log.contains("SUCCEEDED")
+        });
+        let egress = bed.testbed.status().worker.egress;
+        assert_eq!(egress.destinations, [backend], "{egress:?}");
+        log
+    };
+    let log = at(&target);
+    assert!(log.contains("SUCCEEDED"), "the new backend stays refused:\n{log}");
+    let greeting = bed.exchange(0, Some(&bed.client), b"").expect("exchange");
+    assert_eq!(greeting, b"hello", "served by the new backend");
+
+    let log = at(&format!("127.0.0.1:{BACKEND_PORT}"));
+    assert!(!log.contains("SUCCEEDED"), "the old backend stays allowed:\n{log}");
+    assert_eq!(bed.exchange(0, Some(&bed.client), b"back").expect("exchange"), b"back");
 }
 
 /// The worker's pid once one serves (another than `not`).

@@ -35,6 +35,13 @@ const END_TO_END: [&str; 4] = [
     "sigterm_leaves_the_filter_pinned_until_detach",
 ];
 
+/// The worker tests that run in the VM: its egress filter, which must hold on
+/// kernels whose Landlock has no network rules (6.1).
+const WORKER: [&str; 2] = [
+    "the_worker_connects_to_its_backends_and_nowhere_else",
+    "a_reload_that_moves_the_backend_moves_the_permission",
+];
+
 /// Commands a VM run uses, and the Debian packages they come from (the
 /// initramfs also carries the tests' `ip` and `nsenter`).
 const TOOLS: [(&str, &str); 6] = [
@@ -150,6 +157,8 @@ fn build_binaries(broken_program: bool) -> anyhow::Result<Binaries> {
         "xdp_verdicts",
         "--test",
         "end_to_end",
+        "--test",
+        "worker",
         "--message-format=json",
     ]))?;
     if !output.status.success() {
@@ -290,16 +299,17 @@ fn init_script(tests: &[(String, PathBuf)]) -> String {
     let mut script = String::from(
         "#!/bin/sh\nmount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
          mount -t tmpfs tmp /tmp\nmount -t tmpfs run /run\nmount -t bpf bpf /sys/fs/bpf\n\
+         mount -t cgroup2 cgroup2 /sys/fs/cgroup\n\
          mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null\n\
          [ -f /modules/veth.ko ] && insmod /modules/veth.ko\n\
          echo \"EDGEGATE-VM-KERNEL $(cat /proc/sys/kernel/osrelease)\"\n\
          export EDGEGATE_BIN=/bin/edgegate PATH=/bin RUST_BACKTRACE=1\n",
     );
     for (name, _) in tests {
-        let filter = if name == "end_to_end" {
-            format!(" --exact {}", END_TO_END.join(" "))
-        } else {
-            String::new()
+        let filter = match name.as_str() {
+            "end_to_end" => format!(" --exact {}", END_TO_END.join(" ")),
+            "worker" => format!(" --exact {}", WORKER.join(" ")),
+            _ => String::new(),
         };
         script.push_str(&format!(
             "/tests/{name} --test-threads=1{filter}; echo \"EDGEGATE-VM-RESULT {name} $?\"\n"

@@ -219,7 +219,12 @@ impl Listeners {
         }
     }
 
-    /// The backends' ports: all a worker may connect to.
+    /// The backends' addresses and ports: all a worker may connect to.
+    pub(super) fn destinations(&self) -> BTreeSet<SocketAddr> {
+        self.0.values().flat_map(|h| h.backend_addrs.iter().copied()).collect()
+    }
+
+    /// The backends' ports (Landlock's rules know only ports).
     pub(super) fn connect_ports(&self) -> BTreeSet<u16> {
         self.0.values().flat_map(|h| h.backend_addrs.iter().map(SocketAddr::port)).collect()
     }

@@ -17,6 +17,7 @@
 //!   (`privsep`): its start, restarts, bounded channel and drain.
 
 mod control;
+pub(crate) mod egress;
 mod explain;
 mod fleet;
 mod handover;
@@ -32,6 +33,7 @@ use std::{
 
 use tokio::sync::Mutex;
 
+use egress::WorkerEgress;
 use listeners::{ListenerError, Listeners};
 use state::State;
 use supervisor::{Spawner, Worker};
@@ -77,6 +79,12 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// The worker's connections cannot be limited to its backends.
+    #[error(
+        "cannot limit the proxy worker's connections to its backends: {0}; set \
+         `daemon.allow_unconfined_egress = true` to run without that limit"
+    )]
+    Egress(#[from] egress::EgressError),
     /// The etcd client cannot be set up (a bad URL or TLS material).
     #[error("`[fleet]`: {0}")]
     Fleet(#[from] crate::fleet::StoreError),
@@ -103,8 +111,9 @@ pub struct Options {
     pub overrides: Overrides,
     /// The log format, passed on to the worker.
     pub log_format: String,
-    /// Test only: what each worker tries once sandboxed (`--worker-escape`).
-    pub escape: Option<Attempt>,
+    /// Test only: what each worker tries once sandboxed (`--worker-escape`),
+    /// and where to for a connection.
+    pub escape: Option<(Attempt, Option<std::net::SocketAddr>)>,
 }
 
 /// What start-up prepared with root privileges, before any thread but the
@@ -116,6 +125,7 @@ pub struct Startup {
     list_path: PathBuf,
     filter: Filter,
     listeners: Listeners,
+    egress: WorkerEgress,
     worker: supervisor::Started,
     control: std::os::unix::net::UnixListener,
     metrics: std::net::TcpListener,
@@ -201,7 +211,7 @@ pub fn start(config_path: PathBuf, options: Options) -> Result<Startup, DaemonEr
         list_path.display(),
         config.daemon.control_socket.display()
     );
-    let escape = escape.map(|attempt| {
+    let escape = escape.map(|(attempt, address)| {
         let path = match attempt {
             Attempt::BpfObjGet => {
                 config.daemon.bpffs_dir.join("maps").join(proxy_common::map::V4_RULES)
@@ -210,9 +220,11 @@ pub fn start(config_path: PathBuf, options: Options) -> Result<Startup, DaemonEr
             Attempt::ControlSocket => config.daemon.control_socket.clone(),
             _ => PathBuf::from("/etc/shadow"),
         };
-        (attempt, Target { path, gate: std::process::id() })
+        (attempt, Target { path, gate: std::process::id(), address })
     });
-    let spawner = Spawner { account, log_format, escape };
+    let egress =
+        WorkerEgress::set_up(&listeners.destinations(), config.daemon.allow_unconfined_egress)?;
+    let spawner = Spawner { account, log_format, cgroup: egress.cgroup(), escape };
     let worker = supervisor::start(spawner, &listeners).map_err(DaemonError::Worker)?;
     privileges::confine_gate()?;
     Ok(Startup {
@@ -221,6 +233,7 @@ pub fn start(config_path: PathBuf, options: Options) -> Result<Startup, DaemonEr
         list_path,
         filter,
         listeners,
+        egress,
         worker,
         control,
         metrics,
@@ -244,6 +257,7 @@ pub async fn serve(
         list_path,
         mut filter,
         listeners,
+        egress,
         worker,
         control,
         metrics,
@@ -284,6 +298,7 @@ pub async fn serve(
         list_path,
         filter,
         listeners,
+        egress,
         worker,
         config,
         config_path,
@@ -360,6 +375,7 @@ pub async fn serve(
     state.learn();
     if !hand_over {
         state.worker.drain(drain_timeout).await;
+        state.egress.remove();
         return Ok(());
     }
     // A restart: the next gate takes the listening sockets from systemd's

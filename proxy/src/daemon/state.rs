@@ -19,6 +19,7 @@ use crate::{
 };
 
 use super::{
+    egress::WorkerEgress,
     listeners::Listeners,
     supervisor::{Worker, WorkerReport},
 };
@@ -32,6 +33,8 @@ pub struct State {
     pub(super) filter: Filter,
     /// The listeners as the gate holds them (sockets, files, backends).
     pub(super) listeners: Listeners,
+    /// Where the worker may connect to: the listeners' backends.
+    pub(super) egress: WorkerEgress,
     /// The proxy worker: it serves the listeners, with its own copy of the
     /// list for PROXY-reported client addresses.
     pub(super) worker: Worker,
@@ -227,7 +230,7 @@ impl State {
             listeners: self.listeners.status(report.map(|r| r.listeners.as_slice())),
             fleet: self.fleet.as_ref().map(|health| health.snapshot()),
             gate_pid: std::process::id(),
-            worker: self.worker.status(),
+            worker: self.worker.status(self.egress.status()),
         })
     }
 
@@ -339,7 +342,13 @@ impl State {
             tokio::task::block_in_place(|| self.listeners.reload(&self.config.listeners));
         // New listeners' sockets go into systemd's store too (a no-op elsewhere).
         super::handover::store(self.listeners.sockets());
-        match self.worker.configure(&self.listeners).await {
+        // New backends are reachable before the worker serves them; old
+        // ones until it has the new listeners.
+        let destinations = self.listeners.destinations();
+        self.egress.also_permit(&destinations);
+        let configured = self.worker.configure(&self.listeners).await;
+        self.egress.permit(&destinations);
+        match configured {
             Ok(refused) => {
                 for refusal in refused {
                     if let Some(outcome) =

@@ -3,7 +3,12 @@
 //! watch each attempt fail from outside. seccomp kills the worker for most
 //! of them (the gate then starts a new one); the others come back refused.
 
-use std::{ffi::CString, io, path::PathBuf};
+use std::{
+    ffi::CString,
+    io,
+    net::{IpAddr, SocketAddr, TcpStream},
+    path::PathBuf,
+};
 
 use clap::ValueEnum;
 
@@ -35,6 +40,12 @@ pub enum Attempt {
     TcpUlp,
     /// `prctl(PR_SET_DUMPABLE, 1)`: only `prctl(PR_SET_PDEATHSIG, 0)` passes.
     Prctl,
+    /// A TCP connection to `--escape-address` (anything but a backend).
+    Connect,
+    /// The same over an IPv6 socket, to the address's IPv4-mapped form.
+    ConnectMapped,
+    /// A TCP Fast Open `sendto`: a connection without `connect()`.
+    FastOpen,
     /// Send the gate a frame bigger than it accepts.
     OversizedMessage,
     /// Send the gate a message type it does not know.
@@ -43,10 +54,11 @@ pub enum Attempt {
     TruncatedMessage,
 }
 
-/// What an attempt aims at: a path, or the gate's pid.
+/// What an attempt aims at: a path, the gate's pid, or an address.
 pub struct Target {
     pub path: PathBuf,
     pub gate: u32,
+    pub address: Option<SocketAddr>,
 }
 
 /// The frames a protocol attempt sends instead of a real message; `None`
@@ -140,8 +152,61 @@ pub fn attempt(attempt: Attempt, target: &Target) -> io::Result<String> {
         }
         // SAFETY: plain syscall; the result is checked.
         Attempt::Prctl => check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) }.into()),
+        Attempt::Connect => {
+            TcpStream::connect(destination(target)?).map(|s| format!("connected: {s:?}"))
+        }
+        Attempt::ConnectMapped => {
+            let address = destination(target)?;
+            let IpAddr::V4(v4) = address.ip() else {
+                return Err(io::Error::other("--escape-address must be IPv4 to be mapped"));
+            };
+            TcpStream::connect((v4.to_ipv6_mapped(), address.port()))
+                .map(|s| format!("connected: {s:?}"))
+        }
+        Attempt::FastOpen => fast_open(destination(target)?),
         Attempt::OversizedMessage | Attempt::UnknownMessage | Attempt::TruncatedMessage => {
             Err(io::Error::other("a protocol attempt, made by the worker's loop"))
         }
+    }
+}
+
+fn destination(target: &Target) -> io::Result<SocketAddr> {
+    target.address.ok_or_else(|| io::Error::other("no --escape-address"))
+}
+
+/// `sendto(MSG_FASTOPEN)` on a new TCP socket: the kernel connects as it
+/// sends (or, without a cookie, sends a SYN and returns).
+fn fast_open(address: SocketAddr) -> io::Result<String> {
+    let SocketAddr::V4(v4) = address else {
+        return Err(io::Error::other("--escape-address must be IPv4"));
+    };
+    let sockaddr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+        sin_zero: [0; 8],
+    };
+    let request = b"GET / HTTP/1.0\r\n\r\n";
+    // SAFETY: plain system calls on values that outlive them; results are checked.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let sent = libc::sendto(
+            fd,
+            request.as_ptr().cast(),
+            request.len(),
+            libc::MSG_FASTOPEN,
+            (&raw const sockaddr).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        let outcome = if sent < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(format!("sent {sent} bytes"))
+        };
+        libc::close(fd);
+        outcome
     }
 }

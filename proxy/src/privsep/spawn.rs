@@ -29,6 +29,8 @@ pub struct Account {
 pub struct Launch<'a> {
     pub account: &'a Account,
     pub log_format: &'a str,
+    /// `cgroup.procs` of the cgroup the worker joins before exec.
+    pub cgroup: Option<&'a std::fs::File>,
     pub connect_ports: &'a [u16],
     pub escape: Option<(Attempt, &'a Target)>,
 }
@@ -46,12 +48,16 @@ pub fn spawn(launch: &Launch<'_>) -> io::Result<(Child, UnixStream)> {
         let name = clap::ValueEnum::to_possible_value(&attempt).expect("attempts have names");
         command.args(["--escape", name.get_name()]).arg("--escape-target").arg(&target.path);
         command.args(["--escape-gate", &target.gate.to_string()]);
+        if let Some(address) = target.address {
+            command.args(["--escape-address", &address.to_string()]);
+        }
     }
     command.env_clear().stdin(Stdio::null());
     if let Ok(filter) = std::env::var("EDGEGATE_LOG") {
         command.env("EDGEGATE_LOG", filter);
     }
-    let drop = Drop::new(launch.account, worker_end)?;
+    let cgroup = launch.cgroup.map(std::fs::File::try_clone).transpose()?;
+    let drop = Drop::new(launch.account, worker_end, cgroup.map(OwnedFd::from))?;
     // SAFETY: `Drop::apply` makes only async-signal-safe system calls.
     unsafe { command.pre_exec(move || drop.apply()) };
     let child = command.spawn()?;
@@ -62,6 +68,8 @@ pub fn spawn(launch: &Launch<'_>) -> io::Result<(Child, UnixStream)> {
 /// beforehand: it may not allocate.
 struct Drop {
     channel: OwnedFd,
+    /// `cgroup.procs` of the workers' cgroup, if any.
+    cgroup: Option<OwnedFd>,
     uid: libc::uid_t,
     gid: libc::gid_t,
     last_cap: libc::c_int,
@@ -71,7 +79,7 @@ struct Drop {
 }
 
 impl Drop {
-    fn new(account: &Account, channel: UnixStream) -> io::Result<Self> {
+    fn new(account: &Account, channel: UnixStream, cgroup: Option<OwnedFd>) -> io::Result<Self> {
         let last_cap = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")?
             .trim()
             .parse()
@@ -85,6 +93,7 @@ impl Drop {
             .unwrap_or(libc::STDERR_FILENO);
         Ok(Self {
             channel: channel.into(),
+            cgroup,
             uid: account.uid.as_raw(),
             gid: account.gid.as_raw(),
             last_cap,
@@ -93,13 +102,20 @@ impl Drop {
         })
     }
 
-    /// In the child: every descriptor but stdio and the socketpair closed at
-    /// exec, every capability out of every set, then the account's ids,
-    /// `no_new_privs`, and death with the gate.
+    /// In the child: into the workers' cgroup (while still root), every
+    /// descriptor but stdio and the socketpair closed at exec, every
+    /// capability out of every set, then the account's ids, `no_new_privs`,
+    /// and death with the gate.
     fn apply(&self) -> io::Result<()> {
         let ok = |rc: libc::c_int| if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) };
         // SAFETY (all below): plain system calls on values owned by `self`.
         unsafe {
+            if let Some(procs) = &self.cgroup {
+                // "0" moves the writer itself.
+                if libc::write(procs.as_raw_fd(), c"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             // Close-on-exec for all (std's own exec-error pipe is already),
             // and then not for the socketpair.
             let marked =

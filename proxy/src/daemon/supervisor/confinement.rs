@@ -6,9 +6,21 @@
 /// supposed to have done to itself: not root, no capability in any set,
 /// `no_new_privs`, seccomp filtering, and not dumpable (the kernel then
 /// gives the files in its `/proc` directory to root instead of the
-/// worker's user).
-pub(super) fn verify_confined(pid: u32) -> Result<(), String> {
+/// worker's user); and that it is in `cgroup`, the workers' cgroup (where
+/// the egress filter holds), when there is one.
+pub(super) fn verify_confined(pid: u32, cgroup: Option<&str>) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt as _;
+    if let Some(expected) = cgroup {
+        let path = format!("/proc/{pid}/cgroup");
+        let cgroups = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+        let actual = cgroups.lines().find_map(|line| line.strip_prefix("0::"));
+        if actual != Some(expected) {
+            return Err(format!(
+                "in cgroup {}, not {expected}, where its egress filter is",
+                actual.unwrap_or("(none)")
+            ));
+        }
+    }
     let status = format!("/proc/{pid}/status");
     let owner = std::fs::metadata(&status).map_err(|e| format!("{status}: {e}"))?.uid();
     if owner != 0 {

@@ -44,7 +44,7 @@ use crate::{
     allowlist::Allowlist,
     privsep::protocol::{ListenerCounters, MAX_SIGHTINGS, Refused, SandboxReport, Sighting},
     proxy::ClientCheck,
-    status::{NotReady, WorkerStatus},
+    status::{EgressStatus, NotReady, WorkerStatus},
 };
 
 /// How long a new worker may take to sandbox itself and say so.
@@ -219,6 +219,7 @@ impl Worker {
         let restarts = Arc::new(AtomicU64::new(0));
         let sightings = Sightings::default();
         let user = started.spawner.account.name.clone();
+        let cgroup = started.spawner.cgroup.as_ref().map(|c| c.path_in_hierarchy.clone());
         let spawner = SpawnThread::start(started.spawner);
         let supervisor = Supervisor {
             spawner,
@@ -232,6 +233,7 @@ impl Worker {
             sightings: Arc::clone(&sightings),
             next_id: 0,
             retire_timeout: drain_timeout,
+            cgroup,
         };
         let supervisor = tokio::spawn(supervisor.run(started.first, started.ports));
         let prober = Prober { commands };
@@ -343,13 +345,15 @@ impl Worker {
         }
     }
 
-    pub fn status(&self) -> WorkerStatus {
+    /// Its status; `egress` is the gate's (see `daemon::egress`).
+    pub fn status(&self, egress: EgressStatus) -> WorkerStatus {
         let (pid, down, sandbox) = match &*self.phase.borrow() {
             Phase::Serving { pid, sandbox } => (Some(*pid), None, Some(sandbox.clone())),
             Phase::Starting => (None, Some("starting".to_owned()), None),
             Phase::Down { reason } => (None, Some(reason.clone()), None),
         };
-        WorkerStatus { pid, user: self.user.clone(), down, restarts: self.restarts(), sandbox }
+        let restarts = self.restarts();
+        WorkerStatus { pid, user: self.user.clone(), down, restarts, sandbox, egress }
     }
 }
 

@@ -56,6 +56,8 @@ pub(super) struct Supervisor {
     pub(super) next_id: u64,
     /// How long a replaced worker may take to finish its connections.
     pub(super) retire_timeout: Duration,
+    /// The cgroup every worker must be in (see `daemon::egress`).
+    pub(super) cgroup: Option<String>,
 }
 
 impl Supervisor {
@@ -165,7 +167,7 @@ impl Supervisor {
             Ok(Err(e)) => return link.fail(e).await,
             Err(_) => return link.fail(SupervisorError::NotReady(READY_TIMEOUT)).await,
         };
-        if let Err(e) = verify_confined(pid) {
+        if let Err(e) = verify_confined(pid, self.cgroup.as_deref()) {
             return link.fail(SupervisorError::NotConfined(e)).await;
         }
         let (generation, list) = self.allowlist.borrow_and_update().clone();

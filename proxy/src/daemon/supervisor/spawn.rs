@@ -6,7 +6,7 @@ use std::{collections::BTreeSet, io};
 
 use tokio::sync::oneshot;
 
-use super::super::listeners::Listeners;
+use super::super::{egress::WorkerCgroup, listeners::Listeners};
 use crate::privsep::{
     escape::{Attempt, Target},
     spawn::{self, Account, Launch},
@@ -16,6 +16,8 @@ use crate::privsep::{
 pub struct Spawner {
     pub account: Account,
     pub log_format: String,
+    /// The cgroup workers go into, whose programs limit where they connect.
+    pub cgroup: Option<WorkerCgroup>,
     /// Test only: what each worker tries once sandboxed.
     pub escape: Option<(Attempt, Target)>,
 }
@@ -26,6 +28,7 @@ impl Spawner {
         spawn::spawn(&Launch {
             account: &self.account,
             log_format: &self.log_format,
+            cgroup: self.cgroup.as_ref().map(|cgroup| &*cgroup.procs),
             connect_ports: &ports,
             escape: self.escape.as_ref().map(|(attempt, target)| (*attempt, target)),
         })
