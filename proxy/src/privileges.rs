@@ -15,11 +15,17 @@ use nix::unistd::{Gid, Uid, User, chown};
 use crate::privsep::spawn::Account;
 
 /// The account the worker runs as without `daemon.user`, when it exists
-/// (the packages create it); otherwise `nobody`.
+/// (the packages create it); otherwise a transient uid (see
+/// [`TRANSIENT_UIDS`]).
 pub const DEFAULT_WORKER_USER: &str = "edgegate";
-const FALLBACK_WORKER_USER: &str = "nobody";
-/// `nobody`'s ids where no account database names it (a minimal image).
+/// `nobody`'s conventional uid: shared by every daemon that has no account
+/// of its own, so never the worker's.
 const NOBODY_ID: u32 = 65534;
+/// Where a transient worker uid comes from when there is no `edgegate`
+/// account: a range systemd's uid scheme leaves unused (its `DynamicUser=`
+/// range is 61184–65519), of which the gate takes one that no account names
+/// and no process uses, as systemd's `DynamicUser=` does.
+const TRANSIENT_UIDS: std::ops::RangeInclusive<u32> = 60578..=61183;
 
 /// The capabilities the gate keeps after start-up, and why:
 pub const GATE_CAPABILITIES: [Capability; 7] = [
@@ -49,6 +55,27 @@ pub enum PrivilegeError {
     /// `[daemon] user` is root: the worker never runs as root.
     #[error("`daemon.user`: `{0}` has uid 0; the proxy worker never runs as root")]
     RootUser(String),
+    /// `[daemon] user` is `nobody`, whose processes could read the worker.
+    #[error(
+        "`daemon.user`: `{0}` (uid {NOBODY_ID}) is shared with other daemons, which could \
+         then read the worker's memory; remove the key (a uid of the worker's own) or name an \
+         account only edgegate uses"
+    )]
+    SharedNobody(String),
+    /// Other processes run as the worker's account.
+    #[error(
+        "the proxy worker's account `{user}` (uid {uid}) is in use by {processes}: they could \
+         read the worker's memory; give edgegate an account of its own"
+    )]
+    InUse { user: String, uid: u32, processes: String },
+    /// No transient uid is free.
+    #[error(
+        "no `edgegate` account, and no free uid in {}–{} for the proxy worker: create the \
+         account (`adduser --system edgegate`)",
+        TRANSIENT_UIDS.start(),
+        TRANSIENT_UIDS.end()
+    )]
+    NoTransientUid,
     /// Looking the user up failed.
     #[error("`daemon.user`: cannot look up `{user}`: {source}")]
     Lookup {
@@ -73,7 +100,10 @@ pub enum PrivilegeError {
 }
 
 /// The worker's account: `user`, or the default; done first at start-up, so
-/// that a typo stops the daemon before it touches anything.
+/// that a typo stops the daemon before it touches anything. Its uid is
+/// never shared: not root, not `nobody`, and no process but edgegate's
+/// workers runs as it (those a previous gate handed over at a restart
+/// included).
 pub fn worker_account(user: Option<&str>) -> Result<Account, PrivilegeError> {
     let lookup = |name: &str| {
         User::from_name(name)
@@ -81,26 +111,91 @@ pub fn worker_account(user: Option<&str>) -> Result<Account, PrivilegeError> {
     };
     let found = match user {
         Some(name) => lookup(name)?.ok_or_else(|| PrivilegeError::UnknownUser(name.to_owned()))?,
-        // A host without an account database (no /etc/passwd) still gets
-        // an unprivileged worker: nobody's conventional ids.
-        None => match [DEFAULT_WORKER_USER, FALLBACK_WORKER_USER]
-            .into_iter()
-            .find_map(|name| lookup(name).ok().flatten())
-        {
+        None => match lookup(DEFAULT_WORKER_USER)? {
             Some(user) => user,
-            None => {
-                return Ok(Account {
-                    name: FALLBACK_WORKER_USER.to_owned(),
-                    uid: Uid::from_raw(NOBODY_ID),
-                    gid: Gid::from_raw(NOBODY_ID),
-                });
-            }
+            None => return transient_account(),
         },
     };
     if found.uid.is_root() {
         return Err(PrivilegeError::RootUser(found.name));
     }
+    if found.uid.as_raw() == NOBODY_ID {
+        return Err(PrivilegeError::SharedNobody(found.name));
+    }
+    let others = processes_of(found.uid.as_raw());
+    if !others.is_empty() {
+        return Err(PrivilegeError::InUse {
+            user: found.name,
+            uid: found.uid.as_raw(),
+            processes: others.join(", "),
+        });
+    }
     Ok(Account { name: found.name, uid: found.uid, gid: found.gid })
+}
+
+/// A uid (and the same gid) that no account names and no process uses,
+/// picked from [`TRANSIENT_UIDS`] starting at a point of this gate's own,
+/// so that two gates starting together rarely try the same one.
+fn transient_account() -> Result<Account, PrivilegeError> {
+    let in_use = uids_in_use();
+    let span = TRANSIENT_UIDS.end() - TRANSIENT_UIDS.start() + 1;
+    let offset = std::process::id() % span;
+    (0..span)
+        .map(|step| TRANSIENT_UIDS.start() + (offset + step) % span)
+        .find(|&uid| {
+            !in_use.contains(&uid)
+                && matches!(User::from_uid(Uid::from_raw(uid)), Ok(None))
+                && matches!(nix::unistd::Group::from_gid(Gid::from_raw(uid)), Ok(None))
+        })
+        .map(|uid| Account {
+            name: format!("transient uid {uid}"),
+            uid: Uid::from_raw(uid),
+            gid: Gid::from_raw(uid),
+        })
+        .ok_or(PrivilegeError::NoTransientUid)
+}
+
+/// Every process's real, effective, saved and file-system uids, from `/proc`.
+fn process_uids() -> Vec<(u32, String, [u32; 4])> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
+            let uids: Vec<u32> = status
+                .lines()
+                .find_map(|line| line.strip_prefix("Uid:"))?
+                .split_whitespace()
+                .filter_map(|uid| uid.parse().ok())
+                .collect();
+            let name = status.lines().find_map(|line| line.strip_prefix("Name:"))?.trim();
+            Some((pid, name.to_owned(), uids.try_into().ok()?))
+        })
+        .collect()
+}
+
+/// Whether `pid` is an edgegate worker (`edgegate worker …`).
+fn is_worker(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+        let mut words = cmdline.split(|&byte| byte == 0);
+        words.next().is_some_and(|program| program.ends_with(b"edgegate"))
+            && words.next() == Some(b"worker")
+    })
+}
+
+/// The uids processes run as.
+fn uids_in_use() -> std::collections::BTreeSet<u32> {
+    process_uids().into_iter().flat_map(|(_, _, uids)| uids).collect()
+}
+
+/// Processes other than edgegate's workers that run as `uid`, described.
+fn processes_of(uid: u32) -> Vec<String> {
+    process_uids()
+        .into_iter()
+        .filter(|(pid, _, uids)| uids.contains(&uid) && !is_worker(*pid))
+        .map(|(pid, name, _)| format!("pid {pid} ({})", crate::status::quoted(&name)))
+        .collect()
 }
 
 /// Gives `paths` (the state directory and the list) back to root where

@@ -14,7 +14,9 @@ use edgegate_tests::{
 /// CAP_DAC_OVERRIDE (1), CAP_KILL (5), CAP_SETGID (6), CAP_SETUID (7),
 /// CAP_SETPCAP (8), CAP_NET_BIND_SERVICE (10), CAP_BPF (39).
 const GATE: u64 = (1 << 1) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 10) | (1 << 39);
-const NOBODY: &str = "65534";
+/// Where the gate takes a worker's transient uid from, with no `edgegate`
+/// account (see `privileges::TRANSIENT_UIDS`).
+const TRANSIENT_UIDS: std::ops::RangeInclusive<u32> = 60578..=61183;
 
 fn field<'a>(status: &'a str, name: &str) -> &'a str {
     status
@@ -43,7 +45,7 @@ fn threads(pid: u32) -> Vec<(std::path::PathBuf, String)> {
 #[test]
 fn the_gate_keeps_seven_capabilities_and_the_worker_none() {
     let bed = MtlsBed::new(BackendMode::Echo);
-    bed.write("", "user = \"nobody\"");
+    bed.write("", "");
     bed.testbed.start_daemon();
     // Serve traffic first, so that every thread has started.
     assert_eq!(bed.exchange(0, Some(&bed.client), b"before").expect("exchange"), b"before");
@@ -52,7 +54,17 @@ fn the_gate_keeps_seven_capabilities_and_the_worker_none() {
     assert_eq!(status.gate_pid, gate);
     let worker = status.worker.pid.expect("a worker serves");
     assert_ne!(worker, gate);
-    assert_eq!(status.worker.user, "nobody");
+    // No `edgegate` account here: a uid of its own, used by no other process.
+    let uid: u32 = status
+        .worker
+        .user
+        .strip_prefix("transient uid ")
+        .unwrap_or_else(|| panic!("{}", status.worker.user))
+        .parse()
+        .expect("a uid");
+    assert!(TRANSIENT_UIDS.contains(&uid), "{uid}");
+    assert!(nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).unwrap().is_none());
+    let uid_text = uid.to_string();
     let sandbox = status.worker.sandbox.expect("the worker reports its sandbox");
     assert!(sandbox.seccomp, "{sandbox:?}");
 
@@ -60,7 +72,7 @@ fn the_gate_keeps_seven_capabilities_and_the_worker_none() {
     // read its memory nor attach to it.
     let as_worker_user = |args: &[&str]| {
         std::process::Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()])
             .args(args)
             .output()
             .expect("run as the worker's user")
@@ -94,9 +106,9 @@ fn the_gate_keeps_seven_capabilities_and_the_worker_none() {
     for (task, status) in &worker_threads {
         let task = task.display();
         let uids: Vec<&str> = field(status, "Uid").split_whitespace().collect();
-        assert_eq!(uids, [NOBODY; 4], "{task}: real, effective, saved, fs uid");
+        assert_eq!(uids, [uid_text.as_str(); 4], "{task}: real, effective, saved, fs uid");
         let gids: Vec<&str> = field(status, "Gid").split_whitespace().collect();
-        assert_eq!(gids, [NOBODY; 4], "{task}");
+        assert_eq!(gids, [uid_text.as_str(); 4], "{task}");
         assert_eq!(field(status, "Groups"), "", "{task}: no supplementary groups");
         for set in ["CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"] {
             assert_eq!(mask(status, set), 0, "{task}: {set}");
@@ -191,7 +203,7 @@ fn assert_worker_descriptors(testbed: &Testbed, worker: u32) {
 fn without_close_range_the_worker_inherits_no_descriptor() {
     const INHERITED: i32 = 100;
     let bed = MtlsBed::new(BackendMode::Echo);
-    bed.write("", "user = \"nobody\"");
+    bed.write("", "");
     let rules = [(libc::SYS_close_range, vec![])].into_iter().collect();
     let no_close_range: seccompiler::BpfProgram = seccompiler::SeccompFilter::new(
         rules,
@@ -227,11 +239,23 @@ fn without_close_range_the_worker_inherits_no_descriptor() {
 }
 
 #[test]
-fn an_unknown_or_root_user_stops_the_start() {
+fn an_unknown_root_or_shared_user_stops_the_start() {
     let bed = MtlsBed::new(BackendMode::Echo);
+    // `daemon` (uid 1) exists on every Debian system; a process runs as it.
+    let mut squatter = std::process::Command::new("setpriv")
+        .args(["--reuid=daemon", "--regid=daemon", "--clear-groups", "sleep", "30"])
+        .spawn()
+        .expect("a process of user `daemon`");
+    let squatter_pid = squatter.id();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let in_use = format!(
+        "the proxy worker's account `daemon` (uid 1) is in use by pid {squatter_pid} (sleep)"
+    );
     for (user, expected) in [
         ("no-such-edgegate-user", "`daemon.user`: no user `no-such-edgegate-user`"),
         ("root", "`daemon.user`: `root` has uid 0; the proxy worker never runs as root"),
+        ("nobody", "`daemon.user`: `nobody` (uid 65534) is shared with other daemons"),
+        ("daemon", in_use.as_str()),
     ] {
         bed.write("", &format!("user = \"{user}\""));
         let output = bed.testbed.refused_start(&[]);
@@ -239,6 +263,8 @@ fn an_unknown_or_root_user_stops_the_start() {
         assert!(message.contains(expected), "{message}");
         assert!(!bed.testbed.bpffs_dir.exists(), "checked before anything is attached");
     }
+    let _ = squatter.kill();
+    let _ = squatter.wait();
 }
 
 /// An older version handed the state directory to `daemon.user`; only the
@@ -246,7 +272,7 @@ fn an_unknown_or_root_user_stops_the_start() {
 #[test]
 fn a_state_directory_the_worker_user_owns_goes_back_to_root() {
     let bed = MtlsBed::new(BackendMode::Echo);
-    bed.write("", "user = \"nobody\"");
+    bed.write("", "");
     let state = bed.testbed.allowlist_path().parent().expect("state dir").to_owned();
     std::fs::create_dir_all(&state).expect("state dir");
     let nobody = Some(nix::unistd::Uid::from_raw(65534));

@@ -48,7 +48,7 @@ fn watch(bed: &MtlsBed, from: usize, what: &str, done: impl Fn(&str) -> bool) ->
 #[test]
 fn every_escape_attempt_is_refused_or_kills_the_worker() {
     let bed = MtlsBed::new(BackendMode::Echo);
-    bed.write("", "user = \"nobody\"");
+    bed.write("", "");
     let mut allowlist = None;
     for (attempt, fate) in [
         ("bpf-obj-get", Fate::Killed),
@@ -101,7 +101,7 @@ fn every_escape_attempt_is_refused_or_kills_the_worker() {
 #[test]
 fn killing_the_worker_in_a_loop_never_opens_the_filter() {
     let bed = MtlsBed::new(BackendMode::Echo);
-    bed.write("", "user = \"nobody\"");
+    bed.write("", "");
     bed.testbed.start_daemon();
     let mut seen_not_ready = false;
     let kills = 5;
