@@ -9,6 +9,7 @@
 //! talks only to a root daemon, whatever the socket's mode became later.
 
 use std::{
+    collections::BTreeMap,
     io::{self, BufRead as _, BufReader, Write as _},
     os::unix::net::UnixStream as StdUnixStream,
     path::{Path, PathBuf},
@@ -18,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     allowlist::{Change, Diff, Entry},
-    learned::Suggestion,
+    learned::{SightingRefusal, Suggestion},
     status::{Explanation, FleetView, ListReload, ReloadOutcome, Status},
 };
 
@@ -86,8 +87,15 @@ pub enum Response {
     Explained(Box<Explanation>),
     /// Answer to `Suggest`: out of the `learned` sources kept, those the
     /// list does not decide, as entries; `audit` says whether the filter
-    /// is in audit mode (the only mode in which new sources are learned).
-    Suggested { suggestions: Vec<Suggestion>, learned: usize, audit: bool },
+    /// is in audit mode (the only mode in which new sources are learned);
+    /// `refused` counts the worker's sightings not taken, by why.
+    Suggested {
+        suggestions: Vec<Suggestion>,
+        learned: usize,
+        audit: bool,
+        #[serde(default)]
+        refused: BTreeMap<SightingRefusal, u64>,
+    },
     /// The request was refused; nothing changed.
     Error { message: String },
 }

@@ -6,8 +6,10 @@
 //! The gate keeps them bounded ([`CAPACITY`], the least recently seen go
 //! first) in the state directory, so that a restart loses nothing. They come
 //! from the proxy worker, which parses everything from the internet: a
-//! compromised worker can report what it likes. That is why they are only
-//! suggestions: the list changes when an operator applies them.
+//! compromised worker can report what it likes. So the gate takes a sighting
+//! only as evidence that other evidence backs ([`SightingRefusal`]), and
+//! they stay suggestions: the list changes when an operator applies the set
+//! they reviewed, named by its [`digest`].
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -78,6 +80,43 @@ impl Suggestion {
         let comment = format!("{COMMENT_TAG} {}", names.join("; "));
         Entry { cidr: self.cidr, action: Action::Allow, comment: Some(comment) }
     }
+}
+
+/// Why the gate did not take a sighting the worker reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SightingRefusal {
+    /// Not in audit mode: an unlisted client never gets to authenticate
+    /// then, so the worker has nothing true to report.
+    NotAuditing,
+    /// The listener's identity rules do not allow the name (or there is
+    /// no such listener): not a partner.
+    IdentityNotAllowed,
+    /// The XDP filter's drop sample never saw the address: nothing but the
+    /// worker's word says a client came from there.
+    NotSampled,
+}
+
+impl SightingRefusal {
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Self::NotAuditing => "reported outside audit mode",
+            Self::IdentityNotAllowed => "for an identity no listener rule allows",
+            Self::NotSampled => "from an address the filter's drop sample never saw",
+        }
+    }
+}
+
+/// A short digest of `suggestions` as `allow suggest` shows them: what
+/// `--apply` must name, so that it applies what was reviewed.
+pub fn digest(suggestions: &[Suggestion]) -> String {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    for suggestion in suggestions {
+        let entry = suggestion.entry();
+        hasher.update(format!("{} {}\n", entry.cidr, entry.comment.unwrap_or_default()));
+    }
+    hasher.finalize()[..8].iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// Why the file of learned sources cannot be read.

@@ -217,9 +217,14 @@ enum AllowCommand {
     Suggest {
         #[arg(long, conflicts_with = "apply")]
         json: bool,
-        /// Add every suggestion, as one change, each commented with its identities.
-        #[arg(long)]
-        apply: bool,
+        /// Add the suggestions reviewed, as one change, each commented with
+        /// its identities: DIGEST is the one `allow suggest` printed with
+        /// them, and a different set now (the sources changed) is refused.
+        #[arg(long, value_name = "DIGEST")]
+        apply: Option<String>,
+        /// With --apply: only these of the reviewed suggestions.
+        #[arg(long = "only", value_name = "CIDR", requires = "apply")]
+        only: Vec<ipnet::IpNet>,
         #[command(flatten)]
         commit: Commit,
     },
@@ -390,7 +395,9 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             AllowCommand::Del(args) => remove(&global, Action::Allow, args),
             AllowCommand::List { json } => list(&global, json, None),
             AllowCommand::Explain { address, port, json } => explain(&global, address, port, json),
-            AllowCommand::Suggest { json, apply, commit } => suggest(&global, json, apply, &commit),
+            AllowCommand::Suggest { json, apply, only, commit } => {
+                suggest(&global, json, apply.as_deref(), &only, &commit)
+            }
             AllowCommand::ImportAws { file, regions, services, replace, offline, commit } => {
                 let selection = edgegate::aws::Selection { regions, services };
                 let entries = edgegate::aws::read(&file, &selection)?;
@@ -791,14 +798,24 @@ fn print_explanation(e: &edgegate::status::Explanation) {
     println!("  kernel:  {} (a test packet through the loaded XDP program {check})", e.kernel);
 }
 
-fn suggest(global: &Global, json: bool, apply: bool, commit: &Commit) -> anyhow::Result<()> {
-    let Response::Suggested { suggestions, learned, audit } = call(global, &Request::Suggest)?
+fn suggest(
+    global: &Global,
+    json: bool,
+    apply: Option<&str>,
+    only: &[ipnet::IpNet],
+    commit: &Commit,
+) -> anyhow::Result<()> {
+    let Response::Suggested { suggestions, learned, audit, refused } =
+        call(global, &Request::Suggest)?
     else {
         bail!("unexpected answer from the daemon");
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&suggestions)?);
         return Ok(());
+    }
+    for (why, count) in &refused {
+        println!("{count} sighting(s) from the proxy worker not taken: {}", why.describe());
     }
     if suggestions.is_empty() {
         let how = if audit {
@@ -825,14 +842,30 @@ fn suggest(global: &Global, json: bool, apply: bool, commit: &Commit) -> anyhow:
             names.join("; ")
         );
     }
-    if !apply {
+    let digest = edgegate::learned::digest(&suggestions);
+    let Some(reviewed) = apply else {
+        println!("digest: {digest}");
         println!(
-            "review them (a compromised proxy worker could invent sources), then add them with \
-             `edgegate allow suggest --apply`"
+            "review them (a compromised proxy worker could invent names), then add them with \
+             `edgegate allow suggest --apply {digest}` (add `--only CIDR` for some of them)"
         );
         return Ok(());
+    };
+    if reviewed != digest {
+        bail!(
+            "the suggestions are not the ones reviewed (digest {reviewed}; now {digest}): \
+             nothing applied; review the list above and run `edgegate allow suggest --apply \
+             {digest}`"
+        );
     }
-    let entries = suggestions.iter().map(edgegate::learned::Suggestion::entry).collect();
+    if let Some(missing) = only.iter().find(|cidr| !suggestions.iter().any(|s| s.cidr == **cidr)) {
+        bail!("{missing} is not among the suggestions: nothing applied");
+    }
+    let entries = suggestions
+        .iter()
+        .filter(|s| only.is_empty() || only.contains(&s.cidr))
+        .map(edgegate::learned::Suggestion::entry)
+        .collect();
     let tag = edgegate::learned::COMMENT_TAG.to_owned();
     let offline = Offline { offline: false, config: None };
     change(global, Change::Import { entries, tag, replace: false }, &offline, commit)

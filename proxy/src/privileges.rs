@@ -111,7 +111,9 @@ pub fn worker_account(user: Option<&str>) -> Result<Account, PrivilegeError> {
     };
     let found = match user {
         Some(name) => lookup(name)?.ok_or_else(|| PrivilegeError::UnknownUser(name.to_owned()))?,
-        None => match lookup(DEFAULT_WORKER_USER)? {
+        // A host without an account database (no /etc/passwd: the lookup
+        // fails) has no `edgegate` account either.
+        None => match lookup(DEFAULT_WORKER_USER).ok().flatten() {
             Some(user) => user,
             None => return transient_account(),
         },
@@ -143,9 +145,10 @@ fn transient_account() -> Result<Account, PrivilegeError> {
     (0..span)
         .map(|step| TRANSIENT_UIDS.start() + (offset + step) % span)
         .find(|&uid| {
+            // A failed lookup (no account database) names no one either.
             !in_use.contains(&uid)
-                && matches!(User::from_uid(Uid::from_raw(uid)), Ok(None))
-                && matches!(nix::unistd::Group::from_gid(Gid::from_raw(uid)), Ok(None))
+                && !matches!(User::from_uid(Uid::from_raw(uid)), Ok(Some(_)))
+                && !matches!(nix::unistd::Group::from_gid(Gid::from_raw(uid)), Ok(Some(_)))
         })
         .map(|uid| Account {
             name: format!("transient uid {uid}"),

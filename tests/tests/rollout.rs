@@ -261,8 +261,28 @@ fn allow_suggest_learns_authenticated_strangers_in_audit_mode_and_apply_lets_the
     testbed.start_daemon();
     assert_eq!(suggestions(testbed)[0].connections, 3, "after a stop");
 
+    // --apply needs the digest of what was reviewed: another set's, or a
+    // CIDR outside it, changes nothing.
+    let reviewed = testbed.cli_ok(&["allow", "suggest"]);
+    let digest = reviewed
+        .lines()
+        .find_map(|line| line.strip_prefix("digest: "))
+        .unwrap_or_else(|| panic!("no digest in:\n{reviewed}"))
+        .to_owned();
+    let before = std::fs::read_to_string(testbed.allowlist_path()).expect("allowlist file");
+    let stale = testbed.cli(&["allow", "suggest", "--apply", "00000000deadbeef"]);
+    let said = String::from_utf8_lossy(&stale.stderr);
+    assert!(!stale.status.success() && said.contains("not the ones reviewed"), "{said}");
+    assert!(said.contains(&format!("--apply {digest}")), "names the digest to review: {said}");
+    let outside =
+        testbed.cli(&["allow", "suggest", "--apply", &digest, "--only", "203.0.113.0/24"]);
+    let said = String::from_utf8_lossy(&outside.stderr);
+    assert!(!outside.status.success() && said.contains("not among the suggestions"), "{said}");
+    let after = std::fs::read_to_string(testbed.allowlist_path()).expect("allowlist file");
+    assert_eq!(before, after, "a refused --apply changed the list");
+
     // --apply adds it, commented with the identity; then enforcing lets it in.
-    let said = testbed.cli_ok(&["allow", "suggest", "--apply"]);
+    let said = testbed.cli_ok(&["allow", "suggest", "--apply", &digest]);
     assert!(said.contains("ok: 1 added"), "{said}");
     let file = std::fs::read_to_string(testbed.allowlist_path()).expect("allowlist file");
     let line = file.lines().find(|l| l.starts_with(&format!("{stranger}/32"))).expect("added");
@@ -273,4 +293,60 @@ fn allow_suggest_learns_authenticated_strangers_in_audit_mode_and_apply_lets_the
     assert!(!testbed.status().audit);
     assert_eq!(bed.exchange(1, Some(&bed.client), b"ping").as_deref(), Ok(&b"ping"[..]));
     assert!(suggestions(testbed).is_empty());
+}
+
+/// A compromised worker's invented sightings never become suggestions: not
+/// for an identity the listener's rules refuse, not from an address the
+/// filter never saw a packet from, not for a listener that does not exist,
+/// and nothing outside audit mode.
+#[test]
+fn allow_suggest_takes_no_invented_sightings() {
+    let bed = MtlsBed::new(BackendMode::Echo);
+    let listener = bed.listener_toml("allow_cn = [\"partner\"]");
+    bed.testbed.write_config_with("audit = true", &listener);
+    let testbed = &bed.testbed;
+    let stranger = IpAddr::V4(testbed.clients[1].ipv4);
+    let seen = format!("{stranger}:0");
+    testbed.start_daemon_with(&[
+        "--worker-escape",
+        "forge-sightings",
+        "--worker-escape-address",
+        &seen,
+    ]);
+    // A real partner from an unlisted address: the filter samples its SYN.
+    assert_eq!(bed.exchange(1, Some(&bed.client), b"ping").as_deref(), Ok(&b"ping"[..]));
+    let refused = |testbed: &Testbed, why: &str| -> u64 {
+        let said = testbed.cli_ok(&["allow", "suggest"]);
+        said.lines()
+            .find_map(|line| {
+                line.strip_suffix(why)?
+                    .strip_suffix(" sighting(s) from the proxy worker not taken: ")
+            })
+            .map_or(0, |count| count.parse().expect("a count"))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while refused(testbed, "from an address the filter's drop sample never saw") == 0 {
+        assert!(std::time::Instant::now() < deadline, "no forged report taken in");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(
+        refused(testbed, "for an identity no listener rule allows") >= 2,
+        "intruder, no listener"
+    );
+    let learned = suggestions(testbed);
+    assert_eq!(learned.len(), 1, "{learned:?}");
+    assert_eq!(learned[0].cidr.to_string(), format!("{stranger}/32"));
+    let names: Vec<String> = learned[0].names.iter().map(ToString::to_string).collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(names[0].starts_with("CN=partner"), "{names:?}");
+
+    // Enforcing: whatever the worker reports now is not taken.
+    testbed.write_config_with("", &listener);
+    testbed.cli_ok(&["reload"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while refused(testbed, "reported outside audit mode") == 0 {
+        assert!(std::time::Instant::now() < deadline, "no report refused outside audit mode");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(suggestions(testbed).len(), 1);
 }

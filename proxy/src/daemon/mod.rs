@@ -307,6 +307,7 @@ pub async fn serve(
         reloads_failed: 0,
         fleet: health.clone(),
         learned,
+        sightings_refused: std::collections::BTreeMap::new(),
     }));
     let (member, fleet_tasks) = match fleet.zip(health) {
         Some((setup, health)) => {

@@ -3,7 +3,7 @@
 //! Every allowlist change, from the CLI or a reload, goes through
 //! [`State::change`]: validated whole, persisted, applied, then acknowledged.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 
 use super::fleet::Marker;
 
@@ -13,9 +13,10 @@ use crate::{
     control::{ListSource, Request, Response},
     filter::{Filter, FilterError},
     fleet::Health,
-    learned::LearnedSources,
+    learned::{LearnedSources, SightingRefusal},
     preflight,
     status::{ListReload, NotReady, Observation, ReloadResult, Status},
+    tls::IdentityRules,
 };
 
 use super::{
@@ -47,6 +48,8 @@ pub struct State {
     pub(super) fleet: Option<Arc<Health>>,
     /// Authenticated clients the list does not allow, for `allow suggest`.
     pub(super) learned: LearnedSources,
+    /// Sightings not taken since start, by why.
+    pub(super) sightings_refused: BTreeMap<SightingRefusal, u64>,
 }
 
 /// What a caller awaits after releasing the state lock: the worker's
@@ -109,6 +112,7 @@ impl State {
                     suggestions: self.learned.suggest(&self.list),
                     learned: self.learned.len(),
                     audit: self.filter.audit(),
+                    refused: self.sightings_refused.clone(),
                 }
             }
             Request::FleetStatus => Response::Error {
@@ -235,9 +239,42 @@ impl State {
     }
 
     /// Takes the worker's sightings into the learned sources, and keeps
-    /// them on disk.
+    /// them on disk: those that other evidence backs (see
+    /// [`SightingRefusal`]); the rest are counted.
     pub(super) fn learn(&mut self) {
-        let mut sightings = self.worker.take_sightings();
+        let reported = self.worker.take_sightings();
+        if reported.is_empty() {
+            return;
+        }
+        let audit = self.filter.audit();
+        let rules: BTreeMap<&str, IdentityRules> = self
+            .config
+            .listeners
+            .iter()
+            .filter_map(|listener| {
+                Some((listener.name.as_str(), IdentityRules::new(listener).ok()?))
+            })
+            .collect();
+        let mut sightings = Vec::new();
+        for mut sighting in reported {
+            sighting.address = sighting.address.to_canonical();
+            let refusal = if !audit {
+                Some(SightingRefusal::NotAuditing)
+            } else if !rules
+                .get(sighting.listener.as_str())
+                .is_some_and(|rules| rules.allows_name(&sighting.name))
+            {
+                Some(SightingRefusal::IdentityNotAllowed)
+            } else if self.filter.dropped_source(sighting.address).is_none() {
+                Some(SightingRefusal::NotSampled)
+            } else {
+                None
+            };
+            match refusal {
+                Some(why) => *self.sightings_refused.entry(why).or_default() += 1,
+                None => sightings.push(sighting),
+            }
+        }
         if sightings.is_empty() {
             return;
         }

@@ -12,7 +12,8 @@ use std::{
 
 use clap::ValueEnum;
 
-use super::protocol::{FromWorker, encode};
+use super::protocol::{FromWorker, Sighting, encode};
+use crate::tls::ClientName;
 
 /// Things a compromised worker would want to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -46,6 +47,10 @@ pub enum Attempt {
     ConnectMapped,
     /// A TCP Fast Open `sendto`: a connection without `connect()`.
     FastOpen,
+    /// Add invented sightings to every report: an identity no rule allows
+    /// from `--escape-address`'s address, an allowed one from an address
+    /// no packet came from, one for a listener that does not exist.
+    ForgeSightings,
     /// Send the gate a frame bigger than it accepts.
     OversizedMessage,
     /// Send the gate a message type it does not know.
@@ -164,10 +169,37 @@ pub fn attempt(attempt: Attempt, target: &Target) -> io::Result<String> {
                 .map(|s| format!("connected: {s:?}"))
         }
         Attempt::FastOpen => fast_open(destination(target)?),
-        Attempt::OversizedMessage | Attempt::UnknownMessage | Attempt::TruncatedMessage => {
+        Attempt::OversizedMessage
+        | Attempt::UnknownMessage
+        | Attempt::TruncatedMessage
+        | Attempt::ForgeSightings => {
             Err(io::Error::other("a protocol attempt, made by the worker's loop"))
         }
     }
+}
+
+/// The sightings [`Attempt::ForgeSightings`] adds to a report for the
+/// worker's `listeners`.
+pub fn forged_sightings(target: &Target, listeners: &[String]) -> Vec<Sighting> {
+    let seen = target.address.map_or(IpAddr::from([192, 0, 2, 1]), |a| a.ip());
+    let unseen = IpAddr::from([203, 0, 113, 99]);
+    let name = |cn: &str| ClientName { common_name: Some(cn.into()), ..ClientName::default() };
+    let sighting = |listener: &str, address, cn| Sighting {
+        listener: listener.to_owned(),
+        address,
+        name: name(cn),
+        connections: 1,
+        first_seen: 1,
+        last_seen: 1,
+    };
+    let mut forged: Vec<Sighting> = listeners
+        .iter()
+        .flat_map(|listener| {
+            [sighting(listener, seen, "intruder"), sighting(listener, unseen, "partner")]
+        })
+        .collect();
+    forged.push(sighting("no-such-listener", seen, "partner"));
+    forged
 }
 
 fn destination(target: &Target) -> io::Result<SocketAddr> {

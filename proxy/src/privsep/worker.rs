@@ -139,6 +139,7 @@ impl Serve {
         mut escape: Option<(Attempt, Target)>,
     ) -> Result<(), WorkerError> {
         self.send(&FromWorker::Ready { sandbox }).await?;
+        let mut forging = None;
         loop {
             let body = match self.channel.next().await {
                 Ok(body) => body,
@@ -155,8 +156,13 @@ impl Serve {
                         self.proxies.configure(listeners.into_iter().zip(sockets).collect());
                     self.send(&FromWorker::Configured { id, refused }).await?;
                     // Test only: serving, and sandboxed; now misbehave.
-                    if let Some((attempt, target)) = escape.take() {
-                        self.misbehave(attempt, &target).await?;
+                    match escape.take() {
+                        Some((Attempt::ForgeSightings, target)) => {
+                            tracing::warn!("escape attempt `ForgeSightings`: in every report");
+                            forging = Some(target);
+                        }
+                        Some((attempt, target)) => self.misbehave(attempt, &target).await?,
+                        None => {}
                     }
                 }
                 ToWorker::Allowlist { generation, text, audit } => match Allowlist::parse(&text) {
@@ -169,11 +175,17 @@ impl Serve {
                     }
                 },
                 ToWorker::Report { id } => {
+                    let listeners = self.proxies.counters();
+                    let mut sightings = self.proxies.take_sightings();
+                    if let Some(target) = &forging {
+                        let names: Vec<String> = listeners.iter().map(|l| l.name.clone()).collect();
+                        sightings.extend(escape::forged_sightings(target, &names));
+                    }
                     let report = FromWorker::Report {
                         id,
                         allowlist_generation: self.generation,
-                        listeners: self.proxies.counters(),
-                        sightings: self.proxies.take_sightings(),
+                        listeners,
+                        sightings,
                     };
                     self.send(&report).await?;
                 }

@@ -523,10 +523,14 @@ impl IdentityRules {
     }
 
     pub fn allows(&self, identity: &Identity) -> bool {
+        self.allows_name(&identity.name)
+    }
+
+    /// Whether a certificate known by `name` passes the rules.
+    pub fn allows_name(&self, name: &ClientName) -> bool {
         if self.common_name.is_empty() && self.dns.is_empty() && self.uri.is_empty() {
             return true;
         }
-        let name = &identity.name;
         name.common_name.as_ref().is_some_and(|cn| self.common_name.is_match(cn))
             || name.dns.iter().any(|dns| self.dns.is_match(dns))
             || name.uris.iter().any(|uri| self.uri.is_match(uri))
