@@ -70,6 +70,10 @@ enum Command {
         /// Test only: every proxy worker tries this once sandboxed.
         #[arg(long, value_enum, hide = true)]
         worker_escape: Option<edgegate::privsep::escape::Attempt>,
+        /// Benchmarks only: the worker holds the listeners' keys (to measure
+        /// what keeping them in the gate costs).
+        #[arg(long, hide = true)]
+        keys_in_worker: bool,
         /// Test only: where a connection attempt of `--worker-escape` goes.
         #[arg(long, hide = true, requires = "worker_escape")]
         worker_escape_address: Option<std::net::SocketAddr>,
@@ -129,6 +133,8 @@ enum Command {
 struct WorkerArgs {
     #[arg(long)]
     channel_fd: i32,
+    #[arg(long = "key-fd")]
+    key_fds: Vec<i32>,
     #[arg(long, value_enum)]
     log_format: LogFormat,
     #[arg(long = "connect-port")]
@@ -347,13 +353,20 @@ fn report(error: &anyhow::Error) -> String {
 fn execute(cli: Cli) -> anyhow::Result<()> {
     let Cli { global, command } = cli;
     match command {
-        Command::Run { config, log_format, worker_escape, worker_escape_address } => {
+        Command::Run {
+            config,
+            log_format,
+            keys_in_worker,
+            worker_escape,
+            worker_escape_address,
+        } => {
             init_logging(log_format);
             // Start-up (and dropping privileges) happens before the runtime's
             // threads exist: they inherit the reduced credentials.
             let options = daemon::Options {
                 overrides: global.overrides(),
                 log_format: log_format.name().to_owned(),
+                keys_in_worker,
                 escape: worker_escape.map(|attempt| (attempt, worker_escape_address)),
             };
             let startup = daemon::start(config, options)?;
@@ -381,6 +394,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             );
             let options = edgegate::privsep::worker::Options {
                 channel: args.channel_fd,
+                key_channels: args.key_fds,
                 connect_ports: args.connect_ports,
                 escape,
             };

@@ -121,3 +121,115 @@ fn a_key_file_others_can_read_or_without_keys_is_refused() {
         assert!(stderr.contains(expected), "{text:?} ({mode:o}): {stderr}");
     }
 }
+
+/// A ticket key of its own: the name `edgegate-tstname`, then the AES key
+/// [`MEMORY_TICKET_KEY`].
+const MEMORY_KEYS: &str = "ZWRnZWdhdGUtdHN0bmFtZQswVXqfxOkOM1h9osfsETZbgKXK7xQ5XoOozfIXPGGG\n";
+const MEMORY_TICKET_KEY: [u8; 32] = {
+    let mut key = [0u8; 32];
+    let mut i = 0;
+    while i < 32 {
+        key[i] = (i as u8).wrapping_mul(37).wrapping_add(11);
+        i += 1;
+    }
+    key
+};
+
+/// Everything `pid` has mapped readable and writable (where keys live:
+/// heap, stacks, anonymous memory), read through `/proc/<pid>/mem` (root
+/// may, the process being not dumpable or not).
+fn memory(pid: u32) -> Vec<u8> {
+    use std::os::unix::fs::FileExt as _;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("mem");
+    let mut all = Vec::new();
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(permissions)) = (fields.next(), fields.next()) else { continue };
+        let Some((start, end)) = range.split_once('-') else { continue };
+        let start = u64::from_str_radix(start, 16).expect("hex");
+        let end = u64::from_str_radix(end, 16).expect("hex");
+        if !permissions.starts_with("rw") {
+            continue;
+        }
+        let mut region = vec![0u8; usize::try_from(end - start).expect("fits")];
+        if mem.read_exact_at(&mut region, start).is_ok() {
+            all.extend_from_slice(&region);
+        }
+    }
+    all
+}
+
+fn holds(memory: &[u8], needle: &[u8]) -> bool {
+    let first = needle[0];
+    memory
+        .iter()
+        .enumerate()
+        .filter(|(_, byte)| **byte == first)
+        .any(|(at, _)| memory[at..].starts_with(needle))
+}
+
+/// The 32-byte scalar of a P-256 PKCS#8 key (its `ECPrivateKey`'s octet
+/// string), big-endian as the file holds it.
+fn ec_scalar(pkcs8: &[u8]) -> [u8; 32] {
+    let at = pkcs8
+        .windows(5)
+        .position(|w| w == [0x02, 0x01, 0x01, 0x04, 0x20])
+        .expect("a P-256 ECPrivateKey");
+    pkcs8[at + 5..at + 37].try_into().expect("32 bytes")
+}
+
+/// The worker parses every byte from the internet; a compromise must not
+/// give away the server's private key or the fleet's ticket keys. Searched
+/// in its memory after full and resumed handshakes: neither is there (in
+/// any byte order), while the gate, which signs and seals, holds both; and
+/// the same search finds them in a worker that holds the keys itself.
+#[test]
+fn the_worker_holds_neither_the_private_key_nor_the_ticket_keys() {
+    use rustls::pki_types::{PrivateKeyDer, pem::PemObject as _};
+    let bed = MtlsBed::new(BackendMode::Http);
+    let keys = write_keys(&bed, MEMORY_KEYS, 0o600);
+    let pkcs8 = PrivateKeyDer::from_pem_file(&bed.server_cert.key).expect("server key");
+    let scalar = ec_scalar(pkcs8.secret_der());
+    let mut reversed = scalar;
+    reversed.reverse();
+    let key_text = std::fs::read(&bed.server_cert.key).expect("key file");
+    let key_line = &key_text[28..92];
+    let secrets: [(&str, &[u8]); 5] = [
+        ("the private key's scalar", &scalar),
+        ("the private key's scalar, little-endian", &reversed),
+        ("the PKCS#8 key", pkcs8.secret_der()),
+        ("the key file's text", key_line),
+        ("the ticket key", &MEMORY_TICKET_KEY),
+    ];
+    let exercise = |bed: &MtlsBed| {
+        for tls in ["-tls1_3", "-tls1_2"] {
+            let session = bed.testbed.dir.join(format!("memory-session{tls}"));
+            let _ = std::fs::remove_file(&session);
+            assert_eq!(request(bed, &session, tls), (false, true), "{tls}: first connection");
+            assert_eq!(request(bed, &session, tls), (true, true), "{tls}: resumed");
+        }
+    };
+
+    bed.start(&keys);
+    exercise(&bed);
+    let status = bed.testbed.status();
+    let worker = memory(status.worker.pid.expect("a worker serves"));
+    for (what, secret) in secrets {
+        assert!(!holds(&worker, secret), "the worker's memory holds {what}");
+    }
+    let gate = memory(status.gate_pid);
+    assert!(holds(&gate, &MEMORY_TICKET_KEY), "the search misses the gate's ticket key");
+    assert!(
+        holds(&gate, &scalar) || holds(&gate, &reversed),
+        "the search misses the gate's private key"
+    );
+
+    // Control: a worker given the keys (the benchmarks' comparison mode).
+    bed.testbed.stop_daemon();
+    bed.testbed.start_daemon_with(&["--keys-in-worker"]);
+    exercise(&bed);
+    let worker = memory(bed.testbed.status().worker.pid.expect("a worker serves"));
+    assert!(holds(&worker, &MEMORY_TICKET_KEY), "the search misses a worker's ticket key");
+    assert!(holds(&worker, &scalar) || holds(&worker, &reversed), "… and its private key");
+}

@@ -23,6 +23,8 @@ enum Fate {
     Killed,
     /// The gate drops the worker for what it sent.
     Dropped,
+    /// The gate kills the worker for what it asked of its keys.
+    KilledOverKeys,
 }
 
 fn stranger_passes(bed: &MtlsBed) -> bool {
@@ -65,6 +67,7 @@ fn every_escape_attempt_is_refused_or_kills_the_worker() {
         ("oversized-message", Fate::Dropped),
         ("unknown-message", Fate::Dropped),
         ("truncated-message", Fate::Dropped),
+        ("sign-anything", Fate::KilledOverKeys),
     ] {
         let from = bed.testbed.daemon_log().len();
         bed.testbed.start_daemon_with(&["--worker-escape", attempt]);
@@ -78,6 +81,11 @@ fn every_escape_attempt_is_refused_or_kills_the_worker() {
                 log.contains("killed by SIGSYS (a system call its seccomp filter forbids)")
             }),
             Fate::Dropped => watch(&bed, from, attempt, |log| log.contains("protocol violation")),
+            Fate::KilledOverKeys => watch(&bed, from, attempt, |log| {
+                log.contains(
+                    "its key channel carried a signature over something no TLS handshake signs",
+                ) && log.contains("killed by SIGKILL")
+            }),
         };
         assert!(!log.contains("SUCCEEDED"), "{attempt}:\n{log}");
         if fate == Fate::Refused {

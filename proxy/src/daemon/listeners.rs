@@ -1,7 +1,8 @@
 //! The listeners as the gate holds them: TLS files read and checked,
 //! backends resolved and sockets bound, all by the gate, then handed to the
-//! worker as [`Desired`]. A reload keeps a listener's socket and, when its
-//! new files are broken, its previous ones.
+//! worker as [`Desired`]: without the private keys and ticket keys, which
+//! the gate keeps in its [`KeyStore`]. A reload keeps a listener's socket
+//! and, when its new files are broken, its previous ones.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -13,10 +14,11 @@ use std::{
 use super::handover::Inherited;
 use crate::{
     config::ListenerConfig,
+    privsep::keys::{KeyStore, ListenerKeyHandles},
     privsep::protocol::{ListenerCounters, ListenerSpec},
     proxy::rejection::Rejection,
     status::{ListenerStatus, NotReady, ReloadOutcome, ReloadResult},
-    tls::{Lifetime, ListenerTls, Material, TlsError},
+    tls::{Lifetime, ListenerTls, Material, Secrets, TlsError},
 };
 
 /// Why a listener cannot start.
@@ -65,30 +67,40 @@ struct Held {
     config: ListenerConfig,
     socket: Arc<std::net::TcpListener>,
     material: Material,
+    /// Its keys in the gate's store; `None` where the worker holds them.
+    keys: Option<ListenerKeyHandles>,
     backend_addrs: Vec<SocketAddr>,
     lifetimes: Vec<Lifetime>,
 }
 
 impl Held {
     /// Reads and checks the TLS files and resolves the backend; the socket
-    /// is bound by the caller, or kept from the running listener.
+    /// is bound by the caller, or kept from the running listener. The keys
+    /// go into `store`.
     fn load(
         config: &ListenerConfig,
         socket: Arc<std::net::TcpListener>,
+        store: Option<&KeyStore>,
     ) -> Result<Self, ListenerError> {
         let listener = config.name.clone();
         let tls_error = |source| ListenerError::Tls { listener: listener.clone(), source };
         let material = Material::read(config).map_err(tls_error)?;
-        let tls = ListenerTls::build(config, &material).map_err(tls_error)?;
+        let secrets = Secrets::read(config, &material).map_err(tls_error)?;
+        let tls = ListenerTls::build(config, &material, &secrets.keys()).map_err(tls_error)?;
         let backend_addrs = resolve(&config.backend).map_err(|source| ListenerError::Resolve {
             listener: listener.clone(),
             backend: config.backend.clone(),
             source,
         })?;
+        let (material, keys) = match store {
+            Some(store) => (material.public(config), Some(store.register(&secrets))),
+            None => (material, None),
+        };
         Ok(Self {
             config: config.clone(),
             socket,
             material,
+            keys,
             backend_addrs,
             lifetimes: tls.lifetimes,
         })
@@ -122,6 +134,7 @@ impl Held {
             config: self.config.clone(),
             backend_addrs: self.backend_addrs.clone(),
             material: self.material.clone(),
+            keys: self.keys.clone(),
         }
     }
 }
@@ -150,7 +163,11 @@ fn resolve(backend: &str) -> io::Result<Vec<SocketAddr>> {
 }
 
 /// The listeners, as handed to the worker.
-pub struct Listeners(BTreeMap<String, Held>);
+pub struct Listeners {
+    held: BTreeMap<String, Held>,
+    /// Where their keys are kept (`None`: the worker gets them).
+    keys: Option<Arc<KeyStore>>,
+}
 
 impl Listeners {
     /// Reads every listener's files, resolves its backend and binds its
@@ -160,17 +177,19 @@ impl Listeners {
     pub fn prepare(
         configs: &[ListenerConfig],
         inherited: &mut Inherited,
+        keys: Option<Arc<KeyStore>>,
     ) -> Result<Self, ListenerError> {
         let mut held = BTreeMap::new();
         for config in configs {
-            held.insert(config.name.clone(), Held::load(config, Held::bind(config, inherited)?)?);
+            let socket = Held::bind(config, inherited)?;
+            held.insert(config.name.clone(), Held::load(config, socket, keys.as_deref())?);
         }
-        Ok(Self(held))
+        Ok(Self { held, keys })
     }
 
     /// Every listening socket, by address.
     pub fn sockets(&self) -> impl Iterator<Item = (SocketAddr, &std::net::TcpListener)> {
-        self.0.values().map(|held| (held.config.bind, &*held.socket))
+        self.held.values().map(|held| (held.config.bind, &*held.socket))
     }
 
     /// Applies a new set of listener configs. A listener whose new files do
@@ -179,7 +198,7 @@ impl Listeners {
         let mut outcomes = Vec::new();
         let wanted: BTreeMap<&str, SocketAddr> =
             configs.iter().map(|c| (c.name.as_str(), c.bind)).collect();
-        self.0.retain(|name, held| {
+        self.held.retain(|name, held| {
             let keep = wanted.get(name.as_str()) == Some(&held.config.bind);
             if !keep {
                 outcomes
@@ -188,19 +207,21 @@ impl Listeners {
             keep
         });
         for config in configs {
-            let result = match self.0.get(&config.name) {
-                Some(running) => match Held::load(config, Arc::clone(&running.socket)) {
-                    Ok(held) => {
-                        self.0.insert(config.name.clone(), held);
-                        ReloadResult::Reloaded
+            let result = match self.held.get(&config.name) {
+                Some(running) => {
+                    match Held::load(config, Arc::clone(&running.socket), self.keys.as_deref()) {
+                        Ok(held) => {
+                            self.held.insert(config.name.clone(), held);
+                            ReloadResult::Reloaded
+                        }
+                        Err(e) => ReloadResult::KeptPrevious(e.reason()),
                     }
-                    Err(e) => ReloadResult::KeptPrevious(e.reason()),
-                },
+                }
                 None => match Held::bind(config, &mut Inherited::default())
-                    .and_then(|socket| Held::load(config, socket))
+                    .and_then(|socket| Held::load(config, socket, self.keys.as_deref()))
                 {
                     Ok(held) => {
-                        self.0.insert(config.name.clone(), held);
+                        self.held.insert(config.name.clone(), held);
                         ReloadResult::Started
                     }
                     Err(e) => ReloadResult::NotStarted(e.to_string()),
@@ -208,35 +229,40 @@ impl Listeners {
             };
             outcomes.push(ReloadOutcome { listener: config.name.clone(), result });
         }
+        if let Some(store) = &self.keys {
+            let live: Vec<&ListenerKeyHandles> =
+                self.held.values().filter_map(|held| held.keys.as_ref()).collect();
+            store.retire_all_but(&live);
+        }
         outcomes
     }
 
     pub(super) fn desired(&self) -> Desired {
         Desired {
-            specs: self.0.values().map(Held::spec).collect(),
-            sockets: self.0.values().map(|held| Arc::clone(&held.socket)).collect(),
+            specs: self.held.values().map(Held::spec).collect(),
+            sockets: self.held.values().map(|held| Arc::clone(&held.socket)).collect(),
             connect_ports: self.connect_ports(),
         }
     }
 
     /// The backends' addresses and ports: all a worker may connect to.
     pub(super) fn destinations(&self) -> BTreeSet<SocketAddr> {
-        self.0.values().flat_map(|h| h.backend_addrs.iter().copied()).collect()
+        self.held.values().flat_map(|h| h.backend_addrs.iter().copied()).collect()
     }
 
     /// The backends' ports (Landlock's rules know only ports).
     pub(super) fn connect_ports(&self) -> BTreeSet<u16> {
-        self.0.values().flat_map(|h| h.backend_addrs.iter().map(SocketAddr::port)).collect()
+        self.held.values().flat_map(|h| h.backend_addrs.iter().map(SocketAddr::port)).collect()
     }
 
     /// Closes the gate's copies of the listening sockets (at shutdown).
     pub fn close(&mut self) {
-        self.0.clear();
+        self.held.clear();
     }
 
     /// The listeners' status, with the counters the worker reported.
     pub fn status(&self, report: Option<&[ListenerCounters]>) -> Vec<ListenerStatus> {
-        self.0
+        self.held
             .values()
             .map(|held| {
                 let counters = report.and_then(|r| r.iter().find(|c| c.name == held.config.name));
@@ -269,7 +295,8 @@ impl Listeners {
 
     /// Whether the worker accepts on every listener, per its report.
     pub fn verify_accepting(&self, report: &[ListenerCounters]) -> Result<(), NotReady> {
-        match self.0.keys().find(|name| !report.iter().any(|c| &&c.name == name && c.accepting)) {
+        match self.held.keys().find(|name| !report.iter().any(|c| &&c.name == name && c.accepting))
+        {
             Some(name) => Err(NotReady::NotAccepting { listener: name.clone() }),
             None => Ok(()),
         }

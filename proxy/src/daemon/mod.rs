@@ -47,6 +47,7 @@ use crate::{
     learned::{self, LearnedSources},
     metrics, preflight, privileges,
     privsep::escape::{Attempt, Target},
+    privsep::keys::KeyStore,
 };
 
 /// Why the daemon could not start.
@@ -111,6 +112,9 @@ pub struct Options {
     pub overrides: Overrides,
     /// The log format, passed on to the worker.
     pub log_format: String,
+    /// Benchmarks only: the worker holds the listeners' keys, as before
+    /// they stayed in the gate (`run --keys-in-worker`), to measure what that costs.
+    pub keys_in_worker: bool,
     /// Test only: what each worker tries once sandboxed (`--worker-escape`),
     /// and where to for a connection.
     pub escape: Option<(Attempt, Option<std::net::SocketAddr>)>,
@@ -143,7 +147,7 @@ pub struct Startup {
 /// `daemon.user`, then gives up what the gate does not need. Call it before
 /// starting the async runtime: privileges are per thread.
 pub fn start(config_path: PathBuf, options: Options) -> Result<Startup, DaemonError> {
-    let Options { overrides, log_format, escape } = options;
+    let Options { overrides, log_format, keys_in_worker, escape } = options;
     // What `edgegate check` checks, so that a config it passes starts.
     let report = preflight::inspect(&config_path, &overrides);
     for warning in report.warnings() {
@@ -166,7 +170,11 @@ pub fn start(config_path: PathBuf, options: Options) -> Result<Startup, DaemonEr
     // Certificates and sockets first: a listener that cannot start must not
     // leave a freshly attached filter behind.
     let mut inherited = handover::Inherited::take();
-    let listeners = Listeners::prepare(&config.listeners, &mut inherited)?;
+    let keys = (!keys_in_worker).then(|| Arc::new(KeyStore::default()));
+    if keys_in_worker {
+        tracing::warn!("--keys-in-worker: the proxy worker holds the listeners' private keys");
+    }
+    let listeners = Listeners::prepare(&config.listeners, &mut inherited, keys.clone())?;
     inherited.forget_rest();
     let hand_over = handover::store(listeners.sockets());
     let metrics_error = |source| DaemonError::Metrics { address: config.metrics.bind, source };
@@ -224,7 +232,7 @@ pub fn start(config_path: PathBuf, options: Options) -> Result<Startup, DaemonEr
     });
     let egress =
         WorkerEgress::set_up(&listeners.destinations(), config.daemon.allow_unconfined_egress)?;
-    let spawner = Spawner { account, log_format, cgroup: egress.cgroup(), escape };
+    let spawner = Spawner { account, log_format, cgroup: egress.cgroup(), keys, escape };
     let worker = supervisor::start(spawner, &listeners).map_err(DaemonError::Worker)?;
     privileges::confine_gate()?;
     Ok(Startup {

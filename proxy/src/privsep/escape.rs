@@ -51,6 +51,9 @@ pub enum Attempt {
     /// from `--escape-address`'s address, an allowed one from an address
     /// no packet came from, one for a listener that does not exist.
     ForgeSightings,
+    /// Ask the gate to sign something no TLS handshake signs, with the
+    /// listener's key: a signing oracle.
+    SignAnything,
     /// Send the gate a frame bigger than it accepts.
     OversizedMessage,
     /// Send the gate a message type it does not know.
@@ -172,7 +175,8 @@ pub fn attempt(attempt: Attempt, target: &Target) -> io::Result<String> {
         Attempt::OversizedMessage
         | Attempt::UnknownMessage
         | Attempt::TruncatedMessage
-        | Attempt::ForgeSightings => {
+        | Attempt::ForgeSightings
+        | Attempt::SignAnything => {
             Err(io::Error::other("a protocol attempt, made by the worker's loop"))
         }
     }

@@ -20,6 +20,7 @@
 
 pub mod channel;
 pub mod escape;
+pub mod keys;
 pub mod protocol;
 pub mod sandbox;
 pub mod spawn;

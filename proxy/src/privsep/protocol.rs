@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _};
 
 use crate::{
     config::ListenerConfig,
+    privsep::keys::ListenerKeyHandles,
     proxy::rejection::Rejection,
     tls::{ClientName, Material},
 };
@@ -48,14 +49,19 @@ pub enum ToWorker {
 }
 
 /// One listener as the worker serves it: the config, the backend's
-/// addresses (the gate resolves names: the worker has no resolver), and the
-/// contents of its TLS files.
+/// addresses (the gate resolves names: the worker has no resolver), the
+/// contents of its TLS files but those with secrets, and its keys in the
+/// gate (`privsep::keys`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerSpec {
     pub config: ListenerConfig,
     pub backend_addrs: Vec<SocketAddr>,
     pub material: Material,
+    /// `None` only in the benchmarks' comparison mode (`run
+    /// --keys-in-worker`), where `material` holds the secrets too.
+    #[serde(default)]
+    pub keys: Option<ListenerKeyHandles>,
 }
 
 /// Worker → gate.
@@ -338,6 +344,7 @@ mod tests {
                 config: config.clone(),
                 backend_addrs: vec!["10.0.0.5:8080".parse().unwrap()],
                 material: Material::default(),
+                keys: None,
             }],
         };
         let ToWorker::Configure { listeners, .. } =

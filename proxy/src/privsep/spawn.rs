@@ -1,8 +1,9 @@
 //! Starting a worker: fork and exec of this very binary (`/proc/self/exe`,
 //! which stays the running version through a package upgrade) as
 //! `edgegate worker`, with credentials dropped between the two. The child
-//! keeps only stdin (`/dev/null`), stdout and stderr (the log stream) and its
-//! end of the socketpair (`--channel-fd`); listening sockets follow over it.
+//! keeps only stdin (`/dev/null`), stdout and stderr (the log stream), its
+//! end of the socketpair (`--channel-fd`; listening sockets follow over it)
+//! and its ends of the key channels (`--key-fd`, see `keys`).
 
 use std::{
     io,
@@ -31,6 +32,8 @@ pub struct Launch<'a> {
     pub log_format: &'a str,
     /// `cgroup.procs` of the cgroup the worker joins before exec.
     pub cgroup: Option<&'a std::fs::File>,
+    /// The worker's ends of its key channels (`keys`).
+    pub key_channels: &'a [OwnedFd],
     pub connect_ports: &'a [u16],
     pub escape: Option<(Attempt, &'a Target)>,
 }
@@ -41,6 +44,12 @@ pub fn spawn(launch: &Launch<'_>) -> io::Result<(Child, UnixStream)> {
     let mut command = Command::new("/proc/self/exe");
     command.arg0("edgegate").arg("worker").args(["--log-format", launch.log_format]);
     command.args(["--channel-fd", &worker_end.as_raw_fd().to_string()]);
+    // Copies the child keeps open across exec (see `Drop::apply`).
+    let kept: Vec<OwnedFd> =
+        launch.key_channels.iter().map(OwnedFd::try_clone).collect::<io::Result<_>>()?;
+    for channel in &kept {
+        command.args(["--key-fd", &channel.as_raw_fd().to_string()]);
+    }
     for port in launch.connect_ports {
         command.args(["--connect-port", &port.to_string()]);
     }
@@ -57,7 +66,7 @@ pub fn spawn(launch: &Launch<'_>) -> io::Result<(Child, UnixStream)> {
         command.env("EDGEGATE_LOG", filter);
     }
     let cgroup = launch.cgroup.map(std::fs::File::try_clone).transpose()?;
-    let drop = Drop::new(launch.account, worker_end, cgroup.map(OwnedFd::from))?;
+    let drop = Drop::new(launch.account, worker_end, kept, cgroup.map(OwnedFd::from))?;
     // SAFETY: `Drop::apply` makes only async-signal-safe system calls.
     unsafe { command.pre_exec(move || drop.apply()) };
     let child = command.spawn()?;
@@ -68,6 +77,8 @@ pub fn spawn(launch: &Launch<'_>) -> io::Result<(Child, UnixStream)> {
 /// beforehand: it may not allocate.
 struct Drop {
     channel: OwnedFd,
+    /// The key channels' worker ends: open across exec too.
+    key_channels: Vec<OwnedFd>,
     /// `cgroup.procs` of the workers' cgroup, if any.
     cgroup: Option<OwnedFd>,
     uid: libc::uid_t,
@@ -79,7 +90,12 @@ struct Drop {
 }
 
 impl Drop {
-    fn new(account: &Account, channel: UnixStream, cgroup: Option<OwnedFd>) -> io::Result<Self> {
+    fn new(
+        account: &Account,
+        channel: UnixStream,
+        key_channels: Vec<OwnedFd>,
+        cgroup: Option<OwnedFd>,
+    ) -> io::Result<Self> {
         let last_cap = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")?
             .trim()
             .parse()
@@ -93,6 +109,7 @@ impl Drop {
             .unwrap_or(libc::STDERR_FILENO);
         Ok(Self {
             channel: channel.into(),
+            key_channels,
             cgroup,
             uid: account.uid.as_raw(),
             gid: account.gid.as_raw(),
@@ -134,6 +151,9 @@ impl Drop {
                 }
             }
             ok(libc::fcntl(self.channel.as_raw_fd(), libc::F_SETFD, 0))?;
+            for channel in &self.key_channels {
+                ok(libc::fcntl(channel.as_raw_fd(), libc::F_SETFD, 0))?;
+            }
             for cap in 0..=self.last_cap {
                 ok(libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0))?;
             }

@@ -14,6 +14,7 @@ use tokio::{io::AsyncWriteExt as _, net::UnixStream};
 use super::{
     channel::Receiver,
     escape::{self, Attempt, Target},
+    keys::{self, KeyClient},
     protocol::{FrameError, FromWorker, SandboxReport, ToWorker, decode, encode},
     sandbox::{self, SandboxError},
 };
@@ -26,6 +27,8 @@ use crate::{
 pub struct Options {
     /// The worker's end of the socketpair.
     pub channel: RawFd,
+    /// Its ends of the key channels (`privsep::keys`).
+    pub key_channels: Vec<RawFd>,
     /// The backends' ports: the only ones it may connect to.
     pub connect_ports: Vec<u16>,
     /// Test only: what to try once sandboxed.
@@ -71,12 +74,16 @@ pub fn run(options: Options) -> Result<(), WorkerError> {
         .enable_all()
         .build()
         .map_err(WorkerError::Start)?;
-    // SAFETY: the gate handed this descriptor over for this purpose alone.
+    // SAFETY: the gate handed these descriptors over for these purposes alone.
     let channel = unsafe { OwnedFd::from_raw_fd(options.channel) };
+    let key_channels =
+        options.key_channels.iter().map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect();
+    let keys = Arc::new(KeyClient::new(key_channels));
     runtime.block_on(async move {
         let allowlist = Arc::new(ArcSwap::from_pointee(ClientCheck::default()));
         // Every thread exists once the connection workers have started.
-        let proxies = Proxies::start(Arc::clone(&allowlist), cores).map_err(WorkerError::Start)?;
+        let proxies =
+            Proxies::start(Arc::clone(&allowlist), cores, keys).map_err(WorkerError::Start)?;
         let sandbox = sandbox::confine_syscalls(&landlock)?;
         log_sandbox(&sandbox);
         let stream = std::os::unix::net::UnixStream::from(channel);
@@ -160,6 +167,17 @@ impl Serve {
                         Some((Attempt::ForgeSightings, target)) => {
                             tracing::warn!("escape attempt `ForgeSightings`: in every report");
                             forging = Some(target);
+                        }
+                        Some((Attempt::SignAnything, _)) => {
+                            tracing::warn!("escape attempt `SignAnything`: trying");
+                            match keys::sign_anything(self.proxies.keys()) {
+                                Ok(_) => tracing::error!(
+                                    "escape attempt `SignAnything`: SUCCEEDED (signed)"
+                                ),
+                                Err(e) => {
+                                    tracing::warn!("escape attempt `SignAnything`: refused: {e}")
+                                }
+                            }
                         }
                         Some((attempt, target)) => self.misbehave(attempt, &target).await?,
                         None => {}

@@ -51,8 +51,9 @@ use tracing::{info, warn};
 use crate::{
     allowlist::Allowlist,
     config::ListenerConfig,
+    privsep::keys::{KeyClient, remote_keys},
     privsep::protocol::{ListenerCounters, ListenerSpec, Refused, Sighting},
-    tls::ListenerTls,
+    tls::{ListenerTls, Secrets},
 };
 use accept::AcceptLoop;
 use cores::Cores;
@@ -115,18 +116,30 @@ pub struct Proxies {
     /// Cancelled when the drain timeout is over: open connections close.
     close_all: CancellationToken,
     cores: Cores,
+    /// The channels to the gate, which holds the listeners' keys.
+    keys: Arc<KeyClient>,
 }
 
 impl Proxies {
     /// Starts one runtime per core; no listener yet.
-    pub fn start(allowlist: SharedAllowlist, cores: usize) -> Result<Self, io::Error> {
+    pub fn start(
+        allowlist: SharedAllowlist,
+        cores: usize,
+        keys: Arc<KeyClient>,
+    ) -> Result<Self, io::Error> {
         Ok(Self {
             listeners: BTreeMap::new(),
             allowlist,
             connections: TaskTracker::new(),
             close_all: CancellationToken::new(),
             cores: Cores::start(cores)?,
+            keys,
         })
+    }
+
+    /// The channels to the gate's keys.
+    pub fn keys(&self) -> &KeyClient {
+        &self.keys
     }
 
     fn spawn(&mut self, settings: Settings, socket: std::net::TcpListener) -> io::Result<()> {
@@ -183,9 +196,14 @@ impl Proxies {
         });
         let mut refused = Vec::new();
         for (spec, socket) in listeners {
-            let ListenerSpec { config, backend_addrs, material } = spec;
+            let ListenerSpec { config, backend_addrs, material, keys } = spec;
             let name = config.name.clone();
-            let settings = match ListenerTls::build(&config, &material) {
+            let keys = match &keys {
+                Some(handles) => Ok(remote_keys(&self.keys, handles)),
+                None => Secrets::read(&config, &material).map(|secrets| secrets.keys()),
+            };
+            let built = keys.and_then(|keys| ListenerTls::build(&config, &material, &keys));
+            let settings = match built {
                 Ok(tls) => Settings { config, tls, backend_addrs },
                 Err(e) => {
                     warn!(listener = %name, "cannot build its TLS config: {e}");

@@ -27,15 +27,81 @@ use rustls::{
         CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
         pem::PemObject,
     },
+    server::ProducesTickets,
     server::{
         WebPkiClientVerifier,
         danger::{ClientCertVerified, ClientCertVerifier},
     },
+    sign::CertifiedKey,
+    sign::SigningKey,
 };
 use tokio_rustls::TlsConnector;
 
-pub use self::tickets::{TicketKeys, TicketKeysError};
+pub use self::tickets::{
+    DATA_KEY_MAX_AGE, DataKey, KEY_LEN as DATA_KEY_LEN, TicketKeys, TicketKeysError, WRAPPED_LEN,
+    open_ticket, seal_ticket, wrapped_part,
+};
 use crate::config::{BackendTlsConfig, ListenerConfig, TlsVersion};
+
+/// A listener's private keys and session-ticket keys as a TLS config uses
+/// them: the keys themselves (the gate, `check`), or stand-ins that ask the
+/// gate (the worker, see `privsep::keys`).
+#[derive(Clone)]
+pub struct ListenerKeys {
+    pub server: Arc<dyn SigningKey>,
+    /// `backend_tls.key`, when the backend wants a client certificate.
+    pub backend: Option<Arc<dyn SigningKey>>,
+    /// `None` with `session_lifetime = 0` (no resumption).
+    pub tickets: Option<Arc<dyn ProducesTickets>>,
+}
+
+/// The secrets a listener's files hold, read by the gate.
+pub struct Secrets {
+    pub server: Arc<dyn SigningKey>,
+    pub backend: Option<Arc<dyn SigningKey>>,
+    /// The listener's `tls_ticket_keys`, or a key of this process's own.
+    pub tickets: Option<Arc<TicketKeys>>,
+}
+
+impl Secrets {
+    /// Parses the private keys and ticket keys in `material`.
+    pub fn read(listener: &ListenerConfig, material: &Material) -> Result<Self, TlsError> {
+        let load = |key: &'static str, path: &Path| {
+            rustls::crypto::aws_lc_rs::sign::any_supported_type(&private_key(key, path, material)?)
+                .map_err(|source| TlsError::Rustls { key, source })
+        };
+        let server = load("key", &listener.key)?;
+        let backend = match &listener.backend_tls {
+            Some(BackendTlsConfig { key: Some(key), cert: Some(_), .. }) => {
+                Some(load("backend_tls.key", key)?)
+            }
+            _ => None,
+        };
+        let tickets = if listener.session_lifetime.is_zero() {
+            None
+        } else {
+            Some(Arc::new(match &listener.tls_ticket_keys {
+                Some(path) => {
+                    let text = material.get("tls_ticket_keys", path)?;
+                    TicketKeys::parse(text, listener.session_lifetime)
+                        .map_err(|source| TlsError::TicketKeys { path: path.clone(), source })?
+                }
+                None => TicketKeys::random(listener.session_lifetime)
+                    .map_err(|source| TlsError::Rustls { key: "tls_ticket_keys", source })?,
+            }))
+        };
+        Ok(Self { server, backend, tickets })
+    }
+
+    /// The keys themselves, for a config built where they are.
+    pub fn keys(&self) -> ListenerKeys {
+        ListenerKeys {
+            server: Arc::clone(&self.server),
+            backend: self.backend.clone(),
+            tickets: self.tickets.clone().map(|t| t as Arc<dyn ProducesTickets>),
+        }
+    }
+}
 
 /// What a listener needs for TLS, built from its files; swapped whole on reload.
 pub struct ListenerTls {
@@ -166,6 +232,31 @@ pub struct Material {
 }
 
 impl Material {
+    /// What the worker may see of it: every file but those holding a
+    /// private key or ticket keys (of a file that holds a certificate as
+    /// well as its key, only the certificates).
+    pub fn public(&self, listener: &ListenerConfig) -> Self {
+        let mut secret: Vec<&Path> = vec![&listener.key];
+        secret.extend(listener.tls_ticket_keys.as_deref());
+        secret.extend(listener.backend_tls.as_ref().and_then(|tls| tls.key.as_deref()));
+        let mut certificates: Vec<&Path> = vec![&listener.cert];
+        certificates.extend(listener.backend_tls.as_ref().and_then(|tls| tls.cert.as_deref()));
+        let files = self
+            .files
+            .iter()
+            .filter_map(|(path, bytes)| {
+                if !secret.contains(&path.as_path()) {
+                    Some((path.clone(), bytes.clone()))
+                } else if certificates.contains(&path.as_path()) {
+                    Some((path.clone(), certificate_blocks(bytes)))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        Self { files }
+    }
+
     /// Reads every file `listener` names.
     pub fn read(listener: &ListenerConfig) -> Result<Self, TlsError> {
         let mut named: Vec<(&'static str, &Path)> = vec![
@@ -211,14 +302,19 @@ impl Material {
 impl ListenerTls {
     /// Reads and checks every file the listener names.
     pub fn load(listener: &ListenerConfig) -> Result<Self, TlsError> {
-        Self::build(listener, &Material::read(listener)?)
+        let material = Material::read(listener)?;
+        Self::build(listener, &material, &Secrets::read(listener, &material)?.keys())
     }
 
-    /// Checks the listener's files, as read into `material`, and builds the configs.
-    pub fn build(listener: &ListenerConfig, material: &Material) -> Result<Self, TlsError> {
+    /// Checks the listener's files, as read into `material`, and builds the
+    /// configs, which use `keys`.
+    pub fn build(
+        listener: &ListenerConfig,
+        material: &Material,
+        keys: &ListenerKeys,
+    ) -> Result<Self, TlsError> {
         let provider = Arc::new(provider());
         let chain = certificates("cert", &listener.cert, material)?;
-        let key = private_key("key", &listener.key, material)?;
         let client_cas = certificates("client_ca", &listener.client_ca, material)?;
         let roots = root_store("client_ca", &listener.client_ca, client_cas.clone())?;
         let crls = listener
@@ -250,29 +346,31 @@ impl ListenerTls {
             inner: webpki,
             rules: IdentityRules::new(listener).map_err(TlsError::Pattern)?,
         });
+        let certified = certified_key(chain.clone(), &keys.server, ("cert", &listener.cert))
+            .map_err(|e| e.naming_key(&listener.key))?;
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(versions(listener.min_tls_version))
             .map_err(|source| TlsError::Rustls { key: "min_tls_version", source })?
             .with_client_cert_verifier(verifier.clone())
-            .with_single_cert(chain.clone(), key)
-            .map_err(|source| match source {
-                rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
-                    TlsError::KeyMismatch { cert: listener.cert.clone(), key: listener.key.clone() }
-                }
-                // The chain's leaf does not parse: the certificate is to blame.
-                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
-                    TlsError::Rustls { key: "cert", source }
-                }
-                source => TlsError::Rustls { key: "key", source },
-            })?;
+            .with_cert_resolver(Arc::new(OneCertificate(Arc::new(certified))));
         // The server picks the suite, in `SUITES` order: a client's own
         // preference (often AES-256 first) would cost every handshake SHA-384.
         server.ignore_client_order = true;
-        resumption(&mut server, listener, material)?;
+        // Stateless resumption only: tickets sealed with the listener's
+        // shared keys (or a key of the gate's own), never a session cache.
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        match &keys.tickets {
+            // TLS 1.3 sends rustls's (and OpenSSL's) two tickets per
+            // connection: a client that opens connections in parallel needs
+            // more than one (with one, `bench handshake`'s clients resumed
+            // 74% of connections, not 99%).
+            Some(tickets) => server.ticketer = Arc::clone(tickets),
+            None => server.send_tls13_tickets = 0,
+        }
         let backend = listener
             .backend_tls
             .as_ref()
-            .map(|tls| backend_tls(tls, provider, material))
+            .map(|tls| backend_tls(tls, provider, material, keys.backend.as_ref()))
             .transpose()?;
         Ok(Self { server: Arc::new(server), verifier, backend, lifetimes })
     }
@@ -288,32 +386,85 @@ impl ListenerTls {
     }
 }
 
-/// Stateless resumption only: tickets sealed with the listener's shared keys
-/// (or a key of this process's own), never a session cache to fill.
-fn resumption(
-    server: &mut ServerConfig,
-    listener: &ListenerConfig,
-    material: &Material,
-) -> Result<(), TlsError> {
-    server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    if listener.session_lifetime.is_zero() {
-        server.send_tls13_tickets = 0;
-        return Ok(());
-    }
-    let keys = match &listener.tls_ticket_keys {
-        Some(path) => {
-            let text = material.get("tls_ticket_keys", path)?;
-            TicketKeys::parse(text, listener.session_lifetime)
-                .map_err(|source| TlsError::TicketKeys { path: path.clone(), source })?
+/// `chain` with `key`, checked to belong together where the key can tell
+/// (a stand-in for a key in the gate cannot: the gate checked it).
+fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: &Arc<dyn SigningKey>,
+    (cert_key, cert_path): (&'static str, &Path),
+) -> Result<CertifiedKey, KeyCheck> {
+    let certified = CertifiedKey::new(chain, Arc::clone(key));
+    match certified.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
+            Ok(certified)
         }
-        None => TicketKeys::random(listener.session_lifetime)
-            .map_err(|source| TlsError::Rustls { key: "tls_ticket_keys", source })?,
-    };
-    // TLS 1.3 sends rustls's (and OpenSSL's) two tickets per connection: a
-    // client that opens connections in parallel needs more than one (with
-    // one, `bench handshake`'s clients resumed 74% of connections, not 99%).
-    server.ticketer = Arc::new(keys);
-    Ok(())
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            Err(KeyCheck::Mismatch(cert_path.to_owned()))
+        }
+        // The chain's leaf does not parse: the certificate is to blame.
+        Err(source) => Err(KeyCheck::Certificate(TlsError::Rustls { key: cert_key, source })),
+    }
+}
+
+/// Why a certificate and key do not go together.
+enum KeyCheck {
+    Mismatch(PathBuf),
+    Certificate(TlsError),
+}
+
+impl KeyCheck {
+    fn naming_key(self, key: &Path) -> TlsError {
+        match self {
+            Self::Mismatch(cert) => TlsError::KeyMismatch { cert, key: key.to_owned() },
+            Self::Certificate(error) => error,
+        }
+    }
+}
+
+/// The one certificate a listener serves (and a backend client presents).
+#[derive(Debug)]
+struct OneCertificate(Arc<CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for OneCertificate {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
+}
+
+impl rustls::client::ResolvesClientCert for OneCertificate {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        schemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        // Only if the key can sign in a scheme the server accepts.
+        self.0.key.choose_scheme(schemes).is_some().then(|| Arc::clone(&self.0))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The `CERTIFICATE` PEM blocks of `pem`, and nothing else.
+fn certificate_blocks(pem: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(pem);
+    let mut kept = String::new();
+    let mut inside = false;
+    for line in text.lines() {
+        let line = line.trim_end();
+        if line == "-----BEGIN CERTIFICATE-----" {
+            inside = true;
+        }
+        if inside {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+        if line == "-----END CERTIFICATE-----" {
+            inside = false;
+        }
+    }
+    kept.into_bytes()
 }
 
 /// A key file must not be readable by anyone but its owner.
@@ -367,6 +518,7 @@ fn backend_tls(
     config: &BackendTlsConfig,
     provider: Arc<CryptoProvider>,
     material: &Material,
+    key: Option<&Arc<dyn SigningKey>>,
 ) -> Result<BackendTls, TlsError> {
     let cas = certificates("backend_tls.ca", &config.ca, material)?;
     let roots = root_store("backend_tls.ca", &config.ca, cas)?;
@@ -374,13 +526,13 @@ fn backend_tls(
         .with_protocol_versions(versions(TlsVersion::Tls12))
         .map_err(|source| TlsError::Rustls { key: "backend_tls", source })?
         .with_root_certificates(roots);
-    let client = match (&config.cert, &config.key) {
-        (Some(cert), Some(key)) => builder
-            .with_client_auth_cert(
-                certificates("backend_tls.cert", cert, material)?,
-                private_key("backend_tls.key", key, material)?,
-            )
-            .map_err(|source| TlsError::Rustls { key: "backend_tls.key", source })?,
+    let client = match (&config.cert, &config.key, key) {
+        (Some(cert), Some(key_path), Some(key)) => {
+            let chain = certificates("backend_tls.cert", cert, material)?;
+            let certified = certified_key(chain, key, ("backend_tls.cert", cert))
+                .map_err(|e| e.naming_key(key_path))?;
+            builder.with_client_cert_resolver(Arc::new(OneCertificate(Arc::new(certified))))
+        }
         _ => builder.with_no_client_auth(),
     };
     let server_name = ServerName::try_from(config.server_name.clone())

@@ -9,9 +9,20 @@
 //! (every host opens its tickets), then move it first (hosts seal with it),
 //! then drop the old one after `session_lifetime`.
 //!
-//! A ticket is `name || nonce || AES-256-GCM(issued_at || session)`, with the
-//! name as associated data. The issue time makes `session_lifetime` a hard
-//! limit: rustls itself never checks a ticket's age.
+//! The ticket keys stay in the gate; the proxy worker never holds one. Each
+//! ticket is sealed with a single-use data key that the gate makes and
+//! wraps under the ticket key:
+//!
+//! ```text
+//! wrapped = name || nonce || AES-256-GCM_key(issued_at || data key)   (aad: name)
+//! ticket  = wrapped || nonce' || AES-256-GCM_data key(session)        (aad: wrapped)
+//! ```
+//!
+//! So the worker seals a ticket with a data key it fetched in advance (no
+//! round trip to the gate on the handshake's path), and opening one takes
+//! one: the gate unwraps the data key. The wrapping's issue time makes
+//! `session_lifetime` a hard limit (rustls itself never checks a ticket's
+//! age); a data key is used within [`DATA_KEY_MAX_AGE`] of it.
 
 use std::{
     fmt,
@@ -23,9 +34,14 @@ use base64::Engine as _;
 use rustls::server::ProducesTickets;
 
 const NAME_LEN: usize = 16;
-const KEY_LEN: usize = 32;
+pub const KEY_LEN: usize = 32;
 const TAG_LEN: usize = 16;
 const ISSUED_LEN: usize = 8;
+/// A data key as the gate wraps it.
+pub const WRAPPED_LEN: usize = NAME_LEN + NONCE_LEN + ISSUED_LEN + KEY_LEN + TAG_LEN;
+/// A data key older than this is not used: it would make a ticket look
+/// older than it is, and expire early.
+pub const DATA_KEY_MAX_AGE: Duration = Duration::from_secs(60);
 /// How far in the future an issue time may be: the hosts' clocks differ a little.
 const CLOCK_SKEW: Duration = Duration::from_secs(60);
 
@@ -89,34 +105,95 @@ impl TicketKeys {
         Ok(Self { keys: vec![key], lifetime })
     }
 
-    fn seal(&self, session: &[u8], now: Duration) -> Option<Vec<u8>> {
-        let key = &self.keys[0];
-        let mut sealed = Vec::with_capacity(ISSUED_LEN + session.len() + TAG_LEN);
-        sealed.extend_from_slice(&now.as_secs().to_be_bytes());
-        sealed.extend_from_slice(session);
-        let nonce = key.key.seal_in_place_append_tag(Aad::from(key.name), &mut sealed).ok()?;
-        let mut ticket = Vec::with_capacity(NAME_LEN + NONCE_LEN + sealed.len());
-        ticket.extend_from_slice(&key.name);
-        ticket.extend_from_slice(nonce.as_ref());
-        ticket.extend_from_slice(&sealed);
-        Some(ticket)
+    /// The ticket lifetime clients are told, in seconds.
+    pub fn lifetime_secs(&self) -> u32 {
+        u32::try_from(self.lifetime.as_secs()).unwrap_or(u32::MAX)
     }
 
-    fn open(&self, ticket: &[u8], now: Duration) -> Option<Vec<u8>> {
-        if ticket.len() < NAME_LEN + NONCE_LEN + ISSUED_LEN + TAG_LEN {
+    /// A fresh data key, wrapped under the sealing key, issued `now`.
+    pub fn mint(&self, now: Duration) -> Option<DataKey> {
+        let key = &self.keys[0];
+        let mut data_key = [0u8; KEY_LEN];
+        aws_lc_rs::rand::fill(&mut data_key).ok()?;
+        let mut sealed = Vec::with_capacity(ISSUED_LEN + KEY_LEN + TAG_LEN);
+        sealed.extend_from_slice(&now.as_secs().to_be_bytes());
+        sealed.extend_from_slice(&data_key);
+        let nonce = key.key.seal_in_place_append_tag(Aad::from(key.name), &mut sealed).ok()?;
+        let mut wrapped = [0u8; WRAPPED_LEN];
+        let (name, rest) = wrapped.split_at_mut(NAME_LEN);
+        name.copy_from_slice(&key.name);
+        let (nonce_out, sealed_out) = rest.split_at_mut(NONCE_LEN);
+        nonce_out.copy_from_slice(nonce.as_ref());
+        sealed_out.copy_from_slice(&sealed);
+        Some(DataKey { key: data_key, wrapped })
+    }
+
+    /// The data key in `wrapped`, if a listed key wrapped it and the ticket
+    /// is neither past its lifetime nor from the future.
+    pub fn unwrap(&self, wrapped: &[u8], now: Duration) -> Option<[u8; KEY_LEN]> {
+        if wrapped.len() != WRAPPED_LEN {
             return None;
         }
-        let (name, rest) = ticket.split_at(NAME_LEN);
+        let (name, rest) = wrapped.split_at(NAME_LEN);
         let (nonce, sealed) = rest.split_at(NONCE_LEN);
         let key = self.keys.iter().find(|k| k.name == name)?;
         let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
         let mut sealed = sealed.to_vec();
         let plain = key.key.open_in_place(nonce, Aad::from(key.name), &mut sealed).ok()?;
-        let (issued, session) = plain.split_at(ISSUED_LEN);
+        let (issued, data_key) = plain.split_at(ISSUED_LEN);
         let issued = Duration::from_secs(u64::from_be_bytes(issued.try_into().ok()?));
         let fresh = issued <= now + CLOCK_SKEW && now.saturating_sub(issued) <= self.lifetime;
-        fresh.then(|| session.to_vec())
+        fresh.then(|| data_key.try_into().ok()).flatten()
     }
+
+    fn seal(&self, session: &[u8], now: Duration) -> Option<Vec<u8>> {
+        seal_ticket(&self.mint(now)?, session)
+    }
+
+    fn open(&self, ticket: &[u8], now: Duration) -> Option<Vec<u8>> {
+        open_ticket(&self.unwrap(wrapped_part(ticket)?, now)?, ticket)
+    }
+}
+
+/// A single-use key for one ticket, and its form wrapped by the gate.
+pub struct DataKey {
+    pub key: [u8; KEY_LEN],
+    pub wrapped: [u8; WRAPPED_LEN],
+}
+
+/// Never the key itself.
+impl fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DataKey")
+    }
+}
+
+/// A ticket for `session`, sealed with `data_key`.
+pub fn seal_ticket(data_key: &DataKey, session: &[u8]) -> Option<Vec<u8>> {
+    let key = RandomizedNonceKey::new(&AES_256_GCM, &data_key.key).ok()?;
+    let mut sealed = Vec::with_capacity(session.len() + TAG_LEN);
+    sealed.extend_from_slice(session);
+    let nonce = key.seal_in_place_append_tag(Aad::from(&data_key.wrapped[..]), &mut sealed).ok()?;
+    let mut ticket = Vec::with_capacity(WRAPPED_LEN + NONCE_LEN + sealed.len());
+    ticket.extend_from_slice(&data_key.wrapped);
+    ticket.extend_from_slice(nonce.as_ref());
+    ticket.extend_from_slice(&sealed);
+    Some(ticket)
+}
+
+/// The wrapped data key a ticket starts with.
+pub fn wrapped_part(ticket: &[u8]) -> Option<&[u8]> {
+    (ticket.len() >= WRAPPED_LEN + NONCE_LEN + TAG_LEN).then(|| &ticket[..WRAPPED_LEN])
+}
+
+/// The session in `ticket`, opened with its data key.
+pub fn open_ticket(data_key: &[u8; KEY_LEN], ticket: &[u8]) -> Option<Vec<u8>> {
+    let wrapped = wrapped_part(ticket)?;
+    let (nonce, sealed) = ticket[WRAPPED_LEN..].split_at(NONCE_LEN);
+    let key = RandomizedNonceKey::new(&AES_256_GCM, data_key).ok()?;
+    let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+    let mut sealed = sealed.to_vec();
+    key.open_in_place(nonce, Aad::from(wrapped), &mut sealed).ok().map(|plain| plain.to_vec())
 }
 
 impl TicketKey {
@@ -148,7 +225,7 @@ impl ProducesTickets for TicketKeys {
     }
 
     fn lifetime(&self) -> u32 {
-        u32::try_from(self.lifetime.as_secs()).unwrap_or(u32::MAX)
+        self.lifetime_secs()
     }
 
     fn encrypt(&self, session: &[u8]) -> Option<Vec<u8>> {

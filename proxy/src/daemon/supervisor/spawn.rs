@@ -2,15 +2,19 @@
 //! threads exist; every later one on one thread that lives as long as the
 //! gate (see [`SpawnThread`]).
 
-use std::{collections::BTreeSet, io};
+use std::{collections::BTreeSet, io, sync::Arc};
 
 use tokio::sync::oneshot;
 
 use super::super::{egress::WorkerCgroup, listeners::Listeners};
 use crate::privsep::{
     escape::{Attempt, Target},
+    keys::{self, KeyStore},
     spawn::{self, Account, Launch},
 };
+
+/// At most this many key channels per worker (one per core it runs).
+const MAX_KEY_CHANNELS: usize = 64;
 
 /// How the gate starts workers.
 pub struct Spawner {
@@ -18,6 +22,9 @@ pub struct Spawner {
     pub log_format: String,
     /// The cgroup workers go into, whose programs limit where they connect.
     pub cgroup: Option<WorkerCgroup>,
+    /// The listeners' keys, which workers use over their key channels;
+    /// `None` where they hold them (`run --keys-in-worker`, benchmarks only).
+    pub keys: Option<Arc<KeyStore>>,
     /// Test only: what each worker tries once sandboxed.
     pub escape: Option<(Attempt, Target)>,
 }
@@ -25,13 +32,31 @@ pub struct Spawner {
 impl Spawner {
     fn spawn(&self, connect_ports: &BTreeSet<u16>) -> io::Result<Spawned> {
         let ports: Vec<u16> = connect_ports.iter().copied().collect();
-        spawn::spawn(&Launch {
+        // One key channel per core the worker runs (it starts as many).
+        let count = std::thread::available_parallelism().map_or(1, usize::from);
+        let (gate_ends, worker_ends) = match &self.keys {
+            Some(_) => keys::channels(count.min(MAX_KEY_CHANNELS))?,
+            None => (Vec::new(), Vec::new()),
+        };
+        let (mut child, stream) = spawn::spawn(&Launch {
             account: &self.account,
             log_format: &self.log_format,
             cgroup: self.cgroup.as_ref().map(|cgroup| &*cgroup.procs),
+            key_channels: &worker_ends,
             connect_ports: &ports,
             escape: self.escape.as_ref().map(|(attempt, target)| (*attempt, target)),
-        })
+        })?;
+        drop(worker_ends);
+        if let Some(store) = &self.keys {
+            for channel in gate_ends {
+                if let Err(e) = keys::serve(Arc::clone(store), channel, child.id()) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(e);
+                }
+            }
+        }
+        Ok((child, stream))
     }
 }
 
