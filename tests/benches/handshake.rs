@@ -343,6 +343,18 @@ impl Row {
     fn cpu(&self) -> f64 {
         median(&self.cpu_us)
     }
+
+    /// Adds `other`'s rounds (the same load and server) to this row's.
+    fn merge(&mut self, other: Row) {
+        let before = self.rates.len() as f64;
+        self.rates.extend(other.rates);
+        self.cpu_us.extend(other.cpu_us);
+        for (mine, theirs) in self.latencies_ms.iter_mut().zip(other.latencies_ms) {
+            mine.extend(theirs);
+        }
+        self.failed += other.failed;
+        self.resumed = (self.resumed * before + other.resumed) / (before + 1.0);
+    }
 }
 
 fn measure(load: &str, target: Target, rounds: usize, mut run: impl FnMut() -> Round) -> Row {
@@ -385,6 +397,16 @@ const HAPROXY: &str = "haproxy (defaults: session cache, tickets)";
 const HAPROXY_FULL: &str = "haproxy, cache and tickets off";
 const STUNNEL: &str = "stunnel (defaults)";
 const HAPROXY_TCP: &str = "haproxy mode tcp, no TLS";
+const EDGEGATE_KEYS_IN_WORKER: &str = "edgegate, keys in the worker (before)";
+
+/// The loads under which keeping the keys in the gate is compared with the
+/// worker holding them.
+const CUSTODY_LOADS: [&str; 4] = [
+    "custody: generator, full, TLS 1.3",
+    "custody: s_time -new -www, 4",
+    "custody: generator, resumed, TLS 1.3",
+    "custody: s_time -reuse -www, 4",
+];
 
 fn main() {
     edgegate_tests::require_root();
@@ -465,9 +487,55 @@ fn main() {
         Round::counted(plain_load(&bed.netns, haproxy_tcp.port, &settings))
     }));
     drop((servers, variants));
+    rows.extend(custody(&bed, &settings));
     let floor = CryptoFloor::measure();
     let openssl_floor = openssl_floor_us();
     report(&settings, &rows, &floor, openssl_floor);
+}
+
+/// edgegate with its keys in the gate (as it runs) and in the worker
+/// (`run --keys-in-worker`, as before), one after the other in every round,
+/// so that the machine's drift falls on both alike.
+fn custody(bed: &PeerBed, settings: &Settings) -> Vec<Row> {
+    let mut rows: Vec<Row> = Vec::new();
+    let resuming = bed.resuming_client_config(Some(&rustls::version::TLS13));
+    let full = bed.client_config(Some(&rustls::version::TLS13));
+    for _ in 0..settings.rounds {
+        for (name, args) in
+            [(EDGEGATE, &[][..]), (EDGEGATE_KEYS_IN_WORKER, &["--keys-in-worker"][..])]
+        {
+            let server = bed.start_edgegate(args);
+            let target = Target { name, port: 8443, pid: server.child.id() };
+            for load in CUSTODY_LOADS {
+                let round = measure(load, target, 1, || match load {
+                    "custody: generator, full, TLS 1.3" => {
+                        Round::from_outcomes(load_with(bed, target.port, &full, settings))
+                    }
+                    "custody: generator, resumed, TLS 1.3" => {
+                        Round::from_outcomes(load_with(bed, target.port, &resuming, settings))
+                    }
+                    "custody: s_time -new -www, 4" => {
+                        s_time(bed, target.port, "-new", true, 4, settings.seconds)
+                    }
+                    _ => s_time(bed, target.port, "-reuse", true, 4, settings.seconds),
+                });
+                match rows.iter_mut().find(|r| r.load == load && r.target.name == name) {
+                    Some(row) => row.merge(round),
+                    None => rows.push(round),
+                }
+            }
+        }
+    }
+    rows
+}
+
+fn load_with(
+    bed: &PeerBed,
+    port: u16,
+    config: &Arc<ClientConfig>,
+    settings: &Settings,
+) -> Vec<Outcome> {
+    load(&bed.netns, port, Arc::clone(config), settings)
 }
 
 fn find<'a>(rows: &'a [Row], load: &str, target: &str) -> &'a Row {
@@ -553,6 +621,10 @@ fn report(settings: &Settings, rows: &[Row], floor: &CryptoFloor, openssl_floor:
         &["generator, resumed, TLS 1.3", "generator, resumed, TLS 1.2", "s_time -reuse -www, 4"],
         true,
     );
+    println!(
+        "\nKey custody: edgegate with its private keys and ticket keys in the gate (as it runs) and in the worker (`run --keys-in-worker`, as before), alternating in every round; whole daemon (gate and worker):"
+    );
+    print_table(rows, &CUSTODY_LOADS, true);
     let tcp = find(rows, "plain TCP, same requests", HAPROXY_TCP).cpu();
     println!(
         "\nfloors: public-key work of one TLS 1.3 mTLS handshake, server side (1 ECDSA P-256 sign, 2 verifies, 1 X25519 key pair + agreement):"
@@ -591,6 +663,15 @@ fn report(settings: &Settings, rows: &[Row], floor: &CryptoFloor, openssl_floor:
         floor.total_us(),
         verdict(full / floor_sum <= 1.5)
     );
+    for load in CUSTODY_LOADS {
+        let cost =
+            find(rows, load, EDGEGATE).cpu() / find(rows, load, EDGEGATE_KEYS_IN_WORKER).cpu();
+        println!(
+            "- keys in the gate ({load}): {:+.1}% CPU per connection against keys in the worker; target ≤ +5%: {}",
+            (cost - 1.0) * 100.0,
+            verdict(cost <= 1.05)
+        );
+    }
     for load in
         ["generator, resumed, TLS 1.3", "generator, resumed, TLS 1.2", "s_time -reuse -www, 4"]
     {

@@ -159,6 +159,30 @@ impl PeerBed {
         self.check_started(servers)
     }
 
+    /// After [`Self::start`] (whose edgegate must be stopped first): another
+    /// edgegate with the same config and `args` added to `run`, once it
+    /// accepts on :8443.
+    pub fn start_edgegate(&self, args: &[&str]) -> Server {
+        let config = path(&self.dir.join("edgegate.toml"));
+        let mut run = vec!["run", "--config", &config];
+        run.extend_from_slice(args);
+        let server = self.spawn("edgegate", 8443, &crate::testbed::edgegate_binary(), &run);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], 8443));
+        let timeout = std::time::Duration::from_millis(200);
+        while self.netns.run(|| std::net::TcpStream::connect_timeout(&address, timeout)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "edgegate did not start:\n{}",
+                self.log(&server)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        // Listening is not serving yet: the worker starts after the sockets.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        server
+    }
+
     /// After [`Self::start`]: HAProxy without session cache and tickets
     /// ([`HAPROXY_FULL_PORT`]) and HAProxy relaying plain TCP ([`HAPROXY_TCP_PORT`]).
     pub fn start_haproxy_variants(&self) -> Vec<Server> {
