@@ -400,6 +400,21 @@ mod tests {
     }
 
     #[test]
+    fn the_digest_names_the_set_not_its_counts() {
+        let list = Allowlist::default();
+        let one = learned(vec![seen("198.51.100.7", "a", 1, 100)]).suggest(&list);
+        let busier = learned(vec![seen("198.51.100.7", "a", 9, 200)]).suggest(&list);
+        let more =
+            learned(vec![seen("198.51.100.7", "a", 1, 100), seen("203.0.113.9", "b", 1, 100)])
+                .suggest(&list);
+        let renamed = learned(vec![seen("198.51.100.7", "c", 1, 100)]).suggest(&list);
+        assert_eq!(digest(&one), digest(&busier), "more connections, the same entries");
+        assert_ne!(digest(&one), digest(&more), "another source");
+        assert_ne!(digest(&one), digest(&renamed), "another identity in the comment");
+        assert_eq!(digest(&one).len(), 16);
+    }
+
+    #[test]
     fn repeated_sightings_add_up() {
         let mut sources = learned(vec![seen("198.51.100.7", "partner", 2, 100)]);
         sources.record(vec![seen("198.51.100.7", "partner", 3, 200)]);

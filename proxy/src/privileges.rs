@@ -90,6 +90,9 @@ pub enum PrivilegeError {
         #[source]
         source: nix::Error,
     },
+    /// Threads run already, which would keep every privilege.
+    #[error("cannot drop privileges: {0} threads run already (a bug: start none before)")]
+    Threads(usize),
     /// A capability call failed.
     #[error("cannot drop privileges ({step}): {source}")]
     Drop {
@@ -219,6 +222,11 @@ pub fn reclaim(paths: &[&Path]) -> Result<(), PrivilegeError> {
 /// run while the process has a single thread: capabilities are per thread,
 /// and threads started later inherit the main thread's.
 pub fn confine_gate() -> Result<(), PrivilegeError> {
+    // A thread started before would keep everything: refuse, not hope.
+    let threads = std::fs::read_dir("/proc/self/task").map_or(1, Iterator::count);
+    if threads != 1 {
+        return Err(PrivilegeError::Threads(threads));
+    }
     let caps_error = |step| {
         move |e: caps::errors::CapsError| PrivilegeError::Drop {
             step,

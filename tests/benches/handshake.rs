@@ -411,8 +411,13 @@ const CUSTODY_LOADS: [&str; 4] = [
 fn main() {
     edgegate_tests::require_root();
     let mut settings = Settings { seconds: 3, rounds: 5, concurrency: 32 };
+    let mut only_custody = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
+        if arg == "--only-custody" {
+            only_custody = true;
+            continue;
+        }
         let mut value =
             || args.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or_else(|| panic!("{arg} N"));
         match arg.as_str() {
@@ -422,12 +427,21 @@ fn main() {
                 settings.concurrency = usize::try_from(value()).expect("concurrency");
             }
             "--bench" => {}
-            other => panic!("unknown argument {other} (--seconds N, --rounds N, --concurrency N)"),
+            other => panic!(
+                "unknown argument {other} (--seconds N, --rounds N, --concurrency N, --only-custody)"
+            ),
         }
     }
     let bed = PeerBed::new();
     start_backend(&bed.netns);
     let servers = bed.start(5_000);
+    if only_custody {
+        drop(servers);
+        let rows = custody(&bed, &settings);
+        print_heading("handshake (key custody only)");
+        report_custody(&rows);
+        return;
+    }
     let variants = bed.start_haproxy_variants();
     let target = |name: &'static str, server: &str, port: Option<u16>| {
         let server = servers.iter().chain(&variants).find(|s| s.name == server).expect(server);
@@ -538,6 +552,22 @@ fn load_with(
     load(&bed.netns, port, Arc::clone(config), settings)
 }
 
+fn report_custody(rows: &[Row]) {
+    println!(
+        "\nKey custody: edgegate with its private keys and ticket keys in the gate (as it runs) and in the worker (`run --keys-in-worker`, as before), alternating in every round; whole daemon (gate and worker):"
+    );
+    print_table(rows, &CUSTODY_LOADS, true);
+    for load in CUSTODY_LOADS {
+        let cost =
+            find(rows, load, EDGEGATE).cpu() / find(rows, load, EDGEGATE_KEYS_IN_WORKER).cpu();
+        println!(
+            "- keys in the gate ({load}): {:+.1}% CPU per connection against keys in the worker; target ≤ +5%: {}",
+            (cost - 1.0) * 100.0,
+            verdict(cost <= 1.05)
+        );
+    }
+}
+
 fn find<'a>(rows: &'a [Row], load: &str, target: &str) -> &'a Row {
     rows.iter()
         .find(|r| r.load == load && r.target.name == target)
@@ -621,10 +651,7 @@ fn report(settings: &Settings, rows: &[Row], floor: &CryptoFloor, openssl_floor:
         &["generator, resumed, TLS 1.3", "generator, resumed, TLS 1.2", "s_time -reuse -www, 4"],
         true,
     );
-    println!(
-        "\nKey custody: edgegate with its private keys and ticket keys in the gate (as it runs) and in the worker (`run --keys-in-worker`, as before), alternating in every round; whole daemon (gate and worker):"
-    );
-    print_table(rows, &CUSTODY_LOADS, true);
+    report_custody(rows);
     let tcp = find(rows, "plain TCP, same requests", HAPROXY_TCP).cpu();
     println!(
         "\nfloors: public-key work of one TLS 1.3 mTLS handshake, server side (1 ECDSA P-256 sign, 2 verifies, 1 X25519 key pair + agreement):"
@@ -663,15 +690,6 @@ fn report(settings: &Settings, rows: &[Row], floor: &CryptoFloor, openssl_floor:
         floor.total_us(),
         verdict(full / floor_sum <= 1.5)
     );
-    for load in CUSTODY_LOADS {
-        let cost =
-            find(rows, load, EDGEGATE).cpu() / find(rows, load, EDGEGATE_KEYS_IN_WORKER).cpu();
-        println!(
-            "- keys in the gate ({load}): {:+.1}% CPU per connection against keys in the worker; target ≤ +5%: {}",
-            (cost - 1.0) * 100.0,
-            verdict(cost <= 1.05)
-        );
-    }
     for load in
         ["generator, resumed, TLS 1.3", "generator, resumed, TLS 1.2", "s_time -reuse -www, 4"]
     {

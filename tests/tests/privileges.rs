@@ -173,17 +173,25 @@ fn the_gate_keeps_seven_capabilities_and_the_worker_none() {
     assert!(!listed.contains("0.0.0.0/0"), "{listed}");
 }
 
-/// The worker's descriptors: stdin (/dev/null), the log, then sockets and
-/// the event loop's own; no BPF map, program or link, no other file.
+/// The worker's descriptors: stdin (/dev/null), the pipe the gate relays
+/// its log from, then sockets and the event loop's own; no BPF map, program
+/// or link, no other file.
 fn assert_worker_descriptors(testbed: &Testbed, worker: u32) {
-    let log = testbed.dir.join("daemon.log");
+    let links = |pid: u32| -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("fds")
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .map(|target| target.to_string_lossy().into_owned())
+            .collect()
+    };
+    let gate = links(testbed.daemon_pid());
     for fd in std::fs::read_dir(format!("/proc/{worker}/fd")).expect("fds") {
         let fd = fd.expect("fd").path();
         let target = std::fs::read_link(&fd).expect("link").to_string_lossy().into_owned();
         let number: u32 = fd.file_name().unwrap().to_str().unwrap().parse().unwrap();
         let expected = match number {
             0 => target == "/dev/null",
-            1 | 2 => std::path::Path::new(&target) == log.as_path(),
+            1 | 2 => target.starts_with("pipe:") && gate.contains(&target),
             _ => {
                 target.starts_with("socket:")
                     || target == "anon_inode:[eventpoll]"

@@ -76,7 +76,7 @@ fn restarts_and_upgrades_refuse_no_connection() {
     let config = bed.client_config(Some(&bed.client));
     let (address, server) = (bed.listener_address(0), bed.testbed.server_v4(0));
     let stranger = (bed.testbed.server_v4(1), bed.listener_address(1).port());
-    let (elapsed, restarts) = std::thread::scope(|scope| {
+    let (elapsed, restarts, first_worker) = std::thread::scope(|scope| {
         let clients = scope.spawn(|| {
             bed.in_client(0, || async {
                 let mut tasks = tokio::task::JoinSet::new();
@@ -143,6 +143,7 @@ fn restarts_and_upgrades_refuse_no_connection() {
         let _stop = StopOnDrop(&load.stop);
         let started = Instant::now();
         std::thread::sleep(Duration::from_secs(2));
+        let first_worker = bed.testbed.status().worker.pid.expect("a worker serves");
         let restarts = [restart(&bed, &manager, &edgegate_binary()), {
             std::thread::sleep(Duration::from_secs(2));
             restart(&bed, &manager, &upgraded)
@@ -151,7 +152,7 @@ fn restarts_and_upgrades_refuse_no_connection() {
         load.stop.store(true, Ordering::Relaxed);
         clients.join().expect("clients");
         strangers.join().expect("strangers");
-        (started.elapsed(), restarts)
+        (started.elapsed(), restarts, first_worker)
     });
 
     let opened = load.opened.load(Ordering::Relaxed);
@@ -170,6 +171,15 @@ fn restarts_and_upgrades_refuse_no_connection() {
     assert_eq!(load.stranger_passed.load(Ordering::Relaxed), 0, "a stranger got through");
     let log = bed.testbed.daemon_log();
     assert_eq!(log.matches("handed over: the worker finishes").count(), 2, "{log}");
+    // The first worker's held connections closed after both restarts: the
+    // third gate relayed their access lines, labelled with its pid.
+    let last_gate = log.rfind("listening socket taken over").expect("a taken-over socket");
+    let labelled = format!("worker[{first_worker}]: ");
+    let late: Vec<&str> = log[last_gate..]
+        .lines()
+        .filter(|l| l.starts_with(&labelled) && l.contains("connection closed"))
+        .collect();
+    assert!(!late.is_empty(), "no access line of worker {first_worker} after the restarts:\n{log}");
     assert!(log.contains("listening socket taken over from the previous gate"), "{log}");
     assert!(rate >= 200.0, "the load was {rate:.0} new connections per second, not 200");
 }

@@ -88,6 +88,9 @@ fn every_escape_attempt_is_refused_or_kills_the_worker() {
             }),
         };
         assert!(!log.contains("SUCCEEDED"), "{attempt}:\n{log}");
+        // The worker's lines reach the log labelled as the worker's.
+        let attempts: Vec<&str> = log.lines().filter(|l| l.contains("escape attempt `")).collect();
+        assert!(attempts.iter().all(|l| l.starts_with("worker[")), "{attempt}: {attempts:?}");
         if fate == Fate::Refused {
             assert!(log.contains("Permission denied"), "{attempt}:\n{log}");
             // It serves on, sandboxed.

@@ -69,15 +69,41 @@ impl Inherited {
         None
     }
 
+    /// The log pipes of workers an earlier gate handed over, by pid
+    /// (`worker_log`): taken out of the store, for this gate to relay.
+    pub fn worker_logs(&mut self) -> Vec<(u32, OwnedFd)> {
+        let names: Vec<String> = self
+            .0
+            .keys()
+            .filter(|name| name.starts_with(super::worker_log::FD_NAME_PREFIX))
+            .cloned()
+            .collect();
+        let mut logs = Vec::new();
+        for name in names {
+            let Some(fd) = self.0.remove(&name) else { continue };
+            forget(&name);
+            let pid =
+                name.strip_prefix(super::worker_log::FD_NAME_PREFIX).and_then(|p| p.parse().ok());
+            if let Some(pid) = pid {
+                logs.push((pid, fd));
+            }
+        }
+        logs
+    }
+
     /// Names passed but not taken (listeners that are gone): removed from the store.
     pub fn forget_rest(self) {
         for name in self.0.keys() {
-            let states =
-                [sd_notify::NotifyState::FdStoreRemove, sd_notify::NotifyState::FdName(name)];
-            if let Err(e) = sd_notify::notify(&states) {
-                tracing::warn!("cannot drop {name} from systemd's store: {e}");
-            }
+            forget(name);
         }
+    }
+}
+
+/// Removes `name` from systemd's store.
+fn forget(name: &str) {
+    let states = [sd_notify::NotifyState::FdStoreRemove, sd_notify::NotifyState::FdName(name)];
+    if let Err(e) = sd_notify::notify(&states) {
+        tracing::warn!("cannot drop {name} from systemd's store: {e}");
     }
 }
 

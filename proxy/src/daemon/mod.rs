@@ -24,6 +24,7 @@ mod handover;
 mod listeners;
 mod state;
 mod supervisor;
+mod worker_log;
 
 use std::{
     future::Future,
@@ -131,6 +132,10 @@ pub struct Startup {
     listeners: Listeners,
     egress: WorkerEgress,
     worker: supervisor::Started,
+    /// The log pipes of workers the previous gate handed over.
+    handed_over_logs: Vec<(u32, std::os::fd::OwnedFd)>,
+    /// Whether log lines are JSON (`--log-format json`).
+    log_json: bool,
     control: std::os::unix::net::UnixListener,
     metrics: std::net::TcpListener,
     config: Config,
@@ -175,6 +180,7 @@ pub fn start(config_path: PathBuf, options: Options) -> Result<Startup, DaemonEr
         tracing::warn!("--keys-in-worker: the proxy worker holds the listeners' private keys");
     }
     let listeners = Listeners::prepare(&config.listeners, &mut inherited, keys.clone())?;
+    let handed_over_logs = inherited.worker_logs();
     inherited.forget_rest();
     let hand_over = handover::store(listeners.sockets());
     let metrics_error = |source| DaemonError::Metrics { address: config.metrics.bind, source };
@@ -232,6 +238,7 @@ pub fn start(config_path: PathBuf, options: Options) -> Result<Startup, DaemonEr
     });
     let egress =
         WorkerEgress::set_up(&listeners.destinations(), config.daemon.allow_unconfined_egress)?;
+    let log_json = log_format == "json";
     let spawner = Spawner { account, log_format, cgroup: egress.cgroup(), keys, escape };
     let worker = supervisor::start(spawner, &listeners).map_err(DaemonError::Worker)?;
     privileges::confine_gate()?;
@@ -243,6 +250,8 @@ pub fn start(config_path: PathBuf, options: Options) -> Result<Startup, DaemonEr
         listeners,
         egress,
         worker,
+        handed_over_logs,
+        log_json,
         control,
         metrics,
         config,
@@ -267,6 +276,8 @@ pub async fn serve(
         listeners,
         egress,
         worker,
+        handed_over_logs,
+        log_json,
         control,
         metrics,
         config,
@@ -275,6 +286,12 @@ pub async fn serve(
         fleet,
         hand_over,
     } = startup;
+    // Relayed from here, where threads start with the gate's reduced rights.
+    for (pid, log) in handed_over_logs {
+        if let Err(e) = worker_log::relay(log, pid, log_json) {
+            tracing::warn!("cannot relay handed-over worker {pid}'s log: {e}");
+        }
+    }
     let io_error = |source| DaemonError::Runtime { source };
     let control_listener = tokio::net::UnixListener::from_std(control).map_err(io_error)?;
     let metrics_listener = tokio::net::TcpListener::from_std(metrics).map_err(io_error)?;
@@ -391,6 +408,7 @@ pub async fn serve(
     // store, and this worker finishes its connections meanwhile.
     if let Some(pid) = state.worker.hand_off(drain_timeout).await {
         handover::record_draining(&state.config.daemon.state_dir, pid, drain_timeout);
+        worker_log::hand_over();
         tracing::info!(
             pid,
             "handed over: the worker finishes its connections (up to {drain_timeout:?}) while \

@@ -6,9 +6,12 @@
 //! over can use the keys while it runs, within the limits below, but takes
 //! none away.
 //!
-//! Each worker core has its own channel (a `SOCK_SEQPACKET` socketpair, one
-//! message per request or reply) and a gate thread that answers it, so
-//! handshakes on different cores never wait for each other. Every request
+//! Each CPU has its own channel (a `SOCK_SEQPACKET` socketpair, one message
+//! per request or reply) and a gate thread that answers it, pinned to that
+//! CPU; a worker thread asks on the channel of the CPU it runs on. So
+//! handshakes on different cores never wait for each other, and a request
+//! and its answer are two context switches on one CPU, without waking
+//! another (which, in a VM, costs an interrupt between vCPUs each way). Every request
 //! is bounded ([`MAX_MESSAGE`], [`MAX_DATA_KEYS`]) and strictly decoded; a
 //! signature is made only over what a TLS handshake signs (see
 //! [`signable`]); each channel answers at most [`MAX_REQUESTS_PER_SECOND`].
@@ -21,7 +24,7 @@ use std::{
     os::fd::{AsRawFd as _, OwnedFd},
     sync::{
         Arc, Mutex, PoisonError, RwLock,
-        atomic::{AtomicU32, AtomicUsize, Ordering},
+        atomic::{AtomicU32, Ordering},
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -357,10 +360,31 @@ pub fn channels(count: usize) -> io::Result<(Vec<OwnedFd>, Vec<OwnedFd>)> {
     Ok((gate, worker))
 }
 
-/// Answers `channel` for the worker `pid` on a thread of its own, until the
-/// worker closes it; kills the worker for a violation.
-pub fn serve(store: Arc<KeyStore>, channel: OwnedFd, pid: u32) -> io::Result<()> {
+/// The CPUs this process may run on, in order: channel `i` belongs to the
+/// `i`-th (modulo the number of channels).
+pub fn allowed_cpus() -> Vec<usize> {
+    let Ok(set) = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) else {
+        return Vec::new();
+    };
+    (0..nix::sched::CpuSet::count()).filter(|&cpu| set.is_set(cpu).unwrap_or(false)).collect()
+}
+
+/// Answers `channel` for the worker `pid` on a thread of its own, pinned to
+/// `cpu`, until the worker closes it; kills the worker for a violation.
+pub fn serve(
+    store: Arc<KeyStore>,
+    channel: OwnedFd,
+    pid: u32,
+    cpu: Option<usize>,
+) -> io::Result<()> {
     std::thread::Builder::new().name("edgegate-keys".into()).spawn(move || {
+        if let Some(cpu) = cpu {
+            let mut set = nix::sched::CpuSet::new();
+            // Unpinned (still correct, a little dearer) if that fails.
+            if set.set(cpu).is_ok() {
+                let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+            }
+        }
         if let Err(violation) = answer_until_closed(&store, &channel) {
             tracing::error!("proxy worker {pid}: its key channel carried {violation}; killing it");
             let pid = nix::unistd::Pid::from_raw(pid as i32);
@@ -421,8 +445,8 @@ fn answer_until_closed(store: &KeyStore, channel: &OwnedFd) -> Result<(), Violat
 /// The worker's side: its channels to the gate.
 pub struct KeyClient {
     channels: Vec<Mutex<Channel>>,
-    /// Which channel the next thread to ask takes.
-    next_slot: AtomicUsize,
+    /// Each CPU's channel: its position among the allowed CPUs.
+    cpus: Vec<usize>,
 }
 
 struct Channel {
@@ -444,18 +468,22 @@ pub enum KeyError {
     NoChannel,
 }
 
-thread_local! {
-    /// This thread's channel, once it has asked.
-    static SLOT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
-}
-
 impl KeyClient {
+    /// Call it before the sandbox: it reads the CPUs this process may use.
     pub fn new(channels: Vec<OwnedFd>) -> Self {
         let channels = channels
             .into_iter()
             .map(|fd| Mutex::new(Channel { fd, sequence: 0, buffer: vec![0; MAX_MESSAGE] }))
             .collect();
-        Self { channels, next_slot: AtomicUsize::new(0) }
+        Self { channels, cpus: allowed_cpus() }
+    }
+
+    /// The channel of the CPU this thread runs on.
+    fn slot(&self) -> usize {
+        // SAFETY: no arguments; glibc answers from the vDSO or rseq.
+        let cpu = usize::try_from(unsafe { libc::sched_getcpu() }).unwrap_or(0);
+        let position = self.cpus.iter().position(|&c| c == cpu).unwrap_or(cpu);
+        position % self.channels.len()
     }
 
     /// Asks the gate, on this thread's channel; blocks up to
@@ -464,14 +492,7 @@ impl KeyClient {
         if self.channels.is_empty() {
             return Err(KeyError::NoChannel);
         }
-        let slot = SLOT.with(|slot| {
-            let taken = slot.get().unwrap_or_else(|| {
-                self.next_slot.fetch_add(1, Ordering::Relaxed) % self.channels.len()
-            });
-            slot.set(Some(taken));
-            taken
-        });
-        let mut channel = self.channels[slot].lock().unwrap_or_else(PoisonError::into_inner);
+        let mut channel = self.channels[self.slot()].lock().unwrap_or_else(PoisonError::into_inner);
         let channel = &mut *channel;
         channel.sequence = channel.sequence.wrapping_add(1);
         let frame = encode(channel.sequence, request);

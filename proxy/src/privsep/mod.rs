@@ -7,16 +7,18 @@
 //!   files and resolves the backends, and starts the worker
 //!   (`daemon::worker`).
 //! - The **worker** (`edgegate worker`, hidden) parses every byte from the
-//!   internet: PROXY headers, TLS, the relay. It runs as `daemon.user` with
-//!   no capability in any set, `no_new_privs`, Landlock and seccomp
-//!   (`sandbox`), and no BPF descriptor; it binds and opens nothing.
+//!   internet: PROXY headers, TLS, the relay. It runs as a uid of its own
+//!   with no capability in any set, `no_new_privs`, Landlock and seccomp
+//!   (`sandbox`), in a cgroup whose programs let it connect to its backends
+//!   only (`daemon::egress`), and with no BPF descriptor and no private key;
+//!   it binds and opens nothing.
 //!
 //! They talk over one socketpair (`protocol`, `channel`): the gate sends
 //! listeners (with their sockets and material), allowlist snapshots,
-//! report requests and the drain; the worker answers. The worker writes its
-//! own log lines (access logs included) to the stderr it inherited: sending
-//! them through the gate would put attacker-chosen text on the gate's path
-//! at connection rate, for nothing the journal does not already do.
+//! report requests and the drain; the worker answers. Keys stay in the
+//! gate, which signs and makes ticket data keys over key channels
+//! (`keys`). The worker's log lines go through a pipe to the gate, which
+//! labels them as the worker's (`daemon::worker_log`).
 
 pub mod channel;
 pub mod escape;

@@ -168,6 +168,8 @@ fn allowed_syscalls() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
         libc::SYS_futex,
         libc::SYS_sched_yield,
         libc::SYS_sched_getaffinity,
+        // sched_getcpu() where glibc has neither vDSO nor rseq for it.
+        libc::SYS_getcpu,
         libc::SYS_rseq,
         libc::SYS_set_robust_list,
         libc::SYS_gettid,

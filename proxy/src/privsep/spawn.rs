@@ -30,6 +30,9 @@ pub struct Account {
 pub struct Launch<'a> {
     pub account: &'a Account,
     pub log_format: &'a str,
+    /// The writing end of the pipe the gate relays the worker's log from
+    /// (`daemon::worker_log`): its stdout and stderr.
+    pub log: OwnedFd,
     /// `cgroup.procs` of the cgroup the worker joins before exec.
     pub cgroup: Option<&'a std::fs::File>,
     /// The worker's ends of its key channels (`keys`).
@@ -62,6 +65,7 @@ pub fn spawn(launch: &Launch<'_>) -> io::Result<(Child, UnixStream)> {
         }
     }
     command.env_clear().stdin(Stdio::null());
+    command.stdout(launch.log.try_clone()?).stderr(launch.log.try_clone()?);
     if let Ok(filter) = std::env::var("EDGEGATE_LOG") {
         command.env("EDGEGATE_LOG", filter);
     }

@@ -23,7 +23,7 @@ use super::{
     REPORT_INTERVAL, STABLE_AFTER, Sightings, SupervisorError, WorkerReport,
     confinement::verify_confined,
     link::{Link, describe_exit},
-    spawn::{SpawnThread, Spawned},
+    spawn::{Services, SpawnThread, Spawned},
 };
 use crate::{
     privsep::protocol::{FromWorker, Refused, ToWorker},
@@ -65,7 +65,7 @@ impl Supervisor {
         let mut next = Some((first, ports));
         let mut backoff = MIN_BACKOFF;
         loop {
-            let ((child, stream), ports) = match next.take() {
+            let (Spawned { child, stream, services }, ports) = match next.take() {
                 Some(started) => started,
                 None => {
                     let ports = self.desired.connect_ports.clone();
@@ -88,7 +88,7 @@ impl Supervisor {
             self.phase.send_replace(Phase::Starting);
             self.report.send_replace(None);
             let started = Instant::now();
-            match self.serve(child, stream, ports).await {
+            match self.serve(child, stream, services, ports).await {
                 Ended::Stopped => return,
                 Ended::Replaced => backoff = MIN_BACKOFF,
                 Ended::Failed { why, exit } => {
@@ -148,6 +148,7 @@ impl Supervisor {
         &mut self,
         child: std::process::Child,
         stream: std::os::unix::net::UnixStream,
+        services: Services,
         ports: BTreeSet<u16>,
     ) -> Ended {
         let mut link = match Link::new(child, stream) {
@@ -157,6 +158,9 @@ impl Supervisor {
             }
         };
         let pid = link.pid;
+        if let Err(e) = services.start(pid) {
+            return link.fail(SupervisorError::Spawn(Arc::new(e))).await;
+        }
         let sandbox = match tokio::time::timeout(READY_TIMEOUT, link.next()).await {
             Ok(Ok(FromWorker::Ready { sandbox })) => sandbox,
             Ok(Ok(other)) => {

@@ -2,11 +2,11 @@
 //! threads exist; every later one on one thread that lives as long as the
 //! gate (see [`SpawnThread`]).
 
-use std::{collections::BTreeSet, io, sync::Arc};
+use std::{collections::BTreeSet, io, os::fd::OwnedFd, sync::Arc};
 
 use tokio::sync::oneshot;
 
-use super::super::{egress::WorkerCgroup, listeners::Listeners};
+use super::super::{egress::WorkerCgroup, listeners::Listeners, worker_log};
 use crate::privsep::{
     escape::{Attempt, Target},
     keys::{self, KeyStore},
@@ -38,30 +38,55 @@ impl Spawner {
             Some(_) => keys::channels(count.min(MAX_KEY_CHANNELS))?,
             None => (Vec::new(), Vec::new()),
         };
-        let (mut child, stream) = spawn::spawn(&Launch {
+        let (log, log_end) = worker_log::pipe()?;
+        let (child, stream) = spawn::spawn(&Launch {
             account: &self.account,
             log_format: &self.log_format,
+            log: log_end,
             cgroup: self.cgroup.as_ref().map(|cgroup| &*cgroup.procs),
             key_channels: &worker_ends,
             connect_ports: &ports,
             escape: self.escape.as_ref().map(|(attempt, target)| (*attempt, target)),
         })?;
-        drop(worker_ends);
-        if let Some(store) = &self.keys {
-            for channel in gate_ends {
-                if let Err(e) = keys::serve(Arc::clone(store), channel, child.id()) {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(e);
-                }
-            }
-        }
-        Ok((child, stream))
+        let services = Services {
+            keys: self.keys.clone().map(|store| (store, gate_ends)),
+            log,
+            json: self.log_format == "json",
+        };
+        Ok(Spawned { child, stream, services })
     }
 }
 
-/// A started worker and the gate's end of its socketpair.
-pub(super) type Spawned = (std::process::Child, std::os::unix::net::UnixStream);
+/// A started worker, the gate's end of its socketpair, and what the gate
+/// runs for it once the gate has given up its privileges.
+pub(super) struct Spawned {
+    pub(super) child: std::process::Child,
+    pub(super) stream: std::os::unix::net::UnixStream,
+    pub(super) services: Services,
+}
+
+/// The gate's threads for one worker: its key channels' and its log's.
+pub(super) struct Services {
+    keys: Option<(Arc<KeyStore>, Vec<OwnedFd>)>,
+    log: OwnedFd,
+    json: bool,
+}
+
+impl Services {
+    /// Starts them, for worker `pid`. Threads inherit the credentials of
+    /// the one that starts them: call it only once the gate is confined.
+    pub(super) fn start(self, pid: u32) -> io::Result<()> {
+        worker_log::relay(self.log, pid, self.json)?;
+        if let Some((store, channels)) = self.keys {
+            let cpus = keys::allowed_cpus();
+            for (index, channel) in channels.into_iter().enumerate() {
+                let cpu = (!cpus.is_empty()).then(|| cpus[index % cpus.len()]);
+                keys::serve(Arc::clone(&store), channel, pid, cpu)?;
+            }
+        }
+        Ok(())
+    }
+}
 
 /// Where respawns happen: one thread that lives as long as the process.
 /// The kernel sends a worker its `PR_SET_PDEATHSIG` when the *thread* that
