@@ -78,11 +78,13 @@ pub struct WorkerStatus {
     /// `no_new_privs` and seccomp are checked by the gate from `/proc`).
     pub sandbox: Option<crate::privsep::protocol::SandboxReport>,
     /// Where it may connect to (enforced by the gate, see `daemon::egress`).
+    /// Absent from an older daemon's answer.
+    #[serde(default)]
     pub egress: EgressStatus,
 }
 
 /// The worker's egress filter.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EgressStatus {
     /// Connections are limited to `destinations`.
     pub confined: bool,

@@ -492,7 +492,17 @@ impl KeyClient {
         if self.channels.is_empty() {
             return Err(KeyError::NoChannel);
         }
-        let mut channel = self.channels[self.slot()].lock().unwrap_or_else(PoisonError::into_inner);
+        // This CPU's channel; if a thread preempted on this CPU holds it,
+        // a free one, else wait for this one (its holder waits at most
+        // ANSWER_TIMEOUT).
+        let own = self.slot();
+        let free = (0..self.channels.len())
+            .map(|offset| (own + offset) % self.channels.len())
+            .find_map(|slot| self.channels[slot].try_lock().ok());
+        let mut channel = match free {
+            Some(channel) => channel,
+            None => self.channels[own].lock().unwrap_or_else(PoisonError::into_inner),
+        };
         let channel = &mut *channel;
         channel.sequence = channel.sequence.wrapping_add(1);
         let frame = encode(channel.sequence, request);
@@ -620,23 +630,29 @@ impl std::fmt::Debug for RemoteTickets {
 
 impl RemoteTickets {
     /// A data key not older than [`DATA_KEY_MAX_AGE`], fetching a batch
-    /// when none is left.
+    /// when none is left (without holding the batch's lock meanwhile).
     fn data_key(&self) -> Option<DataKey> {
-        let mut keys = self.data_keys.lock().unwrap_or_else(PoisonError::into_inner);
-        keys.retain(|(_, fetched)| fetched.elapsed() < DATA_KEY_MAX_AGE);
-        if keys.is_empty() {
-            let request = Request::DataKeys { tickets: self.handle.id, count: DATA_KEY_BATCH };
-            let answer = self.client.ask(&request).ok()?;
-            let fetched = Instant::now();
-            for chunk in answer.chunks_exact(DATA_KEY_LEN + WRAPPED_LEN) {
-                let (key, wrapped) = chunk.split_at(DATA_KEY_LEN);
-                keys.push((
-                    DataKey { key: key.try_into().ok()?, wrapped: wrapped.try_into().ok()? },
-                    fetched,
-                ));
+        {
+            let mut keys = self.data_keys.lock().unwrap_or_else(PoisonError::into_inner);
+            keys.retain(|(_, fetched)| fetched.elapsed() < DATA_KEY_MAX_AGE);
+            if let Some((key, _)) = keys.pop() {
+                return Some(key);
             }
         }
-        keys.pop().map(|(key, _)| key)
+        let request = Request::DataKeys { tickets: self.handle.id, count: DATA_KEY_BATCH };
+        let answer = self.client.ask(&request).ok()?;
+        let fetched = Instant::now();
+        let mut batch: Vec<(DataKey, Instant)> = answer
+            .chunks_exact(DATA_KEY_LEN + WRAPPED_LEN)
+            .filter_map(|chunk| {
+                let (key, wrapped) = chunk.split_at(DATA_KEY_LEN);
+                let key = DataKey { key: key.try_into().ok()?, wrapped: wrapped.try_into().ok()? };
+                Some((key, fetched))
+            })
+            .collect();
+        let (first, _) = batch.pop()?;
+        self.data_keys.lock().unwrap_or_else(PoisonError::into_inner).extend(batch);
+        Some(first)
     }
 }
 
