@@ -26,7 +26,7 @@ use std::{
 
 use edgegate::demo::netns::Netns;
 use edgegate_tests::{
-    bench::{median, percentile, print_heading, save, spread, tree_cpu},
+    bench::{median, percentile, print_heading, save, spread, tree_cpu, tree_switches},
     peers::{
         self, BACKEND_PORT, EDGEGATE_NO_RESUMPTION_PORT, HAPROXY_FULL_PORT, HAPROXY_TCP_PORT,
         PeerBed,
@@ -332,6 +332,8 @@ struct Row {
     rates: Vec<f64>,
     /// The server's CPU µs per connection, one per round.
     cpu_us: Vec<f64>,
+    /// Its threads' context switches per connection, one per round.
+    switches: Vec<f64>,
     /// p50, p99, p99.9 in ms, one per round (the generator's loads only).
     latencies_ms: [Vec<f64>; 3],
     failed: usize,
@@ -349,6 +351,7 @@ impl Row {
         let before = self.rates.len() as f64;
         self.rates.extend(other.rates);
         self.cpu_us.extend(other.cpu_us);
+        self.switches.extend(other.switches);
         for (mine, theirs) in self.latencies_ms.iter_mut().zip(other.latencies_ms) {
             mine.extend(theirs);
         }
@@ -363,23 +366,26 @@ fn measure(load: &str, target: Target, rounds: usize, mut run: impl FnMut() -> R
         target,
         rates: Vec::new(),
         cpu_us: Vec::new(),
+        switches: Vec::new(),
         latencies_ms: Default::default(),
         failed: 0,
         resumed: 0.0,
     };
     let (mut connections, mut resumed) = (0, 0);
     for _ in 0..rounds {
-        let before = tree_cpu(target.pid);
+        let (before, switches_before) = (tree_cpu(target.pid), tree_switches(target.pid));
         let started = Instant::now();
         let round = run();
         let elapsed = started.elapsed().as_secs_f64();
         let cpu = tree_cpu(target.pid) - before;
+        let switches = tree_switches(target.pid).saturating_sub(switches_before);
         assert!(round.connections > 0, "{}: no connection completed under {load}", target.name);
         row.failed += round.failed;
         connections += round.connections;
         resumed += round.resumed;
         row.rates.push(round.connections as f64 / elapsed);
         row.cpu_us.push(cpu.as_secs_f64() * 1e6 / round.connections as f64);
+        row.switches.push(switches as f64 / round.connections as f64);
         if !round.latencies_us.is_empty() {
             for (quantile, out) in [0.5, 0.99, 0.999].into_iter().zip(&mut row.latencies_ms) {
                 out.push(percentile(&round.latencies_us, quantile) / 1e3);
@@ -558,6 +564,13 @@ fn report_custody(rows: &[Row]) {
     );
     print_table(rows, &CUSTODY_LOADS, true);
     for load in CUSTODY_LOADS {
+        let [gate, worker] =
+            [EDGEGATE, EDGEGATE_KEYS_IN_WORKER].map(|t| median(&find(rows, load, t).switches));
+        println!(
+            "- context switches per connection ({load}): {gate:.1} with the keys in the gate, {worker:.1} in the worker"
+        );
+    }
+    for load in CUSTODY_LOADS {
         let cost =
             find(rows, load, EDGEGATE).cpu() / find(rows, load, EDGEGATE_KEYS_IN_WORKER).cpu();
         println!(
@@ -705,7 +718,8 @@ fn report(settings: &Settings, rows: &[Row], floor: &CryptoFloor, openssl_floor:
         &serde_json::json!({
             "rows": rows.iter().map(|r| serde_json::json!({
                 "load": r.load, "server": r.target.name, "connections_per_second": r.rates,
-                "cpu_us_per_connection": r.cpu_us, "p50_ms": r.latencies_ms[0],
+                "cpu_us_per_connection": r.cpu_us, "switches_per_connection": r.switches,
+                "p50_ms": r.latencies_ms[0],
                 "p99_ms": r.latencies_ms[1], "p999_ms": r.latencies_ms[2], "failed": r.failed,
                 "resumed_share": r.resumed,
             })).collect::<Vec<_>>(),

@@ -96,6 +96,27 @@ pub fn tree_cpu(pid: u32) -> Duration {
     process_tree(pid).into_iter().map(process_cpu).sum()
 }
 
+/// Context switches (voluntary and not) of every thread of `pid` and the
+/// processes below it so far: each wake-up of a thread that waited costs one.
+pub fn tree_switches(pid: u32) -> u64 {
+    let mut switches = 0;
+    for process in process_tree(pid) {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{process}/task")) else { continue };
+        for task in tasks.flatten() {
+            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else { continue };
+            switches += status
+                .lines()
+                .filter(|l| {
+                    l.starts_with("voluntary_ctxt_switches")
+                        || l.starts_with("nonvoluntary_ctxt_switches")
+                })
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    switches
+}
+
 /// CPU time (user + system) a process has used so far.
 pub fn process_cpu(pid: u32) -> Duration {
     // A process that just ended has used nothing more.

@@ -251,14 +251,14 @@ fn installed(built: &Built, root: &Path) -> Command {
 
 /// Runs the binary installed into `root`: `--version`, then `check` of the
 /// example config as shipped, but for its user (no package script ran
-/// useradd in this root) and its interface (`check` refuses one this host
-/// does not have).
+/// useradd in this root: the worker gets a transient uid instead) and its
+/// interface (`check` refuses one this host does not have).
 fn version_and_check(built: &Built, root: &Path, dist: &Path) -> anyhow::Result<()> {
     exec::run(installed(built, root).arg("--version"))?;
     let example = fs::read_to_string(root.join("etc/edgegate/edgegate.toml"))?;
     let config = dist.join("example-here.toml");
     let here = example
-        .replace("user = \"edgegate\"", "user = \"nobody\"")
+        .replace("\nuser = \"edgegate\"", "\n# user = \"edgegate\"")
         .replace("interfaces = [\"ens5\"]", "interfaces = [\"lo\"]");
     fs::write(&config, here)?;
     exec::run(
