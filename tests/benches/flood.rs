@@ -275,6 +275,36 @@ impl Bed {
         Self { generator_ns, sink, generator, bpffs_dir }
     }
 
+    /// One live-frames run of one frame: whether this kernel and this
+    /// process may generate traffic that way at all. Some hosts refuse it
+    /// (`EPERM` where the process lacks `CAP_SYS_RESOURCE` or `CAP_SYS_ADMIN`
+    /// in a container, `EINVAL` before Linux 5.18, which added live frames).
+    fn live_frames_refused(&self) -> Option<String> {
+        let name = Family::V4.programs().0;
+        let program: &Xdp = self.generator.program(name).expect(name).try_into().expect("XDP");
+        let frame = syn_frame(Family::V4);
+        self.generator_ns
+            .run(|| {
+                program.test_run(TestRunOptions {
+                    data_in: Some(&frame),
+                    repeat: 1,
+                    attrs: TestRunAttrs::new().xdp_live_frames(1),
+                    ..TestRunOptions::new()
+                })
+            })
+            .err()
+            .map(|e| {
+                // aya says which call failed; its source says why.
+                let mut text = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(cause) = source {
+                    text.push_str(&format!(": {cause}"));
+                    source = cause.source();
+                }
+                text
+            })
+    }
+
     /// Runs `program` for `packets` frames on each of the first `cpus` CPUs
     /// at once: the time the run took (until every CPU was done), and those
     /// CPUs' busy time over it (a cross-check that the receive path ran
@@ -741,6 +771,16 @@ struct Totals {
 fn main() {
     let settings = Settings::from_args();
     let bed = Bed::new();
+    if let Some(refusal) = bed.live_frames_refused() {
+        eprintln!(
+            "bench flood: not measured: the kernel refused a live-frames BPF_PROG_TEST_RUN, this \
+             bench's traffic generator ({refusal}). It needs Linux 5.18 or newer and, for this \
+             process, CAP_SYS_ADMIN and CAP_SYS_RESOURCE (a container may withhold them): run it \
+             as root on the host."
+        );
+        drop(bed);
+        std::process::exit(1);
+    }
     let mut totals = Totals::default();
     let mut rows = Vec::new();
     for &family in &settings.families {
