@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::tls::{
     DATA_KEY_LEN, DATA_KEY_MAX_AGE, DataKey, ListenerKeys, Secrets, TicketKeys, WRAPPED_LEN,
-    open_ticket, seal_ticket, wrapped_part,
+    open_ticket, seal_ticket, wrapped_nonce, wrapped_part,
 };
 
 /// The largest request or reply on a key channel.
@@ -53,6 +53,11 @@ pub const MAX_REQUESTS_PER_SECOND: u32 = 20_000;
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many data keys the worker fetches at once.
 const DATA_KEY_BATCH: u8 = 16;
+/// How many data keys of tickets it issued a worker remembers (about 70
+/// bytes each), so that a client resuming where it got its ticket costs no
+/// round trip to the gate. They open only the tickets this worker sealed:
+/// sessions it held anyway.
+const ISSUED_REMEMBERED: usize = 8192;
 
 /// A private key in the gate, as the worker knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -556,6 +561,7 @@ pub fn remote_keys(client: &Arc<KeyClient>, handles: &ListenerKeyHandles) -> Lis
                 client: Arc::clone(client),
                 handle: handle.clone(),
                 data_keys: Mutex::new(Vec::new()),
+                issued: Mutex::new(Issued::default()),
             })
         }),
     }
@@ -620,6 +626,35 @@ struct RemoteTickets {
     handle: TicketHandle,
     /// Data keys fetched ahead, with when.
     data_keys: Mutex<Vec<(DataKey, Instant)>>,
+    /// Those of the tickets it issued, newest last.
+    issued: Mutex<Issued>,
+}
+
+/// The data keys of the tickets a worker issued, by their wrapping's nonce,
+/// with when the gate made them; the oldest go first.
+#[derive(Default)]
+struct Issued {
+    keys: HashMap<[u8; 12], ([u8; DATA_KEY_LEN], Instant)>,
+    order: std::collections::VecDeque<[u8; 12]>,
+}
+
+impl Issued {
+    fn remember(&mut self, data_key: &DataKey, made: Instant) {
+        let Some(nonce) = wrapped_nonce(&data_key.wrapped) else { return };
+        if self.order.len() == ISSUED_REMEMBERED
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.keys.remove(&oldest);
+        }
+        self.keys.insert(nonce, (data_key.key, made));
+        self.order.push_back(nonce);
+    }
+
+    /// The data key of `wrapped`, if this worker issued it within `lifetime`.
+    fn recall(&self, wrapped: &[u8], lifetime: Duration) -> Option<[u8; DATA_KEY_LEN]> {
+        let (key, made) = self.keys.get(&wrapped_nonce(wrapped)?)?;
+        (made.elapsed() <= lifetime).then_some(*key)
+    }
 }
 
 impl std::fmt::Debug for RemoteTickets {
@@ -631,11 +666,11 @@ impl std::fmt::Debug for RemoteTickets {
 impl RemoteTickets {
     /// A data key not older than [`DATA_KEY_MAX_AGE`], fetching a batch
     /// when none is left (without holding the batch's lock meanwhile).
-    fn data_key(&self) -> Option<DataKey> {
+    fn data_key(&self) -> Option<(DataKey, Instant)> {
         {
             let mut keys = self.data_keys.lock().unwrap_or_else(PoisonError::into_inner);
             keys.retain(|(_, fetched)| fetched.elapsed() < DATA_KEY_MAX_AGE);
-            if let Some((key, _)) = keys.pop() {
+            if let Some(key) = keys.pop() {
                 return Some(key);
             }
         }
@@ -650,7 +685,7 @@ impl RemoteTickets {
                 Some((key, fetched))
             })
             .collect();
-        let (first, _) = batch.pop()?;
+        let first = batch.pop()?;
         self.data_keys.lock().unwrap_or_else(PoisonError::into_inner).extend(batch);
         Some(first)
     }
@@ -666,13 +701,27 @@ impl ProducesTickets for RemoteTickets {
     }
 
     fn encrypt(&self, session: &[u8]) -> Option<Vec<u8>> {
-        seal_ticket(&self.data_key()?, session)
+        let (data_key, made) = self.data_key()?;
+        let ticket = seal_ticket(&data_key, session)?;
+        self.issued.lock().unwrap_or_else(PoisonError::into_inner).remember(&data_key, made);
+        Some(ticket)
     }
 
     fn decrypt(&self, ticket: &[u8]) -> Option<Vec<u8>> {
         let wrapped = wrapped_part(ticket)?;
-        let answer = self.client.ask(&Request::Unwrap { tickets: self.handle.id, wrapped }).ok()?;
-        open_ticket(&answer.try_into().ok()?, ticket)
+        let lifetime = Duration::from_secs(self.handle.lifetime.into());
+        let issued =
+            self.issued.lock().unwrap_or_else(PoisonError::into_inner).recall(wrapped, lifetime);
+        // A ticket this worker issued opens here (its data key authenticates
+        // every byte, the wrapping included); any other asks the gate.
+        let data_key = match issued {
+            Some(key) => key,
+            None => {
+                let request = Request::Unwrap { tickets: self.handle.id, wrapped };
+                self.client.ask(&request).ok()?.try_into().ok()?
+            }
+        };
+        open_ticket(&data_key, ticket)
     }
 }
 
@@ -829,13 +878,38 @@ mod tests {
         let local = secrets.tickets.as_ref().expect("keys");
         assert_eq!(local.decrypt(&ticket).as_deref(), Some(&b"session"[..]));
 
-        // Two reloads later, the keys are gone.
+        // A ticket another worker or host sealed opens through the gate.
+        let elsewhere = local.encrypt(b"elsewhere").expect("sealed");
+        assert_eq!(tickets.decrypt(&elsewhere).as_deref(), Some(&b"elsewhere"[..]));
+
+        // Two reloads later, the gate has the keys no more: only the
+        // tickets this worker issued itself still open (without the gate).
         store.retire_all_but(&[]);
-        assert!(tickets.decrypt(&ticket).is_some(), "the set before stays");
+        assert!(tickets.decrypt(&elsewhere).is_some(), "the set before stays");
         store.retire_all_but(&[]);
-        assert_eq!(tickets.decrypt(&ticket), None);
+        assert_eq!(tickets.decrypt(&elsewhere), None);
+        assert_eq!(tickets.decrypt(&ticket).as_deref(), Some(&b"session"[..]));
+        assert_eq!(tickets.decrypt(&tampered), None, "its data key authenticates every byte");
         drop((tickets, keys.server, client));
         assert_eq!(thread.join().expect("thread"), Ok(()), "ends when the worker closes");
+    }
+
+    #[test]
+    fn a_worker_remembers_a_bounded_number_of_fresh_data_keys() {
+        let keys = TicketKeys::random(Duration::from_secs(3600)).expect("keys");
+        let minted: Vec<DataKey> =
+            (0..=ISSUED_REMEMBERED).map(|_| keys.mint(unix_now()).expect("minted")).collect();
+        let mut issued = Issued::default();
+        let now = Instant::now();
+        for data_key in &minted {
+            issued.remember(data_key, now);
+        }
+        let hour = Duration::from_secs(3600);
+        assert_eq!(issued.keys.len(), ISSUED_REMEMBERED);
+        assert_eq!(issued.recall(&minted[0].wrapped, hour), None, "the oldest went first");
+        let newest = &minted[ISSUED_REMEMBERED];
+        assert_eq!(issued.recall(&newest.wrapped, hour), Some(newest.key));
+        assert_eq!(issued.recall(&newest.wrapped, Duration::ZERO), None, "past its lifetime");
     }
 
     #[test]

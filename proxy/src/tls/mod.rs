@@ -39,7 +39,7 @@ use tokio_rustls::TlsConnector;
 
 pub use self::tickets::{
     DATA_KEY_MAX_AGE, DataKey, KEY_LEN as DATA_KEY_LEN, TicketKeys, TicketKeysError, WRAPPED_LEN,
-    open_ticket, seal_ticket, wrapped_part,
+    open_ticket, seal_ticket, wrapped_nonce, wrapped_part,
 };
 use crate::config::{BackendTlsConfig, ListenerConfig, TlsVersion};
 

@@ -181,6 +181,12 @@ pub fn seal_ticket(data_key: &DataKey, session: &[u8]) -> Option<Vec<u8>> {
     Some(ticket)
 }
 
+/// The nonce of a wrapped data key: unique to it (the gate draws it at
+/// random for each), so a name for it.
+pub fn wrapped_nonce(wrapped: &[u8]) -> Option<[u8; NONCE_LEN]> {
+    wrapped.get(NAME_LEN..NAME_LEN + NONCE_LEN)?.try_into().ok()
+}
+
 /// The wrapped data key a ticket starts with.
 pub fn wrapped_part(ticket: &[u8]) -> Option<&[u8]> {
     (ticket.len() >= WRAPPED_LEN + NONCE_LEN + TAG_LEN).then(|| &ticket[..WRAPPED_LEN])
