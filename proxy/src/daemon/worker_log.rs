@@ -11,7 +11,7 @@
 
 use std::{
     collections::HashMap,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufRead, BufReader, Read as _, Write as _},
     os::fd::{AsFd as _, OwnedFd},
     sync::{Mutex, PoisonError},
 };
@@ -46,18 +46,7 @@ pub fn relay(read: OwnedFd, pid: u32, json: bool) -> std::io::Result<()> {
     std::thread::Builder::new().name("edgegate-worker-log".into()).spawn(move || {
         let mut reader = BufReader::new(std::fs::File::from(read));
         let mut line = Vec::new();
-        loop {
-            line.clear();
-            let limit = u64::try_from(MAX_LINE).unwrap_or(u64::MAX) + 1;
-            match (&mut reader).take(limit).read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-            if !line.ends_with(b"\n") && line.len() > MAX_LINE {
-                line.truncate(MAX_LINE);
-                line.extend_from_slice(" […]".as_bytes());
-                skip_line(&mut reader);
-            }
+        while next_line(&mut reader, &mut line) {
             let text = String::from_utf8_lossy(&line);
             let labelled = label(text.trim_end_matches(['\n', '\r']), pid, json);
             let _ = writeln!(std::io::stderr().lock(), "{labelled}");
@@ -69,8 +58,25 @@ pub fn relay(read: OwnedFd, pid: u32, json: bool) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Reads the next line into `line`, cut at [`MAX_LINE`] bytes (the rest of
+/// a longer one is read past); false at the end.
+fn next_line(reader: &mut impl BufRead, line: &mut Vec<u8>) -> bool {
+    line.clear();
+    let limit = u64::try_from(MAX_LINE).unwrap_or(u64::MAX) + 1;
+    match reader.take(limit).read_until(b'\n', line) {
+        Ok(0) | Err(_) => return false,
+        Ok(_) => {}
+    }
+    if !line.ends_with(b"\n") && line.len() > MAX_LINE {
+        line.truncate(MAX_LINE);
+        line.extend_from_slice(" […]".as_bytes());
+        skip_line(reader);
+    }
+    true
+}
+
 /// Reads past the rest of a line too long to relay.
-fn skip_line(reader: &mut BufReader<std::fs::File>) {
+fn skip_line(reader: &mut impl BufRead) {
     loop {
         let Ok(buffer) = reader.fill_buf() else { return };
         if buffer.is_empty() {
@@ -129,7 +135,23 @@ pub fn hand_over() {
 
 #[cfg(test)]
 mod tests {
-    use super::label;
+    use super::{MAX_LINE, label, next_line};
+
+    #[test]
+    fn a_line_is_cut_at_its_bound_and_the_next_one_read_whole() {
+        let mut input = vec![b'x'; 3 * MAX_LINE];
+        input.extend_from_slice(b"\nnext\nlast without newline");
+        let mut reader = std::io::BufReader::with_capacity(1024, &input[..]);
+        let mut line = Vec::new();
+        assert!(next_line(&mut reader, &mut line));
+        assert_eq!(line.len(), MAX_LINE + " […]".len());
+        assert!(line.ends_with(" […]".as_bytes()));
+        assert!(next_line(&mut reader, &mut line));
+        assert_eq!(line, b"next\n");
+        assert!(next_line(&mut reader, &mut line));
+        assert_eq!(line, b"last without newline");
+        assert!(!next_line(&mut reader, &mut line));
+    }
 
     #[test]
     fn worker_lines_cannot_pass_for_the_gates() {

@@ -252,17 +252,18 @@ impl KeyStore {
             })
             .flatten()
             .collect();
+        /// Takes the entries of `map` not in `ids` out of it.
+        fn retired<V>(map: &mut HashMap<u32, V>, ids: &BTreeSet<u32>) -> HashMap<u32, V> {
+            let (live, retired) = map.drain().partition(|(id, _)| ids.contains(id));
+            *map = live;
+            retired
+        }
         let mut generations = self.generations.write().unwrap_or_else(PoisonError::into_inner);
         let [current, previous] = &mut *generations;
-        *previous = Registry::default();
-        let (keep, old): (HashMap<_, _>, HashMap<_, _>) =
-            current.signing.drain().partition(|(id, _)| ids.contains(id));
-        current.signing = keep;
-        previous.signing = old;
-        let (keep, old): (HashMap<_, _>, HashMap<_, _>) =
-            current.tickets.drain().partition(|(id, _)| ids.contains(id));
-        current.tickets = keep;
-        previous.tickets = old;
+        *previous = Registry {
+            signing: retired(&mut current.signing, &ids),
+            tickets: retired(&mut current.tickets, &ids),
+        };
     }
 
     fn signing(&self, id: u32) -> Option<(Arc<dyn SigningKey>, Role)> {

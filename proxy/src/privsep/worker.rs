@@ -168,17 +168,6 @@ impl Serve {
                             tracing::warn!("escape attempt `ForgeSightings`: in every report");
                             forging = Some(target);
                         }
-                        Some((Attempt::SignAnything, _)) => {
-                            tracing::warn!("escape attempt `SignAnything`: trying");
-                            match keys::sign_anything(self.proxies.keys()) {
-                                Ok(_) => tracing::error!(
-                                    "escape attempt `SignAnything`: SUCCEEDED (signed)"
-                                ),
-                                Err(e) => {
-                                    tracing::warn!("escape attempt `SignAnything`: refused: {e}")
-                                }
-                            }
-                        }
                         Some((attempt, target)) => self.misbehave(attempt, &target).await?,
                         None => {}
                     }
@@ -245,7 +234,13 @@ impl Serve {
             }
             return Ok(());
         }
-        match escape::attempt(attempt, target) {
+        let outcome = match attempt {
+            Attempt::SignAnything => keys::sign_anything(self.proxies.keys())
+                .map(|_| "signed".to_owned())
+                .map_err(std::io::Error::other),
+            _ => escape::attempt(attempt, target),
+        };
+        match outcome {
             Ok(what) => tracing::error!("escape attempt `{attempt:?}`: SUCCEEDED ({what})"),
             Err(e) => tracing::warn!("escape attempt `{attempt:?}`: refused: {e}"),
         }
