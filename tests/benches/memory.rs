@@ -144,19 +144,19 @@ fn main() {
             assert!(
                 opened * 10 >= connections * 9,
                 "{}: only {opened} of {connections} connections",
-                server.name
+                server.label
             );
             per_connection.push((busy.saturating_sub(idle)) as f64 * 1024.0 / opened as f64);
             // Let the proxy and the backend see the closes.
             std::thread::sleep(Duration::from_secs(2));
             held.lock().expect("held").clear();
         }
-        eprintln!("{}: {:.0} bytes per connection", server.name, median(&per_connection));
-        rows.push((server.name, per_connection));
+        eprintln!("{}: {:.0} bytes per connection", server.label, median(&per_connection));
+        rows.push((server.label.as_str(), per_connection));
     }
 
     print_heading("memory");
-    println!("{}", peers::versions());
+    println!("{}", peers::versions(&bed.haproxies));
     println!(
         "{connections} idle established mTLS connections (TLS 1.3, one byte each way relayed), Pss growth of the proxy (all its processes), median of {rounds} rounds"
     );
@@ -171,6 +171,20 @@ fn main() {
             low / 1024.0,
             high / 1024.0,
             ours / median(values)
+        );
+    }
+    println!("\ntargets:");
+    for haproxy in &bed.haproxies {
+        let Some((_, theirs)) = rows.iter().find(|(name, _)| *name == haproxy.label) else {
+            continue;
+        };
+        // Against the same crypto the bar is higher.
+        let target = if haproxy.aws_lc { 0.5 } else { 1.0 };
+        let ratio = ours / median(theirs);
+        println!(
+            "- edgegate's memory per idle connection = {ratio:.2}× {}'s; target ≤ {target}×: {}",
+            haproxy.label,
+            if ratio <= target { "met" } else { "**missed**" }
         );
     }
     let json = serde_json::json!(

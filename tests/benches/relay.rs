@@ -21,7 +21,7 @@ use std::{
 use edgegate::demo::netns::Netns;
 use edgegate_tests::{
     bench::{median, percentile, print_heading, save, spread, tree_cpu},
-    peers::{self, BACKEND_PORT, PeerBed, Server},
+    peers::{self, BACKEND_PORT, Haproxy, PeerBed, Server},
 };
 use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -44,10 +44,10 @@ enum Target<'a> {
     Direct,
 }
 
-impl Target<'_> {
-    fn name(self) -> &'static str {
+impl<'a> Target<'a> {
+    fn name(self) -> &'a str {
         match self {
-            Self::Proxy(server) => server.name,
+            Self::Proxy(server) => &server.label,
             Self::Direct => "direct (no proxy, no TLS)",
         }
     }
@@ -202,13 +202,13 @@ fn echo_latencies(
 
 struct ThroughputRow {
     connections: usize,
-    target: &'static str,
+    target: String,
     gb_per_second: Vec<f64>,
     cpu_seconds_per_gb: Vec<f64>,
 }
 
 struct LatencyRow {
-    target: &'static str,
+    target: String,
     p50_us: Vec<f64>,
     p99_us: Vec<f64>,
 }
@@ -258,7 +258,7 @@ fn main() {
             );
             throughput_rows.push(ThroughputRow {
                 connections,
-                target: target.name(),
+                target: target.name().to_owned(),
                 gb_per_second: rates,
                 cpu_seconds_per_gb: cpu,
             });
@@ -279,15 +279,24 @@ fn main() {
             median(&p50),
             median(&p99)
         );
-        latency_rows.push(LatencyRow { target: target.name(), p50_us: p50, p99_us: p99 });
+        latency_rows.push(LatencyRow {
+            target: target.name().to_owned(),
+            p50_us: p50,
+            p99_us: p99,
+        });
     }
     drop(servers);
-    report(&settings, &throughput_rows, &latency_rows);
+    report(&settings, &bed.haproxies, &throughput_rows, &latency_rows);
 }
 
-fn report(settings: &Settings, throughput: &[ThroughputRow], latency: &[LatencyRow]) {
+fn report(
+    settings: &Settings,
+    haproxies: &[Haproxy],
+    throughput: &[ThroughputRow],
+    latency: &[LatencyRow],
+) {
     print_heading("relay");
-    println!("{}", peers::versions());
+    println!("{}", peers::versions(haproxies));
     println!(
         "TLS 1.3, ECDSA P-256, X25519; clients tokio + rustls on the same cores; {} s × {} rounds; medians",
         settings.seconds, settings.rounds
@@ -352,7 +361,33 @@ fn report(settings: &Settings, throughput: &[ThroughputRow], latency: &[LatencyR
             added(row)
         );
     }
-    println!("\ntargets: throughput ≥ HAProxy's; added p99 latency ≤ HAProxy's");
+    println!("\ntargets:");
+    for haproxy in haproxies {
+        let label = &haproxy.label;
+        // Against the same crypto the bar is higher.
+        let (throughput_target, cpu_target) = if haproxy.aws_lc { (1.1, 0.7) } else { (1.0, 1.0) };
+        for connections in [1, 16] {
+            let row = |target: &str| {
+                throughput.iter().find(|r| r.connections == connections && r.target == target)
+            };
+            let (Some(ours), Some(theirs)) = (row("edgegate"), row(label)) else { continue };
+            let rate = median(&ours.gb_per_second) / median(&theirs.gb_per_second);
+            let cpu = median(&ours.cpu_seconds_per_gb) / median(&theirs.cpu_seconds_per_gb);
+            println!(
+                "- {connections} connection(s): edgegate's throughput {rate:.2}× {label}'s (target ≥ {throughput_target}×: {}), its CPU per GB {cpu:.2}× (target ≤ {cpu_target}×: {})",
+                verdict(rate >= throughput_target),
+                verdict(cpu <= cpu_target)
+            );
+        }
+        if let Some(theirs) = latency.iter().find(|r| r.target == *label) {
+            println!(
+                "- added p99 echo latency: edgegate {:.0} µs, {label} {:.0} µs (target: no more): {}",
+                added(ours),
+                added(theirs),
+                verdict(added(ours) <= added(theirs))
+            );
+        }
+    }
 
     save(
         "relay",
@@ -367,4 +402,8 @@ fn report(settings: &Settings, throughput: &[ThroughputRow], latency: &[LatencyR
             })).collect::<Vec<_>>(),
         }),
     );
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "**missed**" }
 }

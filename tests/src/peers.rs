@@ -2,6 +2,11 @@
 //! and stunnel side by side in one network namespace, terminating the same
 //! mutual TLS (ECDSA P-256 certificates) on loopback and forwarding to the
 //! same backend. Everything is removed on drop.
+//!
+//! HAProxy runs in every build given: Debian's (OpenSSL 3.0), and one built
+//! with AWS-LC, edgegate's own crypto, when [`HAPROXY_AWSLC_ENV`] names it
+//! (`cargo xtask bench --haproxy-awslc PATH`), so that a comparison can be
+//! made on the same TLS library.
 
 use std::{
     path::{Path, PathBuf},
@@ -21,14 +26,86 @@ use crate::bench::tool_version;
 pub const BACKEND_PORT: u16 = 18080;
 /// edgegate's second listener, with resumption off (no ticket sealed).
 pub const EDGEGATE_NO_RESUMPTION_PORT: u16 = 8448;
-/// HAProxy without session cache or tickets (see [`PeerBed::start_haproxy_variants`]).
-pub const HAPROXY_FULL_PORT: u16 = 8446;
 /// HAProxy `mode tcp` without TLS.
 pub const HAPROXY_TCP_PORT: u16 = 8447;
+/// The path of an HAProxy built with AWS-LC, if the benchmarks are to run one.
+pub const HAPROXY_AWSLC_ENV: &str = "EDGEGATE_BENCH_HAPROXY_AWSLC";
+
+/// One HAProxy build the benchmarks run, in its defaults (session cache and
+/// tickets) on `port` and in its best configuration for full handshakes
+/// (neither) on `full_port`.
+#[derive(Clone, Debug)]
+pub struct Haproxy {
+    /// Names its servers and files: `haproxy` (Debian's) or `haproxy-awslc`.
+    pub key: &'static str,
+    pub program: PathBuf,
+    /// Version and TLS library, e.g. "HAProxy 2.6.12, OpenSSL 3.0.20".
+    pub label: String,
+    /// Whether its TLS library is AWS-LC, edgegate's own.
+    pub aws_lc: bool,
+    pub port: u16,
+    pub full_port: u16,
+}
+
+impl Haproxy {
+    /// Debian's, from `PATH`, then the AWS-LC build [`HAPROXY_AWSLC_ENV`]
+    /// names, if any.
+    pub fn builds() -> Vec<Self> {
+        let mut builds = vec![Self::probe("haproxy", PathBuf::from("haproxy"), 8444, 8446)];
+        if let Some(path) = std::env::var_os(HAPROXY_AWSLC_ENV).filter(|p| !p.is_empty()) {
+            builds.push(Self::probe("haproxy-awslc", PathBuf::from(path), 8454, 8456));
+        }
+        builds
+    }
+
+    fn probe(key: &'static str, program: PathBuf, port: u16, full_port: u16) -> Self {
+        let output = Command::new(&program)
+            .arg("-vv")
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e}", program.display()));
+        let label = haproxy_label(&String::from_utf8_lossy(&output.stdout))
+            .unwrap_or_else(|| panic!("{}: no HAProxy version in `-vv`", program.display()));
+        let aws_lc = label.contains("AWS-LC");
+        Self { key, program, label, aws_lc, port, full_port }
+    }
+
+    /// Its name in its defaults, for a table row.
+    pub fn defaults_name(&self) -> String {
+        format!("{} (defaults: session cache, tickets)", self.label)
+    }
+
+    /// Its name without session cache or tickets, for a table row.
+    pub fn full_name(&self) -> String {
+        format!("{}, cache and tickets off", self.label)
+    }
+}
+
+/// "HAProxy 3.5-dev5, AWS-LC 5.12.0" from `haproxy -vv`: the release (without
+/// a commit or a distribution's suffix) and the TLS library it runs on.
+fn haproxy_label(vv: &str) -> Option<String> {
+    let version = vv.lines().find_map(|l| l.strip_prefix("HAProxy version "))?;
+    let version = version.split_whitespace().next()?;
+    let release: Vec<&str> = version
+        .split('-')
+        .enumerate()
+        .take_while(|(i, part)| *i == 0 || !part.starts_with(|c: char| c.is_ascii_digit()))
+        .map(|(_, part)| part)
+        .collect();
+    let library = vv
+        .lines()
+        .filter(|l| l.starts_with("Running on ") && l.contains(" version : "))
+        .find_map(|l| l.split_once(" : "))
+        .map(|(_, library)| library.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown TLS library".into());
+    Some(format!("HAProxy {}, {library}", release.join("-")))
+}
 
 /// One proxy under test, killed on drop.
 pub struct Server {
+    /// Names its log file.
     pub name: &'static str,
+    /// Names it in a table: the program, and for HAProxy its version and TLS library.
+    pub label: String,
     pub port: u16,
     pub child: Child,
 }
@@ -47,6 +124,7 @@ pub struct PeerBed {
     pub server: Issued,
     pub client: Issued,
     pub dir: PathBuf,
+    pub haproxies: Vec<Haproxy>,
     bpffs_dir: PathBuf,
 }
 
@@ -73,11 +151,13 @@ impl PeerBed {
         let server = server_ca.issue("server", &Leaf::server(&["127.0.0.1"]));
         let client = client_ca.issue("client", &Leaf::client("partner"));
         let bpffs_dir = PathBuf::from("/sys/fs/bpf").join(unique_name("egbench"));
-        Self { netns, server_ca, client_ca, server, client, dir, bpffs_dir }
+        let haproxies = Haproxy::builds();
+        Self { netns, server_ca, client_ca, server, client, dir, haproxies, bpffs_dir }
     }
 
-    /// Starts edgegate (:8443), HAProxy (:8444, `nbthread` = cores) and
-    /// stunnel (:8445), each accepting up to `max_connections`.
+    /// Starts edgegate (:8443), each HAProxy build in its defaults (Debian's
+    /// on :8444, `nbthread` = cores) and stunnel (:8445), each accepting up
+    /// to `max_connections`.
     pub fn start(&self, max_connections: usize) -> Vec<Server> {
         let dir = &self.dir;
         let (cert, key, client_ca) = (&self.server.cert, &self.server.key, &self.client_ca.cert);
@@ -119,14 +199,16 @@ impl PeerBed {
         let haproxy = |name: &str, global: &str, bind: &str| {
             write(&dir.join(name), &haproxy_config(max_connections, global, bind));
         };
-        haproxy("haproxy.cfg", &tls_global(""), &tls_bind(8444));
-        // The same frontend without a session cache or tickets: HAProxy's
-        // best configuration for clients that never resume.
-        haproxy(
-            "haproxy-full.cfg",
-            &format!("tune.ssl.cachesize 0\n  {}", tls_global(" no-tls-tickets")),
-            &tls_bind(HAPROXY_FULL_PORT),
-        );
+        for build in &self.haproxies {
+            haproxy(&format!("{}.cfg", build.key), &tls_global(""), &tls_bind(build.port));
+            // The same frontend without a session cache or tickets: HAProxy's
+            // best configuration for clients that never resume.
+            haproxy(
+                &format!("{}-full.cfg", build.key),
+                &format!("tune.ssl.cachesize 0\n  {}", tls_global(" no-tls-tickets")),
+                &tls_bind(build.full_port),
+            );
+        }
         // No TLS at all: the cost of the two TCP connections alone.
         haproxy("haproxy-tcp.cfg", "", &format!("127.0.0.1:{HAPROXY_TCP_PORT}"));
         write(
@@ -140,33 +222,41 @@ impl PeerBed {
             ),
         );
         let edgegate = crate::testbed::edgegate_binary();
-        let servers = vec![
-            self.spawn(
-                "edgegate",
-                8443,
-                &edgegate,
-                &["run", "--config", &path(&dir.join("edgegate.toml"))],
-            ),
-            self.spawn(
-                "haproxy",
-                8444,
-                Path::new("haproxy"),
-                &["-db", "-f", &path(&dir.join("haproxy.cfg"))],
-            ),
-            self.spawn("stunnel", 8445, Path::new("stunnel"), &[&path(&dir.join("stunnel.conf"))]),
-        ];
+        let mut servers = vec![self.spawn(
+            "edgegate",
+            "edgegate".into(),
+            8443,
+            &edgegate,
+            &["run", "--config", &path(&dir.join("edgegate.toml"))],
+        )];
+        for build in &self.haproxies {
+            servers.push(self.spawn(
+                build.key,
+                build.label.clone(),
+                build.port,
+                &build.program,
+                &["-db", "-f", &path(&dir.join(format!("{}.cfg", build.key)))],
+            ));
+        }
+        servers.push(self.spawn(
+            "stunnel",
+            "stunnel".into(),
+            8445,
+            Path::new("stunnel"),
+            &[&path(&dir.join("stunnel.conf"))],
+        ));
         std::thread::sleep(std::time::Duration::from_secs(2));
         self.check_started(servers)
     }
 
     /// After [`Self::start`] (whose edgegate must be stopped first): another
-    /// edgegate with the same config and `args` added to `run`, once it
-    /// accepts on :8443.
-    pub fn start_edgegate(&self, args: &[&str]) -> Server {
+    /// edgegate, the `binary` given, with the same config and `args` added to
+    /// `run`, once it accepts on :8443.
+    pub fn start_edgegate(&self, binary: &Path, args: &[&str]) -> Server {
         let config = path(&self.dir.join("edgegate.toml"));
         let mut run = vec!["run", "--config", &config];
         run.extend_from_slice(args);
-        let server = self.spawn("edgegate", 8443, &crate::testbed::edgegate_binary(), &run);
+        let server = self.spawn("edgegate", "edgegate".into(), 8443, binary, &run);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
         let address = std::net::SocketAddr::from(([127, 0, 0, 1], 8443));
         let timeout = std::time::Duration::from_millis(200);
@@ -183,25 +273,30 @@ impl PeerBed {
         server
     }
 
-    /// After [`Self::start`]: HAProxy without session cache and tickets
-    /// ([`HAPROXY_FULL_PORT`]) and HAProxy relaying plain TCP ([`HAPROXY_TCP_PORT`]).
+    /// After [`Self::start`]: each HAProxy build without session cache and
+    /// tickets (on its `full_port`, named `<key>-full`) and Debian's relaying
+    /// plain TCP ([`HAPROXY_TCP_PORT`], named `haproxy-tcp`).
     pub fn start_haproxy_variants(&self) -> Vec<Server> {
         let config = |name: &str| path(&self.dir.join(name));
-        let haproxy = Path::new("haproxy");
-        let servers = vec![
-            self.spawn(
-                "haproxy-full",
-                HAPROXY_FULL_PORT,
-                haproxy,
-                &["-db", "-f", &config("haproxy-full.cfg")],
-            ),
-            self.spawn(
-                "haproxy-tcp",
-                HAPROXY_TCP_PORT,
-                haproxy,
-                &["-db", "-f", &config("haproxy-tcp.cfg")],
-            ),
-        ];
+        let mut servers = Vec::new();
+        for build in &self.haproxies {
+            let name: &'static str =
+                if build.aws_lc { "haproxy-awslc-full" } else { "haproxy-full" };
+            servers.push(self.spawn(
+                name,
+                build.full_name(),
+                build.full_port,
+                &build.program,
+                &["-db", "-f", &config(&format!("{}-full.cfg", build.key))],
+            ));
+        }
+        servers.push(self.spawn(
+            "haproxy-tcp",
+            format!("{}, mode tcp, no TLS", self.haproxies[0].label),
+            HAPROXY_TCP_PORT,
+            Path::new("haproxy"),
+            &["-db", "-f", &config("haproxy-tcp.cfg")],
+        ));
         std::thread::sleep(std::time::Duration::from_secs(1));
         self.check_started(servers)
     }
@@ -219,7 +314,14 @@ impl PeerBed {
         servers
     }
 
-    fn spawn(&self, name: &'static str, port: u16, program: &Path, args: &[&str]) -> Server {
+    fn spawn(
+        &self,
+        name: &'static str,
+        label: String,
+        port: u16,
+        program: &Path,
+        args: &[&str],
+    ) -> Server {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).expect("log");
         let child = self
             .netns
@@ -230,7 +332,7 @@ impl PeerBed {
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("start {name}: {e}"));
-        Server { name, port, child }
+        Server { name, label, port, child }
     }
 
     /// A server's log, for a failure message.
@@ -318,11 +420,40 @@ fn path(path: &Path) -> String {
 }
 
 /// The peers' versions, for a benchmark table's header.
-pub fn versions() -> String {
+pub fn versions(haproxies: &[Haproxy]) -> String {
+    let labels: Vec<&str> = haproxies.iter().map(|h| h.label.as_str()).collect();
+    let aws_lc = if haproxies.iter().any(|h| h.aws_lc) {
+        String::new()
+    } else {
+        format!(
+            "\nno HAProxy on AWS-LC (edgegate's crypto) in this run: give its path with \
+             `cargo xtask bench --haproxy-awslc PATH` or {HAPROXY_AWSLC_ENV} (docs/BENCHMARKS.md \
+             says how to build one)"
+        )
+    };
     format!(
-        "peers: {} (nbthread = cores); {}; {}",
-        tool_version("haproxy", "-v"),
+        "peers: {} (nbthread = cores); {}; {}{aws_lc}",
+        labels.join("; "),
         tool_version("stunnel", "-version"),
         tool_version("openssl", "version")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::haproxy_label;
+
+    #[test]
+    fn haproxy_builds_are_named_by_release_and_tls_library() {
+        let debian = "HAProxy version 2.6.12-1+deb12u3 2025/10/03 - https://haproxy.org/\n\
+                      Running on: Linux 6.18.44 x86_64\n\
+                      Built with OpenSSL version : OpenSSL 3.0.17 1 Jul 2025\n\
+                      Running on OpenSSL version : OpenSSL 3.0.20 7 Apr 2026\n";
+        assert_eq!(haproxy_label(debian).as_deref(), Some("HAProxy 2.6.12, OpenSSL 3.0.20"));
+        let aws_lc = "HAProxy version 3.5-dev5-50872daa6 2026/08/21 - https://haproxy.org/\n\
+                      Running on: Linux 6.18.44 x86_64\n\
+                      Running on SSL library version : AWS-LC 5.12.0\n";
+        assert_eq!(haproxy_label(aws_lc).as_deref(), Some("HAProxy 3.5-dev5, AWS-LC 5.12.0"));
+        assert_eq!(haproxy_label("stunnel 5.68"), None);
+    }
 }

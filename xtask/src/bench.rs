@@ -21,6 +21,11 @@ use crate::{exec, setup};
 pub struct Options {
     #[arg(value_enum)]
     name: Bench,
+    /// An HAProxy built with AWS-LC (edgegate's crypto), run beside Debian's
+    /// by the handshake, relay and memory benches; docs/BENCHMARKS.md says
+    /// how to build one.
+    #[arg(long, value_name = "PATH", env = "EDGEGATE_BENCH_HAPROXY_AWSLC")]
+    haproxy_awslc: Option<PathBuf>,
     /// Arguments for the benchmark binary (not with `all`).
     #[arg(last = true)]
     args: Vec<String>,
@@ -110,6 +115,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     for bench in &benches {
         exec::install_missing("bench", bench.peers())?;
     }
+    let haproxy_awslc = options.haproxy_awslc.as_deref().map(aws_lc_haproxy).transpose()?;
     // The update, handshake, relay and memory benches drive the real binary.
     exec::build_release_binary()?;
     let report_path = exec::workspace_root().join("target/bench/all.md");
@@ -122,7 +128,13 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             bail!("interrupted before `bench {}`", bench.name());
         }
         println!("bench: running {}", bench.name());
-        match run_child(Command::new(executable).args(&options.args), &mut report)? {
+        let mut command = Command::new(executable);
+        command.args(&options.args);
+        match &haproxy_awslc {
+            Some(path) => command.env("EDGEGATE_BENCH_HAPROXY_AWSLC", path),
+            None => command.env_remove("EDGEGATE_BENCH_HAPROXY_AWSLC"),
+        };
+        match run_child(&mut command, &mut report)? {
             Outcome::Done => {}
             Outcome::Failed(status) => failed.push(format!("{} ({status})", bench.name())),
             Outcome::Interrupted => bail!("interrupted during `bench {}`", bench.name()),
@@ -138,6 +150,25 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         bail!("benchmarks failed: {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// The absolute path of `path`, once it is known to be an HAProxy that runs
+/// on AWS-LC: a wrong path must fail here, not after minutes of benchmarks.
+fn aws_lc_haproxy(path: &Path) -> anyhow::Result<PathBuf> {
+    let path = std::fs::canonicalize(path)
+        .with_context(|| format!("--haproxy-awslc {}: no such file", path.display()))?;
+    let output = Command::new(&path)
+        .arg("-vv")
+        .output()
+        .with_context(|| format!("--haproxy-awslc {}: cannot run it", path.display()))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    if !text.starts_with("HAProxy version") {
+        bail!("--haproxy-awslc {}: not an HAProxy (`-vv` says no version)", path.display());
+    }
+    if !text.lines().any(|l| l.starts_with("Running on") && l.contains("AWS-LC")) {
+        bail!("--haproxy-awslc {}: this HAProxy does not run on AWS-LC", path.display());
+    }
+    Ok(path)
 }
 
 /// Builds one benchmark binary and returns its path.
