@@ -594,13 +594,19 @@ fn custody(bed: &PeerBed, settings: &Settings) -> Vec<Row> {
 
 /// Each variant in turn under each of [`ALTERNATING_LOADS`] (its name
 /// prefixed with `prefix`), in every round, so that the machine's drift
-/// falls on all alike.
+/// falls on all alike; the order turns around every round (A B, B A, ...):
+/// the same binary measured against itself came out up to 7% dearer when
+/// always started first.
 fn alternate(bed: &PeerBed, settings: &Settings, prefix: &str, variants: &[Variant]) -> Vec<Row> {
     let mut rows: Vec<Row> = Vec::new();
     let resuming = bed.resuming_client_config(Some(&rustls::version::TLS13));
     let full = bed.client_config(Some(&rustls::version::TLS13));
-    for _ in 0..settings.rounds {
-        for variant in variants {
+    for round in 0..settings.rounds {
+        let order: Vec<&Variant> = match round % 2 {
+            0 => variants.iter().collect(),
+            _ => variants.iter().rev().collect(),
+        };
+        for variant in order {
             let server = bed.start_edgegate(variant.binary, variant.args);
             let target = Target { name: variant.name, port: 8443, pid: server.child.id() };
             for load in ALTERNATING_LOADS {
@@ -685,13 +691,13 @@ fn find<'a>(rows: &'a [Row], load: &str, target: &str) -> &'a Row {
 
 fn print_table(rows: &[Row], loads: &[&str], with_latency: bool) {
     print!(
-        "\n| load | server | conn/s | min–max | server CPU µs/conn | min–max | ÷ edgegate's CPU |"
+        "\n| load | server | conn/s | min–max | server CPU µs/conn | min–max | ÷ edgegate's CPU | switches/conn |"
     );
     if with_latency {
         print!(" p50 ms | p99 ms | p99.9 ms | resumed | failed |");
     }
     println!();
-    let columns = if with_latency { 12 } else { 7 };
+    let columns = if with_latency { 13 } else { 8 };
     println!("|---|---|{}", "---:|".repeat(columns - 2));
     for row in rows.iter().filter(|r| loads.contains(&r.load.as_str())) {
         let ours = rows
@@ -701,12 +707,13 @@ fn print_table(rows: &[Row], loads: &[&str], with_latency: bool) {
         let (rate_low, rate_high) = spread(&row.rates);
         let (cpu_low, cpu_high) = spread(&row.cpu_us);
         print!(
-            "| {} | {} | {:.0} | {rate_low:.0}–{rate_high:.0} | {:.0} | {cpu_low:.0}–{cpu_high:.0} | {:.2} |",
+            "| {} | {} | {:.0} | {rate_low:.0}–{rate_high:.0} | {:.0} | {cpu_low:.0}–{cpu_high:.0} | {:.2} | {:.1} |",
             row.load,
             row.target.name,
             median(&row.rates),
             row.cpu(),
             row.cpu() / ours,
+            median(&row.switches),
         );
         if with_latency {
             // `s_time` reports no latencies.
@@ -780,7 +787,8 @@ fn report(
     println!("{}", peers::versions(&builds));
     println!(
         "ECDSA P-256 certificates, X25519; {} s × {} rounds per row (bare s_time: 1 round); medians; \
-         CPU of the server's process tree per completed connection; the loads share the cores",
+         CPU and context switches (voluntary and not, every thread) of the server's process tree per \
+         completed connection; the loads share the cores",
         settings.seconds, settings.rounds
     );
     println!(

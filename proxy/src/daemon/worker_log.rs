@@ -48,8 +48,12 @@ pub fn relay(read: OwnedFd, pid: u32, json: bool) -> std::io::Result<()> {
         let mut line = Vec::new();
         while next_line(&mut reader, &mut line) {
             let text = String::from_utf8_lossy(&line);
-            let labelled = label(text.trim_end_matches(['\n', '\r']), pid, json);
-            let _ = writeln!(std::io::stderr().lock(), "{labelled}");
+            let mut labelled = label(text.trim_end_matches(['\n', '\r']), pid, json);
+            // One write per line: stderr is unbuffered, and `writeln!` would
+            // write the newline apart (a second syscall on every connection's
+            // access line).
+            labelled.push('\n');
+            let _ = std::io::stderr().lock().write_all(labelled.as_bytes());
         }
         if let Some(relayed) = RELAYED.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
             relayed.remove(&pid);

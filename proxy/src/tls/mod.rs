@@ -674,10 +674,6 @@ impl IdentityRules {
         })
     }
 
-    pub fn allows(&self, identity: &Identity) -> bool {
-        self.allows_name(&identity.name)
-    }
-
     /// Whether a certificate known by `name` passes the rules.
     pub fn allows_name(&self, name: &ClientName) -> bool {
         if self.common_name.is_empty() && self.dns.is_empty() && self.uri.is_empty() {
@@ -703,32 +699,19 @@ impl Identity {
     /// Parses a DER certificate; `None` if it does not parse (the verifier
     /// has already refused such a certificate).
     pub fn from_der(der: &[u8]) -> Option<Self> {
-        use x509_parser::{
-            certificate::X509Certificate, extensions::GeneralName, prelude::FromDer,
-        };
-        let (_, certificate) = X509Certificate::from_der(der).ok()?;
-        let common_name = certificate
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .map(str::to_owned);
-        let mut name = ClientName { common_name, ..ClientName::default() };
-        if let Ok(Some(san)) = certificate.subject_alternative_name() {
-            for general_name in &san.value.general_names {
-                match general_name {
-                    GeneralName::DNSName(dns) => name.dns.push((*dns).to_owned()),
-                    GeneralName::URI(uri) => name.uris.push((*uri).to_owned()),
-                    _ => {}
-                }
-            }
-        }
+        let certificate = parse_certificate(der)?;
         Some(Self {
             subject: certificate.subject().to_string(),
-            name,
+            name: ClientName::of(&certificate),
             serial: certificate.raw_serial_as_string(),
         })
     }
+}
+
+fn parse_certificate(der: &[u8]) -> Option<x509_parser::certificate::X509Certificate<'_>> {
+    use x509_parser::prelude::FromDer as _;
+    let (_, certificate) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+    Some(certificate)
 }
 
 /// Who a client certificate names: its CN and SANs.
@@ -755,6 +738,34 @@ pub struct ClientName {
 }
 
 impl ClientName {
+    /// The names of a DER certificate; `None` if it does not parse. Cheaper
+    /// than [`Identity::from_der`], which also renders the subject: the
+    /// verifier needs only the names, on every handshake.
+    pub fn from_der(der: &[u8]) -> Option<Self> {
+        parse_certificate(der).as_ref().map(Self::of)
+    }
+
+    fn of(certificate: &x509_parser::certificate::X509Certificate<'_>) -> Self {
+        use x509_parser::extensions::GeneralName;
+        let common_name = certificate
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned);
+        let mut name = Self { common_name, ..Self::default() };
+        if let Ok(Some(san)) = certificate.subject_alternative_name() {
+            for general_name in &san.value.general_names {
+                match general_name {
+                    GeneralName::DNSName(dns) => name.dns.push((*dns).to_owned()),
+                    GeneralName::URI(uri) => name.uris.push((*uri).to_owned()),
+                    _ => {}
+                }
+            }
+        }
+        name
+    }
+
     /// Every name, for bounds checks on what a worker reports.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.common_name.iter().chain(&self.dns).chain(&self.uris).map(String::as_str)
@@ -813,8 +824,8 @@ impl ClientCertVerifier for IdentityVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
-        match Identity::from_der(end_entity) {
-            Some(identity) if self.rules.allows(&identity) => Ok(verified),
+        match ClientName::from_der(end_entity) {
+            Some(name) if self.rules.allows_name(&name) => Ok(verified),
             _ => Err(rustls::Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
             )),
@@ -898,11 +909,16 @@ mod tests {
         assert_eq!(identity.name.uris, ["spiffe://partner.example/gateway"]);
         assert!(!identity.serial.is_empty());
         assert_eq!(Identity::from_der(b"not a certificate"), None);
+        // The verifier's cheaper read finds the same names.
+        let der = certificate(Some("gateway"), &["api.partner.example"], &["spiffe://p/g"]);
+        let name = ClientName::from_der(&der).expect("parses");
+        assert_eq!(Some(name), Identity::from_der(&der).map(|identity| identity.name));
+        assert_eq!(ClientName::from_der(b"not a certificate"), None);
     }
 
     #[test]
     fn without_rules_any_certificate_from_the_ca_passes() {
-        assert!(rules("").allows(&identity(None, &[], &[])));
+        assert!(rules("").allows_name(&identity(None, &[], &[]).name));
     }
 
     /// One rule of each kind, and what it lets in: any one matching rule suffices.
@@ -925,7 +941,7 @@ mod tests {
             (identity(Some("stranger"), &["stranger.example"], &["spiffe://x/y"]), false),
         ];
         for (identity, allowed) in cases {
-            assert_eq!(rules.allows(&identity), allowed, "{identity:?}");
+            assert_eq!(rules.allows_name(&identity.name), allowed, "{identity:?}");
         }
     }
 }
