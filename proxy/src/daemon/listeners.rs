@@ -126,6 +126,7 @@ impl Held {
             }
             None => listen(config.bind).map_err(error)?,
         };
+        defer_accept(&socket).map_err(error)?;
         Ok(Arc::new(socket))
     }
 
@@ -151,6 +152,33 @@ fn listen(address: SocketAddr) -> io::Result<std::net::TcpListener> {
     // for the host's limit.
     nix::sys::socket::listen(&socket, nix::sys::socket::Backlog::MAXALLOWABLE)?;
     Ok(socket)
+}
+
+/// How long the kernel holds a connection that has sent nothing yet.
+const DEFER_ACCEPT_SECONDS: libc::c_int = 1;
+
+/// `TCP_DEFER_ACCEPT`: the kernel hands a connection over only once its
+/// first bytes (a ClientHello, or a PROXY header) have arrived, so a worker
+/// is woken once per connection, with something to read, instead of for the
+/// accept and again for the data. A client that sends nothing is handed over
+/// after about [`DEFER_ACCEPT_SECONDS`] anyway and then held to
+/// `handshake_timeout` as before; until then it costs the kernel a request
+/// socket, not the worker a descriptor and a task.
+fn defer_accept(socket: &std::net::TcpListener) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let seconds = DEFER_ACCEPT_SECONDS;
+    // SAFETY: the option value is a c_int that lives across the call, its
+    // size given; the descriptor is an open socket.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            std::ptr::from_ref(&seconds).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 /// Every address of `backend` (`host:port`); at least one.
@@ -316,6 +344,27 @@ mod tests {
     use std::{net::TcpStream, time::Duration};
 
     use super::*;
+
+    #[test]
+    fn listeners_hand_over_connections_only_once_they_have_sent_something() {
+        use std::os::fd::AsRawFd as _;
+        let socket = listen("127.0.0.1:0".parse().unwrap()).expect("listen");
+        defer_accept(&socket).expect("TCP_DEFER_ACCEPT");
+        let mut seconds: libc::c_int = 0;
+        let mut length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: the value and its length are writable locals; the socket is open.
+        let result = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                std::ptr::from_mut(&mut seconds).cast(),
+                &mut length,
+            )
+        };
+        assert_eq!(result, 0);
+        assert!(seconds >= DEFER_ACCEPT_SECONDS, "{seconds}");
+    }
 
     #[test]
     fn the_listen_queue_is_as_deep_as_the_host_allows() {
