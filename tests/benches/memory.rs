@@ -178,8 +178,7 @@ fn main() {
         let Some((_, theirs)) = rows.iter().find(|(name, _)| *name == haproxy.label) else {
             continue;
         };
-        // Against the same crypto the bar is higher.
-        let target = if haproxy.aws_lc { 0.5 } else { 1.0 };
+        let target = 0.5;
         let ratio = ours / median(theirs);
         println!(
             "- edgegate's memory per idle connection = {ratio:.2}× {}'s; target ≤ {target}×: {}",

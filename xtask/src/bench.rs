@@ -46,13 +46,15 @@ enum Bench {
     /// 100k-entry `allow replace` under a flood that must lose nothing.
     Update,
     /// Server CPU per mutual-TLS connection, full and resumed, under this
-    /// project's generator and `openssl s_time`: edgegate, HAProxy (defaults
-    /// and without session cache/tickets), stunnel, and the floors.
+    /// project's generator and `openssl s_time`: edgegate, HAProxy (each
+    /// build, defaults and without session cache/tickets), stunnel, and the
+    /// floors. `-- --baseline PATH` compares this build with another instead.
     Handshake,
     /// Throughput (1 and 16 connections) and 64-byte echo latency through
-    /// edgegate, HAProxy and stunnel, and directly to the backend.
+    /// edgegate, HAProxy (each build) and stunnel, and directly to the backend.
     Relay,
-    /// Memory (Pss) per idle established mTLS connection: edgegate, HAProxy, stunnel.
+    /// Memory (Pss) per idle established mTLS connection: edgegate, HAProxy
+    /// (each build), stunnel.
     Memory,
     /// Fleet mode on a real 3-member etcd cluster: a change on one host until
     /// every host enforces it (with and without 50 more watchers), and a
