@@ -464,6 +464,14 @@ fn is_kvm_failure(line: &str) -> bool {
     line.contains("KVM internal error") || line.contains("emulation failure")
 }
 
+/// Whether a console line shows the kernel's verifier refusing the XDP
+/// program: the daemon's message, or a test's load error carrying the
+/// verifier's log (which only a rejection has).
+fn is_verifier_rejection(line: &str) -> bool {
+    line.contains("the kernel refused the XDP program")
+        || (line.contains("LoadError") && line.contains("verifier_log:"))
+}
+
 /// Streams the console of a started QEMU, stops it when `limits` are
 /// exceeded or KVM fails, and judges the result lines.
 fn watch(mut child: std::process::Child, limits: Limits) -> Result<(), Boot> {
@@ -524,7 +532,7 @@ fn watch(mut child: std::process::Child, limits: Limits) -> Result<(), Boot> {
         *last_output.lock().expect("output lock") = Some(Instant::now());
         println!("  | {line}");
         started_kernel |= line.contains("EDGEGATE-VM-KERNEL") || line.contains("Linux version");
-        verifier_rejected |= line.contains("the kernel refused the XDP program");
+        verifier_rejected |= is_verifier_rejection(&line);
         if let Some(result) = line.strip_prefix("EDGEGATE-VM-RESULT ") {
             results.push(result.to_owned());
         }
@@ -609,6 +617,17 @@ mod tests {
         let outcome = watch(fake_qemu("", ""), limits);
         assert!(matches!(&outcome, Err(Boot::KvmFailed { detail }) if detail.contains("nothing")));
         assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    }
+
+    #[test]
+    fn a_verifier_rejection_is_told_from_other_failures() {
+        let verdict_suite = "  | load the XDP program: Verify(LoadError { io_error: Os { code: 13, \
+                             kind: PermissionDenied, message: \"Permission denied\" }, \
+                             verifier_log: 0: R1=ctx() R10=fp0";
+        assert!(is_verifier_rejection(verdict_suite));
+        assert!(is_verifier_rejection("edgegate: the kernel refused the XDP program: ..."));
+        assert!(!is_verifier_rejection("load the XDP program: Io(NotFound)"));
+        assert!(!is_verifier_rejection("thread 'main' panicked at tests/src/harness.rs:69:67"));
     }
 
     #[test]
