@@ -30,7 +30,7 @@ use std::{
 
 use edgegate::demo::netns::Netns;
 use edgegate_tests::{
-    bench::{median, percentile, print_heading, save, spread, tree_cpu, tree_switches},
+    bench::{median, percentile, print_heading, save, spread, tree_cpu, tree_switches, verdict},
     peers::{self, BACKEND_PORT, EDGEGATE_NO_RESUMPTION_PORT, HAPROXY_TCP_PORT, Haproxy, PeerBed},
 };
 use rustls::{ClientConfig, HandshakeKind, SupportedProtocolVersion, pki_types::ServerName};
@@ -481,13 +481,10 @@ fn main() {
     let haproxies: Vec<HaproxyTargets> = bed
         .haproxies
         .iter()
-        .map(|build| {
-            let full_server = if build.aws_lc { "haproxy-awslc-full" } else { "haproxy-full" };
-            HaproxyTargets {
-                build: build.clone(),
-                defaults: target(leak(build.defaults_name()), build.key, None),
-                best: target(leak(build.full_name()), full_server, None),
-            }
+        .map(|build| HaproxyTargets {
+            build: build.clone(),
+            defaults: target(leak(build.defaults_name()), build.key, None),
+            best: target(leak(build.full_name()), build.full_key, None),
         })
         .collect();
     let stunnel = target(STUNNEL, "stunnel", None);
@@ -743,19 +740,18 @@ fn report_above_floor(rows: &[Row], haproxies: &[HaproxyTargets], floors: &Floor
     let loads = ["generator, full, TLS 1.3", "s_time -new -www, 4", "s_time -new -www, 16"];
     println!("\n| server | {} |", loads.join(" | "));
     println!("|---|{}", "---:|".repeat(loads.len()));
-    let servers = [EDGEGATE_FULL].into_iter().chain(haproxies.iter().map(|h| h.best.name));
-    for server in servers {
-        let Some(floor) = floors.of(server, haproxies) else { continue };
+    // edgegate's library is aws-lc.
+    let servers = [(EDGEGATE_FULL, true)]
+        .into_iter()
+        .chain(haproxies.iter().map(|h| (h.best.name, h.build.aws_lc)));
+    for (server, aws_lc) in servers {
+        let Some(floor) = floors.of(aws_lc) else { continue };
         let cells: Vec<String> = loads
             .iter()
             .map(|load| format!("{:.0}", find(rows, load, server).cpu() - floor))
             .collect();
         println!("| {server} | {} |", cells.join(" | "));
     }
-}
-
-fn verdict(met: bool) -> &'static str {
-    if met { "met" } else { "**missed**" }
 }
 
 /// The public-key work of one handshake, server side, in each TLS library.
@@ -766,11 +762,8 @@ struct Floors {
 }
 
 impl Floors {
-    /// The floor of the library a target's row runs on (edgegate and
-    /// HAProxy on AWS-LC: aws-lc; the others: OpenSSL).
-    fn of(&self, server: &str, haproxies: &[HaproxyTargets]) -> Option<f64> {
-        let aws_lc = server.starts_with("edgegate")
-            || haproxies.iter().any(|h| h.build.aws_lc && server.starts_with(&h.build.label));
+    /// The floor of a TLS library: aws-lc's, or OpenSSL's if it gave figures.
+    fn of(&self, aws_lc: bool) -> Option<f64> {
         if aws_lc { Some(self.aws_lc.total_us()) } else { self.openssl_us }
     }
 }

@@ -13,7 +13,7 @@ use std::{
 };
 
 use edgegate_tests::{
-    bench::{median, print_heading, save, spread},
+    bench::{median, print_heading, save, spread, verdict},
     peers::{self, BACKEND_PORT, PeerBed},
 };
 use rustls::pki_types::ServerName;
@@ -183,7 +183,7 @@ fn main() {
         println!(
             "- edgegate's memory per idle connection = {ratio:.2}× {}'s; target ≤ {target}×: {}",
             haproxy.label,
-            if ratio <= target { "met" } else { "**missed**" }
+            verdict(ratio <= target)
         );
     }
     let json = serde_json::json!(

@@ -20,7 +20,7 @@ use std::{
 
 use edgegate::demo::netns::Netns;
 use edgegate_tests::{
-    bench::{median, percentile, print_heading, save, spread, tree_cpu},
+    bench::{median, percentile, print_heading, save, spread, tree_cpu, verdict},
     peers::{self, BACKEND_PORT, Haproxy, PeerBed, Server},
 };
 use rustls::{ClientConfig, pki_types::ServerName};
@@ -402,8 +402,4 @@ fn report(
             })).collect::<Vec<_>>(),
         }),
     );
-}
-
-fn verdict(met: bool) -> &'static str {
-    if met { "met" } else { "**missed**" }
 }

@@ -13,6 +13,11 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// How a report marks a target: met, or missed in bold.
+pub fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "**missed**" }
+}
+
 /// The middle value, or the mean of the two middle ones.
 pub fn median(values: &[f64]) -> f64 {
     assert!(!values.is_empty(), "no samples");

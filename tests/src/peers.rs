@@ -38,6 +38,8 @@ pub const HAPROXY_AWSLC_ENV: &str = "EDGEGATE_BENCH_HAPROXY_AWSLC";
 pub struct Haproxy {
     /// Names its servers and files: `haproxy` (Debian's) or `haproxy-awslc`.
     pub key: &'static str,
+    /// Names its server without session cache and tickets.
+    pub full_key: &'static str,
     pub program: PathBuf,
     /// Version and TLS library, e.g. "HAProxy 2.6.12, OpenSSL 3.0.20".
     pub label: String,
@@ -51,14 +53,21 @@ impl Haproxy {
     /// Debian's, from `PATH`, then the AWS-LC build [`HAPROXY_AWSLC_ENV`]
     /// names, if any.
     pub fn builds() -> Vec<Self> {
-        let mut builds = vec![Self::probe("haproxy", PathBuf::from("haproxy"), 8444, 8446)];
+        let debian = Self::probe(["haproxy", "haproxy-full"], PathBuf::from("haproxy"), 8444, 8446);
+        let mut builds = vec![debian];
         if let Some(path) = std::env::var_os(HAPROXY_AWSLC_ENV).filter(|p| !p.is_empty()) {
-            builds.push(Self::probe("haproxy-awslc", PathBuf::from(path), 8454, 8456));
+            let keys = ["haproxy-awslc", "haproxy-awslc-full"];
+            builds.push(Self::probe(keys, PathBuf::from(path), 8454, 8456));
         }
         builds
     }
 
-    fn probe(key: &'static str, program: PathBuf, port: u16, full_port: u16) -> Self {
+    fn probe(
+        [key, full_key]: [&'static str; 2],
+        program: PathBuf,
+        port: u16,
+        full_port: u16,
+    ) -> Self {
         let output = Command::new(&program)
             .arg("-vv")
             .output()
@@ -66,7 +75,7 @@ impl Haproxy {
         let label = haproxy_label(&String::from_utf8_lossy(&output.stdout))
             .unwrap_or_else(|| panic!("{}: no HAProxy version in `-vv`", program.display()));
         let aws_lc = label.contains("AWS-LC");
-        Self { key, program, label, aws_lc, port, full_port }
+        Self { key, full_key, program, label, aws_lc, port, full_port }
     }
 
     /// Its name in its defaults, for a table row.
@@ -274,16 +283,14 @@ impl PeerBed {
     }
 
     /// After [`Self::start`]: each HAProxy build without session cache and
-    /// tickets (on its `full_port`, named `<key>-full`) and Debian's relaying
+    /// tickets (on its `full_port`, named its `full_key`) and Debian's relaying
     /// plain TCP ([`HAPROXY_TCP_PORT`], named `haproxy-tcp`).
     pub fn start_haproxy_variants(&self) -> Vec<Server> {
         let config = |name: &str| path(&self.dir.join(name));
         let mut servers = Vec::new();
         for build in &self.haproxies {
-            let name: &'static str =
-                if build.aws_lc { "haproxy-awslc-full" } else { "haproxy-full" };
             servers.push(self.spawn(
-                name,
+                build.full_key,
                 build.full_name(),
                 build.full_port,
                 &build.program,

@@ -17,6 +17,9 @@ use anyhow::{Context as _, bail};
 
 use crate::{exec, setup};
 
+/// Where the benchmarks find an HAProxy built with AWS-LC (`tests/src/peers.rs` reads it).
+const HAPROXY_AWSLC_ENV: &str = "EDGEGATE_BENCH_HAPROXY_AWSLC";
+
 #[derive(clap::Args)]
 pub struct Options {
     #[arg(value_enum)]
@@ -24,7 +27,7 @@ pub struct Options {
     /// An HAProxy built with AWS-LC (edgegate's crypto), run beside Debian's
     /// by the handshake, relay and memory benches; docs/BENCHMARKS.md says
     /// how to build one.
-    #[arg(long, value_name = "PATH", env = "EDGEGATE_BENCH_HAPROXY_AWSLC")]
+    #[arg(long, value_name = "PATH", env = HAPROXY_AWSLC_ENV)]
     haproxy_awslc: Option<PathBuf>,
     /// Arguments for the benchmark binary (not with `all`).
     #[arg(last = true)]
@@ -133,8 +136,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         let mut command = Command::new(executable);
         command.args(&options.args);
         match &haproxy_awslc {
-            Some(path) => command.env("EDGEGATE_BENCH_HAPROXY_AWSLC", path),
-            None => command.env_remove("EDGEGATE_BENCH_HAPROXY_AWSLC"),
+            Some(path) => command.env(HAPROXY_AWSLC_ENV, path),
+            None => command.env_remove(HAPROXY_AWSLC_ENV),
         };
         match run_child(&mut command, &mut report)? {
             Outcome::Done => {}
