@@ -46,8 +46,53 @@ pub mod map {
     pub const RETIRED: [&str; 1] = ["EG_SAMPLE_BUDGET"];
 }
 
-/// Name of the XDP program in the object file.
-pub const PROGRAM_NAME: &str = "edgegate";
+/// How frames start on an interface: it decides which of the object's two
+/// programs (one per layout, otherwise identical) is attached there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "user",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
+pub enum Framing {
+    /// An Ethernet header, possibly VLAN-tagged (Ethernet, veth, loopback, ENA).
+    Ethernet,
+    /// The IP header first, its version in the first nibble (TUN, WireGuard,
+    /// ipip, GRE, sit, PPP): layer-3 devices have no link-layer header.
+    Ip,
+}
+
+impl Framing {
+    pub const ALL: [Self; 2] = [Self::Ethernet, Self::Ip];
+
+    /// Name of the XDP program for this layout in the object file.
+    pub const fn program_name(self) -> &'static str {
+        match self {
+            Self::Ethernet => "edgegate",
+            Self::Ip => "edgegate_ip",
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Ethernet => "ethernet",
+            Self::Ip => "ip",
+        }
+    }
+}
+
+/// IP protocols that carry tunnels: in ports scope, packets of those marked
+/// in [`FilterConfig::tunnel_protocols`] are judged by their outer source.
+pub mod tunnel {
+    /// IPv4 in IP (ipip; in IPv6, 4in6).
+    pub const IPIP: u8 = 4;
+    /// IPv6 in IP (sit, 6in4; in IPv6, ip6ip6).
+    pub const IPV6: u8 = 41;
+    /// Generic Routing Encapsulation.
+    pub const GRE: u8 = 47;
+    /// UDP destination ports [`crate::FilterConfig`] can hold.
+    pub const MAX_UDP_PORTS: usize = 8;
+}
 
 /// Words in the protected-port bitmap (65536 ports, 64 per word).
 pub const PORT_BITMAP_WORDS: u32 = 65536 / 64;
@@ -157,6 +202,12 @@ pub struct FilterConfig {
     pub audit: u32,
     /// Zero; keeps the layout free of implicit padding.
     pub padding: u32,
+    /// Bit `p` set: IP protocol `p` (< 64, see [`tunnel`]) carries a tunnel,
+    /// judged by its outer source in ports scope.
+    pub tunnel_protocols: u64,
+    /// UDP destination ports that carry tunnels (VXLAN, GENEVE), judged like
+    /// protected ports; 0 marks an unused slot.
+    pub tunnel_udp_ports: [u16; tunnel::MAX_UDP_PORTS],
 }
 
 impl FilterConfig {
@@ -171,6 +222,8 @@ impl FilterConfig {
         v6_lengths: [0; 3],
         audit: 0,
         padding: 0,
+        tunnel_protocols: 0,
+        tunnel_udp_ports: [0; tunnel::MAX_UDP_PORTS],
     };
 }
 

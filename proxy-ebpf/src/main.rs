@@ -1,8 +1,10 @@
 //! edgegate's XDP program.
 //!
-//! Parses Ethernet (and up to two VLAN tags), IPv4 or IPv6 (with options and
-//! extension headers) and the TCP/UDP/SCTP destination port; decides whether
-//! the packet is subject to the allowlist (see `Scope`); looks the source up
+//! Parses Ethernet (and up to two VLAN tags) or, on layer-3 devices, none (one
+//! program per `Framing`, chosen when attaching), IPv4 or IPv6 (with options
+//! and extension headers) and the TCP/UDP/SCTP destination port; decides
+//! whether the packet is subject to the allowlist (see `Scope`; tunnels are
+//! judged by their outer source); looks the source up
 //! with longest-prefix-match semantics; counts the outcome per CPU; samples
 //! the sources it drops; and drops anything not allowed (in audit mode it
 //! counts those as would-be drops and passes them). The daemon owns every
@@ -32,7 +34,7 @@ use aya_log_ebpf::warn;
 use parse::{Ip, NeighborDiscovery, Outcome, Packet};
 use proxy_common::{
     COUNTER_SLOTS, Counter, DROP_SAMPLE_ENTRIES, DROP_SAMPLE_MAX_EVERY, DROP_SAMPLE_NEW_EVERY,
-    DroppedSource, Family, FilterConfig, Lookup, MAX_PER_LENGTH_LOOKUPS, PORT_BITMAP_WORDS,
+    DroppedSource, Family, FilterConfig, Framing, Lookup, MAX_PER_LENGTH_LOOKUPS, PORT_BITMAP_WORDS,
     PREFILTER_LEVELS, PREFILTER_WORDS, Reason, Rule, Scope, SourceKey, counter_index,
     prefilter_level_offset,
 };
@@ -84,8 +86,22 @@ static LOG_CLOCK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// At most one diagnostic line per CPU per this many nanoseconds.
 const LOG_INTERVAL_NS: u64 = 1_000_000_000;
 
+/// For interfaces whose frames start with an Ethernet header.
 #[xdp]
 pub fn edgegate(ctx: XdpContext) -> u32 {
+    judge(&ctx, Framing::Ethernet)
+}
+
+/// For layer-3 interfaces, whose frames start with the IP header.
+#[xdp]
+pub fn edgegate_ip(ctx: XdpContext) -> u32 {
+    judge(&ctx, Framing::Ip)
+}
+
+/// The whole program; inlined into each entry point, so that `framing` is a
+/// constant there and each program carries only its own parsing.
+#[inline(always)]
+fn judge(ctx: &XdpContext, framing: Framing) -> u32 {
     #[cfg(feature = "verifier-reject")]
     {
         // SAFETY: none; this read is unchecked on purpose (see Cargo.toml).
@@ -93,10 +109,10 @@ pub fn edgegate(ctx: XdpContext) -> u32 {
             return xdp_action::XDP_DROP;
         }
     }
-    let packet = Packet::new(&ctx);
+    let packet = Packet::new(ctx);
     let mut ip = Ip::new();
     let (reason, audit) = match CONFIG.get(0) {
-        Some(config) => (classify(config, &packet, &mut ip), config.audit != 0),
+        Some(config) => (classify(config, framing, &packet, &mut ip), config.audit != 0),
         // Element 0 of an array map always exists; fail closed regardless.
         None => (Reason::Malformed, false),
     };
@@ -107,9 +123,9 @@ pub fn edgegate(ctx: XdpContext) -> u32 {
     // Passing packets, the common case, leave after one test.
     if !reason.passes() {
         match (reason, counter) {
-            (Reason::Malformed, _) => log_malformed(&ctx, family),
+            (Reason::Malformed, _) => log_malformed(ctx, family),
             #[cfg(not(feature = "without-drop-sample"))]
-            (_, Some(counter)) => sample_drop(&ctx, &ip, reason, counter),
+            (_, Some(counter)) => sample_drop(ctx, &ip, reason, counter),
             _ => {}
         }
     }
@@ -117,8 +133,8 @@ pub fn edgegate(ctx: XdpContext) -> u32 {
 }
 
 /// Why the packet passes or drops; `ip` holds what parsing found.
-fn classify(config: &FilterConfig, packet: &Packet, ip: &mut Ip) -> Reason {
-    match parse::parse(packet, ip) {
+fn classify(config: &FilterConfig, framing: Framing, packet: &Packet, ip: &mut Ip) -> Reason {
+    match parse::parse(packet, framing, ip) {
         Outcome::Ip => {}
         Outcome::NotIp => return Reason::NotIp,
         Outcome::Malformed => return Reason::Malformed,
@@ -140,8 +156,12 @@ fn classify(config: &FilterConfig, packet: &Packet, ip: &mut Ip) -> Reason {
         true
     } else {
         // A later fragment carries no port: it is subject to the list, so a
-        // fragmented packet can never smuggle data past it.
-        protected || ip.later_fragment
+        // fragmented packet can never smuggle data past it. A tunnel carries
+        // none either, but the host decapsulates it: its inner packets may
+        // be bound for a protected port.
+        protected
+            || ip.later_fragment
+            || ip.carries_tunnel(config.tunnel_protocols, &config.tunnel_udp_ports)
     };
     if !subject {
         return Reason::OutOfScope;

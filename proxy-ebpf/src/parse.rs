@@ -2,7 +2,7 @@
 //! (the verifier insists, and truncated packets must be reported, not misread).
 
 use aya_ebpf::programs::XdpContext;
-use proxy_common::{Family, MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS};
+use proxy_common::{Family, Framing, MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS, tunnel};
 
 const ETH_HEADER_LEN: usize = 14;
 const VLAN_TAG_LEN: usize = 4;
@@ -107,6 +107,8 @@ pub struct Ip {
     pub has_port: bool,
     /// A fragment other than the first: no transport header.
     pub later_fragment: bool,
+    /// The protocol after the IP header(s); meaningful unless `later_fragment`.
+    pub protocol: u8,
     pub neighbor_discovery: NeighborDiscovery,
 }
 
@@ -119,7 +121,22 @@ impl Ip {
             destination_port: 0,
             has_port: false,
             later_fragment: false,
+            protocol: 0,
             neighbor_discovery: NeighborDiscovery::No,
+        }
+    }
+
+    /// Whether the packet carries a tunnel to be judged by its outer source:
+    /// one of the IP protocols set in `protocols` (bit per protocol number),
+    /// or UDP to one of `udp_ports` (0 marks an unused slot).
+    #[inline(always)]
+    pub fn carries_tunnel(&self, protocols: u64, udp_ports: &[u16; tunnel::MAX_UDP_PORTS]) -> bool {
+        if self.has_port {
+            self.protocol == PROTO_UDP
+                && self.destination_port != 0
+                && udp_ports.contains(&self.destination_port)
+        } else {
+            self.protocol < 64 && protocols & (1 << self.protocol) != 0
         }
     }
 }
@@ -144,28 +161,22 @@ pub enum Outcome {
     Malformed,
 }
 
-/// Parses the headers into `ip`.
+/// Parses the headers into `ip`, the frame laid out as `framing` says.
 #[inline(always)]
-pub fn parse(packet: &Packet, ip: &mut Ip) -> Outcome {
-    let Some(mut ethertype) = packet.u16_at(12) else {
-        return Outcome::Malformed;
+pub fn parse(packet: &Packet, framing: Framing, ip: &mut Ip) -> Outcome {
+    let (ethertype, offset) = match framing {
+        Framing::Ethernet => match ethernet_payload(packet) {
+            Some(payload) => payload,
+            None => return Outcome::Malformed,
+        },
+        Framing::Ip => match packet.bytes::<2>(0) {
+            Some([first, _]) if first >> 4 == 4 => (ETHERTYPE_IPV4, 0),
+            Some([first, _]) if first >> 4 == 6 => (ETHERTYPE_IPV6, 0),
+            // A layer-3 device carries only IP: anything else is what the
+            // stack would discard, and must not pass as "not IP".
+            _ => return Outcome::Malformed,
+        },
     };
-    let mut offset = ETH_HEADER_LEN;
-    for _ in 0..MAX_VLAN_TAGS {
-        if ethertype != ETHERTYPE_VLAN && ethertype != ETHERTYPE_QINQ {
-            break;
-        }
-        let Some(inner) = packet.u16_at(offset + 2) else {
-            return Outcome::Malformed;
-        };
-        ethertype = inner;
-        offset += VLAN_TAG_LEN;
-    }
-    if ethertype == ETHERTYPE_VLAN || ethertype == ETHERTYPE_QINQ {
-        // More tags than the walk covers: the frame may well carry IP, and
-        // passing it as "not IP" would let it around the list. Fail closed.
-        return Outcome::Malformed;
-    }
     let parsed = match ethertype {
         ETHERTYPE_IPV4 => {
             ip.family = Family::Ipv4;
@@ -178,6 +189,27 @@ pub fn parse(packet: &Packet, ip: &mut Ip) -> Outcome {
         _ => return Outcome::NotIp,
     };
     if parsed { Outcome::Ip } else { Outcome::Malformed }
+}
+
+/// The ethertype after the Ethernet header and its VLAN tags, and where its
+/// payload starts; `None` if the frame is malformed.
+#[inline(always)]
+fn ethernet_payload(packet: &Packet) -> Option<(u16, usize)> {
+    let mut ethertype = packet.u16_at(12)?;
+    let mut offset = ETH_HEADER_LEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if ethertype != ETHERTYPE_VLAN && ethertype != ETHERTYPE_QINQ {
+            break;
+        }
+        ethertype = packet.u16_at(offset + 2)?;
+        offset += VLAN_TAG_LEN;
+    }
+    if ethertype == ETHERTYPE_VLAN || ethertype == ETHERTYPE_QINQ {
+        // More tags than the walk covers: the frame may well carry IP, and
+        // passing it as "not IP" would let it around the list. Fail closed.
+        return None;
+    }
+    Some((ethertype, offset))
 }
 
 /// Fills `ip` from an IPv4 header at `offset`; false if it is malformed.
@@ -278,10 +310,12 @@ fn is_extension_header(protocol: u8) -> bool {
     )
 }
 
-/// Reads the destination port of port-carrying protocols into `ip`; false
+/// Records `protocol` and reads the destination port of port-carrying
+/// protocols into `ip`; false
 /// when their header is cut short before it.
 #[inline(always)]
 fn transport_port(packet: &Packet, protocol: u8, offset: usize, ip: &mut Ip) -> bool {
+    ip.protocol = protocol;
     match protocol {
         PROTO_TCP | PROTO_UDP | PROTO_SCTP | PROTO_UDPLITE => {
             let Some(ports) = packet.bytes::<PORTS_LEN>(offset) else {

@@ -332,10 +332,92 @@ pub struct FilterConfig {
     /// would drop. Switches on reload, both ways.
     #[serde(default)]
     pub audit: bool,
+    /// IP protocols carrying tunnels that ports scope judges by their outer
+    /// source: the host decapsulates them, and their inner packets may be
+    /// bound for a protected port.
+    #[serde(default = "default_tunnel_protocols")]
+    pub tunnel_protocols: BTreeSet<TunnelProtocol>,
+    /// UDP ports carrying tunnels (VXLAN, GENEVE), judged in the same way.
+    #[serde(default = "default_tunnel_ports")]
+    pub tunnel_ports: BTreeSet<u16>,
 }
 
 fn default_max_entries() -> u32 {
     DEFAULT_MAX_ENTRIES
+}
+fn default_tunnel_protocols() -> BTreeSet<TunnelProtocol> {
+    Tunnels::standard().protocols
+}
+fn default_tunnel_ports() -> BTreeSet<u16> {
+    Tunnels::standard().udp_ports
+}
+
+/// VXLAN's IANA port (RFC 7348).
+pub const VXLAN_PORT: u16 = 4789;
+/// GENEVE's IANA port (RFC 8926).
+pub const GENEVE_PORT: u16 = 6081;
+
+/// An IP protocol that carries a tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelProtocol {
+    /// IPv4 inside (protocol 4: ipip, 4in6).
+    Ipip,
+    /// IPv6 inside (protocol 41: sit, 6in4, ip6ip6).
+    Ipv6,
+    /// GRE (protocol 47), whatever it carries.
+    Gre,
+}
+
+impl TunnelProtocol {
+    pub const ALL: [Self; 3] = [Self::Ipip, Self::Ipv6, Self::Gre];
+
+    /// The IP protocol number.
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Ipip => proxy_common::tunnel::IPIP,
+            Self::Ipv6 => proxy_common::tunnel::IPV6,
+            Self::Gre => proxy_common::tunnel::GRE,
+        }
+    }
+}
+
+impl std::fmt::Display for TunnelProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Ipip => "ipip",
+            Self::Ipv6 => "ipv6",
+            Self::Gre => "gre",
+        })
+    }
+}
+
+/// The tunnels ports scope judges by their outer source.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub struct Tunnels {
+    pub protocols: BTreeSet<TunnelProtocol>,
+    pub udp_ports: BTreeSet<u16>,
+}
+
+impl Tunnels {
+    /// The default: every tunnel protocol, VXLAN and GENEVE.
+    pub fn standard() -> Self {
+        Self {
+            protocols: TunnelProtocol::ALL.into(),
+            udp_ports: BTreeSet::from([VXLAN_PORT, GENEVE_PORT]),
+        }
+    }
+}
+
+impl std::fmt::Display for Tunnels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut kinds: Vec<String> = self.protocols.iter().map(ToString::to_string).collect();
+        if !self.udp_ports.is_empty() {
+            let ports: Vec<String> = self.udp_ports.iter().map(u16::to_string).collect();
+            kinds.push(format!("UDP ports {}", ports.join(", ")));
+        }
+        if kinds.is_empty() { f.write_str("none") } else { f.write_str(&kinds.join(", ")) }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -533,6 +615,18 @@ impl Config {
         if filter.ports.contains(&0) {
             problems.push(Invalid::new("filter.ports", "port 0 cannot be protected"));
         }
+        if filter.tunnel_ports.contains(&0) {
+            problems.push(Invalid::new("filter.tunnel_ports", "port 0 carries no tunnel"));
+        }
+        if filter.tunnel_ports.len() > proxy_common::tunnel::MAX_UDP_PORTS {
+            problems.push(Invalid::new(
+                "filter.tunnel_ports",
+                format!(
+                    "at most {} ports; a host rarely terminates more kinds of UDP tunnel",
+                    proxy_common::tunnel::MAX_UDP_PORTS
+                ),
+            ));
+        }
         if metrics.exposed() && metrics.bind.port() == 0 {
             problems.push(Invalid::new(
                 "metrics.bind",
@@ -571,6 +665,14 @@ impl Config {
             ports.insert(self.metrics.bind.port());
         }
         ports
+    }
+
+    /// The tunnels judged by their outer source (ports scope).
+    pub fn tunnels(&self) -> Tunnels {
+        Tunnels {
+            protocols: self.filter.tunnel_protocols.clone(),
+            udp_ports: self.filter.tunnel_ports.clone(),
+        }
     }
 
     /// `filter.allowlist`, or `allowlist` in the state directory.

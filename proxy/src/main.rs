@@ -8,12 +8,13 @@ use edgegate::{
     allowlist::{self, Action, Allowlist, Change},
     config::{
         Config, DEFAULT_BPFFS_DIR, DEFAULT_CONTROL_SOCKET, DEFAULT_MAX_ENTRIES, DEFAULT_STATE_DIR,
-        Overrides,
+        Overrides, Scope,
     },
     control::{self, ClientError, Request, Response},
     daemon, filter,
     status::{ListReload, Status},
 };
+use proxy_common::Framing;
 
 #[derive(Parser)]
 #[command(
@@ -933,9 +934,16 @@ fn print_status(status: &Status, dropped: bool) {
     println!("scope:      {}", status.scope);
     let ports: Vec<String> = status.protected_ports.iter().map(u16::to_string).collect();
     println!("protected:  ports {}", ports.join(", "));
+    if status.scope == Scope::Ports {
+        println!("tunnels:    {} (judged by their outer source)", status.tunnels);
+    }
     for attachment in &status.interfaces {
+        let framing = match attachment.framing {
+            Framing::Ethernet => "",
+            Framing::Ip => ", layer 3: frames start with the IP header",
+        };
         let how = if attachment.adopted { ", taken over from a previous daemon" } else { "" };
-        println!("interface:  {} ({} mode{how})", attachment.interface, attachment.mode);
+        println!("interface:  {} ({} mode{framing}{how})", attachment.interface, attachment.mode);
     }
     println!("allowlist:  {}", status.allowlist.display());
     let worker = &status.worker;

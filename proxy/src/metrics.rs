@@ -430,10 +430,12 @@ mod tests {
                 interfaces: vec![Attachment {
                     interface: "eth0".into(),
                     mode: AttachedMode::Native,
+                    framing: proxy_common::Framing::Ethernet,
                     adopted: false,
                 }],
                 scope: Scope::Ports,
                 protected_ports: [8443].into(),
+                tunnels: crate::config::Tunnels::default(),
                 allowlist: "/var/lib/edgegate/allowlist".into(),
                 ipv4_entries: 4,
                 ipv6_entries: 1,

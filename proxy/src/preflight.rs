@@ -9,11 +9,12 @@
 
 use std::{fmt, path::Path};
 
+use proxy_common::Framing;
+
 use crate::{
     allowlist::{self, Allowlist},
     config::{AttachMode, Config, Overrides},
-    filter::{self, ENA_XDP_MAX_MTU},
-    privileges,
+    filter, privileges,
     tls::{Lifetime, LifetimeKind, ListenerTls, unix_now},
 };
 
@@ -170,23 +171,33 @@ pub fn inspect(path: &Path, overrides: &Overrides) -> Report {
 
 fn inspect_interface(report: &mut Report, at: &str, name: &str, mode: AttachMode) {
     // Through the kernel, not /sys: `nsenter --net` keeps the host's /sys.
-    let Some(mtu) = filter::interface_mtu(name) else {
+    let Some(link_type) = filter::interface_link_type(name) else {
         report.error(format!(
             "{at}: interface `{name}` does not exist (this host has: {}; see `ip link`)",
             filter::interface_names().join(", ")
         ));
         return;
     };
-    if mtu > ENA_XDP_MAX_MTU && mode != AttachMode::Skb {
-        let consequence = match mode {
-            AttachMode::Native => "mode = \"native\" will fail to attach",
-            _ => "mode = \"auto\" falls back to generic (skb) XDP",
-        };
-        report.warning(format!(
-            "{at}: `{name}` has MTU {mtu}, and native XDP on ENA (EC2's NIC) needs at most \
-             {ENA_XDP_MAX_MTU}, so {consequence}; set `ip link set dev {name} mtu \
-             {ENA_XDP_MAX_MTU}` and make it persistent (README: EC2's MTU)"
-        ));
+    match filter::framing_of(link_type) {
+        None => report.error(format!(
+            "{at}: {}",
+            filter::FilterError::UnsupportedLinkType { interface: name.to_owned(), link_type }
+        )),
+        Some(Framing::Ip) if mode == AttachMode::Native => report.error(format!(
+            "{at}: {}",
+            filter::FilterError::NativeOnLayer3 { interface: name.to_owned() }
+        )),
+        Some(Framing::Ip) => {}
+        Some(Framing::Ethernet) if mode == AttachMode::Skb => {}
+        Some(Framing::Ethernet) => {
+            let consequence = match mode {
+                AttachMode::Native => "mode = \"native\" will fail to attach",
+                _ => "mode = \"auto\" falls back to generic (skb) XDP",
+            };
+            for obstacle in filter::ena_obstacles(name) {
+                report.warning(format!("{at}: {obstacle}; until then {consequence}"));
+            }
+        }
     }
 }
 

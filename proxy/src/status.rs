@@ -11,12 +11,12 @@ use std::{
 };
 
 use ipnet::IpNet;
-use proxy_common::{Family, Lookup, Reason, Verdict};
+use proxy_common::{Family, Framing, Lookup, Reason, Verdict};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     allowlist::{Action, Diff},
-    config::Scope,
+    config::{Scope, Tunnels},
 };
 
 /// Text the worker sent (or a peer's certificate carried), made safe to
@@ -42,6 +42,8 @@ pub struct Status {
     pub audit: bool,
     /// The listeners' ports, `filter.ports`, and the metrics port when exposed.
     pub protected_ports: BTreeSet<u16>,
+    /// Tunnels judged by their outer source (ports scope).
+    pub tunnels: Tunnels,
     pub allowlist: PathBuf,
     pub ipv4_entries: usize,
     pub ipv6_entries: usize,
@@ -189,6 +191,8 @@ pub struct FleetHost {
 pub struct Attachment {
     pub interface: String,
     pub mode: AttachedMode,
+    /// How the interface's frames start, which picks the program attached.
+    pub framing: Framing,
     /// The link was pinned by an earlier daemon and taken over.
     pub adopted: bool,
 }

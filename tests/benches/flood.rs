@@ -403,6 +403,7 @@ impl Bed {
                     mode: AttachMode::Native,
                     scope: Scope::Host,
                     ports: BTreeSet::new(),
+                    tunnels: edgegate::config::Tunnels::standard(),
                     max_entries: (list.len() as u32 * 2).next_power_of_two().max(1024),
                     bpffs_dir: self.bpffs_dir.clone(),
                     audit: false,

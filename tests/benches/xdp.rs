@@ -29,6 +29,7 @@ use edgegate_tests::{
     reference,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use proxy_common::Framing;
 
 const PORT: u16 = 443;
 
@@ -296,7 +297,10 @@ fn main() {
                 let setup_s = started.elapsed().as_secs_f64();
                 let unsampled = load(reference::FILTER_WITHOUT_DROP_SAMPLE);
                 let [edgegate, unsampled_ns] = times(
-                    [harness.filter.program(), unsampled.filter.program()],
+                    [
+                        harness.filter.program(Framing::Ethernet),
+                        unsampled.filter.program(Framing::Ethernet),
+                    ],
                     &frames,
                     settings.repeat,
                     settings.rounds,
@@ -357,7 +361,10 @@ fn sample_cost(
         let sampled = load(edgegate::filter::PROGRAM_OBJECT);
         let unsampled = load(reference::FILTER_WITHOUT_DROP_SAMPLE);
         let [with_ns, without_ns] = times(
-            [sampled.filter.program(), unsampled.filter.program()],
+            [
+                sampled.filter.program(Framing::Ethernet),
+                unsampled.filter.program(Framing::Ethernet),
+            ],
             frames,
             settings.repeat,
             // The statistics leave out the time between runs, where

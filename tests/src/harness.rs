@@ -6,11 +6,10 @@ use std::{collections::BTreeSet, path::PathBuf};
 use aya::programs::{TestRun as _, TestRunOptions};
 use edgegate::{
     allowlist::Allowlist,
-    config::{AttachMode, Scope},
+    config::{AttachMode, DEFAULT_MAX_ENTRIES, Scope, Tunnels},
     filter::{Filter, FilterOptions},
 };
-
-use proxy_common::Verdict;
+use proxy_common::{Framing, Verdict};
 
 use crate::unique_name;
 
@@ -38,11 +37,18 @@ impl Drop for PinDir {
 impl XdpHarness {
     /// Loads the program with `list` (the text format), `scope` and extra protected `ports`.
     pub fn new(list: &str, scope: Scope, ports: &[u16]) -> Self {
-        Self::with_capacity(list, scope, ports, edgegate::config::DEFAULT_MAX_ENTRIES)
+        Self::with_capacity(list, scope, ports, DEFAULT_MAX_ENTRIES)
     }
 
     pub fn with_capacity(list: &str, scope: Scope, ports: &[u16], max_entries: u32) -> Self {
         Self::with_object(edgegate::filter::PROGRAM_OBJECT, list, scope, ports, max_entries)
+    }
+
+    /// As [`Self::new`], judging only the tunnels in `tunnels` (the others
+    /// have the defaults a config without tunnel keys gets).
+    pub fn with_tunnels(list: &str, scope: Scope, ports: &[u16], tunnels: Tunnels) -> Self {
+        let object = edgegate::filter::PROGRAM_OBJECT;
+        Self::with_options(object, list, scope, ports, DEFAULT_MAX_ENTRIES, tunnels)
     }
 
     /// As [`Self::with_capacity`], with another build of the program (see
@@ -54,12 +60,24 @@ impl XdpHarness {
         ports: &[u16],
         max_entries: u32,
     ) -> Self {
+        Self::with_options(object, list, scope, ports, max_entries, Tunnels::standard())
+    }
+
+    fn with_options(
+        object: &[u8],
+        list: &str,
+        scope: Scope,
+        ports: &[u16],
+        max_entries: u32,
+        tunnels: Tunnels,
+    ) -> Self {
         crate::require_root();
         let options = FilterOptions {
             interfaces: Vec::new(),
             mode: AttachMode::Auto,
             scope,
             ports: ports.iter().copied().collect::<BTreeSet<u16>>(),
+            tunnels,
             max_entries,
             bpffs_dir: PathBuf::from("/sys/fs/bpf").join(unique_name("egxdp")),
             audit: false,
@@ -81,9 +99,15 @@ impl XdpHarness {
         &self.options.bpffs_dir
     }
 
-    /// The program's verdict for one frame.
+    /// The Ethernet program's verdict for one frame.
     pub fn run(&self, frame: &[u8]) -> u32 {
         run(&self.filter, frame)
+    }
+
+    /// The verdict of the program for `framing` (a layer-3 device's frames
+    /// start with the IP header) for one frame.
+    pub fn run_framed(&self, framing: Framing, frame: &[u8]) -> u32 {
+        run_program(&self.filter, framing, frame)
     }
 
     /// Packets counted per (family, reason), in a fixed order; audit mode's
@@ -108,9 +132,13 @@ impl XdpHarness {
     }
 }
 
-/// `filter`'s program verdict for one frame.
+/// `filter`'s Ethernet program's verdict for one frame.
 pub fn run(filter: &Filter, frame: &[u8]) -> u32 {
+    run_program(filter, Framing::Ethernet, frame)
+}
+
+fn run_program(filter: &Filter, framing: Framing, frame: &[u8]) -> u32 {
     let mut options = TestRunOptions::new();
     options.data_in = Some(frame);
-    filter.program().test_run(options).expect("BPF_PROG_TEST_RUN").return_value
+    filter.program(framing).test_run(options).expect("BPF_PROG_TEST_RUN").return_value
 }

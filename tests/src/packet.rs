@@ -25,6 +25,11 @@ pub enum Transport {
     Icmpv6 {
         kind: u8,
     },
+    /// A tunnel protocol (ipip 4, IPv6 41, GRE 47) and a payload the
+    /// filter never reads.
+    Tunnel {
+        protocol: u8,
+    },
 }
 
 impl Transport {
@@ -35,6 +40,7 @@ impl Transport {
             Self::Icmp if ipv6 => 58,
             Self::Icmp => 1,
             Self::Icmpv6 { .. } => 58,
+            Self::Tunnel { protocol } => protocol,
         }
     }
 
@@ -58,6 +64,7 @@ impl Transport {
             }
             Self::Icmp => (vec![8, 0, 0, 0, 0, 1, 0, 1], 0),
             Self::Icmpv6 { kind } => (vec![kind, 0, 0, 0, 0, 0, 0, 0], 4),
+            Self::Tunnel { .. } => (vec![0x45; 28], 0),
         }
     }
 }

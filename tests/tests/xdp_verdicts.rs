@@ -3,7 +3,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use edgegate::{allowlist::Allowlist, config::Scope};
+use edgegate::{
+    allowlist::Allowlist,
+    config::{Scope, TunnelProtocol, Tunnels},
+};
 use edgegate_tests::{
     Lcg,
     harness::{XDP_DROP, XDP_PASS, XdpHarness, run},
@@ -12,6 +15,7 @@ use edgegate_tests::{
         Transport, arp, ethernet, ipv4, ipv6,
     },
 };
+use proxy_common::Framing;
 
 const PORT: u16 = 443;
 const LIST: &str = "\
@@ -44,8 +48,25 @@ fn v6(src: Ipv6Addr, extensions: &[Extension], transport: Transport) -> Frame {
 /// reason) counter moved, by one packet.
 #[track_caller]
 fn expect(harness: &XdpHarness, frame: &[u8], verdict: u32, family: &str, reason: &str) {
+    expect_framed(harness, Framing::Ethernet, frame, verdict, family, reason);
+}
+
+/// As [`expect`], through the program for `framing`.
+#[track_caller]
+fn expect_framed(
+    harness: &XdpHarness,
+    framing: Framing,
+    frame: &[u8],
+    verdict: u32,
+    family: &str,
+    reason: &str,
+) {
     let before = harness.counters();
-    assert_eq!(harness.run(frame), verdict, "verdict for {family}/{reason}, frame {frame:02x?}");
+    assert_eq!(
+        harness.run_framed(framing, frame),
+        verdict,
+        "verdict for {family}/{reason}, {framing:?} frame {frame:02x?}"
+    );
     let after = harness.counters();
     for (((slot, old), (_, new)), _) in before.iter().zip(&after).zip(0..) {
         let expected = u64::from(slot.0 == family && slot.1 == reason);
@@ -430,6 +451,150 @@ fn every_truncation_of_every_header_is_malformed() {
                 assert_eq!(harness.run(bytes), XDP_PASS, "{name} cut at {cut}");
             }
         }
+    }
+}
+
+/// Layer-3 devices (TUN, WireGuard, ipip, GRE, PPP) hand the program the IP
+/// header first: the same packets get the same verdicts as over Ethernet.
+#[test]
+fn layer_three_frames_are_read_from_the_ip_header() {
+    let h = ports_scope();
+    let plain = Fragment::default();
+    let ip = Framing::Ip;
+    for (source, verdict, reason) in [
+        (ALLOWED_V4, XDP_PASS, "allowed"),
+        (DENIED_V4, XDP_DROP, "denied"),
+        (UNLISTED_V4, XDP_DROP, "unlisted"),
+    ] {
+        let packet = ipv4(source, TCP, &[], plain);
+        expect_framed(&h, ip, &packet.bytes, verdict, "ipv4", reason);
+        let options = ipv4(source, Transport::Udp { dst_port: PORT }, &[1; 8], plain);
+        expect_framed(&h, ip, &options.bytes, verdict, "ipv4", reason);
+    }
+    for (source, verdict, reason) in [
+        (ALLOWED_V6, XDP_PASS, "allowed"),
+        (DENIED_V6, XDP_DROP, "denied"),
+        (UNLISTED_V6, XDP_DROP, "unlisted"),
+    ] {
+        let packet = ipv6(source, &[Extension::HopByHop], TCP);
+        expect_framed(&h, ip, &packet.bytes, verdict, "ipv6", reason);
+    }
+    let other_port = Transport::Tcp { dst_port: 22 };
+    let packet = ipv4(UNLISTED_V4, other_port, &[], plain);
+    expect_framed(&h, ip, &packet.bytes, XDP_PASS, "ipv4", "out_of_scope");
+    let later = ipv4(UNLISTED_V4, TCP, &[], Fragment { offset: 8, more: false });
+    expect_framed(&h, ip, &later.bytes, XDP_DROP, "ipv4", "unlisted");
+    let host = XdpHarness::new(LIST, Scope::Host, &[PORT]);
+    let echo = ipv4(UNLISTED_V4, Transport::Icmp, &[], plain);
+    expect_framed(&host, ip, &echo.bytes, XDP_DROP, "ipv4", "unlisted");
+    let solicitation = ipv6(UNLISTED_V6, &[], Transport::Icmpv6 { kind: 135 });
+    expect_framed(&host, ip, &solicitation.bytes, XDP_PASS, "ipv6", "neighbor_discovery");
+}
+
+/// A layer-3 device carries only IP: a frame whose first nibble is not 4
+/// or 6 is dropped as malformed, never passed as "not IP" (which is how the
+/// Ethernet program would misread an unlisted source's SYN).
+#[test]
+fn layer_three_frames_that_are_not_ip_are_malformed() {
+    let h = ports_scope();
+    let syn = ipv4(UNLISTED_V4, TCP, &[], Fragment::default()).bytes;
+    for version in [0u8, 1, 5, 7, 0xf] {
+        let mut frame = syn.clone();
+        frame[0] = version << 4 | 5;
+        expect_framed(&h, Framing::Ip, &frame, XDP_DROP, "other", "malformed");
+    }
+    // A version-4 nibble in front of an IPv6 header, and the reverse.
+    let mut v6_as_v4 = ipv6(UNLISTED_V6, &[], TCP).bytes;
+    v6_as_v4[0] = 0x45;
+    expect_framed(&h, Framing::Ip, &v6_as_v4, XDP_DROP, "ipv4", "unlisted");
+    let mut v4_as_v6 = syn.clone();
+    v4_as_v6[0] = 0x65;
+    expect_framed(&h, Framing::Ip, &v4_as_v6, XDP_DROP, "ipv6", "malformed");
+    expect_framed(&h, Framing::Ip, &arp().bytes[14..], XDP_DROP, "other", "malformed");
+}
+
+#[test]
+fn every_truncation_of_a_layer_three_frame_is_malformed() {
+    let h = ports_scope();
+    let cases = [
+        ("ipv4/tcp", "ipv4", ipv4(ALLOWED_V4, TCP, &[], Fragment::default())),
+        ("ipv4+options/udp", "ipv4", ipv4(ALLOWED_V4, TCP, &[1; 16], Fragment::default())),
+        ("ipv6/tcp", "ipv6", ipv6(ALLOWED_V6, &[], TCP)),
+        (
+            "ipv6+hbh+fragment/udp",
+            "ipv6",
+            ipv6(
+                ALLOWED_V6,
+                &[Extension::HopByHop, Extension::Fragment { offset: 0, more: true }],
+                Transport::Udp { dst_port: PORT },
+            ),
+        ),
+    ];
+    for (name, family, frame) in cases {
+        assert_eq!(h.run_framed(Framing::Ip, &frame.bytes), XDP_PASS, "{name}: whole");
+        // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header.
+        for cut in 14..frame.bytes.len() {
+            let bytes = &frame.bytes[..cut];
+            if cut < frame.needed {
+                expect_framed(&h, Framing::Ip, bytes, XDP_DROP, family, "malformed");
+            } else {
+                assert_eq!(h.run_framed(Framing::Ip, bytes), XDP_PASS, "{name} cut at {cut}");
+            }
+        }
+    }
+}
+
+/// Ports scope judges tunnels by their outer source: the host decapsulates
+/// them, and the inner packet may be bound for a protected port.
+#[test]
+fn tunnels_are_judged_by_their_outer_source_in_ports_scope() {
+    let h = ports_scope();
+    let plain = Fragment::default();
+    let tunnels = [
+        Transport::Tunnel { protocol: 4 },
+        Transport::Tunnel { protocol: 41 },
+        Transport::Tunnel { protocol: 47 },
+        Transport::Udp { dst_port: 4789 },
+        Transport::Udp { dst_port: 6081 },
+    ];
+    for tunnel in tunnels {
+        expect(&h, &v4(ALLOWED_V4, tunnel).bytes, XDP_PASS, "ipv4", "allowed");
+        expect(&h, &v4(DENIED_V4, tunnel).bytes, XDP_DROP, "ipv4", "denied");
+        expect(&h, &v4(UNLISTED_V4, tunnel).bytes, XDP_DROP, "ipv4", "unlisted");
+        expect(&h, &v6(ALLOWED_V6, &[], tunnel).bytes, XDP_PASS, "ipv6", "allowed");
+        let behind_extension = v6(UNLISTED_V6, &[Extension::DestinationOptions], tunnel);
+        expect(&h, &behind_extension.bytes, XDP_DROP, "ipv6", "unlisted");
+        let over_layer3 = ipv4(UNLISTED_V4, tunnel, &[], plain);
+        expect_framed(&h, Framing::Ip, &over_layer3.bytes, XDP_DROP, "ipv4", "unlisted");
+    }
+    // Only UDP carries the tunnel ports; other IP protocols are not tunnels.
+    for other in [
+        Transport::Tcp { dst_port: 4789 },
+        Transport::Udp { dst_port: 4790 },
+        Transport::Tunnel { protocol: 50 },
+        Transport::Tunnel { protocol: 94 },
+    ] {
+        expect(&h, &v4(UNLISTED_V4, other).bytes, XDP_PASS, "ipv4", "out_of_scope");
+    }
+}
+
+#[test]
+fn tunnels_left_out_of_the_config_stay_out_of_scope() {
+    let none = XdpHarness::with_tunnels(LIST, Scope::Ports, &[PORT], Tunnels::default());
+    for tunnel in [Transport::Tunnel { protocol: 4 }, Transport::Udp { dst_port: 4789 }] {
+        expect(&none, &v4(UNLISTED_V4, tunnel).bytes, XDP_PASS, "ipv4", "out_of_scope");
+    }
+    let gre_and_vxlan =
+        Tunnels { protocols: [TunnelProtocol::Gre].into(), udp_ports: [4789].into() };
+    let some = XdpHarness::with_tunnels(LIST, Scope::Ports, &[PORT], gre_and_vxlan);
+    for (tunnel, verdict, reason) in [
+        (Transport::Tunnel { protocol: 47 }, XDP_DROP, "unlisted"),
+        (Transport::Udp { dst_port: 4789 }, XDP_DROP, "unlisted"),
+        (Transport::Tunnel { protocol: 4 }, XDP_PASS, "out_of_scope"),
+        (Transport::Tunnel { protocol: 41 }, XDP_PASS, "out_of_scope"),
+        (Transport::Udp { dst_port: 6081 }, XDP_PASS, "out_of_scope"),
+    ] {
+        expect(&some, &v4(UNLISTED_V4, tunnel).bytes, verdict, "ipv4", reason);
     }
 }
 

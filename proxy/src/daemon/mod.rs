@@ -191,6 +191,7 @@ pub fn start(config_path: PathBuf, options: Options) -> Result<Startup, DaemonEr
         mode: config.filter.mode,
         scope: config.filter.scope,
         ports: config.protected_ports(),
+        tunnels: config.tunnels(),
         max_entries: config.filter.max_entries,
         bpffs_dir: config.daemon.bpffs_dir.clone(),
         audit: config.filter.audit,

@@ -222,6 +222,7 @@ impl State {
             scope: self.config.filter.scope,
             audit: self.filter.audit(),
             protected_ports: self.config.protected_ports(),
+            tunnels: self.config.tunnels(),
             allowlist: self.list_path.clone(),
             ipv4_entries,
             ipv6_entries,

@@ -14,13 +14,16 @@
 //! One file per concern: this one loads and opens the program and holds its
 //! errors; `rules` keeps the rule maps equal to the list (in an order that
 //! never drops a source both lists allow); `pins` is the bpffs layout and
-//! attaching, adopting and detaching links; `stats` reads the counters;
+//! attaching, adopting and detaching links; `interface` reads how an
+//! interface frames its packets and what keeps ENA off native XDP; `stats`
+//! reads the counters;
 //! `prefilter` keeps the bitmaps in front of the rule lookup; `sample`
 //! reads the sample of dropped sources; `probe` runs one packet
 //! through the loaded program (`allow explain`);
 //! `sys` holds the raw system calls aya does not wrap, and with them every
 //! `unsafe` of the module.
 
+mod interface;
 mod pins;
 mod prefilter;
 mod probe;
@@ -43,10 +46,12 @@ use aya::{
     programs::{ProgramError, Xdp, links::LinkError},
 };
 use ipnet::IpNet;
+pub use proxy_common::Framing;
 use proxy_common::{Counter, DroppedSource, FilterConfig as KernelConfig, Rule, SourceKey, map};
 
+pub use interface::{ENA_XDP_MAX_MTU, EnaObstacle, Queues, ena_obstacles, framing_of};
 pub use pins::{Detached, detach_pinned};
-pub use sys::{interface_mtu, interface_names};
+pub use sys::{interface_link_type, interface_names};
 
 use pins::{attach, link_pin_name, prepare_bpffs, release_unconfigured_links};
 use prefilter::Prefilter;
@@ -55,13 +60,9 @@ use sys::{if_index, link_ifindex, open_pinned, spawn_log_forwarder};
 
 use crate::{
     allowlist::{Action, Allowlist},
-    config::{AttachMode, Scope},
+    config::{AttachMode, Scope, Tunnels},
     status::{AttachedMode, Attachment, NotReady},
 };
-
-/// The largest MTU with which ENA, EC2's NIC, runs native XDP: above it
-/// `mode = "auto"` falls back to generic XDP.
-pub const ENA_XDP_MAX_MTU: u32 = 3498;
 
 /// The compiled XDP program, built by `build.rs` from `proxy-ebpf`.
 pub static PROGRAM_OBJECT: &[u8] =
@@ -82,6 +83,14 @@ pub enum FilterError {
     /// A configured interface does not exist.
     #[error("interface `{name}` does not exist (see `ip link`)")]
     UnknownInterface { name: String },
+    /// A configured interface's frames have a layout the program cannot read.
+    #[error(
+        "`{interface}` is a {} device, whose frames edgegate cannot read (it reads Ethernet, \
+         loopback, and the IP-first frames of TUN, WireGuard, ipip, GRE, sit and PPP devices); \
+         filter the interface its traffic arrives on instead",
+        interface::describe_link_type(*link_type)
+    )]
+    UnsupportedLinkType { interface: String, link_type: u16 },
     /// The object file or its maps could not be loaded (or the pinned maps opened).
     #[error("cannot load the XDP program: {0}")]
     Load(#[source] aya::EbpfError),
@@ -108,6 +117,12 @@ pub enum FilterError {
          to skb mode) or mode = \"skb\""
     )]
     NativeUnsupported { interface: String },
+    /// `mode = "native"` on a layer-3 device: those run XDP only in skb mode.
+    #[error(
+        "`{interface}` is a layer-3 device (its frames start with the IP header), which runs XDP \
+         only in skb (generic) mode; use mode = \"auto\" or mode = \"skb\""
+    )]
+    NativeOnLayer3 { interface: String },
     /// Attaching failed for another reason.
     #[error("cannot attach XDP to `{interface}` in {mode} mode: {source}")]
     Attach {
@@ -163,6 +178,7 @@ pub struct FilterOptions {
     pub mode: AttachMode,
     pub scope: Scope,
     pub ports: BTreeSet<u16>,
+    pub tunnels: Tunnels,
     pub max_entries: u32,
     pub bpffs_dir: PathBuf,
     pub audit: bool,
@@ -210,18 +226,18 @@ impl Filter {
         options: &FilterOptions,
         list: &Allowlist,
     ) -> Result<Self, FilterError> {
-        let if_indexes = options
+        let interfaces = options
             .interfaces
             .iter()
-            .map(|name| if_index(name).map(|index| (name.clone(), index)))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|name| Ok((name.clone(), if_index(name)?, interface::framing(name)?)))
+            .collect::<Result<Vec<_>, FilterError>>()?;
         let first_start = !options.bpffs_dir.exists();
         let loaded = Self::open_object(object, options, list).and_then(|mut filter| {
             let links_dir = options.bpffs_dir.join("links");
             create_dir(&links_dir)?;
-            for (name, index) in &if_indexes {
-                let attachment =
-                    attach(filter.program_mut(), &links_dir, name, *index, options.mode)?;
+            for (name, index, framing) in &interfaces {
+                let program = filter.program_mut(*framing);
+                let attachment = attach(program, *framing, &links_dir, name, *index, options.mode)?;
                 let pin = links_dir.join(link_pin_name(attachment.mode, name));
                 let link = open_pinned(&pin).map_err(|source| FilterError::Io {
                     op: "open",
@@ -310,13 +326,21 @@ impl Filter {
                 Scope::Host => proxy_common::Scope::Host as u32,
             },
             audit: u32::from(options.audit),
+            tunnel_protocols: options
+                .tunnels
+                .protocols
+                .iter()
+                .fold(0, |bits, protocol| bits | 1 << protocol.number()),
+            tunnel_udp_ports: tunnel_udp_ports(&options.tunnels.udp_ports),
             ..lookup_config(&filter.installed, KernelConfig::EMPTY)
         };
         (filter.config.ephemeral_first, filter.config.ephemeral_last) = ephemeral_port_range();
         filter.write_config()?;
         filter.set_ports(&options.ports)?;
         filter.apply(list)?;
-        filter.program_mut().load().map_err(FilterError::Verify)?;
+        for framing in Framing::ALL {
+            filter.program_mut(framing).load().map_err(FilterError::Verify)?;
+        }
         // After loading: the loaded program holds its own reference to the log
         // map, so the logger may be dropped when nobody forwards its records.
         filter.logger = aya_log::EbpfLogger::init(&mut filter.ebpf)
@@ -325,19 +349,19 @@ impl Filter {
         Ok(filter)
     }
 
-    /// The loaded XDP program.
-    pub fn program(&self) -> &Xdp {
+    /// The loaded XDP program for frames laid out as `framing` says.
+    pub fn program(&self, framing: Framing) -> &Xdp {
         self.ebpf
-            .program(proxy_common::PROGRAM_NAME)
-            .expect("the object defines the program")
+            .program(framing.program_name())
+            .expect("the object defines a program per framing")
             .try_into()
             .expect("the program is XDP")
     }
 
-    fn program_mut(&mut self) -> &mut Xdp {
+    fn program_mut(&mut self, framing: Framing) -> &mut Xdp {
         self.ebpf
-            .program_mut(proxy_common::PROGRAM_NAME)
-            .expect("the object defines the program")
+            .program_mut(framing.program_name())
+            .expect("the object defines a program per framing")
             .try_into()
             .expect("the program is XDP")
     }
@@ -446,6 +470,16 @@ fn take_prefilter(ebpf: &mut Ebpf, name: &'static str) -> Result<Prefilter, Filt
 
 fn map_error(name: &'static str) -> impl Fn(MapError) -> FilterError {
     move |source| FilterError::Map { name, source }
+}
+
+/// The tunnel ports in the program's fixed slots (the config allows no
+/// more ports than slots; 0 marks an unused one).
+fn tunnel_udp_ports(ports: &BTreeSet<u16>) -> [u16; proxy_common::tunnel::MAX_UDP_PORTS] {
+    let mut slots = [0; proxy_common::tunnel::MAX_UDP_PORTS];
+    for (slot, &port) in slots.iter_mut().zip(ports) {
+        *slot = port;
+    }
+    slots
 }
 
 /// The ephemeral port range replies to the host's own connections arrive on.

@@ -11,9 +11,9 @@ use aya::programs::{
     links::{FdLink, PinnedLink},
     xdp::XdpLink,
 };
-use proxy_common::map;
+use proxy_common::{Framing, map};
 
-use super::{FilterError, sys::interface_mtu};
+use super::{FilterError, interface::ena_obstacles};
 use crate::{
     config::AttachMode,
     status::{AttachedMode, Attachment},
@@ -69,8 +69,11 @@ pub(super) fn parse_link_pin_name(name: &str) -> Option<(AttachedMode, String)> 
     Some((mode, escaped.replace("%2e", ".").replace("%25", "%")))
 }
 
+/// Attaches `program`, which reads `framing`, to `interface`, or takes over
+/// the link an earlier daemon pinned for it.
 pub(super) fn attach(
     program: &mut Xdp,
+    framing: Framing,
     links_dir: &Path,
     interface: &str,
     if_index: u32,
@@ -101,15 +104,21 @@ pub(super) fn attach(
             source,
         })?;
         tracing::info!("`{interface}`: took over the pinned {mode}-mode XDP link");
-        return Ok(Attachment { interface: interface.to_owned(), mode, adopted: true });
+        return Ok(Attachment { interface: interface.to_owned(), mode, framing, adopted: true });
     }
 
-    let modes: &[AttachedMode] = match wanted {
-        AttachMode::Auto => &[AttachedMode::Native, AttachedMode::Skb],
-        AttachMode::Native => &[AttachedMode::Native],
-        AttachMode::Skb => &[AttachedMode::Skb],
+    let modes: &[AttachedMode] = match (framing, wanted) {
+        (Framing::Ethernet, AttachMode::Auto) => &[AttachedMode::Native, AttachedMode::Skb],
+        (Framing::Ethernet, AttachMode::Native) => &[AttachedMode::Native],
+        // A TUN device accepts a native program and never runs it on what
+        // it receives: generic XDP is the only mode that sees those packets.
+        (Framing::Ip, AttachMode::Native) => {
+            return Err(FilterError::NativeOnLayer3 { interface: interface.to_owned() });
+        }
+        (Framing::Ip, AttachMode::Auto) | (_, AttachMode::Skb) => &[AttachedMode::Skb],
     };
     let mut last_error = None;
+    let mut native_refusal = None;
     for &mode in modes {
         match program.attach_to_if_index(if_index, xdp_mode(mode)) {
             Ok(link_id) => {
@@ -126,26 +135,41 @@ pub(super) fn attach(
                     .map_err(|source| FilterError::Pin { path: pin.clone(), source })?;
                 // The pin keeps the link (and so the attachment) alive; our fd can go.
                 drop(pinned);
-                if mode == AttachedMode::Skb && wanted == AttachMode::Auto {
-                    let why = match interface_mtu(interface) {
-                        Some(mtu) if mtu > super::ENA_XDP_MAX_MTU => format!(
-                            "native XDP was refused (MTU {mtu}: ENA, EC2's NIC, runs native XDP \
-                             only up to {}; lower it with `ip link set dev {interface} mtu {}` \
-                             and make that persistent, see the README's EC2 section)",
-                            super::ENA_XDP_MAX_MTU,
-                            super::ENA_XDP_MAX_MTU
-                        ),
-                        _ => "the driver has no native XDP support".to_owned(),
+                if mode == AttachedMode::Skb && modes.len() > 1 {
+                    let obstacles = ena_obstacles(interface);
+                    let why = if obstacles.is_empty() {
+                        format!(
+                            "native XDP was refused ({})",
+                            native_refusal.as_deref().unwrap_or("no reason given")
+                        )
+                    } else {
+                        let obstacles: Vec<String> =
+                            obstacles.iter().map(ToString::to_string).collect();
+                        format!("native XDP was refused: {}", obstacles.join("; "))
                     };
                     tracing::warn!(
                         "`{interface}`: {why}; attached in skb (generic) mode, which filters \
                          after the kernel has allocated the packet"
                     );
+                } else if framing == Framing::Ip {
+                    tracing::info!(
+                        "`{interface}`: a layer-3 device (frames start with the IP header)"
+                    );
                 }
                 tracing::info!("`{interface}`: attached in {mode} mode");
-                return Ok(Attachment { interface: interface.to_owned(), mode, adopted: false });
+                return Ok(Attachment {
+                    interface: interface.to_owned(),
+                    mode,
+                    framing,
+                    adopted: false,
+                });
             }
-            Err(source) => last_error = Some((mode, source)),
+            Err(source) => {
+                if mode == AttachedMode::Native {
+                    native_refusal = Some(describe_refusal(&source));
+                }
+                last_error = Some((mode, source));
+            }
         }
     }
     let (mode, source) = last_error.expect("at least one mode was tried");
@@ -156,6 +180,16 @@ pub(super) fn attach(
         return Err(FilterError::NativeUnsupported { interface: interface.to_owned() });
     }
     Err(FilterError::Attach { interface: interface.to_owned(), mode, source })
+}
+
+/// Why the kernel refused a native attachment, for the fallback's warning.
+fn describe_refusal(error: &ProgramError) -> String {
+    match error {
+        ProgramError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            "the driver has no native XDP support".to_owned()
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Detaches interfaces that an earlier daemon attached but the config no longer names.

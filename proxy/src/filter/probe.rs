@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use proxy_common::Verdict;
+use proxy_common::{Framing, Verdict};
 
 use super::{Filter, FilterError};
 
@@ -21,7 +21,11 @@ impl Filter {
         let frame = tcp_syn(source, port);
         let mut options = TestRunOptions::new();
         options.data_in = Some(&frame);
-        let action = self.program().test_run(options).map_err(FilterError::Probe)?.return_value;
+        let action = self
+            .program(Framing::Ethernet)
+            .test_run(options)
+            .map_err(FilterError::Probe)?
+            .return_value;
         if !sampled_before {
             self.forget_dropped_source(source)?;
         }

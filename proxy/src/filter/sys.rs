@@ -68,8 +68,19 @@ pub(super) fn if_index(name: &str) -> Result<u32, FilterError> {
         index => Ok(index),
     }
 }
-/// The MTU of interface `name` in the caller's network namespace, if it exists.
-pub fn interface_mtu(name: &str) -> Option<u32> {
+/// Runs an interface ioctl (`SIOCGIF*`, `SIOCETHTOOL`) for `name` in the
+/// caller's network namespace; `None` if the name is too long or the call
+/// fails (no such interface, a driver without that operation).
+///
+/// # Safety
+/// `request` must be an ioctl that reads `ifr_name` and at most reads or
+/// writes through the union as `fill` prepared it (for `SIOCETHTOOL`: a
+/// pointer to a live, writable command buffer of the size the command uses).
+unsafe fn ifreq_ioctl(
+    name: &str,
+    request: libc::Ioctl,
+    fill: impl FnOnce(&mut libc::ifreq),
+) -> Option<libc::ifreq> {
     use std::os::fd::AsRawFd as _;
     let bytes = name.as_bytes();
     if bytes.len() >= libc::IFNAMSIZ {
@@ -83,17 +94,85 @@ pub fn interface_mtu(name: &str) -> Option<u32> {
     )
     .ok()?;
     // SAFETY: `ifreq` is plain old data; all zeroes is a valid value.
-    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (to, from) in request.ifr_name.iter_mut().zip(bytes) {
+    let mut ifreq: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (to, from) in ifreq.ifr_name.iter_mut().zip(bytes) {
         *to = *from as libc::c_char;
     }
-    // SAFETY: SIOCGIFMTU reads `ifr_name` (NUL-terminated: the name is shorter
-    // than the zeroed array) and writes `ifr_ifru.ifru_mtu` of a request we own.
-    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFMTU, &raw mut request) } != 0 {
-        return None;
-    }
+    fill(&mut ifreq);
+    // SAFETY: `ifr_name` is NUL-terminated (the name is shorter than the
+    // zeroed array); the caller vouches for the rest of the request.
+    (unsafe { libc::ioctl(socket.as_raw_fd(), request, &raw mut ifreq) } == 0).then_some(ifreq)
+}
+
+/// The MTU of interface `name` in the caller's network namespace, if it exists.
+pub fn interface_mtu(name: &str) -> Option<u32> {
+    // SAFETY: SIOCGIFMTU writes `ifr_ifru.ifru_mtu` of the request.
+    let ifreq = unsafe { ifreq_ioctl(name, libc::SIOCGIFMTU, |_| {}) }?;
     // SAFETY: the ioctl succeeded, so it wrote the MTU member of the union.
-    u32::try_from(unsafe { request.ifr_ifru.ifru_mtu }).ok()
+    u32::try_from(unsafe { ifreq.ifr_ifru.ifru_mtu }).ok()
+}
+
+/// The link type (`ARPHRD_*`) of interface `name`, from its hardware address.
+pub fn interface_link_type(name: &str) -> Option<u16> {
+    // SAFETY: SIOCGIFHWADDR writes `ifr_ifru.ifru_hwaddr` of the request.
+    let ifreq = unsafe { ifreq_ioctl(name, libc::SIOCGIFHWADDR, |_| {}) }?;
+    // SAFETY: the ioctl succeeded, so it wrote the hardware address member.
+    Some(unsafe { ifreq.ifr_ifru.ifru_hwaddr.sa_family })
+}
+
+const SIOCETHTOOL: libc::Ioctl = 0x8946;
+
+/// Runs ethtool command `command` (whose buffer starts with its `cmd`).
+fn ethtool<T>(name: &str, mut command: T) -> Option<T> {
+    // SAFETY: SIOCETHTOOL reads and writes the command buffer `ifru_data`
+    // points at, `command`, which lives across the call and is as large as
+    // the kernel's struct for the command each caller sets.
+    unsafe {
+        ifreq_ioctl(name, SIOCETHTOOL, |ifreq| {
+            ifreq.ifr_ifru.ifru_data = (&raw mut command).cast();
+        })
+    }?;
+    Some(command)
+}
+
+/// The driver behind interface `name` (`ena`, `veth`, ...), by ETHTOOL_GDRVINFO.
+pub fn interface_driver(name: &str) -> Option<String> {
+    /// `struct ethtool_drvinfo`.
+    #[repr(C)]
+    struct DriverInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 32 * 4 + 12 + 5 * 4],
+    }
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    let info = ethtool(
+        name,
+        DriverInfo { cmd: ETHTOOL_GDRVINFO, driver: [0; 32], rest: [0; 32 * 4 + 12 + 5 * 4] },
+    )?;
+    let len = info.driver.iter().position(|&b| b == 0).unwrap_or(info.driver.len());
+    Some(String::from_utf8_lossy(&info.driver[..len]).into_owned())
+}
+
+/// Combined (RX and TX) queues of interface `name`: in use, and the most
+/// its driver offers; by ETHTOOL_GCHANNELS.
+pub fn interface_queues(name: &str) -> Option<super::Queues> {
+    /// `struct ethtool_channels`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct Channels {
+        cmd: u32,
+        max_rx: u32,
+        max_tx: u32,
+        max_other: u32,
+        max_combined: u32,
+        rx_count: u32,
+        tx_count: u32,
+        other_count: u32,
+        combined_count: u32,
+    }
+    const ETHTOOL_GCHANNELS: u32 = 0x3c;
+    let channels = ethtool(name, Channels { cmd: ETHTOOL_GCHANNELS, ..Channels::default() })?;
+    Some(super::Queues { in_use: channels.combined_count, max: channels.max_combined })
 }
 
 /// Every interface in the caller's network namespace, by name.
