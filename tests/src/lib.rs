@@ -15,6 +15,7 @@ pub mod peers;
 pub mod reference;
 pub mod service;
 pub mod testbed;
+pub mod tun;
 
 /// Panics unless running as root: CI runs as root, so a root-only test
 /// must fail there rather than skip silently.

@@ -6,7 +6,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use edgegate_tests::testbed::{OPEN_PORT, PROTECTED_PORT, Testbed};
+use edgegate_tests::{
+    testbed::{OPEN_PORT, PROTECTED_PORT, Testbed},
+    tun::Tun,
+    unique_name,
+};
 
 /// Long enough for a SYN and its SYN-ACK on a veth; short enough that a
 /// dropped SYN (first retransmit after 1 s) is not retried.
@@ -255,6 +259,107 @@ fn skb_mode_filters_as_well() {
     assert!(status.interfaces.iter().all(|a| a.mode == edgegate::status::AttachedMode::Skb));
     assert!(testbed.connects(0, testbed.server_v4(0), PROTECTED_PORT, CONNECT_TIMEOUT));
     assert!(!testbed.connects(1, testbed.server_v4(1), PROTECTED_PORT, CONNECT_TIMEOUT));
+}
+
+/// A TUN device (`link/none`, as WireGuard's) has no Ethernet header: the
+/// program attached there reads the IP header first, so an unlisted source's
+/// SYN is dropped there, and a listed one is answered.
+#[test]
+fn a_layer_three_interface_is_filtered_by_source() {
+    let mut testbed = Testbed::new(1);
+    let name = unique_name("egtun");
+    let mut tun = Tun::create(&testbed.server, &name, &["192.0.2.1/24", "2001:db8:7::1/64"]);
+    testbed.interfaces.push(name.clone());
+    testbed.write_config("");
+    std::fs::create_dir_all(testbed.allowlist_path().parent().expect("dir")).expect("state dir");
+    std::fs::write(testbed.allowlist_path(), "192.0.2.10/32\n2001:db8:7::10/128\n")
+        .expect("write allowlist");
+    testbed.start_daemon();
+
+    let status = testbed.status();
+    let attached = status.interfaces.iter().find(|a| a.interface == name).expect("attached");
+    assert_eq!(attached.framing, proxy_common::Framing::Ip);
+    assert_eq!(attached.mode, edgegate::status::AttachedMode::Skb, "layer 3 runs generic XDP");
+    assert!(testbed.cli_ok(&["status"]).contains("layer 3"), "status says how it reads frames");
+
+    let timeout = Duration::from_secs(2);
+    for (allowed, unlisted, server, family) in [
+        ("192.0.2.10", "192.0.2.20", "192.0.2.1", "ipv4"),
+        ("2001:db8:7::10", "2001:db8:7::20", "2001:db8:7::1", "ipv6"),
+    ] {
+        let [allowed, unlisted, server] =
+            [allowed, unlisted, server].map(|a| a.parse().expect("address"));
+        assert!(tun.syn_is_answered(allowed, server, PROTECTED_PORT, timeout), "{family} allowed");
+        let dropped = testbed.counted(family, "unlisted");
+        let short = Duration::from_millis(500);
+        assert!(!tun.syn_is_answered(unlisted, server, PROTECTED_PORT, short), "{family} unlisted");
+        assert!(testbed.counted(family, "unlisted") > dropped, "{family}: the drop is counted");
+        assert!(tun.syn_is_answered(unlisted, server, OPEN_PORT, timeout), "{family} open port");
+    }
+
+    // Native XDP on a layer-3 device would be attached and never run.
+    testbed.stop_daemon();
+    testbed.write_config("mode = \"native\"");
+    let check = testbed.check();
+    let report = String::from_utf8_lossy(&check.stdout).into_owned()
+        + &String::from_utf8_lossy(&check.stderr);
+    assert!(!check.status.success(), "check refuses native mode on {name}: {report}");
+    assert!(report.contains(&format!("`{name}` is a layer-3 device")), "{report}");
+}
+
+/// A VXLAN tunnel to the host is judged by its outer source: the host
+/// decapsulates it, and its inner packets reach protected ports on the
+/// tunnel's interface, which the filter may not be attached to. Attached
+/// there too, the filter also judges the inner source.
+#[test]
+fn tunnels_are_judged_by_their_outer_source() {
+    let mut testbed = testbed_with_client0_allowed();
+    // Client `index` reaches 172.16.<10 + index>.1 through a VXLAN tunnel.
+    let tunnel = |index: usize| {
+        let client = &testbed.clients[index];
+        let inner = |host: u8| format!("172.16.{}.{host}", 10 + index);
+        let vni = (10 + index).to_string();
+        let name = unique_name("egvx");
+        let ends = [
+            (
+                &testbed.server,
+                testbed.server_ipv4[index],
+                client.ipv4,
+                &testbed.interfaces[index],
+                1,
+            ),
+            (&client.netns, client.ipv4, testbed.server_ipv4[index], &client.interface, 2),
+        ];
+        for (netns, local, remote, device, host) in ends {
+            let (local, remote) = (local.to_string(), remote.to_string());
+            netns.ip(&[
+                "link", "add", &name, "type", "vxlan", "id", &vni, "local", &local, "remote",
+                &remote, "dstport", "4789", "dev", device,
+            ]);
+            netns.ip(&["addr", "add", &format!("{}/24", inner(host)), "dev", &name]);
+            netns.ip(&["link", "set", &name, "up"]);
+        }
+        (name, inner(1).parse::<std::net::IpAddr>().expect("address"))
+    };
+    let (server_end, allowed_outer) = tunnel(0);
+    let (_, unlisted_outer) = tunnel(1);
+    let wait = Duration::from_secs(2);
+
+    let dropped = testbed.counted("ipv4", "unlisted");
+    assert!(!testbed.connects(1, unlisted_outer, PROTECTED_PORT, CONNECT_TIMEOUT));
+    assert!(testbed.counted("ipv4", "unlisted") > dropped, "the tunnel's packets are counted");
+    assert!(!testbed.connects(1, unlisted_outer, OPEN_PORT, CONNECT_TIMEOUT), "the whole tunnel");
+    // The outer source is listed; the tunnel's interface is not filtered.
+    assert!(testbed.connects(0, allowed_outer, PROTECTED_PORT, wait));
+
+    // Filtered on the tunnel's interface too, the inner source must be listed as well.
+    testbed.stop_daemon();
+    testbed.interfaces.push(server_end);
+    testbed.write_config("");
+    testbed.start_daemon();
+    assert!(!testbed.connects(0, allowed_outer, PROTECTED_PORT, CONNECT_TIMEOUT));
+    testbed.cli_ok(&["allow", "add", "172.16.10.2/32"]);
+    assert!(testbed.connects(0, allowed_outer, PROTECTED_PORT, wait));
 }
 
 /// A daemon that cannot start says why (file and key, or the interface) and

@@ -110,8 +110,8 @@ pub(super) fn attach(
     let modes: &[AttachedMode] = match (framing, wanted) {
         (Framing::Ethernet, AttachMode::Auto) => &[AttachedMode::Native, AttachedMode::Skb],
         (Framing::Ethernet, AttachMode::Native) => &[AttachedMode::Native],
-        // A TUN device accepts a native program and never runs it on what
-        // it receives: generic XDP is the only mode that sees those packets.
+        // Layer-3 drivers have no native XDP (TUN has it only in TAP mode):
+        // go straight to generic mode, without a misleading fallback warning.
         (Framing::Ip, AttachMode::Native) => {
             return Err(FilterError::NativeOnLayer3 { interface: interface.to_owned() });
         }
