@@ -29,8 +29,9 @@ pub const DEFAULT_KERNELS: [&str; 2] = ["6.1", "6.12"];
 
 /// The end-to-end tests that run in the VM: attach native and skb, allowed and
 /// blocked TCP across namespaces, daemon stop/start with pins.
-const END_TO_END: [&str; 4] = [
+const END_TO_END: [&str; 5] = [
     "allowed_client_connects_and_unlisted_client_is_dropped_at_xdp",
+    "a_layer_three_interface_is_filtered_by_source",
     "skb_mode_filters_as_well",
     "filtering_survives_kill_9_and_a_restart_adopts_the_same_list",
     "sigterm_leaves_the_filter_pinned_until_detach",
@@ -65,7 +66,7 @@ static KVM_UNUSABLE: AtomicBool = AtomicBool::new(false);
 enum KernelSource {
     /// A Debian suite whose `linux-image-cloud-amd64` to use.
     Debian { suite: &'static str },
-    /// A kernel package file, or a vmlinuz (with no modules: veth built in).
+    /// A kernel package file, or a vmlinuz (with no modules: veth and tun built in).
     Path(PathBuf),
 }
 
@@ -81,8 +82,13 @@ fn kernel_source(spec: &str) -> KernelSource {
 struct Kernel {
     name: String,
     vmlinuz: PathBuf,
-    veth_module: Option<PathBuf>,
+    /// Plain (uncompressed) modules the init loads, in order.
+    modules: Vec<PathBuf>,
 }
+
+/// Modules the tests need that Debian builds as modules: veth pairs, and
+/// the TUN device of the layer-3 end-to-end test.
+const MODULES: [&str; 2] = ["veth", "tun"];
 
 /// Builds the binaries once, then runs the suite on each kernel. With
 /// `broken_program`, the XDP program is built with an unchecked packet read
@@ -206,7 +212,7 @@ fn fetch_kernel(work: &Path, spec: &str) -> anyhow::Result<Kernel> {
         KernelSource::Path(vmlinuz) => {
             let name =
                 vmlinuz.file_name().map_or("kernel".into(), |n| n.to_string_lossy().into_owned());
-            return Ok(Kernel { name, vmlinuz, veth_module: None });
+            return Ok(Kernel { name, vmlinuz, modules: Vec::new() });
         }
         KernelSource::Debian { suite } => {
             let update = apt(work, suite, &["apt-get", "-q", "update"])?;
@@ -265,21 +271,30 @@ fn fetch_kernel(work: &Path, spec: &str) -> anyhow::Result<Kernel> {
         .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz")))
         .with_context(|| format!("no vmlinuz in {}", boot.display()))?;
     let modules = extracted.join("lib/modules");
-    let veth_module = match find_file(&modules, "veth.ko") {
-        Some(module) => Some(module),
-        // Newer packages compress modules; busybox insmod wants them plain.
-        None => match find_file(&modules, "veth.ko.xz") {
-            Some(compressed) => {
-                let plain = compressed.with_extension("");
-                let script = format!("xz -dc '{}' > '{}'", compressed.display(), plain.display());
-                exec::run(Command::new("sh").arg("-c").arg(script))?;
-                Some(plain)
-            }
-            None => None,
-        },
-    };
+    let modules = MODULES
+        .iter()
+        .map(|module| plain_module(&modules, module))
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect();
     let name = stem.split('_').next().unwrap_or(&stem).to_owned();
-    Ok(Kernel { name, vmlinuz, veth_module })
+    Ok(Kernel { name, vmlinuz, modules })
+}
+
+/// Module `name` from the tree at `modules`, uncompressed (busybox insmod
+/// wants it plain); `None` where the kernel builds it in.
+fn plain_module(modules: &Path, name: &str) -> anyhow::Result<Option<PathBuf>> {
+    if let Some(module) = find_file(modules, &format!("{name}.ko")) {
+        return Ok(Some(module));
+    }
+    let Some(compressed) = find_file(modules, &format!("{name}.ko.xz")) else {
+        return Ok(None);
+    };
+    let plain = compressed.with_extension("");
+    let script = format!("xz -dc '{}' > '{}'", compressed.display(), plain.display());
+    exec::run(Command::new("sh").arg("-c").arg(script))?;
+    Ok(Some(plain))
 }
 
 fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
@@ -303,7 +318,7 @@ fn init_script(tests: &[(String, PathBuf)]) -> String {
          mount -t tmpfs tmp /tmp\nmount -t tmpfs run /run\nmount -t bpf bpf /sys/fs/bpf\n\
          mount -t cgroup2 cgroup2 /sys/fs/cgroup\n\
          mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null\n\
-         [ -f /modules/veth.ko ] && insmod /modules/veth.ko\n\
+         for module in /modules/*.ko; do [ -f \"$module\" ] && insmod \"$module\"; done\n\
          echo \"EDGEGATE-VM-KERNEL $(cat /proc/sys/kernel/osrelease)\"\n\
          export EDGEGATE_BIN=/bin/edgegate PATH=/bin RUST_BACKTRACE=1\n",
     );
@@ -360,8 +375,9 @@ fn pack(work: &Path, kernel: &Kernel, binaries: &Binaries) -> anyhow::Result<Pat
         fs::create_dir_all(target.parent().expect("a directory"))?;
         fs::copy(&library, &target).with_context(|| format!("copy {}", library.display()))?;
     }
-    if let Some(veth) = &kernel.veth_module {
-        fs::copy(veth, root.join("modules/veth.ko"))?;
+    for module in &kernel.modules {
+        let name = module.file_name().context("a module file")?;
+        fs::copy(module, root.join("modules").join(name))?;
     }
     let init = root.join("init");
     fs::write(&init, init_script(&binaries.tests))?;
