@@ -899,6 +899,20 @@ mod tests {
         assert_eq!(config.allowlist_path(), Path::new("/var/lib/edgegate/allowlist"));
         assert_eq!(config.daemon.control_socket, Path::new(DEFAULT_CONTROL_SOCKET));
         assert_eq!(config.daemon.drain_timeout, Duration::from_secs(30));
+        assert_eq!(config.tunnels(), Tunnels::standard());
+        assert_eq!(config.tunnels().to_string(), "ipip, ipv6, gre, UDP ports 4789, 6081");
+    }
+
+    #[test]
+    fn tunnels_can_be_narrowed_or_turned_off() {
+        let base = "[filter]\ninterfaces = [\"eth0\"]\nports = [8443]\n";
+        let config =
+            parse(&format!("{base}tunnel_protocols = [\"gre\"]\ntunnel_ports = [4789]\n")).unwrap();
+        assert_eq!(config.tunnels().to_string(), "gre, UDP ports 4789");
+        let config = parse(&format!("{base}tunnel_protocols = []\ntunnel_ports = []\n")).unwrap();
+        assert_eq!(config.tunnels().to_string(), "none");
+        let error = parse(&format!("{base}tunnel_protocols = [\"esp\"]\n")).unwrap_err();
+        assert!(error.to_string().contains("unknown variant `esp`"), "{error}");
     }
 
     #[test]
@@ -1023,6 +1037,14 @@ mod tests {
             ("[filter]\ninterfaces = [\"eth0\"]\n", "filter.ports"),
             ("[filter]\ninterfaces = [\"eth0\"]\nports = [0]\n", "filter.ports"),
             ("[filter]\ninterfaces = [\"a/b\"]\nports = [1]\n", "filter.interfaces"),
+            (
+                "[filter]\ninterfaces = [\"eth0\"]\nports = [1]\ntunnel_ports = [0]\n",
+                "filter.tunnel_ports",
+            ),
+            (
+                "[filter]\ninterfaces = [\"eth0\"]\nports = [1]\ntunnel_ports = [1,2,3,4,5,6,7,8,9]\n",
+                "filter.tunnel_ports",
+            ),
         ];
         let listener_cases = [
             ("proxy_protocol = \"v2\"", "listener.edge.trusted_proxies"),

@@ -27,6 +27,18 @@ impl Tun {
     /// prefix: the descriptor carries bare IP packets), up, with `addresses`
     /// (CIDR notation) on it. The device goes when this value is dropped.
     pub fn create(netns: &Netns, name: &str, addresses: &[&str]) -> Self {
+        Self::create_with_link_type(netns, name, None, addresses)
+    }
+
+    /// As [`Self::create`], the device reporting link type `link_type`
+    /// (`ARPHRD_*`) instead of `none` where given: how a test meets a link
+    /// type it has no driver for.
+    pub fn create_with_link_type(
+        netns: &Netns,
+        name: &str,
+        link_type: Option<u16>,
+        addresses: &[&str],
+    ) -> Self {
         const IFF_TUN: libc::c_short = 0x0001;
         const IFF_NO_PI: libc::c_short = 0x1000;
         const TUNSETIFF: libc::Ioctl = 0x4004_54ca;
@@ -46,6 +58,14 @@ impl Tun {
             // SAFETY: TUNSETIFF reads the name and flags of a request we own.
             let created = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &raw mut request) };
             assert_eq!(created, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+            if let Some(link_type) = link_type {
+                const TUNSETLINK: libc::Ioctl = 0x4004_54cd;
+                // SAFETY: TUNSETLINK takes its argument by value.
+                let set = unsafe {
+                    libc::ioctl(file.as_raw_fd(), TUNSETLINK, libc::c_ulong::from(link_type))
+                };
+                assert_eq!(set, 0, "TUNSETLINK: {}", std::io::Error::last_os_error());
+            }
             file
         });
         for address in addresses {

@@ -362,6 +362,27 @@ fn tunnels_are_judged_by_their_outer_source() {
     assert!(testbed.connects(0, allowed_outer, PROTECTED_PORT, wait));
 }
 
+/// An interface whose frames the program cannot read is refused by `check`
+/// and at start, by name and link type, before anything is attached.
+#[test]
+fn an_interface_of_a_link_type_edgegate_cannot_read_is_refused() {
+    let mut testbed = Testbed::new(1);
+    let name = unique_name("egib");
+    let infiniband = 32;
+    let _device = Tun::create_with_link_type(&testbed.server, &name, Some(infiniband), &[]);
+    testbed.interfaces.push(name.clone());
+    testbed.write_config("");
+    let expected = format!("`{name}` is a link type 32 device, whose frames edgegate cannot read");
+    let check = testbed.check();
+    let report = String::from_utf8_lossy(&check.stdout).into_owned()
+        + &String::from_utf8_lossy(&check.stderr);
+    assert!(!check.status.success() && report.contains(&expected), "{report}");
+    let output = testbed.refused_start(&[]);
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(message.contains(&expected), "{message}");
+    assert!(!testbed.bpffs_dir.join("links").exists(), "nothing was attached");
+}
+
 /// A daemon that cannot start says why (file and key, or the interface) and
 /// attaches nothing.
 #[test]

@@ -105,9 +105,10 @@ fn check_refuses_host_bits_and_bad_prefix_lengths_in_trusted_proxies() {
 }
 
 /// Warnings do not fail `check`, but say what will bite: a server
-/// certificate about to expire, an MTU that keeps native XDP off on EC2.
+/// certificate about to expire. ENA's MTU rule is ENA's: a jumbo MTU on
+/// another driver (veth here) is no warning.
 #[test]
-fn check_warns_of_near_expiry_and_a_jumbo_mtu() {
+fn check_warns_of_near_expiry_and_only_ena_of_a_jumbo_mtu() {
     let bed = MtlsBed::new(BackendMode::Echo);
     let server_ip = bed.testbed.server_ipv4[0].to_string();
     let now = OffsetDateTime::now_utc();
@@ -127,16 +128,12 @@ fn check_warns_of_near_expiry_and_a_jumbo_mtu() {
     let message = stderr(&output);
     assert!(output.status.success(), "{message}");
     assert!(message.contains("warning: ") && message.contains("expires in 10 days"), "{message}");
-    assert!(
-        message.contains(&format!("`{interface}` has MTU 9001"))
-            && message.contains(&format!("ip link set dev {interface} mtu 3498")),
-        "{message}"
-    );
+    assert!(!message.contains("MTU"), "{message}");
 
-    // The daemon starts, logs both, and exports the expiry.
+    // The daemon starts, logs the expiry, and exports it.
     bed.testbed.start_daemon();
     let log = bed.testbed.daemon_log();
-    assert!(log.contains("expires in 10 days") && log.contains("has MTU 9001"), "{log}");
+    assert!(log.contains("expires in 10 days") && !log.contains("MTU"), "{log}");
     let (_, metrics) = bed.testbed.http_get("/metrics");
     let expiry = metrics
         .lines()

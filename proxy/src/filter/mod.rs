@@ -117,6 +117,13 @@ pub enum FilterError {
          to skb mode) or mode = \"skb\""
     )]
     NativeUnsupported { interface: String },
+    /// `mode = "native"` on an ENA interface set up in a way ENA refuses.
+    #[error(
+        "ENA refused native XDP on `{interface}`: {}; or use mode = \"auto\" (falls back to \
+         skb mode)",
+        obstacles.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    )]
+    EnaNative { interface: String, obstacles: Vec<EnaObstacle> },
     /// `mode = "native"` on a layer-3 device: those run XDP only in skb mode.
     #[error(
         "`{interface}` is a layer-3 device (its frames start with the IP header), which runs XDP \

@@ -173,6 +173,10 @@ pub(super) fn attach(
         }
     }
     let (mode, source) = last_error.expect("at least one mode was tried");
+    let obstacles = if mode == AttachedMode::Native { ena_obstacles(interface) } else { vec![] };
+    if !obstacles.is_empty() {
+        return Err(FilterError::EnaNative { interface: interface.to_owned(), obstacles });
+    }
     if let ProgramError::SyscallError(e) = &source
         && mode == AttachedMode::Native
         && e.io_error.raw_os_error() == Some(libc::EOPNOTSUPP)
