@@ -132,7 +132,11 @@ fn judge(ctx: &XdpContext, framing: Framing) -> u32 {
     if reason.passes() || audit { xdp_action::XDP_PASS } else { xdp_action::XDP_DROP }
 }
 
-/// Why the packet passes or drops; `ip` holds what parsing found.
+/// Why the packet passes or drops; `ip` holds what parsing found. Inlined
+/// (as everything on the per-packet path): called from both entry points,
+/// it would otherwise become one subprogram for both, paying a call, its
+/// spills and a run-time `framing` on every packet.
+#[inline(always)]
 fn classify(config: &FilterConfig, framing: Framing, packet: &Packet, ip: &mut Ip) -> Reason {
     match parse::parse(packet, framing, ip) {
         Outcome::Ip => {}
@@ -184,12 +188,14 @@ fn classify(config: &FilterConfig, framing: Framing, packet: &Packet, ip: &mut I
     }
 }
 
+#[inline(always)]
 fn is_protected(port: u16) -> bool {
     let word = PORTS.get(u32::from(port) / 64).copied().unwrap_or(0);
     word & (1 << (port % 64)) != 0
 }
 
 /// The longest-prefix rule matching the packet's source, if any.
+#[inline(always)]
 fn lookup(config: &FilterConfig, ip: &Ip) -> Option<*mut Rule> {
     let prefix = u32::from_be_bytes([0, ip.source[0], ip.source[1], ip.source[2]]);
     if ip.family == Family::Ipv4 {
@@ -213,6 +219,7 @@ fn lookup(config: &FilterConfig, ip: &Ip) -> Option<*mut Rule> {
 
 /// Whether any rule could match a source whose first 24 bits are `prefix`
 /// (see [`PREFILTER_LEVELS`]): each level in turn, coarsest first.
+#[inline(always)]
 fn may_match(prefilter: &Array<u64>, prefix: u32) -> bool {
     let is_set = |level: usize| {
         let bit = prefix >> (24 - PREFILTER_LEVELS[level]);
@@ -223,6 +230,7 @@ fn may_match(prefilter: &Array<u64>, prefix: u32) -> bool {
     is_set(0) && is_set(1) && is_set(2)
 }
 
+#[inline(always)]
 fn trie_rule(rule: Option<&Rule>) -> Option<*mut Rule> {
     // The hit counter is bumped atomically through this pointer; the map value
     // is writable memory even though the trie API hands out a shared reference.
@@ -232,6 +240,7 @@ fn trie_rule(rule: Option<&Rule>) -> Option<*mut Rule> {
 /// Tries each prefix length in use, longest first: the first hit is the longest
 /// match. The daemon switches to the trie before more lengths are in use than
 /// the loop covers; were that ever violated, the source is unlisted (dropped).
+#[inline(always)]
 fn lookup_v4_per_length(mut lengths: u64, addr: u32) -> Option<*mut Rule> {
     for _ in 0..MAX_PER_LENGTH_LOOKUPS {
         if lengths == 0 {
@@ -251,6 +260,7 @@ fn lookup_v4_per_length(mut lengths: u64, addr: u32) -> Option<*mut Rule> {
 }
 
 /// As [`lookup_v4_per_length`], over 129 lengths kept in three words.
+#[inline(always)]
 fn lookup_v6_per_length(lengths: &[u64; 3], addr: [u8; 16]) -> Option<*mut Rule> {
     let high = u64::from_be_bytes([
         addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7],
@@ -300,6 +310,7 @@ struct Counted {
 
 /// Counts the packet. The count is handed on in a register: reading it back
 /// from the slot just written is a store-to-load stall on every drop.
+#[inline(always)]
 fn count(index: u32, bytes: usize) -> Option<Counted> {
     let slot = COUNTERS.get_ptr_mut(index)?;
     // SAFETY: a per-CPU slot: nothing else writes it while this program runs.
@@ -315,6 +326,7 @@ fn count(index: u32, bytes: usize) -> Option<Counted> {
 /// pacing says so (see `Counter::pace_sample`): what most drops of a flood
 /// pay here is one mask test.
 #[cfg_attr(feature = "without-drop-sample", expect(dead_code, reason = "bench variant"))]
+#[inline(always)]
 fn sample_drop(ctx: &XdpContext, ip: &Ip, reason: Reason, counted: Counted) {
     // SAFETY: a per-CPU slot, as in `count`.
     let counter = unsafe { &mut *counted.slot };
@@ -360,6 +372,8 @@ fn sample_drop(ctx: &XdpContext, ip: &Ip, reason: Reason, counted: Counted) {
 
 /// Malformed packets are rare in normal traffic but can arrive in floods, so
 /// the log line is rate-limited per CPU and never costs more than a timestamp.
+/// Kept out of line: it is cold, and large (the log record's formatting).
+#[inline(never)]
 fn log_malformed(ctx: &XdpContext, family: Family) {
     let Some(last) = LOG_CLOCK.get_ptr_mut(0) else {
         return;

@@ -134,7 +134,7 @@ impl Ip {
         if self.has_port {
             self.protocol == PROTO_UDP
                 && self.destination_port != 0
-                && udp_ports.contains(&self.destination_port)
+                && udp_ports.iter().any(|&port| port == self.destination_port)
         } else {
             self.protocol < 64 && protocols & (1 << self.protocol) != 0
         }
