@@ -544,6 +544,40 @@ fn every_truncation_of_a_layer_three_frame_is_malformed() {
     }
 }
 
+/// Everything on the per-packet path is inlined into each entry point: a
+/// function the two share becomes a BPF subprogram, and the program pays a
+/// call, spills and a run-time framing on every packet (`bench xdp` once
+/// caught that costing half as much again). Only the cold diagnostics and
+/// the compiler's memory builtins may stay out of line.
+#[test]
+fn the_per_packet_path_is_one_function_per_entry_point() {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _, SymbolKind};
+    let file = object::File::parse(edgegate::filter::PROGRAM_OBJECT).expect("an ELF object");
+    let mut outlined: Vec<String> = file
+        .symbols()
+        .filter(|symbol| symbol.kind() == SymbolKind::Text)
+        .filter(|symbol| {
+            let section = symbol.section_index().and_then(|i| file.section_by_index(i).ok());
+            section.and_then(|s| s.name().ok().map(str::to_owned)).as_deref() == Some(".text")
+        })
+        .filter_map(|symbol| symbol.name().ok().map(str::to_owned))
+        .filter(|name| !["memcpy", "memmove", "memset", "memcmp", "bcmp"].contains(&name.as_str()))
+        .collect();
+    outlined.sort();
+    assert!(
+        outlined.len() == 1 && outlined[0].ends_with("log_malformed"),
+        "functions out of line: {outlined:?}"
+    );
+    let entry_points: Vec<&str> = file
+        .symbols()
+        .filter(|s| s.kind() == SymbolKind::Text)
+        .filter_map(|s| s.name().ok())
+        .collect();
+    for framing in Framing::ALL {
+        assert!(entry_points.contains(&framing.program_name()), "{entry_points:?}");
+    }
+}
+
 /// Ports scope judges tunnels by their outer source: the host decapsulates
 /// them, and the inner packet may be bound for a protected port.
 #[test]
