@@ -61,11 +61,12 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     )?;
     if !options.no_vm {
         // The suite on the kernels EC2 images run, then proof that a program
-        // the verifier rejects does fail the VM run.
+        // the verifier rejects does fail the VM run: a test of the harness,
+        // which one kernel (the oldest verifier) gives.
         let kernels: Vec<String> =
             crate::vm::DEFAULT_KERNELS.iter().map(|k| (*k).to_owned()).collect();
         crate::vm::run(&kernels, false)?;
-        crate::vm::run(&kernels, true)?;
+        crate::vm::run(&kernels[..1], true)?;
     }
     if options.no_dist {
         return Ok(());
