@@ -48,7 +48,7 @@ pub mod map {
 
 /// How frames start on an interface: it decides which of the object's two
 /// programs (one per layout, otherwise identical) is attached there.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(
     feature = "user",
     derive(serde::Serialize, serde::Deserialize),
@@ -56,6 +56,7 @@ pub mod map {
 )]
 pub enum Framing {
     /// An Ethernet header, possibly VLAN-tagged (Ethernet, veth, loopback, ENA).
+    #[default]
     Ethernet,
     /// The IP header first, its version in the first nibble (TUN, WireGuard,
     /// ipip, GRE, sit, PPP): layer-3 devices have no link-layer header.

@@ -42,7 +42,9 @@ pub struct Status {
     pub audit: bool,
     /// The listeners' ports, `filter.ports`, and the metrics port when exposed.
     pub protected_ports: BTreeSet<u16>,
-    /// Tunnels judged by their outer source (ports scope).
+    /// Tunnels judged by their outer source (ports scope; absent from an
+    /// older daemon's answer: it judged none).
+    #[serde(default)]
     pub tunnels: Tunnels,
     pub allowlist: PathBuf,
     pub ipv4_entries: usize,
@@ -191,7 +193,9 @@ pub struct FleetHost {
 pub struct Attachment {
     pub interface: String,
     pub mode: AttachedMode,
-    /// How the interface's frames start, which picks the program attached.
+    /// How the interface's frames start, which picks the program attached
+    /// (absent from an older daemon's answer: it read Ethernet only).
+    #[serde(default)]
     pub framing: Framing,
     /// The link was pinned by an earlier daemon and taken over.
     pub adopted: bool,
@@ -420,7 +424,17 @@ pub enum NotReady {
 
 #[cfg(test)]
 mod tests {
-    use super::quoted;
+    use super::{AttachedMode, Attachment, quoted};
+    use proxy_common::Framing;
+
+    /// During an upgrade the new CLI may read an older daemon's status.
+    #[test]
+    fn an_older_daemons_attachment_reads_as_ethernet() {
+        let old = r#"{"interface":"eth0","mode":"native","adopted":false}"#;
+        let attachment: Attachment = serde_json::from_str(old).expect("an older answer");
+        assert_eq!(attachment.framing, Framing::Ethernet);
+        assert_eq!(attachment.mode, AttachedMode::Native);
+    }
 
     #[test]
     fn worker_text_cannot_forge_a_line_or_drive_a_terminal() {
