@@ -465,6 +465,33 @@ pub struct DaemonConfig {
     /// backends (no cgroup v2, no `cgroup/connect` programs): `status` says so.
     #[serde(default)]
     pub allow_unconfined_egress: bool,
+    /// How the daemon and its worker write their logs; `run --log-format`
+    /// and `EDGEGATE_LOG_FORMAT` win over it.
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+/// How the daemon writes its log lines.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line (for log shippers).
+    Json,
+}
+
+impl LogFormat {
+    /// The name in the config and on the command line.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Json => "json",
+        }
+    }
 }
 
 impl Default for DaemonConfig {
@@ -476,6 +503,7 @@ impl Default for DaemonConfig {
             drain_timeout: default_drain_timeout(),
             user: None,
             allow_unconfined_egress: false,
+            log_format: LogFormat::Text,
         }
     }
 }

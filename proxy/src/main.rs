@@ -3,12 +3,12 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use edgegate::{
     allowlist::{self, Action, Allowlist, Change},
     config::{
         Config, DEFAULT_BPFFS_DIR, DEFAULT_CONTROL_SOCKET, DEFAULT_MAX_ENTRIES, DEFAULT_STATE_DIR,
-        Overrides, Scope,
+        LogFormat, Overrides, Scope,
     },
     control::{self, ClientError, Request, Response},
     daemon, filter,
@@ -66,8 +66,9 @@ enum Command {
     Run {
         #[arg(long)]
         config: PathBuf,
-        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-        log_format: LogFormat,
+        /// Log format (default: the config's `daemon.log_format`, else text).
+        #[arg(long, value_enum, env = "EDGEGATE_LOG_FORMAT")]
+        log_format: Option<LogFormat>,
         /// Test only: every proxy worker tries this once sandboxed.
         #[arg(long, value_enum, hide = true)]
         worker_escape: Option<edgegate::privsep::escape::Attempt>,
@@ -309,22 +310,6 @@ struct Commit {
     signing_key: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-impl LogFormat {
-    /// The name on the command line.
-    fn name(self) -> &'static str {
-        match self {
-            Self::Text => "text",
-            Self::Json => "json",
-        }
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match execute(cli) {
@@ -361,12 +346,19 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             worker_escape,
             worker_escape_address,
         } => {
+            let overrides = global.overrides();
+            // The config is read again (and every problem reported) by
+            // `daemon::start`; here only its log format matters, and one
+            // that does not parse leaves the default to report that.
+            let log_format = log_format.unwrap_or_else(|| {
+                Config::load(&config, &overrides).map(|c| c.daemon.log_format).unwrap_or_default()
+            });
             init_logging(log_format);
             // Start-up (and dropping privileges) happens before the runtime's
             // threads exist: they inherit the reduced credentials.
             let options = daemon::Options {
-                overrides: global.overrides(),
-                log_format: log_format.name().to_owned(),
+                overrides,
+                log_format,
                 keys_in_worker,
                 escape: worker_escape.map(|attempt| (attempt, worker_escape_address)),
             };

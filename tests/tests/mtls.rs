@@ -279,6 +279,36 @@ fn json_logs_carry_the_access_fields() {
     assert_eq!(rejected["level"], "WARN");
 }
 
+/// The packaged unit passes no flag: `daemon.log_format` sets the format,
+/// and `EDGEGATE_LOG_FORMAT` (a drop-in's `Environment=`) wins over it.
+#[test]
+fn the_log_format_comes_from_the_config_or_the_environment() {
+    let bed = MtlsBed::new(BackendMode::Echo);
+    bed.write("", "log_format = \"json\"");
+    bed.testbed.start_daemon();
+    bed.exchange(0, Some(&bed.client), b"json").expect("exchange");
+    bed.testbed.await_log("connection closed");
+    let log = bed.testbed.daemon_log();
+    for line in log.lines() {
+        let parsed: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(parsed["fields"]["message"].is_string(), "{line}");
+    }
+    bed.testbed.stop_daemon();
+
+    let text = std::ffi::OsStr::new("text");
+    bed.testbed.start_daemon_with_env(&[], &[("EDGEGATE_LOG_FORMAT", text)]);
+    bed.exchange(0, Some(&bed.client), b"text").expect("exchange");
+    bed.testbed.await_log("connection closed");
+    // The log holds both runs: the second one's line is plain text.
+    let log = bed.testbed.daemon_log();
+    let text_lines = log
+        .lines()
+        .filter(|line| line.contains("connection closed"))
+        .filter(|line| serde_json::from_str::<serde_json::Value>(line).is_err());
+    assert_eq!(text_lines.count(), 1, "{log}");
+}
+
 #[test]
 fn reload_starts_and_stops_listeners() {
     use edgegate_tests::mtls::{LISTENER_PORT, connect_tls};

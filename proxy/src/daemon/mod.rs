@@ -41,7 +41,7 @@ use supervisor::{Spawner, Worker};
 
 use crate::{
     allowlist::{self, Allowlist, StoreError},
-    config::{Config, Overrides},
+    config::{Config, LogFormat, Overrides},
     control::BindError,
     filter::{Filter, FilterError, FilterOptions},
     fleet::Health,
@@ -112,7 +112,7 @@ const LEARN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 pub struct Options {
     pub overrides: Overrides,
     /// The log format, passed on to the worker.
-    pub log_format: String,
+    pub log_format: LogFormat,
     /// Benchmarks only: the worker holds the listeners' keys, as before
     /// they stayed in the gate (`run --keys-in-worker`), to measure what that costs.
     pub keys_in_worker: bool,
@@ -239,7 +239,7 @@ pub fn start(config_path: PathBuf, options: Options) -> Result<Startup, DaemonEr
     });
     let egress =
         WorkerEgress::set_up(&listeners.destinations(), config.daemon.allow_unconfined_egress)?;
-    let log_json = log_format == "json";
+    let log_json = log_format == LogFormat::Json;
     let spawner = Spawner { account, log_format, cgroup: egress.cgroup(), keys, escape };
     let worker = supervisor::start(spawner, &listeners).map_err(DaemonError::Worker)?;
     privileges::confine_gate()?;

@@ -14,6 +14,8 @@ use std::{
     process::{Child, Command, Stdio},
 };
 
+use crate::config::LogFormat;
+
 use nix::unistd::{Gid, Uid};
 
 use super::escape::{Attempt, Target};
@@ -29,7 +31,7 @@ pub struct Account {
 /// What the worker's command line says.
 pub struct Launch<'a> {
     pub account: &'a Account,
-    pub log_format: &'a str,
+    pub log_format: LogFormat,
     /// The writing end of the pipe the gate relays the worker's log from
     /// (`daemon::worker_log`): its stdout and stderr.
     pub log: OwnedFd,
@@ -45,7 +47,7 @@ pub struct Launch<'a> {
 pub fn spawn(launch: &Launch<'_>) -> io::Result<(Child, UnixStream)> {
     let (gate_end, worker_end) = UnixStream::pair()?;
     let mut command = Command::new("/proc/self/exe");
-    command.arg0("edgegate").arg("worker").args(["--log-format", launch.log_format]);
+    command.arg0("edgegate").arg("worker").args(["--log-format", launch.log_format.name()]);
     command.args(["--channel-fd", &worker_end.as_raw_fd().to_string()]);
     // Copies the child keeps open across exec (see `Drop::apply`).
     let kept: Vec<OwnedFd> =

@@ -7,10 +7,13 @@ use std::{collections::BTreeSet, io, os::fd::OwnedFd, sync::Arc};
 use tokio::sync::oneshot;
 
 use super::super::{egress::WorkerCgroup, listeners::Listeners, worker_log};
-use crate::privsep::{
-    escape::{Attempt, Target},
-    keys::{self, KeyStore},
-    spawn::{self, Account, Launch},
+use crate::{
+    config::LogFormat,
+    privsep::{
+        escape::{Attempt, Target},
+        keys::{self, KeyStore},
+        spawn::{self, Account, Launch},
+    },
 };
 
 /// At most this many key channels per worker (one per core it runs).
@@ -19,7 +22,7 @@ const MAX_KEY_CHANNELS: usize = 64;
 /// How the gate starts workers.
 pub struct Spawner {
     pub account: Account,
-    pub log_format: String,
+    pub log_format: LogFormat,
     /// The cgroup workers go into, whose programs limit where they connect.
     pub cgroup: Option<WorkerCgroup>,
     /// The listeners' keys, which workers use over their key channels;
@@ -41,7 +44,7 @@ impl Spawner {
         let (log, log_end) = worker_log::pipe()?;
         let (child, stream) = spawn::spawn(&Launch {
             account: &self.account,
-            log_format: &self.log_format,
+            log_format: self.log_format,
             log: log_end,
             cgroup: self.cgroup.as_ref().map(|cgroup| &*cgroup.procs),
             key_channels: &worker_ends,
@@ -51,7 +54,7 @@ impl Spawner {
         let services = Services {
             keys: self.keys.clone().map(|store| (store, gate_ends)),
             log,
-            json: self.log_format == "json",
+            json: self.log_format == LogFormat::Json,
         };
         Ok(Spawned { child, stream, services })
     }
