@@ -627,6 +627,13 @@ impl Config {
                 "name at least one interface, e.g. [\"eth0\"]",
             ));
         }
+        let mut seen = BTreeSet::new();
+        for name in filter.interfaces.iter().filter(|name| !seen.insert(name.as_str())) {
+            problems.push(Invalid::new(
+                "filter.interfaces",
+                format!("`{name}` is named twice; each interface takes one program"),
+            ));
+        }
         for name in filter.interfaces.iter().filter(|n| !valid_interface_name(n)) {
             problems.push(Invalid::new(
                 "filter.interfaces",
@@ -830,7 +837,7 @@ fn validate_fleet(fleet: &FleetConfig) -> Vec<Invalid> {
 fn validate_listeners(listeners: &[ListenerConfig]) -> Vec<Invalid> {
     let mut problems = Vec::new();
     let mut names = BTreeSet::new();
-    let mut binds = BTreeSet::new();
+    let mut binds: Vec<SocketAddr> = Vec::new();
     for listener in listeners {
         let key = |field: &str| format!("listener.{}.{field}", listener.name);
         if listener.name.is_empty() || !names.insert(listener.name.as_str()) {
@@ -839,12 +846,14 @@ fn validate_listeners(listeners: &[ListenerConfig]) -> Vec<Invalid> {
                 format!("`{}` is empty or not unique", listener.name),
             ));
         }
-        if !binds.insert(listener.bind) {
+        // `0.0.0.0:8443` also takes `127.0.0.1:8443`: the second bind fails.
+        if let Some(other) = binds.iter().find(|&&bind| binds_overlap(bind, listener.bind)) {
             problems.push(Invalid::new(
                 key("bind"),
-                format!("{} is used by another listener", listener.bind),
+                format!("{} overlaps another listener's {other}", listener.bind),
             ));
         }
+        binds.push(listener.bind);
         if listener.bind.port() == 0 {
             problems.push(Invalid::new(key("bind"), "a listener needs a fixed port"));
         }
@@ -1069,6 +1078,7 @@ mod tests {
                 "[filter]\ninterfaces = [\"eth0\"]\nports = [1]\ntunnel_ports = [0]\n",
                 "filter.tunnel_ports",
             ),
+            ("[filter]\ninterfaces = [\"eth0\", \"eth0\"]\nports = [1]\n", "filter.interfaces"),
             (
                 "[filter]\ninterfaces = [\"eth0\"]\nports = [1]\ntunnel_ports = [1,2,3,4,5,6,7,8,9]\n",
                 "filter.tunnel_ports",
@@ -1133,6 +1143,22 @@ mod tests {
             "[[listener]]\nname = \"{name}\"\nbind = \"0.0.0.0:{port}\"\nbackend = \"127.0.0.1:8080\"\n\
              cert = \"s.pem\"\nkey = \"s.key\"\nclient_ca = \"ca.pem\"\n"
         )
+    }
+
+    #[test]
+    fn listeners_whose_binds_overlap_are_refused() {
+        let base = "[filter]\ninterfaces = [\"eth0\"]\n";
+        let loopback = listener("second", 8443).replace("0.0.0.0:8443", "127.0.0.1:8443");
+        for second in [listener("second", 8443), loopback.clone()] {
+            let text = format!("{base}{}{second}", listener("edge", 8443));
+            let error = parse(&text).unwrap_err().to_string();
+            assert!(error.contains("`listener.second.bind`"), "{error}");
+            assert!(error.contains("overlaps another listener's 0.0.0.0:8443"), "{error}");
+        }
+        let other_port = format!("{base}{}{}", listener("edge", 8443), listener("second", 8444));
+        parse(&other_port).expect("different ports");
+        let ipv6 = listener("second", 8443).replace("0.0.0.0:8443", "[::1]:8443");
+        parse(&format!("{base}{}{ipv6}", listener("edge", 8443))).expect("the other family");
     }
 
     #[test]
