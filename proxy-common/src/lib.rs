@@ -73,13 +73,6 @@ impl Framing {
             Self::Ip => "edgegate_ip",
         }
     }
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::Ethernet => "ethernet",
-            Self::Ip => "ip",
-        }
-    }
 }
 
 /// IP protocols that carry tunnels: in ports scope, packets of those marked

@@ -150,10 +150,12 @@ fn classify(config: &FilterConfig, framing: Framing, packet: &Packet, ip: &mut I
             NeighborDiscovery::Truncated => return Reason::Malformed,
             NeighborDiscovery::No => {}
         }
+        // A tunnel port inside the ephemeral range is a tunnel, not a reply.
         let reply = ip.has_port
             && !protected
             && ip.destination_port >= config.ephemeral_first
-            && ip.destination_port <= config.ephemeral_last;
+            && ip.destination_port <= config.ephemeral_last
+            && !ip.carries_tunnel(config.tunnel_protocols, &config.tunnel_udp_ports);
         if reply {
             return Reason::EphemeralPort;
         }

@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeSet,
     fs,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -354,6 +354,9 @@ fn default_tunnel_ports() -> BTreeSet<u16> {
 
 /// VXLAN's IANA port (RFC 7348).
 pub const VXLAN_PORT: u16 = 4789;
+/// The VXLAN port Linux uses when none is given, and flannel and Cilium by
+/// default (it predates the IANA assignment).
+pub const LINUX_VXLAN_PORT: u16 = 8472;
 /// GENEVE's IANA port (RFC 8926).
 pub const GENEVE_PORT: u16 = 6081;
 
@@ -363,20 +366,20 @@ pub const GENEVE_PORT: u16 = 6081;
 pub enum TunnelProtocol {
     /// IPv4 inside (protocol 4: ipip, 4in6).
     Ipip,
-    /// IPv6 inside (protocol 41: sit, 6in4, ip6ip6).
-    Ipv6,
+    /// IPv6 inside (protocol 41: sit and 6in4 over IPv4, ip6ip6 over IPv6).
+    Sit,
     /// GRE (protocol 47), whatever it carries.
     Gre,
 }
 
 impl TunnelProtocol {
-    pub const ALL: [Self; 3] = [Self::Ipip, Self::Ipv6, Self::Gre];
+    pub const ALL: [Self; 3] = [Self::Ipip, Self::Sit, Self::Gre];
 
     /// The IP protocol number.
     pub const fn number(self) -> u8 {
         match self {
             Self::Ipip => proxy_common::tunnel::IPIP,
-            Self::Ipv6 => proxy_common::tunnel::IPV6,
+            Self::Sit => proxy_common::tunnel::IPV6,
             Self::Gre => proxy_common::tunnel::GRE,
         }
     }
@@ -386,7 +389,7 @@ impl std::fmt::Display for TunnelProtocol {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Ipip => "ipip",
-            Self::Ipv6 => "ipv6",
+            Self::Sit => "sit",
             Self::Gre => "gre",
         })
     }
@@ -400,11 +403,11 @@ pub struct Tunnels {
 }
 
 impl Tunnels {
-    /// The default: every tunnel protocol, VXLAN and GENEVE.
+    /// The default: every tunnel protocol, VXLAN (both its ports) and GENEVE.
     pub fn standard() -> Self {
         Self {
             protocols: TunnelProtocol::ALL.into(),
-            udp_ports: BTreeSet::from([VXLAN_PORT, GENEVE_PORT]),
+            udp_ports: BTreeSet::from([VXLAN_PORT, GENEVE_PORT, LINUX_VXLAN_PORT]),
         }
     }
 }
@@ -719,9 +722,17 @@ impl Config {
 /// Whether two sockets would clash: the same port on the same address, or
 /// on an address and the wildcard of its family.
 fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port()
-        && (a.ip() == b.ip()
-            || (a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() || b.ip().is_unspecified())))
+    a.port() == b.port() && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
+}
+
+/// Whether a socket bound to `wide` also takes `narrow`: an unspecified
+/// address takes its family's addresses, and IPv6's (dual-stack, as the
+/// listeners bind) IPv4's too.
+fn covers(wide: IpAddr, narrow: IpAddr) -> bool {
+    match wide {
+        IpAddr::V4(wide) => wide.is_unspecified() && narrow.is_ipv4(),
+        IpAddr::V6(wide) => wide.is_unspecified(),
+    }
 }
 
 /// Checks `[fleet]`: usable URLs, one scheme, TLS files that belong together,
@@ -769,8 +780,7 @@ fn validate_fleet(fleet: &FleetConfig) -> Vec<Invalid> {
             .and_then(|authority| authority.rsplit_once(':'))
             .map(|(host, _)| host.trim_start_matches('[').trim_end_matches(']'));
         host.is_some_and(|host| {
-            host != "localhost"
-                && !host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+            host != "localhost" && !host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
         })
     };
     if let Some(endpoint) = fleet.endpoints.iter().find(beyond_loopback)
@@ -937,7 +947,7 @@ mod tests {
         assert_eq!(config.daemon.control_socket, Path::new(DEFAULT_CONTROL_SOCKET));
         assert_eq!(config.daemon.drain_timeout, Duration::from_secs(30));
         assert_eq!(config.tunnels(), Tunnels::standard());
-        assert_eq!(config.tunnels().to_string(), "ipip, ipv6, gre, UDP ports 4789, 6081");
+        assert_eq!(config.tunnels().to_string(), "ipip, sit, gre, UDP ports 4789, 6081, 8472");
     }
 
     #[test]
@@ -1159,6 +1169,10 @@ mod tests {
         parse(&other_port).expect("different ports");
         let ipv6 = listener("second", 8443).replace("0.0.0.0:8443", "[::1]:8443");
         parse(&format!("{base}{}{ipv6}", listener("edge", 8443))).expect("the other family");
+        // `[::]` is dual-stack: it takes IPv4's 0.0.0.0 too.
+        let dual = listener("second", 8443).replace("0.0.0.0:8443", "[::]:8443");
+        let error = parse(&format!("{base}{}{dual}", listener("edge", 8443))).unwrap_err();
+        assert!(error.to_string().contains("`listener.second.bind`"), "{error}");
     }
 
     #[test]

@@ -927,7 +927,11 @@ fn print_status(status: &Status, dropped: bool) {
     let ports: Vec<String> = status.protected_ports.iter().map(u16::to_string).collect();
     println!("protected:  ports {}", ports.join(", "));
     if status.scope == Scope::Ports {
-        println!("tunnels:    {} (judged by their outer source)", status.tunnels);
+        let judged = status.tunnels.to_string();
+        match judged.as_str() {
+            "none" => println!("tunnels:    none judged"),
+            _ => println!("tunnels:    {judged} (judged by their outer source)"),
+        }
     }
     for attachment in &status.interfaces {
         let framing = match attachment.framing {

@@ -518,7 +518,11 @@ fn every_truncation_of_a_layer_three_frame_is_malformed() {
     let h = ports_scope();
     let cases = [
         ("ipv4/tcp", "ipv4", ipv4(ALLOWED_V4, TCP, &[], Fragment::default())),
-        ("ipv4+options/udp", "ipv4", ipv4(ALLOWED_V4, TCP, &[1; 16], Fragment::default())),
+        (
+            "ipv4+options/udp",
+            "ipv4",
+            ipv4(ALLOWED_V4, Transport::Udp { dst_port: PORT }, &[1; 16], Fragment::default()),
+        ),
         ("ipv6/tcp", "ipv6", ipv6(ALLOWED_V6, &[], TCP)),
         (
             "ipv6+hbh+fragment/udp",
@@ -610,6 +614,34 @@ fn tunnels_are_judged_by_their_outer_source_in_ports_scope() {
     ] {
         expect(&h, &v4(UNLISTED_V4, other).bytes, XDP_PASS, "ipv4", "out_of_scope");
     }
+}
+
+/// A fragmented tunnel packet: the first fragment carries the protocol (or
+/// the port), later ones are judged by their source anyway.
+#[test]
+fn fragmented_tunnels_are_judged_too() {
+    let h = ports_scope();
+    let first = Extension::Fragment { offset: 0, more: true };
+    let gre = Transport::Tunnel { protocol: 47 };
+    expect(&h, &v6(UNLISTED_V6, &[first], gre).bytes, XDP_DROP, "ipv6", "unlisted");
+    let later = Fragment { offset: 64, more: false };
+    let vxlan = Transport::Udp { dst_port: 4789 };
+    let tail = ethernet(&[], ETHERTYPE_IPV4, ipv4(UNLISTED_V4, vxlan, &[], later));
+    expect(&h, &tail.bytes, XDP_DROP, "ipv4", "unlisted");
+}
+
+/// Host scope passes replies to the host's own connections by their
+/// ephemeral destination port; a tunnel port in that range stays a tunnel.
+#[test]
+fn a_tunnel_port_inside_the_ephemeral_range_is_judged_in_host_scope() {
+    let (first, _) = ephemeral_range();
+    let tunnel_port = first + 5;
+    let tunnels = Tunnels { protocols: Default::default(), udp_ports: [tunnel_port].into() };
+    let h = XdpHarness::with_tunnels(LIST, Scope::Host, &[PORT], tunnels);
+    let tunnel = Transport::Udp { dst_port: tunnel_port };
+    expect(&h, &v4(UNLISTED_V4, tunnel).bytes, XDP_DROP, "ipv4", "unlisted");
+    let reply = Transport::Udp { dst_port: first + 6 };
+    expect(&h, &v4(UNLISTED_V4, reply).bytes, XDP_PASS, "ipv4", "ephemeral_port");
 }
 
 #[test]

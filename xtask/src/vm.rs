@@ -82,7 +82,7 @@ fn kernel_source(spec: &str) -> KernelSource {
 struct Kernel {
     name: String,
     vmlinuz: PathBuf,
-    /// Plain (uncompressed) modules the init loads, in order.
+    /// Plain (uncompressed) modules the init loads (in name order).
     modules: Vec<PathBuf>,
 }
 

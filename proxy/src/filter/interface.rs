@@ -14,7 +14,7 @@ use super::{
 
 /// The largest MTU with which ENA, EC2's NIC, runs native XDP: above it
 /// `mode = "auto"` falls back to generic XDP.
-pub const ENA_XDP_MAX_MTU: u32 = 3498;
+const ENA_XDP_MAX_MTU: u32 = 3498;
 
 /// The driver of EC2's Elastic Network Adapter.
 const ENA_DRIVER: &str = "ena";
@@ -23,30 +23,24 @@ const ENA_DRIVER: &str = "ena";
 const ARPHRD_IP6GRE: u16 = 823;
 const ARPHRD_RAWIP: u16 = 519;
 
-/// Link types (`ARPHRD_*`) the program can read, with the name `ip link`
-/// shows after `link/` and how their frames start.
-const KNOWN_LINK_TYPES: [(u16, &str, Framing); 10] = [
-    (libc::ARPHRD_ETHER, "ether", Framing::Ethernet),
-    (libc::ARPHRD_LOOPBACK, "loopback", Framing::Ethernet),
-    // TUN and WireGuard devices.
-    (libc::ARPHRD_NONE, "none", Framing::Ip),
-    (libc::ARPHRD_TUNNEL, "ipip", Framing::Ip),
-    (libc::ARPHRD_TUNNEL6, "tunnel6", Framing::Ip),
-    (libc::ARPHRD_SIT, "sit", Framing::Ip),
-    (libc::ARPHRD_IPGRE, "gre", Framing::Ip),
-    (ARPHRD_IP6GRE, "gre6", Framing::Ip),
-    (libc::ARPHRD_PPP, "ppp", Framing::Ip),
-    (ARPHRD_RAWIP, "rawip", Framing::Ip),
+/// Link types (`ARPHRD_*`) the program can read, and how their frames start.
+const KNOWN_LINK_TYPES: [(u16, Framing); 10] = [
+    (libc::ARPHRD_ETHER, Framing::Ethernet),
+    (libc::ARPHRD_LOOPBACK, Framing::Ethernet),
+    // TUN and WireGuard devices (`link/none`).
+    (libc::ARPHRD_NONE, Framing::Ip),
+    (libc::ARPHRD_TUNNEL, Framing::Ip),
+    (libc::ARPHRD_TUNNEL6, Framing::Ip),
+    (libc::ARPHRD_SIT, Framing::Ip),
+    (libc::ARPHRD_IPGRE, Framing::Ip),
+    (ARPHRD_IP6GRE, Framing::Ip),
+    (libc::ARPHRD_PPP, Framing::Ip),
+    (ARPHRD_RAWIP, Framing::Ip),
 ];
 
 /// How frames of link type `link_type` start, if the program can read them.
 pub fn framing_of(link_type: u16) -> Option<Framing> {
-    KNOWN_LINK_TYPES.iter().find(|(known, ..)| *known == link_type).map(|(.., framing)| *framing)
-}
-
-/// The name of a link type, as `ip link` shows it, where edgegate knows it.
-fn link_type_name(link_type: u16) -> Option<&'static str> {
-    KNOWN_LINK_TYPES.iter().find(|(known, ..)| *known == link_type).map(|(_, name, _)| *name)
+    KNOWN_LINK_TYPES.iter().find(|(known, _)| *known == link_type).map(|(_, framing)| *framing)
 }
 
 /// How frames start on `interface`, or why the program cannot read them.
@@ -86,6 +80,13 @@ impl fmt::Display for EnaObstacle {
                  {ENA_XDP_MAX_MTU}: lower it with `ip link set dev {interface} mtu \
                  {ENA_XDP_MAX_MTU}` and make that persistent (README: EC2's MTU)"
             ),
+            Self::Queues { interface, queues } if queues.max < 2 => write!(
+                f,
+                "`{interface}` has {} queue(s), and ENA (EC2's NIC) runs native XDP only with \
+                 at most half its queues in use: native XDP is impossible on it (an instance \
+                 type with more queues has it)",
+                queues.max
+            ),
             Self::Queues { interface, queues } => write!(
                 f,
                 "`{interface}` uses {} of its {} queues, and ENA (EC2's NIC) runs native XDP only \
@@ -120,14 +121,6 @@ fn obstacles(interface: &str, mtu: Option<u32>, queues: Option<Queues>) -> Vec<E
     found
 }
 
-/// A link type's description for messages: its name where known.
-pub fn describe_link_type(link_type: u16) -> String {
-    match link_type_name(link_type) {
-        Some(name) => format!("link/{name}"),
-        None => format!("link type {link_type}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,8 +149,6 @@ mod tests {
         for link_type in [libc::ARPHRD_INFINIBAND, libc::ARPHRD_IEEE80211_RADIOTAP, 0xffff] {
             assert_eq!(framing_of(link_type), None, "link type {link_type}");
         }
-        assert_eq!(describe_link_type(libc::ARPHRD_INFINIBAND), "link type 32");
-        assert_eq!(describe_link_type(libc::ARPHRD_NONE), "link/none");
     }
 
     #[test]
@@ -185,5 +176,14 @@ mod tests {
         let queues =
             EnaObstacle::Queues { interface: "ens5".into(), queues: Queues { in_use: 8, max: 8 } };
         assert!(queues.to_string().contains("ethtool -L ens5 combined 4"), "{queues}");
+        let single =
+            EnaObstacle::Queues { interface: "ens5".into(), queues: Queues { in_use: 1, max: 1 } };
+        assert_eq!(
+            obstacles("ens5", Some(1500), Some(Queues { in_use: 1, max: 1 })),
+            vec![single.clone()]
+        );
+        assert!(
+            single.to_string().contains("impossible") && !single.to_string().contains("ethtool")
+        );
     }
 }

@@ -49,7 +49,7 @@ use ipnet::IpNet;
 pub use proxy_common::Framing;
 use proxy_common::{Counter, DroppedSource, FilterConfig as KernelConfig, Rule, SourceKey, map};
 
-pub use interface::{ENA_XDP_MAX_MTU, EnaObstacle, Queues, ena_obstacles, framing_of};
+pub use interface::{EnaObstacle, Queues, ena_obstacles, framing_of};
 pub use pins::{Detached, detach_pinned};
 pub use sys::{interface_link_type, interface_names};
 
@@ -85,10 +85,9 @@ pub enum FilterError {
     UnknownInterface { name: String },
     /// A configured interface's frames have a layout the program cannot read.
     #[error(
-        "`{interface}` is a {} device, whose frames edgegate cannot read (it reads Ethernet, \
-         loopback, and the IP-first frames of TUN, WireGuard, ipip, GRE, sit and PPP devices); \
-         filter the interface its traffic arrives on instead",
-        interface::describe_link_type(*link_type)
+        "`{interface}` is a link type {link_type} device, whose frames edgegate cannot read (it \
+         reads Ethernet, loopback, and the IP-first frames of TUN, WireGuard, ipip, ip6tnl, sit, \
+         GRE, ip6gre, PPP and raw-IP devices); filter the interface its traffic arrives on instead"
     )]
     UnsupportedLinkType { interface: String, link_type: u16 },
     /// The object file or its maps could not be loaded (or the pinned maps opened).

@@ -123,10 +123,14 @@ pub fn interface_link_type(name: &str) -> Option<u16> {
 const SIOCETHTOOL: libc::Ioctl = 0x8946;
 
 /// Runs ethtool command `command` (whose buffer starts with its `cmd`).
-fn ethtool<T>(name: &str, mut command: T) -> Option<T> {
+///
+/// # Safety
+/// `T` must be the kernel's struct for the command in its `cmd`, or larger:
+/// the kernel writes that many bytes into it.
+unsafe fn ethtool<T>(name: &str, mut command: T) -> Option<T> {
     // SAFETY: SIOCETHTOOL reads and writes the command buffer `ifru_data`
     // points at, `command`, which lives across the call and is as large as
-    // the kernel's struct for the command each caller sets.
+    // the kernel's struct for its command (the caller's promise).
     unsafe {
         ifreq_ioctl(name, SIOCETHTOOL, |ifreq| {
             ifreq.ifr_ifru.ifru_data = (&raw mut command).cast();
@@ -144,11 +148,12 @@ pub fn interface_driver(name: &str) -> Option<String> {
         driver: [u8; 32],
         rest: [u8; 32 * 4 + 12 + 5 * 4],
     }
+    const _: () = assert!(size_of::<DriverInfo>() == 196, "struct ethtool_drvinfo");
     const ETHTOOL_GDRVINFO: u32 = 0x3;
-    let info = ethtool(
-        name,
-        DriverInfo { cmd: ETHTOOL_GDRVINFO, driver: [0; 32], rest: [0; 32 * 4 + 12 + 5 * 4] },
-    )?;
+    let command =
+        DriverInfo { cmd: ETHTOOL_GDRVINFO, driver: [0; 32], rest: [0; 32 * 4 + 12 + 5 * 4] };
+    // SAFETY: `DriverInfo` is `struct ethtool_drvinfo`, the command's buffer.
+    let info = unsafe { ethtool(name, command) }?;
     let len = info.driver.iter().position(|&b| b == 0).unwrap_or(info.driver.len());
     Some(String::from_utf8_lossy(&info.driver[..len]).into_owned())
 }
@@ -170,8 +175,11 @@ pub fn interface_queues(name: &str) -> Option<super::Queues> {
         other_count: u32,
         combined_count: u32,
     }
+    const _: () = assert!(size_of::<Channels>() == 36, "struct ethtool_channels");
     const ETHTOOL_GCHANNELS: u32 = 0x3c;
-    let channels = ethtool(name, Channels { cmd: ETHTOOL_GCHANNELS, ..Channels::default() })?;
+    let command = Channels { cmd: ETHTOOL_GCHANNELS, ..Channels::default() };
+    // SAFETY: `Channels` is `struct ethtool_channels`, the command's buffer.
+    let channels = unsafe { ethtool(name, command) }?;
     Some(super::Queues { in_use: channels.combined_count, max: channels.max_combined })
 }
 
