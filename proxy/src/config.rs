@@ -403,6 +403,11 @@ pub struct Tunnels {
 }
 
 impl Tunnels {
+    /// Whether no tunnel is judged.
+    pub fn is_empty(&self) -> bool {
+        self.protocols.is_empty() && self.udp_ports.is_empty()
+    }
+
     /// The default: every tunnel protocol, VXLAN (both its ports) and GENEVE.
     pub fn standard() -> Self {
         Self {
@@ -419,7 +424,7 @@ impl std::fmt::Display for Tunnels {
             let ports: Vec<String> = self.udp_ports.iter().map(u16::to_string).collect();
             kinds.push(format!("UDP ports {}", ports.join(", ")));
         }
-        if kinds.is_empty() { f.write_str("none") } else { f.write_str(&kinds.join(", ")) }
+        if self.is_empty() { f.write_str("none") } else { f.write_str(&kinds.join(", ")) }
     }
 }
 

@@ -927,10 +927,10 @@ fn print_status(status: &Status, dropped: bool) {
     let ports: Vec<String> = status.protected_ports.iter().map(u16::to_string).collect();
     println!("protected:  ports {}", ports.join(", "));
     if status.scope == Scope::Ports {
-        let judged = status.tunnels.to_string();
-        match judged.as_str() {
-            "none" => println!("tunnels:    none judged"),
-            _ => println!("tunnels:    {judged} (judged by their outer source)"),
+        if status.tunnels.is_empty() {
+            println!("tunnels:    none judged");
+        } else {
+            println!("tunnels:    {} (judged by their outer source)", status.tunnels);
         }
     }
     for attachment in &status.interfaces {

@@ -118,7 +118,6 @@ pub(super) fn attach(
         (Framing::Ip, AttachMode::Auto) | (_, AttachMode::Skb) => &[AttachedMode::Skb],
     };
     let mut last_error = None;
-    let mut native_refusal = None;
     for &mode in modes {
         match program.attach_to_if_index(if_index, xdp_mode(mode)) {
             Ok(link_id) => {
@@ -135,13 +134,16 @@ pub(super) fn attach(
                     .map_err(|source| FilterError::Pin { path: pin.clone(), source })?;
                 // The pin keeps the link (and so the attachment) alive; our fd can go.
                 drop(pinned);
-                if mode == AttachedMode::Skb && modes.len() > 1 {
+                // Falling back: the native attempt before this one failed.
+                if let Some((AttachedMode::Native, refusal)) = &last_error {
                     let obstacles = ena_obstacles(interface);
                     let why = if obstacles.is_empty() {
-                        format!(
-                            "native XDP was refused ({})",
-                            native_refusal.as_deref().unwrap_or("no reason given")
-                        )
+                        let reason = if lacks_native_xdp(refusal) {
+                            "the driver has no native XDP support".to_owned()
+                        } else {
+                            refusal.to_string()
+                        };
+                        format!("native XDP was refused ({reason})")
                     } else {
                         let obstacles: Vec<String> =
                             obstacles.iter().map(ToString::to_string).collect();
@@ -164,12 +166,7 @@ pub(super) fn attach(
                     adopted: false,
                 });
             }
-            Err(source) => {
-                if mode == AttachedMode::Native {
-                    native_refusal = Some(describe_refusal(&source));
-                }
-                last_error = Some((mode, source));
-            }
+            Err(source) => last_error = Some((mode, source)),
         }
     }
     let (mode, source) = last_error.expect("at least one mode was tried");
@@ -177,23 +174,15 @@ pub(super) fn attach(
     if !obstacles.is_empty() {
         return Err(FilterError::EnaNative { interface: interface.to_owned(), obstacles });
     }
-    if let ProgramError::SyscallError(e) = &source
-        && mode == AttachedMode::Native
-        && e.io_error.raw_os_error() == Some(libc::EOPNOTSUPP)
-    {
+    if mode == AttachedMode::Native && lacks_native_xdp(&source) {
         return Err(FilterError::NativeUnsupported { interface: interface.to_owned() });
     }
     Err(FilterError::Attach { interface: interface.to_owned(), mode, source })
 }
 
-/// Why the kernel refused a native attachment, for the fallback's warning.
-fn describe_refusal(error: &ProgramError) -> String {
-    match error {
-        ProgramError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-            "the driver has no native XDP support".to_owned()
-        }
-        other => other.to_string(),
-    }
+/// Whether a native attachment failed because the driver has no native XDP.
+fn lacks_native_xdp(error: &ProgramError) -> bool {
+    matches!(error, ProgramError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::EOPNOTSUPP))
 }
 
 /// Detaches interfaces that an earlier daemon attached but the config no longer names.
