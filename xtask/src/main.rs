@@ -3,6 +3,7 @@
 
 mod bench;
 mod build_ebpf;
+mod cross;
 mod demo;
 mod dist;
 mod exec;
@@ -58,6 +59,10 @@ struct IntegrationTest {
     /// kernel .deb or a vmlinuz; repeat for more. Default: 6.1 and 6.12.
     #[arg(long, requires = "vm")]
     kernel: Vec<String>,
+    /// The guest's architecture: x86_64, or aarch64 (Graviton; cross-built,
+    /// booted under TCG).
+    #[arg(long, requires = "vm", default_value = "x86_64", value_parser = ["x86_64", "aarch64"])]
+    arch: String,
     /// Self-test: build a program the verifier must reject; every run must fail.
     #[arg(long, requires = "vm")]
     broken_program: bool,
@@ -83,6 +88,7 @@ impl IntegrationTest {
         } else {
             self.kernel
         };
-        vm::run(&kernels, self.broken_program)
+        let arch = vm::Arch::named(&self.arch).expect("clap allows only known architectures");
+        vm::run(arch, &kernels, self.broken_program)
     }
 }

@@ -60,13 +60,15 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             .args(&options.test_args),
     )?;
     if !options.no_vm {
-        // The suite on the kernels EC2 images run, then proof that a program
-        // the verifier rejects does fail the VM run: a test of the harness,
-        // which one kernel (the oldest verifier) gives.
+        // The suite on the kernels EC2 images run, on both architectures,
+        // then proof that a program the verifier rejects does fail the VM
+        // run: a test of the harness, which one kernel (the oldest
+        // verifier) gives.
         let kernels: Vec<String> =
             crate::vm::DEFAULT_KERNELS.iter().map(|k| (*k).to_owned()).collect();
-        crate::vm::run(&kernels, false)?;
-        crate::vm::run(&kernels[..1], true)?;
+        crate::vm::run(&crate::vm::X86_64, &kernels, false)?;
+        crate::vm::run(&crate::vm::AARCH64, &kernels, false)?;
+        crate::vm::run(&crate::vm::X86_64, &kernels[..1], true)?;
     }
     if options.no_dist {
         return Ok(());

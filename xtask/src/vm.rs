@@ -1,5 +1,7 @@
 //! `cargo xtask integration-test --vm`: the integration suite on the kernels
-//! EC2 images run, each booted with QEMU (KVM when available, else TCG).
+//! EC2 images run, each booted with QEMU (KVM when available, else TCG), on
+//! x86_64 and on aarch64 (Graviton), whose binaries are cross-built like the
+//! packages.
 //!
 //! For each kernel: fetch Debian's cloud kernel package with `apt-get
 //! download` (through a private apt configuration under `target/vm/`, so the
@@ -22,10 +24,70 @@ use std::os::unix::fs::PermissionsExt as _;
 
 use anyhow::{Context as _, bail};
 
-use crate::exec;
+use crate::{cross, exec};
 
 /// Kernels tested by default: Debian 12's cloud kernel and the backports one.
 pub const DEFAULT_KERNELS: [&str; 2] = ["6.1", "6.12"];
+
+/// A guest architecture: how QEMU runs it and what it boots.
+pub struct Arch {
+    /// As Rust and `uname -m` name it (the `--arch` value).
+    pub name: &'static str,
+    /// As Debian names it.
+    debian: &'static str,
+    /// The Rust target its binaries are built for.
+    rust_target: &'static str,
+    /// The QEMU system emulator, and its Debian package.
+    qemu: (&'static str, &'static str),
+    /// QEMU's machine and CPU under TCG.
+    tcg: &'static [&'static str],
+    /// The serial console the kernel writes to.
+    console: &'static str,
+    /// The guest's dynamic loader, which lists a foreign binary's libraries.
+    loader: &'static str,
+    /// The test suites run there.
+    suites: &'static [&'static str],
+}
+
+pub const X86_64: Arch = Arch {
+    name: "x86_64",
+    debian: "amd64",
+    rust_target: "x86_64-unknown-linux-gnu",
+    qemu: ("qemu-system-x86_64", "qemu-system-x86"),
+    // No cmpxchg16b under TCG: QEMU 7.2 (Debian 12) mis-emulates it and the
+    // 6.12 kernel double-faults in the slab allocator; without the feature
+    // the kernel takes its fallback path.
+    tcg: &["-cpu", "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,-cx16"],
+    console: "ttyS0",
+    loader: "/lib64/ld-linux-x86-64.so.2",
+    suites: &["xdp_verdicts", "end_to_end", "worker"],
+};
+
+pub const AARCH64: Arch = Arch {
+    name: "aarch64",
+    debian: "arm64",
+    rust_target: cross::TARGET,
+    qemu: ("qemu-system-aarch64", "qemu-system-arm"),
+    // Graviton 2's core, on QEMU's generic board (a PL011 console, which
+    // Debian's arm64 cloud kernel drives).
+    tcg: &["-M", "virt", "-cpu", "neoverse-n1"],
+    console: "ttyAMA0",
+    loader: "/lib/ld-linux-aarch64.so.1",
+    // The program's verdicts and attachment. Not the worker suite: under
+    // this emulation a TLS handshake takes 5-10 s, past its bounds.
+    suites: &["xdp_verdicts", "end_to_end"],
+};
+
+impl Arch {
+    pub fn named(name: &str) -> Option<&'static Arch> {
+        [&X86_64, &AARCH64].into_iter().find(|arch| arch.name == name)
+    }
+
+    /// Whether this host runs the guest's binaries itself (and KVM can).
+    fn is_host(&self) -> bool {
+        self.name == std::env::consts::ARCH
+    }
+}
 
 /// The end-to-end tests that run in the VM: attach native and skb, allowed and
 /// blocked TCP across namespaces, daemon stop/start with pins.
@@ -44,16 +106,38 @@ const WORKER: [&str; 2] = [
     "a_reload_that_moves_the_backend_moves_the_permission",
 ];
 
-/// Commands a VM run uses, and the Debian packages they come from (the
-/// initramfs also carries the tests' `ip` and `nsenter`).
-const TOOLS: [(&str, &str); 6] = [
-    ("qemu-system-x86_64", "qemu-system-x86"),
-    ("cpio", "cpio"),
-    ("busybox", "busybox-static"),
-    ("xz", "xz-utils"),
-    ("ip", "iproute2"),
-    ("nsenter", "util-linux"),
+/// Commands every VM run uses, and the Debian packages they come from.
+const TOOLS: [(&str, &str); 2] = [("cpio", "cpio"), ("xz", "xz-utils")];
+
+/// What a guest of the host's architecture takes from the host: its init's
+/// busybox and the tests' `ip` and `nsenter`.
+const HOST_USERLAND: [(&str, &str); 3] =
+    [("busybox", "busybox-static"), ("ip", "iproute2"), ("nsenter", "util-linux")];
+
+/// A foreign guest's userland, from Debian 12 (whose glibc the cross
+/// toolchain links against): busybox, `ip`, `nsenter`, and every library
+/// they and the Rust binaries load. A library missing here fails the run
+/// when the initramfs is packed, naming it.
+const FOREIGN_USERLAND: [&str; 15] = [
+    "busybox-static",
+    "iproute2",
+    "util-linux",
+    "libc6",
+    "libgcc-s1",
+    "libbpf1",
+    "libbsd0",
+    "libmd0",
+    "libcap2",
+    "libelf1",
+    "libmnl0",
+    "libpcre2-8-0",
+    "libselinux1",
+    "zlib1g",
+    "libzstd1",
 ];
+
+/// The Debian suite a foreign guest's userland comes from.
+const FOREIGN_USERLAND_SUITE: &str = "bookworm";
 
 /// A whole VM run may take this long (TCG is slow; a hung kernel must not hang CI).
 const VM_TIMEOUT: Duration = Duration::from_secs(900);
@@ -64,7 +148,7 @@ static KVM_UNUSABLE: AtomicBool = AtomicBool::new(false);
 
 /// Where a kernel comes from.
 enum KernelSource {
-    /// A Debian suite whose `linux-image-cloud-amd64` to use.
+    /// A Debian suite whose cloud kernel (`linux-image-cloud-<arch>`) to use.
     Debian { suite: &'static str },
     /// A kernel package file, or a vmlinuz (with no modules: veth and tun built in).
     Path(PathBuf),
@@ -90,30 +174,42 @@ struct Kernel {
 /// the TUN device of the layer-3 end-to-end test.
 const MODULES: [&str; 2] = ["veth", "tun"];
 
-/// Builds the binaries once, then runs the suite on each kernel. With
-/// `broken_program`, the XDP program is built with an unchecked packet read
-/// that every verifier rejects, and every run must fail: the harness's
-/// self-test.
-pub fn run(kernels: &[String], broken_program: bool) -> anyhow::Result<()> {
+/// Builds the binaries for `arch` once, then runs the suite on each kernel.
+/// With `broken_program`, the XDP program is built with an unchecked packet
+/// read that every verifier rejects, and every run must fail: the
+/// harness's self-test.
+pub fn run(arch: &Arch, kernels: &[String], broken_program: bool) -> anyhow::Result<()> {
     let expect_failure = broken_program;
     exec::install_missing("vm", &TOOLS)?;
+    exec::install_missing("vm", &[arch.qemu])?;
     let work = exec::workspace_root().join("target/vm");
-    fs::create_dir_all(&work)?;
-    let binaries = build_binaries(broken_program)?;
+    fs::create_dir_all(work.join("cache"))?;
+    let userland = if arch.is_host() {
+        exec::install_missing("vm", &HOST_USERLAND)?;
+        Userland::Host
+    } else {
+        cross::prepare("vm")?;
+        // qemu-user runs the guest's loader to list a binary's libraries.
+        exec::install_missing("vm", &[("qemu-aarch64", "qemu-user")])?;
+        Userland::unpack(&work, arch)?
+    };
+    let binaries = build_binaries(arch, broken_program)?;
     let mut failures = Vec::new();
     for spec in kernels {
-        let kernel = fetch_kernel(&work, spec)?;
-        let initramfs = pack(&work, &kernel, &binaries)?;
+        let kernel = fetch_kernel(&work, arch, spec)?;
+        let initramfs = pack(&work, &kernel, &binaries, &userland)?;
         println!("vm: booting {} ({})", kernel.name, kernel.vmlinuz.display());
         // KVM when it works. Where it is present but broken, the kernel
         // never starts, or it starts and QEMU then stops on an emulation
         // failure (nested virtualisation): rerun that kernel under TCG.
-        let kvm = Path::new("/dev/kvm").exists() && !KVM_UNUSABLE.load(Ordering::Relaxed);
-        let outcome = match boot(&kernel, &initramfs, kvm) {
+        let kvm = arch.is_host()
+            && Path::new("/dev/kvm").exists()
+            && !KVM_UNUSABLE.load(Ordering::Relaxed);
+        let outcome = match boot(arch, &kernel, &initramfs, kvm) {
             Err(e @ (Boot::NeverStarted | Boot::KvmFailed { .. })) if kvm => {
                 println!("vm: {e}; rerunning {} under TCG, and the rest too", kernel.name);
                 KVM_UNUSABLE.store(true, Ordering::Relaxed);
-                boot(&kernel, &initramfs, false)
+                boot(arch, &kernel, &initramfs, false)
             }
             outcome => outcome,
         };
@@ -148,23 +244,31 @@ struct Binaries {
     tests: Vec<(String, PathBuf)>,
 }
 
-fn build_binaries(broken_program: bool) -> anyhow::Result<Binaries> {
-    // proxy/build.rs passes these features to the XDP program's build.
-    let cargo = || {
-        let mut cargo = exec::cargo();
+fn build_binaries(arch: &Arch, broken_program: bool) -> anyhow::Result<Binaries> {
+    // The host's binaries are the ones the other tests use (no --target,
+    // so they share target/debug). A foreign guest's are cross-built with
+    // the release profile: translated instruction by instruction, debug
+    // code (aws-lc's C is then built at -O0 too) takes over 10 s for a TLS
+    // handshake, past the tests' bounds; and the daemon is then the one
+    // the packages ship, built once for both.
+    let target: &[&str] =
+        if arch.is_host() { &[] } else { &["--release", "--target", arch.rust_target] };
+    let cargo = |command: &[&str]| {
+        let mut cargo = if arch.is_host() { exec::cargo() } else { cross::cargo() };
+        // proxy/build.rs passes these features to the XDP program's build.
         if broken_program {
             cargo.env("EDGEGATE_EBPF_FEATURES", "verifier-reject");
         } else {
             cargo.env_remove("EDGEGATE_EBPF_FEATURES");
         }
+        cargo.args(command).args(target);
         cargo
     };
-    exec::run(cargo().args(["build", "--package", "edgegate", "--bin", "edgegate"]))?;
+    exec::run(&mut cargo(&["build", "--package", "edgegate", "--bin", "edgegate"]))?;
     // The self-test needs one suite that loads the program: the verdicts.
-    let suites: &[&str] =
-        if broken_program { &["xdp_verdicts"] } else { &["xdp_verdicts", "end_to_end", "worker"] };
-    let mut build = cargo();
-    build.args(["test", "--no-run", "--package", "edgegate-tests", "--message-format=json"]);
+    let suites = if broken_program { &["xdp_verdicts"] } else { arch.suites };
+    let mut build =
+        cargo(&["test", "--no-run", "--package", "edgegate-tests", "--message-format=json"]);
     for suite in suites {
         build.args(["--test", suite]);
     }
@@ -183,13 +287,96 @@ fn build_binaries(broken_program: bool) -> anyhow::Result<Binaries> {
             tests.push((name, PathBuf::from(executable)));
         }
     }
-    let edgegate = exec::workspace_root().join("target/debug/edgegate");
+    let target_dir = exec::workspace_root().join("target");
+    let edgegate = if arch.is_host() {
+        target_dir.join("debug/edgegate")
+    } else {
+        target_dir.join(arch.rust_target).join("release/edgegate")
+    };
     Ok(Binaries { edgegate, tests })
 }
 
-/// Private apt state for one suite, under `work`.
-fn apt(work: &Path, suite: &str, args: &[&str]) -> anyhow::Result<std::process::Output> {
-    let dir = work.join(format!("apt-{suite}"));
+/// Where the guest's programs and shared libraries come from.
+enum Userland {
+    /// This host's own: the guest has the host's architecture.
+    Host,
+    /// Debian's packages for the guest's architecture, unpacked at `root`.
+    Unpacked { root: PathBuf, loader: &'static str },
+}
+
+impl Userland {
+    /// Downloads (once) and unpacks a foreign guest's packages.
+    fn unpack(work: &Path, arch: &Arch) -> anyhow::Result<Userland> {
+        let packages = download(work, FOREIGN_USERLAND_SUITE, arch, &FOREIGN_USERLAND)?;
+        let root = work.join(format!("userland-{}", arch.debian));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root)?;
+        for package in packages {
+            exec::run(Command::new("dpkg-deb").arg("-x").arg(package).arg(&root))?;
+        }
+        Ok(Userland::Unpacked { root, loader: arch.loader })
+    }
+
+    /// A program by name, as a path on this host.
+    fn program(&self, name: &str) -> anyhow::Result<PathBuf> {
+        match self {
+            Userland::Host => {
+                let output = exec::output(Command::new("which").arg(name))?;
+                Ok(PathBuf::from(String::from_utf8(output.stdout)?.trim()))
+            }
+            Userland::Unpacked { root, .. } => ["bin", "sbin", "usr/bin", "usr/sbin"]
+                .iter()
+                .map(|dir| root.join(dir).join(name))
+                .find(|path| path.exists())
+                .with_context(|| {
+                    format!("no {name} in the packages unpacked at {}", root.display())
+                }),
+        }
+    }
+
+    /// The guest paths of the shared libraries `binary` loads, its loader
+    /// among them: `ldd`, or the guest's loader under qemu-user.
+    fn libraries(&self, binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
+        let output = match self {
+            Userland::Host => exec::output(Command::new("ldd").arg(binary))?,
+            Userland::Unpacked { root, loader } => exec::output(
+                Command::new("qemu-aarch64")
+                    .arg("-L")
+                    .arg(root)
+                    .arg(self.file(Path::new(loader)))
+                    .arg("--list")
+                    .arg(binary),
+            )?,
+        };
+        let listing = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() || listing.contains("not found") {
+            bail!("the libraries of {} cannot all be found: {listing}", binary.display());
+        }
+        // `name => /guest/path (address)`, or `/loader/path ...` for the loader.
+        Ok(listing
+            .lines()
+            .filter_map(|line| line.split_whitespace().find(|word| word.starts_with('/')))
+            .map(PathBuf::from)
+            .collect())
+    }
+
+    /// Where a guest path is on this host.
+    fn file(&self, guest: &Path) -> PathBuf {
+        match self {
+            Userland::Host => guest.to_owned(),
+            Userland::Unpacked { root, .. } => root.join(guest.strip_prefix("/").unwrap_or(guest)),
+        }
+    }
+}
+
+/// Private apt state for one suite and architecture, under `work`.
+fn apt(
+    work: &Path,
+    suite: &str,
+    arch: &Arch,
+    args: &[&str],
+) -> anyhow::Result<std::process::Output> {
+    let dir = work.join(format!("apt-{suite}-{}", arch.debian));
     fs::create_dir_all(dir.join("lists/partial"))?;
     fs::write(
         dir.join("sources.list"),
@@ -200,13 +387,61 @@ fn apt(work: &Path, suite: &str, args: &[&str]) -> anyhow::Result<std::process::
         .arg(format!("-oDir::Etc::SourceList={}", dir.join("sources.list").display()))
         .arg("-oDir::Etc::SourceParts=/dev/null")
         .arg(format!("-oDir::State::Lists={}", dir.join("lists").display()))
+        .arg(format!("-oAPT::Architecture={}", arch.debian))
+        .arg(format!("-oAPT::Architectures={}", arch.debian))
         .args(&args[1..])
         .current_dir(work.join("cache"));
     exec::output(&mut command)
 }
 
-fn fetch_kernel(work: &Path, spec: &str) -> anyhow::Result<Kernel> {
-    fs::create_dir_all(work.join("cache"))?;
+/// The package file of `package` for `arch` in the download cache.
+fn cached(work: &Path, package: &str, arch: &Arch) -> anyhow::Result<Option<PathBuf>> {
+    let (prefix, suffix) = (format!("{package}_"), format!("_{}.deb", arch.debian));
+    Ok(fs::read_dir(work.join("cache"))?.filter_map(Result::ok).map(|e| e.path()).find(|p| {
+        p.file_name().is_some_and(|n| {
+            let n = n.to_string_lossy();
+            n.starts_with(&prefix) && n.ends_with(&suffix)
+        })
+    }))
+}
+
+/// The package files of `packages` for `arch` from `suite`, downloaded into
+/// the cache where they are not there yet.
+fn download(
+    work: &Path,
+    suite: &str,
+    arch: &Arch,
+    packages: &[&str],
+) -> anyhow::Result<Vec<PathBuf>> {
+    let mut missing = Vec::new();
+    for package in packages {
+        if cached(work, package, arch)?.is_none() {
+            missing.push(*package);
+        }
+    }
+    if !missing.is_empty() {
+        let update = apt(work, suite, arch, &["apt-get", "-q", "update"])?;
+        if !update.status.success() {
+            bail!("apt-get update for {suite}: {}", String::from_utf8_lossy(&update.stderr));
+        }
+        println!("vm: downloading {} for {}", missing.join(" "), arch.debian);
+        let mut args = vec!["apt-get", "-q", "download"];
+        args.extend(&missing);
+        let fetched = apt(work, suite, arch, &args)?;
+        if !fetched.status.success() {
+            bail!("apt-get download from {suite}: {}", String::from_utf8_lossy(&fetched.stderr));
+        }
+    }
+    packages
+        .iter()
+        .map(|package| {
+            cached(work, package, arch)?
+                .with_context(|| format!("{package} is not in the download cache"))
+        })
+        .collect()
+}
+
+fn fetch_kernel(work: &Path, arch: &Arch, spec: &str) -> anyhow::Result<Kernel> {
     let package = match kernel_source(spec) {
         KernelSource::Path(path) if path.extension().is_some_and(|e| e == "deb") => path,
         KernelSource::Path(vmlinuz) => {
@@ -215,11 +450,13 @@ fn fetch_kernel(work: &Path, spec: &str) -> anyhow::Result<Kernel> {
             return Ok(Kernel { name, vmlinuz, modules: Vec::new() });
         }
         KernelSource::Debian { suite } => {
-            let update = apt(work, suite, &["apt-get", "-q", "update"])?;
+            let update = apt(work, suite, arch, &["apt-get", "-q", "update"])?;
             if !update.status.success() {
                 bail!("apt-get update for {suite}: {}", String::from_utf8_lossy(&update.stderr));
             }
-            let depends = apt(work, suite, &["apt-cache", "depends", "linux-image-cloud-amd64"])?;
+            // The metapackage names the current image package.
+            let metapackage = format!("linux-image-cloud-{}", arch.debian);
+            let depends = apt(work, suite, arch, &["apt-cache", "depends", &metapackage])?;
             let text = String::from_utf8(depends.stdout)?;
             let image = text
                 .lines()
@@ -227,35 +464,10 @@ fn fetch_kernel(work: &Path, spec: &str) -> anyhow::Result<Kernel> {
                 .filter(|p| p.starts_with("linux-image-"))
                 .with_context(|| format!("no cloud kernel in {suite}: {text}"))?
                 .to_owned();
-            let cached = fs::read_dir(work.join("cache"))?
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .find(|p| {
-                    p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{image}_")))
-                });
-            match cached {
-                Some(path) => path,
-                None => {
-                    println!("vm: downloading {image}");
-                    let download = apt(work, suite, &["apt-get", "-q", "download", &image])?;
-                    if !download.status.success() {
-                        bail!(
-                            "apt-get download {image}: {}",
-                            String::from_utf8_lossy(&download.stderr)
-                        );
-                    }
-                    fs::read_dir(work.join("cache"))?
-                        .filter_map(Result::ok)
-                        .map(|e| e.path())
-                        .find(|p| {
-                            p.file_name().is_some_and(|n| {
-                                n.to_string_lossy().starts_with(&format!("{image}_"))
-                            })
-                        })
-                        .context("the downloaded package is not in the cache")?
-                }
-            }
+            let [package] = &download(work, suite, arch, &[&image])?[..] else {
+                unreachable!("one package asked for")
+            };
+            package.clone()
         }
     };
     let stem = package.file_stem().map_or("kernel".into(), |s| s.to_string_lossy().into_owned());
@@ -336,25 +548,26 @@ fn init_script(tests: &[(String, PathBuf)]) -> String {
     script
 }
 
-fn pack(work: &Path, kernel: &Kernel, binaries: &Binaries) -> anyhow::Result<PathBuf> {
+fn pack(
+    work: &Path,
+    kernel: &Kernel,
+    binaries: &Binaries,
+    userland: &Userland,
+) -> anyhow::Result<PathBuf> {
     let root = work.join("initramfs").join(&kernel.name);
     let _ = fs::remove_dir_all(&root);
     for dir in ["bin", "proc", "sys", "dev", "tmp", "run", "tests", "modules", "etc"] {
         fs::create_dir_all(root.join(dir))?;
     }
-    let which = |tool: &str| -> anyhow::Result<PathBuf> {
-        let output = exec::output(Command::new("which").arg(tool))?;
-        Ok(PathBuf::from(String::from_utf8(output.stdout)?.trim()))
-    };
-    fs::copy(which("busybox")?, root.join("bin/busybox"))?;
+    fs::copy(userland.program("busybox")?, root.join("bin/busybox"))?;
     for applet in
         ["sh", "mount", "insmod", "poweroff", "cat", "echo", "mkdir", "sleep", "ls", "true"]
     {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
     }
     let mut dynamic = vec![
-        (which("ip")?, root.join("bin/ip")),
-        (which("nsenter")?, root.join("bin/nsenter")),
+        (userland.program("ip")?, root.join("bin/ip")),
+        (userland.program("nsenter")?, root.join("bin/nsenter")),
         (binaries.edgegate.clone(), root.join("bin/edgegate")),
     ];
     for (name, path) in &binaries.tests {
@@ -363,17 +576,13 @@ fn pack(work: &Path, kernel: &Kernel, binaries: &Binaries) -> anyhow::Result<Pat
     let mut libraries = BTreeSet::new();
     for (from, to) in &dynamic {
         fs::copy(from, to).with_context(|| format!("copy {}", from.display()))?;
-        let ldd = exec::output(Command::new("ldd").arg(from))?;
-        for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-            if let Some(path) = line.split_whitespace().find(|w| w.starts_with('/')) {
-                libraries.insert(PathBuf::from(path));
-            }
-        }
+        libraries.extend(userland.libraries(from)?);
     }
     for library in libraries {
         let target = root.join(library.strip_prefix("/").expect("absolute"));
         fs::create_dir_all(target.parent().expect("a directory"))?;
-        fs::copy(&library, &target).with_context(|| format!("copy {}", library.display()))?;
+        let source = userland.file(&library);
+        fs::copy(&source, &target).with_context(|| format!("copy {}", source.display()))?;
     }
     for module in &kernel.modules {
         let name = module.file_name().context("a module file")?;
@@ -429,35 +638,28 @@ const KVM_LIMITS: Limits = Limits {
 };
 
 /// Boots the kernel, streams the console, and judges it.
-fn boot(kernel: &Kernel, initramfs: &Path, kvm: bool) -> Result<(), Boot> {
-    let child = Command::new("qemu-system-x86_64")
-        // Under TCG: one vCPU, and no cmpxchg16b: QEMU 7.2 (Debian 12)
-        // mis-emulates it and the 6.12 kernel double-faults in the slab
-        // allocator; without the feature the kernel takes its fallback path.
-        .args(if kvm {
-            ["-accel", "kvm", "-cpu", "host", "-smp", "2"]
-        } else {
-            [
-                "-accel",
-                "tcg,thread=single",
-                "-cpu",
-                "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,-cx16",
-                "-smp",
-                "1",
-            ]
-        })
+fn boot(arch: &Arch, kernel: &Kernel, initramfs: &Path, kvm: bool) -> Result<(), Boot> {
+    let mut qemu = Command::new(arch.qemu.0);
+    if kvm {
+        qemu.args(["-accel", "kvm", "-cpu", "host", "-smp", "2"]);
+    } else {
+        // One vCPU: TCG's single thread.
+        qemu.args(["-accel", "tcg,thread=single", "-smp", "1"]).args(arch.tcg);
+    }
+    let child = qemu
         .args(["-m", "2048"])
         .args(["-nographic", "-no-reboot", "-kernel"])
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
         .arg(initramfs)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .arg("-append")
+        .arg(format!("console={} panic=-1 quiet", arch.console))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| Boot::Failed {
-            message: format!("cannot start qemu-system-x86_64: {e}"),
+            message: format!("cannot start {}: {e}", arch.qemu.0),
             verifier_rejected: false,
         })?;
     let started = Instant::now();

@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{exec, setup};
+use crate::{cross, exec, setup};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -43,28 +43,17 @@ pub struct Arch {
 const X86_64: Arch =
     Arch { target: "x86_64-unknown-linux-gnu", deb: "amd64", rpm: "x86_64", objdump: "objdump" };
 const AARCH64: Arch = Arch {
-    target: "aarch64-unknown-linux-gnu",
+    target: cross::TARGET,
     deb: "arm64",
     rpm: "aarch64",
     objdump: "aarch64-linux-gnu-objdump",
 };
 
 /// Commands `dist` runs, and the Debian packages they come from: the
-/// packagers, the objdumps for the glibc floor, and Debian's aarch64 cross
-/// compiler (the linker, and the C compiler for aws-lc-sys and ring, which
-/// build with the `cc` crate: no cmake needed).
-const TOOLS: [(&str, &str); 6] = [
-    ("dpkg-deb", "dpkg"),
-    ("rpmbuild", "rpm"),
-    ("objdump", "binutils"),
-    ("aarch64-linux-gnu-objdump", "binutils-aarch64-linux-gnu"),
-    ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
-    ("aarch64-linux-gnu-ar", "binutils-aarch64-linux-gnu"),
-];
-
-/// Where Debian's aarch64 libc lives: linked against by the cross build,
-/// and the `-L` root qemu-user loads the dynamic linker from.
-const AARCH64_SYSROOT: &str = "/usr/aarch64-linux-gnu";
+/// packagers and the host's objdump for the glibc floor (the aarch64 one
+/// comes with the cross toolchain).
+const TOOLS: [(&str, &str); 3] =
+    [("dpkg-deb", "dpkg"), ("rpmbuild", "rpm"), ("objdump", "binutils")];
 
 /// What one architecture's build produced.
 pub struct Built {
@@ -78,12 +67,7 @@ pub struct Built {
 pub fn run(options: &Options) -> anyhow::Result<()> {
     setup::ensure()?;
     exec::install_missing("dist", &TOOLS)?;
-    // gcc-aarch64-linux-gnu only recommends its libc, and apt here installs
-    // no recommends: without it the link finds no crt1.o.
-    exec::install_missing_files(
-        "dist",
-        &[(&format!("{AARCH64_SYSROOT}/lib/crt1.o"), "libc6-dev-arm64-cross")],
-    )?;
+    cross::prepare("dist")?;
     if std::env::consts::ARCH != "x86_64" {
         // The host build is the x86_64 package's binary (and the one `demo`
         // and `bench` reuse); elsewhere it would be packaged as the wrong arch.
@@ -114,37 +98,16 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Cross-builds the release binary for aarch64 with Debian's cross
-/// toolchain. The XDP object it embeds is built by `proxy/build.rs` for the
-/// BPF target, the same whatever the host or target.
+/// Cross-builds the release binary for aarch64. The XDP object it embeds
+/// is built by `proxy/build.rs` for the BPF target, the same whatever the
+/// host or target.
 fn build_aarch64() -> anyhow::Result<PathBuf> {
-    add_rust_target(AARCH64.target)?;
     exec::run(
-        exec::cargo()
+        cross::cargo()
             .args(["build", "--release", "--package", "edgegate", "--bin", "edgegate"])
-            .args(["--target", AARCH64.target])
-            .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER", "aarch64-linux-gnu-gcc")
-            // For the C in aws-lc-sys and ring (the `cc` crate reads these).
-            .env("CC_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-gcc")
-            .env("AR_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-ar"),
+            .args(["--target", cross::TARGET]),
     )?;
-    Ok(exec::workspace_root().join("target").join(AARCH64.target).join("release/edgegate"))
-}
-
-/// Adds the Rust standard library for `target` to the toolchain cargo uses
-/// here, unless it is there.
-fn add_rust_target(target: &str) -> anyhow::Result<()> {
-    let rustup = || {
-        let mut command = Command::new("rustup");
-        command.current_dir(exec::workspace_root());
-        command
-    };
-    let installed = exec::output(rustup().args(["target", "list", "--installed"]))?;
-    if String::from_utf8_lossy(&installed.stdout).lines().any(|line| line.trim() == target) {
-        return Ok(());
-    }
-    println!("dist: adding the Rust target {target}");
-    exec::run(rustup().args(["target", "add", target]))
+    Ok(exec::workspace_root().join("target").join(cross::TARGET).join("release/edgegate"))
 }
 
 /// Stages, packages and archives one architecture's binary.
@@ -175,17 +138,23 @@ fn stage_files(binary: &Path, stage: &Path, unit_dir: &str) -> anyhow::Result<()
     let root = exec::workspace_root();
     let _ = fs::remove_dir_all(stage);
     let unit = format!("{unit_dir}/edgegate.service");
-    // The README links to docs/BENCHMARKS.md: shipped at the same relative place.
-    let files: [(&Path, &str, u32); 6] = [
+    let files: [(&Path, &str, u32); 5] = [
         (binary, "usr/bin/edgegate", 0o755),
         (&root.join("proxy/dist/edgegate.service"), &unit, 0o644),
         (&root.join("proxy/dist/edgegate.toml"), "etc/edgegate/edgegate.toml", 0o640),
         (&root.join("README.md"), "usr/share/doc/edgegate/README.md", 0o644),
-        (&root.join("docs/BENCHMARKS.md"), "usr/share/doc/edgegate/docs/BENCHMARKS.md", 0o644),
         (&root.join("proxy/dist/allowlist.empty"), "usr/share/edgegate/allowlist.empty", 0o644),
     ];
     for (from, to, mode) in files {
         install(from, &stage.join(to), mode)?;
+    }
+    // The README links to the pages under docs/: shipped at the same
+    // relative place, every one of them.
+    for page in fs::read_dir(root.join("docs"))? {
+        let page = page?.path();
+        if let Some(name) = page.file_name().filter(|_| page.extension() == Some("md".as_ref())) {
+            install(&page, &stage.join("usr/share/doc/edgegate/docs").join(name), 0o644)?;
+        }
     }
     Ok(())
 }
@@ -245,7 +214,7 @@ fn installed(built: &Built, root: &Path) -> Command {
         return Command::new(binary);
     }
     let mut command = Command::new("qemu-aarch64");
-    command.args(["-L", AARCH64_SYSROOT]).arg(binary);
+    command.args(["-L", cross::SYSROOT]).arg(binary);
     command
 }
 

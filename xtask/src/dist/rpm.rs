@@ -77,7 +77,7 @@ const FILES: &str = "\
 %dir /usr/share/doc/edgegate
 %doc /usr/share/doc/edgegate/README.md
 %dir /usr/share/doc/edgegate/docs
-%doc /usr/share/doc/edgegate/docs/BENCHMARKS.md
+%doc /usr/share/doc/edgegate/docs/*.md
 %dir /usr/share/edgegate
 /usr/share/edgegate/allowlist.empty
 ";
