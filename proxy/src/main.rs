@@ -16,6 +16,9 @@ use edgegate::{
 };
 use proxy_common::Framing;
 
+#[cfg(test)]
+mod docs;
+
 #[derive(Parser)]
 #[command(
     name = "edgegate",

@@ -114,7 +114,7 @@ pub fn inspect(path: &Path, overrides: &Overrides) -> Report {
     if config.filter.audit {
         report.warning(format!(
             "{}: audit mode: nothing is dropped and unlisted clients are served; set it to \
-             false and reload to enforce (README: Audit first, then enforce)",
+             false and reload to enforce (docs/operations.md: Audit first, then enforce)",
             at("filter.audit")
         ));
     }
@@ -122,8 +122,8 @@ pub fn inspect(path: &Path, overrides: &Overrides) -> Report {
         if fleet.trusted_keys.is_empty() {
             report.warning(format!(
                 "{}: unset: anyone who can write the group's keys in etcd (any gate host \
-                 included) decides what every host enforces; sign the list (README: Fleet \
-                 mode, who decides the list)",
+                 included) decides what every host enforces; sign the list (docs/fleet.md: \
+                 Who decides the list)",
                 at("fleet.trusted_keys")
             ));
         }

@@ -78,7 +78,7 @@ impl fmt::Display for EnaObstacle {
                 f,
                 "`{interface}` has MTU {mtu}, and ENA (EC2's NIC) runs native XDP only up to \
                  {ENA_XDP_MAX_MTU}: lower it with `ip link set dev {interface} mtu \
-                 {ENA_XDP_MAX_MTU}` and make that persistent (README: EC2's MTU)"
+                 {ENA_XDP_MAX_MTU}` and make that persistent (docs/ec2.md: EC2's MTU)"
             ),
             Self::Queues { interface, queues } if queues.max < 2 => write!(
                 f,
@@ -91,7 +91,7 @@ impl fmt::Display for EnaObstacle {
                 f,
                 "`{interface}` uses {} of its {} queues, and ENA (EC2's NIC) runs native XDP only \
                  with at most half in use: run `ethtool -L {interface} combined {}` and make \
-                 that persistent (README: EC2's queues)",
+                 that persistent (docs/ec2.md: EC2's queues)",
                 queues.in_use,
                 queues.max,
                 queues.max / 2
