@@ -103,19 +103,21 @@ fn the_backend_gets_a_proxy_v2_header_with_tls_details() {
     let tlvs: Vec<_> = header.tlvs().map(|t| t.expect("TLV")).collect();
     let ssl = tlvs.iter().find(|t| t.kind == 0x20).expect("PP2_TYPE_SSL");
     assert_eq!(ssl.value[0] & 0x03, 0x03, "client used TLS and presented a certificate");
-    let sub = |kind: u8| -> Option<String> {
-        let mut rest = &ssl.value[5..];
-        while rest.len() >= 3 {
-            let len = usize::from(u16::from_be_bytes([rest[1], rest[2]]));
-            if rest[0] == kind {
-                return Some(String::from_utf8_lossy(&rest[3..3 + len]).into_owned());
-            }
-            rest = &rest[3 + len..];
-        }
-        None
-    };
-    assert_eq!(sub(0x22).as_deref(), Some("partner"), "PP2_SUBTYPE_SSL_CN");
-    assert!(sub(0x21).is_some_and(|v| v.contains("TLS")), "PP2_SUBTYPE_SSL_VERSION");
+    // The sub-TLVs fill PP2_TYPE_SSL's value exactly, as a strict reader wants.
+    let mut subs = Vec::new();
+    let mut rest = &ssl.value[5..];
+    while !rest.is_empty() {
+        let end = 3 + usize::from(u16::from_be_bytes([rest[1], rest[2]]));
+        assert!(end <= rest.len(), "sub-TLV {:#x} overruns PP2_TYPE_SSL", rest[0]);
+        subs.push((rest[0], &rest[3..end]));
+        rest = &rest[end..];
+    }
+    let sub = |kind: u8| subs.iter().find(|(k, _)| *k == kind).map(|(_, v)| *v);
+    assert_eq!(sub(0x22), Some(&b"partner"[..]), "PP2_SUBTYPE_SSL_CN");
+    assert!(sub(0x21).is_some_and(|v| v.starts_with(b"TLS")), "PP2_SUBTYPE_SSL_VERSION");
+    // The certificate the client presented, byte for byte.
+    let presented = first_certificate(&bed.client.cert);
+    assert_eq!(sub(0x28), Some(&presented[..]), "PP2_SUBTYPE_SSL_CLIENT_CERT");
     let value = |kind: u8| tlvs.iter().find(|t| t.kind == kind).map(|t| t.value.to_vec());
     assert_eq!(value(0xE0).as_deref(), Some(&b"api.partner.example"[..]));
     assert_eq!(value(0xE1).as_deref(), Some(&b"spiffe://partner.example/gateway"[..]));

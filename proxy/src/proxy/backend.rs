@@ -5,18 +5,21 @@
 use std::net::SocketAddr;
 
 use tokio::{io::AsyncWriteExt as _, net::TcpStream};
+use tracing::warn;
 
-use super::{Settings, connection::Stream, proxy_protocol};
-use crate::{config::SendProxyProtocol, tls::Identity};
+use super::{
+    Settings,
+    connection::Stream,
+    proxy_protocol::{self, ClientTls},
+};
+use crate::config::SendProxyProtocol;
 
 /// Opens the connection to the backend for `client`'s relay, or says why not.
 pub(super) async fn connect(
     settings: &Settings,
     client: SocketAddr,
     local: SocketAddr,
-    version: &str,
-    cipher: &str,
-    identity: &Identity,
+    tls: &ClientTls<'_>,
 ) -> Result<Box<dyn Stream>, String> {
     let config = &settings.config;
     let connect = async {
@@ -34,10 +37,24 @@ pub(super) async fn connect(
             None => Box::new(stream),
         };
         if config.send_proxy_protocol == SendProxyProtocol::V2 {
-            let header = proxy_protocol::backend_header(client, local, version, cipher, identity)
+            let header = proxy_protocol::backend_header(client, local, tls)
                 .map_err(|e| format!("PROXY header: {e}"))?;
+            // Only a certificate the client CA issued gets this far, and a
+            // backend that authorizes by it will refuse this client: the
+            // operator must be able to see why.
+            if header.certificate_omitted {
+                warn!(
+                    listener = %config.name,
+                    client = %client,
+                    subject = %tls.identity.subject,
+                    certificate_bytes = tls.certificate.map_or(0, <[u8]>::len),
+                    "PROXY v2 header sent without the client certificate \
+                     (PP2_SUBTYPE_SSL_CLIENT_CERT): with the other TLVs it would pass \
+                     the header's limit of 65535 bytes after the first 16"
+                );
+            }
             backend
-                .write_all(&header)
+                .write_all(&header.bytes)
                 .await
                 .map_err(|e| format!("backend {}: {e}", config.backend))?;
         }

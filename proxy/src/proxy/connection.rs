@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use super::{
     Counters, Settings, SharedAllowlist, backend,
-    proxy_protocol::{self, Prefixed},
+    proxy_protocol::{self, ClientTls, Prefixed},
     rejection::Rejection,
     relay::{self, Relayed},
 };
@@ -186,11 +186,8 @@ impl Connection {
             return refuse(Rejection::from_tls_error(&e), client, detail);
         }
         self.counters.handshakes_ok.fetch_add(1, Ordering::Relaxed);
-        let identity = session
-            .peer_certificates()
-            .and_then(|chain| chain.first())
-            .and_then(|cert| Identity::from_der(cert))
-            .unwrap_or_default();
+        let certificate = session.peer_certificates().and_then(|chain| chain.first());
+        let identity = certificate.and_then(|cert| Identity::from_der(cert)).unwrap_or_default();
         if !allowed {
             self.counters.sightings.record(client.ip(), identity.name.clone());
         }
@@ -200,8 +197,14 @@ impl Connection {
             .map(|s| format!("{:?}", s.suite()))
             .unwrap_or_default();
 
-        let connect =
-            Box::pin(backend::connect(&self.settings, client, local, &version, &cipher, &identity));
+        let client_tls = ClientTls {
+            version: &version,
+            cipher: &cipher,
+            identity: &identity,
+            certificate: certificate.map(|cert| cert.as_ref()),
+            resumed,
+        };
+        let connect = Box::pin(backend::connect(&self.settings, client, local, &client_tls));
         let backend = match connect.await {
             Ok(backend) => backend,
             Err(detail) => return Outcome::BackendFailed { client, identity, detail },
