@@ -15,6 +15,7 @@ use std::{
     collections::BTreeMap,
     fmt, fs, io,
     net::IpAddr,
+    ops::ControlFlow,
     path::{Path, PathBuf},
     str::FromStr,
 };
@@ -84,10 +85,50 @@ pub enum CidrError {
         ipv4.map_or_else(|| "the IPv4 CIDR instead".to_owned(), |n| format!("`{n}`"))
     )]
     Ipv4Mapped { input: String, ipv4: Option<Ipv4Net> },
+    /// A blank in the text (a quoted argument, a config string): no CIDR has
+    /// one, and naming the prefix length or the syntax would mislead.
+    #[error(
+        "`{}` has {}: {}",
+        input.escape_debug(),
+        Blank(input),
+        without.as_ref().map_or_else(|e| format!("and without it, {e}"), |n| format!("write `{n}`"))
+    )]
+    Whitespace { input: String, without: Result<IpNet, Box<CidrError>> },
+}
+
+/// Which blank `input` has, and where: "a trailing space".
+struct Blank<'a>(&'a str);
+
+impl fmt::Display for Blank<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some(blank) = self.0.chars().find(|c| c.is_whitespace()) else {
+            return f.write_str("no blank");
+        };
+        let place = if self.0.starts_with(blank) {
+            "a leading"
+        } else if self.0.ends_with(blank) {
+            "a trailing"
+        } else {
+            "a"
+        };
+        match blank {
+            ' ' => write!(f, "{place} space"),
+            '\t' => write!(f, "{place} tab"),
+            // What a file written on Windows leaves at the end of each line.
+            '\r' => write!(f, "{place} carriage return (\\r, a Windows line end)"),
+            '\n' => write!(f, "{place} line break"),
+            other => write!(f, "{place} blank (U+{:04X})", u32::from(other)),
+        }
+    }
 }
 
 /// Parses a CIDR or bare address as the list and the CLI accept it.
 pub fn parse_cidr(input: &str) -> Result<IpNet, CidrError> {
+    if input.contains(char::is_whitespace) {
+        let without: String = input.chars().filter(|c| !c.is_whitespace()).collect();
+        let without = parse_cidr(&without).map_err(Box::new);
+        return Err(CidrError::Whitespace { input: input.to_owned(), without });
+    }
     let cidr = match IpNet::from_str(input) {
         Ok(cidr) => cidr,
         Err(_) => match input.split_once('/').map(|(address, _)| IpAddr::from_str(address)) {
@@ -161,23 +202,53 @@ impl Allowlist {
 
     /// Parses the text format: one `[allow|deny] CIDR [# comment]` per line.
     pub fn parse(text: &str) -> Result<Self, ParseError> {
+        let mut first = None;
+        let list = Self::parse_each(text, |problem| {
+            first = Some(problem);
+            ControlFlow::Break(())
+        });
+        first.map_or(Ok(list), Err)
+    }
+
+    /// The problems of `text` in line order, at most `limit` of them: what
+    /// `check` reports at once, where [`Self::parse`] stops at the first.
+    pub fn problems(text: &str, limit: usize) -> Vec<ParseError> {
+        let mut problems = Vec::new();
+        Self::parse_each(text, |problem| {
+            problems.push(problem);
+            if problems.len() < limit { ControlFlow::Continue(()) } else { ControlFlow::Break(()) }
+        });
+        problems
+    }
+
+    /// Parses `text`, handing each problem to `problem`, which says whether
+    /// to go on; the lines without one make the list.
+    fn parse_each(text: &str, mut problem: impl FnMut(ParseError) -> ControlFlow<()>) -> Self {
         let mut entries: BTreeMap<IpNet, (Entry, usize)> = BTreeMap::new();
         for parsed in parse_lines(text) {
-            let (line, entry) = parsed?;
-            if let Some((existing, other_line)) = entries.get(&entry.cidr)
-                && existing.action != entry.action
-            {
-                return Err(ParseError::Conflict {
-                    line,
-                    cidr: entry.cidr,
-                    action: entry.action,
-                    other: existing.action,
-                    other_line: *other_line,
-                });
+            let flow = match parsed {
+                Err(e) => problem(e),
+                Ok((line, entry)) => match entries.get(&entry.cidr) {
+                    Some((existing, other_line)) if existing.action != entry.action => {
+                        problem(ParseError::Conflict {
+                            line,
+                            cidr: entry.cidr,
+                            action: entry.action,
+                            other: existing.action,
+                            other_line: *other_line,
+                        })
+                    }
+                    _ => {
+                        entries.insert(entry.cidr, (entry, line));
+                        ControlFlow::Continue(())
+                    }
+                },
+            };
+            if flow.is_break() {
+                break;
             }
-            entries.insert(entry.cidr, (entry, line));
         }
-        Ok(Self::from_entries(entries.into_values().map(|(entry, _)| entry)))
+        Self::from_entries(entries.into_values().map(|(entry, _)| entry))
     }
 
     /// The text format, with a header saying who owns the file.
@@ -587,6 +658,34 @@ mod tests {
             Err(CidrError::Unparsable { input: "10.0.0/8".into() }),
             "the address itself is broken"
         );
+    }
+
+    /// A blank is named as such (it used to be blamed on the prefix length),
+    /// with the fix, or with what is wrong besides.
+    #[test]
+    fn a_blank_says_blank_not_prefix_length() {
+        let cases = [
+            ("10.0.0.0/8 ", "a trailing space: write `10.0.0.0/8`"),
+            (" 10.0.0.0/8", "a leading space: write `10.0.0.0/8`"),
+            ("10.0.0.0 /8", "a space: write `10.0.0.0/8`"),
+            ("10.0.0.0/8\t", "a trailing tab"),
+            ("10.0.0.0/8\r", "`10.0.0.0/8\\r` has a trailing carriage return"),
+            ("2001:db8::/32\n", "a trailing line break: write `2001:db8::/32`"),
+            ("203.0.113.7/24 ", "and without it, `203.0.113.7/24` has host bits set"),
+        ];
+        for (input, expected) in cases {
+            let err = parse_cidr(input).unwrap_err();
+            assert!(matches!(err, CidrError::Whitespace { .. }), "{input:?}: {err:?}");
+            let message = err.to_string();
+            assert!(message.contains(expected), "{input:?}: {message}");
+            assert!(!message.contains("prefix length"), "{input:?}: {message}");
+        }
+        // CLI arguments and config values reach the same parser; list file
+        // lines are split on blanks first, so theirs never get this far.
+        let change =
+            Change::Add { action: Action::Allow, cidrs: vec!["10.0.0.0/8 ".into()], comment: None };
+        assert!(matches!(change.validate(), Err(Refusal::Cidr(CidrError::Whitespace { .. }))));
+        assert_eq!(Allowlist::parse("10.0.0.0/8 \r\n").map(|l| l.len()), Ok(1));
     }
 
     #[test]

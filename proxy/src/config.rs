@@ -33,6 +33,39 @@ pub struct Config {
     pub fleet: Option<FleetConfig>,
 }
 
+impl ListenerConfig {
+    /// Every file the listener names, with its key.
+    pub fn files(&self) -> Vec<(&'static str, &Path)> {
+        let mut files: Vec<(&'static str, &Path)> =
+            vec![("cert", &self.cert), ("key", &self.key), ("client_ca", &self.client_ca)];
+        files.extend(self.crl.iter().map(|path| ("crl", path.as_path())));
+        files.extend(self.tls_ticket_keys.as_deref().map(|path| ("tls_ticket_keys", path)));
+        if let Some(tls) = &self.backend_tls {
+            files.push(("backend_tls.ca", &tls.ca));
+            files.extend(tls.cert.as_deref().map(|path| ("backend_tls.cert", path)));
+            files.extend(tls.key.as_deref().map(|path| ("backend_tls.key", path)));
+        }
+        files
+    }
+
+    /// As [`Self::files`], to change them.
+    fn files_mut(&mut self) -> Vec<(&'static str, &mut PathBuf)> {
+        let mut files = vec![
+            ("cert", &mut self.cert),
+            ("key", &mut self.key),
+            ("client_ca", &mut self.client_ca),
+        ];
+        files.extend(self.crl.iter_mut().map(|path| ("crl", path)));
+        files.extend(self.tls_ticket_keys.as_mut().map(|path| ("tls_ticket_keys", path)));
+        if let Some(tls) = &mut self.backend_tls {
+            files.push(("backend_tls.ca", &mut tls.ca));
+            files.extend(tls.cert.as_mut().map(|path| ("backend_tls.cert", path)));
+            files.extend(tls.key.as_mut().map(|path| ("backend_tls.key", path)));
+        }
+        files
+    }
+}
+
 /// `[fleet]`: hosts of one group enforce one allowlist, kept in etcd.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -97,8 +130,7 @@ struct FleetFileFilter {
 pub fn load_fleet(path: &Path) -> Result<(FleetConfig, u32), ConfigError> {
     let text = fs::read_to_string(path)
         .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-    let file: FleetFile = toml::from_str(&text)
-        .map_err(|e| ConfigError::Syntax { path: path.to_owned(), source: Box::new(e) })?;
+    let file: FleetFile = toml::from_str(&text).map_err(|e| syntax_error(path, &text, e))?;
     let Some(fleet) = file.fleet else {
         let problem =
             Invalid::new("fleet", "this file has no `[fleet]` table: name the group and its etcd");
@@ -332,6 +364,10 @@ pub struct FilterConfig {
     /// would drop. Switches on reload, both ways.
     #[serde(default)]
     pub audit: bool,
+    /// Start enforcing with an empty list where that locks the operator out
+    /// (host scope, or SSH's port protected): intent made explicit.
+    #[serde(default)]
+    pub allow_empty: bool,
     /// IP protocols carrying tunnels that ports scope judges by their outer
     /// source: the host decapsulates them, and their inner packets may be
     /// bound for a protected port.
@@ -543,6 +579,54 @@ struct RawConfig {
     fleet: Option<FleetConfig>,
 }
 
+impl RawConfig {
+    /// Makes every relative path the file names start at `base`; returns
+    /// the keys that held one.
+    fn resolve_relative_paths(&mut self, base: &Path) -> Vec<String> {
+        let mut resolved = Vec::new();
+        let mut resolve = |key: String, path: &mut PathBuf| {
+            if path.is_relative() {
+                *path = base.join(&*path);
+                resolved.push(key);
+            }
+        };
+        if let Some(path) = &mut self.filter.allowlist {
+            resolve("filter.allowlist".into(), path);
+        }
+        let daemon = &mut self.daemon;
+        resolve("daemon.control_socket".into(), &mut daemon.control_socket);
+        resolve("daemon.state_dir".into(), &mut daemon.state_dir);
+        resolve("daemon.bpffs_dir".into(), &mut daemon.bpffs_dir);
+        for listener in &mut self.listener {
+            let name = listener.name.clone();
+            for (key, path) in listener.files_mut() {
+                resolve(format!("listener.{name}.{key}"), path);
+            }
+        }
+        if let Some(fleet) = &mut self.fleet {
+            for (key, path) in
+                [("ca", &mut fleet.ca), ("cert", &mut fleet.cert), ("key", &mut fleet.key)]
+            {
+                if let Some(path) = path {
+                    resolve(format!("fleet.{key}"), path);
+                }
+            }
+        }
+        resolved
+    }
+}
+
+/// A config file as read: its config, every unusable value in it, and the
+/// keys whose relative paths were resolved against `base`.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    pub problems: Vec<Invalid>,
+    pub relative: Vec<String>,
+    /// The config file's directory.
+    pub base: Option<PathBuf>,
+}
+
 /// Why a configuration file is refused. Messages name the file and the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -563,6 +647,49 @@ pub enum ConfigError {
     /// Values are well-formed but unusable: every such problem, one per line.
     #[error("{}", problems.iter().map(|p| format!("config {}: {p}", path.display())).collect::<Vec<_>>().join("\n"))]
     Invalid { path: PathBuf, problems: Vec<Invalid> },
+    /// `[listener]` where the file takes a list of tables, `[[listener]]`.
+    #[error(
+        "config {}: line {line}: `[{name}]` makes one table, but `{name}` is a list of tables: \
+         write `[[{name}]]` (double brackets) above each one",
+        path.display()
+    )]
+    SingleBrackets { path: PathBuf, line: usize, name: String },
+    /// `[[filter]]` where the file takes one table, `[filter]`.
+    #[error(
+        "config {}: line {line}: `[[{name}]]` starts a list of tables, but `{name}` is a single \
+         table: write `[{name}]` (single brackets), once",
+        path.display()
+    )]
+    DoubleBrackets { path: PathBuf, line: usize, name: String },
+}
+
+/// A TOML error as the operator can act on it: toml's own text (it has the
+/// line), except for a table header with the wrong brackets, of which toml
+/// says only "invalid type: map, expected a sequence".
+fn syntax_error(path: &Path, text: &str, error: toml::de::Error) -> ConfigError {
+    let span = error.span().filter(|_| error.message().starts_with("invalid type:"));
+    let header = span.clone().and_then(|span| text.get(span)).map(str::trim);
+    let before = span.and_then(|span| text.get(..span.start)).unwrap_or_default();
+    let line = before.matches('\n').count() + 1;
+    let path = path.to_owned();
+    let table_name = |inner: &str| {
+        let name = inner.trim();
+        (!name.is_empty() && !name.contains(['[', ']'])).then(|| name.to_owned())
+    };
+    if let Some(header) = header {
+        if let Some(name) =
+            header.strip_prefix("[[").and_then(|h| h.strip_suffix("]]")).and_then(table_name)
+        {
+            return ConfigError::DoubleBrackets { path, line, name };
+        }
+        if let Some(name) =
+            header.strip_prefix('[').and_then(|h| h.strip_suffix(']')).and_then(table_name)
+            && error.message().contains("expected a sequence")
+        {
+            return ConfigError::SingleBrackets { path, line, name };
+        }
+    }
+    ConfigError::Syntax { path, source: Box::new(error) }
 }
 
 /// One unusable value: the key it is under, and why.
@@ -589,16 +716,17 @@ pub struct Overrides {
 
 impl Config {
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
-        let (config, problems) = Self::load_with_problems(path, overrides)?;
+        let Loaded { config, problems, .. } = Self::load_with_problems(path, overrides)?;
         if problems.is_empty() {
             return Ok(config);
         }
         Err(ConfigError::Invalid { path: path.to_owned(), problems })
     }
 
-    /// Parses `text`; `path` is only used in messages.
+    /// Parses `text`; `path` is only used in messages (relative paths in
+    /// `text` stay relative).
     pub fn parse(text: &str, path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
-        let (config, problems) = Self::parse_with_problems(text, path, overrides)?;
+        let (config, problems) = Self::parse_with_problems(text, path, None, overrides)?;
         if problems.is_empty() {
             return Ok(config);
         }
@@ -608,22 +736,34 @@ impl Config {
     /// As [`Self::load`], but a file that parses yields its config together
     /// with every unusable value, so that `check` can go on to the files it
     /// names. Only a file that cannot be read or parsed is an error.
-    pub fn load_with_problems(
-        path: &Path,
-        overrides: &Overrides,
-    ) -> Result<(Self, Vec<Invalid>), ConfigError> {
+    pub fn load_with_problems(path: &Path, overrides: &Overrides) -> Result<Loaded, ConfigError> {
         let text = fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::parse_with_problems(&text, path, overrides)
+        // systemd starts the daemon in `/`: a path that works from the
+        // operator's shell in the config's directory must work there too.
+        let base = path.parent().map(|dir| std::path::absolute(dir).unwrap_or(dir.to_owned()));
+        let mut relative = Vec::new();
+        let (config, problems) = Self::parse_with_problems(
+            &text,
+            path,
+            base.as_deref().map(|b| (b, &mut relative)),
+            overrides,
+        )?;
+        Ok(Loaded { config, problems, relative, base })
     }
 
+    /// `resolve`: the directory relative paths in the file are read from,
+    /// and where to note the keys that held one.
     fn parse_with_problems(
         text: &str,
         path: &Path,
+        resolve: Option<(&Path, &mut Vec<String>)>,
         overrides: &Overrides,
     ) -> Result<(Self, Vec<Invalid>), ConfigError> {
-        let raw: RawConfig = toml::from_str(text)
-            .map_err(|e| ConfigError::Syntax { path: path.to_owned(), source: Box::new(e) })?;
+        let mut raw: RawConfig = toml::from_str(text).map_err(|e| syntax_error(path, text, e))?;
+        if let Some((base, relative)) = resolve {
+            relative.extend(raw.resolve_relative_paths(base));
+        }
         let RawConfig { filter, mut daemon, listener: listeners, metrics, fleet } = raw;
         let mut problems = validate_listeners(&listeners);
         if let Some(fleet) = &fleet {
@@ -1308,5 +1448,28 @@ mod tests {
         assert!(message.contains("line 3") && message.contains("turbo"), "{message}");
         let err = parse("[filter]\ninterfaces = [\"eth0\"]\nport = [1]\n").unwrap_err();
         assert!(err.to_string().contains("unknown field `port`"), "{err}");
+    }
+
+    /// toml says "invalid type: map, expected a sequence" of a header with
+    /// the wrong brackets; the message says which brackets to write.
+    #[test]
+    fn table_headers_with_the_wrong_brackets_say_which_to_write() {
+        let base = "[filter]\ninterfaces = [\"eth0\"]\n";
+        let single =
+            format!("{base}{}", listener("edge", 8443).replace("[[listener]]", "[listener]"));
+        let double = base.replace("[filter]", "[[filter]]");
+        let cases = [
+            (single, "line 3: `[listener]` makes one table", "write `[[listener]]`"),
+            (double, "line 1: `[[filter]]` starts a list of tables", "write `[filter]`"),
+        ];
+        for (text, cause, fix) in cases {
+            let message = parse(&text).unwrap_err().to_string();
+            assert!(message.contains("edgegate.toml"), "{message}");
+            assert!(message.contains(cause) && message.contains(fix), "{message}");
+            assert!(!message.contains("invalid type"), "{message}");
+        }
+        // Other type errors keep toml's own text.
+        let err = parse(&format!("{base}ports = 22\n")).unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
     }
 }

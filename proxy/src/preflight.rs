@@ -13,9 +13,9 @@ use proxy_common::Framing;
 
 use crate::{
     allowlist::{self, Allowlist},
-    config::{AttachMode, Config, Overrides},
+    config::{AttachMode, Config, FleetConfig, Loaded, Overrides, Scope},
     filter, privileges,
-    tls::{Lifetime, LifetimeKind, ListenerTls, unix_now},
+    tls::{self, FileProblem, Lifetime, LifetimeKind, ListenerTls, unix_now},
 };
 
 /// Certificates expiring sooner than this are reported (and logged daily).
@@ -44,10 +44,12 @@ impl fmt::Display for Finding {
 }
 
 /// What [`inspect`] found: the loaded config and list when they are usable,
-/// every finding, and a line for each part that is fine.
-#[derive(Debug)]
+/// every finding, and a line for each part that is fine. [`inspect_admin`]
+/// fills `admin` instead of `loaded`.
+#[derive(Debug, Default)]
 pub struct Report {
     pub loaded: Option<(Config, Allowlist)>,
+    pub admin: Option<FleetConfig>,
     pub findings: Vec<Finding>,
     pub passed: Vec<String>,
 }
@@ -74,11 +76,18 @@ impl Report {
 /// first problem (only a config that cannot be read or parsed as TOML of the
 /// right shape ends the inspection).
 pub fn inspect(path: &Path, overrides: &Overrides) -> Report {
-    let mut report = Report { loaded: None, findings: Vec::new(), passed: Vec::new() };
+    let mut report = Report::default();
     let config = match Config::load_with_problems(path, overrides) {
-        Ok((config, problems)) => {
+        Ok(Loaded { config, problems, relative, base }) => {
             for problem in problems {
                 report.error(format!("config {}: {problem}", path.display()));
+            }
+            if let (Some(base), false) = (base, relative.is_empty()) {
+                report.passed.push(format!(
+                    "relative paths are read from {}, the config's directory: `{}`",
+                    base.display(),
+                    relative.join("`, `")
+                ));
             }
             config
         }
@@ -119,26 +128,48 @@ pub fn inspect(path: &Path, overrides: &Overrides) -> Report {
         ));
     }
     if let Some(fleet) = &config.fleet {
-        if fleet.trusted_keys.is_empty() {
-            report.warning(format!(
-                "{}: unset: anyone who can write the group's keys in etcd (any gate host \
-                 included) decides what every host enforces; sign the list (docs/fleet.md: \
-                 Who decides the list)",
-                at("fleet.trusted_keys")
-            ));
-        }
-        if fleet.insecure_plaintext && fleet.endpoints.iter().any(|e| e.starts_with("http://")) {
-            report.warning(format!(
-                "{}: plaintext etcd beyond loopback: the list and the credentials cross the \
-                 network unprotected",
-                at("fleet.insecure_plaintext")
-            ));
-        }
+        inspect_fleet(&mut report, fleet, path);
     }
-    let list = inspect_allowlist(&mut report, &config, &at);
+    if let Err(e) = local_address(config.metrics.bind.ip()) {
+        report.error(format!(
+            "{}: {} is not an address of this host ({e}): use one `ip address` shows",
+            at("metrics.bind"),
+            config.metrics.bind.ip()
+        ));
+    }
+    let list = inspect_allowlist(&mut report, path, &config, &at);
     let now = unix_now();
     for listener in &config.listeners {
         let at = |key: &str| at(&format!("listener.{}.{key}", listener.name));
+        // Every file that cannot be read, not just the first.
+        let unreadable: Vec<String> = listener
+            .files()
+            .into_iter()
+            .filter_map(|(key, file)| {
+                let error = std::fs::File::open(file).err()?;
+                Some(format!("{} {}: cannot be read: {error}", at(key), file.display()))
+            })
+            .collect();
+        if let Err(e) = crate::daemon::listeners::resolve(&listener.backend) {
+            report.error(format!(
+                "{}: `{}` does not resolve here: {e}",
+                at("backend"),
+                listener.backend
+            ));
+        }
+        if let Err(e) = local_address(listener.bind.ip()) {
+            report.error(format!(
+                "{}: {} is not an address of this host ({e}): use one `ip address` shows, or \
+                 the wildcard {}",
+                at("bind"),
+                listener.bind.ip(),
+                if listener.bind.is_ipv4() { "0.0.0.0" } else { "[::]" }
+            ));
+        }
+        if !unreadable.is_empty() {
+            unreadable.into_iter().for_each(|problem| report.error(problem));
+            continue;
+        }
         match ListenerTls::load(listener) {
             Ok(tls) => {
                 let before = report.findings.len();
@@ -201,18 +232,100 @@ fn inspect_interface(report: &mut Report, at: &str, name: &str, mode: AttachMode
     }
 }
 
-/// Loads the list; problems with it (a missing file at an explicit path, a
-/// line that does not parse, more entries than the maps hold) are errors.
+/// `check` of a file with a `[fleet]` table and no `[filter]`: the config
+/// an operator's machine or an admin host gives `--signing-key` changes and
+/// `fleet status`, not `run`. `None` when the file is not one.
+pub fn inspect_admin(path: &Path) -> Option<Report> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let table: toml::Table = toml::from_str(&text).ok()?;
+    if table.contains_key("filter") || !table.contains_key("fleet") {
+        return None;
+    }
+    let mut report = Report::default();
+    match crate::config::load_fleet(path) {
+        Ok((fleet, _)) => {
+            inspect_fleet(&mut report, &fleet, path);
+            report.passed.push(format!(
+                "fleet admin config: group `{}` at {}; with no `[filter]` it serves \
+                 `--signing-key` changes and `fleet status`, not `edgegate run`",
+                fleet.group,
+                fleet.endpoints.join(", ")
+            ));
+            report.admin = Some(fleet);
+        }
+        Err(e) => report.error(e.to_string()),
+    }
+    Some(report)
+}
+
+/// What a `[fleet]` table needs beyond its syntax: its TLS files, and who
+/// may decide the list.
+fn inspect_fleet(report: &mut Report, fleet: &FleetConfig, config_path: &Path) {
+    let at = |key: &str| format!("config {}: `{key}`", config_path.display());
+    inspect_fleet_files(report, fleet, config_path);
+    if fleet.trusted_keys.is_empty() {
+        report.warning(format!(
+            "{}: unset: anyone who can write the group's keys in etcd (any gate host \
+             included) decides what every host enforces; sign the list (docs/fleet.md: \
+             Who decides the list)",
+            at("fleet.trusted_keys")
+        ));
+    }
+    if fleet.insecure_plaintext && fleet.endpoints.iter().any(|e| e.starts_with("http://")) {
+        report.warning(format!(
+            "{}: plaintext etcd beyond loopback: the list and the credentials cross the \
+             network unprotected",
+            at("fleet.insecure_plaintext")
+        ));
+    }
+}
+
+/// The etcd client's TLS files, read as a start reads them, and parsed as
+/// the first connection would: a typo must not wait for that.
+fn inspect_fleet_files(report: &mut Report, fleet: &FleetConfig, config_path: &Path) {
+    let files = [("fleet.ca", &fleet.ca), ("fleet.cert", &fleet.cert), ("fleet.key", &fleet.key)];
+    for (key, path) in files {
+        let Some(path) = path else { continue };
+        let parsed = match std::fs::read(path) {
+            Err(e) => Err(tls::TlsError::File {
+                key,
+                path: path.clone(),
+                problem: FileProblem::Unreadable(e),
+            }),
+            Ok(pem) if key == "fleet.key" => tls::parse_private_key(key, path, &pem).map(drop),
+            Ok(pem) => tls::parse_certificates(key, path, &pem).map(drop),
+        };
+        if let Err(e) = parsed {
+            report.error(format!("config {}: {e}", config_path.display()));
+        }
+    }
+}
+
+/// Whether a socket can be bound to `address` here: an address of the host
+/// (or a wildcard). Port 0 keeps a running daemon's sockets out of the way.
+fn local_address(address: std::net::IpAddr) -> std::io::Result<()> {
+    std::net::TcpListener::bind((address, 0)).map(drop)
+}
+
+/// Every problem a list file has is reported, up to this many lines.
+const LIST_PROBLEMS_SHOWN: usize = 50;
+
+/// Loads the list; problems with it (a missing file at an explicit path, the
+/// lines that do not parse, more entries than the maps hold, an empty list
+/// that locks the operator out) are errors.
 fn inspect_allowlist(
     report: &mut Report,
+    config_path: &Path,
     config: &Config,
     at: &dyn Fn(&str) -> String,
 ) -> Option<Allowlist> {
     let list_path = config.allowlist_path();
-    if config.filter.allowlist.is_some() && !list_path.exists() {
+    let seed = format!("`edgegate allow add --offline --config {} CIDR...`", config_path.display());
+    // In fleet mode the file only caches the group's list: a start creates it.
+    if config.filter.allowlist.is_some() && !list_path.exists() && config.fleet.is_none() {
         report.error(format!(
             "{}: {} does not exist (an explicit path is never created empty): seed it with \
-             `edgegate allow add --offline CIDR...`, or remove the key to use {}",
+             {seed}, or remove the key to use {}",
             at("filter.allowlist"),
             list_path.display(),
             config.daemon.state_dir.join("allowlist").display()
@@ -221,6 +334,18 @@ fn inspect_allowlist(
     }
     let list = match allowlist::load(&list_path) {
         Ok(list) => list,
+        Err(allowlist::StoreError::Parse { path, .. }) => {
+            // `load` stops at the first bad line; the operator wants them all.
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let problems = Allowlist::problems(&text, LIST_PROBLEMS_SHOWN + 1);
+            for problem in problems.iter().take(LIST_PROBLEMS_SHOWN) {
+                report.error(format!("{}: {problem}", path.display()));
+            }
+            if problems.len() > LIST_PROBLEMS_SHOWN {
+                report.error(format!("{}: and more lines like these", path.display()));
+            }
+            return None;
+        }
         Err(e) => {
             report.error(e.to_string());
             return None;
@@ -237,10 +362,53 @@ fn inspect_allowlist(
             ));
         }
     }
+    if list.is_empty() && !config.filter.audit && config.fleet.is_none() {
+        inspect_empty_list(report, config, &list_path, &seed, at);
+    }
     report
         .passed
         .push(format!("allowlist {}: {ipv4} IPv4 and {ipv6} IPv6 entries", list_path.display()));
     Some(list)
+}
+
+/// An empty list in enforcing mode drops every client. Where that includes
+/// the operator's own way in (host scope, or SSH's port protected), it is an
+/// error unless `filter.allow_empty` says it is meant; elsewhere a warning.
+fn inspect_empty_list(
+    report: &mut Report,
+    config: &Config,
+    list_path: &Path,
+    seed: &str,
+    at: &dyn Fn(&str) -> String,
+) {
+    const SSH_PORT: u16 = 22;
+    let ports = config.protected_ports();
+    let lockout = match config.filter.scope {
+        Scope::Host => Some(
+            "`scope = \"host\"` drops every inbound packet from an unlisted source, SSH included",
+        ),
+        Scope::Ports if ports.contains(&SSH_PORT) => Some("port 22 (SSH) is protected"),
+        Scope::Ports => None,
+    };
+    match lockout {
+        Some(_) if config.filter.allow_empty => {}
+        Some(why) => report.error(format!(
+            "{}: {} is empty and {why}: starting would lock you out. Seed it first with \
+             {seed}; or set `filter.audit = true` to watch before enforcing; or set \
+             `filter.allow_empty = true` if an empty list is meant",
+            at("filter.allow_empty"),
+            list_path.display()
+        )),
+        None => {
+            let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+            report.warning(format!(
+                "allowlist {}: empty: every client of the protected ports ({}) is dropped \
+                 until `edgegate allow add`; to seed it before the start: {seed}",
+                list_path.display(),
+                ports.join(", ")
+            ));
+        }
+    }
 }
 
 /// What to say about a certificate or CRL at `now`, if anything: an
@@ -372,5 +540,167 @@ mod tests {
         assert!(warned(&inspect(&config, &Overrides::default())));
         write(&format!("trusted_keys = [\"ed25519:{}=\"]\n", "A".repeat(43)));
         assert!(!warned(&inspect(&config, &Overrides::default())));
+    }
+
+    /// `check` of `config` (a `[filter]` table's keys first) written into a
+    /// fresh directory, whose allowlist holds `list`; the findings' texts.
+    fn check(config: &str, list: Option<&str>) -> (tempfile::TempDir, Vec<Finding>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let text = format!(
+            "[filter]\ninterfaces = [\"lo\"]\nmode = \"skb\"\n{config}\n\n[daemon]\n\
+             allow_unconfined_egress = true\nstate_dir = \"{}\"\ncontrol_socket = \"{}\"\n",
+            dir.path().join("state").display(),
+            dir.path().join("control.sock").display()
+        );
+        let path = dir.path().join("edgegate.toml");
+        std::fs::write(&path, text).expect("write config");
+        if let Some(list) = list {
+            std::fs::create_dir_all(dir.path().join("state")).expect("state dir");
+            std::fs::write(dir.path().join("state/allowlist"), list).expect("write list");
+        }
+        let report = inspect(&path, &Overrides::default());
+        (dir, report.findings)
+    }
+
+    fn errors_about<'a>(findings: &'a [Finding], words: &str) -> Vec<&'a str> {
+        findings
+            .iter()
+            .filter(|f| f.severity == Severity::Error && f.text.contains(words))
+            .map(|f| f.text.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn an_empty_list_that_locks_the_operator_out_is_an_error_unless_meant() {
+        for (case, filter) in
+            [("host scope", "scope = \"host\""), ("SSH protected", "ports = [22, 8443]")]
+        {
+            let (_dir, findings) = check(filter, None);
+            let lockout = errors_about(&findings, "lock you out");
+            assert_eq!(lockout.len(), 1, "{case}: {findings:?}");
+            for words in ["allow add --offline --config", "filter.audit = true", "allow_empty"] {
+                assert!(lockout[0].contains(words), "{case}: {}", lockout[0]);
+            }
+            for intent in ["audit = true", "allow_empty = true"] {
+                let (_dir, findings) = check(&format!("{filter}\n{intent}"), None);
+                assert!(errors_about(&findings, "lock you out").is_empty(), "{case}, {intent}");
+            }
+            let (_dir, findings) = check(filter, Some("192.0.2.0/24\n"));
+            assert!(errors_about(&findings, "lock you out").is_empty(), "{case}, listed");
+        }
+    }
+
+    #[test]
+    fn an_empty_list_on_service_ports_is_a_warning_naming_them() {
+        let (_dir, findings) = check("ports = [8443]", Some(""));
+        assert!(errors_about(&findings, "empty").is_empty(), "{findings:?}");
+        let warning = findings
+            .iter()
+            .find(|f| f.severity == Severity::Warning && f.text.contains("empty"))
+            .unwrap_or_else(|| panic!("no warning: {findings:?}"));
+        assert!(warning.text.contains("(8443)") && warning.text.contains("allow add"), "{warning}");
+    }
+
+    #[test]
+    fn every_bad_line_of_the_list_is_reported_in_one_run() {
+        let list = "192.0.2.0/24\n10.0.0.0/33\nallow\n198.51.100.0/24\nfoo bar\n\
+                    deny 192.0.2.0/24\n2001:db8::/129\n";
+        let (_dir, findings) = check("ports = [8443]", Some(list));
+        let lines: Vec<&str> = ["line 2:", "line 3:", "line 5:", "line 6:", "line 7:"].into();
+        for line in &lines {
+            assert_eq!(errors_about(&findings, line).len(), 1, "{line}: {findings:?}");
+        }
+        assert_eq!(errors_about(&findings, "allowlist").len(), lines.len(), "{findings:?}");
+    }
+
+    #[test]
+    fn every_missing_file_of_a_listener_is_reported() {
+        let listener = "ports = [8443]\n\n[[listener]]\nname = \"edge\"\nbind = \"127.0.0.1:8443\"\n\
+                        backend = \"127.0.0.1:8080\"\ncert = \"server.pem\"\nkey = \"server.key\"\n\
+                        client_ca = \"/nonexistent/ca.pem\"\ncrl = [\"a.crl\", \"b.crl\"]";
+        let (dir, findings) = check(listener, Some("192.0.2.0/24\n"));
+        let unreadable = errors_about(&findings, "cannot be read");
+        assert_eq!(unreadable.len(), 5, "{findings:?}");
+        for (key, file) in [
+            ("cert", dir.path().join("server.pem")),
+            ("key", dir.path().join("server.key")),
+            ("client_ca", "/nonexistent/ca.pem".into()),
+            ("crl", dir.path().join("a.crl")),
+            ("crl", dir.path().join("b.crl")),
+        ] {
+            let named = format!("listener.edge.{key}` {}", file.display());
+            assert!(unreadable.iter().any(|e| e.contains(&named)), "{named}: {unreadable:?}");
+        }
+    }
+
+    #[test]
+    fn relative_paths_are_read_from_the_config_directory_and_said_so() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = "[filter]\ninterfaces = [\"lo\"]\nports = [8443]\nallowlist = \"list\"\n\n\
+                      [daemon]\nstate_dir = \"state\"\n";
+        std::fs::write(dir.path().join("edgegate.toml"), config).expect("write config");
+        std::fs::write(dir.path().join("list"), "192.0.2.0/24\n").expect("write list");
+        // From elsewhere, as systemd starts it (in `/`).
+        let report = inspect(&dir.path().join("edgegate.toml"), &Overrides::default());
+        let (config, _) = report.loaded.as_ref().expect("loaded");
+        assert_eq!(config.allowlist_path(), dir.path().join("list"));
+        assert_eq!(config.daemon.state_dir, dir.path().join("state"));
+        let said = report.passed.iter().find(|line| line.contains("relative paths"));
+        let said = said.unwrap_or_else(|| panic!("{:?}", report.passed));
+        assert!(said.contains("`filter.allowlist`, `daemon.state_dir`"), "{said}");
+    }
+
+    #[test]
+    fn a_missing_explicit_list_is_seeded_with_a_command_for_this_config() {
+        let (dir, findings) = check("ports = [8443]\nallowlist = \"/nonexistent/list\"", None);
+        let missing = errors_about(&findings, "does not exist");
+        let config = dir.path().join("edgegate.toml");
+        let command = format!("edgegate allow add --offline --config {} CIDR", config.display());
+        assert!(missing.len() == 1 && missing[0].contains(&command), "{findings:?}");
+    }
+
+    #[test]
+    fn in_fleet_mode_a_missing_or_empty_list_file_is_only_the_cache() {
+        let fleet = "scope = \"host\"\nallowlist = \"/nonexistent/list\"\n\n[fleet]\n\
+                     endpoints = [\"http://127.0.0.1:2379\"]\ngroup = \"g\"";
+        let (_dir, findings) = check(fleet, None);
+        assert!(errors_about(&findings, "does not exist").is_empty(), "{findings:?}");
+        assert!(errors_about(&findings, "lock you out").is_empty(), "{findings:?}");
+    }
+
+    #[test]
+    fn a_bind_address_the_host_lacks_and_a_backend_that_does_not_resolve_are_errors() {
+        // 192.0.2.0/24 is TEST-NET-1: no host has it; `.invalid` never resolves (RFC 6761).
+        let listener = "ports = [8443]\n\n[[listener]]\nname = \"edge\"\nbind = \"192.0.2.7:8443\"\n\
+                        backend = \"backend.invalid:8080\"\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"a\"\n\n\
+                        [metrics]\nbind = \"192.0.2.8:9901\"";
+        let (_dir, findings) = check(listener, Some("192.0.2.0/24\n"));
+        let bind = errors_about(&findings, "192.0.2.7 is not an address of this host");
+        assert!(bind.len() == 1 && bind[0].contains("listener.edge.bind"), "{findings:?}");
+        let metrics = errors_about(&findings, "192.0.2.8 is not an address of this host");
+        assert!(metrics.len() == 1 && metrics[0].contains("metrics.bind"), "{findings:?}");
+        let backend = errors_about(&findings, "`backend.invalid:8080` does not resolve");
+        assert!(backend.len() == 1 && backend[0].contains("listener.edge.backend"), "{findings:?}");
+    }
+
+    #[test]
+    fn missing_and_garbage_fleet_tls_files_are_errors_naming_them() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not PEM at all\n").expect("write");
+        let fleet = format!(
+            "ports = [8443]\n\n[fleet]\nendpoints = [\"https://127.0.0.1:2379\"]\ngroup = \"g\"\n\
+             ca = \"/nonexistent/ca.pem\"\ncert = \"{0}\"\nkey = \"{0}\"",
+            garbage.display()
+        );
+        let (_dir, findings) = check(&fleet, None);
+        for (key, file, problem) in [
+            ("fleet.ca", "/nonexistent/ca.pem", "cannot be read"),
+            ("fleet.cert", garbage.to_str().expect("UTF-8"), "holds no certificate"),
+            ("fleet.key", garbage.to_str().expect("UTF-8"), "holds no private key"),
+        ] {
+            let named = format!("`{key}` {file}: {problem}");
+            assert_eq!(errors_about(&findings, &named).len(), 1, "{named}: {findings:?}");
+        }
     }
 }

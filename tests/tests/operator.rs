@@ -5,12 +5,16 @@
 use edgegate_tests::{
     mtls::{BackendMode, MtlsBed},
     pki::Leaf,
-    testbed::{CONNECT_TIMEOUT, PROTECTED_PORT, Testbed},
+    testbed::{CONNECT_TIMEOUT, PROTECTED_PORT, Testbed, edgegate_binary},
 };
 use time::{Duration, OffsetDateTime};
 
 fn stderr(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// One config with four unrelated mistakes: `check` names each with its key,
@@ -232,4 +236,61 @@ fn allow_add_validates_its_arguments_before_calling_the_daemon() {
         assert!(message.contains(expected) && !message.contains("not running"), "{message}");
     }
     assert!(stderr(&testbed.cli(&["allow", "add", "10.0.0.0/8"])).contains("not running"));
+}
+
+/// Every config in `examples/` passes `check` as written, but for what
+/// differs on a test host: its files (test certificates of the same names),
+/// its interface, its private address, and its state directory, where the
+/// list is seeded the way the example's comment says.
+#[test]
+fn every_example_passes_check() {
+    use edgegate_tests::pki::Authority;
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let files = tempfile::tempdir().expect("temp dir");
+    let partners = Authority::new(files.path(), "partner-ca");
+    partners.issue("server", &Leaf::server(&["gate.example"]));
+    let etcd = Authority::new(files.path(), "etcd-ca");
+    etcd.issue("etcd-client", &Leaf::client("edgegate-gate-a"));
+    etcd.issue("etcd-admin", &Leaf::client("edgegate-admin"));
+    let mut checked = Vec::new();
+    for entry in std::fs::read_dir(&examples).expect("examples/") {
+        let example = entry.expect("entry").path();
+        if example.extension() != Some("toml".as_ref()) {
+            continue;
+        }
+        let name = example.file_name().expect("name").to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(&example)
+            .expect("example")
+            .replace("/etc/edgegate/", &format!("{}/", files.path().display()))
+            .replace("interfaces = [\"ens5\"]", "interfaces = [\"lo\"]")
+            .replace("10.0.1.23:", "127.0.0.1:");
+        let config = files.path().join(&name);
+        std::fs::write(&config, text).expect("write");
+        let state = files.path().join(format!("{name}.state"));
+        let edgegate = |args: &[&str]| {
+            std::process::Command::new(edgegate_binary())
+                .arg("--state-dir")
+                .arg(&state)
+                .args(args)
+                .arg("--config")
+                .arg(&config)
+                .output()
+                .expect("run edgegate")
+        };
+        let report =
+            |output: &std::process::Output| format!("{name}: {}{}", stdout(output), stderr(output));
+        if !name.starts_with("fleet") {
+            let seeded = edgegate(&["allow", "add", "203.0.113.0/24", "--offline"]);
+            assert!(seeded.status.success(), "{}", report(&seeded));
+        }
+        let output = edgegate(&["check"]);
+        assert!(output.status.success(), "{}", report(&output));
+        let verdict = if name == "fleet-admin.toml" { "admin config OK" } else { "config OK" };
+        assert!(stdout(&output).contains(verdict), "{}", report(&output));
+        assert!(!stderr(&output).contains("warning"), "{}", report(&output));
+        checked.push(name);
+    }
+    checked.sort();
+    let expected = ["behind-nlb.toml", "fleet-admin.toml", "fleet-member.toml", "single-host.toml"];
+    assert_eq!(checked, expected);
 }

@@ -182,7 +182,7 @@ fn defer_accept(socket: &std::net::TcpListener) -> io::Result<()> {
 }
 
 /// Every address of `backend` (`host:port`); at least one.
-fn resolve(backend: &str) -> io::Result<Vec<SocketAddr>> {
+pub(crate) fn resolve(backend: &str) -> io::Result<Vec<SocketAddr>> {
     let addrs: Vec<SocketAddr> = backend.to_socket_addrs()?.collect();
     if addrs.is_empty() {
         return Err(io::Error::other("no address"));

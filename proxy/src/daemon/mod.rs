@@ -21,7 +21,7 @@ pub(crate) mod egress;
 mod explain;
 mod fleet;
 mod handover;
-mod listeners;
+pub(crate) mod listeners;
 mod state;
 mod supervisor;
 mod worker_log;
