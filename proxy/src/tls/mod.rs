@@ -446,20 +446,8 @@ impl Material {
 
     /// Reads every file `listener` names.
     pub fn read(listener: &ListenerConfig) -> Result<Self, TlsError> {
-        let mut named: Vec<(&'static str, &Path)> = vec![
-            ("cert", &listener.cert),
-            ("key", &listener.key),
-            ("client_ca", &listener.client_ca),
-        ];
-        named.extend(listener.crl.iter().map(|path| ("crl", path.as_path())));
-        named.extend(listener.tls_ticket_keys.as_deref().map(|path| ("tls_ticket_keys", path)));
-        if let Some(tls) = &listener.backend_tls {
-            named.push(("backend_tls.ca", &tls.ca));
-            named.extend(tls.cert.as_deref().map(|path| ("backend_tls.cert", path)));
-            named.extend(tls.key.as_deref().map(|path| ("backend_tls.key", path)));
-        }
         let mut files = BTreeMap::new();
-        for (key, path) in named {
+        for (key, path) in listener.files() {
             if !files.contains_key(path) {
                 let bytes = std::fs::read(path)
                     .map_err(|e| file_error(key, path)(FileProblem::Unreadable(e)))?;
