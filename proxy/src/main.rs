@@ -18,6 +18,7 @@ use proxy_common::Framing;
 
 #[cfg(test)]
 mod docs;
+mod generate;
 
 #[derive(Parser)]
 #[command(
@@ -131,6 +132,14 @@ enum Command {
         #[command(subcommand)]
         command: FleetCommand,
     },
+    /// Print the completion script for bash, zsh, fish, elvish or PowerShell.
+    Completions { shell: clap_complete::Shell },
+    /// Packaging: write the man pages (edgegate.1, edgegate-allow-add.1, …) into a directory.
+    #[command(hide = true)]
+    Man {
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
 }
 
 /// What the gate tells the worker on its command line (`privsep::spawn`).
@@ -236,6 +245,10 @@ enum AllowCommand {
         /// With --apply: only these of the reviewed suggestions.
         #[arg(long = "only", value_name = "CIDR", requires = "apply")]
         only: Vec<ipnet::IpNet>,
+        /// With --signing-key: the file whose `[fleet]` table names the
+        /// group and etcd.
+        #[arg(long, requires = "signing_key")]
+        config: Option<PathBuf>,
         #[command(flatten)]
         commit: Commit,
     },
@@ -405,8 +418,9 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             AllowCommand::Del(args) => remove(&global, Action::Allow, args),
             AllowCommand::List { json } => list(&global, json, None),
             AllowCommand::Explain { address, port, json } => explain(&global, address, port, json),
-            AllowCommand::Suggest { json, apply, only, commit } => {
-                suggest(&global, json, apply.as_deref(), &only, &commit)
+            AllowCommand::Suggest { json, apply, only, config, commit } => {
+                let via = Offline { offline: false, config };
+                suggest(&global, json, apply.as_deref(), &only, &via, &commit)
             }
             AllowCommand::ImportAws { file, regions, services, replace, offline, commit } => {
                 let selection = edgegate::aws::Selection { regions, services };
@@ -433,12 +447,16 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             fleet_status(&global, json, config.as_deref())
         }
         Command::Fleet { command: FleetCommand::Keygen { out } } => keygen(&out),
+        Command::Completions { shell } => generate::completions(shell),
+        Command::Man { out_dir } => generate::man_pages(&out_dir),
     }
 }
 
-/// Validates everything `run` would load and prints every problem found.
+/// Validates everything `run` would load and prints every problem found;
+/// of a fleet admin's config (`[fleet]` alone), what `--signing-key` reads.
 fn check(path: &std::path::Path, global: &Global) -> anyhow::Result<()> {
-    let report = edgegate::preflight::inspect(path, &global.overrides());
+    let report = edgegate::preflight::inspect_admin(path)
+        .unwrap_or_else(|| edgegate::preflight::inspect(path, &global.overrides()));
     for line in &report.passed {
         println!("{line}");
     }
@@ -452,6 +470,10 @@ fn check(path: &std::path::Path, global: &Global) -> anyhow::Result<()> {
             config.filter.interfaces.len(),
             config.listeners.len()
         );
+        return Ok(());
+    }
+    if let (Some(fleet), true) = (&report.admin, errors.is_empty()) {
+        println!("admin config OK: group `{}`", fleet.group);
         return Ok(());
     }
     for error in &errors {
@@ -813,6 +835,7 @@ fn suggest(
     json: bool,
     apply: Option<&str>,
     only: &[ipnet::IpNet],
+    via: &Offline,
     commit: &Commit,
 ) -> anyhow::Result<()> {
     let Response::Suggested { suggestions, learned, audit, refused } =
@@ -877,8 +900,7 @@ fn suggest(
         .map(edgegate::learned::Suggestion::entry)
         .collect();
     let tag = edgegate::learned::COMMENT_TAG.to_owned();
-    let offline = Offline { offline: false, config: None };
-    change(global, Change::Import { entries, tag, replace: false }, &offline, commit)
+    change(global, Change::Import { entries, tag, replace: false }, via, commit)
 }
 
 fn list(global: &Global, json: bool, only: Option<Action>) -> anyhow::Result<()> {

@@ -1,12 +1,14 @@
 //! `cargo xtask dist`: for x86_64 and aarch64 (Graviton), a `.deb`, an RPM
 //! and a tarball of the release binary (which embeds the XDP program), the
-//! systemd unit and an example config, under `target/dist/`. With `--check`,
-//! the packages are then installed into empty roots and the installed
-//! binaries are exercised: natively for x86_64, under qemu-user for aarch64.
+//! systemd unit, an example config, shell completions and man pages, under
+//! `target/dist/`; beside them each binary's debug info, which the packaged
+//! binary is stripped of. With `--check`, the packages are then installed
+//! into empty roots and the installed binaries are exercised: natively for
+//! x86_64, under qemu-user for aarch64.
 //!
 //! The packages are assembled with `dpkg-deb` and `rpmbuild` from staging
-//! trees rather than by cargo-deb or cargo-generate-rpm: each package is six
-//! files and a few scripts, and this way a fresh machine needs nothing beyond
+//! trees rather than by cargo-deb or cargo-generate-rpm: each package is a
+//! binary, some small files and a few scripts, and this way a fresh machine needs nothing beyond
 //! Debian's own tools.
 
 mod deb;
@@ -35,25 +37,70 @@ pub struct Arch {
     target: &'static str,
     deb: &'static str,
     rpm: &'static str,
-    /// An objdump that reads this architecture's ELF files (Debian's plain
-    /// `objdump` only knows the host's).
+    /// An objdump and an objcopy that read this architecture's ELF files
+    /// (Debian's plain ones only know the host's).
     objdump: &'static str,
+    objcopy: &'static str,
 }
 
-const X86_64: Arch =
-    Arch { target: "x86_64-unknown-linux-gnu", deb: "amd64", rpm: "x86_64", objdump: "objdump" };
+const X86_64: Arch = Arch {
+    target: "x86_64-unknown-linux-gnu",
+    deb: "amd64",
+    rpm: "x86_64",
+    objdump: "objdump",
+    objcopy: "objcopy",
+};
 const AARCH64: Arch = Arch {
     target: cross::TARGET,
     deb: "arm64",
     rpm: "aarch64",
     objdump: "aarch64-linux-gnu-objdump",
+    objcopy: "aarch64-linux-gnu-objcopy",
 };
 
+/// Where Debian and the RPM distributions keep what the packages install,
+/// where they differ.
+struct Layout {
+    /// systemd units: Debian keeps them in /lib; RPM distributions in /usr/lib.
+    units: &'static str,
+    /// The completion scripts: the shell, and the file in the directory its
+    /// package reads other packages' completions from (loaded on first use).
+    completions: [(&'static str, &'static str); 3],
+}
+
+const DEBIAN: Layout = Layout {
+    units: "lib/systemd/system",
+    completions: [
+        ("bash", "usr/share/bash-completion/completions/edgegate"),
+        ("zsh", "usr/share/zsh/vendor-completions/_edgegate"),
+        ("fish", "usr/share/fish/vendor_completions.d/edgegate.fish"),
+    ],
+};
+const RPM: Layout = Layout {
+    units: "usr/lib/systemd/system",
+    completions: [
+        ("bash", "usr/share/bash-completion/completions/edgegate"),
+        ("zsh", "usr/share/zsh/site-functions/_edgegate"),
+        ("fish", "usr/share/fish/vendor_completions.d/edgegate.fish"),
+    ],
+};
+
+/// Where in `target/dist` `generate` writes the completions and man pages.
+const GENERATED: &str = "generated";
+
+/// Where both install the man pages (`edgegate.1.gz`, `edgegate-allow.1.gz`, …).
+const MAN_PAGES: &str = "usr/share/man/man1";
+
 /// Commands `dist` runs, and the Debian packages they come from: the
-/// packagers and the host's objdump for the glibc floor (the aarch64 one
-/// comes with the cross toolchain).
-const TOOLS: [(&str, &str); 3] =
-    [("dpkg-deb", "dpkg"), ("rpmbuild", "rpm"), ("objdump", "binutils")];
+/// packagers, and the host's objdump and objcopy for the glibc floor and
+/// stripping (the aarch64 ones come with the cross toolchain).
+const TOOLS: [(&str, &str); 4] =
+    [("dpkg-deb", "dpkg"), ("rpmbuild", "rpm"), ("objdump", "binutils"), ("objcopy", "binutils")];
+
+/// What `dist --check` runs besides: qemu-user for the aarch64 binaries, the
+/// shells to parse their completion scripts, and man to render the pages.
+const CHECK_TOOLS: [(&str, &str); 4] =
+    [("qemu-aarch64", "qemu-user"), ("zsh", "zsh"), ("fish", "fish"), ("man", "man-db")];
 
 /// What one architecture's build produced.
 pub struct Built {
@@ -62,6 +109,11 @@ pub struct Built {
     deb: PathBuf,
     rpm: PathBuf,
     tarball: PathBuf,
+    /// The binary's size as cargo built it (with line tables) and as packaged.
+    built_size: u64,
+    packaged_size: u64,
+    /// The debug info the packaged binary was stripped of, beside the packages.
+    debug: PathBuf,
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
@@ -75,20 +127,31 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     }
     let root = exec::workspace_root();
     let dist = root.join("target/dist");
-    let binaries = [(&X86_64, exec::build_release_binary()?), (&AARCH64, build_aarch64()?)];
+    let host = exec::build_release_binary()?;
+    // Completions and man pages are the same for every architecture: the
+    // host's binary generates them once.
+    let generated = dist.join(GENERATED);
+    generate(&host, &generated)?;
+    let binaries = [(&X86_64, host), (&AARCH64, build_aarch64()?)];
     let mut built = Vec::new();
     for (arch, binary) in binaries {
-        built.push(package(arch, &binary, &dist)?);
+        built.push(package(arch, &binary, &generated, &dist)?);
     }
     for b in &built {
         println!("{}: glibc >= {}", b.arch.rpm, b.glibc);
-        for file in [&b.deb, &b.rpm, &b.tarball] {
-            println!("  {}", file.display());
+        println!(
+            "  edgegate {}: {} as built, {} packaged (stripped)",
+            b.arch.rpm,
+            size(b.built_size),
+            size(b.packaged_size)
+        );
+        for file in [&b.deb, &b.rpm, &b.tarball, &b.debug] {
+            println!("  {} ({})", file.display(), size(fs::metadata(file)?.len()));
         }
     }
     if options.check {
         exec::require_root("cargo xtask dist --check")?;
-        exec::install_missing("dist --check", &[("qemu-aarch64", "qemu-user")])?;
+        exec::install_missing("dist --check", &CHECK_TOOLS)?;
         let [x86_64, aarch64] = &built[..] else { unreachable!("two architectures") };
         deb::check(x86_64, &dist)?;
         deb::check_foreign(aarch64, &dist)?;
@@ -96,6 +159,75 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         println!("package checks passed");
     }
     Ok(())
+}
+
+/// Writes the completion scripts (`completions/<shell>`) and the man pages
+/// (`man/*.1.gz`) into a fresh `dir`, as `binary` generates them from its
+/// command-line definition.
+fn generate(binary: &Path, dir: &Path) -> anyhow::Result<()> {
+    let _ = fs::remove_dir_all(dir);
+    let completions = dir.join("completions");
+    fs::create_dir_all(&completions)?;
+    // The same shells in both layouts.
+    for (shell, _) in DEBIAN.completions {
+        let script = fs::File::create(completions.join(shell))?;
+        exec::run(Command::new(binary).args(["completions", shell]).stdout(script))?;
+    }
+    let man = dir.join("man");
+    exec::run(Command::new(binary).arg("man").arg("--out-dir").arg(&man))?;
+    let pages = files_ending(&man, ".1")?;
+    if !pages.contains(&man.join("edgegate.1")) {
+        bail!("`{} man` wrote no edgegate.1 into {}", binary.display(), man.display());
+    }
+    // -n: no name or time stamp in the header, so that the same page
+    // compresses to the same bytes (what Debian policy asks for).
+    exec::run(Command::new("gzip").arg("-9n").args(pages))
+}
+
+/// The files in `dir` whose names end in `suffix`, sorted.
+fn files_ending(dir: &Path, suffix: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let path = entry?.path();
+        if path.file_name().is_some_and(|name| name.to_string_lossy().ends_with(suffix)) {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Splits `binary`'s debug info off into `edgegate-<version>-<arch>.debug`
+/// in `dist`, compressed, and returns a stripped copy to package (cargo's
+/// stays as it is: `demo` and `bench` reuse it). The copy names the file in
+/// `.gnu_debuglink`, with its CRC: gdb and perf find it beside the binary
+/// or in /usr/lib/debug/usr/bin, and by build ID under
+/// /usr/lib/debug/.build-id. The symbol table stays (a few MB): a
+/// `RUST_BACKTRACE` backtrace or `perf` on a gate host names functions
+/// without the debug file.
+fn strip(arch: &Arch, binary: &Path, dist: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let version = env!("CARGO_PKG_VERSION");
+    let debug = dist.join(format!("edgegate-{version}-{}.debug", arch.rpm));
+    exec::run(
+        Command::new(arch.objcopy)
+            .args(["--only-keep-debug", "--compress-debug-sections=zlib"])
+            .arg(binary)
+            .arg(&debug),
+    )?;
+    let stripped = dist.join("stripped").join(arch.rpm).join("edgegate");
+    fs::create_dir_all(stripped.parent().expect("a file in a directory"))?;
+    let mut debuglink = std::ffi::OsString::from("--add-gnu-debuglink=");
+    debuglink.push(&debug);
+    exec::run(
+        Command::new(arch.objcopy).arg("--strip-debug").arg(debuglink).arg(binary).arg(&stripped),
+    )?;
+    Ok((stripped, debug))
+}
+
+/// `bytes` in KiB or, from 1 MiB on, in MiB.
+fn size(bytes: u64) -> String {
+    let (unit, name) = if bytes < 1 << 20 { (1 << 10, "KiB") } else { (1 << 20, "MiB") };
+    format!("{:.1} {name}", bytes as f64 / f64::from(unit))
 }
 
 /// Cross-builds the release binary for aarch64. The XDP object it embeds
@@ -110,13 +242,19 @@ fn build_aarch64() -> anyhow::Result<PathBuf> {
     Ok(exec::workspace_root().join("target").join(cross::TARGET).join("release/edgegate"))
 }
 
-/// Stages, packages and archives one architecture's binary.
-fn package(arch: &'static Arch, binary: &Path, dist: &Path) -> anyhow::Result<Built> {
+/// Strips, stages, packages and archives one architecture's binary, with
+/// the completions and man pages `generate` wrote into `generated`.
+fn package(
+    arch: &'static Arch,
+    binary: &Path,
+    generated: &Path,
+    dist: &Path,
+) -> anyhow::Result<Built> {
     let version = env!("CARGO_PKG_VERSION");
-    let glibc = glibc_floor(arch, binary)?;
+    let (stripped, debug) = strip(arch, binary, dist)?;
+    let glibc = glibc_floor(arch, &stripped)?;
     let stage = dist.join(format!("edgegate_{version}_{}", arch.deb));
-    // Debian keeps units in /lib; RPM distributions in /usr/lib.
-    stage_files(binary, &stage, "lib/systemd/system")?;
+    stage_files(&stripped, generated, &stage, &DEBIAN)?;
     let deb = deb::build(arch, &stage, &glibc, dist)?;
     let tarball = dist.join(format!("edgegate-{version}-{}-linux.tar.gz", arch.rpm));
     exec::run(
@@ -128,16 +266,24 @@ fn package(arch: &'static Arch, binary: &Path, dist: &Path) -> anyhow::Result<Bu
             .args(["usr", "lib", "etc"]),
     )?;
     let rpm_stage = dist.join(format!("edgegate-{version}.{}-root", arch.rpm));
-    stage_files(binary, &rpm_stage, "usr/lib/systemd/system")?;
+    stage_files(&stripped, generated, &rpm_stage, &RPM)?;
     let rpm = rpm::build(arch, &rpm_stage, &glibc, dist)?;
-    Ok(Built { arch, glibc, deb, rpm, tarball })
+    let built_size = fs::metadata(binary)?.len();
+    let packaged_size = fs::metadata(&stripped)?.len();
+    Ok(Built { arch, glibc, deb, rpm, tarball, built_size, packaged_size, debug })
 }
 
-/// The packaged files, in a fresh tree at `stage`, with their modes.
-fn stage_files(binary: &Path, stage: &Path, unit_dir: &str) -> anyhow::Result<()> {
+/// The packaged files, in a fresh tree at `stage` laid out as `layout`
+/// says, with their modes.
+fn stage_files(
+    binary: &Path,
+    generated: &Path,
+    stage: &Path,
+    layout: &Layout,
+) -> anyhow::Result<()> {
     let root = exec::workspace_root();
     let _ = fs::remove_dir_all(stage);
-    let unit = format!("{unit_dir}/edgegate.service");
+    let unit = format!("{}/edgegate.service", layout.units);
     let files: [(&Path, &str, u32); 5] = [
         (binary, "usr/bin/edgegate", 0o755),
         (&root.join("proxy/dist/edgegate.service"), &unit, 0o644),
@@ -155,6 +301,13 @@ fn stage_files(binary: &Path, stage: &Path, unit_dir: &str) -> anyhow::Result<()
         if let Some(name) = page.file_name().filter(|_| page.extension() == Some("md".as_ref())) {
             install(&page, &stage.join("usr/share/doc/edgegate/docs").join(name), 0o644)?;
         }
+    }
+    for (shell, path) in layout.completions {
+        install(&generated.join("completions").join(shell), &stage.join(path), 0o644)?;
+    }
+    for page in files_ending(&generated.join("man"), ".1.gz")? {
+        let name = page.file_name().expect("a file");
+        install(&page, &stage.join(MAN_PAGES).join(name), 0o644)?;
     }
     Ok(())
 }
@@ -237,4 +390,113 @@ fn version_and_check(built: &Built, root: &Path, dist: &Path) -> anyhow::Result<
             .args(["check", "--config"])
             .arg(&config),
     )
+}
+
+/// Shows and checks, as installed into `root`, what `dist` adds to cargo's
+/// binary, each with its size: the binary stripped of its debug info and
+/// linked to it; every completion script, parsed by its shell; every man
+/// page `generate` wrote, titled for its file and rendered by man without a
+/// warning.
+fn check_extras(built: &Built, root: &Path, layout: &Layout, dist: &Path) -> anyhow::Result<()> {
+    println!("installed into {}:", root.display());
+    let binary = root.join("usr/bin/edgegate");
+    let binary_len =
+        fs::metadata(&binary).with_context(|| format!("cannot read {}", binary.display()))?.len();
+    let packaged = sections(built.arch, &binary)?;
+    // Not `.debug_gdb_scripts`, which is no debug info but loaded data (it
+    // names the Rust pretty-printers for gdb).
+    let debug_info: Vec<_> = packaged
+        .iter()
+        .filter(|name| name.starts_with(".debug_") && *name != ".debug_gdb_scripts")
+        .collect();
+    if !debug_info.is_empty() {
+        bail!("{} still holds debug info: {debug_info:?}", binary.display());
+    }
+    if !packaged.iter().any(|name| name == ".gnu_debuglink") {
+        bail!("{} does not name its debug info file (.gnu_debuglink)", binary.display());
+    }
+    if !sections(built.arch, &built.debug)?.iter().any(|name| name == ".debug_line") {
+        bail!("{} holds no line tables", built.debug.display());
+    }
+    let debug = built.debug.file_name().expect("a file").to_string_lossy();
+    println!("  /usr/bin/edgegate: {} (stripped; debug info in {debug})", size(binary_len));
+
+    for (shell, path) in layout.completions {
+        let script = root.join(path);
+        let parse_only = if shell == "fish" { "--no-execute" } else { "-n" };
+        exec::run(Command::new(shell).arg(parse_only).arg(&script))?;
+        show(root, &script)?;
+    }
+
+    let pages = files_ending(&root.join(MAN_PAGES), ".1.gz")?;
+    let names = |pages: &[PathBuf]| -> Vec<_> {
+        pages.iter().filter_map(|page| page.file_name().map(ToOwned::to_owned)).collect()
+    };
+    // All of them, edgegate.1 among them (`generate` makes sure).
+    let generated = files_ending(&dist.join(GENERATED).join("man"), ".1.gz")?;
+    if names(&pages) != names(&generated) {
+        bail!(
+            "{} holds {:?}, not the pages generated: {:?}",
+            MAN_PAGES,
+            names(&pages),
+            names(&generated)
+        );
+    }
+    for page in &pages {
+        let name = page.file_name().expect("a file").to_string_lossy();
+        let title = format!(".TH {} 1 ", name.trim_end_matches(".1.gz"));
+        let roff = exec::output(Command::new("gzip").arg("-dc").arg(page))?;
+        if !roff.status.success() || !String::from_utf8_lossy(&roff.stdout).contains(&title) {
+            bail!("{} is no man page (no `{}` line)", page.display(), title.trim_end());
+        }
+        // As lintian renders pages: groff's warnings go to stderr, the
+        // exit status says nothing of them.
+        let rendered = exec::output(
+            Command::new("man")
+                .args(["--warnings", "-E", "UTF-8", "-l", "-Tutf8", "-Z"])
+                .arg(page)
+                .envs([("LC_ALL", "C.UTF-8"), ("MANROFFSEQ", ""), ("MANWIDTH", "80")]),
+        )?;
+        if !rendered.status.success() || !rendered.stderr.is_empty() {
+            bail!(
+                "man cannot render {} cleanly ({}): {}",
+                page.display(),
+                rendered.status,
+                String::from_utf8_lossy(&rendered.stderr)
+            );
+        }
+    }
+    let total: u64 =
+        pages.iter().map(|page| Ok(fs::metadata(page)?.len())).sum::<anyhow::Result<_>>()?;
+    println!(
+        "  /{MAN_PAGES}: {} pages, {} in all, rendered without warnings",
+        pages.len(),
+        size(total)
+    );
+    Ok(())
+}
+
+/// The names of `file`'s sections, as `arch`'s objdump reads them.
+fn sections(arch: &Arch, file: &Path) -> anyhow::Result<Vec<String>> {
+    let output = exec::output(Command::new(arch.objdump).arg("-h").arg(file))?;
+    if !output.status.success() {
+        bail!("{} -h {} failed: {}", arch.objdump, file.display(), output.status);
+    }
+    // Each section's line: its index, its name, then sizes and addresses.
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            words.next()?.parse::<u32>().ok()?;
+            words.next().map(str::to_owned)
+        })
+        .collect())
+}
+
+/// Prints the path of a file installed into `root`, and its size.
+fn show(root: &Path, file: &Path) -> anyhow::Result<()> {
+    let len = fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?.len();
+    let installed = file.strip_prefix(root).expect("a file in the root");
+    println!("  /{}: {}", installed.display(), size(len));
+    Ok(())
 }

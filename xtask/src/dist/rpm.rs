@@ -15,7 +15,9 @@ use crate::exec;
 
 /// rpmbuild's post-processing assumes it builds for the host: strip with the
 /// host's strip (which cannot read an aarch64 binary), split off debuginfo
-/// packages, add /usr/lib/.build-id links. The binary ships as cargo built it.
+/// packages, add /usr/lib/.build-id links, compress man pages. `dist` has
+/// done what of that the package needs: the binary comes stripped (its
+/// debug info a file beside the packages), the man pages gzipped.
 /// The payload is zstd, as the distributions the glibc floor admits (AL2023,
 /// RHEL 9, Fedora) compress their own, at a level that takes ~2 s, not the
 /// ~15 s of Debian rpm's default gzip -9.
@@ -66,12 +68,18 @@ fi
     ),
 ];
 
-/// The files, as `super::stage_files` lays them out for RPM distributions;
-/// directories only where the package is their one owner.
+/// The files, as `super::stage_files` lays them out for RPM distributions
+/// (`super::RPM`); directories only where the package is their one owner:
+/// the completion and man page directories are the shells', man's or the
+/// filesystem package's.
 const FILES: &str = "\
 %defattr(-,root,root,0755)
 /usr/bin/edgegate
 /usr/lib/systemd/system/edgegate.service
+/usr/share/bash-completion/completions/edgegate
+/usr/share/zsh/site-functions/_edgegate
+/usr/share/fish/vendor_completions.d/edgegate.fish
+/usr/share/man/man1/edgegate*.1.gz
 %dir /etc/edgegate
 %config(noreplace) /etc/edgegate/edgegate.toml
 %dir /usr/share/doc/edgegate
@@ -135,7 +143,8 @@ cp -a '{stage}/.' %{{buildroot}}/
     Ok(rpm)
 }
 
-/// Installs the host's RPM with rpm into an empty root and runs the
+/// Installs the host's RPM with rpm into an empty root, checks the stripped
+/// binary, completions and man pages (`super::check_extras`) and runs the
 /// installed binary: `--version`, `check` of the example config, `demo`.
 /// Then compares the other architecture's RPM with it, file by file.
 ///
@@ -168,6 +177,7 @@ pub fn check(built: &Built, other: &Built, dist: &Path) -> anyhow::Result<()> {
         use std::os::unix::fs::PermissionsExt as _;
         fs::set_permissions(&state, fs::Permissions::from_mode(0o700))?;
     }
+    super::check_extras(built, &root, &super::RPM, dist)?;
     super::version_and_check(built, &root, dist)?;
     exec::run(super::installed(built, &root).args(["demo", "--duration", "5s"]))?;
 
