@@ -299,8 +299,9 @@ fn the_log_format_comes_from_the_config_or_the_environment() {
     let text = std::ffi::OsStr::new("text");
     bed.testbed.start_daemon_with_env(&[], &[("EDGEGATE_LOG_FORMAT", text)]);
     bed.exchange(0, Some(&bed.client), b"text").expect("exchange");
-    bed.testbed.await_log("connection closed");
-    // The log holds both runs: the second one's line is plain text.
+    // The log holds both runs, the first one's line in JSON: wait for the
+    // text one (its fields follow the message as `key=value`).
+    bed.testbed.await_log("connection closed listener=");
     let log = bed.testbed.daemon_log();
     let text_lines = log
         .lines()
