@@ -1359,49 +1359,6 @@ mod tests {
         assert!(with_metrics("127.0.0.1:0").is_ok(), "loopback needs no protection");
     }
 
-    /// The ```toml blocks of a Markdown text.
-    fn toml_blocks(markdown: &str) -> Vec<String> {
-        markdown
-            .split("```toml\n")
-            .skip(1)
-            .map(|rest| rest.split("```").next().unwrap_or_default().to_owned())
-            .collect()
-    }
-
-    /// `text` with its commented-out keys and tables (`# key = …`, `# [table]`)
-    /// switched on, as a reader would uncomment them.
-    fn uncommented(text: &str) -> String {
-        text.lines()
-            .map(|line| {
-                let body = line.strip_prefix("# ").unwrap_or(line);
-                let looks_like_toml = body.starts_with('[')
-                    || body.split_once(" = ").is_some_and(|(key, _)| {
-                        !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
-                    });
-                if looks_like_toml { body } else { line }
-            })
-            .map(|line| format!("{line}\n"))
-            .collect()
-    }
-
-    /// Every config the README shows, and the one the package ships, parses
-    /// as written and with its commented-out keys switched on: the
-    /// documentation cannot drift from the parser.
-    #[test]
-    fn every_config_in_the_readme_and_the_package_parses() {
-        let readme = include_str!("../../README.md");
-        let mut configs = toml_blocks(readme);
-        assert!(!configs.is_empty(), "the README shows a config");
-        configs.push(include_str!("../dist/edgegate.toml").to_owned());
-        for config in configs {
-            for text in [config.clone(), uncommented(&config)] {
-                if let Err(e) = parse(&text) {
-                    panic!("{e}\nin:\n{text}");
-                }
-            }
-        }
-    }
-
     #[test]
     fn durations_say_the_accepted_format() {
         let err = parse(&format!(

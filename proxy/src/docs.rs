@@ -1,8 +1,8 @@
 //! The README and `docs/*.md` against the code: every relative link resolves
 //! (to a file, and for `#anchor` to one of its headings), every `edgegate …`
 //! command in a fenced code block parses with this binary's CLI, every
-//! ```` ```toml ```` block parses as a config, and every key the config
-//! accepts has a row in docs/configuration.md.
+//! ```` ```toml ```` block and the packaged config parse (also uncommented),
+//! and every key the config accepts has a row in docs/configuration.md.
 
 use std::{
     collections::BTreeMap,
@@ -490,6 +490,18 @@ fn docs_links_resolve_and_commands_parse() {
             }
         }
     }
+    // The config the package ships, as written and uncommented.
+    let shipped = include_str!("../dist/edgegate.toml");
+    for text in [shipped.to_owned(), uncommented(shipped)] {
+        let overrides = edgegate::config::Overrides::default();
+        if let Err(e) =
+            edgegate::config::Config::parse(&text, Path::new("edgegate.toml"), &overrides)
+        {
+            problems.push(format!("proxy/dist/edgegate.toml: {e}"));
+        }
+    }
+    let readme_configs = pages[0].blocks.iter().filter(|(info, ..)| info == "toml").count();
+    assert!(readme_configs > 0, "the README shows a config");
     assert!(
         links >= 50 && commands >= 20 && configs >= 3,
         "the pages hold more than that: {links} links, {commands} commands, {configs} configs \
