@@ -9,7 +9,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use super::State;
+use super::{State, transaction::ChangeRefused};
 use crate::{
     allowlist::{Allowlist, Change, Diff},
     config::FleetConfig,
@@ -100,10 +100,11 @@ pub struct Member {
 struct StateEnforcer(Arc<Mutex<State>>);
 
 impl Enforcer for StateEnforcer {
-    async fn enforce(&self, list: Allowlist, pointer: &Pointer) -> Result<Diff, String> {
+    type Error = ChangeRefused;
+
+    async fn enforce(&self, list: Allowlist, pointer: &Pointer) -> Result<Diff, ChangeRefused> {
         let mut state = self.0.lock().await;
-        let diff = tokio::task::block_in_place(|| state.adopt(list, pointer.generation))
-            .map_err(|e| e.to_string())?;
+        let diff = tokio::task::block_in_place(|| state.adopt(list, pointer.generation))?;
         let caught_up = state.worker.caught_up();
         drop(state);
         // This host's record (and so `--wait` on any host) says "in force"

@@ -24,6 +24,7 @@ mod handover;
 pub(crate) mod listeners;
 mod state;
 mod supervisor;
+mod transaction;
 mod worker_log;
 
 use std::{

@@ -23,6 +23,7 @@ use super::{
     egress::WorkerEgress,
     listeners::Listeners,
     supervisor::{Worker, WorkerReport},
+    transaction::{ChangeRefused, Persist, put_in_force},
 };
 
 /// The list and what enforces it; changed only under a lock.
@@ -143,32 +144,18 @@ impl State {
         Ok(diff)
     }
 
-    /// Puts `next` in force: capacity first, then the file (unless it is
-    /// where `next` came from), then the maps, rolling both back on failure.
+    /// Puts `next` in force (see [`put_in_force`]), then tells the worker.
     fn change(&mut self, next: Allowlist, persist: Persist) -> Result<Diff, ChangeRefused> {
-        self.filter.check_capacity(&next).map_err(ChangeRefused::Capacity)?;
-        if persist == Persist::Yes {
-            allowlist::store(&self.list_path, &next).map_err(ChangeRefused::Store)?;
-        }
-        if let Err(apply) = self.filter.apply(&next) {
-            // Put the maps (and the file, if this wrote it) back to the list
-            // that was acknowledged last.
-            let restore_file = || match persist {
-                Persist::Yes => allowlist::store(&self.list_path, &self.list),
-                Persist::No => Ok(()),
-            };
-            let refused = match restore_file()
-                .map_err(Rollback::Store)
-                .and_then(|()| self.filter.apply(&self.list).map_err(Rollback::Apply))
-            {
-                Ok(()) => ChangeRefused::Apply(apply),
-                Err(rollback) => {
-                    ChangeRefused::RollbackFailed { apply, rollback: Box::new(rollback) }
+        let file = self.list_path.as_path();
+        put_in_force(&mut self.filter, file, persist, &self.list, &next).inspect_err(
+            |refused| {
+                // A refusal is the caller's to report; a failure in the maps is the host's.
+                if matches!(refused, ChangeRefused::Apply(_) | ChangeRefused::RollbackFailed { .. })
+                {
+                    tracing::error!("allowlist change failed: {refused}");
                 }
-            };
-            tracing::error!("allowlist change failed: {refused}");
-            return Err(refused);
-        }
+            },
+        )?;
         let diff = self.list.diff(&next);
         tracing::info!(
             "allowlist changed: {} added, {} removed, {} updated, {} entries",
@@ -419,42 +406,4 @@ impl State {
         }
         Response::Reloaded { allowlist, outcomes }
     }
-}
-
-/// Why an allowlist change was not put in force. Nothing changed, but for
-/// [`ChangeRefused::RollbackFailed`].
-#[derive(Debug, thiserror::Error)]
-pub enum ChangeRefused {
-    /// The change itself is invalid: a bad CIDR, a conflict, a list that does not parse.
-    #[error(transparent)]
-    Invalid(#[from] allowlist::Refusal),
-    /// The maps cannot hold the result (checked before anything is touched).
-    #[error(transparent)]
-    Capacity(FilterError),
-    /// The list file could not be written.
-    #[error("nothing changed: {0}")]
-    Store(#[source] allowlist::StoreError),
-    /// A map update failed; file and maps were put back.
-    #[error("nothing changed: {0}")]
-    Apply(#[source] FilterError),
-    /// A map update failed, and so did putting the previous list back.
-    #[error("{apply}; restoring the previous list also failed: {rollback}")]
-    RollbackFailed { apply: FilterError, rollback: Box<Rollback> },
-}
-
-/// What failed while putting the previous list back.
-#[derive(Debug, thiserror::Error)]
-pub enum Rollback {
-    #[error(transparent)]
-    Store(allowlist::StoreError),
-    #[error(transparent)]
-    Apply(FilterError),
-}
-
-/// Whether a change is written to the allowlist file before it is applied.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Persist {
-    Yes,
-    /// The change was read from the file.
-    No,
 }

@@ -2,6 +2,7 @@
 //!
 //! - `layout`: the keys, the pointer and the chunks, and their verification;
 //! - `store`: etcd requests: read, fetch, compare-and-swap commits, host records;
+//! - `source`: what the follower reads from etcd, as a seam for its tests;
 //! - `sync`: the watch that puts each committed generation in force here,
 //!   re-reading the whole state after any gap, and the [`Health`] it publishes;
 //! - `presence`: this host's lease and record, for `edgegate fleet status`;
@@ -14,12 +15,14 @@
 mod admin;
 pub mod layout;
 mod presence;
+mod source;
 mod store;
 mod sync;
 pub mod trust;
 
 pub use admin::{Admin, AdminError, committer_name};
 pub use presence::announce;
+pub use source::{Batch, Source, Watch};
 pub use store::{Authority, CommitError, Committed, Credentials, HostEntry, Store, StoreError};
 pub use sync::{Enforcer, Health, follow};
 

@@ -23,13 +23,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use etcd_client::EventType;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::watch;
 
 use super::{
     layout::Pointer,
-    store::{Store, StoreError},
+    source::{Source, Watch as _},
+    store::StoreError,
     trust::TrustedKeys,
 };
 use crate::{
@@ -43,11 +43,13 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Puts a verified generation in force (the daemon: maps and local file).
 pub trait Enforcer: Send + Sync + 'static {
+    /// Why a generation could not be put in force here.
+    type Error: std::error::Error + Send;
     fn enforce(
         &self,
         list: Allowlist,
         pointer: &Pointer,
-    ) -> impl Future<Output = Result<Diff, String>> + Send;
+    ) -> impl Future<Output = Result<Diff, Self::Error>> + Send;
 }
 
 /// What the sync loop publishes: `status`, `/metrics` and the commit path read it.
@@ -244,8 +246,8 @@ impl Restart {
 /// Follows the group's list until the task is dropped. The follower runs
 /// as a task of its own: should it end or panic, that is counted and shown
 /// (`connected` false, `last_error`), and it starts again after a backoff.
-pub async fn follow<E: Enforcer>(
-    store: Store,
+pub async fn follow<S: Source, E: Enforcer>(
+    store: S,
     enforcer: Arc<E>,
     health: Arc<Health>,
     resync_interval: Duration,
@@ -278,8 +280,8 @@ pub async fn follow<E: Enforcer>(
 }
 
 /// The follower: watch sessions one after another, never returning.
-async fn follow_forever<E: Enforcer>(
-    store: Store,
+async fn follow_forever<S: Source, E: Enforcer>(
+    store: S,
     enforcer: Arc<E>,
     health: Arc<Health>,
     resync_interval: Duration,
@@ -301,7 +303,7 @@ async fn follow_forever<E: Enforcer>(
 
 /// One session: read everything, then watch from there until something breaks.
 async fn watch_once(
-    store: &Store,
+    store: &impl Source,
     enforcer: &impl Enforcer,
     health: &Health,
     resync_interval: Duration,
@@ -319,7 +321,7 @@ async fn watch_once(
     if let Err(e) = catch_up(store, enforcer, health, current.pointer, via).await {
         return e.into();
     }
-    let mut stream = match store.watch_current(current.revision + 1).await {
+    let mut stream = match store.watch(current.revision + 1).await {
         Ok(stream) => stream,
         Err(e) => return e.into(),
     };
@@ -328,28 +330,24 @@ async fn watch_once(
     let mut resync = tokio::time::interval_at(start, resync_interval);
     loop {
         tokio::select! {
-            message = stream.message() => {
-                let response = match message {
-                    Ok(Some(response)) => response,
+            batch = stream.next() => {
+                let batch = match batch {
+                    Ok(Some(batch)) => batch,
                     Ok(None) => return Restart::Closed,
                     Err(e) => return Restart::Stream(e),
                 };
-                if response.compact_revision() > 0 {
+                if batch.compacted {
                     return Restart::Compacted;
                 }
-                if response.canceled() {
-                    return Restart::Canceled(response.cancel_reason().to_owned());
+                if let Some(reason) = batch.canceled {
+                    return Restart::Canceled(reason);
                 }
                 health.contact(true);
-                // Only the last put of a batch matters: it names the newest list.
-                let latest = response.events().iter().rev().find_map(|event| {
-                    (event.event_type() == EventType::Put).then(|| event.kv()).flatten()
-                });
-                if response.events().iter().any(|e| e.event_type() == EventType::Delete) {
+                if batch.deleted {
                     tracing::error!("fleet: the group's list was deleted from etcd; the list in force stays");
                 }
-                let Some(kv) = latest else { continue };
-                let pointer = store.parse_pointer(kv.value());
+                let Some(value) = batch.latest else { continue };
+                let pointer = store.parse_pointer(&value);
                 if let Err(e) = catch_up(store, enforcer, health, Some(pointer), Via::Watch).await {
                     return e.into();
                 }
@@ -382,7 +380,7 @@ enum Via {
 /// writer forced it. Anything else is refused and counted, and the list in
 /// force stays. Only an unreachable etcd is an error: the session restarts.
 async fn catch_up(
-    store: &Store,
+    store: &impl Source,
     enforcer: &impl Enforcer,
     health: &Health,
     pointer: Option<Result<Pointer, StoreError>>,
@@ -468,3 +466,6 @@ async fn catch_up(
 fn rand_unit() -> f64 {
     (super::random_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
+
+#[cfg(test)]
+mod tests;
