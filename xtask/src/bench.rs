@@ -122,7 +122,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     }
     let haproxy_awslc = options.haproxy_awslc.as_deref().map(aws_lc_haproxy).transpose()?;
     // The update, handshake, relay and memory benches drive the real binary.
-    exec::build_release_binary()?;
+    // With the hooks: `bench handshake` also runs `--keys-in-worker`.
+    exec::build_release_binary(exec::Hooks::On)?;
     let report_path = exec::workspace_root().join("target/bench/all.md");
     let mut report = Vec::new();
     let mut failed = Vec::new();

@@ -13,6 +13,6 @@ pub struct Options {
 pub fn run(options: &Options) -> anyhow::Result<()> {
     exec::require_root("cargo xtask demo")?;
     setup::ensure()?;
-    let edgegate = exec::build_release_binary()?;
+    let edgegate = exec::build_release_binary(exec::Hooks::Off)?;
     exec::run(std::process::Command::new(edgegate).arg("demo").args(&options.args))
 }

@@ -36,10 +36,36 @@ pub fn cargo() -> Command {
     command
 }
 
-/// Builds the release `edgegate` binary and returns its path.
-pub fn build_release_binary() -> anyhow::Result<PathBuf> {
-    run(cargo().args(["build", "--release", "--package", "edgegate", "--bin", "edgegate"]))?;
+/// Builds the release `edgegate` binary and returns its path: as shipped,
+/// or with the test hooks (`--keys-in-worker`, for benchmarks).
+pub fn build_release_binary(hooks: Hooks) -> anyhow::Result<PathBuf> {
+    let mut build = cargo();
+    build.args(["build", "--release", "--package", "edgegate", "--bin", "edgegate"]);
+    run(build.args(hooks.features()))?;
     Ok(workspace_root().join("target/release/edgegate"))
+}
+
+/// Builds the debug binaries the integration tests start: with the test
+/// hooks (`run --worker-escape`), which the shipped binary has not.
+pub fn build_test_binaries() -> anyhow::Result<()> {
+    run(cargo().args(["build", "--package", "edgegate", "--bins"]).args(Hooks::On.features()))
+}
+
+/// Whether a build of the daemon has the `test-hooks` feature.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hooks {
+    /// As shipped: no test hooks.
+    Off,
+    On,
+}
+
+impl Hooks {
+    pub fn features(self) -> &'static [&'static str] {
+        match self {
+            Self::Off => &[],
+            Self::On => &["--features", "edgegate/test-hooks"],
+        }
+    }
 }
 
 /// Whether `command` is on the PATH.

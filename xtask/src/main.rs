@@ -74,7 +74,7 @@ impl IntegrationTest {
         setup::ensure()?;
         if !self.vm {
             exec::install_missing("integration-test", &test::TOOLS)?;
-            exec::run(exec::cargo().args(["build", "--package", "edgegate", "--bins"]))?;
+            exec::build_test_binaries()?;
             return exec::run(exec::cargo().args([
                 "test",
                 "--package",

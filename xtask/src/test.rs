@@ -49,9 +49,20 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             "-D",
             "warnings",
         ]))?;
+        // The tests crate enables the daemon's test hooks for the whole
+        // workspace; the daemon as shipped, without them, is linted too.
+        exec::run(exec::cargo().args([
+            "clippy",
+            "--package",
+            "edgegate",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
     }
     // The end-to-end tests start the real binary; build it first.
-    exec::run(exec::cargo().args(["build", "--package", "edgegate", "--bins"]))?;
+    exec::build_test_binaries()?;
     // One test at a time: the tests share the kernel (bpffs, XDP, CPU time),
     // and some assert latencies that a parallel verifier run would distort.
     exec::run(

@@ -194,35 +194,37 @@ pub fn run(arch: &Arch, kernels: &[String], broken_program: bool) -> anyhow::Res
         Userland::unpack(&work, arch)?
     };
     let binaries = build_binaries(arch, broken_program)?;
-    let mut failures = Vec::new();
+    let mut guests = Vec::new();
     for spec in kernels {
         let kernel = fetch_kernel(&work, arch, spec)?;
         let initramfs = pack(&work, &kernel, &binaries, &userland)?;
-        println!("vm: booting {} ({})", kernel.name, kernel.vmlinuz.display());
-        // KVM when it works. Where it is present but broken, the kernel
-        // never starts, or it starts and QEMU then stops on an emulation
-        // failure (nested virtualisation): rerun that kernel under TCG.
-        let kvm = arch.is_host()
-            && Path::new("/dev/kvm").exists()
-            && !KVM_UNUSABLE.load(Ordering::Relaxed);
-        let outcome = match boot(arch, &kernel, &initramfs, kvm) {
-            Err(e @ (Boot::NeverStarted | Boot::KvmFailed { .. })) if kvm => {
-                println!("vm: {e}; rerunning {} under TCG, and the rest too", kernel.name);
-                KVM_UNUSABLE.store(true, Ordering::Relaxed);
-                boot(arch, &kernel, &initramfs, false)
+        guests.push((kernel, initramfs));
+    }
+    // Under TCG a guest runs on one host thread: the kernels boot side by
+    // side, as many at once as the host has cores (their consoles are
+    // labelled with the kernel's name).
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut failures = Vec::new();
+    for batch in guests.chunks(cores) {
+        let outcomes: Vec<Result<(), Boot>> = std::thread::scope(|scope| {
+            let runs: Vec<_> = batch
+                .iter()
+                .map(|(kernel, initramfs)| scope.spawn(move || boot_once(arch, kernel, initramfs)))
+                .collect();
+            runs.into_iter().map(|run| run.join().expect("a VM's thread panicked")).collect()
+        });
+        for ((kernel, _), outcome) in batch.iter().zip(outcomes) {
+            match outcome {
+                Ok(()) => println!("vm: {}: all tests passed", kernel.name),
+                // The self-test counts only failures caused by the verifier.
+                Err(Boot::Failed { message, verifier_rejected })
+                    if !expect_failure || verifier_rejected =>
+                {
+                    println!("vm: {}: {message}", kernel.name);
+                    failures.push(kernel.name.clone());
+                }
+                Err(e) => println!("vm: {}: {e} (not a verifier rejection)", kernel.name),
             }
-            outcome => outcome,
-        };
-        match outcome {
-            Ok(()) => println!("vm: {}: all tests passed", kernel.name),
-            // The self-test counts only failures caused by the verifier.
-            Err(Boot::Failed { message, verifier_rejected })
-                if !expect_failure || verifier_rejected =>
-            {
-                println!("vm: {}: {message}", kernel.name);
-                failures.push(kernel.name);
-            }
-            Err(e) => println!("vm: {}: {e} (not a verifier rejection)", kernel.name),
         }
     }
     match (expect_failure, failures.len()) {
@@ -264,7 +266,11 @@ fn build_binaries(arch: &Arch, broken_program: bool) -> anyhow::Result<Binaries>
         cargo.args(command).args(target);
         cargo
     };
-    exec::run(&mut cargo(&["build", "--package", "edgegate", "--bin", "edgegate"]))?;
+    // The host's daemon has the test hooks the worker suite uses; a foreign
+    // guest's is the one the packages ship (its suites need none).
+    let hooks = if arch.is_host() { exec::Hooks::On } else { exec::Hooks::Off };
+    let mut daemon = cargo(&["build", "--package", "edgegate", "--bin", "edgegate"]);
+    exec::run(daemon.args(hooks.features()))?;
     // The self-test needs one suite that loads the program: the verdicts.
     let suites = if broken_program { &["xdp_verdicts"] } else { arch.suites };
     let mut build =
@@ -637,6 +643,24 @@ const KVM_LIMITS: Limits = Limits {
     first_output: Some(Duration::from_secs(20)),
 };
 
+/// Boots `kernel` under KVM when it works. Where KVM is present but broken,
+/// the kernel never starts, or it starts and QEMU then stops on an
+/// emulation failure (nested virtualisation): that kernel reruns under
+/// TCG, and the rest run there too.
+fn boot_once(arch: &Arch, kernel: &Kernel, initramfs: &Path) -> Result<(), Boot> {
+    println!("vm: booting {} ({})", kernel.name, kernel.vmlinuz.display());
+    let kvm =
+        arch.is_host() && Path::new("/dev/kvm").exists() && !KVM_UNUSABLE.load(Ordering::Relaxed);
+    match boot(arch, kernel, initramfs, kvm) {
+        Err(e @ (Boot::NeverStarted | Boot::KvmFailed { .. })) if kvm => {
+            println!("vm: {e}; rerunning {} under TCG, and the rest too", kernel.name);
+            KVM_UNUSABLE.store(true, Ordering::Relaxed);
+            boot(arch, kernel, initramfs, false)
+        }
+        outcome => outcome,
+    }
+}
+
 /// Boots the kernel, streams the console, and judges it.
 fn boot(arch: &Arch, kernel: &Kernel, initramfs: &Path, kvm: bool) -> Result<(), Boot> {
     let mut qemu = Command::new(arch.qemu.0);
@@ -663,7 +687,7 @@ fn boot(arch: &Arch, kernel: &Kernel, initramfs: &Path, kvm: bool) -> Result<(),
             verifier_rejected: false,
         })?;
     let started = Instant::now();
-    watch(child, if kvm { KVM_LIMITS } else { TCG_LIMITS })?;
+    watch(child, if kvm { KVM_LIMITS } else { TCG_LIMITS }, &kernel.name)?;
     println!("vm: {} in {:?}", kernel.name, started.elapsed());
     Ok(())
 }
@@ -692,7 +716,7 @@ fn is_verifier_rejection(line: &str) -> bool {
 
 /// Streams the console of a started QEMU, stops it when `limits` are
 /// exceeded or KVM fails, and judges the result lines.
-fn watch(mut child: std::process::Child, limits: Limits) -> Result<(), Boot> {
+fn watch(mut child: std::process::Child, limits: Limits, label: &str) -> Result<(), Boot> {
     use std::sync::{Arc, Mutex};
     let failed = |message: String| Boot::Failed { message, verifier_rejected: false };
     let started = Instant::now();
@@ -713,10 +737,11 @@ fn watch(mut child: std::process::Child, limits: Limits) -> Result<(), Boot> {
     let stderr = child.stderr.take().expect("piped");
     let stderr_reader = {
         let kill = kill.clone();
+        let label = label.to_owned();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let line = line.unwrap_or_default();
-                eprintln!("  ! {line}");
+                eprintln!("  {label} ! {line}");
                 if is_kvm_failure(&line) {
                     kill(Stop::KvmError, line);
                 }
@@ -748,7 +773,7 @@ fn watch(mut child: std::process::Child, limits: Limits) -> Result<(), Boot> {
     for line in BufReader::new(console).lines() {
         let line = line.unwrap_or_default();
         *last_output.lock().expect("output lock") = Some(Instant::now());
-        println!("  | {line}");
+        println!("  {label} | {line}");
         started_kernel |= line.contains("EDGEGATE-VM-KERNEL") || line.contains("Linux version");
         verifier_rejected |= is_verifier_rejection(&line);
         if let Some(result) = line.strip_prefix("EDGEGATE-VM-RESULT ") {
@@ -811,7 +836,7 @@ mod tests {
             "Linux version 6.12.0\\nEDGEGATE-VM-KERNEL 6.12.0\\n",
             "KVM internal error. Suberror: 1\\nextra data[0]: 0x0\\nemulation failure\\n",
         );
-        let outcome = watch(child, LIMITS);
+        let outcome = watch(child, LIMITS, "test");
         assert!(
             matches!(&outcome, Err(Boot::KvmFailed { detail }) if detail.contains("KVM internal error")),
             "{outcome:?}"
@@ -823,7 +848,7 @@ mod tests {
     /// failure within seconds under `limits`, not at the total bound.
     fn assert_silence_stops(console: &str, limits: Limits) {
         let started = Instant::now();
-        let outcome = watch(fake_qemu(console, ""), limits);
+        let outcome = watch(fake_qemu(console, ""), limits, "test");
         assert!(matches!(&outcome, Err(Boot::KvmFailed { detail }) if detail.contains("nothing")));
         assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
     }
@@ -854,7 +879,7 @@ mod tests {
     #[test]
     fn a_run_past_its_total_limit_fails_without_a_retry() {
         let limits = Limits { total: Duration::from_secs(2), silence: None, first_output: None };
-        let outcome = watch(fake_qemu("Linux version 6.1.0\\n", ""), limits);
+        let outcome = watch(fake_qemu("Linux version 6.1.0\\n", ""), limits, "test");
         assert!(
             matches!(&outcome, Err(Boot::Failed { message, .. }) if message.contains("no result"))
         );
@@ -872,13 +897,13 @@ mod tests {
                 .spawn()
                 .expect("printf")
         };
-        assert!(watch(print(console), LIMITS).is_ok());
-        let outcome = watch(print(&console.replace(" 0", " 101")), LIMITS);
+        assert!(watch(print(console), LIMITS, "test").is_ok());
+        let outcome = watch(print(&console.replace(" 0", " 101")), LIMITS, "test");
         assert!(
             matches!(&outcome, Err(Boot::Failed { message, .. }) if message.contains("failing suites")),
             "{outcome:?}"
         );
-        let outcome = watch(print("EDGEGATE-VM-DONE\\n"), LIMITS);
+        let outcome = watch(print("EDGEGATE-VM-DONE\\n"), LIMITS, "test");
         assert!(matches!(outcome, Err(Boot::NeverStarted)), "{outcome:?}");
     }
 }

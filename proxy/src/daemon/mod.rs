@@ -48,7 +48,6 @@ use crate::{
     fleet::Health,
     learned::{self, LearnedSources},
     metrics, preflight, privileges,
-    privsep::escape::{Attempt, Target},
     privsep::keys::KeyStore,
 };
 
@@ -116,10 +115,12 @@ pub struct Options {
     pub log_format: LogFormat,
     /// Benchmarks only: the worker holds the listeners' keys, as before
     /// they stayed in the gate (`run --keys-in-worker`), to measure what that costs.
+    #[cfg(feature = "test-hooks")]
     pub keys_in_worker: bool,
     /// Test only: what each worker tries once sandboxed (`--worker-escape`),
     /// and where to for a connection.
-    pub escape: Option<(Attempt, Option<std::net::SocketAddr>)>,
+    #[cfg(feature = "test-hooks")]
+    pub escape: Option<(crate::privsep::escape::Attempt, Option<std::net::SocketAddr>)>,
 }
 
 /// What start-up prepared with root privileges, before any thread but the
@@ -153,7 +154,16 @@ pub struct Startup {
 /// `daemon.user`, then gives up what the gate does not need. Call it before
 /// starting the async runtime: privileges are per thread.
 pub fn start(config_path: PathBuf, options: Options) -> Result<Startup, DaemonError> {
-    let Options { overrides, log_format, keys_in_worker, escape } = options;
+    let Options {
+        overrides,
+        log_format,
+        #[cfg(feature = "test-hooks")]
+        keys_in_worker,
+        #[cfg(feature = "test-hooks")]
+        escape,
+    } = options;
+    #[cfg(not(feature = "test-hooks"))]
+    let keys_in_worker = false;
     // What `edgegate check` checks, so that a config it passes starts.
     let report = preflight::inspect(&config_path, &overrides);
     for warning in report.warnings() {
@@ -227,21 +237,22 @@ pub fn start(config_path: PathBuf, options: Options) -> Result<Startup, DaemonEr
         list_path.display(),
         config.daemon.control_socket.display()
     );
+    #[cfg(feature = "test-hooks")]
     let escape = escape.map(|(attempt, address)| {
-        let path = match attempt {
-            Attempt::BpfObjGet => {
-                config.daemon.bpffs_dir.join("maps").join(proxy_common::map::V4_RULES)
-            }
-            Attempt::WriteAllowlist => list_path.clone(),
-            Attempt::ControlSocket => config.daemon.control_socket.clone(),
-            _ => PathBuf::from("/etc/shadow"),
-        };
-        (attempt, Target { path, gate: std::process::id(), address })
+        let target = crate::privsep::escape::Target::on_this_host(attempt, &config, &list_path);
+        (attempt, crate::privsep::escape::Target { address, ..target })
     });
     let egress =
         WorkerEgress::set_up(&listeners.destinations(), config.daemon.allow_unconfined_egress)?;
     let log_json = log_format == LogFormat::Json;
-    let spawner = Spawner { account, log_format, cgroup: egress.cgroup(), keys, escape };
+    let spawner = Spawner {
+        account,
+        log_format,
+        cgroup: egress.cgroup(),
+        keys,
+        #[cfg(feature = "test-hooks")]
+        escape,
+    };
     let worker = supervisor::start(spawner, &listeners).map_err(DaemonError::Worker)?;
     privileges::confine_gate()?;
     Ok(Startup {

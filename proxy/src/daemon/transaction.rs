@@ -125,7 +125,11 @@ mod tests {
     impl RuleMaps for FakeMaps {
         fn check_capacity(&self, _: &Allowlist) -> Result<(), FilterError> {
             match self.full {
-                true => Err(FilterError::Capacity { family: "IPv4", needed: 2, capacity: 1 }),
+                true => Err(FilterError::Capacity(crate::filter::TooMany {
+                    family: crate::filter::Family::Ipv4,
+                    needed: 2,
+                    capacity: 1,
+                })),
                 false => Ok(()),
             }
         }

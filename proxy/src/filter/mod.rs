@@ -23,6 +23,7 @@
 //! `sys` holds the raw system calls aya does not wrap, and with them every
 //! `unsafe` of the module.
 
+mod capacity;
 mod interface;
 mod pins;
 mod prefilter;
@@ -49,6 +50,7 @@ use ipnet::IpNet;
 pub use proxy_common::Framing;
 use proxy_common::{Counter, DroppedSource, FilterConfig as KernelConfig, Rule, SourceKey, map};
 
+pub use capacity::{Capacity, Family, TooMany};
 pub use interface::{EnaObstacle, Queues, ena_obstacles, framing_of};
 pub use pins::{Detached, detach_pinned};
 pub use sys::{interface_link_type, interface_names};
@@ -170,11 +172,10 @@ pub enum FilterError {
     Probe(#[source] ProgramError),
     /// The list (while replacing: old and new together) would not fit in the maps.
     #[error(
-        "the {family} rules need room for {needed} entries while they change, but the maps hold \
-         {capacity}; raise `filter.max_entries` (and run `edgegate detach` before restarting, so \
-         the maps are recreated)"
+        "{0}; raise `filter.max_entries` (and run `edgegate detach` before restarting, so the \
+         maps are recreated)"
     )]
-    Capacity { family: &'static str, needed: usize, capacity: u32 },
+    Capacity(#[source] TooMany),
 }
 
 /// Everything the loader needs from the configuration.

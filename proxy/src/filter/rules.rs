@@ -10,7 +10,7 @@ use aya::maps::{Array, MapData, MapError, lpm_trie::Key};
 use ipnet::IpNet;
 use proxy_common::{FilterConfig as KernelConfig, Lookup, PORT_BITMAP_WORDS, Rule, map};
 
-use super::{Filter, FilterError, map_error, prefilter};
+use super::{Capacity, Filter, FilterError, map_error, prefilter};
 use crate::allowlist::{Action, Allowlist};
 
 impl Filter {
@@ -71,24 +71,10 @@ impl Filter {
 
     /// Refuses, before touching any map, a list that would not fit while it replaces the current one.
     pub fn check_capacity(&self, list: &Allowlist) -> Result<(), FilterError> {
-        for (family, is_family) in [
-            ("IPv4", (|c: &IpNet| matches!(c, IpNet::V4(_))) as fn(&IpNet) -> bool),
-            ("IPv6", |c: &IpNet| matches!(c, IpNet::V6(_))),
-        ] {
-            let kept = self.installed.keys().filter(|c| is_family(c)).count();
-            let added = list
-                .entries()
-                .filter(|e| is_family(&e.cidr) && !self.installed.contains_key(&e.cidr))
-                .count();
-            if kept + added > self.capacity as usize {
-                return Err(FilterError::Capacity {
-                    family,
-                    needed: kept + added,
-                    capacity: self.capacity,
-                });
-            }
-        }
-        Ok(())
+        let next = list.entries().map(|entry| entry.cidr);
+        Capacity(self.capacity)
+            .check(self.installed.keys().copied(), next)
+            .map_err(FilterError::Capacity)
     }
 
     pub(super) fn insert_rule(&mut self, cidr: IpNet, action: Action) -> Result<(), FilterError> {

@@ -17,6 +17,7 @@ use super::{
 use crate::{
     allowlist::{Allowlist, Change, Diff, Refusal},
     config::FleetConfig,
+    filter::{Capacity, TooMany},
     status::{FleetHost, FleetView},
 };
 
@@ -91,12 +92,9 @@ pub enum CommitError {
          nothing changed (pass --force if that is what you want)"
     )]
     Empty,
-    /// The result does not fit the maps.
-    #[error(
-        "the list would hold {ipv4} IPv4 and {ipv6} IPv6 entries, more than `max_entries` = \
-         {capacity} per family; nothing changed"
-    )]
-    Capacity { ipv4: usize, ipv6: usize, capacity: u32 },
+    /// The result does not fit the hosts' maps while it replaces the group's list.
+    #[error("{0}; nothing changed")]
+    Capacity(#[source] TooMany),
     /// The list in etcd is not one a trusted key signed: a change must not build on it.
     #[error(
         "the group's list in etcd (generation {generation}) is refused: {source}; nothing \
@@ -351,10 +349,11 @@ impl Store {
         if next.is_empty() && !empty_ok {
             return Err(CommitError::Empty);
         }
-        let (ipv4, ipv6) = next.family_sizes();
-        if ipv4.max(ipv6) > capacity as usize {
-            return Err(CommitError::Capacity { ipv4, ipv6, capacity });
-        }
+        // The hosts replace the list they hold, the base, with this one.
+        let (base, new) = (base_list.entries(), next.entries());
+        Capacity(capacity)
+            .check(base.map(|entry| entry.cidr), new.map(|entry| entry.cidr))
+            .map_err(CommitError::Capacity)?;
         let encoded = layout::encode(&next);
         if encoded.bytes() > self.limits.max_bytes {
             return Err(CommitError::TooLarge {

@@ -7,13 +7,15 @@ use std::{
     ffi::CString,
     io,
     net::{IpAddr, SocketAddr, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use clap::ValueEnum;
 
 use super::protocol::{FromWorker, Sighting, encode};
-use crate::tls::ClientName;
+use proxy_common::map;
+
+use crate::{config::Config, tls::ClientName};
 
 /// Things a compromised worker would want to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -67,6 +69,21 @@ pub struct Target {
     pub path: PathBuf,
     pub gate: u32,
     pub address: Option<SocketAddr>,
+}
+
+impl Target {
+    /// What `attempt` aims at when this gate starts it: the pinned maps,
+    /// the list's file and the control socket for the attempts on those,
+    /// `/etc/shadow` for the others; no address.
+    pub fn on_this_host(attempt: Attempt, config: &Config, list_path: &Path) -> Self {
+        let path = match attempt {
+            Attempt::BpfObjGet => config.daemon.bpffs_dir.join("maps").join(map::V4_RULES),
+            Attempt::WriteAllowlist => list_path.to_owned(),
+            Attempt::ControlSocket => config.daemon.control_socket.clone(),
+            _ => PathBuf::from("/etc/shadow"),
+        };
+        Self { path, gate: std::process::id(), address: None }
+    }
 }
 
 /// The frames a protocol attempt sends instead of a real message; `None`

@@ -21,6 +21,7 @@
 //! labels them as the worker's (`daemon::worker_log`).
 
 pub mod channel;
+#[cfg(feature = "test-hooks")]
 pub mod escape;
 pub mod keys;
 pub mod protocol;

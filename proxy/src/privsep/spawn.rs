@@ -18,6 +18,7 @@ use crate::config::LogFormat;
 
 use nix::unistd::{Gid, Uid};
 
+#[cfg(feature = "test-hooks")]
 use super::escape::{Attempt, Target};
 
 /// Who the worker runs as.
@@ -40,6 +41,7 @@ pub struct Launch<'a> {
     /// The worker's ends of its key channels (`keys`).
     pub key_channels: &'a [OwnedFd],
     pub connect_ports: &'a [u16],
+    #[cfg(feature = "test-hooks")]
     pub escape: Option<(Attempt, &'a Target)>,
 }
 
@@ -58,6 +60,7 @@ pub fn spawn(launch: &Launch<'_>) -> io::Result<(Child, UnixStream)> {
     for port in launch.connect_ports {
         command.args(["--connect-port", &port.to_string()]);
     }
+    #[cfg(feature = "test-hooks")]
     if let Some((attempt, target)) = launch.escape {
         let name = clap::ValueEnum::to_possible_value(&attempt).expect("attempts have names");
         command.args(["--escape", name.get_name()]).arg("--escape-target").arg(&target.path);

@@ -13,11 +13,12 @@ use tokio::{io::AsyncWriteExt as _, net::UnixStream};
 
 use super::{
     channel::Receiver,
-    escape::{self, Attempt, Target},
-    keys::{self, KeyClient},
+    keys::KeyClient,
     protocol::{FrameError, FromWorker, SandboxReport, ToWorker, decode, encode},
     sandbox::{self, SandboxError},
 };
+#[cfg(feature = "test-hooks")]
+use super::escape::{self, Attempt, Target};
 use crate::{
     allowlist::Allowlist,
     proxy::{ClientCheck, Proxies},
@@ -32,6 +33,7 @@ pub struct Options {
     /// The backends' ports: the only ones it may connect to.
     pub connect_ports: Vec<u16>,
     /// Test only: what to try once sandboxed.
+    #[cfg(feature = "test-hooks")]
     pub escape: Option<(Attempt, Target)>,
 }
 
@@ -90,7 +92,11 @@ pub fn run(options: Options) -> Result<(), WorkerError> {
         stream.set_nonblocking(true).map_err(WorkerError::Start)?;
         let stream = UnixStream::from_std(stream).map_err(WorkerError::Start)?;
         Serve { channel: Receiver::new(stream), proxies, allowlist, generation: 0 }
-            .run(sandbox, options.escape)
+            .run(
+                sandbox,
+                #[cfg(feature = "test-hooks")]
+                options.escape,
+            )
             .await
     })
 }
@@ -143,9 +149,10 @@ impl Serve {
     async fn run(
         mut self,
         sandbox: SandboxReport,
-        mut escape: Option<(Attempt, Target)>,
+        #[cfg(feature = "test-hooks")] mut escape: Option<(Attempt, Target)>,
     ) -> Result<(), WorkerError> {
         self.send(&FromWorker::Ready { sandbox }).await?;
+        #[cfg(feature = "test-hooks")]
         let mut forging = None;
         loop {
             let body = match self.channel.next().await {
@@ -163,6 +170,7 @@ impl Serve {
                         self.proxies.configure(listeners.into_iter().zip(sockets).collect());
                     self.send(&FromWorker::Configured { id, refused }).await?;
                     // Test only: serving, and sandboxed; now misbehave.
+                    #[cfg(feature = "test-hooks")]
                     match escape.take() {
                         Some((Attempt::ForgeSightings, target)) => {
                             tracing::warn!("escape attempt `ForgeSightings`: in every report");
@@ -183,11 +191,17 @@ impl Serve {
                 },
                 ToWorker::Report { id } => {
                     let listeners = self.proxies.counters();
-                    let mut sightings = self.proxies.take_sightings();
-                    if let Some(target) = &forging {
-                        let names: Vec<String> = listeners.iter().map(|l| l.name.clone()).collect();
-                        sightings.extend(escape::forged_sightings(target, &names));
-                    }
+                    let sightings = self.proxies.take_sightings();
+                    #[cfg(feature = "test-hooks")]
+                    let sightings = match &forging {
+                        Some(target) => {
+                            let names: Vec<String> =
+                                listeners.iter().map(|l| l.name.clone()).collect();
+                            let forged = escape::forged_sightings(target, &names);
+                            sightings.into_iter().chain(forged).collect()
+                        }
+                        None => sightings,
+                    };
                     let report = FromWorker::Report {
                         id,
                         allowlist_generation: self.generation,
@@ -224,6 +238,7 @@ impl Serve {
         self.channel.stream_mut().write_all(&encode(message)).await.map_err(WorkerError::ChannelIo)
     }
 
+    #[cfg(feature = "test-hooks")]
     async fn misbehave(&mut self, attempt: Attempt, target: &Target) -> Result<(), WorkerError> {
         tracing::warn!("escape attempt `{attempt:?}`: trying");
         if let Some(frame) = escape::bad_frame(attempt) {
@@ -235,7 +250,7 @@ impl Serve {
             return Ok(());
         }
         let outcome = match attempt {
-            Attempt::SignAnything => keys::sign_anything(self.proxies.keys())
+            Attempt::SignAnything => super::keys::sign_anything(self.proxies.keys())
                 .map(|_| "signed".to_owned())
                 .map_err(std::io::Error::other),
             _ => escape::attempt(attempt, target),

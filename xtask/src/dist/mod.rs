@@ -127,7 +127,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     }
     let root = exec::workspace_root();
     let dist = root.join("target/dist");
-    let host = exec::build_release_binary()?;
+    let host = exec::build_release_binary(exec::Hooks::Off)?;
     // Completions and man pages are the same for every architecture: the
     // host's binary generates them once.
     let generated = dist.join(GENERATED);
@@ -377,6 +377,7 @@ fn installed(built: &Built, root: &Path) -> Command {
 /// interface (`check` refuses one this host does not have).
 fn version_and_check(built: &Built, root: &Path, dist: &Path) -> anyhow::Result<()> {
     exec::run(installed(built, root).arg("--version"))?;
+    no_test_hooks(built, root)?;
     let example = fs::read_to_string(root.join("etc/edgegate/edgegate.toml"))?;
     let config = dist.join("example-here.toml");
     let here = example
@@ -390,6 +391,33 @@ fn version_and_check(built: &Built, root: &Path, dist: &Path) -> anyhow::Result<
             .args(["check", "--config"])
             .arg(&config),
     )
+}
+
+/// The shipped binary has none of the test hooks: each flag is refused as
+/// unknown, and the escape attempts' code is not in the binary.
+fn no_test_hooks(built: &Built, root: &Path) -> anyhow::Result<()> {
+    for hook in [
+        &["run", "--worker-escape", "exec-shell"][..],
+        &["run", "--keys-in-worker"],
+        &["worker", "--channel-fd", "3", "--escape", "exec-shell"],
+    ] {
+        let output = exec::output(installed(built, root).args(hook))?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if output.status.code() != Some(2) || !stderr.contains("unexpected argument") {
+            bail!(
+                "the packaged binary does not refuse `edgegate {}` as unknown ({}): {stderr}",
+                hook.join(" "),
+                output.status
+            );
+        }
+    }
+    let binary = fs::read(root.join("usr/bin/edgegate"))?;
+    let text = b"escape attempt";
+    if binary.windows(text.len()).any(|window| window == text) {
+        bail!("the packaged binary holds the escape attempts' code (\"escape attempt\")");
+    }
+    println!("dist: {}: no test hooks (--worker-escape, --keys-in-worker refused)", built.arch.target);
+    Ok(())
 }
 
 /// Shows and checks, as installed into `root`, what `dist` adds to cargo's

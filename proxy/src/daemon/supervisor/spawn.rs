@@ -10,7 +10,6 @@ use super::super::{egress::WorkerCgroup, listeners::Listeners, worker_log};
 use crate::{
     config::LogFormat,
     privsep::{
-        escape::{Attempt, Target},
         keys::{self, KeyStore},
         spawn::{self, Account, Launch},
     },
@@ -29,7 +28,8 @@ pub struct Spawner {
     /// `None` where they hold them (`run --keys-in-worker`, benchmarks only).
     pub keys: Option<Arc<KeyStore>>,
     /// Test only: what each worker tries once sandboxed.
-    pub escape: Option<(Attempt, Target)>,
+    #[cfg(feature = "test-hooks")]
+    pub escape: Option<(crate::privsep::escape::Attempt, crate::privsep::escape::Target)>,
 }
 
 impl Spawner {
@@ -49,6 +49,7 @@ impl Spawner {
             cgroup: self.cgroup.as_ref().map(|cgroup| &*cgroup.procs),
             key_channels: &worker_ends,
             connect_ports: &ports,
+            #[cfg(feature = "test-hooks")]
             escape: self.escape.as_ref().map(|(attempt, target)| (*attempt, target)),
         })?;
         let services = Services {
