@@ -7,6 +7,10 @@
 //! wider) in a root-owned 0700 directory, and both ends check the other's
 //! credentials (`SO_PEERCRED`): the daemon answers only root, and the CLI
 //! talks only to a root daemon, whatever the socket's mode became later.
+//!
+//! A request not carried out is answered with a [`DaemonError`]: its
+//! [`ErrorKind`] says whose fault it is (the CLI's exit status follows it),
+//! its message says what to do.
 
 use std::{
     collections::BTreeMap,
@@ -19,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     allowlist::{Change, Diff, Entry},
+    fleet::{CommitError, StoreError},
     learned::{SightingRefusal, Suggestion},
     status::{Explanation, FleetView, ListReload, ReloadOutcome, Status},
 };
@@ -96,8 +101,74 @@ pub enum Response {
         #[serde(default)]
         refused: BTreeMap<SightingRefusal, u64>,
     },
-    /// The request was refused; nothing changed.
-    Error { message: String },
+    /// The request was not carried out: why, and what kind of failure.
+    Error(DaemonError),
+}
+
+impl Response {
+    /// The answer to a request not carried out.
+    pub fn error(kind: ErrorKind, message: impl std::fmt::Display) -> Self {
+        Self::Error(DaemonError { kind, message: message.to_string() })
+    }
+}
+
+/// A request the daemon did not carry out, in its words.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct DaemonError {
+    /// An older daemon's errors carry no kind: they count as internal.
+    #[serde(default)]
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+/// What kind of failure a [`DaemonError`] is: what the operator (or a
+/// script, through the CLI's exit status) does about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The daemon said no and nothing changed: an invalid or conflicting
+    /// change, a list the maps cannot hold, a config or files a reload
+    /// refuses, a fleet rule (an empty list, signatures required), a
+    /// request that does not apply (fleet status outside fleet mode), or a
+    /// client that is not root. Fix the request (the message says how).
+    Refused,
+    /// What the daemon needs did not answer (the fleet's etcd), or other
+    /// writers kept committing first; nothing changed. Try again.
+    Unavailable,
+    /// The request is not this daemon's protocol (a CLI of another version?).
+    Malformed,
+    /// The daemon failed while answering: a file write, a map update or
+    /// its rollback, a map read, a crash. The message says whether
+    /// anything changed; the daemon's log says more.
+    #[default]
+    Internal,
+}
+
+impl From<&StoreError> for ErrorKind {
+    fn from(error: &StoreError) -> Self {
+        match error {
+            StoreError::Unreachable(_) => Self::Unavailable,
+            StoreError::Pointer { .. } | StoreError::Corrupt(_) => Self::Internal,
+        }
+    }
+}
+
+impl From<&CommitError> for ErrorKind {
+    fn from(error: &CommitError) -> Self {
+        match error {
+            CommitError::Store(store) => store.into(),
+            CommitError::Contention => Self::Unavailable,
+            CommitError::Refused(_)
+            | CommitError::Conflict { .. }
+            | CommitError::Empty
+            | CommitError::Capacity { .. }
+            | CommitError::Untrusted { .. }
+            | CommitError::Invalid(_)
+            | CommitError::TooLarge { .. }
+            | CommitError::GenerationExhausted { .. } => Self::Refused,
+        }
+    }
 }
 
 /// A change committed to the group's list.
@@ -261,6 +332,37 @@ mod tests {
     use std::os::unix::fs::PermissionsExt as _;
 
     use super::*;
+
+    #[test]
+    fn an_error_answer_carries_its_kind_next_to_its_message() {
+        let refused = Response::error(ErrorKind::Refused, "nothing changed");
+        let json = serde_json::to_value(&refused).expect("serialize");
+        let expected = r#"{"result":"error","kind":"refused","message":"nothing changed"}"#;
+        assert_eq!(json, serde_json::from_str::<serde_json::Value>(expected).expect("JSON"));
+    }
+
+    #[test]
+    fn an_older_daemons_error_without_a_kind_is_internal() {
+        let old = r#"{"result":"error","message":"nothing changed"}"#;
+        let Response::Error(error) = serde_json::from_str(old).expect("readable") else {
+            panic!("not an error answer");
+        };
+        assert_eq!(
+            error,
+            DaemonError { kind: ErrorKind::Internal, message: "nothing changed".into() }
+        );
+    }
+
+    #[test]
+    fn fleet_failures_are_refusals_unless_etcd_is_out_of_reach_or_busy() {
+        assert_eq!(ErrorKind::from(&CommitError::Empty), ErrorKind::Refused);
+        let too_large = CommitError::TooLarge { bytes: 2, max: 1 };
+        assert_eq!(ErrorKind::from(&too_large), ErrorKind::Refused);
+        assert_eq!(ErrorKind::from(&CommitError::Contention), ErrorKind::Unavailable);
+        let unreachable = StoreError::Unreachable(etcd_client::Error::InvalidArgs("down".into()));
+        assert_eq!(ErrorKind::from(&unreachable), ErrorKind::Unavailable);
+        assert_eq!(ErrorKind::from(&CommitError::Store(unreachable)), ErrorKind::Unavailable);
+    }
 
     #[test]
     fn the_socket_is_born_0600_in_a_private_directory() {

@@ -11,7 +11,7 @@ use std::{
 
 use clap::Parser as _;
 
-use super::Cli;
+use crate::cli::Cli;
 
 /// One Markdown page, split into what the checks read.
 struct Page {

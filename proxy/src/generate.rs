@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use clap::{Command, CommandFactory as _};
 use clap_complete::Shell;
 
-use super::Cli;
+use crate::cli::Cli;
 
 /// Prints the completion script for `shell`.
 pub fn completions(shell: Shell) -> anyhow::Result<()> {

@@ -10,9 +10,9 @@ use tokio::{
     sync::Mutex,
 };
 
-use super::{State, fleet::Member, supervisor::Prober};
+use super::{State, fleet::Member, state::ChangeRefused, supervisor::Prober};
 use crate::{
-    control::{MAX_REQUEST_BYTES, Request, Response},
+    control::{ErrorKind, MAX_REQUEST_BYTES, Request, Response},
     proxy::accept::accept_loop,
 };
 
@@ -53,11 +53,10 @@ async fn handle(
         refused => {
             let who = refused.map_or_else(|e| format!("unknown ({e})"), |p| p.uid().to_string());
             tracing::warn!("control socket: refused a client running as uid {who}");
-            let answer = Response::Error {
-                message: format!(
-                    "permission denied: the daemon answers root only (you are uid {who})"
-                ),
-            };
+            let answer = Response::error(
+                ErrorKind::Refused,
+                format!("permission denied: the daemon answers root only (you are uid {who})"),
+            );
             let mut stream = stream;
             let mut line = serde_json::to_vec(&answer).map_err(io::Error::other)?;
             line.push(b'\n');
@@ -91,18 +90,30 @@ async fn handle(
                 }
                 response
             }
-            (Err(e), _) => Response::Error { message: format!("malformed request: {e}") },
+            (Err(e), _) => Response::error(ErrorKind::Malformed, format!("malformed request: {e}")),
         }
     });
     let response = answering.await.unwrap_or_else(|e| {
         tracing::error!("control request failed: {e}");
-        Response::Error {
-            message: format!(
-                "the daemon failed to answer ({e}); see its log. Nothing was acknowledged"
-            ),
-        }
+        Response::error(
+            ErrorKind::Internal,
+            format!("the daemon failed to answer ({e}); see its log. Nothing was acknowledged"),
+        )
     });
     let mut answer = serde_json::to_vec(&response).map_err(io::Error::other)?;
     answer.push(b'\n');
     write.write_all(&answer).await
+}
+
+/// A refused change's answer: the change's own fault, or the daemon's.
+impl From<ChangeRefused> for Response {
+    fn from(refused: ChangeRefused) -> Self {
+        let kind = match refused {
+            ChangeRefused::Invalid(_) | ChangeRefused::Capacity(_) => ErrorKind::Refused,
+            ChangeRefused::Store(_)
+            | ChangeRefused::Apply(_)
+            | ChangeRefused::RollbackFailed { .. } => ErrorKind::Internal,
+        };
+        Self::error(kind, refused)
+    }
 }

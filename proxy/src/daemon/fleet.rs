@@ -13,7 +13,7 @@ use super::{State, transaction::ChangeRefused};
 use crate::{
     allowlist::{Allowlist, Change, Diff},
     config::FleetConfig,
-    control::{FleetCommit, Response},
+    control::{ErrorKind, FleetCommit, Response},
     fleet::{
         self, Authority, Credentials, Enforcer, Health, Store, layout::Pointer, trust::TrustedKeys,
     },
@@ -143,19 +143,20 @@ impl Member {
     /// host to enforce it, so that the CLI's "ok" means "in force here".
     pub async fn commit(&self, change: Change, empty_ok: bool) -> Response {
         if let Err(e) = change.validate() {
-            return Response::Error { message: e.to_string() };
+            return Response::error(ErrorKind::Refused, e);
         }
         if self.signatures_required {
             // The hosts hold no signing key: a change is made where the key is.
-            return Response::Error {
-                message: format!(
+            return Response::error(
+                ErrorKind::Refused,
+                format!(
                     "group `{}` accepts only lists signed by its `trusted_keys`, and gate hosts \
                      hold no signing key; nothing changed. Make the change where the key is: \
                      the same command with `--signing-key FILE --config FILE` (the file with \
                      this `[fleet]` table and an admin's etcd credentials)",
                     self.group
                 ),
-            };
+            );
         }
         match self.store.commit(&change, self.capacity, empty_ok).await {
             Ok(committed) => {
@@ -166,7 +167,7 @@ impl Member {
                     fleet: Some(FleetCommit { generation: committed.generation, enforced_here }),
                 }
             }
-            Err(e) => Response::Error { message: e.to_string() },
+            Err(e) => Response::error(ErrorKind::from(&e), e),
         }
     }
 
@@ -176,13 +177,12 @@ impl Member {
             Ok(view) => Response::Fleet(view),
             Err(e) => {
                 let here = self.health.snapshot();
-                Response::Error {
-                    message: format!(
-                        "{e}: this host enforces generation {}{}",
-                        here.applied_generation,
-                        here.staleness().map(|s| format!(" ({s})")).unwrap_or_default()
-                    ),
-                }
+                let message = format!(
+                    "{e}: this host enforces generation {}{}",
+                    here.applied_generation,
+                    here.staleness().map(|s| format!(" ({s})")).unwrap_or_default()
+                );
+                Response::error(ErrorKind::from(&e), message)
             }
         }
     }

@@ -10,7 +10,7 @@ use super::fleet::Marker;
 use crate::{
     allowlist::{self, Allowlist, Diff},
     config::{Config, Overrides},
-    control::{ListSource, Request, Response},
+    control::{ErrorKind, ListSource, Request, Response},
     filter::{Filter, FilterError},
     fleet::Health,
     learned::{LearnedSources, SightingRefusal},
@@ -81,7 +81,7 @@ impl State {
                             Response::Changed { diff, entries: self.list.len(), fleet: None };
                         return (response, catch_up(&self.worker));
                     }
-                    Err(e) => Response::Error { message: e.to_string() },
+                    Err(refused) => Response::from(refused),
                 }
             }
             Request::List => Response::List {
@@ -98,13 +98,13 @@ impl State {
             Request::Status { top_rules, dropped_sources } => {
                 match self.status(top_rules, dropped_sources) {
                     Ok(status) => Response::Status(Box::new(status)),
-                    Err(e) => Response::Error { message: e.to_string() },
+                    Err(e) => Response::error(ErrorKind::Internal, e),
                 }
             }
             Request::Explain { address, port } => {
                 match tokio::task::block_in_place(|| self.explain(address, port)) {
                     Ok(explanation) => Response::Explained(Box::new(explanation)),
-                    Err(e) => Response::Error { message: e.to_string() },
+                    Err(e) => Response::error(ErrorKind::Internal, e),
                 }
             }
             Request::Suggest => {
@@ -116,9 +116,10 @@ impl State {
                     refused: self.sightings_refused.clone(),
                 }
             }
-            Request::FleetStatus => Response::Error {
-                message: "not in fleet mode: the config has no `[fleet]` table".into(),
-            },
+            Request::FleetStatus => Response::error(
+                ErrorKind::Refused,
+                "not in fleet mode: the config has no `[fleet]` table",
+            ),
         };
         (response, None)
     }
@@ -324,7 +325,7 @@ impl State {
             Err(e) => {
                 tracing::error!("reload: {e}; keeping the running configuration");
                 self.reloads_failed += 1;
-                return Response::Error { message: format!("nothing reloaded: {e}") };
+                return Response::error(ErrorKind::Refused, format!("nothing reloaded: {e}"));
             }
         };
         // Only `filter.ports`, `filter.audit` (and the listeners) change in place.
