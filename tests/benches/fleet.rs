@@ -39,7 +39,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(5);
 struct Recorder(Mutex<Vec<(u64, Instant)>>);
 
 impl Enforcer for Recorder {
-    async fn enforce(&self, _list: Allowlist, pointer: &Pointer) -> Result<Diff, String> {
+    type Error = std::convert::Infallible;
+
+    async fn enforce(&self, _: Allowlist, pointer: &Pointer) -> Result<Diff, Self::Error> {
         self.0.lock().expect("lock").push((pointer.generation, Instant::now()));
         Ok(Diff::default())
     }

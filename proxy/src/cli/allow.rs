@@ -12,6 +12,7 @@ use edgegate::{
     allowlist::{self, Action, Allowlist, Change},
     config::{Config, DEFAULT_MAX_ENTRIES},
     control::{self, Request, Response},
+    filter::Capacity,
     learned::Suggestion,
     status::Explanation,
 };
@@ -184,13 +185,11 @@ fn change_offline(
     };
     let list = allowlist::load(&path)?;
     let next = change.apply_to(&list)?;
-    let (ipv4, ipv6) = next.family_sizes();
-    if ipv4.max(ipv6) > capacity as usize {
-        bail!(Refused(format!(
-            "the list would hold {ipv4} IPv4 and {ipv6} IPv6 entries, more than `max_entries` = \
-             {capacity} per family"
-        )));
-    }
+    // The daemon's next start replaces the list its pinned maps hold.
+    let (old, new) = (list.entries(), next.entries());
+    Capacity(capacity)
+        .check(old.map(|entry| entry.cidr), new.map(|entry| entry.cidr))
+        .map_err(|too_many| Refused(format!("{too_many}; nothing changed")))?;
     allowlist::store(&path, &next)?;
     Ok((list.diff(&next), next.len(), path))
 }

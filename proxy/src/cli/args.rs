@@ -1,17 +1,12 @@
 //! The command line's definition: every command, option and its help
 //! (also the source of the completions and man pages, `generate`).
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    path::PathBuf,
-    time::Duration,
-};
+use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use edgegate::{
-    config::{DEFAULT_CONTROL_SOCKET, DEFAULT_STATE_DIR, LogFormat, Overrides},
-    privsep::escape::Attempt,
-};
+use edgegate::config::{DEFAULT_CONTROL_SOCKET, DEFAULT_STATE_DIR, LogFormat, Overrides};
+#[cfg(feature = "test-hooks")]
+use edgegate::privsep::escape::{Attempt, Target};
 
 #[derive(Parser)]
 #[command(
@@ -127,6 +122,15 @@ pub struct RunArgs {
     /// Log format (default: the config's `daemon.log_format`, else text).
     #[arg(long, value_enum, env = "EDGEGATE_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    #[cfg(feature = "test-hooks")]
+    #[command(flatten)]
+    pub hooks: RunHooks,
+}
+
+/// `run`'s test hooks: only builds with the `test-hooks` feature have them.
+#[cfg(feature = "test-hooks")]
+#[derive(Args)]
+pub struct RunHooks {
     /// Test only: every proxy worker tries this once sandboxed.
     #[arg(long, value_enum, hide = true)]
     pub worker_escape: Option<Attempt>,
@@ -136,7 +140,7 @@ pub struct RunArgs {
     pub keys_in_worker: bool,
     /// Test only: where a connection attempt of `--worker-escape` goes.
     #[arg(long, hide = true, requires = "worker_escape")]
-    pub worker_escape_address: Option<SocketAddr>,
+    pub worker_escape_address: Option<std::net::SocketAddr>,
 }
 
 /// What the gate tells the worker on its command line (`privsep::spawn`).
@@ -150,6 +154,15 @@ pub struct WorkerArgs {
     pub log_format: LogFormat,
     #[arg(long = "connect-port")]
     pub connect_ports: Vec<u16>,
+    #[cfg(feature = "test-hooks")]
+    #[command(flatten)]
+    pub hooks: WorkerHooks,
+}
+
+/// The worker's test hooks (`run --worker-escape`), as the gate passes them.
+#[cfg(feature = "test-hooks")]
+#[derive(Args)]
+pub struct WorkerHooks {
     #[arg(long, value_enum, requires_all = ["escape_target", "escape_gate"])]
     pub escape: Option<Attempt>,
     #[arg(long)]
@@ -157,7 +170,19 @@ pub struct WorkerArgs {
     #[arg(long)]
     pub escape_gate: Option<u32>,
     #[arg(long)]
-    pub escape_address: Option<SocketAddr>,
+    pub escape_address: Option<std::net::SocketAddr>,
+}
+
+#[cfg(feature = "test-hooks")]
+impl WorkerHooks {
+    /// What to try once sandboxed, and at what.
+    pub fn escape(self) -> Option<(Attempt, Target)> {
+        let address = self.escape_address;
+        let target = self.escape_target.zip(self.escape_gate);
+        self.escape
+            .zip(target)
+            .map(|(attempt, (path, gate))| (attempt, Target { path, gate, address }))
+    }
 }
 
 #[derive(Subcommand)]

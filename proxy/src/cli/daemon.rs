@@ -8,7 +8,7 @@ use edgegate::{
     config::{Config, DEFAULT_BPFFS_DIR, LogFormat},
     control::{self, ClientError, Request, Response},
     daemon, filter,
-    privsep::{escape, worker},
+    privsep::worker,
     status::ListReload,
 };
 
@@ -19,7 +19,12 @@ use super::{
 };
 
 pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<()> {
-    let RunArgs { config, log_format, worker_escape, keys_in_worker, worker_escape_address } = args;
+    let RunArgs {
+        config,
+        log_format,
+        #[cfg(feature = "test-hooks")]
+        hooks,
+    } = args;
     let overrides = global.overrides();
     // The config is read again (and every problem reported) by
     // `daemon::start`; here only its log format matters, and one
@@ -33,8 +38,10 @@ pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<()> {
     let options = daemon::Options {
         overrides,
         log_format,
-        keys_in_worker,
-        escape: worker_escape.map(|attempt| (attempt, worker_escape_address)),
+        #[cfg(feature = "test-hooks")]
+        keys_in_worker: hooks.keys_in_worker,
+        #[cfg(feature = "test-hooks")]
+        escape: hooks.worker_escape.map(|attempt| (attempt, hooks.worker_escape_address)),
     };
     let startup = daemon::start(config, options)?;
     // Connections run on per-core workers of their own (proxy::workers);
@@ -55,16 +62,12 @@ pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<()> {
 /// The sandboxed proxy worker, as `run` starts it.
 pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
-    let address = args.escape_address;
-    let escape = args
-        .escape
-        .zip(args.escape_target.zip(args.escape_gate))
-        .map(|(attempt, (path, gate))| (attempt, escape::Target { path, gate, address }));
     let options = worker::Options {
         channel: args.channel_fd,
         key_channels: args.key_fds,
         connect_ports: args.connect_ports,
-        escape,
+        #[cfg(feature = "test-hooks")]
+        escape: args.hooks.escape(),
     };
     worker::run(options).context("proxy worker")?;
     Ok(())

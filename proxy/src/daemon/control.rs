@@ -10,7 +10,7 @@ use tokio::{
     sync::Mutex,
 };
 
-use super::{State, fleet::Member, state::ChangeRefused, supervisor::Prober};
+use super::{State, fleet::Member, supervisor::Prober, transaction::ChangeRefused};
 use crate::{
     control::{ErrorKind, MAX_REQUEST_BYTES, Request, Response},
     proxy::accept::accept_loop,

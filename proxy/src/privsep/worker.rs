@@ -11,14 +11,14 @@ use arc_swap::ArcSwap;
 use nix::sys::signal::{SigHandler, Signal};
 use tokio::{io::AsyncWriteExt as _, net::UnixStream};
 
+#[cfg(feature = "test-hooks")]
+use super::escape::{self, Attempt, Target};
 use super::{
     channel::Receiver,
     keys::KeyClient,
     protocol::{FrameError, FromWorker, SandboxReport, ToWorker, decode, encode},
     sandbox::{self, SandboxError},
 };
-#[cfg(feature = "test-hooks")]
-use super::escape::{self, Attempt, Target};
 use crate::{
     allowlist::Allowlist,
     proxy::{ClientCheck, Proxies},

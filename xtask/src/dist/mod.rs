@@ -416,7 +416,10 @@ fn no_test_hooks(built: &Built, root: &Path) -> anyhow::Result<()> {
     if binary.windows(text.len()).any(|window| window == text) {
         bail!("the packaged binary holds the escape attempts' code (\"escape attempt\")");
     }
-    println!("dist: {}: no test hooks (--worker-escape, --keys-in-worker refused)", built.arch.target);
+    println!(
+        "dist: {}: no test hooks (--worker-escape, --keys-in-worker refused)",
+        built.arch.target
+    );
     Ok(())
 }
 
