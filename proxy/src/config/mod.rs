@@ -2,7 +2,6 @@
 //!
 //! The allowlist is not configuration: it is state the daemon owns (see
 //! `allowlist`); the config only says where it lives.
-
 //!
 //! Layout: one file per section of the file (`listener`, `filter`, `fleet`,
 //! `daemon` with `[metrics]`), `values` for what TOML has no type for, `load`
