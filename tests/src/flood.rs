@@ -139,6 +139,12 @@ pub struct Bed {
     bpffs_dir: std::path::PathBuf,
 }
 
+impl Default for Bed {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Bed {
     pub fn new() -> Self {
         crate::require_root();
