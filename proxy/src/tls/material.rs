@@ -83,7 +83,7 @@ impl Secrets {
 
 /// The contents of every file a listener's TLS names, by path. The gate
 /// reads them (it may); the worker, which has no file system, builds its
-/// [`ListenerTls`] from them.
+/// [`ListenerTls`](super::ListenerTls) from them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Material {

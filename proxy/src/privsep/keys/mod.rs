@@ -1,7 +1,6 @@
 //! The listeners' private keys and session-ticket keys stay in the gate, as
 //! OpenSSH's host keys stay in its monitor: the worker holds stand-ins
-//! ([`RemoteKey`](client::RemoteKey),
-//! [`RemoteTickets`](client::RemoteTickets)) that ask the gate to sign a
+//! (`RemoteKey`, `RemoteTickets`, in `client`) that ask the gate to sign a
 //! handshake, to make data keys for new tickets and to unwrap the data key
 //! of a presented one (see `tls::tickets` for the ticket format). A worker taken
 //! over can use the keys while it runs, within the limits below, but takes
@@ -15,7 +14,7 @@
 //! another (which, in a VM, costs an interrupt between vCPUs each way). Every request
 //! is bounded ([`MAX_MESSAGE`], [`MAX_DATA_KEYS`]) and strictly decoded; a
 //! signature is made only over what a TLS handshake signs (see
-//! [`signable`](wire::signable)); each channel answers at most [`MAX_REQUESTS_PER_SECOND`].
+//! `wire::signable`); each channel answers at most [`MAX_REQUESTS_PER_SECOND`].
 //! A worker that breaks any of this is killed (the supervisor starts
 //! another). The worker waits for an answer at most [`ANSWER_TIMEOUT`].
 //!
