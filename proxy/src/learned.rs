@@ -22,7 +22,8 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    allowlist::{self, Action, Allowlist, Entry, StoreError},
+    allowlist::{Action, Allowlist, Entry, StoreError},
+    files,
     privsep::protocol::Sighting,
     tls::ClientName,
 };
@@ -215,7 +216,7 @@ impl LearnedSources {
         sources.sort_by(|a, b| (a.address, &a.name).cmp(&(b.address, &b.name)));
         let text = serde_json::to_string_pretty(&LearnedFile { sources })
             .expect("learned sources always serialize");
-        allowlist::replace_file(&self.path, text.as_bytes())?;
+        files::replace(&self.path, text.as_bytes())?;
         self.unsaved = false;
         Ok(())
     }

@@ -8,6 +8,7 @@ pub use edgegate::demo::{netns, netns::unique_name, pki};
 
 pub mod bench;
 pub mod fleet;
+pub mod flood;
 pub mod harness;
 pub mod mtls;
 pub mod packet;

@@ -12,10 +12,10 @@ use std::{
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-use crate::netns::Netns;
-
-/// Source port of the SYNs [`Tun::syn`] builds, which their replies go back to.
-const CLIENT_PORT: u16 = 40_000;
+use crate::{
+    netns::Netns,
+    packet::{SYN_SOURCE_PORT as CLIENT_PORT, tcp_syn},
+};
 
 pub struct Tun {
     pub name: String,
@@ -116,69 +116,6 @@ impl Tun {
     }
 }
 
-/// A TCP SYN with valid checksums: TUN delivers it as received, and the
-/// host's stack checks them.
-pub fn tcp_syn(source: IpAddr, destination: IpAddr, port: u16) -> Vec<u8> {
-    let mut tcp = vec![0u8; 20];
-    tcp[0..2].copy_from_slice(&CLIENT_PORT.to_be_bytes());
-    tcp[2..4].copy_from_slice(&port.to_be_bytes());
-    tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
-    tcp[12] = 5 << 4;
-    tcp[13] = 0x02;
-    tcp[14..16].copy_from_slice(&64_240u16.to_be_bytes());
-    let tcp_len = u16::try_from(tcp.len()).expect("small");
-    match (source, destination) {
-        (IpAddr::V4(source), IpAddr::V4(destination)) => {
-            let pseudo = [&source.octets()[..], &destination.octets(), &[0, 6]].concat();
-            let sum = checksum(&[&pseudo, &tcp_len.to_be_bytes(), &tcp]);
-            tcp[16..18].copy_from_slice(&sum.to_be_bytes());
-            let mut ip = ipv4_header(source, destination, 20 + tcp_len);
-            ip.extend_from_slice(&tcp);
-            ip
-        }
-        (IpAddr::V6(source), IpAddr::V6(destination)) => {
-            let pseudo = [&source.octets()[..], &destination.octets()].concat();
-            let length = u32::from(tcp_len).to_be_bytes();
-            let sum = checksum(&[&pseudo, &length, &[0, 0, 0, 6], &tcp]);
-            tcp[16..18].copy_from_slice(&sum.to_be_bytes());
-            let mut ip = vec![0x60, 0, 0, 0];
-            ip.extend_from_slice(&tcp_len.to_be_bytes());
-            ip.extend_from_slice(&[6, 64]);
-            ip.extend_from_slice(&source.octets());
-            ip.extend_from_slice(&destination.octets());
-            ip.extend_from_slice(&tcp);
-            ip
-        }
-        _ => panic!("source and destination of one family"),
-    }
-}
-
-fn ipv4_header(source: Ipv4Addr, destination: Ipv4Addr, total: u16) -> Vec<u8> {
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&total.to_be_bytes());
-    ip.extend_from_slice(&[0, 1, 0x40, 0, 64, 6, 0, 0]);
-    ip.extend_from_slice(&source.octets());
-    ip.extend_from_slice(&destination.octets());
-    let sum = checksum(&[&ip]);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    ip
-}
-
-/// The Internet checksum (RFC 1071) over `parts` laid end to end (each of
-/// even length but the last).
-fn checksum(parts: &[&[u8]]) -> u16 {
-    let mut sum: u32 = 0;
-    for part in parts {
-        for pair in part.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
-        }
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !u16::try_from(sum).expect("folded")
-}
-
 /// Whether `packet` is the SYN-ACK from `port` to [`tcp_syn`]'s SYN from `client`.
 fn is_syn_ack(packet: &[u8], client: IpAddr, port: u16) -> bool {
     let (destination, tcp): (IpAddr, &[u8]) = match packet.first().map(|b| b >> 4) {
@@ -198,17 +135,4 @@ fn is_syn_ack(packet: &[u8], client: IpAddr, port: u16) -> bool {
         && tcp[0..2] == port.to_be_bytes()
         && tcp[2..4] == CLIENT_PORT.to_be_bytes()
         && tcp[13] & 0x12 == 0x12
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn checksums_of_a_known_header() {
-        // RFC 1071's example words, and a header that sums to 0 with its checksum.
-        assert_eq!(checksum(&[&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]]), !0xddf2);
-        let header = ipv4_header(Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2), 40);
-        assert_eq!(checksum(&[&header]), 0);
-    }
 }
