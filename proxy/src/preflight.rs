@@ -14,7 +14,8 @@ use proxy_common::Framing;
 use crate::{
     allowlist::{self, Allowlist},
     config::{AttachMode, Config, FleetConfig, Loaded, Overrides, Scope},
-    filter, privileges,
+    filter::{self, Capacity},
+    privileges,
     tls::{self, FileProblem, Lifetime, LifetimeKind, ListenerTls, unix_now},
 };
 
@@ -352,15 +353,10 @@ fn inspect_allowlist(
         }
     };
     let (ipv4, ipv6) = list.family_sizes();
-    let capacity = config.filter.max_entries as usize;
-    for (family, size) in [("IPv4", ipv4), ("IPv6", ipv6)] {
-        if size > capacity {
-            report.error(format!(
-                "{}: {capacity} is less than the {size} {family} entries in {}",
-                at("filter.max_entries"),
-                list_path.display()
-            ));
-        }
+    let cidrs = list.entries().map(|entry| entry.cidr);
+    if let Err(too_many) = Capacity(config.filter.max_entries).check([], cidrs) {
+        let at = at("filter.max_entries");
+        report.error(format!("{at}: {}: {too_many}", list_path.display()));
     }
     if list.is_empty() && !config.filter.audit && config.fleet.is_none() {
         inspect_empty_list(report, config, &list_path, &seed, at);

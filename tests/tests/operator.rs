@@ -57,7 +57,7 @@ fn check_reports_every_problem_at_once() {
     for expected in [
         "`filter.interfaces`: interface `ens5` does not exist (this host has: ",
         "`metrics.bind`: 0.0.0.0:8443 is also listener `edge`'s address",
-        "`filter.max_entries`: 1 is less than the 2 IPv4 entries in",
+        "the IPv4 rules need room for 2 entries, but the maps hold 1 per family",
         "`listener.edge.cert`",
         "the server certificate (CN=",
         "expired on",

@@ -187,9 +187,9 @@ fn change_offline(
     let next = change.apply_to(&list)?;
     // The daemon's next start replaces the list its pinned maps hold.
     let (old, new) = (list.entries(), next.entries());
-    Capacity(capacity)
-        .check(old.map(|entry| entry.cidr), new.map(|entry| entry.cidr))
-        .map_err(|too_many| Refused(format!("{too_many}; nothing changed")))?;
+    Capacity(capacity).check(old.map(|entry| entry.cidr), new.map(|entry| entry.cidr)).map_err(
+        |too_many| Refused(format!("{too_many} (`filter.max_entries`); nothing changed")),
+    )?;
     allowlist::store(&path, &next)?;
     Ok((list.diff(&next), next.len(), path))
 }

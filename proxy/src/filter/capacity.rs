@@ -29,8 +29,7 @@ impl fmt::Display for Family {
 /// A list the rule maps cannot hold.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "the {family} rules need room for {needed} entries, but the maps hold {capacity} per family \
-     (`filter.max_entries`)"
+    "the {family} rules need room for {needed} entries, but the maps hold {capacity} per family"
 )]
 pub struct TooMany {
     pub family: Family,
@@ -89,8 +88,7 @@ mod tests {
         let refused = Capacity(1).check([], cidrs("192.0.2.1/32 192.0.2.2/32")).unwrap_err();
         assert_eq!(
             refused.to_string(),
-            "the IPv4 rules need room for 2 entries, but the maps hold 1 per family \
-             (`filter.max_entries`)"
+            "the IPv4 rules need room for 2 entries, but the maps hold 1 per family"
         );
     }
 }

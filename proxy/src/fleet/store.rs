@@ -93,7 +93,7 @@ pub enum CommitError {
     )]
     Empty,
     /// The result does not fit the hosts' maps while it replaces the group's list.
-    #[error("{0}; nothing changed")]
+    #[error("{0} (the hosts' `filter.max_entries`); nothing changed")]
     Capacity(#[source] TooMany),
     /// The list in etcd is not one a trusted key signed: a change must not build on it.
     #[error(

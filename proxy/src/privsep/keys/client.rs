@@ -128,6 +128,7 @@ impl KeyClient {
 
 /// Test only (`escape`): asks the gate to sign a message no handshake
 /// signs with the first key it holds; the gate kills the worker for it.
+#[cfg(feature = "test-hooks")]
 pub fn sign_anything(client: &KeyClient) -> Result<Vec<u8>, KeyError> {
     let message = b"I, the partner, owe the attacker one million";
     let scheme = u16::from(SignatureScheme::ECDSA_NISTP256_SHA256);
