@@ -214,12 +214,13 @@ fn signing_cost(fleet: &Fleet, rounds: usize, aliases: usize) -> (Vec<f64>, Vec<
         let admin = if signing { &signed_admin } else { &unsigned_admin };
         // A replacement starts each block: it builds on no earlier list, so an
         // unsigned one is not refused as a base, and every block runs on the same list.
-        let replace = Change::Replace { text: format!("{ALLOWED}/32\n") };
+        let list = Allowlist::parse(&format!("{ALLOWED}/32\n")).expect("a list");
+        let replace = Change::Replace { list };
         runtime.block_on(admin.commit(&replace, false)).expect("re-commit");
         let generation = fleet.view(0).current_generation.expect("a generation");
         fleet.await_generation(generation, Duration::from_secs(10));
         let samples = propagation(fleet, block, aliases, &[], &mut |source, adding| {
-            let cidrs = vec![source.to_string()];
+            let cidrs = vec![ipnet::IpNet::from(std::net::IpAddr::from(source))];
             let action = edgegate::allowlist::Action::Allow;
             let change = if adding {
                 Change::Add { action, cidrs, comment: None }

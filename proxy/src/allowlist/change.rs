@@ -100,31 +100,40 @@ impl Allowlist {
     }
 }
 
-/// A change the CLI asks for: sent to the daemon, or applied to the file
-/// directly (`--offline`). CIDRs stay as typed, so that errors quote them.
+/// A change to the list, parsed once: where it is made (the CLI's
+/// arguments, [`ChangeText::parse`]) and where it arrives (the control
+/// socket deserializes the text form through the same parse).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "change", rename_all = "snake_case")]
+#[serde(try_from = "ChangeText", into = "ChangeText")]
 pub enum Change {
     /// Add entries with `action` (again: update the comment).
-    Add { action: Action, cidrs: Vec<String>, comment: Option<String> },
+    Add { action: Action, cidrs: Vec<IpNet>, comment: Option<String> },
     /// Remove entries listed with `action`.
-    Remove { action: Action, cidrs: Vec<String> },
+    Remove { action: Action, cidrs: Vec<IpNet> },
     /// Merge allow entries (`allow import-aws`); with `replace`, first drop
     /// entries whose comment starts with `tag`.
     Import { entries: Vec<Entry>, tag: String, replace: bool },
-    /// Replace the whole list with one in the file format.
+    /// Replace the whole list.
+    Replace { list: Allowlist },
+}
+
+/// A change as written: CIDRs as typed (so that errors quote them), a
+/// replacement in the file format. The control protocol carries this form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum ChangeText {
+    Add { action: Action, cidrs: Vec<String>, comment: Option<String> },
+    Remove { action: Action, cidrs: Vec<String> },
+    Import { entries: Vec<Entry>, tag: String, replace: bool },
     Replace { text: String },
 }
 
-/// Why a change is refused; nothing changes.
+/// Why a change is refused before it meets the list; nothing changes.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
     /// An argument is not a usable CIDR.
     #[error(transparent)]
     Cidr(#[from] CidrError),
-    /// The entries clash with the list (listed with the other action, not listed).
-    #[error(transparent)]
-    Conflict(#[from] ChangeError),
     /// A replacement list does not parse.
     #[error(transparent)]
     Parse(#[from] ParseError),
@@ -133,52 +142,75 @@ pub enum Refusal {
     Comment(String),
 }
 
-impl Change {
-    /// Checks what does not depend on the list: every CIDR, the replacement's text.
-    pub fn validate(&self) -> Result<(), Refusal> {
-        self.check_comments()?;
-        match self {
-            Self::Add { cidrs, .. } | Self::Remove { cidrs, .. } => {
-                cidrs.iter().try_for_each(|c| parse_cidr(c).map(drop))?;
-            }
-            Self::Import { .. } => {}
-            Self::Replace { text } => drop(Allowlist::parse(text)?),
-        }
-        Ok(())
-    }
-
-    /// The list `list` becomes; validated whole.
-    pub fn apply_to(&self, list: &Allowlist) -> Result<Allowlist, Refusal> {
-        self.check_comments()?;
-        let parse_all = |cidrs: &[String]| -> Result<Vec<IpNet>, CidrError> {
-            cidrs.iter().map(|c| parse_cidr(c)).collect()
+impl ChangeText {
+    /// Every CIDR, the replacement's text and every comment, checked once.
+    pub fn parse(self) -> Result<Change, Refusal> {
+        let parse_all = |cidrs: Vec<String>| -> Result<Vec<IpNet>, CidrError> {
+            cidrs.iter().map(|cidr| parse_cidr(cidr)).collect()
         };
         Ok(match self {
             Self::Add { action, cidrs, comment } => {
-                list.with_added(&parse_all(cidrs)?, *action, comment.as_deref())?
+                if let Some(comment) = &comment {
+                    check_comment(comment)?;
+                }
+                Change::Add { action, cidrs: parse_all(cidrs)?, comment }
             }
-            Self::Remove { action, cidrs } => list.with_removed(&parse_all(cidrs)?, *action)?,
-            Self::Import { entries, tag, replace } => list.with_imported(entries, tag, *replace)?,
-            Self::Replace { text } => Allowlist::parse(text)?,
+            Self::Remove { action, cidrs } => Change::Remove { action, cidrs: parse_all(cidrs)? },
+            Self::Import { entries, tag, replace } => {
+                for entry in &entries {
+                    // Deserialized entries meet the rules typed CIDRs meet.
+                    parse_cidr(&entry.cidr.to_string())?;
+                    entry.comment.as_deref().map_or(Ok(()), check_comment)?;
+                }
+                Change::Import { entries, tag, replace }
+            }
+            Self::Replace { text } => Change::Replace { list: Allowlist::parse(&text)? },
         })
     }
 }
 
-impl Change {
-    /// A comment is the rest of its entry's line: a line break in one would
-    /// put whatever follows it on the list as an entry of its own.
-    fn check_comments(&self) -> Result<(), Refusal> {
-        let comments: Vec<&str> = match self {
-            Self::Add { comment, .. } => comment.as_deref().into_iter().collect(),
-            Self::Import { entries, .. } => {
-                entries.iter().filter_map(|e| e.comment.as_deref()).collect()
+impl TryFrom<ChangeText> for Change {
+    type Error = Refusal;
+
+    fn try_from(text: ChangeText) -> Result<Self, Refusal> {
+        text.parse()
+    }
+}
+
+impl From<Change> for ChangeText {
+    fn from(change: Change) -> Self {
+        let texts = |cidrs: Vec<IpNet>| cidrs.iter().map(ToString::to_string).collect();
+        match change {
+            Change::Add { action, cidrs, comment } => {
+                Self::Add { action, cidrs: texts(cidrs), comment }
             }
-            Self::Remove { .. } | Self::Replace { .. } => Vec::new(),
-        };
-        match comments.into_iter().find(|c| c.chars().any(char::is_control)) {
-            Some(bad) => Err(Refusal::Comment(bad.to_owned())),
-            None => Ok(()),
+            Change::Remove { action, cidrs } => Self::Remove { action, cidrs: texts(cidrs) },
+            Change::Import { entries, tag, replace } => Self::Import { entries, tag, replace },
+            Change::Replace { list } => Self::Replace { text: list.render() },
         }
+    }
+}
+
+impl Change {
+    /// The list `list` becomes, or why the change clashes with it.
+    pub fn apply_to(&self, list: &Allowlist) -> Result<Allowlist, ChangeError> {
+        match self {
+            Self::Add { action, cidrs, comment } => {
+                list.with_added(cidrs, *action, comment.as_deref())
+            }
+            Self::Remove { action, cidrs } => list.with_removed(cidrs, *action),
+            Self::Import { entries, tag, replace } => list.with_imported(entries, tag, *replace),
+            Self::Replace { list } => Ok(list.clone()),
+        }
+    }
+}
+
+/// A comment is the rest of its entry's line: a line break in one would
+/// put whatever follows it on the list as an entry of its own.
+fn check_comment(comment: &str) -> Result<(), Refusal> {
+    match comment.chars().any(char::is_control) {
+        true => Err(Refusal::Comment(comment.to_owned())),
+        false => Ok(()),
     }
 }
 

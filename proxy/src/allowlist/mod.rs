@@ -25,7 +25,7 @@ mod store;
 mod tests;
 
 pub use self::{
-    change::{Change, ChangeError, Diff, Refusal},
+    change::{Change, ChangeError, ChangeText, Diff, Refusal},
     cidr::{CidrError, parse_cidr},
     format::{ParseError, line_of},
     model::{Action, Allowlist, Entry},

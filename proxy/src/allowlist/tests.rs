@@ -26,44 +26,67 @@ fn diff_counts_added_removed_and_updated_entries() {
 }
 
 #[test]
-fn changes_are_validated_whole_and_refused_with_the_cause() {
+fn changes_are_parsed_once_then_applied_whole_or_refused_with_the_cause() {
     let list = Allowlist::parse("203.0.113.0/24\n").unwrap();
-    let add = |cidrs: &[&str], action| Change::Add {
-        action,
-        cidrs: cidrs.iter().map(|c| (*c).to_owned()).collect(),
-        comment: None,
+    let add = |cidrs: &[&str], action| {
+        let cidrs = cidrs.iter().map(|c| (*c).to_owned()).collect();
+        ChangeText::Add { action, cidrs, comment: None }.parse()
     };
-    let next = add(&["198.51.100.7", "2001:db8::/32"], Action::Allow).apply_to(&list).unwrap();
-    assert_eq!(next.len(), 3);
+    let next = add(&["198.51.100.7", "2001:db8::/32"], Action::Allow).unwrap();
+    assert_eq!(next.apply_to(&list).unwrap().len(), 3);
     assert!(matches!(
-        add(&["198.51.100.7", "10.0.0.1/8"], Action::Allow).apply_to(&list),
+        add(&["198.51.100.7", "10.0.0.1/8"], Action::Allow),
         Err(Refusal::Cidr(CidrError::HostBitsSet { .. }))
     ));
     assert!(matches!(
-        add(&["203.0.113.0/24"], Action::Deny).apply_to(&list),
-        Err(Refusal::Conflict(ChangeError::OtherAction { .. }))
+        add(&["203.0.113.0/24"], Action::Deny).unwrap().apply_to(&list),
+        Err(ChangeError::OtherAction { .. })
     ));
-    let remove = Change::Remove { action: Action::Deny, cidrs: vec!["203.0.113.0/24".into()] };
-    assert!(matches!(
-        remove.apply_to(&list),
-        Err(Refusal::Conflict(ChangeError::NotListed { .. }))
-    ));
-    let replace = Change::Replace { text: "allow\n".into() };
-    assert!(matches!(replace.apply_to(&list), Err(Refusal::Parse(ParseError::Syntax { .. }))));
+    let remove = ChangeText::Remove { action: Action::Deny, cidrs: vec!["203.0.113.0/24".into()] };
+    assert!(matches!(remove.parse().unwrap().apply_to(&list), Err(ChangeError::NotListed { .. })));
+    let replace = ChangeText::Replace { text: "allow\n".into() };
+    assert!(matches!(replace.parse(), Err(Refusal::Parse(ParseError::Syntax { .. }))));
+}
+
+#[test]
+fn the_wire_carries_the_text_form_and_parses_it_on_arrival() {
+    let text = ChangeText::Replace { text: "192.0.2.0/24 # a partner\ndeny 192.0.2.7\n".into() };
+    let change = text.clone().parse().unwrap();
+    let wire = serde_json::to_string(&change).unwrap();
+    let as_text: ChangeText = serde_json::from_str(&wire).unwrap();
+    assert!(matches!(&as_text, ChangeText::Replace { text } if text.contains("# a partner")));
+    assert_eq!(serde_json::from_str::<Change>(&wire).unwrap(), change);
+
+    // What the CLI would have refused is refused on arrival too: a CIDR,
+    // a list, a comment, an imported entry with host bits.
+    let hostile = [
+        (r#"{"change":"add","action":"allow","cidrs":["10.0.0.1/8"],"comment":null}"#, "host bits"),
+        (r#"{"change":"replace","text":"allow\n"}"#, "line 1"),
+        (
+            r#"{"change":"add","action":"allow","cidrs":["10.0.0.0/8"],"comment":"a\n0.0.0.0/0"}"#,
+            "control character",
+        ),
+        (
+            r#"{"change":"import","entries":[{"cidr":"10.0.0.1/8","action":"allow"}],"tag":"t","replace":false}"#,
+            "host bits",
+        ),
+    ];
+    for (wire, why) in hostile {
+        let refused = serde_json::from_str::<Change>(wire).unwrap_err().to_string();
+        assert!(refused.contains(why), "{wire}: {refused}");
+    }
 }
 
 #[test]
 fn a_comment_cannot_smuggle_an_entry_onto_the_next_line() {
-    let list = Allowlist::default();
     for comment in ["partner\n0.0.0.0/0", "partner\r", "tab\there", "nul\0"] {
-        let add = Change::Add {
+        let add = ChangeText::Add {
             action: Action::Allow,
             cidrs: vec!["198.51.100.7".into()],
             comment: Some(comment.into()),
         };
-        assert!(matches!(add.validate(), Err(Refusal::Comment(_))), "{comment:?}");
-        assert!(matches!(add.apply_to(&list), Err(Refusal::Comment(_))), "{comment:?}");
-        let import = Change::Import {
+        assert!(matches!(add.parse(), Err(Refusal::Comment(_))), "{comment:?}");
+        let import = ChangeText::Import {
             entries: vec![Entry {
                 cidr: net("198.51.100.7/32"),
                 action: Action::Allow,
@@ -72,14 +95,14 @@ fn a_comment_cannot_smuggle_an_entry_onto_the_next_line() {
             tag: "learned".into(),
             replace: false,
         };
-        assert!(matches!(import.apply_to(&list), Err(Refusal::Comment(_))), "{comment:?}");
+        assert!(matches!(import.parse(), Err(Refusal::Comment(_))), "{comment:?}");
     }
-    let fine = Change::Add {
+    let fine = ChangeText::Add {
         action: Action::Allow,
         cidrs: vec!["198.51.100.7".into()],
         comment: Some("partner # ünïcode is fine".into()),
     };
-    let next = fine.apply_to(&list).expect("a one-line comment");
+    let next = fine.parse().unwrap().apply_to(&Allowlist::default()).expect("a one-line comment");
     assert_eq!(Allowlist::parse(&next.render()).unwrap(), next);
 }
 
@@ -122,8 +145,8 @@ fn a_blank_says_blank_not_prefix_length() {
     // CLI arguments and config values reach the same parser; list file
     // lines are split on blanks first, so theirs never get this far.
     let change =
-        Change::Add { action: Action::Allow, cidrs: vec!["10.0.0.0/8 ".into()], comment: None };
-    assert!(matches!(change.validate(), Err(Refusal::Cidr(CidrError::Whitespace { .. }))));
+        ChangeText::Add { action: Action::Allow, cidrs: vec!["10.0.0.0/8 ".into()], comment: None };
+    assert!(matches!(change.parse(), Err(Refusal::Cidr(CidrError::Whitespace { .. }))));
     assert_eq!(Allowlist::parse("10.0.0.0/8 \r\n").map(|l| l.len()), Ok(1));
 }
 

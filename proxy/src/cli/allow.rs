@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use edgegate::{
-    allowlist::{self, Action, Allowlist, Change},
+    allowlist::{self, Action, Change, ChangeText},
     config::{Config, DEFAULT_MAX_ENTRIES},
     control::{self, Request, Response},
     filter::Capacity,
@@ -39,17 +39,16 @@ pub fn allow(global: &Global, command: AllowCommand) -> anyhow::Result<()> {
             let selection = edgegate::aws::Selection { regions, services };
             let entries = edgegate::aws::read(&file, &selection)?;
             let tag = edgegate::aws::COMMENT_TAG.to_owned();
-            change(global, Change::Import { entries, tag, replace }, &offline, &commit)
+            let import = ChangeText::Import { entries, tag, replace }.parse()?;
+            change(global, import, &offline, &commit)
         }
         AllowCommand::Replace { file, offline, commit } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
-            // Check locally first so that errors name the file; refused, as
-            // the daemon would refuse it.
-            Allowlist::parse(&text)
-                .map_err(allowlist::Refusal::from)
-                .with_context(|| file.display().to_string())?;
-            change(global, Change::Replace { text }, &offline, &commit)
+            // Refused here, as the daemon would refuse it, naming the file.
+            let replace =
+                ChangeText::Replace { text }.parse().with_context(|| file.display().to_string())?;
+            change(global, replace, &offline, &commit)
         }
     }
 }
@@ -65,23 +64,22 @@ pub fn deny(global: &Global, command: DenyCommand) -> anyhow::Result<()> {
 
 fn add(global: &Global, action: Action, args: AddArgs) -> anyhow::Result<()> {
     let AddArgs { cidrs, comment, offline, commit } = args;
-    change(global, Change::Add { action, cidrs, comment }, &offline, &commit)
+    change(global, ChangeText::Add { action, cidrs, comment }.parse()?, &offline, &commit)
 }
 
 fn remove(global: &Global, action: Action, args: DelArgs) -> anyhow::Result<()> {
     let DelArgs { cidrs, offline, commit } = args;
-    change(global, Change::Remove { action, cidrs }, &offline, &commit)
+    change(global, ChangeText::Remove { action, cidrs }.parse()?, &offline, &commit)
 }
 
-/// Validates `change` here (errors name the argument even with no daemon),
-/// then has the daemon apply it, or applies it to the file with `--offline`.
+/// Has the daemon apply `change` (parsed here: errors name the argument
+/// even with no daemon), or applies it to the file with `--offline`.
 fn change(
     global: &Global,
     change: Change,
     offline: &Offline,
     commit: &Commit,
 ) -> anyhow::Result<()> {
-    change.validate()?;
     if let Some(key) = &commit.signing_key {
         if offline.offline {
             bail!(
@@ -289,7 +287,8 @@ fn suggest(
         .map(Suggestion::entry)
         .collect();
     let tag = edgegate::learned::COMMENT_TAG.to_owned();
-    change(global, Change::Import { entries, tag, replace: false }, via, commit)
+    let import = ChangeText::Import { entries, tag, replace: false }.parse()?;
+    change(global, import, via, commit)
 }
 
 /// Asks the daemon what decides for `address`, and checks that the loaded

@@ -59,7 +59,10 @@ impl Exit {
         if let Some(client) = cause.downcast_ref::<ClientError>() {
             return Some(Self::of_client(client));
         }
-        if cause.is::<Refused>() || cause.is::<allowlist::Refusal>() {
+        if cause.is::<Refused>()
+            || cause.is::<allowlist::Refusal>()
+            || cause.is::<allowlist::ChangeError>()
+        {
             return Some(Self::Refused);
         }
         // Fleet changes signed here, and `fleet status --config`, reach etcd
@@ -119,7 +122,7 @@ mod tests {
 
     use clap::Parser as _;
     use edgegate::{
-        allowlist::{Action, Change},
+        allowlist::{Action, Allowlist, ChangeText},
         control::Response,
     };
 
@@ -176,10 +179,16 @@ mod tests {
 
     #[test]
     fn a_change_refused_before_asking_is_refused() {
-        let bad =
-            Change::Add { action: Action::Allow, cidrs: vec!["300.0.0.1".into()], comment: None };
-        let refusal = bad.validate().expect_err("not an address");
+        let bad = ChangeText::Add {
+            action: Action::Allow,
+            cidrs: vec!["300.0.0.1".into()],
+            comment: None,
+        };
+        let refusal = bad.parse().expect_err("not an address");
         assert_eq!(Exit::of(&refusal.into()), Exit::Refused);
+        let remove = ChangeText::Remove { action: Action::Deny, cidrs: vec!["192.0.2.1".into()] };
+        let clash = remove.parse().unwrap().apply_to(&Allowlist::default()).unwrap_err();
+        assert_eq!(Exit::of(&clash.into()), Exit::Refused);
         let over_capacity = anyhow::Error::from(Refused("over `max_entries`".into()));
         assert_eq!(Exit::of(&over_capacity), Exit::Refused);
     }

@@ -1,6 +1,7 @@
 //! The server side of the control socket: one request line per
-//! connection, answered by `State` under its lock, in arrival order (in
-//! fleet mode, changes and `fleet status` go to etcd instead).
+//! connection. [`answer`] is the one place each request is handled: reads
+//! and reloads under the state lock, in arrival order; a change where the
+//! list is decided (here, or in fleet mode the group's list in etcd).
 
 use std::{io, sync::Arc};
 
@@ -12,6 +13,7 @@ use tokio::{
 
 use super::{State, fleet::Member, supervisor::Prober, transaction::ChangeRefused};
 use crate::{
+    allowlist::Change,
     control::{ErrorKind, MAX_REQUEST_BYTES, Request, Response},
     proxy::accept::accept_loop,
 };
@@ -71,26 +73,9 @@ async fn handle(
     // Answered on a task of its own, so that a bug in handling a request
     // reaches the CLI as an error, never as a closed connection.
     let answering = tokio::spawn(async move {
-        match (serde_json::from_str::<Request>(&line), fleet) {
-            // Fleet mode: the group's list changes in etcd, outside the state
-            // lock; the watch then applies it here as on every other host.
-            (Ok(Request::Change { change, empty_ok }), Some(fleet)) => {
-                fleet.commit(change, empty_ok).await
-            }
-            (Ok(Request::FleetStatus), Some(fleet)) => fleet.view().await,
-            (Ok(request), _) => {
-                // Fresh counters and sightings are asked for before the lock
-                // is taken, and for a moment only.
-                if matches!(request, Request::Suggest | Request::Status { .. }) {
-                    prober.refresh(FRESH_REPORT_WAIT).await;
-                }
-                let (response, catch_up) = state.lock().await.handle(request).await;
-                if let Some(catch_up) = catch_up {
-                    catch_up.await;
-                }
-                response
-            }
-            (Err(e), _) => Response::error(ErrorKind::Malformed, format!("malformed request: {e}")),
+        match serde_json::from_str::<Request>(&line) {
+            Ok(request) => answer(request, &state, fleet.as_deref(), &prober).await,
+            Err(e) => Response::error(ErrorKind::Malformed, format!("malformed request: {e}")),
         }
     });
     let response = answering.await.unwrap_or_else(|e| {
@@ -105,11 +90,85 @@ async fn handle(
     write.write_all(&answer).await
 }
 
+/// Answers one request.
+async fn answer(
+    request: Request,
+    state: &Mutex<State>,
+    fleet: Option<&Member>,
+    prober: &Prober,
+) -> Response {
+    match request {
+        Request::Ping => Response::Pong,
+        // Fleet mode: the group's list changes in etcd, outside the state
+        // lock; the watch then applies it here as on every other host.
+        Request::Change { change, empty_ok } => match fleet {
+            Some(fleet) => fleet.commit(change, empty_ok).await,
+            None => change_here(&change, state).await,
+        },
+        Request::FleetStatus => match fleet {
+            Some(fleet) => fleet.view().await,
+            None => Response::error(
+                ErrorKind::Refused,
+                "not in fleet mode: the config has no `[fleet]` table",
+            ),
+        },
+        Request::List => {
+            let (entries, fleet) = state.lock().await.list();
+            Response::List { entries, fleet }
+        }
+        Request::Reload => {
+            let mut state = state.lock().await;
+            let response = state.reload().await;
+            let caught_up = state.worker_caught_up();
+            drop(state);
+            caught_up.await;
+            response
+        }
+        Request::Status { top_rules, dropped_sources } => {
+            // Fresh counters are asked for before the lock is taken, and for a moment only.
+            prober.refresh(FRESH_REPORT_WAIT).await;
+            match state.lock().await.status(top_rules, dropped_sources) {
+                Ok(status) => Response::Status(Box::new(status)),
+                Err(e) => Response::error(ErrorKind::Internal, e),
+            }
+        }
+        Request::Explain { address, port } => {
+            let mut state = state.lock().await;
+            match tokio::task::block_in_place(|| state.explain(address, port)) {
+                Ok(explanation) => Response::Explained(Box::new(explanation)),
+                Err(e) => Response::error(ErrorKind::Internal, e),
+            }
+        }
+        Request::Suggest => {
+            prober.refresh(FRESH_REPORT_WAIT).await;
+            state.lock().await.suggest()
+        }
+    }
+}
+
+/// A change put in force here, under the state lock; acknowledged once
+/// the worker checks clients against the new list too, which is awaited
+/// after the lock is released.
+async fn change_here(change: &Change, state: &Mutex<State>) -> Response {
+    let mut state = state.lock().await;
+    // Map updates are blocking system calls; a large replace takes a while.
+    match tokio::task::block_in_place(|| state.apply(change)) {
+        Ok(diff) => {
+            let entries = state.entries();
+            let caught_up = state.worker_caught_up();
+            drop(state);
+            caught_up.await;
+            Response::Changed { diff, entries, fleet: None }
+        }
+        Err(refused) => Response::from(refused),
+    }
+}
+
 /// A refused change's answer: the change's own fault, or the daemon's.
 impl From<ChangeRefused> for Response {
     fn from(refused: ChangeRefused) -> Self {
         let kind = match refused {
-            ChangeRefused::Invalid(_) | ChangeRefused::Capacity(_) => ErrorKind::Refused,
+            ChangeRefused::Conflict(_) | ChangeRefused::Capacity(_) => ErrorKind::Refused,
             ChangeRefused::Store(_)
             | ChangeRefused::Apply(_)
             | ChangeRefused::RollbackFailed { .. } => ErrorKind::Internal,

@@ -8,9 +8,9 @@ use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 use super::fleet::Marker;
 
 use crate::{
-    allowlist::{self, Allowlist, Diff},
+    allowlist::{self, Allowlist, Change, Diff, Entry},
     config::{Config, Overrides},
-    control::{ErrorKind, ListSource, Request, Response},
+    control::{ErrorKind, ListSource, Response},
     filter::{Filter, FilterError},
     fleet::Health,
     learned::{LearnedSources, SightingRefusal},
@@ -53,75 +53,47 @@ pub struct State {
     pub(super) sightings_refused: BTreeMap<SightingRefusal, u64>,
 }
 
-/// What a caller awaits after releasing the state lock: the worker's
-/// confirmation that it holds the list too (bounded), never under the lock.
-pub type CatchUp = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
 impl State {
-    /// Answers one control request. A change is validated whole, persisted,
-    /// applied to the maps and only then acknowledged; a refused change
-    /// leaves file and maps as they were. The caller awaits the returned
-    /// [`CatchUp`] (after releasing the lock) before sending the answer.
-    pub async fn handle(&mut self, request: Request) -> (Response, Option<CatchUp>) {
-        let catch_up = |worker: &Worker| -> Option<CatchUp> { Some(Box::pin(worker.caught_up())) };
-        let response = match request {
-            Request::Ping => Response::Pong,
-            // In fleet mode, `daemon::control` sends changes to etcd instead.
-            Request::Change { change, empty_ok: _ } => {
-                // Map updates are blocking syscalls; a large replace takes a while.
-                let changed = tokio::task::block_in_place(|| {
-                    change
-                        .apply_to(&self.list)
-                        .map_err(ChangeRefused::from)
-                        .and_then(|next| self.change(next, Persist::Yes))
-                });
-                match changed {
-                    Ok(diff) => {
-                        let response =
-                            Response::Changed { diff, entries: self.list.len(), fleet: None };
-                        return (response, catch_up(&self.worker));
-                    }
-                    Err(refused) => Response::from(refused),
-                }
-            }
-            Request::List => Response::List {
-                entries: self.list.entries().cloned().collect(),
-                fleet: self.fleet.as_ref().map(|health| ListSource {
-                    group: health.group().to_owned(),
-                    generation: health.applied(),
-                }),
-            },
-            Request::Reload => {
-                let response = self.reload().await;
-                return (response, catch_up(&self.worker));
-            }
-            Request::Status { top_rules, dropped_sources } => {
-                match self.status(top_rules, dropped_sources) {
-                    Ok(status) => Response::Status(Box::new(status)),
-                    Err(e) => Response::error(ErrorKind::Internal, e),
-                }
-            }
-            Request::Explain { address, port } => {
-                match tokio::task::block_in_place(|| self.explain(address, port)) {
-                    Ok(explanation) => Response::Explained(Box::new(explanation)),
-                    Err(e) => Response::error(ErrorKind::Internal, e),
-                }
-            }
-            Request::Suggest => {
-                self.learn();
-                Response::Suggested {
-                    suggestions: self.learned.suggest(&self.list),
-                    learned: self.learned.len(),
-                    audit: self.filter.audit(),
-                    refused: self.sightings_refused.clone(),
-                }
-            }
-            Request::FleetStatus => Response::error(
-                ErrorKind::Refused,
-                "not in fleet mode: the config has no `[fleet]` table",
-            ),
-        };
-        (response, None)
+    /// Puts `change` in force here (not in fleet mode, where the group's
+    /// list changes in etcd): applied to the list whole, persisted, applied
+    /// to the maps; a refused change leaves file and maps as they were.
+    /// Map updates are blocking system calls: call it where blocking is allowed.
+    pub(super) fn apply(&mut self, change: &Change) -> Result<Diff, ChangeRefused> {
+        let next = change.apply_to(&self.list)?;
+        self.change(next, Persist::Yes)
+    }
+
+    /// The list in force, and in fleet mode the generation it is.
+    pub(super) fn list(&self) -> (Vec<Entry>, Option<ListSource>) {
+        let source = self.fleet.as_ref().map(|health| ListSource {
+            group: health.group().to_owned(),
+            generation: health.applied(),
+        });
+        (self.list.entries().cloned().collect(), source)
+    }
+
+    /// How many entries the list in force has.
+    pub(super) fn entries(&self) -> usize {
+        self.list.len()
+    }
+
+    /// The learned sources the list does not decide, as `allow suggest` shows them.
+    pub(super) fn suggest(&mut self) -> Response {
+        self.learn();
+        Response::Suggested {
+            suggestions: self.learned.suggest(&self.list),
+            learned: self.learned.len(),
+            audit: self.filter.audit(),
+            refused: self.sightings_refused.clone(),
+        }
+    }
+
+    /// Resolves once the worker holds the list in force (bounded): awaited
+    /// after the state lock is released, before a change is acknowledged.
+    pub(super) fn worker_caught_up(
+        &self,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.worker.caught_up()
     }
 
     /// Puts the group's `generation` in force (fleet mode), as a change read
@@ -191,7 +163,7 @@ impl State {
         ListReload::Kept { reason }
     }
 
-    fn status(&self, top_rules: usize, dropped: usize) -> Result<Status, FilterError> {
+    pub(super) fn status(&self, top_rules: usize, dropped: usize) -> Result<Status, FilterError> {
         let report = self.worker.report();
         tokio::task::block_in_place(|| self.status_with(top_rules, dropped, report.as_ref().ok()))
     }

@@ -80,9 +80,10 @@ pub fn put_in_force(
 /// [`ChangeRefused::RollbackFailed`].
 #[derive(Debug, thiserror::Error)]
 pub enum ChangeRefused {
-    /// The change itself is invalid: a bad CIDR, a conflict, a list that does not parse.
+    /// The change clashes with the list: an entry listed with the other
+    /// action, or not listed at all.
     #[error(transparent)]
-    Invalid(#[from] allowlist::Refusal),
+    Conflict(#[from] allowlist::ChangeError),
     /// The maps cannot hold the result (checked before anything is touched).
     #[error(transparent)]
     Capacity(FilterError),

@@ -15,7 +15,7 @@ use super::{
     trust::{SigningKey, TrustedKeys, Untrusted},
 };
 use crate::{
-    allowlist::{Allowlist, Change, Diff, Refusal},
+    allowlist::{Allowlist, Change, ChangeError, Diff},
     config::FleetConfig,
     filter::{Capacity, TooMany},
     status::{FleetHost, FleetView},
@@ -76,7 +76,7 @@ pub enum CommitError {
     Store(#[from] StoreError),
     /// The change does not apply to the group's list as it now is.
     #[error("{0}")]
-    Refused(#[source] Refusal),
+    Refused(#[source] ChangeError),
     /// The change conflicts with one another writer committed first.
     #[error(
         "another change (generation {generation}) was committed first, and this one now conflicts with it: {source}"
@@ -84,7 +84,7 @@ pub enum CommitError {
     Conflict {
         generation: u64,
         #[source]
-        source: Refusal,
+        source: ChangeError,
     },
     /// The result would be empty, which drops every partner on every host.
     #[error(
