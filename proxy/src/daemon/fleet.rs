@@ -15,7 +15,9 @@ use crate::{
     config::FleetConfig,
     control::{ErrorKind, FleetCommit, Response},
     fleet::{
-        self, Authority, Credentials, Enforcer, Health, Store, layout::Pointer, trust::TrustedKeys,
+        self, Authority, Credentials, Enforcer, Health, Store, UnreadableCredential,
+        layout::Pointer,
+        trust::{BadPublicKey, TrustedKeys},
     },
 };
 
@@ -33,26 +35,36 @@ pub struct Setup {
     pub trusted: TrustedKeys,
 }
 
+/// Why fleet mode cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Credentials(#[from] UnreadableCredential),
+    #[error("`fleet.host_id`: unset, and the hostname is unreadable: {0}")]
+    Hostname(#[source] nix::Error),
+    #[error(
+        "`fleet.host_id`: the hostname {0:?} does not fit an etcd key; set `host_id` (letters, \
+         digits, `-`, `_`, `.`)"
+    )]
+    HostId(String),
+    #[error("`fleet.trusted_keys`: {0}")]
+    TrustedKeys(#[source] BadPublicKey),
+}
+
 impl Setup {
-    pub fn new(config: FleetConfig, list_path: &std::path::Path) -> Result<Self, String> {
-        let credentials = Credentials::read(&config)
-            .map_err(|(key, e)| format!("`{key}`: cannot read it: {e}"))?;
+    pub fn new(config: FleetConfig, list_path: &std::path::Path) -> Result<Self, SetupError> {
+        let credentials = Credentials::read(&config)?;
         let host = match &config.host_id {
             Some(host) => host.clone(),
             None => nix::unistd::gethostname()
-                .map_err(|e| {
-                    format!("`fleet.host_id`: unset, and the hostname is unreadable: {e}")
-                })?
+                .map_err(SetupError::Hostname)?
                 .to_string_lossy()
                 .into_owned(),
         };
         if !fleet::layout::valid_committer(&host) {
-            return Err(format!(
-                "`fleet.host_id`: the hostname {host:?} does not fit an etcd key; set `host_id` \
-                 (letters, digits, `-`, `_`, `.`)"
-            ));
+            return Err(SetupError::HostId(host));
         }
-        let trusted = config.trusted_keys().map_err(|e| format!("`fleet.trusted_keys`: {e}"))?;
+        let trusted = config.trusted_keys().map_err(SetupError::TrustedKeys)?;
         let cached = Marker::read(list_path).filter(|m| m.group == config.group);
         Ok(Self { config, credentials, host, cached: cached.map_or(0, |m| m.generation), trusted })
     }

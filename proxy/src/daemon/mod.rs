@@ -182,7 +182,7 @@ pub fn start(config_path: PathBuf, options: Options) -> Result<Startup, DaemonEr
         .clone()
         .map(|fleet| fleet::Setup::new(fleet, &list_path))
         .transpose()
-        .map_err(|problem| DaemonError::Refused { problems: vec![problem] })?;
+        .map_err(|problem| DaemonError::Refused { problems: vec![problem.to_string()] })?;
     // Certificates and sockets first: a listener that cannot start must not
     // leave a freshly attached filter behind.
     let mut inherited = handover::Inherited::take();

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use super::{
-    Authority, Committed, Credentials, Store, StoreError,
+    Authority, Committed, Credentials, Store, StoreError, UnreadableCredential,
     layout::{committer_from, valid_committer},
     trust::{SigningKey, SigningKeyError},
 };
@@ -23,12 +23,8 @@ pub enum AdminError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     SigningKey(#[from] SigningKeyError),
-    #[error("`fleet.{key}`: cannot read it: {source}")]
-    Credentials {
-        key: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Credentials(#[from] UnreadableCredential),
     #[error("`[fleet]`: {0}")]
     Connect(#[from] StoreError),
 }
@@ -48,8 +44,7 @@ impl Admin {
         committer: &str,
     ) -> Result<Self, AdminError> {
         let (fleet, capacity) = config::load_fleet(config)?;
-        let credentials = Credentials::read(&fleet)
-            .map_err(|(key, source)| AdminError::Credentials { key, source })?;
+        let credentials = Credentials::read(&fleet)?;
         let signer = signing_key.map(SigningKey::load).transpose()?.map(std::sync::Arc::new);
         let trusted = fleet.trusted_keys().map_err(|e| ConfigError::Invalid {
             path: config.to_owned(),

@@ -23,7 +23,10 @@ pub mod trust;
 pub use admin::{Admin, AdminError, committer_name};
 pub use presence::announce;
 pub use source::{Batch, Source, Watch};
-pub use store::{Authority, CommitError, Committed, Credentials, HostEntry, Store, StoreError};
+pub use store::{
+    Authority, CommitError, Committed, Credentials, HostEntry, Store, StoreError,
+    UnreadableCredential,
+};
 pub use sync::{Enforcer, Health, follow};
 
 /// Now, in Unix milliseconds: commit and apply times cross hosts in etcd.

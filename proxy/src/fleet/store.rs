@@ -38,11 +38,22 @@ pub struct Credentials {
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
+/// A file `[fleet]` names that cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("`{key}`: cannot read it: {source}")]
+pub struct UnreadableCredential {
+    pub key: &'static str,
+    #[source]
+    pub source: std::io::Error,
+}
+
 impl Credentials {
     /// Reads `ca`, `cert` and `key`; errors name the key.
-    pub fn read(config: &FleetConfig) -> Result<Self, (&'static str, std::io::Error)> {
+    pub fn read(config: &FleetConfig) -> Result<Self, UnreadableCredential> {
         let read = |key, path: &Option<std::path::PathBuf>| {
-            path.as_ref().map(|p| std::fs::read(p).map_err(|e| (key, e))).transpose()
+            let read =
+                |path| std::fs::read(path).map_err(|source| UnreadableCredential { key, source });
+            path.as_ref().map(read).transpose()
         };
         let ca = read("fleet.ca", &config.ca)?;
         let cert = read("fleet.cert", &config.cert)?;
