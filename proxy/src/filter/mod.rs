@@ -31,7 +31,7 @@ mod probe;
 mod rules;
 mod sample;
 mod stats;
-mod sys;
+pub(crate) mod sys;
 
 use std::{
     collections::{BTreeMap, BTreeSet},

@@ -6,8 +6,9 @@ use std::{ffi::CString, io, os::fd::OwnedFd, path::Path};
 use super::FilterError;
 
 /// Opens a pinned BPF object (BPF_OBJ_GET). aya opens pins too, but does not
-/// hand out the descriptor, which [`link_ifindex`] needs.
-pub(super) fn open_pinned(pin: &Path) -> io::Result<OwnedFd> {
+/// hand out the descriptor, which [`link_ifindex`] needs. The worker's
+/// `bpf-obj-get` escape attempt (test hooks) makes this very call.
+pub(crate) fn open_pinned(pin: &Path) -> io::Result<OwnedFd> {
     use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
     /// `union bpf_attr` for BPF_OBJ_GET.
     #[repr(C)]

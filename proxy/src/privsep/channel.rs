@@ -4,17 +4,20 @@
 
 use std::{
     collections::VecDeque,
-    io::{self, IoSlice, IoSliceMut},
-    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
+    io::{self, IoSlice},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd, RawFd},
 };
 
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use tokio::{
     io::{AsyncWriteExt as _, Interest},
     net::UnixStream,
 };
 
-use super::protocol::{FrameError, TO_WORKER_MAX};
+use super::{
+    protocol::{FrameError, TO_WORKER_MAX},
+    sys,
+};
 
 /// At most this many descriptors travel with one frame (the kernel's `SCM_MAX_FD`).
 pub const MAX_FDS: usize = 253;
@@ -112,28 +115,12 @@ impl Receiver {
     async fn read(&mut self) -> io::Result<usize> {
         loop {
             self.stream.readable().await?;
-            let mut control = nix::cmsg_space!([RawFd; MAX_FDS]);
             let received = self.stream.try_io(Interest::READABLE, || {
-                let mut iov = [IoSliceMut::new(&mut self.chunk)];
-                let message = recvmsg::<()>(
-                    self.stream.as_raw_fd(),
-                    &mut iov,
-                    Some(&mut control),
-                    MsgFlags::MSG_CMSG_CLOEXEC,
-                )
-                .map_err(io::Error::from)?;
-                let mut fds = Vec::new();
-                for cmsg in message.cmsgs().map_err(io::Error::from)? {
-                    if let ControlMessageOwned::ScmRights(received) = cmsg {
-                        fds.extend(received);
-                    }
-                }
-                Ok((message.bytes, fds))
+                sys::recv_with_fds(self.stream.as_fd(), &mut self.chunk)
             });
             match received {
                 Ok((bytes, fds)) => {
-                    // SAFETY: the kernel just installed these descriptors for us.
-                    self.fds.extend(fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                    self.fds.extend(fds);
                     return Ok(bytes);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

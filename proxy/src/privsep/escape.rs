@@ -4,15 +4,18 @@
 //! of them (the gate then starts a new one); the others come back refused.
 
 use std::{
-    ffi::CString,
     io,
     net::{IpAddr, SocketAddr, TcpStream},
+    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
 };
 
 use clap::ValueEnum;
 
-use super::protocol::{FromWorker, Sighting, encode};
+use super::{
+    protocol::{FromWorker, Sighting, encode},
+    sys,
+};
 use proxy_common::map;
 
 use crate::{config::Config, tls::ClientName};
@@ -112,26 +115,12 @@ pub fn bad_frame(attempt: Attempt) -> Option<Vec<u8>> {
 /// Makes a system-level attempt; returns only if it was refused (or, which
 /// the tests treat as a failure, if it succeeded).
 pub fn attempt(attempt: Attempt, target: &Target) -> io::Result<String> {
-    let path =
-        CString::new(target.path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
     let gate = target.gate as libc::pid_t;
-    let check = |rc: libc::c_long| {
-        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(format!("returned {rc}")) }
-    };
+    let returned = |value: i64| format!("returned {value}");
     match attempt {
+        // The very call the gate makes to open a pin.
         Attempt::BpfObjGet => {
-            // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags.
-            #[repr(C)]
-            struct ObjGet {
-                pathname: u64,
-                bpf_fd: u32,
-                file_flags: u32,
-            }
-            let attr = ObjGet { pathname: path.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
-            // SAFETY: attr outlives the call and has the layout the kernel reads.
-            check(unsafe {
-                libc::syscall(libc::SYS_bpf, 7 /* BPF_OBJ_GET */, &attr, size_of::<ObjGet>())
-            })
+            crate::filter::sys::open_pinned(&target.path).map(|fd| returned(fd.as_raw_fd().into()))
         }
         Attempt::WriteAllowlist => {
             std::fs::OpenOptions::new().append(true).open(&target.path)?;
@@ -144,39 +133,14 @@ pub fn attempt(attempt: Attempt, target: &Target) -> io::Result<String> {
             std::os::unix::net::UnixStream::connect(&target.path)?;
             Ok("connected".into())
         }
-        Attempt::ExecShell => {
-            let shell = c"/bin/sh";
-            let argv = [shell.as_ptr(), std::ptr::null()];
-            let envp = [std::ptr::null()];
-            // SAFETY: null-terminated argument and environment arrays.
-            check(unsafe { libc::execve(shell.as_ptr(), argv.as_ptr(), envp.as_ptr()) }.into())
-        }
-        Attempt::PtraceGate => {
-            // SAFETY: plain syscall; the result is checked.
-            check(unsafe { libc::ptrace(libc::PTRACE_ATTACH, gate, 0, 0) })
-        }
+        Attempt::ExecShell => Err(sys::exec_shell()),
+        Attempt::PtraceGate => sys::ptrace_attach(gate).map(|()| returned(0)),
         Attempt::BindPort => std::net::TcpListener::bind("127.0.0.1:0")
             .map(|l| format!("listening on {:?}", l.local_addr())),
-        // SAFETY: plain syscall; the result is checked.
-        Attempt::KillGate => check(unsafe { libc::kill(gate, libc::SIGKILL) }.into()),
-        Attempt::MptcpSocket => {
-            const IPPROTO_MPTCP: libc::c_int = 262;
-            // SAFETY: plain syscall; the result is checked.
-            check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, IPPROTO_MPTCP) }.into())
-        }
-        Attempt::TcpUlp => {
-            let ulp = c"tls";
-            // SAFETY: plain syscalls on values that outlive them; results are checked.
-            check(
-                unsafe {
-                    let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-                    libc::setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_ULP, ulp.as_ptr().cast(), 4)
-                }
-                .into(),
-            )
-        }
-        // SAFETY: plain syscall; the result is checked.
-        Attempt::Prctl => check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) }.into()),
+        Attempt::KillGate => sys::kill_process(gate).map(|()| returned(0)),
+        Attempt::MptcpSocket => sys::mptcp_socket().map(|fd| returned(fd.as_raw_fd().into())),
+        Attempt::TcpUlp => sys::set_tcp_ulp_tls().map(|()| returned(0)),
+        Attempt::Prctl => sys::set_dumpable(true).map(|()| returned(0)),
         Attempt::Connect => {
             TcpStream::connect(destination(target)?).map(|s| format!("connected: {s:?}"))
         }
@@ -227,39 +191,10 @@ fn destination(target: &Target) -> io::Result<SocketAddr> {
     target.address.ok_or_else(|| io::Error::other("no --escape-address"))
 }
 
-/// `sendto(MSG_FASTOPEN)` on a new TCP socket: the kernel connects as it
-/// sends (or, without a cookie, sends a SYN and returns).
+/// A TCP Fast Open request to `address` (see [`sys::send_fast_open`]).
 fn fast_open(address: SocketAddr) -> io::Result<String> {
     let SocketAddr::V4(v4) = address else {
         return Err(io::Error::other("--escape-address must be IPv4"));
     };
-    let sockaddr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: v4.port().to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
-        sin_zero: [0; 8],
-    };
-    let request = b"GET / HTTP/1.0\r\n\r\n";
-    // SAFETY: plain system calls on values that outlive them; results are checked.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let sent = libc::sendto(
-            fd,
-            request.as_ptr().cast(),
-            request.len(),
-            libc::MSG_FASTOPEN,
-            (&raw const sockaddr).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        );
-        let outcome = if sent < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(format!("sent {sent} bytes"))
-        };
-        libc::close(fd);
-        outcome
-    }
+    sys::send_fast_open(v4, b"GET / HTTP/1.0\r\n\r\n").map(|sent| format!("sent {sent} bytes"))
 }

@@ -19,6 +19,8 @@
 //! gate, which signs and makes ticket data keys over key channels
 //! (`keys`). The worker's log lines go through a pipe to the gate, which
 //! labels them as the worker's (`daemon::worker_log`).
+//!
+//! Every raw system call of all this is in `sys`.
 
 pub mod channel;
 #[cfg(feature = "test-hooks")]
@@ -27,4 +29,5 @@ pub mod keys;
 pub mod protocol;
 pub mod sandbox;
 pub mod spawn;
+mod sys;
 pub mod worker;

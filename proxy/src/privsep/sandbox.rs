@@ -51,16 +51,7 @@ pub struct LandlockOutcome {
 
 /// The kernel's Landlock ABI version, 0 without Landlock.
 fn kernel_abi() -> u32 {
-    // SAFETY: LANDLOCK_CREATE_RULESET_VERSION takes no ruleset and returns the version.
-    let version = unsafe {
-        libc::syscall(
-            libc::SYS_landlock_create_ruleset,
-            std::ptr::null::<libc::c_void>(),
-            0usize,
-            1u32, // LANDLOCK_CREATE_RULESET_VERSION
-        )
-    };
-    u32::try_from(version).unwrap_or(0)
+    super::sys::landlock_abi_version().unwrap_or(0)
 }
 
 /// Step 1: Landlock. Call it while the process has a single thread.

@@ -3,12 +3,12 @@
 //! the gate sends until the gate says drain or goes away.
 
 use std::{
-    os::fd::{FromRawFd as _, OwnedFd, RawFd},
+    os::fd::{OwnedFd, RawFd},
     sync::Arc,
 };
 
 use arc_swap::ArcSwap;
-use nix::sys::signal::{SigHandler, Signal};
+use nix::sys::signal::Signal;
 use tokio::{io::AsyncWriteExt as _, net::UnixStream};
 
 #[cfg(feature = "test-hooks")]
@@ -18,6 +18,7 @@ use super::{
     keys::KeyClient,
     protocol::{FrameError, FromWorker, SandboxReport, ToWorker, decode, encode},
     sandbox::{self, SandboxError},
+    sys,
 };
 use crate::{
     allowlist::Allowlist,
@@ -57,17 +58,12 @@ pub fn run(options: Options) -> Result<(), WorkerError> {
     refuse_privileges()?;
     // Not dumpable: no other process of this user may ptrace it or read
     // its memory (which holds TLS keys), and no core file is written.
-    // SAFETY: prctl with integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } < 0 {
-        return Err(WorkerError::Start(std::io::Error::last_os_error()));
-    }
+    sys::set_dumpable(false).map_err(WorkerError::Start)?;
     // Stopping and reloading are the gate's: systemd signals the whole
     // service (and a terminal its process group), but the worker drains
     // only when the gate says so.
     for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-        // SAFETY: ignoring a signal installs no handler.
-        unsafe { nix::sys::signal::signal(signal, SigHandler::SigIgn) }
-            .map_err(|e| WorkerError::Start(e.into()))?;
+        sys::ignore_signal(signal).map_err(WorkerError::Start)?;
     }
     // Read what the sandbox will hide: the CPU quota (cgroup files).
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
@@ -76,10 +72,14 @@ pub fn run(options: Options) -> Result<(), WorkerError> {
         .enable_all()
         .build()
         .map_err(WorkerError::Start)?;
-    // SAFETY: the gate handed these descriptors over for these purposes alone.
-    let channel = unsafe { OwnedFd::from_raw_fd(options.channel) };
-    let key_channels =
-        options.key_channels.iter().map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect();
+    // The gate handed these descriptors over for these purposes alone.
+    let channel = sys::adopt_inherited_fd(options.channel).map_err(WorkerError::Start)?;
+    let key_channels: Vec<OwnedFd> = options
+        .key_channels
+        .iter()
+        .map(|&fd| sys::adopt_inherited_fd(fd))
+        .collect::<std::io::Result<_>>()
+        .map_err(WorkerError::Start)?;
     let keys = Arc::new(KeyClient::new(key_channels));
     runtime.block_on(async move {
         let allowlist = Arc::new(ArcSwap::from_pointee(ClientCheck::default()));
@@ -220,10 +220,7 @@ impl Serve {
                     // listeners. Open connections finish here, bounded by
                     // `timeout` (and by the successor, which kills this
                     // process at that deadline whatever it does).
-                    // SAFETY: prctl with integer arguments only.
-                    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0) } < 0 {
-                        return Err(WorkerError::ChannelIo(std::io::Error::last_os_error()));
-                    }
+                    sys::clear_parent_death_signal().map_err(WorkerError::ChannelIo)?;
                     self.proxies.stop_accepting();
                     self.send(&FromWorker::Detached {}).await?;
                     tracing::info!("handed over: draining open connections for up to {timeout:?}");

@@ -5,7 +5,7 @@
 use std::{
     collections::HashMap,
     io,
-    os::fd::{AsRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, OwnedFd},
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
@@ -20,9 +20,12 @@ use super::{
     KeyHandle, ListenerKeyHandles, MAX_MESSAGE, TicketHandle, allowed_cpus,
     wire::{ANSWER_OK, ANSWER_REFUSED, Request, encode},
 };
-use crate::tls::{
-    DATA_KEY_LEN, DATA_KEY_MAX_AGE, DataKey, ListenerKeys, WRAPPED_LEN, open_ticket, seal_ticket,
-    wrapped_nonce, wrapped_part,
+use crate::{
+    privsep::sys,
+    tls::{
+        DATA_KEY_LEN, DATA_KEY_MAX_AGE, DataKey, ListenerKeys, WRAPPED_LEN, open_ticket,
+        seal_ticket, wrapped_nonce, wrapped_part,
+    },
 };
 
 /// How many data keys the worker fetches at once.
@@ -71,8 +74,7 @@ impl KeyClient {
 
     /// The channel of the CPU this thread runs on.
     fn slot(&self) -> usize {
-        // SAFETY: no arguments; glibc answers from the vDSO or rseq.
-        let cpu = usize::try_from(unsafe { libc::sched_getcpu() }).unwrap_or(0);
+        let cpu = sys::current_cpu().unwrap_or(0);
         let position = self.cpus.iter().position(|&c| c == cpu).unwrap_or(cpu);
         position % self.channels.len()
     }
@@ -97,21 +99,11 @@ impl KeyClient {
         let channel = &mut *channel;
         channel.sequence = channel.sequence.wrapping_add(1);
         let frame = encode(channel.sequence, request);
-        let fd = channel.fd.as_raw_fd();
-        // SAFETY: `frame` is readable for its length; the descriptor is open.
-        let sent =
-            unsafe { libc::send(fd, frame.as_ptr().cast(), frame.len(), libc::MSG_NOSIGNAL) };
-        if sent < 0 {
-            return Err(KeyError::Io(io::Error::last_os_error()));
-        }
+        sys::send_message(channel.fd.as_fd(), &frame).map_err(KeyError::Io)?;
         // An answer to an earlier request that timed out is skipped.
         loop {
-            // SAFETY: the buffer is writable for its length; the descriptor is open.
-            let received = unsafe {
-                libc::recv(fd, channel.buffer.as_mut_ptr().cast(), channel.buffer.len(), 0)
-            };
             let received =
-                usize::try_from(received).map_err(|_| KeyError::Io(io::Error::last_os_error()))?;
+                sys::recv_message(channel.fd.as_fd(), &mut channel.buffer).map_err(KeyError::Io)?;
             let answer = &channel.buffer[..received];
             let (head, rest) = answer.split_first_chunk::<5>().ok_or(KeyError::Malformed)?;
             if u32::from_be_bytes([head[0], head[1], head[2], head[3]]) != channel.sequence {

@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     io,
-    os::fd::{AsRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, OwnedFd},
     sync::{
         Arc, PoisonError, RwLock,
         atomic::{AtomicU32, Ordering},
@@ -20,7 +20,10 @@ use super::{
     TicketHandle,
     wire::{ANSWER_OK, ANSWER_REFUSED, Request, Role, Violation, decode, signable},
 };
-use crate::tls::{DATA_KEY_LEN, Secrets, TicketKeys, WRAPPED_LEN};
+use crate::{
+    privsep::sys,
+    tls::{DATA_KEY_LEN, Secrets, TicketKeys, WRAPPED_LEN},
+};
 
 /// The keys the gate answers for: those of the listeners in force, and of
 /// the set before (a handshake may have started under it).
@@ -190,14 +193,10 @@ pub(super) fn answer_until_closed(store: &KeyStore, channel: &OwnedFd) -> Result
     let mut buffer = vec![0u8; MAX_MESSAGE + 1];
     let mut window = (Instant::now(), 0u32);
     loop {
-        // SAFETY: `buffer` is writable for its length; the descriptor is open.
-        let received =
-            unsafe { libc::recv(channel.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len(), 0) };
-        let Ok(received) = usize::try_from(received) else {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Ok(());
+        let received = match sys::recv_message(channel.as_fd(), &mut buffer) {
+            Ok(received) => received,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return Ok(()),
         };
         if received == 0 {
             return Ok(());
@@ -224,11 +223,7 @@ pub(super) fn answer_until_closed(store: &KeyStore, channel: &OwnedFd) -> Result
             }
             None => reply.push(ANSWER_REFUSED),
         }
-        // SAFETY: `reply` is readable for its length; the descriptor is open.
-        let sent = unsafe {
-            libc::send(channel.as_raw_fd(), reply.as_ptr().cast(), reply.len(), libc::MSG_NOSIGNAL)
-        };
-        if sent < 0 {
+        if sys::send_message(channel.as_fd(), &reply).is_err() {
             return Ok(());
         }
     }

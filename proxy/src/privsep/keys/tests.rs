@@ -2,7 +2,7 @@
 //! refusals and violations, and a worker signing and sealing through it.
 
 use std::{
-    os::fd::AsRawFd as _,
+    os::fd::AsFd as _,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -16,7 +16,10 @@ use super::{
     remote_keys,
     wire::{OP_DATA_KEYS, OP_SIGN, OP_UNWRAP, Request, Role, Violation, decode, encode, signable},
 };
-use crate::tls::{DataKey, Secrets, TicketKeys, WRAPPED_LEN};
+use crate::{
+    privsep::sys,
+    tls::{DataKey, Secrets, TicketKeys, WRAPPED_LEN},
+};
 
 /// A TLS 1.3 server CertificateVerify input over a SHA-256 transcript hash.
 fn tls13_server(hash_len: usize) -> Vec<u8> {
@@ -202,8 +205,7 @@ fn an_oversized_request_is_a_violation() {
     let store = KeyStore::default();
     let (gate, worker) = channels(1).expect("channels");
     let frame = vec![0u8; MAX_MESSAGE + 1];
-    // SAFETY: a send of a buffer that outlives the call.
-    let sent = unsafe { libc::send(worker[0].as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-    assert_eq!(usize::try_from(sent).ok(), Some(frame.len()));
+    let sent = sys::send_message(worker[0].as_fd(), &frame).expect("sent");
+    assert_eq!(sent, frame.len());
     assert_eq!(answer_until_closed(&store, &gate[0]), Err(Violation::Size(MAX_MESSAGE + 1)));
 }
