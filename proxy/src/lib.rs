@@ -19,10 +19,12 @@
 //! - [`privileges`]: what the gate keeps of root after start-up, and who the worker runs as;
 //! - [`privsep`]: the sandboxed proxy worker, its start and its protocol with the gate;
 //! - [`aws`]: AWS's published address ranges, for `allow import-aws`;
+//! - [`clock`]: wall-clock time as Unix time, for what crosses hosts, files and certificates;
 //! - [`files`]: atomic, link-safe state files and the state lock.
 
 pub mod allowlist;
 pub mod aws;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;
