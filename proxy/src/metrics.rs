@@ -31,8 +31,9 @@ use tokio::{
 };
 
 use crate::{
+    accept::accept_loop,
     config::ProxyProtocol,
-    proxy::{accept::accept_loop, proxy_protocol},
+    proxy::proxy_protocol,
     status::{FleetStatus, NotReady, Observation},
 };
 

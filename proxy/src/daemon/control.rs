@@ -12,8 +12,8 @@ use tokio::{
 
 use super::{State, fleet::Member, supervisor::Prober, transaction::ChangeRefused};
 use crate::{
+    accept::accept_loop,
     control::{ErrorKind, MAX_REQUEST_BYTES, Request, Response},
-    proxy::accept::accept_loop,
 };
 
 /// How long `status` and `allow suggest` wait for a fresh report from the

@@ -12,10 +12,8 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::warn;
 
-use super::{
-    Counters, Settings, SharedAllowlist, accept::accept_loop, connection::Connection,
-    rejection::Rejection,
-};
+use super::{Counters, Settings, SharedAllowlist, connection::Connection, rejection::Rejection};
+use crate::accept::accept_loop;
 
 /// One worker's accept loop on one listener. Every worker accepts on its own
 /// descriptor of the listening socket: whichever is free takes the next

@@ -1,6 +1,6 @@
-//! The one accept loop every server of the daemon runs (the listeners, the
-//! control socket, the metrics endpoint); each worker's accept loop on a
-//! listener is in `admit`.
+//! The one accept loop every server of the daemon runs: the gate's control
+//! socket and metrics endpoint, and the worker's listeners (each worker's
+//! accept loop on a listener, with the connection limit, is `proxy::admit`).
 
 use std::{future::Future, io, time::Duration};
 
