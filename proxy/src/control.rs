@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     allowlist::{Change, Diff, Entry},
+    files::{IoContext as _, IoError},
     fleet::{CommitError, StoreError},
     learned::{SightingRefusal, Suggestion},
     status::{Explanation, FleetView, ListReload, ReloadOutcome, Status},
@@ -273,13 +274,8 @@ pub enum BindError {
     )]
     UnsafeDirectory { dir: PathBuf, problem: String },
     /// Creating the socket or its directory failed.
-    #[error("cannot {op} {}: {source}", path.display())]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
 }
 
 /// Binds the control socket, replacing a stale one left by a killed daemon.
@@ -287,19 +283,11 @@ pub enum BindError {
 /// which also makes the umask change below safe (it is per process).
 pub fn bind(socket: &Path) -> Result<std::os::unix::net::UnixListener, BindError> {
     use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
-    let io_error = |op, path: &Path| {
-        let path = path.to_owned();
-        move |source| BindError::Io { op, path, source }
-    };
     let dir = socket.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io_error("create", dir))?;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).at("create", dir)?;
     }
-    let metadata = std::fs::symlink_metadata(dir).map_err(io_error("inspect", dir))?;
+    let metadata = std::fs::symlink_metadata(dir).at("inspect", dir)?;
     let problem = if !metadata.is_dir() {
         Some("not a directory (a link?)".to_owned())
     } else if metadata.uid() != nix::unistd::geteuid().as_raw() {
@@ -316,14 +304,14 @@ pub fn bind(socket: &Path) -> Result<std::os::unix::net::UnixListener, BindError
         if StdUnixStream::connect(socket).is_ok() {
             return Err(BindError::InUse { socket: socket.to_owned() });
         }
-        std::fs::remove_file(socket).map_err(io_error("remove stale", socket))?;
+        std::fs::remove_file(socket).at("remove stale", socket)?;
     }
     // Created 0600: no moment at which another user could connect.
     let previous = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
     let bound = std::os::unix::net::UnixListener::bind(socket);
     nix::sys::stat::umask(previous);
-    let listener = bound.map_err(io_error("bind", socket))?;
-    listener.set_nonblocking(true).map_err(io_error("configure", socket))?;
+    let listener = bound.at("bind", socket)?;
+    listener.set_nonblocking(true).at("configure", socket)?;
     Ok(listener)
 }
 

@@ -2,6 +2,10 @@
 //! sources), written as root in directories others may reach: every write
 //! goes through [`replace`], so that neither a crash, nor a link planted by
 //! another user, nor a second writer can leave a wrong file behind.
+//!
+//! [`IoError`] is the one I/O error with its context (what was done, on
+//! which path) that every module's error enum holds, so that each failure
+//! reads the same: "cannot {op} {path}: {cause}".
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -13,36 +17,49 @@ use std::{
 /// A file operation that failed, and on what.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot {op} {}: {source}", path.display())]
-pub struct FileError {
+pub struct IoError {
+    /// What was done, as a verb: "read", "create directory", "bind".
     pub op: &'static str,
     pub path: PathBuf,
     #[source]
     pub source: io::Error,
 }
 
-fn error(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> FileError {
-    let path = path.to_owned();
-    move |source| FileError { op, path, source }
+impl IoError {
+    pub fn new(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Self { op, path: path.into(), source }
+    }
+}
+
+/// `.at(op, path)` on an [`io::Result`]: its error as an [`IoError`].
+pub trait IoContext<T> {
+    fn at(self, op: &'static str, path: &Path) -> Result<T, IoError>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn at(self, op: &'static str, path: &Path) -> Result<T, IoError> {
+        self.map_err(|source| IoError::new(op, path, source))
+    }
 }
 
 /// Replaces `path` with `contents` atomically: a new temporary file of a
 /// random name (created exclusively, never through a link, mode 0600),
 /// synced, renamed over `path` (a link there is replaced, not followed),
 /// then the directory synced. The directory is created if need be.
-pub fn replace(path: &Path, contents: &[u8]) -> Result<(), FileError> {
+pub fn replace(path: &Path, contents: &[u8]) -> Result<(), IoError> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(error("create directory", dir))?;
+    fs::create_dir_all(dir).at("create directory", dir)?;
     let (temp, mut file) = create_temporary(dir, path)?;
     let written = file
         .write_all(contents)
         .and_then(|()| file.sync_all())
-        .map_err(error("write", &temp))
-        .and_then(|()| fs::rename(&temp, path).map_err(error("rename into place", path)));
+        .at("write", &temp)
+        .and_then(|()| fs::rename(&temp, path).at("rename into place", path));
     if written.is_err() {
         let _ = fs::remove_file(&temp);
     }
     written?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(error("sync directory", dir))
+    File::open(dir).and_then(|d| d.sync_all()).at("sync directory", dir)
 }
 
 /// The contents of `path`, refused (`InvalidData`) if longer than `max`
@@ -70,7 +87,7 @@ pub fn create_new(path: &Path, mode: u32) -> io::Result<File> {
 }
 
 /// `.{name}.{random}.tmp` next to `path`, from [`create_new`].
-fn create_temporary(dir: &Path, path: &Path) -> Result<(PathBuf, File), FileError> {
+fn create_temporary(dir: &Path, path: &Path) -> Result<(PathBuf, File), IoError> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     loop {
         let temp = dir.join(format!(".{name}.{}.tmp", random_hex()));
@@ -78,7 +95,7 @@ fn create_temporary(dir: &Path, path: &Path) -> Result<(PathBuf, File), FileErro
             Ok(file) => return Ok((temp, file)),
             // Someone else's file by that name: draw another.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(error("create", &temp)(e)),
+            Err(e) => return Err(IoError::new("create", temp, e)),
         }
     }
 }
@@ -116,7 +133,7 @@ pub enum LockError {
     #[error("{} is held by another edgegate process (a running daemon?)", path.display())]
     Held { path: PathBuf },
     #[error(transparent)]
-    File(#[from] FileError),
+    Io(#[from] IoError),
 }
 
 impl StateLock {
@@ -125,7 +142,7 @@ impl StateLock {
         name.push(".lock");
         let lock = PathBuf::from(name);
         if let Some(dir) = lock.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(dir).map_err(error("create directory", dir))?;
+            fs::create_dir_all(dir).at("create directory", dir)?;
         }
         let file = OpenOptions::new()
             .read(true)
@@ -135,7 +152,7 @@ impl StateLock {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&lock)
-            .map_err(error("open", &lock))?;
+            .at("open", &lock)?;
         // SAFETY: flock on a descriptor this function owns.
         let locked = unsafe {
             libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB)
@@ -144,7 +161,7 @@ impl StateLock {
             let source = io::Error::last_os_error();
             return Err(match source.raw_os_error() {
                 Some(libc::EWOULDBLOCK) => LockError::Held { path: lock },
-                _ => error("lock", &lock)(source).into(),
+                _ => IoError::new("lock", lock, source).into(),
             });
         }
         Ok(Self { _file: file })
@@ -204,6 +221,20 @@ mod tests {
         assert_eq!(mode(&a), 0o700);
         fs::remove_dir(a).expect("remove");
         fs::remove_dir(b).expect("remove");
+    }
+
+    /// The one text of an I/O failure, with the cause kept as the source.
+    #[test]
+    fn io_errors_name_the_operation_and_the_path() {
+        use std::error::Error as _;
+        let cause = || io::Error::from_raw_os_error(libc::ENOSPC);
+        let error = Err::<(), _>(cause()).at("write", Path::new("/var/lib/x")).unwrap_err();
+        assert_eq!(error.to_string(), format!("cannot write /var/lib/x: {}", cause()));
+        let source = error.source().expect("a source");
+        assert_eq!(
+            source.downcast_ref::<io::Error>().and_then(io::Error::raw_os_error),
+            Some(libc::ENOSPC)
+        );
     }
 
     #[test]

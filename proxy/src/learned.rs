@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     allowlist::{Action, Allowlist, Entry, StoreError},
-    files,
+    files::{self, IoError},
     privsep::protocol::Sighting,
     tls::ClientName,
 };
@@ -123,12 +123,8 @@ pub fn digest(suggestions: &[Suggestion]) -> String {
 /// Why the file of learned sources cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read {}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("{} is not a file of learned sources: {source}", path.display())]
     Parse {
         path: PathBuf,
@@ -153,7 +149,7 @@ impl LearnedSources {
         let text = match fs::read_to_string(&learned.path) {
             Ok(text) => text,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(learned),
-            Err(source) => return Err(LoadError::Io { path: learned.path, source }),
+            Err(source) => return Err(IoError::new("read", learned.path, source).into()),
         };
         let file: LearnedFile = serde_json::from_str(&text)
             .map_err(|source| LoadError::Parse { path: learned.path.clone(), source })?;

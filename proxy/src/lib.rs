@@ -19,10 +19,14 @@
 //! - [`privileges`]: what the gate keeps of root after start-up, and who the worker runs as;
 //! - [`privsep`]: the sandboxed proxy worker, its start and its protocol with the gate;
 //! - [`aws`]: AWS's published address ranges, for `allow import-aws`;
+//! - [`accept`]: the accept loop the control socket, metrics and the worker's listeners share;
+//! - [`clock`]: wall-clock time as Unix time, for what crosses hosts, files and certificates;
 //! - [`files`]: atomic, link-safe state files and the state lock.
 
+pub mod accept;
 pub mod allowlist;
 pub mod aws;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -31,8 +31,9 @@ use tokio::{
 };
 
 use crate::{
+    accept::accept_loop,
     config::ProxyProtocol,
-    proxy::{accept::accept_loop, proxy_protocol},
+    proxy::proxy_protocol,
     status::{FleetStatus, NotReady, Observation},
 };
 
@@ -279,7 +280,7 @@ pub fn render(observation: &Observation) -> String {
         "Seconds until the server certificate, the first client CA or the first CRL update \
          expires (negative: expired)",
     );
-    let now = crate::tls::unix_now();
+    let now = crate::clock::unix_seconds();
     for listener in &status.listeners {
         for lifetime in &listener.lifetimes {
             let labels = vec![

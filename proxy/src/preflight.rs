@@ -16,7 +16,7 @@ use crate::{
     config::{AttachMode, Config, FleetConfig, Loaded, Overrides, Scope},
     filter::{self, Capacity},
     privileges,
-    tls::{self, FileProblem, Lifetime, LifetimeKind, ListenerTls, unix_now},
+    tls::{self, FileProblem, Lifetime, LifetimeKind, ListenerTls},
 };
 
 /// Certificates expiring sooner than this are reported (and logged daily).
@@ -139,7 +139,7 @@ pub fn inspect(path: &Path, overrides: &Overrides) -> Report {
         ));
     }
     let list = inspect_allowlist(&mut report, path, &config, &at);
-    let now = unix_now();
+    let now = crate::clock::unix_seconds();
     for listener in &config.listeners {
         let at = |key: &str| at(&format!("listener.{}.{key}", listener.name));
         // Every file that cannot be read, not just the first.

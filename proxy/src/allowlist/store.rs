@@ -7,19 +7,14 @@ use std::{
 };
 
 use super::{Allowlist, format::ParseError};
-use crate::files::FileError;
+use crate::files::IoError;
 
 /// Why the list file could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// Reading or writing the file failed.
-    #[error("cannot {op} {}: {source}", path.display())]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// The file does not parse.
     #[error("{}: {source}", path.display())]
     Parse {
@@ -35,7 +30,7 @@ pub fn load(path: &Path) -> Result<Allowlist, StoreError> {
         Ok(text) => Allowlist::parse(&text)
             .map_err(|source| StoreError::Parse { path: path.to_owned(), source }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Allowlist::default()),
-        Err(source) => Err(StoreError::Io { op: "read", path: path.to_owned(), source }),
+        Err(source) => Err(IoError::new("read", path, source).into()),
     }
 }
 
@@ -43,11 +38,4 @@ pub fn load(path: &Path) -> Result<Allowlist, StoreError> {
 /// the old list or the new one, never a mix or nothing.
 pub fn store(path: &Path, list: &Allowlist) -> Result<(), StoreError> {
     Ok(crate::files::replace(path, list.render().as_bytes())?)
-}
-
-/// A failed atomic write ([`crate::files::replace`]), as the list's error.
-impl From<FileError> for StoreError {
-    fn from(FileError { op, path, source }: FileError) -> Self {
-        Self::Io { op, path, source }
-    }
 }

@@ -250,7 +250,7 @@ fn suggest(
         return Ok(());
     }
     println!("authenticated clients the list does not allow ({learned} source(s) learned):");
-    let now = u64::try_from(edgegate::tls::unix_now()).unwrap_or(0);
+    let now = u64::try_from(edgegate::clock::unix_seconds()).unwrap_or(0);
     for suggestion in &suggestions {
         let names: Vec<String> = suggestion.names.iter().map(ToString::to_string).collect();
         println!(

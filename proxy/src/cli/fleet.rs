@@ -134,6 +134,6 @@ pub fn status(global: &Global, json: bool, config: Option<&Path>) -> anyhow::Res
 
 /// "3.2 s ago" for a Unix-milliseconds time.
 fn ago(at_ms: u64) -> String {
-    let seconds = edgegate::fleet::unix_now_ms().saturating_sub(at_ms) as f64 / 1000.0;
+    let seconds = edgegate::clock::unix_ms().saturating_sub(at_ms) as f64 / 1000.0;
     format!("{seconds:.1} s ago")
 }

@@ -173,9 +173,7 @@ no {verb} sources sampled"
         );
         return;
     }
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let now_ms = edgegate::clock::unix_ms();
     let ago = |ms: u64| format!("{}s ago", now_ms.saturating_sub(ms) / 1000);
     println!(
         "

@@ -13,9 +13,9 @@ use tokio::{
 
 use super::{State, fleet::Member, supervisor::Prober, transaction::ChangeRefused};
 use crate::{
+    accept::accept_loop,
     allowlist::Change,
     control::{ErrorKind, MAX_REQUEST_BYTES, Request, Response},
-    proxy::accept::accept_loop,
 };
 
 /// How long `status` and `allow suggest` wait for a fresh report from the

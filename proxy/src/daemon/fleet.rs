@@ -92,7 +92,7 @@ impl Marker {
 
     /// Written after the list: a crash in between leaves an older marker,
     /// and the list is fetched again, which changes nothing.
-    pub fn write(&self, list_path: &std::path::Path) -> Result<(), crate::files::FileError> {
+    pub fn write(&self, list_path: &std::path::Path) -> Result<(), crate::files::IoError> {
         let text = serde_json::to_vec(self).expect("a marker serializes");
         crate::files::replace(&Self::path(list_path), &text)
     }

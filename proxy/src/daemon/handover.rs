@@ -168,7 +168,7 @@ fn start_time(pid: u32) -> Option<String> {
 /// Records worker `pid`, handed over to drain for up to `drain_timeout`.
 pub fn record_draining(state_dir: &Path, pid: u32, drain_timeout: Duration) {
     let Some(start_time) = start_time(pid) else { return };
-    let now = crate::fleet::unix_now_ms();
+    let now = crate::clock::unix_ms();
     let deadline_ms = now + u64::try_from(drain_timeout.as_millis()).unwrap_or(u64::MAX);
     let mut draining: Vec<Draining> =
         read_draining(state_dir).into_iter().filter(|d| d.deadline_ms > now).collect();
@@ -185,7 +185,7 @@ pub async fn end_leftovers(state_dir: PathBuf) {
     let mut draining = read_draining(&state_dir);
     draining.sort_by_key(|d| d.deadline_ms);
     for worker in draining {
-        let wait = worker.deadline_ms.saturating_sub(crate::fleet::unix_now_ms());
+        let wait = worker.deadline_ms.saturating_sub(crate::clock::unix_ms());
         tokio::time::sleep(Duration::from_millis(wait)).await;
         if start_time(worker.pid).as_deref() == Some(worker.start_time.as_str()) {
             let pid = nix::unistd::Pid::from_raw(i32::try_from(worker.pid).unwrap_or(i32::MAX));

@@ -256,7 +256,7 @@ impl State {
 
     /// Logs what is about to expire among the certificates and CRLs in force.
     pub(super) fn warn_of_expiry(&self) {
-        let now = crate::tls::unix_now();
+        let now = crate::clock::unix_seconds();
         for listener in self.listeners.status(None) {
             for lifetime in &listener.lifetimes {
                 let at = format!("listener `{}`: `{}`", listener.name, lifetime.kind.key());

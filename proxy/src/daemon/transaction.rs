@@ -109,9 +109,10 @@ pub enum Rollback {
 
 #[cfg(test)]
 mod tests {
-    use std::{cell::RefCell, io, path::PathBuf};
+    use std::{cell::RefCell, io};
 
     use super::*;
+    use crate::files::IoError;
 
     /// Maps that hold what was applied last, and fail the applies and
     /// capacity checks they are told to (counting from 1).
@@ -140,11 +141,8 @@ mod tests {
             if self.failing_applies.contains(&self.applies) {
                 // A failing update may have changed part of the maps.
                 self.held = Allowlist::default();
-                return Err(FilterError::Io {
-                    op: "update",
-                    path: PathBuf::from("v4_rules"),
-                    source: io::Error::from_raw_os_error(libc::ENOMEM),
-                });
+                let source = io::Error::from_raw_os_error(libc::ENOMEM);
+                return Err(IoError::new("update", "v4_rules", source).into());
             }
             self.held = list.clone();
             Ok(())
@@ -163,11 +161,8 @@ mod tests {
         fn store(&self, list: &Allowlist) -> Result<(), StoreError> {
             *self.stores.borrow_mut() += 1;
             if self.failing_stores.contains(&self.stores.borrow()) {
-                return Err(StoreError::Io {
-                    op: "write",
-                    path: PathBuf::from("allowlist"),
-                    source: io::Error::from_raw_os_error(libc::ENOSPC),
-                });
+                let source = io::Error::from_raw_os_error(libc::ENOSPC);
+                return Err(IoError::new("write", "allowlist", source).into());
             }
             *self.held.borrow_mut() = list.clone();
             Ok(())

@@ -63,6 +63,7 @@ use sys::{if_index, link_ifindex, open_pinned, spawn_log_forwarder};
 use crate::{
     allowlist::{Action, Allowlist},
     config::{AttachMode, Scope, Tunnels},
+    files::{IoContext as _, IoError},
     status::{AttachedMode, Attachment, NotReady},
 };
 
@@ -160,13 +161,8 @@ pub enum FilterError {
         source: PinError,
     },
     /// A file-system operation on the pin directory failed.
-    #[error("cannot {op} {}: {source}", path.display())]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// BPF_PROG_TEST_RUN of the loaded program failed.
     #[error("cannot run a test packet through the XDP program: {0}")]
     Probe(#[source] ProgramError),
@@ -246,11 +242,7 @@ impl Filter {
                 let program = filter.program_mut(*framing);
                 let attachment = attach(program, *framing, &links_dir, name, *index, options.mode)?;
                 let pin = links_dir.join(link_pin_name(attachment.mode, name));
-                let link = open_pinned(&pin).map_err(|source| FilterError::Io {
-                    op: "open",
-                    path: pin,
-                    source,
-                })?;
+                let link = open_pinned(&pin).at("open", &pin)?;
                 filter.links.push(link);
                 filter.attachments.push(attachment);
             }
@@ -446,15 +438,11 @@ fn discard_outdated(maps_dir: &Path) -> Result<(), FilterError> {
 }
 
 fn remove_pin(pin: PathBuf) -> Result<(), FilterError> {
-    fs::remove_file(&pin).map_err(|source| FilterError::Io { op: "remove", path: pin, source })
+    Ok(fs::remove_file(&pin).at("remove", &pin)?)
 }
 
 fn create_dir(dir: &Path) -> Result<(), FilterError> {
-    fs::create_dir_all(dir).map_err(|source| FilterError::Io {
-        op: "create",
-        path: dir.to_owned(),
-        source,
-    })
+    Ok(fs::create_dir_all(dir).at("create", dir)?)
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, FilterError>

@@ -16,6 +16,7 @@ use proxy_common::{Framing, map};
 use super::{FilterError, interface::ena_obstacles};
 use crate::{
     config::AttachMode,
+    files::{IoContext as _, IoError},
     status::{AttachedMode, Attachment},
 };
 
@@ -208,7 +209,7 @@ pub(super) fn pinned_links(
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(source) => {
-            return Err(FilterError::Io { op: "list", path: links_dir.to_owned(), source });
+            return Err(IoError::new("list", links_dir, source).into());
         }
     };
     Ok(entries
@@ -221,11 +222,7 @@ pub(super) fn pinned_links(
 }
 
 pub(super) fn remove_pin(path: &Path) -> Result<(), FilterError> {
-    fs::remove_file(path).map_err(|source| FilterError::Io {
-        op: "remove",
-        path: path.to_owned(),
-        source,
-    })
+    Ok(fs::remove_file(path).at("remove", path)?)
 }
 /// What `detach` removed.
 #[derive(Debug, Default)]
@@ -260,7 +257,7 @@ pub fn detach_pinned(bpffs_dir: &Path, interface: Option<&str>) -> Result<Detach
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(source) => {
-                    return Err(FilterError::Io { op: "remove", path: dir.clone(), source });
+                    return Err(IoError::new("remove", dir.as_path(), source).into());
                 }
             }
         }

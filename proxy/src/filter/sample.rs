@@ -3,7 +3,7 @@
 
 use std::{
     net::{IpAddr, Ipv6Addr},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use nix::time::{ClockId, clock_gettime};
@@ -72,10 +72,9 @@ impl Clock {
     fn now() -> Self {
         let monotonic =
             clock_gettime(ClockId::CLOCK_MONOTONIC).map_or(Duration::ZERO, Duration::from);
-        let unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         Self {
             monotonic_ns: u64::try_from(monotonic.as_nanos()).unwrap_or(u64::MAX),
-            unix_ms: u64::try_from(unix.as_millis()).unwrap_or(u64::MAX),
+            unix_ms: crate::clock::unix_ms(),
         }
     }
 

@@ -29,18 +29,11 @@ pub use store::{
 };
 pub use sync::{Enforcer, Health, follow};
 
-/// Now, in Unix milliseconds: commit and apply times cross hosts in etcd.
-pub fn unix_now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
-}
-
 /// 64 bits that differ between processes and calls: chunk-key nonces and
 /// backoff jitter (not secrets).
 fn random_u64() -> u64 {
     use std::hash::{BuildHasher as _, Hasher as _};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(unix_now_ms());
+    hasher.write_u64(crate::clock::unix_ms());
     hasher.finish()
 }

@@ -380,7 +380,7 @@ impl Store {
             chunks: encoded.chunks.len(),
             entries: encoded.entries,
             sha256: encoded.sha256,
-            committed_at_ms: super::unix_now_ms(),
+            committed_at_ms: crate::clock::unix_ms(),
             committed_by: self.host.clone(),
             empty_forced: next.is_empty(),
             signature: None,

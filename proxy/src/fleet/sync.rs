@@ -202,7 +202,7 @@ impl Health {
     }
 
     fn enforced(&self, pointer: &Pointer) {
-        let now = super::unix_now_ms();
+        let now = crate::clock::unix_ms();
         // Clocks of different hosts: a negative delay is skew, not speed.
         let delay = now.saturating_sub(pointer.committed_at_ms);
         self.propagation.observe(delay as f64 / 1000.0);

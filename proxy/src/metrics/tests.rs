@@ -6,9 +6,10 @@ use proxy_common::{Family, Lookup, Reason};
 use super::*;
 use crate::{
     allowlist::Action,
+    clock::unix_seconds,
     config::Scope,
     status::{AttachedMode, Attachment, CounterSnapshot, ListenerStatus, RuleHits, Status},
-    tls::{Lifetime, LifetimeKind, unix_now},
+    tls::{Lifetime, LifetimeKind},
 };
 
 fn observation(ready: Result<(), NotReady>) -> Observation {
@@ -28,7 +29,7 @@ fn observation(ready: Result<(), NotReady>) -> Observation {
             path: "/etc/edgegate/server.pem".into(),
             subject: "CN=edge".into(),
             not_before: 0,
-            not_after: unix_now() + 86_400,
+            not_after: unix_seconds() + 86_400,
         }],
     };
     Observation {

@@ -12,8 +12,8 @@
 //! listening sockets and TLS material from the gate and binds or opens
 //! nothing itself.
 //!
-//! One module per stage: `accept` (the accept loop all the daemon's servers
-//! share, and the connection limit), `connection` (the stages in order and
+//! One module per stage: `admit` (each worker's accept loop on a listener,
+//! with [`crate::accept`], and the connection limit), `connection` (the stages in order and
 //! the access log), `backend`, `relay`, `proxy_protocol`, `rejection` (the
 //! reasons), `sightings` (clients that authenticated from unallowed
 //! addresses, for `allow suggest`); `cores` runs the accept loops and the connections on per-core
@@ -23,7 +23,7 @@
 //! connections keep what they started with. Shutdown stops accepting, lets
 //! connections finish for the drain timeout, then closes them.
 
-pub mod accept;
+mod admit;
 mod backend;
 mod connection;
 mod cores;
@@ -55,7 +55,7 @@ use crate::{
     privsep::protocol::{ListenerCounters, ListenerSpec, Refused, Sighting},
     tls::{ListenerTls, Secrets},
 };
-use accept::AcceptLoop;
+use admit::AcceptLoop;
 use cores::Cores;
 use rejection::Rejection;
 

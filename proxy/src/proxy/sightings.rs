@@ -25,7 +25,7 @@ struct Seen {
 impl Sightings {
     /// Counts one authenticated connection of `name` from `address`.
     pub(super) fn record(&self, address: IpAddr, name: ClientName) {
-        let now = u64::try_from(crate::tls::unix_now()).unwrap_or(0);
+        let now = u64::try_from(crate::clock::unix_seconds()).unwrap_or(0);
         let mut waiting = self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let full = waiting.len() >= MAX_SIGHTINGS;
         let key = (address, within_bounds(name));

@@ -47,13 +47,6 @@ pub struct Lifetime {
     pub not_after: i64,
 }
 
-/// Now, in Unix seconds (the unit of [`Lifetime`]).
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| i64::try_from(since.as_secs()).unwrap_or(i64::MAX))
-}
-
 /// The validity of a certificate that rustls accepted; `None` only if
 /// x509-parser reads it differently.
 pub(super) fn certificate_lifetime(

@@ -31,7 +31,7 @@ pub use self::{
     backend::BackendTls,
     error::{ChainOrder, FileProblem, Labels, Named, PemProblem, TlsError, pem_problem},
     identity::{ClientName, Identity, IdentityRules},
-    lifetimes::{Lifetime, LifetimeKind, unix_now},
+    lifetimes::{Lifetime, LifetimeKind},
     material::{ListenerKeys, Material, Secrets, parse_certificates, parse_private_key},
     server::ListenerTls,
     tickets::{

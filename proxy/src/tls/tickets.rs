@@ -24,10 +24,7 @@
 //! `session_lifetime` a hard limit (rustls itself never checks a ticket's
 //! age); a data key is used within [`DATA_KEY_MAX_AGE`] of it.
 
-use std::{
-    fmt,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{fmt, time::Duration};
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, NONCE_LEN, Nonce, RandomizedNonceKey};
 use base64::Engine as _;
@@ -235,16 +232,12 @@ impl ProducesTickets for TicketKeys {
     }
 
     fn encrypt(&self, session: &[u8]) -> Option<Vec<u8>> {
-        self.seal(session, unix_now())
+        self.seal(session, crate::clock::since_epoch())
     }
 
     fn decrypt(&self, ticket: &[u8]) -> Option<Vec<u8>> {
-        self.open(ticket, unix_now())
+        self.open(ticket, crate::clock::since_epoch())
     }
-}
-
-fn unix_now() -> Duration {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 
 #[cfg(test)]

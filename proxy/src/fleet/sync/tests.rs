@@ -54,7 +54,7 @@ impl FakeSource {
             chunks: 1,
             entries: list.len(),
             sha256: String::new(),
-            committed_at_ms: crate::fleet::unix_now_ms(),
+            committed_at_ms: crate::clock::unix_ms(),
             committed_by: "test".into(),
             empty_forced,
             signature: None,

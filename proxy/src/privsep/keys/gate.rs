@@ -10,7 +10,7 @@ use std::{
         Arc, PoisonError, RwLock,
         atomic::{AtomicU32, Ordering},
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use rustls::{SignatureScheme, sign::SigningKey};
@@ -118,7 +118,7 @@ impl KeyStore {
                     return Err(Violation::TooManyDataKeys(count));
                 }
                 let Some(keys) = self.tickets(tickets) else { return Ok(None) };
-                let now = unix_now();
+                let now = crate::clock::since_epoch();
                 let mut answer =
                     Vec::with_capacity(usize::from(count) * (DATA_KEY_LEN + WRAPPED_LEN));
                 for _ in 0..count {
@@ -130,7 +130,7 @@ impl KeyStore {
             }
             Request::Unwrap { tickets, wrapped } => {
                 let Some(keys) = self.tickets(tickets) else { return Ok(None) };
-                Ok(keys.unwrap(wrapped, unix_now()).map(|key| key.to_vec()))
+                Ok(keys.unwrap(wrapped, crate::clock::since_epoch()).map(|key| key.to_vec()))
             }
         }
     }
@@ -158,10 +158,6 @@ fn schemes(key: &dyn SigningKey) -> Vec<u16> {
         offered.retain(|s| *s != scheme);
     }
     preferred
-}
-
-pub(super) fn unix_now() -> Duration {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 
 /// Answers `channel` for the worker `pid` on a thread of its own, pinned to

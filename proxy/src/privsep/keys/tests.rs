@@ -12,7 +12,7 @@ use rustls::{SignatureScheme, pki_types::PrivateKeyDer, server::ProducesTickets 
 use super::{
     KeyClient, KeyStore, MAX_DATA_KEYS, MAX_MESSAGE, channels,
     client::{ISSUED_REMEMBERED, Issued},
-    gate::{answer_until_closed, unix_now},
+    gate::answer_until_closed,
     remote_keys,
     wire::{OP_DATA_KEYS, OP_SIGN, OP_UNWRAP, Request, Role, Violation, decode, encode, signable},
 };
@@ -185,8 +185,9 @@ fn a_worker_signs_and_seals_through_the_gate_and_old_keys_retire() {
 #[test]
 fn a_worker_remembers_a_bounded_number_of_fresh_data_keys() {
     let keys = TicketKeys::random(Duration::from_secs(3600)).expect("keys");
-    let minted: Vec<DataKey> =
-        (0..=ISSUED_REMEMBERED).map(|_| keys.mint(unix_now()).expect("minted")).collect();
+    let minted: Vec<DataKey> = (0..=ISSUED_REMEMBERED)
+        .map(|_| keys.mint(crate::clock::since_epoch()).expect("minted"))
+        .collect();
     let mut issued = Issued::default();
     let now = Instant::now();
     for data_key in &minted {
