@@ -4,12 +4,21 @@
 //!
 //! Format: <https://docs.aws.amazon.com/vpc/latest/userguide/aws-ip-ranges.html>.
 
-use std::path::{Path, PathBuf};
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
 
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::allowlist::{self, Action, Entry};
+use crate::{
+    allowlist::{self, Action, Entry},
+    files::{IoContext as _, IoError},
+};
+
+/// AWS's file is about 2 MB; anything far larger is not it.
+const MAX_FILE_BYTES: u64 = 64 << 20;
 
 /// Comments of imported entries start with this, so that a later import
 /// with `--replace` can find (and replace) them.
@@ -41,12 +50,8 @@ struct Ipv6Prefix {
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
     /// The file cannot be read.
-    #[error("cannot read {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Read(#[from] IoError),
     /// Not the ip-ranges.json format (the message has line and column).
     #[error("{} is not AWS ip-ranges.json: {source}", path.display())]
     Format {
@@ -87,8 +92,10 @@ impl Selection {
 /// network (a prefix listed for several services appears once), each with a
 /// comment naming its origin.
 pub fn read(path: &Path, selection: &Selection) -> Result<Vec<Entry>, ImportError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ImportError::Read { path: path.to_owned(), source })?;
+    let bytes = crate::files::read_bounded(path, MAX_FILE_BYTES).at("read", path)?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.utf8_error()))
+        .at("read", path)?;
     parse(&text, path, selection)
 }
 

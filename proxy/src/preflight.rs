@@ -333,25 +333,22 @@ fn inspect_allowlist(
         ));
         return None;
     }
-    let list = match allowlist::load(&list_path) {
-        Ok(list) => list,
-        Err(allowlist::StoreError::Parse { path, .. }) => {
-            // `load` stops at the first bad line; the operator wants them all.
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            let problems = Allowlist::problems(&text, LIST_PROBLEMS_SHOWN + 1);
-            for problem in problems.iter().take(LIST_PROBLEMS_SHOWN) {
-                report.error(format!("{}: {problem}", path.display()));
-            }
-            if problems.len() > LIST_PROBLEMS_SHOWN {
-                report.error(format!("{}: and more lines like these", path.display()));
-            }
-            return None;
-        }
+    let text = match allowlist::read(&list_path, config.filter.max_entries) {
+        Ok(text) => text.unwrap_or_default(),
         Err(e) => {
             report.error(e.to_string());
             return None;
         }
     };
+    // Every bad line at once: `parse` would stop at the first.
+    let problems = Allowlist::problems(&text, LIST_PROBLEMS_SHOWN + 1);
+    for problem in problems.iter().take(LIST_PROBLEMS_SHOWN) {
+        report.error(format!("{}: {problem}", list_path.display()));
+    }
+    if problems.len() > LIST_PROBLEMS_SHOWN {
+        report.error(format!("{}: and more lines like these", list_path.display()));
+    }
+    let list = Allowlist::parse(&text).ok()?;
     let (ipv4, ipv6) = list.family_sizes();
     let cidrs = list.entries().map(|entry| entry.cidr);
     if let Err(too_many) = Capacity(config.filter.max_entries).check([], cidrs) {

@@ -29,5 +29,5 @@ pub use self::{
     cidr::{CidrError, parse_cidr},
     format::{ParseError, line_of},
     model::{Action, Allowlist, Entry},
-    store::{StoreError, load, store},
+    store::{StoreError, load, read, store},
 };

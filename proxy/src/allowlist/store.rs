@@ -2,7 +2,7 @@
 //! atomically through [`crate::files::replace`].
 
 use std::{
-    fs, io,
+    io,
     path::{Path, PathBuf},
 };
 
@@ -24,14 +24,31 @@ pub enum StoreError {
     },
 }
 
-/// Reads the list file; a missing file is an empty list.
-pub fn load(path: &Path) -> Result<Allowlist, StoreError> {
-    match fs::read_to_string(path) {
-        Ok(text) => Allowlist::parse(&text)
-            .map_err(|source| StoreError::Parse { path: path.to_owned(), source }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Allowlist::default()),
+/// Bytes a list file may have per entry the maps can hold (both families):
+/// far more than an entry and its comment take, so that only a file that
+/// could never be enforced (or is not a list at all) is refused unread.
+const MAX_BYTES_PER_ENTRY: u64 = 512;
+
+/// Reads the list file's text, at most what a list of `max_entries` per
+/// family can take; `None` for a missing file (an empty list).
+pub fn read(path: &Path, max_entries: u32) -> Result<Option<String>, StoreError> {
+    let max = 2 * u64::from(max_entries) * MAX_BYTES_PER_ENTRY + MAX_BYTES_PER_ENTRY;
+    match crate::files::read_bounded(path, max) {
+        Ok(bytes) => String::from_utf8(bytes).map(Some).map_err(|e| {
+            let invalid = io::Error::new(io::ErrorKind::InvalidData, e.utf8_error());
+            IoError::new("read", path, invalid).into()
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(IoError::new("read", path, source).into()),
     }
+}
+
+/// Reads and parses the list file (see [`read`]); a missing file is an empty list.
+pub fn load(path: &Path, max_entries: u32) -> Result<Allowlist, StoreError> {
+    let Some(text) = read(path, max_entries)? else {
+        return Ok(Allowlist::default());
+    };
+    Allowlist::parse(&text).map_err(|source| StoreError::Parse { path: path.to_owned(), source })
 }
 
 /// Replaces the list file atomically: after a crash, the file holds either

@@ -284,9 +284,26 @@ fn longest_prefix_decides() {
 fn store_replaces_the_file_atomically() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state/allowlist");
-    assert!(load(&path).unwrap().is_empty(), "a missing file is an empty list");
+    assert!(load(&path, 1).unwrap().is_empty(), "a missing file is an empty list");
     let list = Allowlist::parse("10.0.0.0/8 # lab\n").unwrap();
     store(&path, &list).unwrap();
-    assert_eq!(load(&path).unwrap(), list);
+    assert_eq!(load(&path, 1).unwrap(), list);
     assert!(!dir.path().join("state/allowlist.tmp").exists());
+}
+
+#[test]
+fn a_file_larger_than_any_list_the_maps_hold_is_refused_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("allowlist");
+    // Two entries per family fit in 2 × 2 × 512 bytes and one more line.
+    let fits = "# a comment\n".repeat(2 * 2 * 512 / 12);
+    std::fs::write(&path, &fits).unwrap();
+    assert!(load(&path, 2).unwrap().is_empty());
+    std::fs::write(&path, fits.repeat(2)).unwrap();
+    let refused = load(&path, 2).unwrap_err().to_string();
+    assert!(refused.contains("longer than the 2560 bytes"), "{refused}");
+    // Not text at all.
+    std::fs::write(&path, b"10.0.0.0/8 \xff\n").unwrap();
+    let refused = load(&path, 2).unwrap_err().to_string();
+    assert!(refused.contains("invalid utf-8"), "{refused}");
 }

@@ -181,7 +181,7 @@ fn change_offline(
         ))),
         locked => locked?,
     };
-    let list = allowlist::load(&path)?;
+    let list = allowlist::load(&path, capacity)?;
     let next = change.apply_to(&list)?;
     // The daemon's next start replaces the list its pinned maps hold.
     let (old, new) = (list.entries(), next.entries());

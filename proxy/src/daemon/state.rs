@@ -148,7 +148,7 @@ impl State {
         if let Some(fleet) = &self.config.fleet {
             return ListReload::Fleet { group: fleet.group.clone() };
         }
-        let reason = match allowlist::load(&self.list_path) {
+        let reason = match allowlist::load(&self.list_path, self.config.filter.max_entries) {
             Ok(list) if list == self.list => return ListReload::Unchanged,
             Ok(list) => match self.change(list, Persist::No) {
                 Ok(diff) => return ListReload::Applied { diff, entries: self.list.len() },
