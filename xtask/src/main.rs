@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <command>`. Each command is one module with
 //! its options and a `run` function.
 
+mod arch;
 mod bench;
 mod build_ebpf;
 mod cross;
@@ -88,7 +89,7 @@ impl IntegrationTest {
         } else {
             self.kernel
         };
-        let arch = vm::Arch::named(&self.arch).expect("clap allows only known architectures");
-        vm::run(arch, &kernels, self.broken_program)
+        let guest = vm::Guest::named(&self.arch).expect("clap allows only known architectures");
+        vm::run(guest, &kernels, self.broken_program)
     }
 }

@@ -24,68 +24,53 @@ use std::os::unix::fs::PermissionsExt as _;
 
 use anyhow::{Context as _, bail};
 
-use crate::{cross, exec};
+use crate::{
+    arch::{self, Arch},
+    cross, exec,
+};
 
 /// Kernels tested by default: Debian 12's cloud kernel and the backports one.
 pub const DEFAULT_KERNELS: [&str; 2] = ["6.1", "6.12"];
 
-/// A guest architecture: how QEMU runs it and what it boots.
-pub struct Arch {
-    /// As Rust and `uname -m` name it (the `--arch` value).
-    pub name: &'static str,
-    /// As Debian names it.
-    debian: &'static str,
-    /// The Rust target its binaries are built for.
-    rust_target: &'static str,
+/// A guest: how QEMU runs an architecture, and what runs there.
+pub struct Guest {
+    pub arch: &'static Arch,
     /// The QEMU system emulator, and its Debian package.
     qemu: (&'static str, &'static str),
     /// QEMU's machine and CPU under TCG.
     tcg: &'static [&'static str],
     /// The serial console the kernel writes to.
     console: &'static str,
-    /// The guest's dynamic loader, which lists a foreign binary's libraries.
-    loader: &'static str,
     /// The test suites run there.
     suites: &'static [&'static str],
 }
 
-pub const X86_64: Arch = Arch {
-    name: "x86_64",
-    debian: "amd64",
-    rust_target: "x86_64-unknown-linux-gnu",
+pub const X86_64: Guest = Guest {
+    arch: &arch::X86_64,
     qemu: ("qemu-system-x86_64", "qemu-system-x86"),
     // No cmpxchg16b under TCG: QEMU 7.2 (Debian 12) mis-emulates it and the
     // 6.12 kernel double-faults in the slab allocator; without the feature
     // the kernel takes its fallback path.
     tcg: &["-cpu", "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,-cx16"],
     console: "ttyS0",
-    loader: "/lib64/ld-linux-x86-64.so.2",
     suites: &["xdp_verdicts", "end_to_end", "worker"],
 };
 
-pub const AARCH64: Arch = Arch {
-    name: "aarch64",
-    debian: "arm64",
-    rust_target: cross::TARGET,
+pub const AARCH64: Guest = Guest {
+    arch: &arch::AARCH64,
     qemu: ("qemu-system-aarch64", "qemu-system-arm"),
     // Graviton 2's core, on QEMU's generic board (a PL011 console, which
     // Debian's arm64 cloud kernel drives).
     tcg: &["-M", "virt", "-cpu", "neoverse-n1"],
     console: "ttyAMA0",
-    loader: "/lib/ld-linux-aarch64.so.1",
     // The program's verdicts and attachment. Not the worker suite: under
     // this emulation a TLS handshake takes 5-10 s, past its bounds.
     suites: &["xdp_verdicts", "end_to_end"],
 };
 
-impl Arch {
-    pub fn named(name: &str) -> Option<&'static Arch> {
-        [&X86_64, &AARCH64].into_iter().find(|arch| arch.name == name)
-    }
-
-    /// Whether this host runs the guest's binaries itself (and KVM can).
-    fn is_host(&self) -> bool {
-        self.name == std::env::consts::ARCH
+impl Guest {
+    pub fn named(name: &str) -> Option<&'static Guest> {
+        [&X86_64, &AARCH64].into_iter().find(|guest| guest.arch.name == name)
     }
 }
 
@@ -178,10 +163,11 @@ const MODULES: [&str; 2] = ["veth", "tun"];
 /// With `broken_program`, the XDP program is built with an unchecked packet
 /// read that every verifier rejects, and every run must fail: the
 /// harness's self-test.
-pub fn run(arch: &Arch, kernels: &[String], broken_program: bool) -> anyhow::Result<()> {
+pub fn run(guest: &Guest, kernels: &[String], broken_program: bool) -> anyhow::Result<()> {
     let expect_failure = broken_program;
     exec::install_missing("vm", &TOOLS)?;
-    exec::install_missing("vm", &[arch.qemu])?;
+    exec::install_missing("vm", &[guest.qemu])?;
+    let arch = guest.arch;
     let work = exec::workspace_root().join("target/vm");
     fs::create_dir_all(work.join("cache"))?;
     let userland = if arch.is_host() {
@@ -193,7 +179,7 @@ pub fn run(arch: &Arch, kernels: &[String], broken_program: bool) -> anyhow::Res
         exec::install_missing("vm", &[("qemu-aarch64", "qemu-user")])?;
         Userland::unpack(&work, arch)?
     };
-    let binaries = build_binaries(arch, broken_program)?;
+    let binaries = build_binaries(guest, broken_program)?;
     let mut guests = Vec::new();
     for spec in kernels {
         let kernel = fetch_kernel(&work, arch, spec)?;
@@ -209,7 +195,7 @@ pub fn run(arch: &Arch, kernels: &[String], broken_program: bool) -> anyhow::Res
         let outcomes: Vec<Result<(), Boot>> = std::thread::scope(|scope| {
             let runs: Vec<_> = batch
                 .iter()
-                .map(|(kernel, initramfs)| scope.spawn(move || boot_once(arch, kernel, initramfs)))
+                .map(|(kernel, initramfs)| scope.spawn(move || boot_once(guest, kernel, initramfs)))
                 .collect();
             runs.into_iter().map(|run| run.join().expect("a VM's thread panicked")).collect()
         });
@@ -246,7 +232,7 @@ struct Binaries {
     tests: Vec<(String, PathBuf)>,
 }
 
-fn build_binaries(arch: &Arch, broken_program: bool) -> anyhow::Result<Binaries> {
+fn build_binaries(guest: &Guest, broken_program: bool) -> anyhow::Result<Binaries> {
     // The host's binaries are the ones the other tests use (no --target,
     // so they share target/debug). A foreign guest's are cross-built with
     // the release profile: translated instruction by instruction, debug
@@ -254,9 +240,9 @@ fn build_binaries(arch: &Arch, broken_program: bool) -> anyhow::Result<Binaries>
     // handshake, past the tests' bounds; and the daemon is then the one
     // the packages ship, built once for both.
     let target: &[&str] =
-        if arch.is_host() { &[] } else { &["--release", "--target", arch.rust_target] };
+        if guest.arch.is_host() { &[] } else { &["--release", "--target", guest.arch.rust_target] };
     let cargo = |command: &[&str]| {
-        let mut cargo = if arch.is_host() { exec::cargo() } else { cross::cargo() };
+        let mut cargo = if guest.arch.is_host() { exec::cargo() } else { cross::cargo() };
         // proxy/build.rs passes these features to the XDP program's build.
         if broken_program {
             cargo.env("EDGEGATE_EBPF_FEATURES", "verifier-reject");
@@ -268,11 +254,11 @@ fn build_binaries(arch: &Arch, broken_program: bool) -> anyhow::Result<Binaries>
     };
     // The host's daemon has the test hooks the worker suite uses; a foreign
     // guest's is the one the packages ship (its suites need none).
-    let hooks = if arch.is_host() { exec::Hooks::On } else { exec::Hooks::Off };
+    let hooks = if guest.arch.is_host() { exec::Hooks::On } else { exec::Hooks::Off };
     let mut daemon = cargo(&["build", "--package", "edgegate", "--bin", "edgegate"]);
     exec::run(daemon.args(hooks.features()))?;
     // The self-test needs one suite that loads the program: the verdicts.
-    let suites = if broken_program { &["xdp_verdicts"] } else { arch.suites };
+    let suites = if broken_program { &["xdp_verdicts"] } else { guest.suites };
     let mut build =
         cargo(&["test", "--no-run", "--package", "edgegate-tests", "--message-format=json"]);
     for suite in suites {
@@ -294,10 +280,10 @@ fn build_binaries(arch: &Arch, broken_program: bool) -> anyhow::Result<Binaries>
         }
     }
     let target_dir = exec::workspace_root().join("target");
-    let edgegate = if arch.is_host() {
+    let edgegate = if guest.arch.is_host() {
         target_dir.join("debug/edgegate")
     } else {
-        target_dir.join(arch.rust_target).join("release/edgegate")
+        target_dir.join(guest.arch.rust_target).join("release/edgegate")
     };
     Ok(Binaries { edgegate, tests })
 }
@@ -647,28 +633,29 @@ const KVM_LIMITS: Limits = Limits {
 /// the kernel never starts, or it starts and QEMU then stops on an
 /// emulation failure (nested virtualisation): that kernel reruns under
 /// TCG, and the rest run there too.
-fn boot_once(arch: &Arch, kernel: &Kernel, initramfs: &Path) -> Result<(), Boot> {
+fn boot_once(guest: &Guest, kernel: &Kernel, initramfs: &Path) -> Result<(), Boot> {
     println!("vm: booting {} ({})", kernel.name, kernel.vmlinuz.display());
-    let kvm =
-        arch.is_host() && Path::new("/dev/kvm").exists() && !KVM_UNUSABLE.load(Ordering::Relaxed);
-    match boot(arch, kernel, initramfs, kvm) {
+    let kvm = guest.arch.is_host()
+        && Path::new("/dev/kvm").exists()
+        && !KVM_UNUSABLE.load(Ordering::Relaxed);
+    match boot(guest, kernel, initramfs, kvm) {
         Err(e @ (Boot::NeverStarted | Boot::KvmFailed { .. })) if kvm => {
             println!("vm: {e}; rerunning {} under TCG, and the rest too", kernel.name);
             KVM_UNUSABLE.store(true, Ordering::Relaxed);
-            boot(arch, kernel, initramfs, false)
+            boot(guest, kernel, initramfs, false)
         }
         outcome => outcome,
     }
 }
 
 /// Boots the kernel, streams the console, and judges it.
-fn boot(arch: &Arch, kernel: &Kernel, initramfs: &Path, kvm: bool) -> Result<(), Boot> {
-    let mut qemu = Command::new(arch.qemu.0);
+fn boot(guest: &Guest, kernel: &Kernel, initramfs: &Path, kvm: bool) -> Result<(), Boot> {
+    let mut qemu = Command::new(guest.qemu.0);
     if kvm {
         qemu.args(["-accel", "kvm", "-cpu", "host", "-smp", "2"]);
     } else {
         // One vCPU: TCG's single thread.
-        qemu.args(["-accel", "tcg,thread=single", "-smp", "1"]).args(arch.tcg);
+        qemu.args(["-accel", "tcg,thread=single", "-smp", "1"]).args(guest.tcg);
     }
     let child = qemu
         .args(["-m", "2048"])
@@ -677,13 +664,13 @@ fn boot(arch: &Arch, kernel: &Kernel, initramfs: &Path, kvm: bool) -> Result<(),
         .arg("-initrd")
         .arg(initramfs)
         .arg("-append")
-        .arg(format!("console={} panic=-1 quiet", arch.console))
+        .arg(format!("console={} panic=-1 quiet", guest.console))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| Boot::Failed {
-            message: format!("cannot start {}: {e}", arch.qemu.0),
+            message: format!("cannot start {}: {e}", guest.qemu.0),
             verifier_rejected: false,
         })?;
     let started = Instant::now();

@@ -9,7 +9,8 @@ use std::{
 
 use anyhow::bail;
 
-use super::{Arch, Built};
+use super::Built;
+use crate::arch::Arch;
 use crate::exec;
 
 const POSTINST: &str = "#!/bin/sh
@@ -55,7 +56,7 @@ pub fn build(arch: &Arch, stage: &Path, glibc: &str, dist: &Path) -> anyhow::Res
          Description: XDP source-address allowlist and mutual-TLS gate\n \
          Drops packets from sources not on the allowlist at the NIC (XDP), and terminates\n \
          mutual TLS for the connections that get through. Managed with `edgegate`.\n",
-        arch.deb
+        arch.debian
     );
     let debian = stage.join("DEBIAN");
     fs::create_dir_all(&debian)?;
@@ -64,7 +65,7 @@ pub fn build(arch: &Arch, stage: &Path, glibc: &str, dist: &Path) -> anyhow::Res
     super::write_script(&debian.join("postinst"), POSTINST)?;
     super::write_script(&debian.join("prerm"), PRERM)?;
 
-    let deb = dist.join(format!("edgegate_{version}_{}.deb", arch.deb));
+    let deb = dist.join(format!("edgegate_{version}_{}.deb", arch.debian));
     // xz at level 1, not dpkg-deb's default 6: on the stripped binary
     // (~20 MiB) level 6 takes four times as long, ~12 s per package on a CI
     // core, for 12% less. xz, not zstd, so that every dpkg and repository
@@ -105,7 +106,7 @@ pub fn check(built: &Built, dist: &Path) -> anyhow::Result<()> {
 /// host's, and runs the installed binary under qemu-user: `--version` and
 /// `check`. XDP and network namespaces are not emulated, so no demo.
 pub fn check_foreign(built: &Built, dist: &Path) -> anyhow::Result<()> {
-    let root = dist.join(format!("install-root-{}", built.arch.deb));
+    let root = dist.join(format!("install-root-{}", built.arch.debian));
     let root = install(built, &root, &["--force-architecture"])?;
     super::check_extras(built, &root, &super::DEBIAN, dist)?;
     super::version_and_check(built, &root, dist)?;

@@ -22,7 +22,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{cross, exec, setup};
+use crate::{
+    arch::{AARCH64, Arch, X86_64},
+    cross, exec, setup,
+};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -30,33 +33,6 @@ pub struct Options {
     #[arg(long)]
     pub check: bool,
 }
-
-/// One architecture the packages are built for, as Rust, Debian and RPM
-/// (and tarball names, which follow `uname -m` like RPM) call it.
-pub struct Arch {
-    target: &'static str,
-    deb: &'static str,
-    rpm: &'static str,
-    /// An objdump and an objcopy that read this architecture's ELF files
-    /// (Debian's plain ones only know the host's).
-    objdump: &'static str,
-    objcopy: &'static str,
-}
-
-const X86_64: Arch = Arch {
-    target: "x86_64-unknown-linux-gnu",
-    deb: "amd64",
-    rpm: "x86_64",
-    objdump: "objdump",
-    objcopy: "objcopy",
-};
-const AARCH64: Arch = Arch {
-    target: cross::TARGET,
-    deb: "arm64",
-    rpm: "aarch64",
-    objdump: "aarch64-linux-gnu-objdump",
-    objcopy: "aarch64-linux-gnu-objcopy",
-};
 
 /// Where Debian and the RPM distributions keep what the packages install,
 /// where they differ.
@@ -138,10 +114,10 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         built.push(package(arch, &binary, &generated, &dist)?);
     }
     for b in &built {
-        println!("{}: glibc >= {}", b.arch.rpm, b.glibc);
+        println!("{}: glibc >= {}", b.arch.name, b.glibc);
         println!(
             "  edgegate {}: {} as built, {} packaged (stripped)",
-            b.arch.rpm,
+            b.arch.name,
             size(b.built_size),
             size(b.packaged_size)
         );
@@ -207,14 +183,14 @@ fn files_ending(dir: &Path, suffix: &str) -> anyhow::Result<Vec<PathBuf>> {
 /// without the debug file.
 fn strip(arch: &Arch, binary: &Path, dist: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     let version = env!("CARGO_PKG_VERSION");
-    let debug = dist.join(format!("edgegate-{version}-{}.debug", arch.rpm));
+    let debug = dist.join(format!("edgegate-{version}-{}.debug", arch.name));
     exec::run(
         Command::new(arch.objcopy)
             .args(["--only-keep-debug", "--compress-debug-sections=zlib"])
             .arg(binary)
             .arg(&debug),
     )?;
-    let stripped = dist.join("stripped").join(arch.rpm).join("edgegate");
+    let stripped = dist.join("stripped").join(arch.name).join("edgegate");
     fs::create_dir_all(stripped.parent().expect("a file in a directory"))?;
     let mut debuglink = std::ffi::OsString::from("--add-gnu-debuglink=");
     debuglink.push(&debug);
@@ -253,10 +229,10 @@ fn package(
     let version = env!("CARGO_PKG_VERSION");
     let (stripped, debug) = strip(arch, binary, dist)?;
     let glibc = glibc_floor(arch, &stripped)?;
-    let stage = dist.join(format!("edgegate_{version}_{}", arch.deb));
+    let stage = dist.join(format!("edgegate_{version}_{}", arch.debian));
     stage_files(&stripped, generated, &stage, &DEBIAN)?;
     let deb = deb::build(arch, &stage, &glibc, dist)?;
-    let tarball = dist.join(format!("edgegate-{version}-{}-linux.tar.gz", arch.rpm));
+    let tarball = dist.join(format!("edgegate-{version}-{}-linux.tar.gz", arch.name));
     exec::run(
         Command::new("tar")
             .arg("-czf")
@@ -265,7 +241,7 @@ fn package(
             .arg(&stage)
             .args(["usr", "lib", "etc"]),
     )?;
-    let rpm_stage = dist.join(format!("edgegate-{version}.{}-root", arch.rpm));
+    let rpm_stage = dist.join(format!("edgegate-{version}.{}-root", arch.name));
     stage_files(&stripped, generated, &rpm_stage, &RPM)?;
     let rpm = rpm::build(arch, &rpm_stage, &glibc, dist)?;
     let built_size = fs::metadata(binary)?.len();
@@ -363,7 +339,7 @@ fn dir_size(dir: &Path) -> anyhow::Result<u64> {
 /// qemu-user with Debian's cross libc as its root.
 fn installed(built: &Built, root: &Path) -> Command {
     let binary = root.join("usr/bin/edgegate");
-    if built.arch.target == X86_64.target {
+    if built.arch.is_host() {
         return Command::new(binary);
     }
     let mut command = Command::new("qemu-aarch64");
@@ -418,7 +394,7 @@ fn no_test_hooks(built: &Built, root: &Path) -> anyhow::Result<()> {
     }
     println!(
         "dist: {}: no test hooks (--worker-escape, --keys-in-worker refused)",
-        built.arch.target
+        built.arch.rust_target
     );
     Ok(())
 }

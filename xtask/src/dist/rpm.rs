@@ -10,7 +10,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::{Arch, Built};
+use super::Built;
+use crate::arch::Arch;
 use crate::exec;
 
 /// rpmbuild's post-processing assumes it builds for the host: strip with the
@@ -126,18 +127,18 @@ cp -a '{stage}/.' %{{buildroot}}/
         exec::run(Command::new("sh").arg("-n").arg(&file))?;
         spec.push_str(&format!("\n%{name}\n{body}"));
     }
-    let spec_file = dist.join(format!("edgegate-{}.spec", arch.rpm));
+    let spec_file = dist.join(format!("edgegate-{}.spec", arch.name));
     fs::write(&spec_file, spec)?;
     exec::run(
         Command::new("rpmbuild")
-            .args(["-bb", "--quiet", "--target", arch.rpm])
+            .args(["-bb", "--quiet", "--target", arch.name])
             .arg("--define")
             .arg(format!("_topdir {}", topdir.display()))
             .arg(&spec_file),
     )?;
-    let name = format!("edgegate-{version}-1.{}.rpm", arch.rpm);
+    let name = format!("edgegate-{version}-1.{}.rpm", arch.name);
     let rpm = dist.join(&name);
-    let built = topdir.join("RPMS").join(arch.rpm).join(&name);
+    let built = topdir.join("RPMS").join(arch.name).join(&name);
     fs::rename(&built, &rpm)
         .with_context(|| format!("move {} to {}", built.display(), rpm.display()))?;
     Ok(rpm)
@@ -203,6 +204,6 @@ pub fn check(built: &Built, other: &Built, dist: &Path) -> anyhow::Result<()> {
     if listing(&other.rpm)? != files {
         bail!("{} and {} hold different files", other.rpm.display(), built.rpm.display());
     }
-    println!("package check passed: {} (and {}'s file list)", built.rpm.display(), other.arch.rpm);
+    println!("package check passed: {} (and {}'s file list)", built.rpm.display(), other.arch.name);
     Ok(())
 }
