@@ -46,7 +46,8 @@ pub fn build_release_binary(hooks: Hooks) -> anyhow::Result<PathBuf> {
 }
 
 /// Builds the debug binaries the integration tests start: with the test
-/// hooks (`run --worker-escape`), which the shipped binary has not.
+/// hooks (`run --worker-escape`), which the shipped binary has not. Every
+/// test build passes [`Hooks::On`] too, so that edgegate is built once.
 pub fn build_test_binaries() -> anyhow::Result<()> {
     run(cargo().args(["build", "--package", "edgegate", "--bins"]).args(Hooks::On.features()))
 }

@@ -76,13 +76,12 @@ impl IntegrationTest {
         if !self.vm {
             exec::install_missing("integration-test", &test::TOOLS)?;
             exec::build_test_binaries()?;
-            return exec::run(exec::cargo().args([
-                "test",
-                "--package",
-                "edgegate-tests",
-                "--",
-                "--test-threads=1",
-            ]));
+            return exec::run(
+                exec::cargo()
+                    .args(["test", "--package", "edgegate-tests"])
+                    .args(exec::Hooks::On.features())
+                    .args(["--", "--test-threads=1"]),
+            );
         }
         let kernels = if self.kernel.is_empty() {
             vm::DEFAULT_KERNELS.iter().map(|k| (*k).to_owned()).collect()

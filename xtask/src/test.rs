@@ -41,16 +41,13 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     setup::ensure()?;
     if !options.no_lint {
         exec::run(exec::cargo().args(["fmt", "--all", "--", "--check"]))?;
-        exec::run(exec::cargo().args([
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]))?;
-        // The tests crate enables the daemon's test hooks for the whole
-        // workspace; the daemon as shipped, without them, is linted too.
+        // The daemon with its test hooks, as the tests build it, and as shipped.
+        exec::run(
+            exec::cargo()
+                .args(["clippy", "--workspace", "--all-targets"])
+                .args(exec::Hooks::On.features())
+                .args(["--", "-D", "warnings"]),
+        )?;
         exec::run(exec::cargo().args([
             "clippy",
             "--package",
@@ -67,7 +64,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     // and some assert latencies that a parallel verifier run would distort.
     exec::run(
         exec::cargo()
-            .args(["test", "--workspace", "--no-fail-fast", "--", "--test-threads=1"])
+            .args(["test", "--workspace", "--no-fail-fast"])
+            .args(exec::Hooks::On.features())
+            .args(["--", "--test-threads=1"])
             .args(&options.test_args),
     )?;
     if !options.no_vm {

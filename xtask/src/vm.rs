@@ -261,6 +261,7 @@ fn build_binaries(guest: &Guest, broken_program: bool) -> anyhow::Result<Binarie
     let suites = if broken_program { &["xdp_verdicts"] } else { guest.suites };
     let mut build =
         cargo(&["test", "--no-run", "--package", "edgegate-tests", "--message-format=json"]);
+    build.args(hooks.features());
     for suite in suites {
         build.args(["--test", suite]);
     }

@@ -280,10 +280,10 @@ async fn etcd_down_keeps_the_list_and_backs_off_with_jitter_then_resets() {
     until("the watch is open again", || source.watching()).await;
     assert!(follower.health.snapshot().connected);
     let reads_before = source.etcd().reads.len();
+    let canceled = Instant::now();
     source.deliver(Ok(Batch { canceled: Some("test".into()), ..Batch::default() }));
     until("the next read", || source.etcd().reads.len() > reads_before).await;
-    let reads = source.etcd().reads.clone();
-    let pause = reads[reads.len() - 1] - reads[reads.len() - 2];
+    let pause = source.etcd().reads[reads_before] - canceled;
     assert!(pause <= MIN_BACKOFF, "after a success the backoff starts over: {pause:?}");
     assert_eq!(follower.health.snapshot().watch_restarts.get("canceled"), Some(&1));
 }
