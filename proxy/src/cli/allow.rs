@@ -20,7 +20,7 @@ use edgegate::{
 use super::{
     args::{AddArgs, AllowCommand, Commit, DelArgs, DenyCommand, Global, Offline},
     ask::ask,
-    exit::Refused,
+    exit::{Refused, Usage},
     fleet::{connect_admin, wait_for_daemon_fleet, wait_for_fleet},
 };
 
@@ -82,17 +82,19 @@ fn change(
 ) -> anyhow::Result<()> {
     if let Some(key) = &commit.signing_key {
         if offline.offline {
-            bail!(
+            bail!(Usage(
                 "--signing-key commits to the group's list in etcd; --offline changes a local file"
-            );
+            ));
         }
         let Some(config) = &offline.config else {
-            bail!("--signing-key needs --config: the file whose `[fleet]` table names the group");
+            bail!(Usage(
+                "--signing-key needs --config: the file whose `[fleet]` table names the group"
+            ));
         };
         return change_signed(change, config, key, commit);
     }
     if offline.config.is_some() && !offline.offline {
-        bail!("--config goes with --offline or --signing-key");
+        bail!(Usage("--config goes with --offline or --signing-key"));
     }
     if offline.offline {
         let (diff, entries, path) = change_offline(global, &change, offline.config.as_deref())?;

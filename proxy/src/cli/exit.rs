@@ -11,9 +11,8 @@ use edgegate::{
 
 use super::ask::AskError;
 
-/// `edgegate`'s exit status, for scripts. A usage error (an unknown,
-/// missing or conflicting option) exits with clap's 2 before any command
-/// runs, which is why no status here is 2.
+/// `edgegate`'s exit status, for scripts. Clap exits with 2 itself on an
+/// unknown or missing option, before any command runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
     /// The command did what was asked.
@@ -22,6 +21,8 @@ pub enum Exit {
     /// whether anything changed), an answer the CLI does not understand, a
     /// file that cannot be read, a check that found problems.
     Failure = 1,
+    /// Options that do not go together, as clap's own usage errors.
+    Usage = 2,
     /// The daemon, or the CLI checking first, said no, and what was refused
     /// did not change: an invalid or conflicting change, a list over
     /// capacity, files a reload refuses, a fleet rule, not root, `detach`
@@ -42,6 +43,12 @@ pub enum Exit {
 #[error("{0}")]
 pub struct Refused(pub String);
 
+/// Options that do not go together, found once they are parsed: a usage
+/// error, as clap's.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub &'static str);
+
 impl Exit {
     /// The status for `error`: that of its outermost cause of a known kind.
     pub fn of(error: &anyhow::Error) -> Self {
@@ -58,6 +65,9 @@ impl Exit {
         }
         if let Some(client) = cause.downcast_ref::<ClientError>() {
             return Some(Self::of_client(client));
+        }
+        if cause.is::<Usage>() {
+            return Some(Self::Usage);
         }
         if cause.is::<Refused>()
             || cause.is::<allowlist::Refusal>()
@@ -175,6 +185,16 @@ mod tests {
         assert_eq!(Exit::of(&AskError::Unexpected.into()), Exit::Failure);
         let garbage = serde_json::from_str::<Response>("{").expect_err("not JSON");
         assert_eq!(Exit::of(&client(ClientError::Protocol(garbage))), Exit::Failure);
+    }
+
+    #[test]
+    fn options_that_do_not_go_together_are_a_usage_error() {
+        let conflict = anyhow::Error::from(Usage("--config goes with --offline or --signing-key"));
+        assert_eq!(Exit::of(&conflict), Exit::Usage);
+        assert_eq!(Exit::of(&conflict.context("allow add")), Exit::Usage);
+        // Clap's own usage errors exit with the same status.
+        let unknown = Cli::try_parse_from(["edgegate", "allow", "add", "--no-such-flag"]);
+        assert_eq!(unknown.err().map(|e| e.exit_code()), Some(Exit::Usage as i32));
     }
 
     #[test]
