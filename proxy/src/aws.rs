@@ -4,10 +4,7 @@
 //!
 //! Format: <https://docs.aws.amazon.com/vpc/latest/userguide/aws-ip-ranges.html>.
 
-use std::{
-    io,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -92,10 +89,7 @@ impl Selection {
 /// network (a prefix listed for several services appears once), each with a
 /// comment naming its origin.
 pub fn read(path: &Path, selection: &Selection) -> Result<Vec<Entry>, ImportError> {
-    let bytes = crate::files::read_bounded(path, MAX_FILE_BYTES).at("read", path)?;
-    let text = String::from_utf8(bytes)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.utf8_error()))
-        .at("read", path)?;
+    let text = crate::files::read_bounded_text(path, MAX_FILE_BYTES).at("read", path)?;
     parse(&text, path, selection)
 }
 

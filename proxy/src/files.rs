@@ -75,6 +75,12 @@ pub fn read_bounded(path: &Path, max: u64) -> io::Result<Vec<u8>> {
     Ok(contents)
 }
 
+/// As [`read_bounded`], for a text file: not UTF-8 is `InvalidData` too.
+pub fn read_bounded_text(path: &Path, max: u64) -> io::Result<String> {
+    String::from_utf8(read_bounded(path, max)?)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.utf8_error()))
+}
+
 /// A new file at `path` with `mode`: created exclusively (`O_EXCL`), never
 /// through a link (`O_NOFOLLOW`), so nothing that was there is written.
 pub fn create_new(path: &Path, mode: u32) -> io::Result<File> {

@@ -340,15 +340,17 @@ fn inspect_allowlist(
             return None;
         }
     };
-    // Every bad line at once: `parse` would stop at the first.
-    let problems = Allowlist::problems(&text, LIST_PROBLEMS_SHOWN + 1);
-    for problem in problems.iter().take(LIST_PROBLEMS_SHOWN) {
-        report.error(format!("{}: {problem}", list_path.display()));
-    }
-    if problems.len() > LIST_PROBLEMS_SHOWN {
-        report.error(format!("{}: and more lines like these", list_path.display()));
-    }
-    let list = Allowlist::parse(&text).ok()?;
+    let Ok(list) = Allowlist::parse(&text) else {
+        // Every bad line at once: `parse` stops at the first.
+        let problems = Allowlist::problems(&text, LIST_PROBLEMS_SHOWN + 1);
+        for problem in problems.iter().take(LIST_PROBLEMS_SHOWN) {
+            report.error(format!("{}: {problem}", list_path.display()));
+        }
+        if problems.len() > LIST_PROBLEMS_SHOWN {
+            report.error(format!("{}: and more lines like these", list_path.display()));
+        }
+        return None;
+    };
     let (ipv4, ipv6) = list.family_sizes();
     let cidrs = list.entries().map(|entry| entry.cidr);
     if let Err(too_many) = Capacity(config.filter.max_entries).check([], cidrs) {

@@ -33,11 +33,8 @@ const MAX_BYTES_PER_ENTRY: u64 = 512;
 /// family can take; `None` for a missing file (an empty list).
 pub fn read(path: &Path, max_entries: u32) -> Result<Option<String>, StoreError> {
     let max = 2 * u64::from(max_entries) * MAX_BYTES_PER_ENTRY + MAX_BYTES_PER_ENTRY;
-    match crate::files::read_bounded(path, max) {
-        Ok(bytes) => String::from_utf8(bytes).map(Some).map_err(|e| {
-            let invalid = io::Error::new(io::ErrorKind::InvalidData, e.utf8_error());
-            IoError::new("read", path, invalid).into()
-        }),
+    match crate::files::read_bounded_text(path, max) {
+        Ok(text) => Ok(Some(text)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(IoError::new("read", path, source).into()),
     }
