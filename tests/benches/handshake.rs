@@ -31,7 +31,9 @@ use std::{
 use edgegate::demo::netns::Netns;
 use edgegate_tests::{
     bench::{median, percentile, print_heading, save, spread, tree_cpu, tree_switches, verdict},
-    peers::{self, BACKEND_PORT, EDGEGATE_NO_RESUMPTION_PORT, HAPROXY_TCP_PORT, Haproxy, PeerBed},
+    peers::{
+        self, BACKEND_PORT, EDGEGATE_NO_RESUMPTION_PORT, HAPROXY_TCP_PORT, Haproxy, PeerBed, Server,
+    },
 };
 use rustls::{ClientConfig, HandshakeKind, SupportedProtocolVersion, pki_types::ServerName};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -425,6 +427,7 @@ fn main() {
     let mut settings = Settings { seconds: 3, rounds: 5, concurrency: 32 };
     let mut only_custody = false;
     let mut baseline = None;
+    let mut hold = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--only-custody" {
@@ -438,6 +441,7 @@ fn main() {
         let mut value =
             || args.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or_else(|| panic!("{arg} N"));
         match arg.as_str() {
+            "--hold" => hold = Some(Duration::from_secs(value().min(3600))),
             "--seconds" => settings.seconds = value(),
             "--rounds" => settings.rounds = usize::try_from(value()).expect("rounds"),
             "--concurrency" => {
@@ -445,13 +449,18 @@ fn main() {
             }
             "--bench" => {}
             other => panic!(
-                "unknown argument {other} (--seconds N, --rounds N, --concurrency N, --only-custody, --baseline PATH)"
+                "unknown argument {other} (--seconds N, --rounds N, --concurrency N, --only-custody, --baseline PATH, --hold SECONDS)"
             ),
         }
     }
     let bed = PeerBed::new();
     start_backend(&bed.netns);
     let servers = bed.start(5_000);
+    if let Some(hold) = hold {
+        let variants = bed.start_haproxy_variants();
+        hold_for_profiling(&bed, servers.iter().chain(&variants), hold);
+        return;
+    }
     if only_custody {
         drop(servers);
         let rows = custody(&bed, &settings);
@@ -547,6 +556,29 @@ fn main() {
     rows.extend(custody(&bed, &settings));
     let floors = Floors { aws_lc: CryptoFloor::measure(), openssl_us: openssl_floor_us() };
     report(&settings, &rows, &haproxies, haproxy_tcp.name, &floors);
+}
+
+/// Leaves every server running for `hold`, printing what a person needs to
+/// load and profile them by hand (`strace -c -f -p`, `perf stat -p`):
+/// the namespace, each server's port and pid, and the client's files.
+fn hold_for_profiling<'a>(
+    bed: &PeerBed,
+    servers: impl Iterator<Item = &'a Server>,
+    hold: Duration,
+) {
+    println!("namespace: {}", bed.netns.name());
+    println!(
+        "client: -cert {} -key {} -CAfile {}",
+        bed.client.cert.display(),
+        bed.client.key.display(),
+        bed.server_ca.cert.display()
+    );
+    for server in servers {
+        println!("{}: 127.0.0.1:{} pid {}", server.label, server.port, server.child.id());
+    }
+    println!("edgegate without resumption: 127.0.0.1:{EDGEGATE_NO_RESUMPTION_PORT}");
+    println!("holding for {} s", hold.as_secs());
+    std::thread::sleep(hold);
 }
 
 /// One HAProxy build's two targets.

@@ -9,6 +9,7 @@ use crate::config::ListenerConfig;
 
 /// The client identities a listener accepts: globs over the subject CN, DNS
 /// SANs and URI SANs. With no rule at all, any certificate from the CA passes.
+#[derive(Default)]
 pub struct IdentityRules {
     common_name: GlobSet,
     dns: GlobSet,

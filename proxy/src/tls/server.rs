@@ -86,10 +86,10 @@ impl ListenerTls {
             .with_crls(crls)
             .build()
             .map_err(|e| verifier_error(e, &listener.client_ca, &listener.client_ca))?;
-        let verifier = Arc::new(IdentityVerifier {
-            inner: webpki,
-            rules: IdentityRules::new(listener).map_err(TlsError::Pattern)?,
-        });
+        let verifier = Arc::new(IdentityVerifier::new(
+            webpki,
+            IdentityRules::new(listener).map_err(TlsError::Pattern)?,
+        ));
         let certified = certified_key(
             chain.clone(),
             &keys.server,
