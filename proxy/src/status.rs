@@ -23,13 +23,20 @@ use crate::{
 /// print and log: control characters escaped (`\u{1b}`, `\n`), so that it can
 /// neither forge a log line nor reach a terminal as a command.
 pub fn quoted(text: &str) -> String {
-    text.chars()
-        .flat_map(|c| {
-            let escaped: Vec<char> =
-                if c.is_control() { c.escape_default().collect() } else { vec![c] };
-            escaped
-        })
-        .collect()
+    let mut quoted = String::with_capacity(text.len());
+    push_quoted(&mut quoted, text);
+    quoted
+}
+
+/// [`quoted`], appended to `out`.
+pub fn push_quoted(out: &mut String, text: &str) {
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
 }
 
 /// What `edgegate status` shows.

@@ -61,7 +61,14 @@ pub fn run(global: &Global, args: RunArgs) -> anyhow::Result<()> {
 
 /// The sandboxed proxy worker, as `run` starts it.
 pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
-    init_logging(args.log_format);
+    use edgegate::privsep::log_batch::LOG;
+    init_logging_to(args.log_format, &LOG);
+    // What waited for its batch goes out before a panic ends the process.
+    let report_panic = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |panic| {
+        LOG.flush_at_exit();
+        report_panic(panic);
+    }));
     let options = worker::Options {
         channel: args.channel_fd,
         key_channels: args.key_fds,
@@ -69,7 +76,9 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         #[cfg(feature = "test-hooks")]
         escape: args.hooks.escape(),
     };
-    worker::run(options).context("proxy worker")?;
+    let served = worker::run(options);
+    LOG.flush_at_exit();
+    served.context("proxy worker")?;
     Ok(())
 }
 
@@ -176,6 +185,13 @@ pub fn demo(duration: Duration) -> anyhow::Result<()> {
 }
 
 fn init_logging(format: LogFormat) {
+    init_logging_to(format, std::io::stdout);
+}
+
+fn init_logging_to<W>(format: LogFormat, writer: W)
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
     use tracing_subscriber::{EnvFilter, fmt};
     let filter = EnvFilter::try_from_env("EDGEGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     // `init` also routes the `log` crate (which aya-log uses for the XDP
@@ -183,11 +199,12 @@ fn init_logging(format: LogFormat) {
     match format {
         // Colours only for a terminal: journald and log files get plain text.
         LogFormat::Text => fmt()
+            .with_writer(writer)
             .with_env_filter(filter)
             .with_target(false)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),
-        LogFormat::Json => fmt().json().with_env_filter(filter).init(),
+        LogFormat::Json => fmt().json().with_writer(writer).with_env_filter(filter).init(),
     }
 }
 

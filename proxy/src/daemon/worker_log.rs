@@ -11,6 +11,7 @@
 
 use std::{
     collections::HashMap,
+    fmt::Write as _,
     io::{BufRead, BufReader, Read as _, Write as _},
     os::fd::{AsFd as _, OwnedFd},
     sync::{Mutex, PoisonError},
@@ -46,15 +47,19 @@ pub fn relay(read: OwnedFd, pid: u32, json: bool) -> std::io::Result<()> {
     std::thread::Builder::new().name("edgegate-worker-log".into()).spawn(move || {
         let mut reader = BufReader::new(std::fs::File::from(read));
         let mut line = Vec::new();
+        let mut labelled = String::new();
         while next_line(&mut reader, &mut line) {
             let text = String::from_utf8_lossy(&line);
-            let mut labelled = label(text.trim_end_matches(['\n', '\r']), pid, json);
-            // One write per line: stderr is unbuffered, and `writeln!` would
-            // write the newline apart (a second syscall on every connection's
-            // access line).
+            label_into(&mut labelled, text.trim_end_matches(['\n', '\r']), pid, json);
             labelled.push('\n');
-            let _ = std::io::stderr().lock().write_all(labelled.as_bytes());
+            // One write for every line read together (the worker sends its
+            // lines in batches): stderr is unbuffered.
+            if reader.buffer().is_empty() || labelled.len() >= MAX_LINE {
+                let _ = std::io::stderr().lock().write_all(labelled.as_bytes());
+                labelled.clear();
+            }
         }
+        let _ = std::io::stderr().lock().write_all(labelled.as_bytes());
         if let Some(relayed) = RELAYED.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
             relayed.remove(&pid);
         }
@@ -96,10 +101,12 @@ fn skip_line(reader: &mut impl BufRead) {
     }
 }
 
-/// `line` from worker `pid`, labelled as the worker's.
-fn label(line: &str, pid: u32, json: bool) -> String {
+/// `line` from worker `pid`, labelled as the worker's, appended to `out`.
+fn label_into(out: &mut String, line: &str, pid: u32, json: bool) {
     if !json {
-        return format!("worker[{pid}]: {}", crate::status::quoted(line));
+        let _ = write!(out, "worker[{pid}]: ");
+        crate::status::push_quoted(out, line);
+        return;
     }
     let mut object = match serde_json::from_str::<serde_json::Value>(line) {
         Ok(serde_json::Value::Object(object)) => object,
@@ -111,7 +118,7 @@ fn label(line: &str, pid: u32, json: bool) -> String {
     };
     object.insert("process".into(), "worker".into());
     object.insert("worker_pid".into(), pid.into());
-    serde_json::Value::Object(object).to_string()
+    out.push_str(&serde_json::Value::Object(object).to_string());
 }
 
 /// The name of worker `pid`'s log pipe in systemd's store.
@@ -139,7 +146,13 @@ pub fn hand_over() {
 
 #[cfg(test)]
 mod tests {
-    use super::{MAX_LINE, label, next_line};
+    use super::{MAX_LINE, label_into, next_line};
+
+    fn label(line: &str, pid: u32, json: bool) -> String {
+        let mut out = String::new();
+        label_into(&mut out, line, pid, json);
+        out
+    }
 
     #[test]
     fn a_line_is_cut_at_its_bound_and_the_next_one_read_whole() {

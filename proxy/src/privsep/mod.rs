@@ -26,6 +26,7 @@ pub mod channel;
 #[cfg(feature = "test-hooks")]
 pub mod escape;
 pub mod keys;
+pub mod log_batch;
 pub mod protocol;
 pub mod sandbox;
 pub mod spawn;

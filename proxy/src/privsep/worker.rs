@@ -82,6 +82,7 @@ pub fn run(options: Options) -> Result<(), WorkerError> {
         .map_err(WorkerError::Start)?;
     let keys = Arc::new(KeyClient::new(key_channels));
     runtime.block_on(async move {
+        tokio::spawn(super::log_batch::LOG.send_batches());
         let allowlist = Arc::new(ArcSwap::from_pointee(ClientCheck::default()));
         // Every thread exists once the connection workers have started.
         let proxies =
