@@ -187,7 +187,7 @@ impl Connection {
         }
         self.counters.handshakes_ok.fetch_add(1, Ordering::Relaxed);
         let certificate = session.peer_certificates().and_then(|chain| chain.first());
-        let identity = certificate.and_then(|cert| Identity::from_der(cert)).unwrap_or_default();
+        let identity = self.settings.tls.identity(session.peer_certificates());
         if !allowed {
             self.counters.sightings.record(client.ip(), identity.name.clone());
         }

@@ -16,7 +16,7 @@ use super::{
     backend::{BackendTls, backend_tls},
     checks::{certified_key, client_authorities, served_versions},
     error::{FileProblem, Named, TlsError, file_error},
-    identity::IdentityRules,
+    identity::{Identity, IdentityRules},
     lifetimes::{Lifetime, LifetimeKind, certificate_lifetime, crl_lifetime},
     material::{ListenerKeys, Material, Secrets, certificates, revocation_lists},
     verifier::IdentityVerifier,
@@ -131,6 +131,14 @@ impl ListenerTls {
             return Err(rustls::Error::NoCertificatesPresented);
         };
         self.verifier.verify_client_cert(end_entity, intermediates, UnixTime::now()).map(drop)
+    }
+
+    /// Who the client's chain names (after the handshake accepted it).
+    pub fn identity(&self, chain: Option<&[CertificateDer<'_>]>) -> Identity {
+        match chain.and_then(<[_]>::split_first) {
+            Some((end_entity, intermediates)) => self.verifier.identity(end_entity, intermediates),
+            None => Identity::default(),
+        }
     }
 }
 

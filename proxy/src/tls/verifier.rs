@@ -11,7 +11,7 @@ use rustls::{
     server::danger::{ClientCertVerified, ClientCertVerifier},
 };
 
-use super::identity::{ClientName, IdentityRules, parse_certificate};
+use super::identity::{Identity, IdentityRules, parse_certificate};
 
 /// WebPKI's client verifier plus the listener's identity rules.
 pub(super) struct IdentityVerifier {
@@ -25,6 +25,20 @@ impl IdentityVerifier {
         Self { inner, rules, accepted: AcceptedChains::default() }
     }
 
+    /// Who an accepted chain names: remembered with the acceptance, read
+    /// from the certificate otherwise (default if it does not parse).
+    pub(super) fn identity(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Identity {
+        let chain = ChainDigest::of(end_entity, intermediates);
+        self.accepted
+            .identity(&chain)
+            .or_else(|| Identity::from_der(end_entity))
+            .unwrap_or_default()
+    }
+
     /// The whole check, without the memory: the chain up to the CA, its
     /// dates, the CRLs, then the identity rules.
     fn verify_afresh(
@@ -32,10 +46,10 @@ impl IdentityVerifier {
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
+    ) -> Result<(ClientCertVerified, Identity), rustls::Error> {
         let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
-        match ClientName::from_der(end_entity) {
-            Some(name) if self.rules.allows_name(&name) => Ok(verified),
+        match Identity::from_der(end_entity) {
+            Some(identity) if self.rules.allows_name(&identity.name) => Ok((verified, identity)),
             _ => Err(rustls::Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
             )),
@@ -68,8 +82,8 @@ impl ClientCertVerifier for IdentityVerifier {
         if self.accepted.holds(&chain, now) {
             return Ok(ClientCertVerified::assertion());
         }
-        let verified = self.verify_afresh(end_entity, intermediates, now)?;
-        self.accepted.remember(chain, end_entity, intermediates, now);
+        let (verified, identity) = self.verify_afresh(end_entity, intermediates, now)?;
+        self.accepted.remember(chain, identity, end_entity, intermediates, now);
         Ok(verified)
     }
 
@@ -115,18 +129,27 @@ impl ChainDigest {
     }
 }
 
-/// Chains this verifier accepted lately, each until the first of: a minute
-/// after its check, the end of any presented certificate's validity.
+/// Chains this verifier accepted lately, with who they name, each until the
+/// first of: a minute after its check, the end of any presented
+/// certificate's validity.
 ///
 /// A partner platform opens many connections with one certificate, and a
 /// chain's check (an ECDSA or RSA verification and path building) is a
 /// tenth of a handshake's CPU; the answer cannot change while the verifier
 /// (its CAs, CRLs and identity rules, all replaced together at a reload)
-/// stays the same, except with time. Only acceptances are remembered, so a
-/// stranger cannot fill the memory; it holds [`Self::CAPACITY`] at most.
+/// stays the same, except with time. Reading the identity for the access
+/// log is another tenth of a full handshake, so it is kept too. Only
+/// acceptances are remembered, so a stranger cannot fill the memory; it
+/// holds [`Self::CAPACITY`] at most.
 #[derive(Default)]
 struct AcceptedChains {
-    until: Mutex<HashMap<ChainDigest, u64>>,
+    chains: Mutex<HashMap<ChainDigest, Accepted>>,
+}
+
+struct Accepted {
+    /// Unix seconds.
+    until: u64,
+    identity: Identity,
 }
 
 impl AcceptedChains {
@@ -135,13 +158,21 @@ impl AcceptedChains {
     const FRESH_FOR: u64 = 60;
 
     fn holds(&self, chain: &ChainDigest, now: UnixTime) -> bool {
-        let until = self.until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        until.get(chain).is_some_and(|&until| now.as_secs() < until)
+        self.lock().get(chain).is_some_and(|accepted| now.as_secs() < accepted.until)
+    }
+
+    fn identity(&self, chain: &ChainDigest) -> Option<Identity> {
+        self.lock().get(chain).map(|accepted| accepted.identity.clone())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChainDigest, Accepted>> {
+        self.chains.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn remember(
         &self,
         chain: ChainDigest,
+        identity: Identity,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
@@ -158,15 +189,15 @@ impl AcceptedChains {
         else {
             return;
         };
-        let until_at = valid_until.min(now.as_secs().saturating_add(Self::FRESH_FOR));
-        let mut until = self.until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if until.len() >= Self::CAPACITY {
-            until.retain(|_, &mut until| now.as_secs() < until);
-            if until.len() >= Self::CAPACITY {
-                until.clear();
+        let until = valid_until.min(now.as_secs().saturating_add(Self::FRESH_FOR));
+        let mut chains = self.lock();
+        if chains.len() >= Self::CAPACITY {
+            chains.retain(|_, accepted| now.as_secs() < accepted.until);
+            if chains.len() >= Self::CAPACITY {
+                chains.clear();
             }
         }
-        until.insert(chain, until_at);
+        chains.insert(chain, Accepted { until, identity });
     }
 }
 
@@ -271,6 +302,22 @@ mod tests {
     }
 
     #[test]
+    fn the_identity_is_read_once_per_acceptance_and_always_given() {
+        let (verifier, _) = verifier(false);
+        let leaf = certificate("partner");
+        let read = Identity::from_der(&leaf).expect("parses");
+        assert_eq!(read.name.common_name.as_deref(), Some("partner"));
+        // Not yet accepted: read from the certificate.
+        assert_eq!(verifier.identity(&leaf, &[]), read);
+        verifier.verify_client_cert(&leaf, &[], at(1_800_000_000)).expect("accepted");
+        let chain = ChainDigest::of(&leaf, &[]);
+        assert_eq!(verifier.accepted.identity(&chain), Some(read.clone()));
+        assert_eq!(verifier.identity(&leaf, &[]), read);
+        let garbage = CertificateDer::from(vec![0x30, 0x00]);
+        assert_eq!(verifier.identity(&garbage, &[]), Identity::default());
+    }
+
+    #[test]
     fn another_chain_is_another_check() {
         let (verifier, inner) = verifier(false);
         let (leaf, intermediate) = (certificate("partner"), certificate("issuer"));
@@ -289,7 +336,7 @@ mod tests {
             verifier.verify_client_cert(&leaf, &[], at(1_800_000_000)).expect_err("refused");
         }
         assert_eq!(inner.checks.load(Ordering::SeqCst), 3);
-        assert!(verifier.accepted.until.lock().unwrap().is_empty());
+        assert!(verifier.accepted.lock().is_empty());
     }
 
     #[test]
@@ -300,8 +347,8 @@ mod tests {
         for n in 0..AcceptedChains::CAPACITY as u32 * 2 + 1 {
             let chain = ChainDigest::of(&CertificateDer::from(n.to_be_bytes().to_vec()), &[]);
             // The digest is of made-up bytes; the dates come from `leaf`.
-            accepted.remember(chain, &leaf, &[], now);
-            assert!(accepted.until.lock().unwrap().len() <= AcceptedChains::CAPACITY);
+            accepted.remember(chain, Identity::default(), &leaf, &[], now);
+            assert!(accepted.lock().len() <= AcceptedChains::CAPACITY);
         }
     }
 
@@ -310,7 +357,7 @@ mod tests {
         let accepted = AcceptedChains::default();
         let garbage = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x01]);
         let chain = ChainDigest::of(&garbage, &[]);
-        accepted.remember(chain, &garbage, &[], at(1_800_000_000));
+        accepted.remember(chain, Identity::default(), &garbage, &[], at(1_800_000_000));
         assert!(!accepted.holds(&chain, at(1_800_000_000)));
     }
 }

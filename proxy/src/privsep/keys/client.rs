@@ -17,7 +17,7 @@ use rustls::{
 };
 
 use super::{
-    KeyHandle, ListenerKeyHandles, MAX_MESSAGE, TicketHandle, allowed_cpus,
+    KeyHandle, ListenerKeyHandles, MAX_DATA_KEYS, MAX_MESSAGE, TicketHandle, allowed_cpus,
     wire::{ANSWER_OK, ANSWER_REFUSED, Request, encode},
 };
 use crate::{
@@ -28,8 +28,9 @@ use crate::{
     },
 };
 
-/// How many data keys the worker fetches at once.
-const DATA_KEY_BATCH: u8 = 16;
+/// How many data keys the worker fetches at once: as many as the gate
+/// gives, so that a round trip serves sixteen connections (two tickets each).
+const DATA_KEY_BATCH: u8 = MAX_DATA_KEYS;
 /// How many data keys of tickets it issued a worker remembers (about 70
 /// bytes each), so that a client resuming where it got its ticket costs no
 /// round trip to the gate. They open only the tickets this worker sealed:
