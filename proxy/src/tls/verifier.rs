@@ -134,11 +134,11 @@ impl ChainDigest {
 /// certificate's validity.
 ///
 /// A partner platform opens many connections with one certificate, and a
-/// chain's check (an ECDSA or RSA verification and path building) is a
-/// tenth of a handshake's CPU; the answer cannot change while the verifier
+/// chain's check (path building and an ECDSA or RSA verification) is among
+/// a handshake's largest costs; the answer cannot change while the verifier
 /// (its CAs, CRLs and identity rules, all replaced together at a reload)
 /// stays the same, except with time. Reading the identity for the access
-/// log is another tenth of a full handshake, so it is kept too. Only
+/// log means parsing the certificate, so it is kept too. Only
 /// acceptances are remembered, so a stranger cannot fill the memory; it
 /// holds [`Self::CAPACITY`] at most.
 #[derive(Default)]
