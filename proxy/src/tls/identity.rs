@@ -100,13 +100,6 @@ pub struct ClientName {
 }
 
 impl ClientName {
-    /// The names of a DER certificate; `None` if it does not parse. Cheaper
-    /// than [`Identity::from_der`], which also renders the subject: the
-    /// verifier needs only the names, on every handshake.
-    pub fn from_der(der: &[u8]) -> Option<Self> {
-        parse_certificate(der).as_ref().map(Self::of)
-    }
-
     fn of(certificate: &x509_parser::certificate::X509Certificate<'_>) -> Self {
         use x509_parser::extensions::GeneralName;
         let common_name = certificate
@@ -212,11 +205,6 @@ mod tests {
         assert_eq!(identity.name.uris, ["spiffe://partner.example/gateway"]);
         assert!(!identity.serial.is_empty());
         assert_eq!(Identity::from_der(b"not a certificate"), None);
-        // The verifier's cheaper read finds the same names.
-        let der = certificate(Some("gateway"), &["api.partner.example"], &["spiffe://p/g"]);
-        let name = ClientName::from_der(&der).expect("parses");
-        assert_eq!(Some(name), Identity::from_der(&der).map(|identity| identity.name));
-        assert_eq!(ClientName::from_der(b"not a certificate"), None);
     }
 
     #[test]
