@@ -78,12 +78,12 @@ async fn handshake(connector: &tokio_rustls::TlsConnector, port: u16) -> Outcome
     Some((started.elapsed().as_secs_f64() * 1e6, resumed))
 }
 
-/// `settings.concurrency` clients in `netns`, each repeating `attempt` for
-/// `seconds`: every outcome.
+/// `settings.concurrency` clients in `netns`, each repeating `attempt` (told
+/// which client it is) for `seconds`: every outcome.
 fn closed_loop<T, F>(
     netns: &Netns,
     settings: &Settings,
-    attempt: impl Fn() -> F + Clone + Send + Sync + 'static,
+    attempt: impl Fn(usize) -> F + Clone + Send + Sync + 'static,
 ) -> Vec<T>
 where
     T: Send + 'static,
@@ -96,12 +96,12 @@ where
         runtime.block_on(async {
             let deadline = tokio::time::Instant::now() + duration;
             let mut tasks = tokio::task::JoinSet::new();
-            for _ in 0..settings.concurrency {
+            for client in 0..settings.concurrency {
                 let attempt = attempt.clone();
                 let client = async move {
                     let mut outcomes = Vec::new();
                     while tokio::time::Instant::now() < deadline {
-                        outcomes.push(attempt().await);
+                        outcomes.push(attempt(client).await);
                     }
                     outcomes
                 };
@@ -116,19 +116,38 @@ where
     })
 }
 
-/// The generator: TLS handshakes against `port`.
-fn load(netns: &Netns, port: u16, config: Arc<ClientConfig>, settings: &Settings) -> Vec<Outcome> {
-    let connector = tokio_rustls::TlsConnector::from(config);
-    closed_loop(netns, settings, move || {
-        let connector = connector.clone();
-        async move { handshake(&connector, port).await }
+/// The generator: TLS handshakes against `port`, client `n` with
+/// `configs[n % configs.len()]`.
+fn load(
+    netns: &Netns,
+    port: u16,
+    configs: &[Arc<ClientConfig>],
+    settings: &Settings,
+) -> Vec<Outcome> {
+    let connectors: Arc<[tokio_rustls::TlsConnector]> =
+        configs.iter().map(|config| Arc::clone(config).into()).collect();
+    closed_loop(netns, settings, move |client| {
+        let connectors = Arc::clone(&connectors);
+        async move { handshake(&connectors[client % connectors.len()], port).await }
     })
+}
+
+/// The generator resuming: each client's first connection is a full
+/// handshake (fresh session stores, one per client), the rest resume.
+fn resumed_load(
+    bed: &PeerBed,
+    port: u16,
+    version: &'static SupportedProtocolVersion,
+    settings: &Settings,
+) -> Vec<Outcome> {
+    let configs = bed.resuming_client_configs(Some(version), settings.concurrency);
+    load(&bed.netns, port, &configs, settings)
 }
 
 /// The same connections without TLS: connect, send a request, read to the
 /// end. How many were answered.
 fn plain_load(netns: &Netns, port: u16, settings: &Settings) -> usize {
-    let exchange = move || async move {
+    let exchange = move |_| async move {
         let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
         tcp.set_nodelay(true)?;
         tcp.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
@@ -516,7 +535,8 @@ fn main() {
         let load_name = format!("generator, full, {tls}");
         for &target in tls_targets.iter().chain([&stunnel]) {
             rows.push(measure(&load_name, target, rounds, || {
-                Round::from_outcomes(load(&bed.netns, target.port, Arc::clone(&config), &settings))
+                let configs = std::slice::from_ref(&config);
+                Round::from_outcomes(load(&bed.netns, target.port, configs, &settings))
             }));
         }
     }
@@ -536,11 +556,8 @@ fn main() {
     for (tls, version) in versions {
         let load_name = format!("generator, resumed, {tls}");
         for &target in &resuming_targets {
-            // A fresh session store per target: the first connection of
-            // each client is a full handshake, the rest resume.
-            let config = bed.resuming_client_config(Some(version));
             rows.push(measure(&load_name, target, rounds, || {
-                Round::from_outcomes(load(&bed.netns, target.port, Arc::clone(&config), &settings))
+                Round::from_outcomes(resumed_load(&bed, target.port, version, &settings))
             }));
         }
     }
@@ -628,8 +645,7 @@ fn custody(bed: &PeerBed, settings: &Settings) -> Vec<Row> {
 /// always started first.
 fn alternate(bed: &PeerBed, settings: &Settings, prefix: &str, variants: &[Variant]) -> Vec<Row> {
     let mut rows: Vec<Row> = Vec::new();
-    let resuming = bed.resuming_client_config(Some(&rustls::version::TLS13));
-    let full = bed.client_config(Some(&rustls::version::TLS13));
+    let full = [bed.client_config(Some(&rustls::version::TLS13))];
     for round in 0..settings.rounds {
         let order: Vec<&Variant> = match round % 2 {
             0 => variants.iter().collect(),
@@ -638,15 +654,18 @@ fn alternate(bed: &PeerBed, settings: &Settings, prefix: &str, variants: &[Varia
         for variant in order {
             let server = bed.start_edgegate(variant.binary, variant.args);
             let target = Target { name: variant.name, port: 8443, pid: server.child.id() };
-            for load in ALTERNATING_LOADS {
-                let name = format!("{prefix}{load}");
-                let round = measure(&name, target, 1, || match load {
+            for load_name in ALTERNATING_LOADS {
+                let name = format!("{prefix}{load_name}");
+                let round = measure(&name, target, 1, || match load_name {
                     "generator, full, TLS 1.3" => {
-                        Round::from_outcomes(load_with(bed, target.port, &full, settings))
+                        Round::from_outcomes(load(&bed.netns, target.port, &full, settings))
                     }
-                    "generator, resumed, TLS 1.3" => {
-                        Round::from_outcomes(load_with(bed, target.port, &resuming, settings))
-                    }
+                    "generator, resumed, TLS 1.3" => Round::from_outcomes(resumed_load(
+                        bed,
+                        target.port,
+                        &rustls::version::TLS13,
+                        settings,
+                    )),
                     "s_time -new -www, 4" => {
                         s_time(bed, target.port, "-new", true, 4, settings.seconds)
                     }
@@ -660,15 +679,6 @@ fn alternate(bed: &PeerBed, settings: &Settings, prefix: &str, variants: &[Varia
         }
     }
     rows
-}
-
-fn load_with(
-    bed: &PeerBed,
-    port: u16,
-    config: &Arc<ClientConfig>,
-    settings: &Settings,
-) -> Vec<Outcome> {
-    load(&bed.netns, port, Arc::clone(config), settings)
 }
 
 fn report_custody(rows: &[Row]) {

@@ -356,13 +356,19 @@ impl PeerBed {
         self.client_config_with(version, Resumption::disabled())
     }
 
-    /// As [`Self::client_config`], resuming from an in-memory session store
-    /// shared by every connection made with it.
-    pub fn resuming_client_config(
+    /// `clients` configs as [`Self::client_config`], each resuming from a
+    /// session store of its own, as separate client processes would. (rustls
+    /// keeps at most 8 TLS 1.3 tickets per server in a store: 32 clients
+    /// sharing one took each other's, and found none for about a quarter of
+    /// their connections when the server answered in bursts.)
+    pub fn resuming_client_configs(
         &self,
         version: Option<&'static SupportedProtocolVersion>,
-    ) -> Arc<ClientConfig> {
-        self.client_config_with(version, Resumption::in_memory_sessions(4096))
+        clients: usize,
+    ) -> Vec<Arc<ClientConfig>> {
+        (0..clients)
+            .map(|_| self.client_config_with(version, Resumption::in_memory_sessions(8)))
+            .collect()
     }
 
     fn client_config_with(
