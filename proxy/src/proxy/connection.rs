@@ -15,7 +15,6 @@ use tokio::{
     sync::OwnedSemaphorePermit,
     time::Instant,
 };
-use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use super::{
@@ -23,6 +22,7 @@ use super::{
     proxy_protocol::{self, ClientTls, Prefixed},
     rejection::Rejection,
     relay::{self, Relayed},
+    tls_stream,
 };
 use crate::{allowlist::Action, config::ProxyProtocol, tls::Identity};
 
@@ -164,8 +164,7 @@ impl Connection {
         // The handshake's state is large and short-lived: boxed, it is freed
         // once done instead of sizing every idle connection's task (likewise
         // the backend connect below).
-        let acceptor = TlsAcceptor::from(Arc::clone(&self.settings.tls.server));
-        let handshake = Box::pin(acceptor.accept(stream));
+        let handshake = Box::pin(tls_stream::accept(Arc::clone(&self.settings.tls.server), stream));
         let tls = match tokio::time::timeout_at(deadline, handshake).await {
             Err(_) => {
                 let detail = format!("no TLS handshake within {:?}", config.handshake_timeout);
@@ -179,7 +178,7 @@ impl Connection {
             // room twice in this task (async fn frames do not share the slot).
             Ok(Ok(tls)) => Box::new(tls),
         };
-        let (_, session) = tls.get_ref();
+        let session = tls.session();
         let resumed = session.handshake_kind() == Some(HandshakeKind::Resumed);
         if resumed && let Err(e) = self.settings.tls.recheck(session.peer_certificates()) {
             let detail = format!("resumed session refused: {e}");

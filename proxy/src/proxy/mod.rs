@@ -14,7 +14,8 @@
 //!
 //! One module per stage: `admit` (each worker's accept loop on a listener,
 //! with [`crate::accept`], and the connection limit), `connection` (the stages in order and
-//! the access log), `backend`, `relay`, `proxy_protocol`, `rejection` (the
+//! the access log), `tls_stream` (the client's TLS, with no buffer held while
+//! idle), `backend`, `relay`, `proxy_protocol`, `rejection` (the
 //! reasons), `sightings` (clients that authenticated from unallowed
 //! addresses, for `allow suggest`); `cores` runs the accept loops and the connections on per-core
 //! threads. This file holds the listeners: configure, drain, counters.
@@ -31,6 +32,7 @@ pub mod proxy_protocol;
 pub mod rejection;
 pub mod relay;
 mod sightings;
+mod tls_stream;
 
 use std::{
     collections::BTreeMap,

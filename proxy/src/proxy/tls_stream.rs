@@ -1,0 +1,358 @@
+//! The client's TLS connection on rustls's unbuffered API: this module owns
+//! the buffers, so a connection that waits holds none. (rustls's buffered
+//! connection keeps a 4 KiB receive buffer for as long as it lives: a third
+//! of what an idle connection cost the worker.) [`accept`] runs the
+//! handshake; the [`TlsStream`] it returns reads and writes like
+//! tokio-rustls's.
+//!
+//! Every step goes through [`TlsStream::process`]: it hands rustls the TLS
+//! bytes received so far, takes out what the client sent (into `plaintext`)
+//! and what rustls wants sent (into `outgoing`), and encrypts the caller's
+//! data when rustls allows. Reads drain `plaintext` before receiving more;
+//! writes wait until the records before them have left (backpressure).
+
+use std::{
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+};
+
+use bytes::BufMut as _;
+use rustls::{
+    CommonState, ServerConfig,
+    server::{ServerConnectionData, UnbufferedServerConnection},
+    unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus, WriteTraffic},
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// How much a receive asks for at least: what rustls's buffered connection
+/// reads at a time.
+const READ_SIZE: usize = 4096;
+/// A TLS record at its largest on the wire: 16 KiB of plaintext, 2 KiB of
+/// expansion, the 5-byte header.
+const MAX_RECORD: usize = 16 * 1024 + 2048 + 5;
+/// The most TLS bytes held before rustls has taken them: a handshake message
+/// at rustls's limit (64 KiB) spread over records, and one record more.
+const MAX_INCOMING: usize = 0xffff + MAX_RECORD;
+
+/// A server-side TLS connection over `io`, its handshake done.
+pub struct TlsStream<S> {
+    conn: UnbufferedServerConnection,
+    io: S,
+    /// TLS bytes received that rustls has not taken yet.
+    incoming: Vec<u8>,
+    /// TLS bytes to send; the first `sent` of them have left.
+    outgoing: Vec<u8>,
+    sent: usize,
+    /// Decrypted bytes not read yet; the first `taken` of them have been.
+    plaintext: Vec<u8>,
+    taken: usize,
+    /// The client sent close_notify: after `plaintext`, the end of the stream.
+    peer_closed: bool,
+    /// The TCP stream ended.
+    eof: bool,
+    /// This side's close_notify is in `outgoing` (or gone).
+    closing: bool,
+}
+
+/// What [`TlsStream::process`] is to encrypt once the received records are
+/// processed.
+enum Send<'a> {
+    Nothing,
+    Data(&'a [u8]),
+    CloseNotify,
+}
+
+/// Runs the server side of a TLS handshake over `io`. A refused handshake
+/// sends the client rustls's alert before the error comes back; the error
+/// wraps the [`rustls::Error`] (as tokio-rustls's does) when TLS refused.
+pub async fn accept<S>(config: Arc<ServerConfig>, io: S) -> io::Result<TlsStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let conn = UnbufferedServerConnection::new(config).map_err(invalid_data)?;
+    let mut stream = TlsStream {
+        conn,
+        io,
+        incoming: Vec::new(),
+        outgoing: Vec::new(),
+        sent: 0,
+        plaintext: Vec::new(),
+        taken: 0,
+        peer_closed: false,
+        eof: false,
+        closing: false,
+    };
+    loop {
+        if let Err(error) = stream.process(Send::Nothing) {
+            // rustls queued an alert that says why: it leaves first (or not
+            // at all, if the client is gone).
+            let _ = stream.process(Send::Nothing);
+            let _ = std::future::poll_fn(|cx| stream.poll_send(cx)).await;
+            return Err(invalid_data(error));
+        }
+        std::future::poll_fn(|cx| stream.poll_send(cx)).await?;
+        if !stream.conn.is_handshaking() {
+            return Ok(stream);
+        }
+        if stream.eof {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "tls handshake eof"));
+        }
+        std::future::poll_fn(|cx| stream.poll_receive(cx)).await?;
+    }
+}
+
+impl<S> TlsStream<S> {
+    /// The connection's TLS facts: version, suite, the client's certificates,
+    /// whether it resumed.
+    pub fn session(&self) -> &CommonState {
+        &self.conn
+    }
+
+    /// Hands rustls the received bytes, keeps what it decrypted and what it
+    /// wants sent, and encrypts `send` once it may: how many of `send`'s
+    /// bytes it took.
+    fn process(&mut self, send: Send<'_>) -> Result<usize, rustls::Error> {
+        loop {
+            let UnbufferedStatus { mut discard, state } =
+                self.conn.process_tls_records(&mut self.incoming[..]);
+            let state = match state {
+                Ok(state) => state,
+                Err(error) => {
+                    self.incoming.drain(..discard);
+                    return Err(error);
+                }
+            };
+            let mut done = None;
+            match state {
+                ConnectionState::ReadTraffic(mut traffic) => {
+                    while let Some(record) = traffic.next_record() {
+                        let record = record?;
+                        discard += record.discard;
+                        self.plaintext.extend_from_slice(record.payload);
+                    }
+                }
+                ConnectionState::EncodeTlsData(mut encode) => {
+                    append(&mut self.outgoing, |out| match encode.encode(out) {
+                        Ok(written) => Ok(written),
+                        Err(EncodeError::InsufficientSize(size)) => Err(Fit::Needs(size.required_size)),
+                        Err(error) => Err(Fit::Failed(rustls::Error::General(error.to_string()))),
+                    })?;
+                }
+                // What is encoded leaves in order with what follows it.
+                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
+                ConnectionState::PeerClosed => self.peer_closed = true,
+                ConnectionState::WriteTraffic(mut traffic) => {
+                    done = Some(match send {
+                        Send::Nothing => 0,
+                        Send::Data(data) => {
+                            encrypt(&mut traffic, &mut self.outgoing, Some(data))?;
+                            data.len()
+                        }
+                        Send::CloseNotify => {
+                            encrypt(&mut traffic, &mut self.outgoing, None)?;
+                            0
+                        }
+                    });
+                }
+                // More bytes are needed, or both sides have closed.
+                ConnectionState::BlockedHandshake | ConnectionState::Closed => done = Some(0),
+                // Early data is off (`max_early_data_size` 0); a state a
+                // later rustls adds is not one this stream can serve.
+                _ => return Err(rustls::Error::General("unexpected TLS connection state".into())),
+            }
+            self.incoming.drain(..discard);
+            if let Some(taken) = done {
+                return Ok(taken);
+            }
+        }
+    }
+
+    /// Frees the buffers that hold nothing: the connection waits.
+    fn release(&mut self) {
+        if self.incoming.is_empty() {
+            self.incoming = Vec::new();
+        }
+        if self.sent == self.outgoing.len() {
+            (self.outgoing, self.sent) = (Vec::new(), 0);
+        }
+        if self.taken == self.plaintext.len() {
+            (self.plaintext, self.taken) = (Vec::new(), 0);
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
+    /// Sends `outgoing` until the socket takes no more.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.sent < self.outgoing.len() {
+            let written = ready!(Pin::new(&mut self.io).poll_write(cx, &self.outgoing[self.sent..]))?;
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += written;
+        }
+        self.outgoing.clear();
+        self.sent = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Receives once into `incoming`, with room for at least [`READ_SIZE`]
+    /// bytes or as many as it holds already; a receive that has to wait
+    /// frees the buffers first.
+    fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let held = self.incoming.len();
+        let room = held.max(READ_SIZE).min(MAX_INCOMING - held);
+        if room == 0 {
+            let error = rustls::Error::General("TLS records beyond what a message may take".into());
+            return Poll::Ready(Err(invalid_data(error)));
+        }
+        self.incoming.reserve_exact(room);
+        let mut limited = (&mut self.incoming).limit(room);
+        match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut limited) {
+            Poll::Pending => {
+                self.release();
+                Poll::Pending
+            }
+            Poll::Ready(Ok(0)) => {
+                self.eof = true;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.taken < this.plaintext.len() {
+                let ready = &this.plaintext[this.taken..];
+                let n = ready.len().min(buf.remaining());
+                buf.put_slice(&ready[..n]);
+                this.taken += n;
+                if this.taken == this.plaintext.len() {
+                    this.plaintext.clear();
+                    this.taken = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.peer_closed {
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                // A truncation attack looks like this: not an end of stream.
+                let error = io::Error::new(io::ErrorKind::UnexpectedEof, "TCP closed without close_notify");
+                return Poll::Ready(Err(error));
+            }
+            // rustls's answers (a key update, an alert) leave without
+            // waiting for the caller to write.
+            if let Poll::Ready(Err(error)) = this.poll_send(cx) {
+                return Poll::Ready(Err(error));
+            }
+            ready!(this.poll_receive(cx))?;
+            this.process(Send::Nothing).map_err(invalid_data)?;
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        // One write's records wait to leave at most.
+        ready!(this.poll_send(cx))?;
+        let taken = this.process(Send::Data(data)).map_err(invalid_data)?;
+        if taken == 0 {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        // What the socket does not take now leaves on the next write or flush.
+        if let Poll::Ready(Err(error)) = this.poll_send(cx) {
+            return Poll::Ready(Err(error));
+        }
+        Poll::Ready(Ok(taken))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    /// Sends close_notify, then closes the socket's sending half.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.closing {
+            this.closing = true;
+            this.process(Send::CloseNotify).map_err(invalid_data)?;
+        }
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+/// Appends `data` encrypted to `out`, or close_notify if there is no `data`.
+fn encrypt(
+    traffic: &mut WriteTraffic<'_, ServerConnectionData>,
+    out: &mut Vec<u8>,
+    data: Option<&[u8]>,
+) -> Result<(), rustls::Error> {
+    append(out, |room| {
+        let result = match data {
+            Some(data) => traffic.encrypt(data, room),
+            None => traffic.queue_close_notify(room),
+        };
+        result.map_err(|error| match error {
+            EncryptError::InsufficientSize(size) => Fit::Needs(size.required_size),
+            error => Fit::Failed(rustls::Error::General(error.to_string())),
+        })
+    })
+}
+
+/// What a producer of TLS bytes said of the room it was given.
+enum Fit {
+    /// It needs this many bytes.
+    Needs(usize),
+    Failed(rustls::Error),
+}
+
+/// Appends to `buffer` what `produce` writes into the room it is given,
+/// growing the room to what `produce` asks for.
+fn append(
+    buffer: &mut Vec<u8>,
+    mut produce: impl FnMut(&mut [u8]) -> Result<usize, Fit>,
+) -> Result<(), rustls::Error> {
+    let start = buffer.len();
+    let mut room = 0;
+    loop {
+        buffer.resize(start + room, 0);
+        match produce(&mut buffer[start..]) {
+            Ok(written) => {
+                buffer.truncate(start + written);
+                return Ok(());
+            }
+            Err(Fit::Needs(size)) if size > room => room = size,
+            Err(Fit::Needs(_)) => {
+                buffer.truncate(start);
+                return Err(rustls::Error::General("TLS output does not fit the room it asked for".into()));
+            }
+            Err(Fit::Failed(error)) => {
+                buffer.truncate(start);
+                return Err(error);
+            }
+        }
+    }
+}
+
+fn invalid_data(error: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, error)
+}
