@@ -134,9 +134,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
-    /// rustls hands a whole flight over as one list of records (ServerHello,
-    /// ChangeCipherSpec, the encrypted rest): passed on, it leaves in one
-    /// `writev`, where the default would send each record by itself.
+    /// hyper (the metrics endpoint) hands a response's head and body over as
+    /// one list of buffers: passed on, they leave in one `writev`, where the
+    /// default would send each by itself.
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

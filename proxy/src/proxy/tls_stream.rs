@@ -22,7 +22,9 @@ use bytes::BufMut as _;
 use rustls::{
     CommonState, ServerConfig,
     server::{ServerConnectionData, UnbufferedServerConnection},
-    unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus, WriteTraffic},
+    unbuffered::{
+        ConnectionState, EncodeError, EncodeTlsData, EncryptError, UnbufferedStatus, WriteTraffic,
+    },
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -54,11 +56,13 @@ pub struct TlsStream<S> {
     eof: bool,
     /// This side's close_notify is in `outgoing` (or gone).
     closing: bool,
+    /// rustls refused what the client sent: nothing more is read or written.
+    failed: bool,
 }
 
 /// What [`TlsStream::process`] is to encrypt once the received records are
 /// processed.
-enum Send<'a> {
+enum Outbound<'a> {
     Nothing,
     Data(&'a [u8]),
     CloseNotify,
@@ -83,14 +87,14 @@ where
         peer_closed: false,
         eof: false,
         closing: false,
+        failed: false,
     };
     loop {
-        if let Err(error) = stream.process(Send::Nothing) {
-            // rustls queued an alert that says why: it leaves first (or not
-            // at all, if the client is gone).
-            let _ = stream.process(Send::Nothing);
+        if let Err(error) = stream.step(Outbound::Nothing) {
+            // rustls's alert says why: it leaves first (or not at all, if
+            // the client is gone).
             let _ = std::future::poll_fn(|cx| stream.poll_send(cx)).await;
-            return Err(invalid_data(error));
+            return Err(error);
         }
         std::future::poll_fn(|cx| stream.poll_send(cx)).await?;
         if !stream.conn.is_handshaking() {
@@ -113,7 +117,7 @@ impl<S> TlsStream<S> {
     /// Hands rustls the received bytes, keeps what it decrypted and what it
     /// wants sent, and encrypts `send` once it may: how many of `send`'s
     /// bytes it took.
-    fn process(&mut self, send: Send<'_>) -> Result<usize, rustls::Error> {
+    fn process(&mut self, send: Outbound<'_>) -> Result<usize, rustls::Error> {
         loop {
             let UnbufferedStatus { mut discard, state } =
                 self.conn.process_tls_records(&mut self.incoming[..]);
@@ -136,7 +140,9 @@ impl<S> TlsStream<S> {
                 ConnectionState::EncodeTlsData(mut encode) => {
                     append(&mut self.outgoing, |out| match encode.encode(out) {
                         Ok(written) => Ok(written),
-                        Err(EncodeError::InsufficientSize(size)) => Err(Fit::Needs(size.required_size)),
+                        Err(EncodeError::InsufficientSize(size)) => {
+                            Err(Fit::Needs(size.required_size))
+                        }
                         Err(error) => Err(Fit::Failed(rustls::Error::General(error.to_string()))),
                     })?;
                 }
@@ -145,12 +151,12 @@ impl<S> TlsStream<S> {
                 ConnectionState::PeerClosed => self.peer_closed = true,
                 ConnectionState::WriteTraffic(mut traffic) => {
                     done = Some(match send {
-                        Send::Nothing => 0,
-                        Send::Data(data) => {
+                        Outbound::Nothing => 0,
+                        Outbound::Data(data) => {
                             encrypt(&mut traffic, &mut self.outgoing, Some(data))?;
                             data.len()
                         }
-                        Send::CloseNotify => {
+                        Outbound::CloseNotify => {
                             encrypt(&mut traffic, &mut self.outgoing, None)?;
                             0
                         }
@@ -165,6 +171,40 @@ impl<S> TlsStream<S> {
             self.incoming.drain(..discard);
             if let Some(taken) = done {
                 return Ok(taken);
+            }
+        }
+    }
+
+    /// [`Self::process`], where a refusal breaks the connection for good:
+    /// rustls's alert is queued to leave, and every later call fails
+    /// without giving rustls the same bytes again.
+    fn step(&mut self, send: Outbound<'_>) -> io::Result<usize> {
+        self.check()?;
+        self.process(send).map_err(|error| {
+            self.failed = true;
+            self.encode_alert();
+            invalid_data(error)
+        })
+    }
+
+    /// Fails once rustls has refused the connection.
+    fn check(&self) -> io::Result<()> {
+        match self.failed {
+            true => Err(io::Error::new(io::ErrorKind::InvalidData, "the TLS connection failed")),
+            false => Ok(()),
+        }
+    }
+
+    /// After an error, moves what rustls queued (its alert) to `outgoing`,
+    /// without letting it read the bytes that failed a second time.
+    fn encode_alert(&mut self) {
+        // While rustls holds records to send, it hands them out before it
+        // reads anything.
+        while self.conn.wants_write() {
+            let status = self.conn.process_tls_records(&mut self.incoming[..]);
+            let Ok(ConnectionState::EncodeTlsData(mut record)) = status.state else { return };
+            if encode(&mut record, &mut self.outgoing).is_err() {
+                return;
             }
         }
     }
@@ -187,7 +227,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
     /// Sends `outgoing` until the socket takes no more.
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.sent < self.outgoing.len() {
-            let written = ready!(Pin::new(&mut self.io).poll_write(cx, &self.outgoing[self.sent..]))?;
+            let written =
+                ready!(Pin::new(&mut self.io).poll_write(cx, &self.outgoing[self.sent..]))?;
             if written == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -232,6 +273,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.check()?;
         loop {
             if this.taken < this.plaintext.len() {
                 let ready = &this.plaintext[this.taken..];
@@ -249,7 +291,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<S> {
             }
             if this.eof {
                 // A truncation attack looks like this: not an end of stream.
-                let error = io::Error::new(io::ErrorKind::UnexpectedEof, "TCP closed without close_notify");
+                let error =
+                    io::Error::new(io::ErrorKind::UnexpectedEof, "TCP closed without close_notify");
                 return Poll::Ready(Err(error));
             }
             // rustls's answers (a key update, an alert) leave without
@@ -258,20 +301,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<S> {
                 return Poll::Ready(Err(error));
             }
             ready!(this.poll_receive(cx))?;
-            this.process(Send::Nothing).map_err(invalid_data)?;
+            if let Err(error) = this.step(Outbound::Nothing) {
+                let _ = this.poll_send(cx);
+                return Poll::Ready(Err(error));
+            }
         }
     }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
         // One write's records wait to leave at most.
         ready!(this.poll_send(cx))?;
-        let taken = this.process(Send::Data(data)).map_err(invalid_data)?;
+        let taken = this.step(Outbound::Data(data))?;
         if taken == 0 {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
@@ -293,11 +343,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
         let this = self.get_mut();
         if !this.closing {
             this.closing = true;
-            this.process(Send::CloseNotify).map_err(invalid_data)?;
+            this.step(Outbound::CloseNotify)?;
         }
         ready!(this.poll_send(cx))?;
         Pin::new(&mut this.io).poll_shutdown(cx)
     }
+}
+
+/// Appends the record rustls has ready to `out`.
+fn encode(
+    record: &mut EncodeTlsData<'_, ServerConnectionData>,
+    out: &mut Vec<u8>,
+) -> Result<(), rustls::Error> {
+    append(out, |room| {
+        record.encode(room).map_err(|error| match error {
+            EncodeError::InsufficientSize(size) => Fit::Needs(size.required_size),
+            error => Fit::Failed(rustls::Error::General(error.to_string())),
+        })
+    })
 }
 
 /// Appends `data` encrypted to `out`, or close_notify if there is no `data`.
@@ -343,7 +406,9 @@ fn append(
             Err(Fit::Needs(size)) if size > room => room = size,
             Err(Fit::Needs(_)) => {
                 buffer.truncate(start);
-                return Err(rustls::Error::General("TLS output does not fit the room it asked for".into()));
+                return Err(rustls::Error::General(
+                    "TLS output does not fit the room it asked for".into(),
+                ));
             }
             Err(Fit::Failed(error)) => {
                 buffer.truncate(start);
@@ -356,3 +421,6 @@ fn append(
 fn invalid_data(error: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, error)
 }
+
+#[cfg(test)]
+mod tests;
