@@ -195,7 +195,11 @@ async fn a_waiting_connection_holds_no_buffer() {
     let waiting = tokio::time::timeout(Duration::from_millis(50), server.read(&mut byte)).await;
     assert!(waiting.is_err(), "nothing to read");
     assert_eq!(
-        (server.incoming.capacity(), server.outgoing.capacity(), server.plaintext.capacity()),
+        (
+            server.incoming.room.capacity(),
+            server.outgoing.room.capacity(),
+            server.plaintext.room.capacity()
+        ),
         (0, 0, 0)
     );
 }
