@@ -227,7 +227,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
 
     /// Receives once into `incoming`, with room for at least [`READ_SIZE`]
     /// bytes or as many as it holds already; a receive that has to wait
-    /// frees the buffers first.
+    /// gives the empty buffers back first.
     fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let held = self.incoming.len();
         let room = held.max(READ_SIZE).min(MAX_INCOMING - held);
@@ -465,10 +465,9 @@ impl Buffer {
 /// Buffers that connections waiting on this thread gave back, for the next
 /// one that receives or sends: a connection moving data gives its buffers
 /// back between bursts, and the allocator would otherwise return a large
-/// one to the kernel and fault it in again at the next (which cost 16
-/// connections streaming at once a third more CPU per GB with 4 kept). A
-/// worker thread serves one core; it keeps up to 16, each at most a whole
-/// handshake's worth: 1.3 MiB per core at most, held only after bursts.
+/// one to the kernel and fault it in again at the next. A worker thread
+/// serves one core and keeps enough for the connections streaming on it at
+/// once, each at most a whole handshake's worth, held only after bursts.
 mod spare {
     use std::cell::RefCell;
 
