@@ -35,6 +35,9 @@ const ECHO_INTERVAL: Duration = Duration::from_millis(1);
 struct Settings {
     seconds: u64,
     rounds: usize,
+    /// edgegate and the direct connection only, no peer (`--no-peers`): to
+    /// look at edgegate's rounds one by one.
+    no_peers: bool,
 }
 
 /// Who the client connects to.
@@ -215,7 +218,7 @@ struct LatencyRow {
 
 fn main() {
     edgegate_tests::require_root();
-    let mut settings = Settings { seconds: 3, rounds: 5 };
+    let mut settings = Settings { seconds: 3, rounds: 5, no_peers: false };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value =
@@ -223,15 +226,23 @@ fn main() {
         match arg.as_str() {
             "--seconds" => settings.seconds = value(),
             "--rounds" => settings.rounds = usize::try_from(value()).expect("rounds"),
+            "--no-peers" => settings.no_peers = true,
             "--bench" => {}
-            other => panic!("unknown argument {other} (--seconds N, --rounds N)"),
+            other => panic!("unknown argument {other} (--seconds N, --rounds N, --no-peers)"),
         }
     }
     let bed = PeerBed::new();
     serve_backend(bed.netns.run(|| TcpListener::bind(("127.0.0.1", BACKEND_PORT)).expect("bind")));
     let servers = bed.start(1_000);
     let config = bed.client_config(Some(&rustls::version::TLS13));
-    let targets: Vec<Target> = servers.iter().map(Target::Proxy).chain([Target::Direct]).collect();
+    let targets: Vec<Target> = servers
+        .iter()
+        .map(Target::Proxy)
+        .chain([Target::Direct])
+        .filter(|target| {
+            !settings.no_peers || matches!(target, Target::Direct) || target.name() == "edgegate"
+        })
+        .collect();
 
     let mut throughput_rows = Vec::new();
     for connections in [1, 16] {
@@ -251,10 +262,13 @@ fn main() {
                     cpu.push((tree_cpu(pid) - before).as_secs_f64() / gb);
                 }
             }
+            // Every round, so that an outlier shows which round it was.
+            let each: Vec<String> = rates.iter().map(|rate| format!("{rate:.2}")).collect();
             eprintln!(
-                "{connections:>2} connection(s), {:<26} {:.2} GB/s",
+                "{connections:>2} connection(s), {:<26} {:.2} GB/s (rounds: {})",
                 target.name(),
-                median(&rates)
+                median(&rates),
+                each.join(" ")
             );
             throughput_rows.push(ThroughputRow {
                 connections,

@@ -3,7 +3,8 @@
 //! connection keeps a 4 KiB receive buffer for as long as it lives: a third
 //! of what an idle connection cost the worker.) [`accept`] runs the
 //! handshake; the [`TlsStream`] it returns reads and writes like
-//! tokio-rustls's.
+//! tokio-rustls's, with both halves polled from one task (as the relay
+//! does): a read may send, and the socket keeps one write waker.
 //!
 //! Every step goes through [`TlsStream::process`]: it hands rustls the TLS
 //! bytes received so far, takes out what the client sent (into `plaintext`)
@@ -36,6 +37,9 @@ const MAX_RECORD: usize = 16 * 1024 + 2048 + 5;
 /// The most TLS bytes held before rustls has taken them: a handshake message
 /// at rustls's limit (64 KiB) spread over records, and one record more.
 const MAX_INCOMING: usize = 0xffff + MAX_RECORD;
+/// The most plaintext one write encrypts (four full records): `outgoing`
+/// stays bounded whatever the caller hands over at once.
+const MAX_WRITE: usize = 64 * 1024;
 
 /// A server-side TLS connection over `io`, its handshake done.
 pub struct TlsStream<S> {
@@ -177,7 +181,10 @@ impl<S> TlsStream<S> {
         self.check()?;
         self.process(send).map_err(|error| {
             self.failed = true;
-            self.encode_alert();
+            // After this side's close_notify, nothing more is sent.
+            if !self.closing {
+                self.encode_alert();
+            }
             invalid_data(error)
         })
     }
@@ -279,8 +286,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<S> {
                     io::Error::new(io::ErrorKind::UnexpectedEof, "TCP closed without close_notify");
                 return Poll::Ready(Err(error));
             }
-            // rustls's answers (a key update, an alert) leave without
-            // waiting for the caller to write.
+            // What rustls queued while reading (an alert) leaves without
+            // waiting for the caller to write. (Its answer to a key update
+            // waits for the next write, as RFC 8446 allows.)
             if let Poll::Ready(Err(error)) = this.poll_send(cx) {
                 return Poll::Ready(Err(error));
             }
@@ -303,8 +311,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
+        if this.closing {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
         // One write's records wait to leave at most.
         ready!(this.poll_send(cx))?;
+        let data = &data[..data.len().min(MAX_WRITE)];
         let taken = this.step(Outbound::Data(data))?;
         if taken == 0 {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));

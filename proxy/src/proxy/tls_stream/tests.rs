@@ -1,6 +1,6 @@
 //! The stream against rustls's own buffered client (tokio-rustls), over an
 //! in-memory pipe: both versions, large transfers both ways at once, the
-//! ways a connection ends, key updates, the buffers of a waiting connection,
+//! size of a write, the ways a connection ends, key updates, the buffers of a waiting connection,
 //! and what a refused or hostile client gets.
 
 use std::{sync::Arc, time::Duration};
@@ -162,6 +162,28 @@ async fn close_notify_ends_the_stream_and_a_bare_tcp_close_is_an_error() {
     drop(tcp);
     let error = server.read_to_end(&mut Vec::new()).await.expect_err("truncation");
     assert_eq!(error.kind(), std::io::ErrorKind::UnexpectedEof);
+}
+
+#[tokio::test]
+async fn a_write_takes_four_records_at_most_and_none_after_close_notify() {
+    let peers = Peers::new();
+    let (mut client, mut server) = peers.connect(&TLS13, 1 << 20).await;
+    let data = pattern(200_000, 5);
+    let taken = server.write(&data).await.expect("write");
+    assert_eq!(taken, super::MAX_WRITE, "a short write, not 200 KB encrypted at once");
+    assert!(server.outgoing.len() <= super::MAX_WRITE + 4 * super::MAX_RECORD);
+    server.write_all(&data[taken..]).await.expect("the rest");
+    server.flush().await.expect("flush");
+    let mut got = vec![0u8; data.len()];
+    client.read_exact(&mut got).await.expect("read");
+    assert!(got == data, "the bytes arrive in order");
+
+    server.shutdown().await.expect("close_notify");
+    let error = server.write(b"after").await.expect_err("nothing after close_notify");
+    assert_eq!(error.kind(), std::io::ErrorKind::BrokenPipe);
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).await.expect("a clean end");
+    assert!(rest.is_empty(), "no data after close_notify");
 }
 
 #[tokio::test]
