@@ -136,14 +136,8 @@ impl<S> TlsStream<S> {
                         self.plaintext.extend(record.payload);
                     }
                 }
-                ConnectionState::EncodeTlsData(mut encode) => {
-                    append(&mut self.outgoing, |out| match encode.encode(out) {
-                        Ok(written) => Ok(written),
-                        Err(EncodeError::InsufficientSize(size)) => {
-                            Err(Fit::Needs(size.required_size))
-                        }
-                        Err(error) => Err(Fit::Failed(rustls::Error::General(error.to_string()))),
-                    })?;
+                ConnectionState::EncodeTlsData(mut record) => {
+                    encode(&mut record, &mut self.outgoing)?
                 }
                 // What is encoded leaves in order with what follows it.
                 ConnectionState::TransmitTlsData(transmit) => transmit.done(),
