@@ -6,10 +6,15 @@
 //! thread first; for small request/response traffic that hop cost ~25 µs
 //! per round trip here (`cargo xtask bench relay`, echo latency).
 
-use std::{future::Future, io, thread};
+use std::{future::Future, io, thread, time::Duration};
 
 use tokio::{runtime::Handle, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
+
+/// How often a core's own timer fires: below the connection timeouts
+/// (handshake 10 s, connect 5 s by default; a shorter one configured only
+/// costs the wake-up it always did).
+const NEAR_TIMER: Duration = Duration::from_secs(1);
 
 pub struct Cores {
     handles: Vec<Handle>,
@@ -33,7 +38,12 @@ impl Cores {
                     match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                         Ok(runtime) => {
                             let _ = started.send(Ok(runtime.handle().clone()));
-                            runtime.block_on(stop.cancelled());
+                            runtime.block_on(async {
+                                tokio::select! {
+                                    () = stop.cancelled() => {}
+                                    () = keep_a_timer_near() => {}
+                                }
+                            });
                         }
                         Err(e) => {
                             let _ = started.send(Err(e));
@@ -60,6 +70,17 @@ impl Cores {
         F: Future<Output = ()> + Send + 'static,
     {
         self.handles.iter().zip(tasks).map(|(handle, task)| handle.spawn(task)).collect()
+    }
+}
+
+/// Keeps a timer due within [`NEAR_TIMER`] on this core. Tokio wakes its own
+/// driver (an eventfd write, then one more `epoll_wait`) whenever a timer is
+/// set earlier than every timer it holds, even from the thread that runs it
+/// (tokio-rs/tokio#5207): without this, each connection's handshake and
+/// connect timeouts did so on a core with no other connection.
+async fn keep_a_timer_near() {
+    loop {
+        tokio::time::sleep(NEAR_TIMER).await;
     }
 }
 

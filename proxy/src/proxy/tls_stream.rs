@@ -11,6 +11,11 @@
 //! and what rustls wants sent (into `outgoing`), and encrypts the caller's
 //! data when rustls allows. Reads drain `plaintext` before receiving more;
 //! writes wait until the records before them have left (backpressure).
+//!
+//! TLS 1.3 session tickets, which the server sends once the client's
+//! Finished is in, wait when a request came with that Finished: they leave
+//! with the answer, in one send, instead of waking the client once for them
+//! and once more for the answer.
 
 use std::{
     io,
@@ -57,6 +62,8 @@ pub struct TlsStream<S> {
     eof: bool,
     /// This side's close_notify is in `outgoing` (or gone).
     closing: bool,
+    /// `outgoing` holds session tickets that wait for the first write.
+    tickets_wait: bool,
     /// rustls refused what the client sent: nothing more is read or written.
     failed: bool,
 }
@@ -86,6 +93,7 @@ where
         peer_closed: false,
         eof: false,
         closing: false,
+        tickets_wait: false,
         failed: false,
     };
     loop {
@@ -94,6 +102,9 @@ where
             // the client is gone).
             let _ = std::future::poll_fn(|cx| stream.poll_send(cx)).await;
             return Err(error);
+        }
+        if !stream.conn.is_handshaking() && stream.hold_tickets() {
+            return Ok(stream);
         }
         std::future::poll_fn(|cx| stream.poll_send(cx)).await?;
         if !stream.conn.is_handshaking() {
@@ -111,6 +122,17 @@ impl<S> TlsStream<S> {
     /// whether it resumed.
     pub fn session(&self) -> &CommonState {
         &self.conn
+    }
+
+    /// Whether what is left to send once the handshake is done may wait for
+    /// the first write: in TLS 1.3 that is only session tickets (in TLS 1.2
+    /// it may be the server's Finished, which the client waits for), and a
+    /// request that came with the client's Finished is about to be answered.
+    fn hold_tickets(&mut self) -> bool {
+        self.tickets_wait = self.conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3)
+            && !self.plaintext.is_empty()
+            && !self.outgoing.is_empty();
+        self.tickets_wait
     }
 
     /// Hands rustls the received bytes, keeps what it decrypted and what it
@@ -282,8 +304,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<S> {
             }
             // What rustls queued while reading (an alert) leaves without
             // waiting for the caller to write. (Its answer to a key update
-            // waits for the next write, as RFC 8446 allows.)
-            if let Poll::Ready(Err(error)) = this.poll_send(cx) {
+            // waits for the next write, as RFC 8446 allows; so do tickets.)
+            if !this.tickets_wait
+                && let Poll::Ready(Err(error)) = this.poll_send(cx)
+            {
                 return Poll::Ready(Err(error));
             }
             ready!(this.poll_receive(cx))?;
@@ -308,8 +332,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
         if this.closing {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        // One write's records wait to leave at most.
-        ready!(this.poll_send(cx))?;
+        // One write's records wait to leave at most (and the tickets, which
+        // leave with them).
+        if !this.tickets_wait {
+            ready!(this.poll_send(cx))?;
+        }
+        this.tickets_wait = false;
         let data = &data[..data.len().min(MAX_WRITE)];
         let taken = this.step(Outbound::Data(data))?;
         if taken == 0 {
@@ -324,6 +352,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.tickets_wait = false;
         ready!(this.poll_send(cx))?;
         Pin::new(&mut this.io).poll_flush(cx)
     }
@@ -333,6 +362,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
         let this = self.get_mut();
         if !this.closing {
             this.closing = true;
+            this.tickets_wait = false;
             this.step(Outbound::CloseNotify)?;
         }
         ready!(this.poll_send(cx))?;

@@ -141,6 +141,102 @@ async fn a_request_sent_with_the_clients_finished_is_read() {
     assert_eq!(&request, b"GET / HTTP/1.0\r\n\r\n");
 }
 
+/// A transport that records the length of every write the server makes.
+struct Recorded {
+    inner: DuplexStream,
+    writes: Vec<usize>,
+}
+
+impl tokio::io::AsyncRead for Recorded {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Recorded {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let written = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_write(cx, data))?;
+        self.writes.push(written);
+        std::task::Poll::Ready(Ok(written))
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// TLS 1.3 tickets wait for the answer when a request came with the client's
+/// Finished, and leave in the same write; otherwise (no request yet, or TLS
+/// 1.2, whose last flight the client waits for) nothing waits. Either way the
+/// client gets its tickets: its next connection resumes.
+#[tokio::test]
+async fn tickets_leave_with_the_answer_to_a_request_sent_with_the_finished() {
+    const ANSWER: &[u8] = b"HTTP/1.0 200 OK\r\n\r\n";
+    // TLS 1.3's record overhead: header, content type, tag.
+    const SEALED_ANSWER: usize = ANSWER.len() + 5 + 1 + 16;
+    let peers = Peers::new();
+    for (version, request_with_finished, tickets_wait) in
+        [(&TLS13, true, true), (&TLS13, false, false), (&TLS12, true, false)]
+    {
+        let config = peers.client(version, true);
+        let case = format!("{version:?}, request with the Finished: {request_with_finished}");
+        let (client_end, server_end) = duplex(64 << 10);
+        let client = async {
+            let name = ServerName::try_from("gate.example").expect("name");
+            let connector = TlsConnector::from(Arc::clone(&config));
+            let mut tls = connector.connect(name, client_end).await.expect("client handshake");
+            if request_with_finished {
+                tls.write_all(b"GET /").await.expect("request");
+            }
+            tls
+        };
+        let transport = Recorded { inner: server_end, writes: Vec::new() };
+        let (mut client, server) = tokio::join!(client, accept(peers.server.clone(), transport));
+        let mut server = server.expect("server handshake");
+        assert_eq!(server.tickets_wait, tickets_wait, "{case}");
+        let written = server.io.writes.len();
+        server.write_all(ANSWER).await.expect("answer");
+        assert_eq!(server.io.writes.len(), written + 1, "{case}: one write");
+        let last = server.io.writes[written];
+        if tickets_wait {
+            assert!(last > SEALED_ANSWER + 100, "{case}: the tickets leave with the answer");
+        } else if version == &TLS13 {
+            assert_eq!(last, SEALED_ANSWER, "{case}: the tickets left before");
+        }
+        let mut answer = [0u8; ANSWER.len()];
+        client.read_exact(&mut answer).await.expect("the answer");
+        assert_eq!(answer, ANSWER);
+        drop((client, server));
+
+        let (client_end, server_end) = duplex(64 << 10);
+        let name = ServerName::try_from("gate.example").expect("name");
+        let (_client, server) = tokio::join!(
+            TlsConnector::from(config).connect(name, client_end),
+            accept(peers.server.clone(), server_end)
+        );
+        let kind = server.expect("server handshake").session().handshake_kind();
+        assert_eq!(kind, Some(rustls::HandshakeKind::Resumed), "{case}: the ticket serves");
+    }
+}
+
 #[tokio::test]
 async fn close_notify_ends_the_stream_and_a_bare_tcp_close_is_an_error() {
     let peers = Peers::new();
