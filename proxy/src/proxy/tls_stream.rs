@@ -103,11 +103,12 @@ where
             let _ = std::future::poll_fn(|cx| stream.poll_send(cx)).await;
             return Err(error);
         }
-        if !stream.conn.is_handshaking() && stream.hold_tickets() {
-            return Ok(stream);
+        let done = !stream.conn.is_handshaking();
+        stream.tickets_wait = done && stream.tickets_may_wait();
+        if !stream.tickets_wait {
+            std::future::poll_fn(|cx| stream.poll_send(cx)).await?;
         }
-        std::future::poll_fn(|cx| stream.poll_send(cx)).await?;
-        if !stream.conn.is_handshaking() {
+        if done {
             return Ok(stream);
         }
         if stream.eof {
@@ -128,11 +129,10 @@ impl<S> TlsStream<S> {
     /// the first write: in TLS 1.3 that is only session tickets (in TLS 1.2
     /// it may be the server's Finished, which the client waits for), and a
     /// request that came with the client's Finished is about to be answered.
-    fn hold_tickets(&mut self) -> bool {
-        self.tickets_wait = self.conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3)
+    fn tickets_may_wait(&self) -> bool {
+        self.conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3)
             && !self.plaintext.is_empty()
-            && !self.outgoing.is_empty();
-        self.tickets_wait
+            && !self.outgoing.is_empty()
     }
 
     /// Hands rustls the received bytes, keeps what it decrypted and what it

@@ -1,7 +1,8 @@
 //! The stream against rustls's own buffered client (tokio-rustls), over an
-//! in-memory pipe: both versions, large transfers both ways at once, the
-//! size of a write, the ways a connection ends, key updates, the buffers of a waiting connection,
-//! and what a refused or hostile client gets.
+//! in-memory pipe: both versions, large transfers both ways at once, when
+//! the tickets leave, the size of a write, the ways a connection ends, key
+//! updates, the buffers of a waiting connection, and what a refused or
+//! hostile client gets.
 
 use std::{sync::Arc, time::Duration};
 
