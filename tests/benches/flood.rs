@@ -30,7 +30,7 @@ use std::{
 
 use edgegate_tests::{
     Lcg,
-    bench::{median, print_heading, save, spread, tool_version},
+    bench::{exit_not_measurable_here, median, print_heading, save, spread, tool_version},
     flood::{Bed, Family, Kind, Listed, MAX_CPUS, Run, SINK_ADDR, SINK_ADDR6},
 };
 
@@ -231,14 +231,16 @@ fn main() {
     let settings = Settings::from_args();
     let bed = Bed::new();
     if let Some(refusal) = bed.live_frames_refused() {
-        eprintln!(
-            "bench flood: not measured: the kernel refused a live-frames BPF_PROG_TEST_RUN, this \
-             bench's traffic generator ({refusal}). It needs Linux 5.18 or newer and, for this \
-             process, CAP_SYS_ADMIN and CAP_SYS_RESOURCE (a container may withhold them): run it \
-             as root on the host."
-        );
         drop(bed);
-        std::process::exit(1);
+        exit_not_measurable_here(
+            "flood",
+            &format!(
+                "the kernel refused a live-frames BPF_PROG_TEST_RUN, this bench's traffic \
+                 generator ({refusal}). It needs Linux 5.18 or newer and, for this process, \
+                 CAP_SYS_ADMIN and CAP_SYS_RESOURCE (a container may withhold them): run it as \
+                 root on the host."
+            ),
+        );
     }
     let mut totals = Totals::default();
     let mut rows = Vec::new();

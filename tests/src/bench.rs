@@ -42,6 +42,20 @@ pub fn print_heading(name: &str) {
     println!("{}", machine());
 }
 
+/// The exit status of a benchmark that this host cannot run (a capability
+/// withheld, a kernel too old): automake's "skipped", which `cargo xtask
+/// bench` (`xtask/src/bench.rs`) reports as not measured rather than failed.
+pub const NOT_MEASURABLE_HERE: i32 = 77;
+
+/// Says under the benchmark's heading, in the report, why this host cannot
+/// run it, and exits with [`NOT_MEASURABLE_HERE`]. Destructors do not run:
+/// drop the testbed first.
+pub fn exit_not_measurable_here(name: &str, why: &str) -> ! {
+    print_heading(name);
+    println!("not measured on this host: {why}");
+    std::process::exit(NOT_MEASURABLE_HERE)
+}
+
 /// Cores, CPU model and kernel, for a benchmark table's header.
 pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")

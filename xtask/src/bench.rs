@@ -20,6 +20,10 @@ use crate::{exec, setup};
 /// Where the benchmarks find an HAProxy built with AWS-LC (`tests/src/peers.rs` reads it).
 const HAPROXY_AWSLC_ENV: &str = "EDGEGATE_BENCH_HAPROXY_AWSLC";
 
+/// A benchmark binary's exit status when this host cannot run it (it says
+/// why in its report): `NOT_MEASURABLE_HERE` in `tests/src/bench.rs`.
+const NOT_MEASURABLE_HERE: i32 = 77;
+
 #[derive(clap::Args)]
 pub struct Options {
     #[arg(value_enum)]
@@ -127,6 +131,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let report_path = exec::workspace_root().join("target/bench/all.md");
     let mut report = Vec::new();
     let mut failed = Vec::new();
+    let mut not_measurable = Vec::new();
     catch_interrupts();
     for bench in benches {
         let executable = build(bench)?;
@@ -142,6 +147,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         };
         match run_child(&mut command, &mut report)? {
             Outcome::Done => {}
+            Outcome::NotMeasurableHere => not_measurable.push(bench.name()),
             Outcome::Failed(status) => failed.push(format!("{} ({status})", bench.name())),
             Outcome::Interrupted => bail!("interrupted during `bench {}`", bench.name()),
         }
@@ -152,8 +158,17 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write {}", report_path.display()))?;
         println!("\nbench: every table is also in {}", report_path.display());
     }
+    let not_measured = not_measurable.join(", ");
     if !failed.is_empty() {
-        bail!("benchmarks failed: {}", failed.join(", "));
+        let also = if not_measured.is_empty() {
+            String::new()
+        } else {
+            format!("; not measurable on this host: {not_measured}")
+        };
+        bail!("benchmarks failed: {}{also}", failed.join(", "));
+    }
+    if !not_measured.is_empty() {
+        bail!("not measurable on this host (the report says why): {not_measured}");
     }
     Ok(())
 }
@@ -200,6 +215,8 @@ fn build(bench: Bench) -> anyhow::Result<PathBuf> {
 
 enum Outcome {
     Done,
+    /// This host cannot run the benchmark; it said why.
+    NotMeasurableHere,
     Failed(std::process::ExitStatus),
     Interrupted,
 }
@@ -257,6 +274,8 @@ fn run_child(command: &mut Command, report: &mut Vec<u8>) -> anyhow::Result<Outc
         Outcome::Interrupted
     } else if status.success() {
         Outcome::Done
+    } else if status.code() == Some(NOT_MEASURABLE_HERE) {
+        Outcome::NotMeasurableHere
     } else {
         Outcome::Failed(status)
     })
