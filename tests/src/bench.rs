@@ -44,7 +44,7 @@ pub fn print_heading(name: &str) {
 
 /// The exit status of a benchmark that this host cannot run (a capability
 /// withheld, a kernel too old): automake's "skipped", which `cargo xtask
-/// bench` (`xtask/src/bench.rs`) reports as not measured rather than failed.
+/// bench` (`xtask/src/bench.rs`) reports as not measurable rather than failed.
 pub const NOT_MEASURABLE_HERE: i32 = 77;
 
 /// Says under the benchmark's heading, in the report, why this host cannot
@@ -52,7 +52,7 @@ pub const NOT_MEASURABLE_HERE: i32 = 77;
 /// drop the testbed first.
 pub fn exit_not_measurable_here(name: &str, why: &str) -> ! {
     print_heading(name);
-    println!("not measured on this host: {why}");
+    println!("not measurable on this host: {why}");
     std::process::exit(NOT_MEASURABLE_HERE)
 }
 

@@ -14,7 +14,8 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp},
+    programs::{ProgramError, TestRun as _, TestRunAttrs, TestRunOptions, Xdp},
+    sys::SyscallError,
 };
 use edgegate::{
     allowlist::Allowlist,
@@ -192,12 +193,14 @@ impl Bed {
     /// One live-frames run of one frame: whether this kernel and this
     /// process may generate traffic that way at all. Some hosts refuse it
     /// (`EPERM` where the process lacks `CAP_SYS_RESOURCE` or `CAP_SYS_ADMIN`
-    /// in a container, `EINVAL` before Linux 5.18, which added live frames).
+    /// in a container, `EINVAL` before Linux 5.18, which added live frames);
+    /// any other failure is this bench's own and panics.
     pub fn live_frames_refused(&self) -> Option<String> {
         let name = Family::V4.programs().0;
         let program: &Xdp = self.generator.program(name).expect(name).try_into().expect("XDP");
         let frame = syn_frame(Family::V4);
-        self.generator_ns
+        let error = self
+            .generator_ns
             .run(|| {
                 program.test_run(TestRunOptions {
                     data_in: Some(&frame),
@@ -206,17 +209,21 @@ impl Bed {
                     ..TestRunOptions::new()
                 })
             })
-            .err()
-            .map(|e| {
-                // aya says which call failed; its source says why.
-                let mut text = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(cause) = source {
-                    text.push_str(&format!(": {cause}"));
-                    source = cause.source();
-                }
-                text
-            })
+            .err()?;
+        let refused = matches!(
+            &error,
+            ProgramError::SyscallError(SyscallError { io_error, .. })
+                if matches!(io_error.raw_os_error(), Some(libc::EPERM | libc::EINVAL))
+        );
+        assert!(refused, "a live-frames test run failed: {error:?}");
+        // aya says which call failed; its source says why.
+        let mut text = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            text.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        Some(text)
     }
 
     /// Runs `program` for `packets` frames on each of the first `cpus` CPUs
